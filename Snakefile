@@ -1,0 +1,39 @@
+# metsflow: cohort-scale brain-metastasis segmentation in longitudinal MRI with active learning.
+#
+#   snakemake --profile profiles/local        # the embedded demo (default config, phantom cohort)
+#   snakemake --profile profiles/slurm --configfile config/cohort.yaml --config sheet=studies.tsv
+#
+# Stages (one rule file each): cohort plan -> preprocess (per CPU shard) -> register follow-ups to
+# the previous time point (per CPU shard) -> train round 0 on the seed set -> infer the pool and
+# validation studies (per GPU shard) -> evaluate -> active-learning rounds (select, annotate,
+# fine-tune, infer, evaluate) -> report.
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+report: "report/workflow.rst"
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schemas/config.schema.yaml", set_default=True)
+
+
+include: "rules/common.smk"
+include: "rules/cohort.smk"
+include: "rules/preprocess.smk"
+include: "rules/register.smk"
+include: "rules/train.smk"
+include: "rules/infer.smk"
+include: "rules/evaluate.smk"
+include: "rules/active_learning.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_targets(),

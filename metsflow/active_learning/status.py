@@ -1,0 +1,177 @@
+"""Progress of the active-learning loop, for ``metsflow al status``.
+
+Reads, for every ``<results_dir>/rounds/round_<r>/`` folder:
+
+- ``selection.tsv``: the batch chosen with model r-1 for labelling in round r (columns as
+  ``acquisition.select_batch`` returns: study_id, patient_id, score, rank, strategy). Round 0
+  (the seed model) normally has none.
+- ``evaluation/summary.json``: at least ``{"round": r, "mean_dice": x, "n_train": n}`` for
+  model r on the validation set.
+
+and the label store, for how far review of each batch has got (pending / refined /
+confirmed). A missing file means that step has not run yet; an unreadable one is reported in
+the ``note`` column rather than stopping the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from metsflow import io
+from metsflow.active_learning.labelstore import LabelStore
+
+STATUS_COLUMNS = [
+    "round",
+    "strategy",
+    "batch_size",
+    "pending",
+    "refined",
+    "confirmed",
+    "n_train",
+    "mean_dice",
+    "note",
+]
+_ROUND_DIR = re.compile(r"^round_(\d+)$")
+
+
+def _rounds(results_dir: Path) -> list[tuple[int, Path]]:
+    rounds_dir = results_dir / "rounds"
+    if not rounds_dir.is_dir():
+        return []
+    found = []
+    for entry in rounds_dir.iterdir():
+        match = _ROUND_DIR.match(entry.name)
+        if match and entry.is_dir():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def _selection_summary(path: Path, store: LabelStore | None) -> tuple[dict, list[str]]:
+    summary = {
+        "strategy": None,
+        "batch_size": None,
+        "pending": None,
+        "refined": None,
+        "confirmed": None,
+    }
+    if not path.exists():
+        return summary, []
+    try:
+        selection = pd.read_csv(path, sep="\t", dtype={"study_id": str})
+    except (OSError, ValueError) as exc:
+        return summary, [f"selection.tsv unreadable: {exc}"]
+    if "study_id" not in selection.columns:
+        return summary, ["selection.tsv has no study_id column"]
+    summary["batch_size"] = len(selection)
+    if "strategy" in selection.columns:
+        strategies = sorted({str(s) for s in selection["strategy"].dropna()})
+        summary["strategy"] = ",".join(strategies) or None
+    if store is not None:
+        counts = {"none": 0, "refined": 0, "confirmed": 0}
+        for study_id in selection["study_id"]:
+            counts[store.status(str(study_id))] += 1
+        summary.update(
+            pending=counts["none"], refined=counts["refined"], confirmed=counts["confirmed"]
+        )
+    return summary, []
+
+
+def _evaluation_summary(path: Path, round_index: int) -> tuple[dict, list[str]]:
+    summary = {"n_train": None, "mean_dice": None}
+    if not path.exists():
+        return summary, []
+    try:
+        data = io.read_json(path)
+    except (OSError, json.JSONDecodeError) as exc:
+        return summary, [f"summary.json unreadable: {exc}"]
+    notes = []
+    if data.get("round") is not None and int(data["round"]) != round_index:
+        notes.append(f"summary.json says round {data['round']}")
+    summary["mean_dice"] = data.get("mean_dice")
+    summary["n_train"] = data.get("n_train")
+    return summary, notes
+
+
+def round_status(
+    results_dir: str | os.PathLike, store: LabelStore | str | os.PathLike | None
+) -> pd.DataFrame:
+    """One row per round folder (``STATUS_COLUMNS``); None where a step has not run yet."""
+    results_dir = Path(results_dir)
+    if store is not None and not isinstance(store, LabelStore):
+        store = LabelStore(store, create=False)
+    rows = []
+    for round_index, folder in _rounds(results_dir):
+        selection, notes = _selection_summary(folder / "selection.tsv", store)
+        evaluation, eval_notes = _evaluation_summary(
+            folder / "evaluation" / "summary.json", round_index
+        )
+        rows.append(
+            {"round": round_index, **selection, **evaluation, "note": "; ".join(notes + eval_notes)}
+        )
+    return pd.DataFrame(rows, columns=STATUS_COLUMNS)
+
+
+def _cell(value, kind: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if kind == "dice":
+        return f"{float(value):.3f}"
+    if kind == "int":
+        return str(int(value))
+    return str(value)
+
+
+def format_status(frame: pd.DataFrame) -> str:
+    """Plain-text table of ``round_status`` for the terminal, with a one-line total."""
+    if frame.empty:
+        return "active learning: no rounds yet (no results/rounds/round_<r> folders)\n"
+    header = [
+        "round",
+        "strategy",
+        "batch",
+        "pending",
+        "refined",
+        "confirmed",
+        "n_train",
+        "dice",
+        "note",
+    ]
+    table = []
+    for row in frame.to_dict("records"):
+        if row["batch_size"] is None or _cell(row["batch_size"]) == "-":
+            note = "no selection" if row["round"] == 0 else "selection not run yet"
+        else:
+            note = ""
+        if _cell(row["mean_dice"]) == "-":
+            note = "; ".join(filter(None, [note, "not evaluated yet"]))
+        note = "; ".join(filter(None, [note, row.get("note") or ""]))
+        table.append(
+            [
+                _cell(row["round"], "int"),
+                _cell(row["strategy"]),
+                _cell(row["batch_size"], "int"),
+                _cell(row["pending"], "int"),
+                _cell(row["refined"], "int"),
+                _cell(row["confirmed"], "int"),
+                _cell(row["n_train"], "int"),
+                _cell(row["mean_dice"], "dice"),
+                note,
+            ]
+        )
+    widths = [max(len(header[i]), *(len(r[i]) for r in table)) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
+    selected = pd.to_numeric(frame["batch_size"], errors="coerce").sum()
+    confirmed = pd.to_numeric(frame["confirmed"], errors="coerce").sum()
+    pending = pd.to_numeric(frame["pending"], errors="coerce").sum()
+    lines.append(
+        f"total: {int(selected)} studies selected, {int(confirmed)} confirmed, "
+        f"{int(pending)} awaiting review"
+    )
+    return "\n".join(lines) + "\n"

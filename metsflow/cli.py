@@ -1,0 +1,202 @@
+"""The ``metsflow`` command line: cohort tools, the demo cohort, evaluation, active learning.
+
+The pipeline itself runs through Snakemake (see README); these commands are what a user runs
+around it: build and check a sheet before any job runs, evaluate a single case, and move a
+review batch in and out of the label store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _cmd_demo_cohort(args) -> int:
+    from metsflow.phantom import make_demo_cohort
+
+    result = make_demo_cohort(
+        args.out,
+        n_patients=args.patients,
+        n_timepoints=args.timepoints,
+        model_spacing=args.phantom_spacing,
+        labelled_patients=args.labelled_patients,
+        seed=args.seed,
+    )
+    print(f"demo cohort: {len(result['study_ids'])} studies, sheet {result['sheet']}")
+    return 0
+
+
+def _cmd_cohort_scan(args) -> int:
+    from metsflow.scan import scan, write_sheet
+
+    table, problems = scan(args.root, layout=args.layout)
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    write_sheet(table, args.out)
+    print(f"{len(table)} studies of {table.patient_id.nunique()} patients -> {args.out}")
+    return 0
+
+
+def _cmd_cohort_check(args) -> int:
+    """Report every problem of a sheet at once, before any job runs; exit 1 if any."""
+    from metsflow.cohort import SheetError, check_cohort, read_sheet
+
+    try:
+        cohort = read_sheet(
+            args.sheet,
+            data_roots=args.data_root or None,
+            allow_outside_roots=args.allow_outside_roots,
+        )
+    except SheetError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    problems = check_cohort(cohort, deep=args.deep)
+    if args.out:
+        from metsflow.io import write_table
+
+        write_table(args.out, problems)
+    if len(problems):
+        print(problems.to_string(index=False), file=sys.stderr)
+        print(
+            f"{problems.study_id.nunique()} of {len(cohort)} studies have problems "
+            f"({len(problems)} in all)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"{len(cohort)} studies of {len(cohort.patients)} patients: no problems found")
+    return 0
+
+
+def _cmd_cohort_synthetic(args) -> int:
+    from metsflow.cohort import synthetic_sheet
+
+    synthetic_sheet(args.studies, args.out, seed=args.seed)
+    print(f"{args.studies} synthetic rows -> {args.out}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from metsflow.metrics import evaluate_files
+
+    result = evaluate_files(
+        args.pred,
+        args.ref,
+        convention=args.convention,
+        iou_threshold=args.iou_threshold,
+    )
+    text = json.dumps(result, indent=2, sort_keys=True, default=float)
+    if args.json:
+        from metsflow.io import write_text
+
+        write_text(args.json, text + "\n")
+    print(text)
+    return 0
+
+
+def _cmd_al_status(args) -> int:
+    from metsflow.active_learning.labelstore import LabelStore
+    from metsflow.active_learning.status import format_status, round_status
+
+    table = round_status(args.results, LabelStore(args.labels, create=False))
+    print(format_status(table))
+    return 0
+
+
+def _cmd_al_import(args) -> int:
+    """Import a reviewed batch into the label store; print what was imported or rejected."""
+    from metsflow.active_learning.labelstore import LabelStore
+    from metsflow.active_learning.review import import_batch
+    from metsflow.cohort import read_sheet
+
+    cohort = read_sheet(args.sheet)
+    store = LabelStore(args.labels, known_studies=set(cohort.by_id))
+    review_dir = Path(args.review_dir or f"{args.results}/rounds/round_{args.round}/review")
+    results = import_batch(
+        review_dir,
+        store,
+        stage=args.stage,
+        reviewer=args.reviewer,
+        reference_for=lambda s: cohort.by_id[s].t1c,
+    )
+    print(results.to_string(index=False))
+    return 1 if (results.get("result") == "rejected").any() else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metsflow", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo-cohort", help="write the longitudinal phantom demo cohort")
+    demo.add_argument("--out", default="demo")
+    demo.add_argument("--patients", type=int, default=8)
+    demo.add_argument("--timepoints", type=int, default=3)
+    demo.add_argument("--labelled-patients", type=int, default=4)
+    demo.add_argument("--phantom-spacing", type=float, default=2.0, help="mm")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_cmd_demo_cohort)
+
+    cohort = sub.add_parser("cohort", help="build and check study sheets")
+    cohort_sub = cohort.add_subparsers(dest="cohort_command", required=True)
+    scan = cohort_sub.add_parser("scan", help="build a sheet from a BraTS-METS or dated layout")
+    scan.add_argument("root")
+    scan.add_argument("--out", default="studies.tsv")
+    scan.add_argument("--layout", choices=["auto", "brats", "longitudinal"], default="auto")
+    scan.set_defaults(func=_cmd_cohort_scan)
+    check = cohort_sub.add_parser("check", help="report all problems of a sheet at once")
+    check.add_argument("sheet")
+    check.add_argument("--deep", action="store_true", help="also open every NIfTI header")
+    check.add_argument("--data-root", action="append", default=[])
+    check.add_argument("--allow-outside-roots", action="store_true")
+    check.add_argument("--out", help="write the problems table (TSV)")
+    check.set_defaults(func=_cmd_cohort_check)
+    synth = cohort_sub.add_parser("synthetic", help="a paths-only sheet for planning benchmarks")
+    synth.add_argument("studies", type=int)
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=_cmd_cohort_synthetic)
+
+    evaluate = sub.add_parser("evaluate", help="metrics of one prediction against a reference")
+    evaluate.add_argument("--pred", required=True)
+    evaluate.add_argument("--ref", required=True)
+    evaluate.add_argument("--convention", choices=["internal", "brats"], default="internal")
+    evaluate.add_argument("--iou-threshold", type=float, default=0.25)
+    evaluate.add_argument("--json", help="also write the JSON here")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    al = sub.add_parser("al", help="active-learning rounds and the human label store")
+    al_sub = al.add_subparsers(dest="al_command", required=True)
+    status = al_sub.add_parser("status", help="rounds, batches, review progress, Dice")
+    status.add_argument("--results", default="results")
+    status.add_argument("--labels", default="labels")
+    status.set_defaults(func=_cmd_al_status)
+    imp = al_sub.add_parser("import", help="import reviewed labels of a round's batch")
+    imp.add_argument("--round", type=int, required=True)
+    imp.add_argument("--stage", choices=["refined", "confirmed"], required=True)
+    imp.add_argument("--reviewer", required=True)
+    imp.add_argument("--sheet", default="demo/studies.tsv")
+    imp.add_argument("--results", default="results")
+    imp.add_argument("--labels", default="labels")
+    imp.add_argument("--review-dir")
+    imp.set_defaults(func=_cmd_al_import)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"metsflow: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Atomic file output and checked NIfTI input.
+
+Every file the pipeline writes goes through ``atomic_path``: the content is written to a
+temporary file in the destination folder and renamed into place, so a job killed at any
+moment leaves either the old file or the complete new one, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+# Spacing outside this range (mm) is not a plausible clinical MRI voxel.
+MIN_SPACING_MM = 0.1
+MAX_SPACING_MM = 10.0
+
+
+class StudyError(Exception):
+    """A problem with one study's input: the study is quarantined, the cohort goes on."""
+
+    def __init__(self, study_id: str, problem: str, path: str | os.PathLike | None = None):
+        self.study_id = study_id
+        self.problem = problem
+        self.path = None if path is None else str(path)
+        where = f" ({self.path})" if self.path else ""
+        super().__init__(f"study {study_id}{where}: {problem}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    The temporary name keeps the file's full suffix (``.nii.gz``) so writers that choose a
+    format by extension (nibabel, ANTs, pandas) behave as for the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix is None:
+        suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent
+    )
+    os.close(fd)
+    tmp_path = Path(tmp)
+    # mkstemp creates 0600; outputs get the usual permissions of a new file (umask applied).
+    os.chmod(tmp_path, 0o666 & ~_UMASK)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_table(path: str | os.PathLike, frame) -> None:
+    """Write a pandas DataFrame as TSV, atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, sep="\t", index=False)
+
+
+def save_nifti(
+    path: str | os.PathLike,
+    data: np.ndarray,
+    affine: np.ndarray,
+    dtype: np.dtype | type | None = None,
+    header: nib.Nifti1Header | None = None,
+) -> None:
+    """Save ``data`` on ``affine`` atomically; labels should pass an integer ``dtype``."""
+    if dtype is not None:
+        data = np.asarray(data).astype(dtype, copy=False)
+    img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=float), header=header)
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    if dtype is not None:
+        img.set_data_dtype(dtype)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+
+
+def load_nifti(
+    path: str | os.PathLike, study_id: str = "?", what: str = "image"
+) -> nib.Nifti1Image:
+    """Load a 3D NIfTI and check it; raise ``StudyError`` naming the study and file.
+
+    Checks: the file exists and is readable, is a NIfTI, is 3D (a trailing singleton 4th axis
+    is dropped), is not empty, has finite voxels and plausible spacing.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise StudyError(study_id, f"{what} file is missing", path)
+    if not os.access(path, os.R_OK):
+        raise StudyError(study_id, f"{what} file is not readable (permissions)", path)
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for a non-NIfTI file
+        raise StudyError(study_id, f"{what} is not a readable NIfTI file: {exc}", path) from exc
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise StudyError(study_id, f"{what} is a {type(img).__name__}, not NIfTI", path)
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        img = img.slicer[..., 0]
+        shape = img.shape
+    if len(shape) != 3:
+        raise StudyError(study_id, f"{what} must be 3D, got shape {tuple(shape)}", path)
+    if min(shape) < 2:
+        raise StudyError(study_id, f"{what} has a degenerate shape {tuple(shape)}", path)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # truncated gzip streams fail here, not at nib.load
+        raise StudyError(study_id, f"{what} data cannot be read (truncated?): {exc}", path) from exc
+    if not np.all(np.isfinite(data)):
+        raise StudyError(study_id, f"{what} contains NaN or infinite voxels", path)
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    if np.any(zooms < MIN_SPACING_MM) or np.any(zooms > MAX_SPACING_MM):
+        raise StudyError(
+            study_id,
+            f"{what} has implausible voxel spacing {tuple(np.round(zooms, 4))} mm "
+            f"(accepted {MIN_SPACING_MM}-{MAX_SPACING_MM} mm)",
+            path,
+        )
+    if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-6:
+        raise StudyError(study_id, f"{what} has a singular or non-finite affine", path)
+    # Return an image whose data is already in memory so the file is read once.
+    return nib.Nifti1Image(data, img.affine, header=img.header)

@@ -1,0 +1,156 @@
+"""Active-learning jobs: select a batch, export it for review, collect confirmed labels."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from metsflow.active_learning.acquisition import SELECTION_COLUMNS, select_batch
+from metsflow.cohort import Study
+from metsflow.io import read_json, write_table
+from metsflow.jobs.manifest import read_manifests
+
+log = logging.getLogger(__name__)
+
+
+def run_select_batch(
+    round_index: int,
+    prediction_manifests: list[str],
+    previous_selections: list[str],
+    previous_evaluation: str,
+    settings: dict,
+    seed: int,
+    label_store: str,
+    out_selection: str,
+) -> pd.DataFrame:
+    """Pick round ``round_index``'s batch from the pool predictions of the previous model.
+
+    Stops (an empty batch) once the previous round's validation Dice reaches the threshold.
+    """
+    from metsflow.active_learning.labelstore import LabelStore
+
+    evaluation = read_json(previous_evaluation)
+    dice = evaluation.get("mean_dice")
+    if dice is not None and dice >= settings["dice_threshold"]:
+        log.info(
+            "round %d: validation Dice %.3f >= threshold %.3f: no new batch",
+            round_index,
+            dice,
+            settings["dice_threshold"],
+        )
+        write_table(out_selection, pd.DataFrame(columns=SELECTION_COLUMNS))
+        return pd.DataFrame(columns=SELECTION_COLUMNS)
+    candidates = read_manifests(prediction_manifests)
+    candidates = candidates[(candidates.status == "ok") & (candidates.role == "pool")]
+    exclude = set(LabelStore(label_store).all_confirmed())
+    for path in previous_selections:
+        exclude |= set(pd.read_csv(path, sep="\t", dtype=str).study_id)
+    batch = select_batch(
+        candidates,
+        n=int(settings["batch_size"]),
+        strategy=settings["strategy"],
+        seed=seed + round_index,
+        exclude=exclude,
+        per_patient_max=settings.get("per_patient_max"),
+    )
+    write_table(out_selection, batch)
+    log.info("round %d: selected %d studies (%s)", round_index, len(batch), settings["strategy"])
+    return batch
+
+
+def _study_index(records: list[dict]) -> dict[str, Study]:
+    return {r["study_id"]: Study.from_record(r) for r in records}
+
+
+def run_export_review(
+    round_index: int,
+    selection_path: str,
+    studies: list[dict],
+    pred_root: str,
+    model: str,
+    out_dir: str,
+) -> None:
+    from metsflow.active_learning.review import export_batch
+
+    index = _study_index(studies)
+    selection = pd.read_csv(selection_path, sep="\t", dtype={"study_id": str})
+    export_batch(
+        selection,
+        images_for=lambda s: {k: v for k, v in index[s].images.items() if v is not None},
+        presegmentation_for=lambda s: Path(pred_root) / s / "pred_native.nii.gz",
+        out_dir=out_dir,
+        round_index=round_index,
+        model_id=model,
+        patient_for=lambda s: index[s].patient_id,
+    )
+
+
+def run_collect_annotations(
+    round_index: int,
+    selection_path: str,
+    annotator: str,
+    oracle_sheet: str,
+    label_store: str,
+    studies: list[dict],
+    model: str,
+    out_annotations: str,
+) -> pd.DataFrame:
+    """Confirmed labels of the round's batch, from people or the simulated annotator.
+
+    With people, the rule fails, listing the studies still waiting for confirmation, until every
+    study of the batch is confirmed in the label store: a later round never trains on a batch
+    that is not finished.
+    """
+    from metsflow.active_learning.labelstore import LabelStore
+
+    index = _study_index(studies)
+    selection = pd.read_csv(selection_path, sep="\t", dtype={"study_id": str})
+    store = LabelStore(label_store, known_studies=set(index))
+    ids = list(selection.study_id)
+    if annotator == "simulated":
+        from metsflow.active_learning.annotator import simulate_batch
+
+        simulate_batch(
+            ids,
+            oracle=read_oracle(oracle_sheet),
+            store=store,
+            round_index=round_index,
+            reference_for=lambda s: index[s].t1c,
+            source=model,
+        )
+    pending = [s for s in ids if store.confirmed(s) is None]
+    if pending:
+        raise RuntimeError(
+            f"round {round_index}: {len(pending)} of {len(ids)} studies are not confirmed yet: "
+            f"{', '.join(pending[:20])}{' ...' if len(pending) > 20 else ''}. Review the batch in "
+            f"{Path(selection_path).parent / 'review'} and import with "
+            f"`metsflow al import --round {round_index} ...`, then run this round again."
+        )
+    table = pd.DataFrame(
+        [{"study_id": s, "status": "confirmed", "label": str(store.confirmed(s))} for s in ids],
+        columns=["study_id", "status", "label"],
+    )
+    write_table(out_annotations, table)
+    return table
+
+
+def read_oracle(oracle_sheet: str) -> dict[str, Path]:
+    """Ground-truth labels for the simulated annotator (paths relative to the oracle sheet).
+
+    Labels in another convention are refused here rather than silently relabelled.
+    """
+    if not oracle_sheet:
+        raise ValueError("active_learning.annotator is 'simulated' but no oracle_sheet is set")
+    root = Path(oracle_sheet).parent
+    table = pd.read_csv(oracle_sheet, sep="\t", dtype=str, keep_default_na=False)
+    non_internal = table[
+        table.get("label_convention", "internal").replace("", "internal") != "internal"
+    ]
+    if len(non_internal):
+        raise ValueError(
+            f"oracle sheet {oracle_sheet}: labels must be in the internal convention "
+            f"(studies {', '.join(non_internal.study_id[:5])})"
+        )
+    return {row.study_id: (root / row.label).resolve() for row in table.itertuples() if row.label}

@@ -1,0 +1,119 @@
+"""Shard manifests, per-study completion stamps, and the per-study failure policy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import traceback
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from metsflow import __version__
+from metsflow.io import StudyError, read_json, write_json, write_table
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ["study_id", "patient_id", "status", "problem", "seconds"]
+STAMP_NAME = ".done.json"
+
+
+def fingerprint(inputs: Iterable[str | os.PathLike | None], params: Any) -> str:
+    """Hash of the inputs' identity (path, size, mtime) and the parameters.
+
+    A per-study output folder is reused only when this matches, so a killed job resumes without
+    redoing finished studies, and a changed input or parameter is recomputed.
+    """
+    entries = []
+    for path in inputs:
+        if path is None:
+            entries.append(None)
+            continue
+        stat = os.stat(path)
+        entries.append([str(path), stat.st_size, stat.st_mtime_ns])
+    blob = json.dumps([entries, params, __version__], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def is_done(out_dir: Path, stamp: str) -> bool:
+    marker = Path(out_dir) / STAMP_NAME
+    if not marker.exists():
+        return False
+    try:
+        return read_json(marker).get("fingerprint") == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def mark_done(out_dir: Path, stamp: str, summary: dict | None = None) -> None:
+    write_json(Path(out_dir) / STAMP_NAME, {"fingerprint": stamp, "summary": summary or {}})
+
+
+def run_study(
+    study_id: str,
+    patient_id: str,
+    out_dir: Path,
+    stamp: str,
+    work: Callable[[], dict | None],
+) -> dict:
+    """Run ``work`` for one study unless its stamp is current; never raise for a study's fault.
+
+    On failure the study's partial output folder is removed so no later rule can read half of
+    it, and the problem is returned for the manifest.
+    """
+    out_dir = Path(out_dir)
+    if is_done(out_dir, stamp):
+        return _row(study_id, patient_id, "ok", "", 0.0)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # stale or partial output of an earlier attempt
+    import time
+
+    start = time.perf_counter()
+    try:
+        summary = work() or {}
+    except StudyError as exc:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        log.error("%s", exc)
+        return _row(study_id, patient_id, "failed", str(exc), time.perf_counter() - start)
+    except Exception as exc:  # an unexpected fault quarantines this study, not the shard
+        shutil.rmtree(out_dir, ignore_errors=True)
+        log.error("study %s: internal error\n%s", study_id, traceback.format_exc())
+        problem = f"study {study_id}: internal error {type(exc).__name__}: {exc}"
+        return _row(study_id, patient_id, "failed", problem, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    mark_done(out_dir, stamp, {**summary, "seconds": seconds})
+    return _row(study_id, patient_id, "ok", "", seconds)
+
+
+def _row(study_id, patient_id, status, problem, seconds) -> dict:
+    return {
+        "study_id": study_id,
+        "patient_id": patient_id,
+        "status": status,
+        "problem": problem,
+        "seconds": round(float(seconds), 3),
+    }
+
+
+def write_manifest(path: str | os.PathLike, rows: list[dict], extra_columns=()) -> None:
+    columns = MANIFEST_COLUMNS + [c for c in extra_columns if c not in MANIFEST_COLUMNS]
+    write_table(path, pd.DataFrame(rows, columns=columns))
+
+
+def read_manifests(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
+    frames = [
+        pd.read_csv(p, sep="\t", dtype={"study_id": str, "patient_id": str}, keep_default_na=False)
+        for p in paths
+    ]
+    if not frames:
+        return pd.DataFrame(columns=MANIFEST_COLUMNS)
+    return pd.concat(frames, ignore_index=True)
+
+
+def ok_studies(manifests: pd.DataFrame) -> set[str]:
+    return set(manifests.loc[manifests.status == "ok", "study_id"])

@@ -1,0 +1,41 @@
+"""Preprocess the studies of one CPU shard (see metsflow.preprocess for the per-study steps)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from metsflow.cohort import Study
+from metsflow.jobs.manifest import fingerprint, run_study, write_manifest
+from metsflow.preprocess import preprocess_study
+from metsflow.runtime import set_threads
+
+log = logging.getLogger(__name__)
+
+
+def run_preprocess_shard(
+    studies: list[dict], settings: dict, out_root: str, manifest: str, threads: int = 1
+) -> list[dict]:
+    set_threads(threads)
+    rows = []
+    for record in studies:
+        study = Study.from_record(record)
+        out_dir = Path(out_root) / study.study_id
+        inputs = [study.t1, study.t1c, study.t2, study.flair, study.label]
+        try:
+            stamp = fingerprint(inputs, settings)
+        except OSError:
+            stamp = "missing-input"  # preprocess_study reports which file and why
+        log.info("preprocessing %s", study.study_id)
+        row = run_study(
+            study.study_id,
+            study.patient_id,
+            out_dir,
+            stamp,
+            lambda study=study, out_dir=out_dir: preprocess_study(
+                study, out_dir, settings, threads=threads
+            ),
+        )
+        rows.append(row)
+    write_manifest(manifest, rows)
+    return rows

@@ -1,0 +1,80 @@
+"""Register every follow-up of one CPU shard to its previous time point and propagate labels.
+
+A follow-up whose previous study failed preprocessing is registered to the nearest earlier time
+point that succeeded (recorded in the manifest); a patient's first study needs no registration.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from metsflow.jobs.manifest import fingerprint, read_manifests, run_study, write_manifest
+from metsflow.register import propagate_label, register_followup
+from metsflow.runtime import set_threads
+
+log = logging.getLogger(__name__)
+
+
+def run_register_shard(
+    studies: list[dict],
+    preprocess_manifest: str,
+    settings: dict,
+    prep_root: str,
+    out_root: str,
+    manifest: str,
+    threads: int = 1,
+) -> list[dict]:
+    """``studies``: plan rows of the shard (study_id, patient_id, order), in patient order."""
+    set_threads(threads)
+    preprocessed = read_manifests([preprocess_manifest])
+    ok = set(preprocessed.loc[preprocessed.status == "ok", "study_id"])
+    rows = []
+    last_ok_by_patient: dict[str, str] = {}
+    for record in sorted(studies, key=lambda r: (r["patient_id"], int(r["order"]))):
+        study_id, patient = record["study_id"], record["patient_id"]
+        reference = last_ok_by_patient.get(patient)
+        if study_id not in ok:
+            rows.append(_row(study_id, patient, "skipped", "preprocessing failed", reference))
+            continue
+        last_ok_by_patient[patient] = study_id
+        if reference is None:
+            rows.append(_row(study_id, patient, "baseline", "", None))
+            continue
+        followup_dir = Path(prep_root) / study_id
+        previous_dir = Path(prep_root) / reference
+        out_dir = Path(out_root) / study_id
+        previous_label = previous_dir / "label.nii.gz"
+        stamp = fingerprint(
+            [followup_dir / ".done.json", previous_dir / ".done.json"],
+            {"settings": settings, "reference": reference},
+        )
+
+        def work(
+            followup_dir=followup_dir,
+            previous_dir=previous_dir,
+            out_dir=out_dir,
+            previous_label=previous_label,
+        ):
+            qc = register_followup(followup_dir, previous_dir, out_dir, settings, threads=threads)
+            if previous_label.exists():
+                propagate_label(previous_label, out_dir, followup_dir, out_dir / "prior.nii.gz")
+            return qc
+
+        log.info("registering %s to %s", study_id, reference)
+        row = run_study(study_id, patient, out_dir, stamp, work)
+        row["reference_study"] = reference
+        rows.append(row)
+    write_manifest(manifest, rows, extra_columns=["reference_study"])
+    return rows
+
+
+def _row(study_id, patient_id, status, problem, reference):
+    return {
+        "study_id": study_id,
+        "patient_id": patient_id,
+        "status": status,
+        "problem": problem,
+        "seconds": 0.0,
+        "reference_study": reference or "",
+    }

@@ -1,0 +1,80 @@
+"""Label conventions and their explicit conversions.
+
+metsflow's internal convention follows the reference longitudinal study:
+    0 background, 1 enhancing tumour, 2 edema, 3 necrosis.
+BraTS (2023 METS challenge) uses:
+    0 background, 1 NETC (non-enhancing tumour core / necrosis), 2 SNFH (edema), 3 ET (enhancing).
+The two share values 2 but swap 1 and 3, so a silent mix-up is plausible and damaging: every
+conversion in metsflow goes through ``to_internal`` / ``from_internal`` with a named convention.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BACKGROUND = 0
+ENHANCING = 1
+EDEMA = 2
+NECROSIS = 3
+
+INTERNAL_NAMES = {ENHANCING: "enhancing", EDEMA: "edema", NECROSIS: "necrosis"}
+CONVENTIONS = ("internal", "brats")
+
+# value in the named convention -> internal value
+_TO_INTERNAL = {
+    "internal": {0: 0, 1: 1, 2: 2, 3: 3},
+    "brats": {0: BACKGROUND, 1: NECROSIS, 2: EDEMA, 3: ENHANCING},
+}
+
+# Label groups evaluated and reported; each is the set of internal values counted as foreground.
+# "whole_lesion" is the tumour core seen on T1c (enhancing + necrosis) as in the reference study.
+INTERNAL_GROUPS = {
+    "enhancing": (ENHANCING,),
+    "edema": (EDEMA,),
+    "necrosis": (NECROSIS,),
+    "whole_lesion": (ENHANCING, NECROSIS),
+}
+# BraTS regions expressed on internal values: ET = enhancing, TC = ET + NETC, WT = TC + SNFH.
+BRATS_GROUPS = {
+    "ET": (ENHANCING,),
+    "TC": (ENHANCING, NECROSIS),
+    "WT": (ENHANCING, NECROSIS, EDEMA),
+}
+
+
+def _lookup(mapping: dict[int, int], labels: np.ndarray, convention: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    values = np.unique(labels)
+    unknown = [int(v) for v in values if int(v) != v or int(v) not in mapping]
+    if unknown:
+        raise ValueError(
+            f"label values {unknown} are not part of the {convention!r} convention "
+            f"(allowed {sorted(mapping)})"
+        )
+    table = np.zeros(max(mapping) + 1, dtype=np.uint8)
+    for src, dst in mapping.items():
+        table[src] = dst
+    return table[labels.astype(np.int64)]
+
+
+def check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown label convention {convention!r}; use one of {CONVENTIONS}")
+
+
+def to_internal(labels: np.ndarray, convention: str) -> np.ndarray:
+    """Convert a label map from ``convention`` to the internal one (uint8)."""
+    check_convention(convention)
+    return _lookup(_TO_INTERNAL[convention], labels, convention)
+
+
+def from_internal(labels: np.ndarray, convention: str) -> np.ndarray:
+    """Convert an internal label map to ``convention`` (uint8)."""
+    check_convention(convention)
+    inverse = {dst: src for src, dst in _TO_INTERNAL[convention].items()}
+    return _lookup(inverse, labels, "internal")
+
+
+def whole_lesion(labels: np.ndarray) -> np.ndarray:
+    """Binary whole-lesion mask (enhancing + necrosis) of an internal label map."""
+    return np.isin(labels, INTERNAL_GROUPS["whole_lesion"])

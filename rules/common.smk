@@ -1,0 +1,167 @@
+# Shared state and named input functions. The sheet is read and validated once, at parse time;
+# the plan (roles and shards) is a pure function of the sheet and config.
+import os
+from pathlib import Path
+
+from metsflow.cohort import read_sheet
+from metsflow.plan import PlanSettings, build_plan, restrict
+
+RESULTS = config["results"]
+ROUNDS = list(range(int(config["active_learning"]["rounds"]) + 1))
+
+COHORT = read_sheet(
+    config["sheet"],
+    data_roots=config.get("data_roots") or None,
+    allow_outside_roots=config.get("allow_paths_outside_roots", False),
+)
+PLAN = build_plan(COHORT, PlanSettings.from_config(config))
+# A subset run keeps the full-cohort plan (so shard ids and roles do not move) and only targets
+# the shards that hold the chosen studies.
+TARGET = restrict(PLAN, config["subset_studies"], config["subset_patients"])
+
+CPU_SHARDS = sorted(TARGET["shard"].unique())
+STUDIES_BY_SHARD = {s: rows for s, rows in PLAN.groupby("shard")}
+STUDIES_BY_GPU_SHARD = {g: rows for g, rows in PLAN.groupby("gpu_shard")}
+# GPU shards worth running: they hold studies the model must segment (validation or pool).
+INFER_SHARDS = sorted(TARGET.loc[TARGET.role != "seed", "gpu_shard"].unique())
+VALIDATION_GPU_SHARDS = sorted(
+    PLAN.loc[PLAN.role == "validation", "gpu_shard"].unique()
+)
+POOL_GPU_SHARDS = sorted(PLAN.loc[PLAN.role == "pool", "gpu_shard"].unique())
+SEED_SHARDS = sorted(PLAN.loc[PLAN.role == "seed", "shard"].unique())
+
+PLAN_TABLE = f"{RESULTS}/plan/cohort.tsv"
+
+
+wildcard_constraints:
+    shard=r"s\d{4}",
+    gpu_shard=r"g\d{4}",
+    round=r"\d+",
+
+
+def study_record(study):
+    """Plain-dict form of a Study for a job's params (paths as strings)."""
+    return study.to_record()
+
+
+def shard_records(wildcards):
+    return [
+        study_record(COHORT.by_id[s])
+        for s in STUDIES_BY_SHARD[wildcards.shard].study_id
+    ]
+
+
+def shard_raw_inputs(wildcards):
+    """The shard's input files that exist. A missing file is not a DAG error: the job records
+    that study as failed (quarantined) and the rest of the cohort goes on."""
+    paths = []
+    for study_id in STUDIES_BY_SHARD[wildcards.shard].study_id:
+        study = COHORT.by_id[study_id]
+        for path in (study.t1, study.t1c, study.t2, study.flair, study.label):
+            if path is not None and os.path.exists(path):
+                paths.append(str(path))
+    return paths
+
+
+def stage_root(manifest):
+    """results/<stage>/shards/<shard>.tsv -> results/<stage> (where per-study outputs live)."""
+    return str(Path(manifest).parent.parent)
+
+
+def preprocess_manifest(shard):
+    return f"{RESULTS}/preprocessed/shards/{shard}.tsv"
+
+
+def register_manifest(shard):
+    return f"{RESULTS}/registered/shards/{shard}.tsv"
+
+
+def shard_manifests(shards):
+    shards = sorted(set(shards))
+    return {
+        "preprocessed": [preprocess_manifest(s) for s in shards],
+        "registered": [register_manifest(s) for s in shards],
+    }
+
+
+def model_path(r):
+    return f"{RESULTS}/rounds/round_{r}/model/model.pt"
+
+
+def prediction_manifest(r, gpu_shard):
+    return f"{RESULTS}/rounds/round_{r}/predictions/shards/{gpu_shard}.tsv"
+
+
+def evaluation_summary(r):
+    return f"{RESULTS}/rounds/round_{r}/evaluation/summary.json"
+
+
+def selection_table(r):
+    return f"{RESULTS}/rounds/round_{r}/selection.tsv"
+
+
+def annotation_table(r):
+    return f"{RESULTS}/rounds/round_{r}/annotations.tsv"
+
+
+def train_inputs(wildcards):
+    r = int(wildcards.round)
+    if r == 0:
+        return {"plan": PLAN_TABLE, **shard_manifests(SEED_SHARDS)}
+    # Annotated studies may come from any shard of the pool, so fine-tuning waits for them all.
+    inputs = {"plan": PLAN_TABLE, **shard_manifests(PLAN["shard"])}
+    inputs["init"] = model_path(r - 1)
+    inputs["annotations"] = [annotation_table(k) for k in range(1, r + 1)]
+    return inputs
+
+
+def infer_inputs(wildcards):
+    rows = STUDIES_BY_GPU_SHARD[wildcards.gpu_shard]
+    inputs = shard_manifests(rows["shard"])
+    inputs["model"] = model_path(wildcards.round)
+    return inputs
+
+
+def gpu_shard_records(wildcards):
+    rows = STUDIES_BY_GPU_SHARD[wildcards.gpu_shard]
+    rows = rows[rows.role != "seed"]
+    return rows.to_dict("records")
+
+
+def evaluation_inputs(wildcards):
+    return [prediction_manifest(wildcards.round, g) for g in VALIDATION_GPU_SHARDS]
+
+
+def validation_records(wildcards):
+    rows = PLAN[PLAN.role == "validation"]
+    return [
+        dict(plan=row, study=study_record(COHORT.by_id[row["study_id"]]))
+        for row in rows.to_dict("records")
+    ]
+
+
+def selection_inputs(wildcards):
+    r = int(wildcards.round)
+    return {
+        "plan": PLAN_TABLE,
+        "predictions": [prediction_manifest(r - 1, g) for g in POOL_GPU_SHARDS],
+        "previous": [selection_table(k) for k in range(1, r)],
+        "evaluation": evaluation_summary(r - 1),
+    }
+
+
+def pool_records(wildcards):
+    return PLAN[PLAN.role == "pool"][["study_id", "patient_id"]].to_dict("records")
+
+
+def final_targets():
+    targets = [
+        PLAN_TABLE,
+        f"{RESULTS}/qc/quarantine.tsv",
+        f"{RESULTS}/report/rounds.tsv",
+    ]
+    if config["subset_studies"] or config["subset_patients"]:
+        # A subset rerun refreshes the per-study stages of those studies only.
+        targets = [preprocess_manifest(s) for s in CPU_SHARDS]
+        targets += [register_manifest(s) for s in CPU_SHARDS]
+    return targets

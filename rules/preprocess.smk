@@ -1,0 +1,25 @@
+# Per-study preprocessing, batched by CPU shard (whole patients): reorient, co-register to T1c,
+# resample, brain mask, z-score, crop; every output keeps the transforms back to native space.
+
+
+rule preprocess_shard:
+    input:
+        images=shard_raw_inputs,
+    output:
+        manifest=f"{RESULTS}/preprocessed/shards/{{shard}}.tsv",
+    log:
+        f"{RESULTS}/logs/preprocess/{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/preprocess/{{shard}}.tsv"
+    conda:
+        "../envs/imaging.yaml"
+    threads: config["threads"]["preprocess"]
+    resources:
+        mem_mb=6000,
+        runtime=lambda wc: 10 + 3 * len(STUDIES_BY_SHARD[wc.shard]),
+    params:
+        studies=shard_records,
+        settings=config["preprocess"],
+        out_root=lambda wc, output: stage_root(output.manifest),
+    script:
+        "../scripts/preprocess_shard.py"

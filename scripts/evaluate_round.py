@@ -1,0 +1,17 @@
+"""Snakemake entry point: evaluate one round's model on the validation studies."""
+
+from metsflow.jobs.evaluate import run_evaluate_round
+from metsflow.jobs.logs import job_logging
+
+with job_logging(snakemake.log[0]):
+    run_evaluate_round(
+        round_index=int(snakemake.wildcards.round),
+        studies=snakemake.params.studies,
+        prediction_manifests=list(snakemake.input.predictions),
+        pred_root=snakemake.params.pred_root,
+        settings=dict(snakemake.params.settings),
+        train_summary=snakemake.input.train_summary,
+        out_per_study=snakemake.output.per_study,
+        out_lesions=snakemake.output.lesions,
+        out_summary=snakemake.output.summary,
+    )
