@@ -256,6 +256,9 @@ def _quality(
         fixed, moving_mask_ants, forward, interpolator="genericLabel"
     ).numpy()
     jacobian = ants.create_jacobian_determinant_image(fixed, str(reg_dir / "warp.nii.gz"))
+    # When the finest SyN level is shrunk, the field (and so its Jacobian) lives on a coarser
+    # grid than the fixed image: bring it onto the fixed grid before masking.
+    jacobian = ants.resample_image_to_target(jacobian, fixed, interp_type="linear")
     jac = jacobian.numpy()[fixed_mask]
     qc = {
         "ncc_before": round(_ncc(fixed.numpy(), before, fixed_mask), 4),
