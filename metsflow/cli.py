@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def _cmd_demo_cohort(args) -> int:
         model_spacing=args.phantom_spacing,
         labelled_patients=args.labelled_patients,
         seed=args.seed,
+        workers=args.workers,
     )
     print(f"demo cohort: {len(result['study_ids'])} studies, sheet {result['sheet']}")
     return 0
@@ -137,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--labelled-patients", type=int, default=4)
     demo.add_argument("--phantom-spacing", type=float, default=2.0, help="mm")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes (same output)"
+    )
     demo.set_defaults(func=_cmd_demo_cohort)
 
     cohort = sub.add_parser("cohort", help="build and check study sheets")
