@@ -114,20 +114,29 @@ def save_nifti(
 
 
 def load_nifti(
-    path: str | os.PathLike, study_id: str = "?", what: str = "image"
+    path: str | os.PathLike,
+    study_id: str = "?",
+    what: str = "image",
+    require_signal: bool = False,
 ) -> nib.Nifti1Image:
     """Load a 3D NIfTI and check it; raise ``StudyError`` naming the study and file.
 
     Checks: the file exists and is readable, is a NIfTI, is 3D (a trailing singleton 4th axis
-    is dropped), is not empty, has finite voxels and plausible spacing.
+    is dropped), is not empty, has finite voxels and plausible spacing. ``require_signal``
+    (MR sequences, not labels: an empty label is a valid "no lesion") also refuses an image
+    whose voxels are all the same value, e.g. an all-zero export of a failed reconstruction.
     """
     path = Path(path)
     if not path.exists():
         raise StudyError(study_id, f"{what} file is missing", path)
+    if not path.is_file():
+        raise StudyError(study_id, f"{what} path is not a regular file", path)
     if not os.access(path, os.R_OK):
         raise StudyError(study_id, f"{what} file is not readable (permissions)", path)
     try:
         img = nib.load(str(path))
+    except PermissionError as exc:  # os.access can pass where open() is refused (ACLs, NFS)
+        raise StudyError(study_id, f"{what} file is not readable (permissions)", path) from exc
     except Exception as exc:  # nibabel raises several types for a non-NIfTI file
         raise StudyError(study_id, f"{what} is not a readable NIfTI file: {exc}", path) from exc
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
@@ -146,8 +155,26 @@ def load_nifti(
         raise StudyError(study_id, f"{what} data cannot be read (truncated?): {exc}", path) from exc
     if not np.all(np.isfinite(data)):
         raise StudyError(study_id, f"{what} contains NaN or infinite voxels", path)
-    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
-    if np.any(zooms < MIN_SPACING_MM) or np.any(zooms > MAX_SPACING_MM):
+    if require_signal and data.min() == data.max():
+        raise StudyError(
+            study_id, f"{what} has no signal: every voxel is {data.flat[0].item()!r}", path
+        )
+    if int(img.header["sform_code"]) == 0 and int(img.header["qform_code"]) == 0:
+        # nibabel then falls back to a diagonal affine (and turns a zero pixdim into 1 mm):
+        # the orientation is a guess, and left and right could be swapped.
+        raise StudyError(
+            study_id,
+            f"{what} header has no orientation (qform and sform codes are 0): left and right "
+            "cannot be told apart; re-export it from DICOM",
+            path,
+        )
+    # The spacing the pipeline uses is the affine's (sform/qform); the pixdim zooms may differ.
+    zooms = np.linalg.norm(np.asarray(img.affine, dtype=float)[:3, :3], axis=0)
+    if (
+        not np.all(np.isfinite(zooms))
+        or np.any(zooms < MIN_SPACING_MM)
+        or np.any(zooms > MAX_SPACING_MM)
+    ):
         raise StudyError(
             study_id,
             f"{what} has implausible voxel spacing {tuple(np.round(zooms, 4))} mm "

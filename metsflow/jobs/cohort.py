@@ -13,7 +13,7 @@ from metsflow.plan import PlanSettings, build_plan
 def write_plan(config: dict, out_path: str) -> pd.DataFrame:
     cohort = read_sheet(
         config["sheet"],
-        data_roots=config.get("data_roots") or None,
+        data_roots=config.get("data_roots", []),  # [] = the sheet's own folder
         allow_outside_roots=config.get("allow_paths_outside_roots", False),
     )
     plan = build_plan(cohort, PlanSettings.from_config(config))
