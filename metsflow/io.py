@@ -26,6 +26,26 @@ MIN_SPACING_MM = 0.1
 MAX_SPACING_MM = 10.0
 
 
+# A folder holding this file (or below one that does) is a human label store
+# (metsflow.active_learning.labelstore.MARKER_NAME): only LabelStore writes there.
+LABEL_STORE_MARKER = "LABELSTORE.json"
+
+
+class LabelStoreWriteError(PermissionError):
+    """A pipeline write aimed inside the human label store (a misconfigured output path)."""
+
+
+def _refuse_label_store(path: Path) -> None:
+    """Raise if ``path`` (or where a symlink in it leads) lies inside a label store."""
+    for candidate in {Path(os.path.abspath(path)), path.resolve()}:
+        for folder in candidate.parents:
+            if (folder / LABEL_STORE_MARKER).is_file():
+                raise LabelStoreWriteError(
+                    f"refusing to write {path}: it is inside the human label store {folder}; "
+                    "only label imports (LabelStore.import_label) write there"
+                )
+
+
 class StudyError(Exception):
     """A problem with one study's input: the study is quarantined, the cohort goes on."""
 
@@ -38,13 +58,21 @@ class StudyError(Exception):
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike, suffix: str | None = None, label_store_write: bool = False
+) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
     The temporary name keeps the file's full suffix (``.nii.gz``) so writers that choose a
     format by extension (nibabel, ANTs, pandas) behave as for the final name.
+
+    A destination inside the human label store is refused (``LabelStoreWriteError``), so no
+    pipeline output (prediction, table, checkpoint) can replace a confirmed label whatever the
+    configured paths; only the label store's own importer passes ``label_store_write=True``.
     """
     path = Path(path)
+    if not label_store_write:
+        _refuse_label_store(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(path.suffixes) or ".tmp"
@@ -65,13 +93,14 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             tmp_path.unlink()
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
+def write_text(path: str | os.PathLike, text: str, label_store_write: bool = False) -> None:
+    with atomic_path(path, label_store_write=label_store_write) as tmp:
         tmp.write_text(text)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+def write_json(path: str | os.PathLike, obj: Any, label_store_write: bool = False) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+    write_text(path, text, label_store_write=label_store_write)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -100,6 +129,7 @@ def save_nifti(
     affine: np.ndarray,
     dtype: np.dtype | type | None = None,
     header: nib.Nifti1Header | None = None,
+    label_store_write: bool = False,
 ) -> None:
     """Save ``data`` on ``affine`` atomically; labels should pass an integer ``dtype``."""
     if dtype is not None:
@@ -109,7 +139,7 @@ def save_nifti(
     img.set_sform(img.affine, code=1)
     if dtype is not None:
         img.set_data_dtype(dtype)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, label_store_write=label_store_write) as tmp:
         nib.save(img, tmp)
 
 
