@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from conftest import REPO, run_snakemake
 
 BROKEN = {
@@ -73,12 +74,24 @@ def broken_cohort(tmp_path_factory):
     img = nib.load(nan_file)
     data = np.asarray(img.dataobj, dtype=np.float32)
     data[tuple(np.array(data.shape) // 2)] = np.nan
-    nib.save(nib.Nifti1Image(data, img.affine, img.header), nan_file)
+    nib.save(nib.Nifti1Image(data, img.affine), nan_file)  # float32: int16 cannot hold NaN
     return demo
 
 
-def _config(tiny_config, demo: Path, results: Path) -> Path:
-    return tiny_config(demo, results=str(results), preprocess=FAST_PREPROCESS)
+def _config(demo: Path, results: Path) -> Path:
+    """The tiny test config (as conftest's ``tiny_config``) with a fast preprocessing."""
+    config = {
+        "sheet": str(demo / "studies.tsv"),
+        "oracle_sheet": str(demo / "oracle.tsv"),
+        "results": str(results),
+        "label_store": str(results.parent / f"{results.name}_labels"),
+        "sharding": {"cpu_shard_size": 4, "gpu_shard_size": 8},
+        "preprocess": FAST_PREPROCESS,
+        "threads": {"preprocess": 1, "register": 1, "train": 1, "infer": 1},
+    }
+    path = results.parent / f"{results.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def _snakemake_args(config: Path, results: Path) -> list[str]:
@@ -123,12 +136,16 @@ def _snapshot(results: Path) -> dict[str, str]:
     return out
 
 
-def test_broken_studies_are_quarantined_and_the_rest_completes(
-    broken_cohort, tiny_config, tmp_path
-):
-    results = tmp_path / "straight"
-    config = _config(tiny_config, broken_cohort, results)
-    run_snakemake(_snakemake_args(config, results), timeout=900)
+@pytest.fixture(scope="module")
+def straight_run(broken_cohort, tmp_path_factory) -> Path:
+    """The uninterrupted run: results folder."""
+    results = tmp_path_factory.mktemp("runs") / "straight"
+    run_snakemake(_snakemake_args(_config(broken_cohort, results), results), timeout=900)
+    return results
+
+
+def test_broken_studies_are_quarantined_and_the_rest_completes(straight_run):
+    results = straight_run
 
     quarantine = pd.read_csv(results / "qc/quarantine.tsv", sep="\t", keep_default_na=False)
     assert set(quarantine.study_id) == set(BROKEN)
@@ -181,14 +198,11 @@ def _kill_when(popen: subprocess.Popen, ready, extra_delay: float, timeout: floa
 
 
 def test_run_killed_at_several_points_resumes_to_identical_outputs(
-    broken_cohort, tiny_config, tmp_path
+    broken_cohort, straight_run, tmp_path
 ):
-    straight = tmp_path / "straight"
-    config = _config(tiny_config, broken_cohort, straight)
-    run_snakemake(_snakemake_args(config, straight), timeout=900)
-
+    straight = straight_run
     killed = tmp_path / "killed"
-    config = _config(tiny_config, broken_cohort, killed)
+    config = _config(broken_cohort, killed)
     prep, reg = killed / "preprocessed", killed / "registered"
 
     def has(folder: Path, pattern: str, n: int = 1):
@@ -224,3 +238,57 @@ def test_run_killed_at_several_points_resumes_to_identical_outputs(
     assert not differ, f"outputs differ after kill-and-resume: {differ}"
     nifti = [p for p in expected if p.endswith(".nii.gz")]
     assert len(nifti) >= 20
+
+
+_TRAIN_UNTIL_SIGKILL = """
+import json, os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_train import fast_params, ALL_AUGMENTATIONS
+from metsflow import train
+
+studies = json.loads({studies!r})
+params = fast_params(iterations=6, checkpoint_interval=3, val_interval=3, **ALL_AUGMENTATIONS)
+real_step, calls = train._train_step, [0]
+
+def step(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 5:  # mid-epoch, after the iteration-3 checkpoint: no cleanup code runs
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_step(*args, **kwargs)
+
+train._train_step = step
+train.train_model(studies[:3], studies[3:], params, {out!r}, log_path={log!r}, device="cpu")
+"""
+
+
+def test_training_killed_mid_epoch_by_sigkill_resumes_from_its_checkpoint(tmp_path):
+    """A real SIGKILL (not an exception: no finally block runs) at iteration 5 of 6; the rerun
+    resumes from the iteration-3 checkpoint and ends with the uninterrupted run's weights."""
+    from test_models import make_prep_study
+    from test_train import ALL_AUGMENTATIONS, assert_same_weights, fast_params, weights
+
+    from metsflow import train
+
+    root = tmp_path / "prep"
+    root.mkdir()
+    studies = [make_prep_study(root, f"S{i}", seed=i) for i in range(4)]
+    params = fast_params(iterations=6, checkpoint_interval=3, val_interval=3, **ALL_AUGMENTATIONS)
+    reference = tmp_path / "reference.pt"
+    train.train_model(studies[:3], studies[3:], params, reference, device="cpu")
+
+    out, log = tmp_path / "model.pt", tmp_path / "log.tsv"
+    script = _TRAIN_UNTIL_SIGKILL.format(
+        tests=str(Path(__file__).parent),
+        studies=json.dumps(studies, default=str),
+        out=str(out),
+        log=str(log),
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert train.resume_path(out).exists() and not out.exists()
+
+    result = train.train_model(studies[:3], studies[3:], params, out, log_path=log, device="cpu")
+    assert result["resumed_from"] == 3 and result["iterations"] == 6
+    assert_same_weights(weights(reference), weights(out))
+    assert pd.read_csv(log, sep="\t")["iteration"].tolist() == list(range(1, 7))
+    assert not train.resume_path(out).exists()
