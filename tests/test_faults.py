@@ -150,8 +150,11 @@ def test_broken_studies_are_quarantined_and_the_rest_completes(straight_run):
     quarantine = pd.read_csv(results / "qc/quarantine.tsv", sep="\t", keep_default_na=False)
     assert set(quarantine.study_id) == set(BROKEN)
     for study_id, (column, words) in BROKEN.items():
-        (problem,) = quarantine.loc[quarantine.study_id == study_id, "problem"]
-        assert study_id in problem and f"{study_id}_{column}.nii.gz" in problem, problem
+        ((file, problem),) = quarantine.loc[
+            quarantine.study_id == study_id, ["file", "problem"]
+        ].values
+        assert file.endswith(f"{study_id}_{column}.nii.gz") and Path(file).is_absolute()
+        assert study_id in problem and file in problem, problem
         assert words in problem, problem
     assert set(quarantine.stage) == {"preprocess"}
 
@@ -237,6 +240,7 @@ def test_run_killed_at_several_points_resumes_to_identical_outputs(
     differ = sorted(path for path in expected if expected[path] != got[path])
     assert not differ, f"outputs differ after kill-and-resume: {differ}"
     nifti = [p for p in expected if p.endswith(".nii.gz")]
+    print(f"identical after kill-and-resume: {len(expected)} outputs ({len(nifti)} NIfTI)")
     assert len(nifti) >= 20
 
 
