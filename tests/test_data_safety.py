@@ -103,7 +103,7 @@ def test_rerun_of_a_round_leaves_confirmed_labels_untouched(confirmed, tmp_path)
     truth = tmp_path / "truth.nii.gz"
     nib.save(nib.Nifti1Image(_label(2), AFFINE), truth)
     oracle = tmp_path / "oracle.tsv"
-    row = {"study_id": "S1", "label": truth.name, "label_convention": "internal"}
+    row = {"study_id": "S1", "label": truth.name}  # label_convention is optional
     pd.DataFrame([row]).to_csv(oracle, sep="\t", index=False)
     selection = tmp_path / "selection.tsv"
     pd.DataFrame({"study_id": ["S1"]}).to_csv(selection, sep="\t", index=False)
