@@ -49,7 +49,7 @@ def _cmd_cohort_check(args) -> int:
     try:
         cohort = read_sheet(
             args.sheet,
-            data_roots=args.data_root or None,
+            data_roots=args.data_root,  # none given: the sheet's own folder
             allow_outside_roots=args.allow_outside_roots,
         )
     except SheetError as exc:
@@ -154,8 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     check = cohort_sub.add_parser("check", help="report all problems of a sheet at once")
     check.add_argument("sheet")
     check.add_argument("--deep", action="store_true", help="also open every NIfTI header")
-    check.add_argument("--data-root", action="append", default=[])
-    check.add_argument("--allow-outside-roots", action="store_true")
+    check.add_argument(
+        "--data-root",
+        action="append",
+        default=[],
+        help="folder sheet paths must stay inside (repeatable; default: the sheet's folder)",
+    )
+    check.add_argument(
+        "--allow-outside-roots", action="store_true", help="turn the containment check off"
+    )
     check.add_argument("--out", help="write the problems table (TSV)")
     check.set_defaults(func=_cmd_cohort_check)
     synth = cohort_sub.add_parser("synthetic", help="a paths-only sheet for planning benchmarks")

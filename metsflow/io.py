@@ -26,6 +26,26 @@ MIN_SPACING_MM = 0.1
 MAX_SPACING_MM = 10.0
 
 
+# A folder holding this file (or below one that does) is a human label store
+# (metsflow.active_learning.labelstore.MARKER_NAME): only LabelStore writes there.
+LABEL_STORE_MARKER = "LABELSTORE.json"
+
+
+class LabelStoreWriteError(PermissionError):
+    """A pipeline write aimed inside the human label store (a misconfigured output path)."""
+
+
+def _refuse_label_store(path: Path) -> None:
+    """Raise if ``path`` (or where a symlink in it leads) lies inside a label store."""
+    for candidate in {Path(os.path.abspath(path)), path.resolve()}:
+        for folder in candidate.parents:
+            if (folder / LABEL_STORE_MARKER).is_file():
+                raise LabelStoreWriteError(
+                    f"refusing to write {path}: it is inside the human label store {folder}; "
+                    "only label imports (LabelStore.import_label) write there"
+                )
+
+
 class StudyError(Exception):
     """A problem with one study's input: the study is quarantined, the cohort goes on."""
 
@@ -38,13 +58,21 @@ class StudyError(Exception):
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike, suffix: str | None = None, label_store_write: bool = False
+) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
     The temporary name keeps the file's full suffix (``.nii.gz``) so writers that choose a
     format by extension (nibabel, ANTs, pandas) behave as for the final name.
+
+    A destination inside the human label store is refused (``LabelStoreWriteError``), so no
+    pipeline output (prediction, table, checkpoint) can replace a confirmed label whatever the
+    configured paths; only the label store's own importer passes ``label_store_write=True``.
     """
     path = Path(path)
+    if not label_store_write:
+        _refuse_label_store(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(path.suffixes) or ".tmp"
@@ -65,13 +93,14 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             tmp_path.unlink()
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
+def write_text(path: str | os.PathLike, text: str, label_store_write: bool = False) -> None:
+    with atomic_path(path, label_store_write=label_store_write) as tmp:
         tmp.write_text(text)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+def write_json(path: str | os.PathLike, obj: Any, label_store_write: bool = False) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+    write_text(path, text, label_store_write=label_store_write)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -100,6 +129,7 @@ def save_nifti(
     affine: np.ndarray,
     dtype: np.dtype | type | None = None,
     header: nib.Nifti1Header | None = None,
+    label_store_write: bool = False,
 ) -> None:
     """Save ``data`` on ``affine`` atomically; labels should pass an integer ``dtype``."""
     if dtype is not None:
@@ -109,25 +139,34 @@ def save_nifti(
     img.set_sform(img.affine, code=1)
     if dtype is not None:
         img.set_data_dtype(dtype)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, label_store_write=label_store_write) as tmp:
         nib.save(img, tmp)
 
 
 def load_nifti(
-    path: str | os.PathLike, study_id: str = "?", what: str = "image"
+    path: str | os.PathLike,
+    study_id: str = "?",
+    what: str = "image",
+    require_signal: bool = False,
 ) -> nib.Nifti1Image:
     """Load a 3D NIfTI and check it; raise ``StudyError`` naming the study and file.
 
     Checks: the file exists and is readable, is a NIfTI, is 3D (a trailing singleton 4th axis
-    is dropped), is not empty, has finite voxels and plausible spacing.
+    is dropped), is not empty, has finite voxels and plausible spacing. ``require_signal``
+    (MR sequences, not labels: an empty label is a valid "no lesion") also refuses an image
+    whose voxels are all the same value, e.g. an all-zero export of a failed reconstruction.
     """
     path = Path(path)
     if not path.exists():
         raise StudyError(study_id, f"{what} file is missing", path)
+    if not path.is_file():
+        raise StudyError(study_id, f"{what} path is not a regular file", path)
     if not os.access(path, os.R_OK):
         raise StudyError(study_id, f"{what} file is not readable (permissions)", path)
     try:
         img = nib.load(str(path))
+    except PermissionError as exc:  # os.access can pass where open() is refused (ACLs, NFS)
+        raise StudyError(study_id, f"{what} file is not readable (permissions)", path) from exc
     except Exception as exc:  # nibabel raises several types for a non-NIfTI file
         raise StudyError(study_id, f"{what} is not a readable NIfTI file: {exc}", path) from exc
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
@@ -146,8 +185,26 @@ def load_nifti(
         raise StudyError(study_id, f"{what} data cannot be read (truncated?): {exc}", path) from exc
     if not np.all(np.isfinite(data)):
         raise StudyError(study_id, f"{what} contains NaN or infinite voxels", path)
-    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
-    if np.any(zooms < MIN_SPACING_MM) or np.any(zooms > MAX_SPACING_MM):
+    if require_signal and data.min() == data.max():
+        raise StudyError(
+            study_id, f"{what} has no signal: every voxel is {data.flat[0].item()!r}", path
+        )
+    if int(img.header["sform_code"]) == 0 and int(img.header["qform_code"]) == 0:
+        # nibabel then falls back to a diagonal affine (and turns a zero pixdim into 1 mm):
+        # the orientation is a guess, and left and right could be swapped.
+        raise StudyError(
+            study_id,
+            f"{what} header has no orientation (qform and sform codes are 0): left and right "
+            "cannot be told apart; re-export it from DICOM",
+            path,
+        )
+    # The spacing the pipeline uses is the affine's (sform/qform); the pixdim zooms may differ.
+    zooms = np.linalg.norm(np.asarray(img.affine, dtype=float)[:3, :3], axis=0)
+    if (
+        not np.all(np.isfinite(zooms))
+        or np.any(zooms < MIN_SPACING_MM)
+        or np.any(zooms > MAX_SPACING_MM)
+    ):
         raise StudyError(
             study_id,
             f"{what} has implausible voxel spacing {tuple(np.round(zooms, 4))} mm "

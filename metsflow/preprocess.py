@@ -154,7 +154,7 @@ def _load_inputs(study) -> tuple[dict[str, nib.Nifti1Image], dict[str, str]]:
         path = getattr(study, name, None)
         if path is None:
             continue
-        images[name] = load_nifti(path, study.study_id, name.upper())
+        images[name] = load_nifti(path, study.study_id, name.upper(), require_signal=True)
         paths[name] = str(path)
     return images, paths
 
@@ -264,7 +264,11 @@ def _brain_mask(
         native_mask, path = brainmask.user_mask(method, study.study_id, t1c_native, load_nifti)
         info["mask_method"] = "user"
         info["mask_path"] = str(path)
-    mask_img = nib.Nifti1Image(native_mask.astype(np.float32), t1c_native.affine)
+    # Resample from the RAS-reordered mask, as the images are: genericLabel breaks ties by
+    # storage order, so a left-right flipped file would otherwise get a slightly other mask.
+    mask_img = nib.as_closest_canonical(
+        nib.Nifti1Image(native_mask.astype(np.float32), t1c_native.affine)
+    )
     mask = _resample(brainmask.nifti_to_ants(mask_img), target, "genericLabel") > 0.5
     return mask, info
 

@@ -9,9 +9,10 @@ from metsflow.plan import PlanSettings, build_plan, restrict
 RESULTS = config["results"]
 ROUNDS = list(range(int(config["active_learning"]["rounds"]) + 1))
 
+# Sheet paths must stay inside data_roots; an empty list means the sheet's own folder.
 COHORT = read_sheet(
     config["sheet"],
-    data_roots=config.get("data_roots") or None,
+    data_roots=config.get("data_roots", []),
     allow_outside_roots=config.get("allow_paths_outside_roots", False),
 )
 PLAN = build_plan(COHORT, PlanSettings.from_config(config))

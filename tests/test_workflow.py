@@ -44,6 +44,8 @@ def test_dry_run_plans_the_full_cohort(tmp_path):
             "config/cohort.yaml",
             "--config",
             f"sheet={sheet}",
+            # synthetic paths lie under /nonexistent/cohort, outside the sheet's folder
+            "data_roots=['/nonexistent/cohort']",
             f"results={tmp_path / 'results'}",
             f"label_store={tmp_path / 'labels'}",
         ],

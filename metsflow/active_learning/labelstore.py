@@ -253,7 +253,7 @@ class LabelStore:
         # Written once to a private temporary name, then hard-linked under the claimed
         # version name: the final name appears complete or not at all, and is never replaced.
         staging = folder / f".incoming-{uuid.uuid4().hex}.nii.gz"
-        io.save_nifti(staging, data, reference.affine, dtype=np.uint8)
+        io.save_nifti(staging, data, reference.affine, dtype=np.uint8, label_store_write=True)
         try:
             version, final = self._claim_and_link(
                 study_id, staging, stage, reviewer, override, reason

@@ -145,9 +145,9 @@ def read_oracle(oracle_sheet: str) -> dict[str, Path]:
         raise ValueError("active_learning.annotator is 'simulated' but no oracle_sheet is set")
     root = Path(oracle_sheet).parent
     table = pd.read_csv(oracle_sheet, sep="\t", dtype=str, keep_default_na=False)
-    non_internal = table[
-        table.get("label_convention", "internal").replace("", "internal") != "internal"
-    ]
+    # The column is optional (internal by default): a missing column must not be a KeyError.
+    conventions = table.get("label_convention", pd.Series("", index=table.index, dtype=str))
+    non_internal = table[conventions.replace("", "internal") != "internal"]
     if len(non_internal):
         raise ValueError(
             f"oracle sheet {oracle_sheet}: labels must be in the internal convention "

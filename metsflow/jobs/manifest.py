@@ -20,6 +20,8 @@ from metsflow.io import StudyError, read_json, write_json, write_table
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ["study_id", "patient_id", "status", "problem", "seconds"]
+# Per-study stages add the file a failure was found in (empty when not one file's fault).
+FILE_COLUMN = "file"
 STAMP_NAME = ".done.json"
 
 
@@ -79,7 +81,8 @@ def run_study(
     except StudyError as exc:
         shutil.rmtree(out_dir, ignore_errors=True)
         log.error("%s", exc)
-        return _row(study_id, patient_id, "failed", str(exc), time.perf_counter() - start)
+        row = _row(study_id, patient_id, "failed", str(exc), time.perf_counter() - start)
+        return {**row, FILE_COLUMN: exc.path or ""}
     except Exception as exc:  # an unexpected fault quarantines this study, not the shard
         shutil.rmtree(out_dir, ignore_errors=True)
         log.error("study %s: internal error\n%s", study_id, traceback.format_exc())
@@ -92,6 +95,7 @@ def run_study(
 
 def _row(study_id, patient_id, status, problem, seconds) -> dict:
     return {
+        FILE_COLUMN: "",
         "study_id": study_id,
         "patient_id": patient_id,
         "status": status,

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from metsflow.cohort import Study
-from metsflow.jobs.manifest import fingerprint, run_study, write_manifest
+from metsflow.jobs.manifest import FILE_COLUMN, fingerprint, run_study, write_manifest
 from metsflow.preprocess import preprocess_study
 from metsflow.runtime import set_threads
 
@@ -37,5 +37,5 @@ def run_preprocess_shard(
             ),
         )
         rows.append(row)
-    write_manifest(manifest, rows)
+    write_manifest(manifest, rows, extra_columns=[FILE_COLUMN])
     return rows

@@ -9,7 +9,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from metsflow.jobs.manifest import fingerprint, read_manifests, run_study, write_manifest
+from metsflow.jobs.manifest import (
+    FILE_COLUMN,
+    fingerprint,
+    read_manifests,
+    run_study,
+    write_manifest,
+)
 from metsflow.register import propagate_label, register_followup
 from metsflow.runtime import set_threads
 
@@ -65,7 +71,7 @@ def run_register_shard(
         row = run_study(study_id, patient, out_dir, stamp, work)
         row["reference_study"] = reference
         rows.append(row)
-    write_manifest(manifest, rows, extra_columns=["reference_study"])
+    write_manifest(manifest, rows, extra_columns=["reference_study", FILE_COLUMN])
     return rows
 
 
