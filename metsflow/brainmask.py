@@ -158,8 +158,9 @@ def atlas_brain_mask(
         "rough_brain_ml": round(float(rough.sum()) * resolution**3 / 1000.0, 1),
     }
     fixed_mask = fixed.new_image_like(
-        dilate_mm_ball(rough, np.full(3, resolution), float(params["atlas_metric_margin_mm"]))
-        .astype(np.float32)
+        dilate_mm_ball(
+            rough, np.full(3, resolution), float(params["atlas_metric_margin_mm"])
+        ).astype(np.float32)
     )
     template_mask = ants.resample_image_to_target(mni_mask, template, interp_type="genericLabel")
     moving_mask = template_mask.new_image_like(
