@@ -167,6 +167,7 @@ def register_pair(cohort: Path, prep: Path, out: Path, threads: int, quick: bool
                 "shrink": "x".join(map(str, qc["schedule"]["syn"]["shrink_factors"])),
             }
         )
+        print(f"[{name}] {rows[-1]}", flush=True)  # partial result before the slow run ends
     return rows
 
 
@@ -233,7 +234,7 @@ def main() -> None:
     if "preprocess" not in args.skip or not (prep / "P001_T1" / "geometry.json").exists():
         rows = preprocess_all(cohort, prep, args.threads)
         columns = ["study", "total_s", "load_s", "coregister_s", "resample_s", "brain_mask_s",
-                   "normalise_crop_s", "write_s", "mask_dice", "mask_volume_ratio"]  # fmt: skip
+                   "normalise_s", "write_s", "mask_dice", "mask_volume_ratio"]  # fmt: skip
         print("\n## Preprocessing per study at 1 mm (phantom with skull, 4 sequences)\n")
         print(_table(rows, columns), flush=True)
 

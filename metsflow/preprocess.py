@@ -20,10 +20,11 @@ Grid convention (the only one used in metsflow)
 
 Steps: load (``metsflow.io.load_nifti``), reorient to RAS, rigidly co-register T1/T2/FLAIR to
 the T1c with ANTs (Mattes MI; same-session scans start from identity, i.e. scanner
-coordinates), resample every sequence in one interpolation (rigid + grid change) with
-3rd-order B-spline, masks and labels with genericLabel, brain mask (``metsflow.brainmask``),
-z-score each sequence inside the mask (zero outside, clipped), crop, convert the label to the
-internal convention and write everything atomically.
+coordinates), brain mask on the target grid (``metsflow.brainmask``) and its crop box,
+resample every sequence in one interpolation (rigid + grid change) with 3rd-order B-spline
+onto the cropped grid only, masks and labels with genericLabel, z-score each sequence inside
+the mask (zero outside, clipped), convert the label to the internal convention and write
+everything atomically.
 
 ANTs writes its transforms under a per-job temporary folder (inside ``workdir`` or
 ``out_dir``) that is always removed: left to itself it fills /tmp with GBs at cohort scale.
@@ -140,6 +141,10 @@ def _merge_params(params: dict[str, Any] | None) -> dict[str, Any]:
             f"brain_mask must be one of {MASK_METHODS} or a path template with '{{study_id}}', "
             f"got {method!r}"
         )
+    for stage in ("atlas", "coreg"):
+        keys = [f"{stage}_iterations", f"{stage}_shrink_factors", f"{stage}_smoothing_sigmas"]
+        if len({len(merged[k]) for k in keys}) != 1:
+            raise ValueError(f"{', '.join(keys)} need one entry per level")
     if merged["coregister"] not in ("rigid", "none"):
         raise ValueError(f"coregister must be 'rigid' or 'none', got {merged['coregister']!r}")
     return merged
@@ -346,16 +351,9 @@ def preprocess_study(
                     }
         lap("coregister")
 
-        resampled = {
-            name: _resample(img, target, "bSpline", transforms.get(name))
-            for name, img in ants_images.items()
-        }
-        label = None
-        if label_img is not None:
-            label_ants = brainmask.nifti_to_ants(nib.as_closest_canonical(label_img))
-            label = np.rint(_resample(label_ants, target, "genericLabel")).astype(np.uint8)
-        lap("resample")
-
+        # Brain mask first: the crop box it defines is the only part of the target grid the
+        # sequences are interpolated onto (a brain box is ~40% of a head field of view, and
+        # cubic B-spline resampling is the costliest per-voxel step at 1 mm).
         mask, mask_info = _brain_mask(
             study,
             params["brain_mask"],
@@ -369,27 +367,40 @@ def preprocess_study(
             raise StudyError(
                 study_id, f"brain mask ({mask_info['mask_method']}) is empty", paths["t1c"]
             )
+        start, stop = crop_box(mask, spacing, params["crop_margin_mm"])
+        box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+        final_affine = grid_affine.copy()
+        final_affine[:3, 3] = grid_affine[:3, :3] @ np.asarray(start, float) + grid_affine[:3, 3]
+        final_shape = [b - a for a, b in zip(start, stop, strict=True)]
+        mask = mask[box]
         lap("brain_mask")
+
+        cropped = _empty_ants_grid(final_affine, tuple(final_shape))
+        resampled = {
+            name: _resample(img, cropped, "bSpline", transforms.get(name))
+            for name, img in ants_images.items()
+        }
+        label = None
+        if label_img is not None:
+            # On the full target grid, to count label voxels the crop would cut off.
+            label_ants = brainmask.nifti_to_ants(nib.as_closest_canonical(label_img))
+            label = np.rint(_resample(label_ants, target, "genericLabel")).astype(np.uint8)
+        lap("resample")
 
         normalised, zstats = {}, {}
         for name, data in resampled.items():
             normalised[name], zstats[name] = _zscore(
                 data, mask, params["zscore_clip"], study_id, name
             )
-        start, stop = crop_box(mask, spacing, params["crop_margin_mm"])
-        box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
-        final_affine = grid_affine.copy()
-        final_affine[:3, 3] = grid_affine[:3, :3] @ np.asarray(start, float) + grid_affine[:3, 3]
-        final_shape = [b - a for a, b in zip(start, stop, strict=True)]
-        lap("normalise_crop")
+        lap("normalise")
 
         for name in SEQUENCES:
             path = out_dir / f"{name}.nii.gz"
             if name in normalised:
-                save_nifti(path, normalised[name][box], final_affine, dtype=np.float32)
+                save_nifti(path, normalised[name], final_affine, dtype=np.float32)
             elif path.exists():  # stale output of an earlier run with that sequence
                 path.unlink()
-        save_nifti(out_dir / "brain_mask.nii.gz", mask[box], final_affine, dtype=np.uint8)
+        save_nifti(out_dir / "brain_mask.nii.gz", mask, final_affine, dtype=np.uint8)
         label_info: dict[str, Any] = {"present": label is not None}
         if label is not None:
             save_nifti(out_dir / "label.nii.gz", label[box], final_affine, dtype=np.uint8)
@@ -399,7 +410,8 @@ def preprocess_study(
             label_info.update(
                 convention=convention,
                 voxels=int(foreground.sum()),
-                voxels_outside_mask=int((foreground & ~mask).sum()),
+                voxels_outside_mask=int((foreground[box] & ~mask).sum())
+                + int((foreground & ~inside_box).sum()),
                 voxels_cropped=int((foreground & ~inside_box).sum()),
             )
         elif (out_dir / "label.nii.gz").exists():

@@ -28,7 +28,7 @@ T2_SHAPE = (50, 46, 40)
 T2_AFFINE = oblique_affine((4.0, 4.0, 5.0), (0, 3, -4), T2_SHAPE)
 T2_MOTION = rigid_map((0, 0, 5), (4, -3, 2))
 # Small test images: atlas registration at 4 mm keeps each study at a few seconds.
-FAST = {"atlas_resolution_mm": 4.0, "atlas_iterations": (100, 50, 20)}
+FAST = {"atlas_resolution_mm": 4.0, "atlas_iterations": (100, 50)}
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -371,3 +371,7 @@ def test_missing_t1c_and_bad_params(tmp_path):
         preprocess.preprocess_study(FakeStudy("p1", "bad4", t1c=None), tmp_path, FAST)
     with pytest.raises(ValueError, match="unknown"):
         preprocess.preprocess_study(FakeStudy("p1", "x", t1c=None), tmp_path, {"spacng": [1]})
+    with pytest.raises(ValueError, match="one entry per level"):
+        preprocess.preprocess_study(
+            FakeStudy("p1", "x", t1c=None), tmp_path, {"atlas_iterations": (100, 50, 20)}
+        )
