@@ -169,10 +169,13 @@ def _rigid_coregister(
 ) -> str:
     """Rigid ANTs registration of ``moving`` to ``fixed``; returns the .mat path.
 
+    ``fixed`` is the T1c already at the working resolution (``_working_resolution``), made
+    once per study for all moving sequences: smoothing the full-resolution T1c is a large part
+    of each co-registration's cost.
+
     Sequences of one session share scanner coordinates, so the search starts from identity:
     a centre-of-mass start would be pulled off by differences in field of view and contrast.
     """
-    fixed = _working_resolution(fixed, float(params["coreg_resolution_mm"]))
     moving = _working_resolution(moving, float(params["coreg_resolution_mm"]))
     with brainmask.ants_random_seed(params.get("random_seed")):
         reg = ants.registration(
@@ -338,17 +341,18 @@ def preprocess_study(
     try:
         transforms: dict[str, str] = {}
         coregistration: dict[str, dict[str, Any]] = {}
-        if params["coregister"] == "rigid":
+        moving = [name for name in MOVING_SEQUENCES if name in ants_images]
+        if params["coregister"] == "rigid" and moving:
             centre = _ants_centre(ants_images["t1c"])
-            for name in MOVING_SEQUENCES:
-                if name in ants_images:
-                    transforms[name] = _rigid_coregister(
-                        ants_images["t1c"], ants_images[name], params, str(tmp / f"{name}_")
-                    )
-                    coregistration[name] = {
-                        "transform": f"transforms/{name}_to_t1c.mat",
-                        **_motion_summary(transforms[name], centre),
-                    }
+            fixed = _working_resolution(ants_images["t1c"], float(params["coreg_resolution_mm"]))
+            for name in moving:
+                transforms[name] = _rigid_coregister(
+                    fixed, ants_images[name], params, str(tmp / f"{name}_")
+                )
+                coregistration[name] = {
+                    "transform": f"transforms/{name}_to_t1c.mat",
+                    **_motion_summary(transforms[name], centre),
+                }
         lap("coregister")
 
         # Brain mask first: the crop box it defines is the only part of the target grid the
@@ -382,9 +386,8 @@ def preprocess_study(
         }
         label = None
         if label_img is not None:
-            # On the full target grid, to count label voxels the crop would cut off.
             label_ants = brainmask.nifti_to_ants(nib.as_closest_canonical(label_img))
-            label = np.rint(_resample(label_ants, target, "genericLabel")).astype(np.uint8)
+            label = np.rint(_resample(label_ants, cropped, "genericLabel")).astype(np.uint8)
         lap("resample")
 
         normalised, zstats = {}, {}
@@ -403,16 +406,15 @@ def preprocess_study(
         save_nifti(out_dir / "brain_mask.nii.gz", mask, final_affine, dtype=np.uint8)
         label_info: dict[str, Any] = {"present": label is not None}
         if label is not None:
-            save_nifti(out_dir / "label.nii.gz", label[box], final_affine, dtype=np.uint8)
+            save_nifti(out_dir / "label.nii.gz", label, final_affine, dtype=np.uint8)
             foreground = label > 0
-            inside_box = np.zeros_like(foreground)
-            inside_box[box] = True
             label_info.update(
                 convention=convention,
                 voxels=int(foreground.sum()),
-                voxels_outside_mask=int((foreground[box] & ~mask).sum())
-                + int((foreground & ~inside_box).sum()),
-                voxels_cropped=int((foreground & ~inside_box).sum()),
+                voxels_outside_mask=int((foreground & ~mask).sum()),
+                native_voxels_cropped=_native_voxels_outside(
+                    label_img, final_affine, tuple(final_shape)
+                ),
             )
         elif (out_dir / "label.nii.gz").exists():
             (out_dir / "label.nii.gz").unlink()
@@ -453,6 +455,20 @@ def preprocess_study(
     }
     write_json(out_dir / "geometry.json", geometry)
     return geometry
+
+
+def _native_voxels_outside(
+    label_img: nib.Nifti1Image, affine: np.ndarray, shape: tuple[int, int, int]
+) -> int:
+    """Foreground voxels of the native label whose centre falls outside the cropped grid."""
+    index = np.argwhere(np.asarray(label_img.dataobj) > 0).astype(float)
+    if not len(index):
+        return 0
+    world = index @ label_img.affine[:3, :3].T + label_img.affine[:3, 3]
+    inv = np.linalg.inv(affine)
+    target = np.rint(world @ inv[:3, :3].T + inv[:3, 3])
+    inside = np.all((target >= 0) & (target < np.asarray(shape)), axis=1)
+    return int((~inside).sum())
 
 
 def _ants_centre(image: ants.ANTsImage) -> np.ndarray:

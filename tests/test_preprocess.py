@@ -170,7 +170,7 @@ def test_label_converted_from_brats_and_round_trip_is_exact(unstripped, truth):
     for value in (1, 2, 3):
         assert dice(back.get_fdata() == value, expected == value) == 1.0
     assert unstripped["geometry"]["label"]["convention"] == "brats"
-    assert unstripped["geometry"]["label"]["voxels_cropped"] == 0
+    assert unstripped["geometry"]["label"]["native_voxels_cropped"] == 0
 
 
 def test_skull_stripped_detected_and_nonzero_mask_kept(stripped, truth):
