@@ -200,3 +200,5 @@ def test_shard_manifest_qc_columns_flag_failures(tmp_path, pair):
     flagged = _qc_columns(tmp_path / "qc.json")
     assert flagged["qc_flag"] is True
     assert "NCC" in flagged["qc_reasons"] and "brain-mask Dice" in flagged["qc_reasons"]
+    missing = _qc_columns(tmp_path / "absent" / "qc.json")
+    assert missing["qc_flag"] is True and "QC unavailable" in missing["qc_reasons"]

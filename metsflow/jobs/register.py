@@ -93,8 +93,17 @@ def run_register_shard(
 
 
 def _qc_columns(qc_path: Path) -> dict:
-    """QC figures of one registered pair (also for pairs skipped as already done)."""
-    qc = read_json(qc_path)
+    """QC figures of one registered pair (also for pairs skipped as already done).
+
+    A missing or unreadable qc.json flags the pair rather than failing the whole shard.
+    """
+    try:
+        qc = read_json(qc_path)
+    except (OSError, ValueError) as exc:
+        return {key: None for key in QC_COLUMNS[:5]} | {
+            "qc_flag": True,
+            "qc_reasons": f"QC unavailable ({qc_path}): {exc}",
+        }
     return {
         **{key: qc[key] for key in QC_COLUMNS[:5]},
         "qc_flag": bool(qc["flag"]),
