@@ -26,8 +26,9 @@ per 1 mm pair on 2 cores. Here the affine runs at 8 and 4 mm only, the CC radius
 runs at 8, 4 and 2 mm, never at full 1 mm resolution, where one CC iteration costs as much as
 the whole 2 mm level. ``benchmarks/bench_preprocess_register.py`` measures time and
 propagated-label Dice against full-resolution SyN-CC on phantoms with known deformation
-(1 mm phantom pair, 2 threads: 62 CPU-seconds for registration + QC, i.e. <= 60 s wall on
-2 idle cores; propagated brain-mask Dice 0.991 against the true correspondence).
+(1 mm phantom pair, 2 threads, on a heavily shared machine: 62 CPU-seconds for registration
++ QC, so 31-62 s wall on 2 idle cores depending on thread scaling; propagated brain-mask
+Dice 0.991 against the true correspondence).
 """
 
 from __future__ import annotations
