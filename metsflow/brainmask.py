@@ -6,6 +6,11 @@ Three ways to obtain a brain mask, all offline:
   value.  ``detect_skull_stripped`` recognises it and ``nonzero_mask`` keeps that support.
 * **atlas**: the nilearn ICBM152 2009 template (skull-stripped T1) is registered affinely to the
   T1c at reduced resolution and its brain mask is warped onto the target grid (genericLabel).
+  The template has no skull, so registered to a whole head it would stretch the brain onto the
+  scalp (~2x the brain volume). A rough intensity/morphology skull strip of the T1c
+  (``rough_brain_mask``: Otsu head/tissue thresholds, an erosion that cuts the brain off the
+  scalp, the component at the head's centre, dilated back) therefore sets the start (mask
+  centroids) and restricts the affine metric to the brain and a thin rim around it.
   Affine atlas masks are a few mm off at the cortex, where metastases often sit, so the mask is
   dilated a little (``atlas_mask_dilate_mm``) rather than risk cutting lesions off.
 * **user mask**: a path template with ``{study_id}``, e.g. masks from HD-BET run elsewhere.
@@ -36,13 +41,21 @@ MASK_DEFAULTS: dict[str, Any] = {
     # ... and the remaining support is no bigger than a brain. A head scanned with a
     # zero-filled background (some scanners/converters do this) has >= 3 L of support.
     "stripped_max_volume_ml": 2600.0,
-    # Atlas registration: isotropic working resolution (mm) and ANTs affine schedule.
-    "atlas_resolution_mm": 2.0,
+    # Atlas registration: isotropic working resolution (mm) and ANTs affine schedule (levels
+    # at 6 and 3 mm). On skull phantoms the brain-masked affine reaches Dice 0.985 against the
+    # true mask at 3 mm, the same as a 2 mm pyramid ending at 2 mm (0.987) at half the time.
+    "atlas_resolution_mm": 3.0,
     "atlas_transform": "Affine",
-    "atlas_iterations": (200, 100, 50),
-    "atlas_shrink_factors": (4, 2, 1),
-    "atlas_smoothing_sigmas": (2, 1, 0),
-    "atlas_mask_dilate_mm": 2.0,
+    "atlas_iterations": (100, 50),
+    "atlas_shrink_factors": (2, 1),
+    "atlas_smoothing_sigmas": (1, 0),
+    "atlas_mask_dilate_mm": 1.0,
+    # Rough skull strip that initialises the atlas affine and masks its metric (mm): the
+    # erosion must exceed half the thickness of the bright layers bridging brain and scalp
+    # (dura, diploe) so the brain becomes its own component; the metric sees the rough brain
+    # dilated by ``atlas_metric_margin_mm`` (template and image both dark there: CSF, bone).
+    "rough_erosion_mm": 6.0,
+    "atlas_metric_margin_mm": 6.0,
     "random_seed": 1,
 }
 
@@ -139,12 +152,35 @@ def atlas_brain_mask(
     fixed = ants.resample_image(smoothed, (resolution,) * 3, use_voxels=False, interp_type=0)
     fixed = ants.iMath(fixed, "Normalize")
     moving = ants.iMath(template, "Normalize")
+    rough = rough_brain_mask(fixed, float(params["rough_erosion_mm"]))
+    info: dict[str, Any] = {
+        "atlas_resolution_mm": resolution,
+        "rough_brain_ml": round(float(rough.sum()) * resolution**3 / 1000.0, 1),
+    }
+    fixed_mask = fixed.new_image_like(
+        dilate_mm_ball(
+            rough, np.full(3, resolution), float(params["atlas_metric_margin_mm"])
+        ).astype(np.float32)
+    )
+    template_mask = ants.resample_image_to_target(mni_mask, template, interp_type="genericLabel")
+    moving_mask = template_mask.new_image_like(
+        dilate_mm_ball(
+            template_mask.numpy() > 0.5,
+            np.asarray(template_mask.spacing, dtype=float),
+            float(params["atlas_metric_margin_mm"]),
+        ).astype(np.float32)
+    )
+    initial = _centroid_translation(fixed.new_image_like(rough.astype(np.float32)), template_mask)
+    ants.write_transform(initial, outprefix + "initial.mat")
     with ants_random_seed(params.get("random_seed")):
         reg = ants.registration(
             fixed=fixed,
             moving=moving,
             type_of_transform=params["atlas_transform"],
+            initial_transform=[outprefix + "initial.mat"],
             outprefix=outprefix,
+            mask=fixed_mask,
+            moving_mask=moving_mask,
             aff_metric="mattes",
             aff_iterations=tuple(params["atlas_iterations"]),
             aff_shrink_factors=tuple(params["atlas_shrink_factors"]),
@@ -160,7 +196,56 @@ def atlas_brain_mask(
     dilate_mm = float(params["atlas_mask_dilate_mm"])
     if dilate_mm > 0 and mask.any():
         mask = dilate_mm_ball(mask, np.asarray(target.spacing, dtype=float), dilate_mm)
-    return mask, {"atlas_resolution_mm": resolution, "atlas_dilate_mm": dilate_mm}
+    info["atlas_dilate_mm"] = dilate_mm
+    return mask, info
+
+
+def rough_brain_mask(image: ants.ANTsImage, erosion_mm: float) -> np.ndarray:
+    """Rough skull strip of an isotropic T1(c): a boolean array on ``image``'s grid.
+
+    Head = above the Otsu threshold of the whole image (air is dark); tissue = above the Otsu
+    threshold of the head's values (drops CSF, bone and air, keeps brain, fat, dura, diploe).
+    Eroding the tissue by ``erosion_mm`` breaks the thin bright bridges between brain and
+    scalp; the largest component (the brain, the scalp is a thin shell) is grown back inside
+    the tissue by the same distance and its holes (ventricles) filled. Only used to start and
+    mask the atlas affine, so a few mm of error are fine; it must not contain the scalp.
+    """
+    data = image.numpy()
+    spacing = np.asarray(image.spacing, dtype=float)
+    head = ants.threshold_image(image, "Otsu", 1).numpy() > 0
+    head = ndimage.binary_fill_holes(head)
+    if not head.any():
+        return head
+    tissue_image = image.new_image_like(np.where(head, data, data[head].min()).astype(np.float32))
+    tissue = (ants.threshold_image(tissue_image, "Otsu", 1).numpy() > 0) & head
+    core = ndimage.distance_transform_edt(tissue, sampling=spacing) > erosion_mm
+    components, count = ndimage.label(core)
+    if count == 0:
+        return ndimage.binary_fill_holes(tissue)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    core = components == int(np.argmax(sizes))
+    # Grow back by the erosion depth (plus a voxel), staying inside the tissue.
+    grown = dilate_mm_ball(core, spacing, erosion_mm + float(spacing.max())) & tissue
+    return ndimage.binary_fill_holes(grown)
+
+
+def _centroid_translation(fixed_mask: ants.ANTsImage, moving_mask: ants.ANTsImage):
+    """Translation mapping the fixed mask's centroid to the moving mask's (physical LPS), as
+    an ANTs affine transform (ANTs transforms map fixed points to moving points)."""
+
+    def centroid(mask: ants.ANTsImage) -> np.ndarray:
+        index = np.argwhere(mask.numpy() > 0.5).mean(axis=0)
+        direction = np.asarray(mask.direction, dtype=float)
+        return np.asarray(mask.origin) + direction @ (np.asarray(mask.spacing) * index)
+
+    fixed_centre = centroid(fixed_mask)
+    return ants.create_ants_transform(
+        transform_type="AffineTransform",
+        dimension=3,
+        center=tuple(fixed_centre),
+        translation=tuple(centroid(moving_mask) - fixed_centre),
+    )
 
 
 @contextlib.contextmanager
@@ -180,9 +265,23 @@ def ants_random_seed(seed: int | None) -> Iterator[None]:
 
 
 def dilate_mm_ball(mask: np.ndarray, spacing: np.ndarray, radius_mm: float) -> np.ndarray:
-    """Dilate by a ball of ``radius_mm`` (anisotropic spacing aware) via a distance map."""
-    distance = ndimage.distance_transform_edt(~mask, sampling=spacing)
-    return distance <= radius_mm
+    """Dilate by a ball of ``radius_mm`` (anisotropic spacing aware) via a distance map.
+
+    The distance map is computed only on the mask's bounding box grown by the radius: a brain
+    fills a fraction of a head field of view, and the exact Euclidean transform of the whole
+    1 mm volume costs seconds.
+    """
+    spacing = np.asarray(spacing, dtype=float)
+    if not mask.any():
+        return np.zeros(mask.shape, dtype=bool)
+    where = np.argwhere(mask)
+    reach = np.ceil(float(radius_mm) / spacing).astype(int) + 1
+    start = np.maximum(where.min(axis=0) - reach, 0)
+    stop = np.minimum(where.max(axis=0) + 1 + reach, mask.shape)
+    box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+    out = np.zeros(mask.shape, dtype=bool)
+    out[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing) <= radius_mm
+    return out
 
 
 def user_mask(

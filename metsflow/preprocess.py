@@ -20,10 +20,11 @@ Grid convention (the only one used in metsflow)
 
 Steps: load (``metsflow.io.load_nifti``), reorient to RAS, rigidly co-register T1/T2/FLAIR to
 the T1c with ANTs (Mattes MI; same-session scans start from identity, i.e. scanner
-coordinates), resample every sequence in one interpolation (rigid + grid change) with
-3rd-order B-spline, masks and labels with genericLabel, brain mask (``metsflow.brainmask``),
-z-score each sequence inside the mask (zero outside, clipped), crop, convert the label to the
-internal convention and write everything atomically.
+coordinates), brain mask on the target grid (``metsflow.brainmask``) and its crop box,
+resample every sequence in one interpolation (rigid + grid change) with 3rd-order B-spline
+onto the cropped grid only, masks and labels with genericLabel, z-score each sequence inside
+the mask (zero outside, clipped), convert the label to the internal convention and write
+everything atomically.
 
 ANTs writes its transforms under a per-job temporary folder (inside ``workdir`` or
 ``out_dir``) that is always removed: left to itself it fills /tmp with GBs at cohort scale.
@@ -140,6 +141,10 @@ def _merge_params(params: dict[str, Any] | None) -> dict[str, Any]:
             f"brain_mask must be one of {MASK_METHODS} or a path template with '{{study_id}}', "
             f"got {method!r}"
         )
+    for stage in ("atlas", "coreg"):
+        keys = [f"{stage}_iterations", f"{stage}_shrink_factors", f"{stage}_smoothing_sigmas"]
+        if len({len(merged[k]) for k in keys}) != 1:
+            raise ValueError(f"{', '.join(keys)} need one entry per level")
     if merged["coregister"] not in ("rigid", "none"):
         raise ValueError(f"coregister must be 'rigid' or 'none', got {merged['coregister']!r}")
     return merged
@@ -164,10 +169,13 @@ def _rigid_coregister(
 ) -> str:
     """Rigid ANTs registration of ``moving`` to ``fixed``; returns the .mat path.
 
+    ``fixed`` is the T1c already at the working resolution (``_working_resolution``), made
+    once per study for all moving sequences: smoothing the full-resolution T1c is a large part
+    of each co-registration's cost.
+
     Sequences of one session share scanner coordinates, so the search starts from identity:
     a centre-of-mass start would be pulled off by differences in field of view and contrast.
     """
-    fixed = _working_resolution(fixed, float(params["coreg_resolution_mm"]))
     moving = _working_resolution(moving, float(params["coreg_resolution_mm"]))
     with brainmask.ants_random_seed(params.get("random_seed")):
         reg = ants.registration(
@@ -337,29 +345,23 @@ def preprocess_study(
     try:
         transforms: dict[str, str] = {}
         coregistration: dict[str, dict[str, Any]] = {}
-        if params["coregister"] == "rigid":
+        moving = [name for name in MOVING_SEQUENCES if name in ants_images]
+        if params["coregister"] == "rigid" and moving:
             centre = _ants_centre(ants_images["t1c"])
-            for name in MOVING_SEQUENCES:
-                if name in ants_images:
-                    transforms[name] = _rigid_coregister(
-                        ants_images["t1c"], ants_images[name], params, str(tmp / f"{name}_")
-                    )
-                    coregistration[name] = {
-                        "transform": f"transforms/{name}_to_t1c.mat",
-                        **_motion_summary(transforms[name], centre),
-                    }
+            fixed = _working_resolution(ants_images["t1c"], float(params["coreg_resolution_mm"]))
+            for name in moving:
+                transforms[name] = _rigid_coregister(
+                    fixed, ants_images[name], params, str(tmp / f"{name}_")
+                )
+                coregistration[name] = {
+                    "transform": f"transforms/{name}_to_t1c.mat",
+                    **_motion_summary(transforms[name], centre),
+                }
         lap("coregister")
 
-        resampled = {
-            name: _resample(img, target, "bSpline", transforms.get(name))
-            for name, img in ants_images.items()
-        }
-        label = None
-        if label_img is not None:
-            label_ants = brainmask.nifti_to_ants(nib.as_closest_canonical(label_img))
-            label = np.rint(_resample(label_ants, target, "genericLabel")).astype(np.uint8)
-        lap("resample")
-
+        # Brain mask first: the crop box it defines is the only part of the target grid the
+        # sequences are interpolated onto (a brain box is ~40% of a head field of view, and
+        # cubic B-spline resampling is the costliest per-voxel step at 1 mm).
         mask, mask_info = _brain_mask(
             study,
             params["brain_mask"],
@@ -373,38 +375,50 @@ def preprocess_study(
             raise StudyError(
                 study_id, f"brain mask ({mask_info['mask_method']}) is empty", paths["t1c"]
             )
+        start, stop = crop_box(mask, spacing, params["crop_margin_mm"])
+        box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+        final_affine = grid_affine.copy()
+        final_affine[:3, 3] = grid_affine[:3, :3] @ np.asarray(start, float) + grid_affine[:3, 3]
+        final_shape = [b - a for a, b in zip(start, stop, strict=True)]
+        mask = mask[box]
         lap("brain_mask")
+
+        cropped = _empty_ants_grid(final_affine, tuple(final_shape))
+        resampled = {
+            name: _resample(img, cropped, "bSpline", transforms.get(name))
+            for name, img in ants_images.items()
+        }
+        label = None
+        if label_img is not None:
+            label_ants = brainmask.nifti_to_ants(nib.as_closest_canonical(label_img))
+            label = np.rint(_resample(label_ants, cropped, "genericLabel")).astype(np.uint8)
+        lap("resample")
 
         normalised, zstats = {}, {}
         for name, data in resampled.items():
             normalised[name], zstats[name] = _zscore(
                 data, mask, params["zscore_clip"], study_id, name
             )
-        start, stop = crop_box(mask, spacing, params["crop_margin_mm"])
-        box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
-        final_affine = grid_affine.copy()
-        final_affine[:3, 3] = grid_affine[:3, :3] @ np.asarray(start, float) + grid_affine[:3, 3]
-        final_shape = [b - a for a, b in zip(start, stop, strict=True)]
-        lap("normalise_crop")
+        lap("normalise")
 
         for name in SEQUENCES:
             path = out_dir / f"{name}.nii.gz"
             if name in normalised:
-                save_nifti(path, normalised[name][box], final_affine, dtype=np.float32)
+                save_nifti(path, normalised[name], final_affine, dtype=np.float32)
             elif path.exists():  # stale output of an earlier run with that sequence
                 path.unlink()
-        save_nifti(out_dir / "brain_mask.nii.gz", mask[box], final_affine, dtype=np.uint8)
+        save_nifti(out_dir / "brain_mask.nii.gz", mask, final_affine, dtype=np.uint8)
         label_info: dict[str, Any] = {"present": label is not None}
         if label is not None:
-            save_nifti(out_dir / "label.nii.gz", label[box], final_affine, dtype=np.uint8)
+            save_nifti(out_dir / "label.nii.gz", label, final_affine, dtype=np.uint8)
             foreground = label > 0
-            inside_box = np.zeros_like(foreground)
-            inside_box[box] = True
             label_info.update(
                 convention=convention,
                 voxels=int(foreground.sum()),
                 voxels_outside_mask=int((foreground & ~mask).sum()),
-                voxels_cropped=int((foreground & ~inside_box).sum()),
+                native_voxels_cropped=_native_voxels_outside(
+                    label_img, final_affine, tuple(final_shape)
+                ),
             )
         elif (out_dir / "label.nii.gz").exists():
             (out_dir / "label.nii.gz").unlink()
@@ -445,6 +459,20 @@ def preprocess_study(
     }
     write_json(out_dir / "geometry.json", geometry)
     return geometry
+
+
+def _native_voxels_outside(
+    label_img: nib.Nifti1Image, affine: np.ndarray, shape: tuple[int, int, int]
+) -> int:
+    """Foreground voxels of the native label whose centre falls outside the cropped grid."""
+    index = np.argwhere(np.asarray(label_img.dataobj) > 0).astype(float)
+    if not len(index):
+        return 0
+    world = index @ label_img.affine[:3, :3].T + label_img.affine[:3, 3]
+    inv = np.linalg.inv(affine)
+    target = np.rint(world @ inv[:3, :3].T + inv[:3, 3])
+    inside = np.all((target >= 0) & (target < np.asarray(shape)), axis=1)
+    return int((~inside).sum())
 
 
 def _ants_centre(image: ants.ANTsImage) -> np.ndarray:

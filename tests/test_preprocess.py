@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -11,10 +12,12 @@ import numpy as np
 import pytest
 from _synthetic_images import LESIONS, FakeStudy, noisy, oblique_affine, phantom, rigid_map, sample
 from _synthetic_images import save as save_image
+from scipy import ndimage
 
-from metsflow import preprocess
+from metsflow import brainmask, preprocess
 from metsflow.io import StudyError, read_json
 from metsflow.labels import ENHANCING, NECROSIS, to_internal
+from metsflow.phantom import make_demo_cohort
 
 # Native T1c: 4 mm, oblique, voxel axes in P-L-S order (so RAS reorientation is exercised).
 AXES_PLS = np.array([[0, -1, 0], [-1, 0, 0], [0, 0, 1]])
@@ -25,7 +28,7 @@ T2_SHAPE = (50, 46, 40)
 T2_AFFINE = oblique_affine((4.0, 4.0, 5.0), (0, 3, -4), T2_SHAPE)
 T2_MOTION = rigid_map((0, 0, 5), (4, -3, 2))
 # Small test images: atlas registration at 4 mm keeps each study at a few seconds.
-FAST = {"atlas_resolution_mm": 4.0, "atlas_iterations": (100, 50, 20)}
+FAST = {"atlas_resolution_mm": 4.0, "atlas_iterations": (100, 50)}
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -167,7 +170,7 @@ def test_label_converted_from_brats_and_round_trip_is_exact(unstripped, truth):
     for value in (1, 2, 3):
         assert dice(back.get_fdata() == value, expected == value) == 1.0
     assert unstripped["geometry"]["label"]["convention"] == "brats"
-    assert unstripped["geometry"]["label"]["voxels_cropped"] == 0
+    assert unstripped["geometry"]["label"]["native_voxels_cropped"] == 0
 
 
 def test_skull_stripped_detected_and_nonzero_mask_kept(stripped, truth):
@@ -223,6 +226,100 @@ def test_target_grid_convention():
     np.testing.assert_allclose(affine @ np.array([0, 0, 0, 1.0]), expected, atol=1e-9)
 
 
+def test_label_round_trip_exact_at_1mm(tmp_path):
+    """1 mm oblique PLS native grid preprocessed at 1 mm: the label comes back exactly."""
+    shape = (64, 72, 60)
+    affine = oblique_affine(1.0, (8, -6, 10), shape, axes=AXES_PLS)
+    ph = phantom()
+    label = sample(ph["label"].astype(float), ph["affine"], affine, shape, order=0)
+    brain = sample(ph["brain"].astype(float), ph["affine"], affine, shape, order=0) > 0.5
+    study = FakeStudy(
+        "p1",
+        "s1mm",
+        t1c=save_image(
+            tmp_path / "t1c.nii.gz",
+            noisy(sample(ph["t1c"], ph["affine"], affine, shape), 0.02, 5),
+            affine,
+        ),
+        label=save_image(
+            tmp_path / "seg.nii.gz", to_internal(label.astype(np.uint8), "brats"), affine, np.uint8
+        ),
+    )
+    save_image(tmp_path / "s1mm_mask.nii.gz", brain, affine, np.uint8)
+    params = {
+        "spacing": [1.0, 1.0, 1.0],
+        "coregister": "none",
+        "brain_mask": str(tmp_path / "{study_id}_mask.nii.gz"),
+    }
+    preprocess.preprocess_study(study, tmp_path / "prep", params, threads=1)
+    # The job's thread count reaches ITK (read by ANTs filters from the environment).
+    assert os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] == "1"
+    prepared = _load(tmp_path / "prep", "label")
+    assert prepared.header.get_zooms() == pytest.approx((1.0, 1.0, 1.0))
+    back = preprocess.to_native(np.asarray(prepared.dataobj), tmp_path / "prep")
+    expected = to_internal(label.astype(np.uint8), "brats")
+    np.testing.assert_allclose(back.affine, affine, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), expected)
+    for value in np.unique(expected[expected > 0]):
+        assert dice(np.asarray(back.dataobj) == value, expected == value) == 1.0
+
+
+@pytest.fixture(scope="module")
+def skull_phantom(tmp_path_factory):
+    """metsflow.phantom head with skull, scalp and noisy air, plus its true brain mask."""
+    root = tmp_path_factory.mktemp("skull_phantom")
+    make_demo_cohort(
+        root,
+        n_patients=1,
+        n_timepoints=1,
+        native_spacing=(2.0, 2.0, 2.0),
+        labelled_patients=0,
+        max_lesions=1,
+        separate_grids=False,
+    )
+    folder = root / "P001" / "P001_T0"
+    t1c = nib.load(str(folder / "P001_T0_t1c.nii.gz"))
+    truth = np.asarray(nib.load(str(folder / "P001_T0_brainmask.nii.gz")).dataobj) > 0
+    return t1c, truth
+
+
+def test_atlas_mask_on_head_with_skull_matches_truth(skull_phantom, tmp_path):
+    """The skull-stripped template must not be stretched onto the scalp (was 2x the brain)."""
+    t1c, truth = skull_phantom
+    data = np.asarray(t1c.dataobj)
+    voxel_ml = float(np.prod(t1c.header.get_zooms()[:3])) / 1000.0
+    assert brainmask.detect_skull_stripped(data, voxel_ml, preprocess.DEFAULTS)[0] is False
+    image = brainmask.nifti_to_ants(t1c)
+    mask, info = brainmask.atlas_brain_mask(
+        image, image, dict(preprocess.DEFAULTS), str(tmp_path / "atlas_")
+    )
+    truth_ml = truth.sum() * voxel_ml
+    assert dice(mask, truth) > 0.9
+    assert 0.9 < mask.sum() / truth.sum() < 1.1
+    # The rough skull strip that starts the affine holds the brain (and a rim of dura at the
+    # 3 mm working resolution), not the head (>= 1.7x the brain with the scalp).
+    assert 0.6 * truth_ml < info["rough_brain_ml"] < 1.3 * truth_ml
+
+
+def test_rough_brain_mask_excludes_scalp(skull_phantom):
+    t1c, truth = skull_phantom
+    image = brainmask.nifti_to_ants(t1c)
+    rough = brainmask.rough_brain_mask(image, float(preprocess.DEFAULTS["rough_erosion_mm"]))
+    outside = rough & ~brainmask.dilate_mm_ball(truth, np.full(3, 2.0), 4.0)
+    assert outside.sum() < 0.01 * truth.sum()
+    assert (rough & truth).sum() > 0.8 * truth.sum()
+
+
+def test_dilate_mm_ball_matches_full_distance_map():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((40, 36, 30), dtype=bool)
+    mask[10:20, 12:18, 8:22] = rng.random((10, 6, 14)) > 0.5
+    spacing = np.array([1.0, 1.5, 3.0])
+    expected = ndimage.distance_transform_edt(~mask, sampling=spacing) <= 4.0
+    np.testing.assert_array_equal(brainmask.dilate_mm_ball(mask, spacing, 4.0), expected)
+    assert not brainmask.dilate_mm_ball(np.zeros_like(mask), spacing, 4.0).any()
+
+
 def test_user_mask_hook(tmp_path, truth):
     t1c = save_image(tmp_path / "t1c.nii.gz", noisy(truth["t1c"], 0.02, 3), AFFINE)
     save_image(tmp_path / "s3_mask.nii.gz", truth["brain"], AFFINE, np.uint8)
@@ -274,3 +371,7 @@ def test_missing_t1c_and_bad_params(tmp_path):
         preprocess.preprocess_study(FakeStudy("p1", "bad4", t1c=None), tmp_path, FAST)
     with pytest.raises(ValueError, match="unknown"):
         preprocess.preprocess_study(FakeStudy("p1", "x", t1c=None), tmp_path, {"spacng": [1]})
+    with pytest.raises(ValueError, match="one entry per level"):
+        preprocess.preprocess_study(
+            FakeStudy("p1", "x", t1c=None), tmp_path, {"atlas_iterations": (100, 50, 20)}
+        )

@@ -29,16 +29,9 @@ FU_SHAPE = (43, 55, 42)
 # Follow-up anatomy at world x is the previous anatomy at phi(x): rigid motion after a smooth
 # deformation of up to 6 mm.
 PHI = compose(rigid_map((3, -2, 4), (5, -4, 3)), smooth_deformation(6.0, seed=0))
-# The default schedule assumes 1 mm voxels (levels at 8/4/2 mm); on 4 mm test images the
-# equivalent is 2x then 1x shrink.
-TEST_PARAMS = {
-    "aff_shrink_factors": (2, 1),
-    "aff_smoothing_sigmas": (1, 0),
-    "aff_iterations": (100, 50),
-    "shrink_factors": (2, 1),
-    "smoothing_sigmas": (1, 0),
-    "reg_iterations": (40, 10),
-}
+# The default pyramid (levels in mm) is used as it is: on these 4 mm images it becomes shrink
+# factors 2 then 1 for both stages; only the iteration counts are cut for speed.
+TEST_PARAMS = {"aff_iterations": (100, 50), "reg_iterations": (40, 10, 5)}
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -110,6 +103,11 @@ def test_transforms_and_qc_written_no_temp_left(pair):
         assert key in qc
     assert qc["followup"] == "s2" and qc["previous"] == "s1"
     assert qc["params"]["syn_metric"] == "CC" and qc["params"]["cc_radius"] == 2
+    # Levels 8/4/2 mm on the 4 mm grid: the 4 and 2 mm levels merge at full resolution.
+    assert qc["spacing_mm"] == pytest.approx(SPACING)
+    assert qc["schedule"]["syn"]["shrink_factors"] == [2, 1]
+    assert qc["schedule"]["syn"]["iterations"] == [40, 10]
+    assert qc["schedule"]["affine"]["shrink_factors"] == [2, 1]
     assert qc["ncc_after"] > qc["ncc_before"] + 0.2
     assert qc["mask_dice_after"] > max(0.95, qc["mask_dice_before"])
     assert qc["jacobian_min"] > 0
@@ -139,6 +137,23 @@ def test_propagated_label_matches_truth_and_beats_no_registration(pair):
     assert sum(pair["counts"].values()) == int((warped > 0).sum())
 
 
+@pytest.mark.parametrize(
+    ("spacing", "shrinks", "iterations"),
+    [(1.0, (8, 4, 2), (40, 20, 5)), (2.0, (4, 2, 1), (40, 20, 5)), (4.0, (2, 1), (40, 20))],
+)
+def test_pyramid_levels_in_mm_at_any_spacing(spacing, shrinks, iterations):
+    """The default 8/4/2 mm SyN levels give the same level sizes (mm) on any grid."""
+    d = register.DEFAULTS
+    schedule = register.pyramid(d["levels_mm"], d["reg_iterations"], d["smoothing_mm"], spacing)
+    assert schedule["shrink_factors"] == shrinks
+    assert schedule["iterations"] == iterations
+    level_sizes = [max(spacing, s * spacing) for s in shrinks]
+    assert level_sizes == [max(spacing, mm) for mm in d["levels_mm"]][: len(shrinks)]
+    args = register.ants_command("f", "m", "fm", "mm", "o_", register.DEFAULTS, spacing)
+    assert "x".join(map(str, shrinks)) in args
+    assert all(not a.endswith("vox") for a in args)
+
+
 def test_qc_flags_below_thresholds():
     params = dict(register.DEFAULTS)
     good = {"ncc_before": 0.4, "ncc_after": 0.9, "mask_dice_after": 0.98, "jacobian_min": 0.3}
@@ -159,7 +174,31 @@ def test_bad_inputs(tmp_path, pair):
         register.register_followup(tmp_path / "nothing", pair["previous"], tmp_path / "r", {})
     with pytest.raises(ValueError, match="unknown"):
         register.register_followup(pair["followup"], pair["previous"], tmp_path, {"cc_radus": 2})
+    with pytest.raises(ValueError, match="coarse to fine"):
+        register.register_followup(
+            pair["followup"], pair["previous"], tmp_path, {"levels_mm": (2.0, 4.0, 8.0)}
+        )
     with pytest.raises(ValueError, match="per level"):
         register.register_followup(
             pair["followup"], pair["previous"], tmp_path, {"reg_iterations": (10, 5)}
         )
+
+
+def test_shard_manifest_qc_columns_flag_failures(tmp_path, pair):
+    """The register shard manifest carries each pair's QC, failures flagged with reasons."""
+    from metsflow.io import write_json
+    from metsflow.jobs.register import QC_COLUMNS, _qc_columns
+
+    good = _qc_columns(pair["reg_dir"] / "qc.json")
+    assert set(good) == set(QC_COLUMNS)
+    assert good["qc_flag"] is False and good["qc_reasons"] == ""
+    assert good["ncc_after"] == pair["qc"]["ncc_after"]
+    bad = {**pair["qc"], "ncc_after": 0.1, "mask_dice_after": 0.5}
+    bad["flag_reasons"] = register.qc_flags(bad, register.DEFAULTS)
+    bad["flag"] = bool(bad["flag_reasons"])
+    write_json(tmp_path / "qc.json", bad)
+    flagged = _qc_columns(tmp_path / "qc.json")
+    assert flagged["qc_flag"] is True
+    assert "NCC" in flagged["qc_reasons"] and "brain-mask Dice" in flagged["qc_reasons"]
+    missing = _qc_columns(tmp_path / "absent" / "qc.json")
+    assert missing["qc_flag"] is True and "QC unavailable" in missing["qc_reasons"]
