@@ -159,6 +159,7 @@ def final_targets():
         PLAN_TABLE,
         f"{RESULTS}/qc/quarantine.tsv",
         f"{RESULTS}/report/rounds.tsv",
+        *report_targets(),  # rules/report.smk: figures, statistics, longitudinal response
     ]
     if config["subset_studies"] or config["subset_patients"]:
         # A subset rerun refreshes the per-study stages of those studies only.

@@ -25,3 +25,90 @@ rule evaluate_round:
         pred_root=lambda wc: f"{RESULTS}/rounds/round_{wc.round}/predictions",
     script:
         "../scripts/evaluate_round.py"
+
+
+FINAL_ROUND = ROUNDS[-1]
+# GPU shards with predictions (validation and pool studies); seed studies are not predicted.
+PREDICTED_GPU_SHARDS = sorted(set(VALIDATION_GPU_SHARDS) | set(POOL_GPU_SHARDS))
+
+
+def evaluation_table(r, name="per_study"):
+    return f"{RESULTS}/rounds/round_{r}/evaluation/{name}.tsv"
+
+
+def longitudinal_table(r, name):
+    return f"{RESULTS}/rounds/round_{r}/longitudinal/{name}.tsv"
+
+
+def compare_table(r):
+    return f"{RESULTS}/rounds/round_{r}/evaluation/compare_round_0.tsv"
+
+
+def evaluation_targets():
+    """Statistics against round 0 (when there are later rounds) and the longitudinal tables."""
+    targets = [longitudinal_table(FINAL_ROUND, n) for n in ("lesions", "response")]
+    if FINAL_ROUND > 0:
+        targets.append(compare_table(FINAL_ROUND))
+    return targets
+
+
+# Paired statistics of a round against round 0 on the same validation studies.
+rule compare_rounds:
+    input:
+        new=evaluation_table("{round}"),
+        old=evaluation_table(0),
+    output:
+        table=report(
+            compare_table("{round}"),
+            caption="../report/compare_rounds.rst",
+            category="Statistics",
+        ),
+    log:
+        f"{RESULTS}/logs/evaluate/compare_round_{{round}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/compare_round_{{round}}.tsv"
+    conda:
+        "../envs/report.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        settings=config["evaluate"],
+    script:
+        "../scripts/compare_rounds.py"
+
+
+# Lesion tracking and volumetric response per patient (preprocessed grid, see
+# metsflow/jobs/longitudinal.py), from a round's predictions and the sheet labels.
+rule longitudinal_response:
+    input:
+        plan=PLAN_TABLE,
+        predictions=lambda wc: [
+            prediction_manifest(wc.round, g) for g in PREDICTED_GPU_SHARDS
+        ],
+        registered=[register_manifest(s) for s in sorted(PLAN["shard"].unique())],
+    output:
+        lesions=longitudinal_table("{round}", "lesions"),
+        response=report(
+            longitudinal_table("{round}", "response"),
+            caption="../report/response.rst",
+            category="Longitudinal response",
+        ),
+    log:
+        f"{RESULTS}/logs/evaluate/longitudinal_round_{{round}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/longitudinal_round_{{round}}.tsv"
+    conda:
+        "../envs/imaging.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    params:
+        settings=config["evaluate"].get("response", {}),
+        prep_root=f"{RESULTS}/preprocessed",
+        reg_root=f"{RESULTS}/registered",
+        pred_root=lambda wc: f"{RESULTS}/rounds/round_{wc.round}/predictions",
+    script:
+        "../scripts/longitudinal_response.py"
