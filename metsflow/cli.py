@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -78,6 +79,13 @@ def _cmd_cohort_synthetic(args) -> int:
     return 0
 
 
+def _json_number(value):
+    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _cmd_evaluate(args) -> int:
     from metsflow.metrics import evaluate_files
 
@@ -86,8 +94,13 @@ def _cmd_evaluate(args) -> int:
         args.ref,
         convention=args.convention,
         iou_threshold=args.iou_threshold,
+        nsd_rate=args.ndsc_rate,
     )
-    text = json.dumps(result, indent=2, sort_keys=True, default=float)
+    # Strict JSON: a metric that is undefined here (nDSC without a cohort rate) is null, not NaN.
+    result = {
+        group: {k: _json_number(v) for k, v in values.items()} for group, values in result.items()
+    }
+    text = json.dumps(result, indent=2, sort_keys=True, allow_nan=False)
     if args.json:
         from metsflow.io import write_text
 
@@ -190,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ref", required=True)
     evaluate.add_argument("--convention", choices=["internal", "brats"], default="internal")
     evaluate.add_argument("--iou-threshold", type=float, default=0.25)
+    evaluate.add_argument(
+        "--ndsc-rate",
+        type=float,
+        help="positive-class rate r of the normalised Dice (Raina et al. 2023), e.g. the cohort "
+        "mean; without it ndsc is null",
+    )
     evaluate.add_argument("--json", help="also write the JSON here")
     evaluate.set_defaults(func=_cmd_evaluate)
 
@@ -229,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from metsflow.io import StudyError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -236,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, StudyError) as exc:
         print(f"metsflow: error: {exc}", file=sys.stderr)
         return 2
 
