@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -182,3 +183,90 @@ def test_response_table_flags_new_lesions():
     assert table.loc["t1", "new_lesion_volume_mm3"] == 216.0
     assert table.loc["t0", "change_from_nadir"] == 0.0
     assert table.loc["t0", "n_new_lesions"] == 0
+
+
+# ---------------------------------------------------------------- the job on a results tree
+
+
+def _identity_registration(reg_dir, grid_img):
+    """Registration outputs that map the follow-up onto itself (identity affine, zero warp)."""
+    import ants
+
+    from metsflow.brainmask import nifti_to_ants
+
+    reg_dir.mkdir(parents=True)
+    ants.write_transform(
+        ants.create_ants_transform(transform_type="AffineTransform", dimension=3),
+        str(reg_dir / "affine.mat"),
+    )
+    zero = nifti_to_ants(grid_img) * 0
+    field = ants.merge_channels([zero, zero, zero])
+    for name in ("warp.nii.gz", "inverse_warp.nii.gz"):
+        ants.image_write(field, str(reg_dir / name))
+
+
+def test_run_longitudinal_tracks_predictions_and_references_through_the_registration(tmp_path):
+    from metsflow.io import save_nifti
+    from metsflow.jobs.longitudinal import run_longitudinal
+    from metsflow.labels import EDEMA, ENHANCING
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    prep, reg, pred = tmp_path / "preprocessed", tmp_path / "registered", tmp_path / "pred"
+    # P1: baseline lesion shrinks (PR) in the prediction; reference labels only at baseline,
+    # so the reference series has one time point. P2: follow-up registration failed.
+    masks = {
+        "P1_a": cube((2, 2, 2), 6),  # 216 voxels
+        "P1_b": cube((3, 3, 3), 3),  # 27 voxels, inside: tracked, -87.5%
+        "P2_a": cube((10, 10, 10), 2),
+        "P2_b": cube((10, 10, 10), 2),
+    }
+    for study_id, mask in masks.items():
+        (prep / study_id).mkdir(parents=True)
+        save_nifti(prep / study_id / "t1c.nii.gz", np.ones(SHAPE, np.float32), affine)
+        labels = np.where(mask, ENHANCING, 0).astype(np.uint8)
+        labels[0, 0, 0] = EDEMA  # edema is not enhancing disease: ignored
+        save_nifti(pred / study_id / "pred.nii.gz", labels, affine, dtype=np.uint8)
+    save_nifti(prep / "P1_a" / "label.nii.gz", masks["P1_a"].astype(np.uint8), affine)
+    img = nib.load(str(prep / "P1_b" / "t1c.nii.gz"))
+    _identity_registration(reg / "P1_b", img)
+
+    plan = pd.DataFrame(
+        {
+            "study_id": list(masks),
+            "patient_id": ["P1", "P1", "P2", "P2"],
+            "order": [0, 1, 0, 1],
+        }
+    )
+    plan.to_csv(tmp_path / "plan.tsv", sep="\t", index=False)
+    manifest = pd.DataFrame(
+        {"study_id": list(masks), "patient_id": plan.patient_id, "status": "ok", "problem": ""}
+    )
+    manifest.to_csv(tmp_path / "pred.tsv", sep="\t", index=False)
+    registered = manifest.assign(
+        status=["baseline", "ok", "baseline", "failed"], reference_study=["", "P1_a", "", "P2_a"]
+    )
+    registered.to_csv(tmp_path / "reg.tsv", sep="\t", index=False)
+
+    lesions, response = run_longitudinal(
+        plan_path=str(tmp_path / "plan.tsv"),
+        prediction_manifests=[str(tmp_path / "pred.tsv")],
+        registration_manifests=[str(tmp_path / "reg.tsv")],
+        prep_root=str(prep),
+        reg_root=str(reg),
+        pred_root=str(pred),
+        settings={"new_lesion_min_mm3": 65.0},
+        out_lesions=str(tmp_path / "out" / "lesions.tsv"),
+        out_response=str(tmp_path / "out" / "response.tsv"),
+    )
+    written = pd.read_csv(tmp_path / "out" / "response.tsv", sep="\t")
+    assert len(written) == len(response)
+    predicted = response[response.source == "prediction"].set_index("study_id")
+    # P2's follow-up failed registration: its series stops at the baseline.
+    assert list(predicted.index) == ["P1_a", "P1_b", "P2_a"]
+    assert predicted.loc["P1_b", "response"] == PARTIAL_RESPONSE
+    assert predicted.loc["P1_b", "total_volume_mm3"] == 27 * 8.0
+    assert predicted.loc["P1_a", "total_volume_mm3"] == 216 * 8.0
+    followup = lesions[(lesions.source == "prediction") & (lesions.study_id == "P1_b")]
+    assert list(followup.status) == ["tracked"] and list(followup.lesion_id) == ["P1-L1"]
+    reference = response[response.source == "reference"]
+    assert list(reference.study_id) == ["P1_a"] and list(reference.response) == [BASELINE]
