@@ -27,31 +27,6 @@ rule evaluate_round:
         "../scripts/evaluate_round.py"
 
 
-FINAL_ROUND = ROUNDS[-1]
-# GPU shards with predictions (validation and pool studies); seed studies are not predicted.
-PREDICTED_GPU_SHARDS = sorted(set(VALIDATION_GPU_SHARDS) | set(POOL_GPU_SHARDS))
-
-
-def evaluation_table(r, name="per_study"):
-    return f"{RESULTS}/rounds/round_{r}/evaluation/{name}.tsv"
-
-
-def longitudinal_table(r, name):
-    return f"{RESULTS}/rounds/round_{r}/longitudinal/{name}.tsv"
-
-
-def compare_table(r):
-    return f"{RESULTS}/rounds/round_{r}/evaluation/compare_round_0.tsv"
-
-
-def evaluation_targets():
-    """Statistics against round 0 (when there are later rounds) and the longitudinal tables."""
-    targets = [longitudinal_table(FINAL_ROUND, n) for n in ("lesions", "response")]
-    if FINAL_ROUND > 0:
-        targets.append(compare_table(FINAL_ROUND))
-    return targets
-
-
 # Paired statistics of a round against round 0 on the same validation studies.
 rule compare_rounds:
     input:
@@ -88,6 +63,7 @@ rule longitudinal_response:
             prediction_manifest(wc.round, g) for g in PREDICTED_GPU_SHARDS
         ],
         registered=[register_manifest(s) for s in sorted(PLAN["shard"].unique())],
+        preprocessed=[preprocess_manifest(s) for s in sorted(PLAN["shard"].unique())],
     output:
         lesions=longitudinal_table("{round}", "lesions"),
         response=report(
@@ -107,8 +83,8 @@ rule longitudinal_response:
         runtime=120,
     params:
         settings=config["evaluate"].get("response", {}),
-        prep_root=f"{RESULTS}/preprocessed",
-        reg_root=f"{RESULTS}/registered",
-        pred_root=lambda wc: f"{RESULTS}/rounds/round_{wc.round}/predictions",
+        prep_root=lambda wc, input: stage_root(input.preprocessed[0]),
+        reg_root=lambda wc, input: stage_root(input.registered[0]),
+        pred_root=lambda wc, input: stage_root(input.predictions[0]),
     script:
         "../scripts/longitudinal_response.py"

@@ -40,13 +40,6 @@ rule report_rounds:
         "../scripts/report_rounds.py"
 
 
-def report_targets():
-    return [
-        f"{RESULTS}/report/overlay_best.png",
-        *evaluation_targets(),
-    ]
-
-
 rule report_figures:
     input:
         per_study=[evaluation_table(r) for r in ROUNDS],
@@ -98,6 +91,6 @@ rule report_figures:
         runtime=20,
     params:
         studies=validation_records,
-        pred_root=f"{RESULTS}/rounds/round_{FINAL_ROUND}/predictions",
+        pred_root=lambda wc, input: stage_root(input.predictions[0]),
     script:
         "../scripts/report_figures.py"
