@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pandas as pd
 
 from metsflow.io import read_json, write_table
+
+log = logging.getLogger(__name__)
 
 
 def run_report_rounds(
@@ -134,7 +137,9 @@ def run_report_figures(
 
     trajectories = pd.read_csv(response, sep="\t", dtype={"study_id": str, "patient_id": str})
     if trajectories.empty:
-        raise ValueError(f"{response}: no tracked time points to draw")
+        # No patient could be tracked (e.g. no follow-up registered): an empty panel says so.
+        log.warning("%s: no tracked time points, the trajectory figure is empty", response)
+        trajectories = pd.DataFrame(columns=["patient_id", "order", "total_volume_mm3"])
     plot_volume_trajectories(trajectories, out_trajectories, volume_col="total_volume_mm3")
 
     best, worst = best_and_worst(final)
