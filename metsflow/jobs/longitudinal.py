@@ -136,8 +136,9 @@ def run_longitudinal(
                     for p in points
                 ]
             if tracked_points:
-                source_lesions = pd.concat(
-                    [f for f in lesion_frames if (f.source == source).all()], ignore_index=True
+                source_lesions = _concat(
+                    [f for f in lesion_frames if (f.source == source).all()],
+                    like=lesion_frames[0],
                 )
                 response_frames.append(
                     response_table(source_lesions, pd.DataFrame(tracked_points), thresholds).assign(
@@ -150,6 +151,12 @@ def run_longitudinal(
     write_table(out_lesions, lesions)
     write_table(out_response, response)
     return lesions, response
+
+
+def _concat(frames: list[pd.DataFrame], like: pd.DataFrame) -> pd.DataFrame:
+    """Concatenate the non-empty frames (pandas warns about empty ones); ``like``'s columns."""
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else like.iloc[:0]
 
 
 def _with_source_first(frames: list[pd.DataFrame]) -> pd.DataFrame:
