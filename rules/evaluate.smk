@@ -36,7 +36,7 @@ rule compare_rounds:
         table=report(
             compare_table("{round}"),
             caption="../report/compare_rounds.rst",
-            category="Statistics",
+            category="Round comparison",
         ),
     log:
         f"{RESULTS}/logs/evaluate/compare_round_{{round}}.log",
