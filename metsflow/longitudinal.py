@@ -7,7 +7,9 @@ the same transforms that propagate labels (nearest-label interpolation keeps the
 
 Tracking (``track_patient``): each connected component (cc3d, 26-connectivity) of the follow-up's
 enhancing mask takes the id of the warped previous lesion it overlaps most (at least
-``min_overlap_voxels``); a component overlapping none is a *new* lesion with a fresh id. Several
+``min_overlap_voxels``; the warped lesions are first grown by ``margin_voxels``, a tolerance for
+registration error and partial volume that matters for lesions of a few voxels); a component
+overlapping none is a *new* lesion with a fresh id. Several
 components taking one id (a lesion that split) add up to that lesion's volume; a previous lesion
 that no component overlaps is *resolved* (volume 0). A resolved lesion that reappears later is
 new again, because only lesions present at ``t - 1`` are warped forward.
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 import cc3d
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 
 COMPLETE_RESPONSE = "complete_response"
 PARTIAL_RESPONSE = "partial_response"
@@ -55,6 +58,7 @@ class ResponseThresholds:
     complete_response_max_mm3: float = 0.0
     new_lesion_min_mm3: float = 65.0
     min_overlap_voxels: int = 1
+    match_margin_mm: float = 2.0
 
     @classmethod
     def from_config(cls, settings: dict | None) -> ResponseThresholds:
@@ -67,6 +71,8 @@ class ResponseThresholds:
             raise ValueError("progression_increase must be > 0")
         if thresholds.min_overlap_voxels < 1:
             raise ValueError("min_overlap_voxels must be >= 1")
+        if thresholds.match_margin_mm < 0:
+            raise ValueError("match_margin_mm must be >= 0")
         return thresholds
 
 
@@ -120,6 +126,7 @@ def track_patient(
     timepoints: Sequence[TimePoint],
     warp: Warp = identity_warp,
     min_overlap_voxels: int = 1,
+    margin_voxels: int = 0,
 ) -> pd.DataFrame:
     """Per-lesion volumes over a patient's time points (sorted by ``order``).
 
@@ -146,6 +153,10 @@ def track_patient(
                     f"patient {patient_id}: warped lesions of {previous.study_id} have shape "
                     f"{warped.shape}, study {point.study_id} has {mask.shape}"
                 )
+            if margin_voxels > 0:
+                # Grow each warped lesion into the background only, never over another lesion.
+                grown = ndimage.grey_dilation(warped, size=(2 * margin_voxels + 1,) * 3)
+                warped = np.where(warped > 0, warped, grown)
             matched = _match_components(components, n, warped, min_overlap_voxels)
         sizes = np.bincount(components.ravel(), minlength=n + 1)
         ids = np.zeros(mask.shape, dtype=np.int32)

@@ -270,3 +270,17 @@ def test_run_longitudinal_tracks_predictions_and_references_through_the_registra
     assert list(followup.status) == ["tracked"] and list(followup.lesion_id) == ["P1-L1"]
     reference = response[response.source == "reference"]
     assert list(reference.study_id) == ["P1_a"] and list(reference.response) == [BASELINE]
+
+
+def test_match_margin_tracks_a_small_lesion_displaced_by_registration_error():
+    old = cube((5, 5, 5), 1)
+    shifted = cube((6, 6, 5), 1)  # one voxel off diagonally: no overlap
+    points = [point("t0", 0, old), point("t1", 1, shifted)]
+    exact = track_patient("P", points)
+    assert sorted(exact[exact.study_id == "t1"].status) == ["new", "resolved"]
+    tolerant = track_patient("P", points, margin_voxels=1)
+    assert list(tolerant[tolerant.study_id == "t1"].status) == ["tracked"]
+    # The margin never paints over another lesion: each keeps its own id.
+    a, b = cube((2, 2, 2), 2), cube((5, 2, 2), 2)
+    both = track_patient("P", [point("t0", 0, a, b), point("t1", 1, a, b)], margin_voxels=2)
+    assert list(both[both.study_id == "t1"].lesion_id) == ["P-L1", "P-L2"]

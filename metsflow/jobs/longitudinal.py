@@ -118,19 +118,20 @@ def run_longitudinal(
                 if not chain:
                     continue
                 order = dict(zip(rows.study_id, rows.order.astype(int), strict=True))
-                points, affines = [], {}
+                points, affines, spacings = [], {}, []
                 for study_id in chain:
                     img = nib.load(str(available[study_id]))
                     labels = np.asarray(img.dataobj)
                     affines[study_id] = img.affine
+                    spacings += [float(z) for z in img.header.get_zooms()[:3]]
                     voxel = float(np.prod(img.header.get_zooms()[:3]))
                     points.append(TimePoint(study_id, order[study_id], labels == ENHANCING, voxel))
                 warp = make_warp(prep, reg, affines, Path(scratch))
-                lesion_frames.append(
-                    track_patient(patient_id, points, warp, thresholds.min_overlap_voxels).assign(
-                        source=source
-                    )
+                margin = round(thresholds.match_margin_mm / min(spacings))
+                tracked = track_patient(
+                    patient_id, points, warp, thresholds.min_overlap_voxels, margin
                 )
+                lesion_frames.append(tracked.assign(source=source))
                 tracked_points += [
                     {"patient_id": patient_id, "study_id": p.study_id, "order": p.order}
                     for p in points
