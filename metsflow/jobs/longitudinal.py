@@ -18,6 +18,7 @@ registration) the series stops and the log says why.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from pathlib import Path
 
@@ -127,7 +128,8 @@ def run_longitudinal(
                     voxel = float(np.prod(img.header.get_zooms()[:3]))
                     points.append(TimePoint(study_id, order[study_id], labels == ENHANCING, voxel))
                 warp = make_warp(prep, reg, affines, Path(scratch))
-                margin = round(thresholds.match_margin_mm / min(spacings))
+                # at least the margin: a 2 mm margin on a 4 mm grid is one voxel
+                margin = math.ceil(thresholds.match_margin_mm / min(spacings) - 1e-6)
                 tracked = track_patient(
                     patient_id, points, warp, thresholds.min_overlap_voxels, margin
                 )
