@@ -43,7 +43,14 @@ def test_tiny_run_writes_statistics_response_and_renders_the_report(tmp_path, ti
     )
     config = tiny_config(demo)
     run_snakemake(["--profile", "profiles/local", "--cores", "2", "--configfile", str(config)])
-    results = tmp_path / "results"
+    check_evaluation_outputs(tmp_path, config)
+
+
+def check_evaluation_outputs(run_dir, config):
+    """Statistics, longitudinal tables, figures and the HTML report of a finished tiny run
+    (``run_dir`` holds results/; one follow-up per patient, rounds 0 and 1). Callable from any
+    test that already ran the tiny pipeline, so the suite needs only one such run."""
+    results = run_dir / "results"
     plan = pd.read_csv(results / "plan/cohort.tsv", sep="\t", dtype=str)
 
     # Paired statistics: round 1 against round 0 on every validation study.
@@ -80,7 +87,7 @@ def test_tiny_run_writes_statistics_response_and_renders_the_report(tmp_path, ti
     for name in REPORT_FIGURES:
         assert (results / "report" / name).stat().st_size > 5_000, name
 
-    report = tmp_path / "report.html"
+    report = run_dir / "report.html"
     run_snakemake(["--configfile", str(config), "--report", str(report)])
     html = report.read_text(errors="replace")
     for name in (*REPORT_FIGURES, "compare_round_0.tsv", "response.tsv", "rounds.tsv"):
