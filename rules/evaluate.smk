@@ -21,7 +21,9 @@ rule evaluate_round:
         runtime=60,
     params:
         studies=validation_records,
-        settings=config["evaluate"],
+        # Only what the metrics use: response or statistics settings must not re-run the
+        # evaluation (and with it every later active-learning round).
+        settings={"iou_threshold": config["evaluate"]["iou_threshold"]},
         pred_root=lambda wc: f"{RESULTS}/rounds/round_{wc.round}/predictions",
     script:
         "../scripts/evaluate_round.py"
@@ -49,7 +51,11 @@ rule compare_rounds:
         mem_mb=1000,
         runtime=10,
     params:
-        settings=config["evaluate"],
+        settings={
+            key: config["evaluate"][key]
+            for key in ("compare_metrics", "compare_groups")
+            if key in config["evaluate"]
+        },
     script:
         "../scripts/compare_rounds.py"
 
