@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -80,6 +81,13 @@ def _cmd_cohort_synthetic(args) -> int:
     return 0
 
 
+def _json_number(value):
+    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _cmd_evaluate(args) -> int:
     from metsflow.metrics import evaluate_files
 
@@ -88,13 +96,44 @@ def _cmd_evaluate(args) -> int:
         args.ref,
         convention=args.convention,
         iou_threshold=args.iou_threshold,
+        nsd_rate=args.ndsc_rate,
     )
-    text = json.dumps(result, indent=2, sort_keys=True, default=float)
+    # Strict JSON: a metric that is undefined here (nDSC without a cohort rate) is null, not NaN.
+    result = {
+        group: {k: _json_number(v) for k, v in values.items()} for group, values in result.items()
+    }
+    text = json.dumps(result, indent=2, sort_keys=True, allow_nan=False)
     if args.json:
         from metsflow.io import write_text
 
         write_text(args.json, text + "\n")
     print(text)
+    return 0
+
+
+def _cmd_stats_compare(args) -> int:
+    """Paired statistics of two per-study tables (a = first, b = second) on shared studies."""
+    import pandas as pd
+
+    from metsflow.jobs.evaluate import COMPARE_GROUPS, COMPARE_METRICS, compare_per_study
+
+    tables = [pd.read_csv(p, sep="\t", dtype={"study_id": str}) for p in (args.a, args.b)]
+    table = compare_per_study(
+        *tables,
+        metrics=args.metric or COMPARE_METRICS,
+        groups=args.group or COMPARE_GROUPS,
+        alternative=args.alternative,
+    )
+    if table.empty:
+        print("no studies, groups or metrics in common: nothing to compare", file=sys.stderr)
+        return 1
+    if args.out:
+        from metsflow.io import write_table
+
+        write_table(args.out, table)
+    columns = ["group", "metric", "n", "mean_a", "mean_b", "mean_diff", "ci95_low", "ci95_high"]
+    columns += ["ttest_p", "wilcoxon_p", "mannwhitney_p", "shapiro_p"]
+    print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 
 
@@ -176,8 +215,31 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ref", required=True)
     evaluate.add_argument("--convention", choices=["internal", "brats"], default="internal")
     evaluate.add_argument("--iou-threshold", type=float, default=0.25)
+    evaluate.add_argument(
+        "--ndsc-rate",
+        type=float,
+        help="positive-class rate r of the normalised Dice (Raina et al. 2023), e.g. the cohort "
+        "mean; without it ndsc is null",
+    )
     evaluate.add_argument("--json", help="also write the JSON here")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    stats = sub.add_parser("stats", help="statistics over per-study metric tables")
+    stats_sub = stats.add_subparsers(dest="stats_command", required=True)
+    compare = stats_sub.add_parser(
+        "compare", help="paired tests of two per_study.tsv tables (a vs b, same studies)"
+    )
+    compare.add_argument("a", help="per_study.tsv of the model/round under test")
+    compare.add_argument("b", help="per_study.tsv of the baseline")
+    compare.add_argument("--metric", action="append", help="repeatable; default dice, ndsc, ...")
+    compare.add_argument("--group", action="append", help="repeatable; default whole_lesion, ...")
+    compare.add_argument(
+        "--alternative",
+        choices=["greater", "less", "two-sided"],
+        help="default: a greater, except less for HD95",
+    )
+    compare.add_argument("--out", help="also write the full table (TSV)")
+    compare.set_defaults(func=_cmd_stats_compare)
 
     al = sub.add_parser("al", help="active-learning rounds and the human label store")
     al_sub = al.add_subparsers(dest="al_command", required=True)
@@ -198,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from metsflow.io import StudyError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -205,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, StudyError) as exc:
         print(f"metsflow: error: {exc}", file=sys.stderr)
         return 2
 

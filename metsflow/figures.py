@@ -215,6 +215,7 @@ def overlay_png(
     out_png: str | os.PathLike,
     n_slices: int = 3,
     spacing: Sequence[float] | None = None,
+    title: str | None = None,
 ) -> None:
     """Axial slices through the largest lesion with reference and prediction contours.
 
@@ -222,7 +223,7 @@ def overlay_png(
     inferior-superior); ``pred`` and ``ref`` are label maps on the same grid, drawn as the
     outline of all non-zero labels (any lesion tissue). Slices are spread over the largest
     reference lesion's extent (the largest predicted lesion when the reference is empty).
-    ``spacing`` sets the in-plane aspect ratio.
+    ``spacing`` sets the in-plane aspect ratio; ``title`` (e.g. study and Dice) heads the figure.
     """
     image = np.asarray(image, dtype=float)
     pred = np.asarray(pred) > 0
@@ -252,4 +253,6 @@ def overlay_png(
         Line2D([], [], color=PRED_COLOUR, label="prediction"),
     ]
     axes[-1].legend(handles=handles, loc="lower right", fontsize=8, framealpha=0.7)
+    if title:
+        fig.suptitle(title)
     _save(fig, out_png)

@@ -160,9 +160,44 @@ def final_targets():
         PLAN_TABLE,
         f"{RESULTS}/qc/quarantine.tsv",
         f"{RESULTS}/report/rounds.tsv",
+        *report_targets(),  # rules/report.smk: figures, statistics, longitudinal response
     ]
     if config["subset_studies"] or config["subset_patients"]:
         # A subset rerun refreshes the per-study stages of those studies only.
         targets = [preprocess_manifest(s) for s in CPU_SHARDS]
         targets += [register_manifest(s) for s in CPU_SHARDS]
     return targets
+
+
+# Evaluation statistics, longitudinal response and report figures (rules/evaluate.smk,
+# rules/report.smk).
+FINAL_ROUND = ROUNDS[-1]
+# GPU shards with predictions (validation and pool studies); seed studies are not predicted.
+PREDICTED_GPU_SHARDS = sorted(set(VALIDATION_GPU_SHARDS) | set(POOL_GPU_SHARDS))
+
+
+def evaluation_table(r, name="per_study"):
+    return f"{RESULTS}/rounds/round_{r}/evaluation/{name}.tsv"
+
+
+def longitudinal_table(r, name):
+    return f"{RESULTS}/rounds/round_{r}/longitudinal/{name}.tsv"
+
+
+def compare_table(r):
+    return f"{RESULTS}/rounds/round_{r}/evaluation/compare_round_0.tsv"
+
+
+def evaluation_targets():
+    """Statistics against round 0 (when there are later rounds) and the longitudinal tables."""
+    targets = [longitudinal_table(FINAL_ROUND, n) for n in ("lesions", "response")]
+    if FINAL_ROUND > 0:
+        targets.append(compare_table(FINAL_ROUND))
+    return targets
+
+
+def report_targets():
+    return [
+        f"{RESULTS}/report/overlay_best.png",
+        *evaluation_targets(),
+    ]

@@ -21,7 +21,76 @@ rule evaluate_round:
         runtime=60,
     params:
         studies=validation_records,
-        settings=config["evaluate"],
+        # Only what the metrics use: response or statistics settings must not re-run the
+        # evaluation (and with it every later active-learning round).
+        settings={"iou_threshold": config["evaluate"]["iou_threshold"]},
         pred_root=lambda wc: f"{RESULTS}/rounds/round_{wc.round}/predictions",
     script:
         "../scripts/evaluate_round.py"
+
+
+# Paired statistics of a round against round 0 on the same validation studies.
+rule compare_rounds:
+    input:
+        new=evaluation_table("{round}"),
+        old=evaluation_table(0),
+    output:
+        table=report(
+            compare_table("{round}"),
+            caption="../report/compare_rounds.rst",
+            category="Round comparison",
+        ),
+    log:
+        f"{RESULTS}/logs/evaluate/compare_round_{{round}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/compare_round_{{round}}.tsv"
+    conda:
+        "../envs/report.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        settings={
+            key: config["evaluate"][key]
+            for key in ("compare_metrics", "compare_groups")
+            if key in config["evaluate"]
+        },
+    script:
+        "../scripts/compare_rounds.py"
+
+
+# Lesion tracking and volumetric response per patient (preprocessed grid, see
+# metsflow/jobs/longitudinal.py), from a round's predictions and the sheet labels.
+rule longitudinal_response:
+    input:
+        plan=PLAN_TABLE,
+        predictions=lambda wc: [
+            prediction_manifest(wc.round, g) for g in PREDICTED_GPU_SHARDS
+        ],
+        registered=[register_manifest(s) for s in sorted(PLAN["shard"].unique())],
+        preprocessed=[preprocess_manifest(s) for s in sorted(PLAN["shard"].unique())],
+    output:
+        lesions=longitudinal_table("{round}", "lesions"),
+        response=report(
+            longitudinal_table("{round}", "response"),
+            caption="../report/response.rst",
+            category="Longitudinal response",
+        ),
+    log:
+        f"{RESULTS}/logs/evaluate/longitudinal_round_{{round}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/longitudinal_round_{{round}}.tsv"
+    conda:
+        "../envs/imaging.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    params:
+        settings=config["evaluate"].get("response", {}),
+        prep_root=lambda wc, input: stage_root(input.preprocessed[0]),
+        reg_root=lambda wc, input: stage_root(input.registered[0]),
+        pred_root=lambda wc, input: stage_root(input.predictions[0]),
+    script:
+        "../scripts/longitudinal_response.py"

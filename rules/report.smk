@@ -38,3 +38,59 @@ rule report_rounds:
         "../envs/report.yaml"
     script:
         "../scripts/report_rounds.py"
+
+
+rule report_figures:
+    input:
+        per_study=[evaluation_table(r) for r in ROUNDS],
+        lesions=evaluation_table(FINAL_ROUND, "lesions"),
+        response=longitudinal_table(FINAL_ROUND, "response"),
+        predictions=[prediction_manifest(FINAL_ROUND, g) for g in VALIDATION_GPU_SHARDS],
+    output:
+        f1_plot=report(
+            f"{RESULTS}/report/lesion_f1_per_round.png",
+            caption="../report/lesion_f1_per_round.rst",
+            category="Active learning",
+        ),
+        distributions=report(
+            f"{RESULTS}/report/metric_distributions.png",
+            caption="../report/metric_distributions.rst",
+            category="Validation metrics",
+        ),
+        volume_vs_dice=report(
+            f"{RESULTS}/report/volume_vs_dice.png",
+            caption="../report/volume_vs_dice.rst",
+            category="Validation metrics",
+        ),
+        trajectories=report(
+            f"{RESULTS}/report/volume_trajectories.png",
+            caption="../report/volume_trajectories.rst",
+            category="Longitudinal response",
+        ),
+        overlay_best=report(
+            f"{RESULTS}/report/overlay_best.png",
+            caption="../report/overlay.rst",
+            category="Validation cases",
+            subcategory="best",
+        ),
+        overlay_worst=report(
+            f"{RESULTS}/report/overlay_worst.png",
+            caption="../report/overlay.rst",
+            category="Validation cases",
+            subcategory="worst",
+        ),
+    log:
+        f"{RESULTS}/logs/report_figures.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report_figures.tsv"
+    conda:
+        "../envs/report.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    params:
+        studies=validation_records,
+        pred_root=lambda wc, input: stage_root(input.predictions[0]),
+    script:
+        "../scripts/report_figures.py"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import nibabel as nib
@@ -406,3 +407,56 @@ def test_flatten_and_summarise():
         (dice.mean() - half, dice.mean() + half)
     )
     assert "study_id" not in set(summary.metric)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_cli_evaluate_prints_one_strict_json_object_per_group(tmp_path, capsys):
+    from metsflow.cli import main
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    ref = box((12, 12, 12), (2, 6), (2, 6), (2, 6), value=ENHANCING)  # 64 voxels
+    pred = box((12, 12, 12), (2, 6), (2, 6), (4, 8), value=ENHANCING)  # overlap 32
+    for name, arr in (("pred", pred), ("ref", ref)):
+        io.save_nifti(tmp_path / f"{name}.nii.gz", arr, affine, dtype=np.uint8)
+    out = tmp_path / "m.json"
+    argv = [
+        "evaluate",
+        "--pred",
+        str(tmp_path / "pred.nii.gz"),
+        "--ref",
+        str(tmp_path / "ref.nii.gz"),
+    ]
+    assert main([*argv, "--json", str(out)]) == 0
+
+    def strict(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    printed = json.loads(capsys.readouterr().out, parse_constant=strict)
+    assert printed == json.loads(out.read_text(), parse_constant=strict)
+    assert set(printed) == {"enhancing", "edema", "necrosis", "whole_lesion"}
+    whole_metrics = printed["whole_lesion"]
+    assert whole_metrics["dice"] == 0.5
+    assert whole_metrics["pred_volume_mm3"] == whole_metrics["ref_volume_mm3"] == 64 * 8.0
+    assert whole_metrics["hd95"] == 4.0  # shifted 2 voxels of 2 mm along the last axis
+    assert whole_metrics["lesion_tp"] == 1  # IoU 1/3 > 0.25
+    assert whole_metrics["ndsc"] is None  # no cohort rate given
+    assert printed["edema"]["dice"] == 1.0  # both empty
+
+    assert main([*argv, "--ndsc-rate", str(64 / 12**3), "--iou-threshold", "0.5"]) == 0
+    rerun = json.loads(capsys.readouterr().out)["whole_lesion"]
+    assert rerun["ndsc"] == pytest.approx(0.5)  # the study's own rate: nDSC equals Dice
+    assert rerun["lesion_tp"] == 0 and rerun["lesion_fn"] == 1
+
+    assert main([*argv, "--convention", "brats"]) == 0
+    assert {"ET", "TC", "WT"} <= set(json.loads(capsys.readouterr().out))
+
+
+def test_cli_evaluate_names_the_bad_file(tmp_path, capsys):
+    from metsflow.cli import main
+
+    io.save_nifti(tmp_path / "ref.nii.gz", np.zeros((4, 4, 4), np.uint8), np.eye(4))
+    missing = tmp_path / "missing.nii.gz"
+    assert main(["evaluate", "--pred", str(missing), "--ref", str(tmp_path / "ref.nii.gz")]) == 2
+    assert "missing.nii.gz" in capsys.readouterr().err

@@ -114,3 +114,36 @@ def test_compare_tables_rejects_different_study_sets():
         )
     with pytest.raises(ValueError, match="group 'edema'"):
         stats.compare_tables(table_a, table_a, ["dice"], ["edema"])
+
+
+def test_cli_stats_compare_pairs_shared_studies_and_matches_scipy(tmp_path, capsys):
+    from scipy import stats as scipy_stats
+
+    from metsflow.cli import main
+
+    a, b = _shifted(n=10)
+    studies = [f"s{i:02d}" for i in range(10)]
+    # b has one extra study (evaluated only in b): left out of the pairs, counted as unpaired.
+    table_a = _table(a, studies, hd=10 - 10 * a)
+    table_b = _table([*b, 0.9], [*studies, "s99"], hd=[*(10 - 10 * b), 1.0])
+    table_a.to_csv(tmp_path / "a.tsv", sep="\t", index=False)
+    table_b.to_csv(tmp_path / "b.tsv", sep="\t", index=False)
+    out = tmp_path / "compare.tsv"
+    argv = ["stats", "compare", str(tmp_path / "a.tsv"), str(tmp_path / "b.tsv")]
+    argv += ["--metric", "dice", "--metric", "hd95", "--group", "whole_lesion", "--out", str(out)]
+    assert main(argv) == 0
+    assert "whole_lesion" in capsys.readouterr().out
+    table = pd.read_csv(out, sep="\t").set_index("metric")
+    assert list(table.index) == ["dice", "hd95"]
+    assert (table["n"] == 10).all() and (table["n_unpaired"] == 1).all()
+    assert table.loc["dice", "ttest_p"] == pytest.approx(
+        scipy_stats.ttest_rel(a, b, alternative="greater").pvalue
+    )
+    assert table.loc["dice", "wilcoxon_p"] == pytest.approx(
+        scipy_stats.wilcoxon(a, b, alternative="greater").pvalue
+    )
+    assert table.loc["hd95", "alternative"] == "less"
+    assert table.loc["dice", "mean_diff"] == pytest.approx(np.mean(a - b))
+
+    assert main([*argv[:4], "--group", "edema"]) == 1  # no such group in either table
+    assert "nothing to compare" in capsys.readouterr().err

@@ -90,3 +90,62 @@ def summarise_round(round_index: int, per_study: pd.DataFrame, skipped: list[str
         group: float(rows["dice"].mean()) for group, rows in per_study.groupby("group")
     }
     return summary
+
+
+COMPARE_METRICS = ("dice", "ndsc", "hd95", "lesion_f1")
+COMPARE_GROUPS = ("whole_lesion", "enhancing")
+
+
+def compare_per_study(
+    per_study_a: pd.DataFrame,
+    per_study_b: pd.DataFrame,
+    metrics: list[str] | tuple[str, ...] = COMPARE_METRICS,
+    groups: list[str] | tuple[str, ...] = COMPARE_GROUPS,
+    alternative: str | None = None,
+) -> pd.DataFrame:
+    """Paired statistics of two per-study tables on the studies both evaluated.
+
+    A study evaluated in only one table (e.g. its inference failed in one round) cannot be
+    paired: it is left out, logged, and counted in ``n_unpaired``. Metrics or groups absent
+    from either table are skipped with a log line rather than failing the whole table.
+    """
+    from metsflow.stats import compare_tables
+
+    common = set(per_study_a["study_id"]) & set(per_study_b["study_id"])
+    unpaired = (set(per_study_a["study_id"]) | set(per_study_b["study_id"])) - common
+    if unpaired:
+        log.warning("left out of the paired comparison: %s", sorted(unpaired))
+    a = per_study_a[per_study_a["study_id"].isin(common)]
+    b = per_study_b[per_study_b["study_id"].isin(common)]
+    groups = [g for g in groups if g in set(a["group"]) and g in set(b["group"])]
+    metrics = [m for m in metrics if m in a.columns and m in b.columns]
+    if not common or not groups or not metrics:
+        log.warning("nothing to compare: %d paired studies", len(common))
+        return pd.DataFrame(columns=["group", "metric", "n", "n_unpaired"])
+    table = compare_tables(a, b, metrics=metrics, groups=groups, alternative=alternative)
+    table.insert(3, "n_unpaired", len(unpaired))
+    return table
+
+
+def run_compare_rounds(
+    per_study_new: str,
+    per_study_old: str,
+    round_new: int,
+    round_old: int,
+    settings: dict,
+    out_table: str,
+) -> pd.DataFrame:
+    """Round ``round_new`` (a) against ``round_old`` (b) on the validation studies."""
+    new = pd.read_csv(per_study_new, sep="\t", dtype={"study_id": str})
+    old = pd.read_csv(per_study_old, sep="\t", dtype={"study_id": str})
+    table = compare_per_study(
+        new,
+        old,
+        metrics=settings.get("compare_metrics", COMPARE_METRICS),
+        groups=settings.get("compare_groups", COMPARE_GROUPS),
+    )
+    table.insert(0, "round_b", round_old)
+    table.insert(0, "round_a", round_new)
+    write_table(out_table, table)
+    log.info("round %d vs %d:\n%s", round_new, round_old, table.to_string(index=False))
+    return table

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import pandas as pd
 
 from metsflow.io import read_json, write_table
+
+log = logging.getLogger(__name__)
 
 
 def run_report_rounds(
@@ -60,3 +65,86 @@ def run_report_rounds(
     ]
     write_table(out_cohort, cohort.reset_index())
     return table
+
+
+OVERLAY_GROUP = "whole_lesion"
+
+
+def best_and_worst(per_study: pd.DataFrame, metric: str = "dice") -> tuple[str, str]:
+    """Study ids with the highest and lowest ``metric`` (whole lesion; NaN rows ignored).
+
+    Ties go to the first study id in sorted order, so the choice is reproducible.
+    """
+    rows = per_study[(per_study["group"] == OVERLAY_GROUP) & per_study[metric].notna()]
+    if rows.empty:
+        raise ValueError(f"no validation study has a {metric} for {OVERLAY_GROUP!r}")
+    rows = rows.sort_values(["study_id"]).sort_values(metric, kind="stable")
+    return str(rows["study_id"].iloc[-1]), str(rows["study_id"].iloc[0])
+
+
+def _overlay_for(study_record: dict, pred_root: str, out_png: str, title_metric: float) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    from metsflow.cohort import Study
+    from metsflow.figures import overlay_png
+    from metsflow.labels import to_internal
+
+    study = Study.from_record(study_record)
+    image = nib.load(str(study.t1c))
+    pred = nib.load(str(Path(pred_root) / study.study_id / "pred_native.nii.gz"))
+    ref = to_internal(np.asarray(nib.load(str(study.label)).dataobj), study.label_convention)
+    overlay_png(
+        np.asarray(image.dataobj),
+        np.asarray(pred.dataobj),
+        ref,
+        out_png,
+        spacing=image.header.get_zooms()[:3],
+        title=f"{study.study_id}: whole-lesion Dice {title_metric:.3f}",
+    )
+
+
+def run_report_figures(
+    per_study: list[str],
+    final_lesions: str,
+    response: str,
+    studies: list[dict],
+    pred_root: str,
+    out_f1_plot: str,
+    out_distributions: str,
+    out_volume_vs_dice: str,
+    out_trajectories: str,
+    out_overlay_best: str,
+    out_overlay_worst: str,
+) -> dict[str, str]:
+    """Figures of the final round and across rounds; returns the overlay study ids."""
+    from metsflow.figures import (
+        plot_metric_by_round,
+        plot_metric_distributions,
+        plot_volume_trajectories,
+        plot_volume_vs_dice,
+    )
+
+    frames = [pd.read_csv(p, sep="\t", dtype={"study_id": str}) for p in per_study]
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        raise ValueError(f"no evaluated validation study in {per_study}")
+    all_rounds = pd.concat(frames, ignore_index=True)
+    plot_metric_by_round(all_rounds, out_f1_plot, metric="lesion_f1", group=OVERLAY_GROUP)
+    final = all_rounds[all_rounds["round"] == all_rounds["round"].max()]
+    plot_metric_distributions(final, out_distributions)
+    plot_volume_vs_dice(pd.read_csv(final_lesions, sep="\t"), out_volume_vs_dice)
+
+    trajectories = pd.read_csv(response, sep="\t", dtype={"study_id": str, "patient_id": str})
+    if trajectories.empty:
+        # No patient could be tracked (e.g. no follow-up registered): an empty panel says so.
+        log.warning("%s: no tracked time points, the trajectory figure is empty", response)
+        trajectories = pd.DataFrame(columns=["patient_id", "order", "total_volume_mm3"])
+    plot_volume_trajectories(trajectories, out_trajectories, volume_col="total_volume_mm3")
+
+    best, worst = best_and_worst(final)
+    records = {entry["study"]["study_id"]: entry["study"] for entry in studies}
+    dice = final[final["group"] == OVERLAY_GROUP].set_index("study_id")["dice"]
+    for study_id, out_png in ((best, out_overlay_best), (worst, out_overlay_worst)):
+        _overlay_for(records[study_id], pred_root, out_png, float(dice[study_id]))
+    return {"best": best, "worst": worst}

@@ -1,0 +1,170 @@
+"""Track enhancing lesions across each patient's time points and classify volumetric response.
+
+Works on the preprocessed grid, where registration and label propagation live: follow-up ``t``
+was registered to its reference study (``reference_study`` in the registration manifest), and
+the reference's lesion-id map is warped with ``metsflow.register.propagate_label``, the same
+transforms that make the priors. Volumes are therefore in mm^3 of the preprocessed grid
+(resampled to ``preprocess.spacing``; partial-volume differences to the native grid are small
+against the response thresholds).
+
+Two segmentation sources are tracked separately: ``prediction`` (the given round's
+``pred.nii.gz``, every predicted validation and pool study) and ``reference`` (the preprocessed
+sheet label, where a study has one), so predicted and reference responses can be compared.
+A patient's series in a source is its time points with a segmentation in that source, each
+registered to the one before; where that chain breaks (a missing segmentation or a failed
+registration) the series stops and the log says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from metsflow.io import save_nifti, write_table
+from metsflow.jobs.manifest import read_manifests
+from metsflow.labels import ENHANCING
+from metsflow.longitudinal import ResponseThresholds, TimePoint, response_table, track_patient
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("prediction", "reference")
+
+
+def _segmentation_paths(
+    plan: pd.DataFrame, predicted_ok: set[str], prep_root: Path, pred_root: Path
+) -> dict[str, dict[str, Path]]:
+    paths: dict[str, dict[str, Path]] = {source: {} for source in SOURCES}
+    for study_id in plan["study_id"]:
+        if study_id in predicted_ok:
+            paths["prediction"][study_id] = pred_root / study_id / "pred.nii.gz"
+        label = prep_root / study_id / "label.nii.gz"
+        if label.exists():
+            paths["reference"][study_id] = label
+    return paths
+
+
+def _series(
+    patient_rows: pd.DataFrame, available: dict[str, Path], reference_of: dict[str, str]
+) -> list[str]:
+    """The patient's studies (in order) that form one registered chain in this source."""
+    chain: list[str] = []
+    for study_id in patient_rows.sort_values("order")["study_id"]:
+        if study_id not in available:
+            if chain:
+                log.warning("%s has no segmentation: series stops before it", study_id)
+                break
+            continue
+        if chain and reference_of.get(study_id) != chain[-1]:
+            log.warning(
+                "%s is not registered to %s (reference: %s): series stops before it",
+                study_id,
+                chain[-1],
+                reference_of.get(study_id) or "none",
+            )
+            break
+        chain.append(study_id)
+    return chain
+
+
+def make_warp(prep_root: Path, reg_root: Path, affines: dict[str, np.ndarray], scratch: Path):
+    """Warp a previous time point's lesion-id map into the follow-up grid (genericLabel)."""
+    from metsflow.register import propagate_label
+
+    def warp(ids: np.ndarray, previous: TimePoint, current: TimePoint) -> np.ndarray:
+        moving = scratch / f"{previous.study_id}_lesion_ids.nii.gz"
+        warped = scratch / f"{current.study_id}_warped_ids.nii.gz"
+        save_nifti(moving, ids, affines[previous.study_id], dtype=np.uint8)
+        propagate_label(moving, reg_root / current.study_id, prep_root / current.study_id, warped)
+        return np.asarray(nib.load(str(warped)).dataobj)
+
+    return warp
+
+
+def run_longitudinal(
+    plan_path: str,
+    prediction_manifests: list[str],
+    registration_manifests: list[str],
+    prep_root: str,
+    reg_root: str,
+    pred_root: str,
+    settings: dict,
+    out_lesions: str,
+    out_response: str,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    thresholds = ResponseThresholds.from_config(settings)
+    plan = pd.read_csv(plan_path, sep="\t", dtype={"study_id": str, "patient_id": str})
+    predicted = read_manifests(prediction_manifests)
+    predicted_ok = set(predicted.loc[predicted.status == "ok", "study_id"])
+    registered = read_manifests(registration_manifests)
+    registered = registered[registered.status == "ok"]
+    reference_of = dict(
+        zip(registered.study_id, registered.reference_study.astype(str), strict=True)
+    )
+    prep, reg = Path(prep_root), Path(reg_root)
+    paths = _segmentation_paths(plan, predicted_ok, prep, Path(pred_root))
+
+    lesion_frames, response_frames = [], []
+    with tempfile.TemporaryDirectory(prefix="metsflow_longitudinal_") as scratch:
+        for source in SOURCES:
+            available = paths[source]
+            tracked_points = []
+            for patient_id, rows in plan.groupby("patient_id", sort=True):
+                chain = _series(rows, available, reference_of)
+                if not chain:
+                    continue
+                order = dict(zip(rows.study_id, rows.order.astype(int), strict=True))
+                points, affines, spacings = [], {}, []
+                for study_id in chain:
+                    img = nib.load(str(available[study_id]))
+                    labels = np.asarray(img.dataobj)
+                    affines[study_id] = img.affine
+                    spacings += [float(z) for z in img.header.get_zooms()[:3]]
+                    voxel = float(np.prod(img.header.get_zooms()[:3]))
+                    points.append(TimePoint(study_id, order[study_id], labels == ENHANCING, voxel))
+                warp = make_warp(prep, reg, affines, Path(scratch))
+                # at least the margin: a 2 mm margin on a 4 mm grid is one voxel
+                margin = math.ceil(thresholds.match_margin_mm / min(spacings) - 1e-6)
+                tracked = track_patient(
+                    patient_id, points, warp, thresholds.min_overlap_voxels, margin
+                )
+                lesion_frames.append(tracked.assign(source=source))
+                tracked_points += [
+                    {"patient_id": patient_id, "study_id": p.study_id, "order": p.order}
+                    for p in points
+                ]
+            if tracked_points:
+                source_lesions = _concat(
+                    [f for f in lesion_frames if (f.source == source).all()],
+                    like=lesion_frames[0],
+                )
+                response_frames.append(
+                    response_table(source_lesions, pd.DataFrame(tracked_points), thresholds).assign(
+                        source=source
+                    )
+                )
+            log.info("%s: %d time points tracked", source, len(tracked_points))
+    lesions = _with_source_first(lesion_frames)
+    response = _with_source_first(response_frames)
+    write_table(out_lesions, lesions)
+    write_table(out_response, response)
+    return lesions, response
+
+
+def _concat(frames: list[pd.DataFrame], like: pd.DataFrame) -> pd.DataFrame:
+    """Concatenate the non-empty frames (pandas warns about empty ones); ``like``'s columns."""
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else like.iloc[:0]
+
+
+def _with_source_first(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame(columns=["source", "patient_id", "study_id", "order"])
+    table = pd.concat(frames, ignore_index=True)
+    return table[["source", *[c for c in table.columns if c != "source"]]]

@@ -1,0 +1,97 @@
+"""The report, statistics and longitudinal tables from one tiny pipeline run, as users get them."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from conftest import run_snakemake
+
+from metsflow.jobs.report import best_and_worst
+from metsflow.longitudinal import BASELINE, RESPONSE_CATEGORIES
+
+REPORT_FIGURES = (
+    "dice_per_round.png",
+    "lesion_f1_per_round.png",
+    "metric_distributions.png",
+    "volume_vs_dice.png",
+    "volume_trajectories.png",
+    "overlay_best.png",
+    "overlay_worst.png",
+)
+
+
+def test_best_and_worst_pick_by_whole_lesion_dice_and_break_ties_by_study():
+    per_study = pd.DataFrame(
+        {
+            "study_id": ["c", "a", "b", "d", "e"],
+            "group": ["whole_lesion"] * 4 + ["enhancing"],
+            "dice": [0.5, 0.9, 0.9, float("nan"), 1.0],
+        }
+    )
+    assert best_and_worst(per_study) == ("b", "c")
+    with pytest.raises(ValueError, match="no validation study"):
+        best_and_worst(per_study[per_study.group == "enhancing"].assign(dice=float("nan")))
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_statistics_response_and_renders_the_report(tmp_path, tiny_config):
+    from metsflow.phantom import make_demo_cohort
+
+    demo = tmp_path / "demo"
+    make_demo_cohort(
+        demo, n_patients=4, n_timepoints=2, model_spacing=4.0, labelled_patients=3, seed=0
+    )
+    config = tiny_config(demo)
+    run_snakemake(["--profile", "profiles/local", "--cores", "2", "--configfile", str(config)])
+    check_evaluation_outputs(tmp_path, config)
+
+
+def check_evaluation_outputs(run_dir, config):
+    """Statistics, longitudinal tables, figures and the HTML report of a finished tiny run
+    (``run_dir`` holds results/; one follow-up per patient, rounds 0 and 1). Callable from any
+    test that already ran the tiny pipeline, so the suite needs only one such run."""
+    results = run_dir / "results"
+    plan = pd.read_csv(results / "plan/cohort.tsv", sep="\t", dtype=str)
+
+    # Paired statistics: round 1 against round 0 on every validation study.
+    compare = pd.read_csv(results / "rounds/round_1/evaluation/compare_round_0.tsv", sep="\t")
+    n_validation = (plan.role == "validation").sum()
+    assert set(compare.metric) == {"dice", "ndsc", "hd95", "lesion_f1"}
+    assert set(compare.group) == {"whole_lesion", "enhancing"}
+    assert (compare.n == n_validation).all() and (compare.n_unpaired == 0).all()
+    assert set(compare.loc[compare.metric == "hd95", "alternative"]) == {"less"}
+    for column in ("ttest_p", "wilcoxon_p", "mannwhitney_p", "shapiro_p", "ci95_low"):
+        assert column in compare.columns
+
+    # Longitudinal response from the final round's predictions: one row per predicted time
+    # point of each non-seed patient (every follow-up registered), baseline first.
+    response = pd.read_csv(
+        results / "rounds/round_1/longitudinal/response.tsv", sep="\t", dtype={"study_id": str}
+    )
+    predicted = response[response.source == "prediction"]
+    non_seed = plan[plan.role != "seed"]
+    assert sorted(predicted.study_id) == sorted(non_seed.study_id)
+    for _, rows in predicted.groupby("patient_id"):
+        rows = rows.sort_values("order")
+        assert rows.response.iloc[0] == BASELINE
+        assert set(rows.response.iloc[1:]) <= set(RESPONSE_CATEGORIES)
+        assert (rows.total_volume_mm3 >= 0).all()
+    # The sheet labels of labelled patients are tracked too, for comparison.
+    assert set(response.source) == {"prediction", "reference"}
+    lesions = pd.read_csv(results / "rounds/round_1/longitudinal/lesions.tsv", sep="\t")
+    assert set(lesions.status) <= {"baseline", "tracked", "new", "resolved"}
+    totals = lesions[lesions.source == "prediction"].groupby("study_id").volume_mm3.sum()
+    indexed = predicted.set_index("study_id").total_volume_mm3
+    assert totals.to_dict() == pytest.approx(indexed[totals.index].to_dict())
+
+    for name in REPORT_FIGURES:
+        assert (results / "report" / name).stat().st_size > 5_000, name
+
+    report = run_dir / "report.html"
+    run_snakemake(["--configfile", str(config), "--report", str(report)])
+    html = report.read_text(errors="replace")
+    for name in (*REPORT_FIGURES, "compare_round_0.tsv", "response.tsv", "rounds.tsv"):
+        assert name in html, f"{name} is not in the report"
+
+    again = run_snakemake(["-n", "--configfile", str(config)])
+    assert "Nothing to be done" in again.stdout + again.stderr
