@@ -125,8 +125,10 @@ def run_collect_annotations(
         raise RuntimeError(
             f"round {round_index}: {len(pending)} of {len(ids)} studies are not confirmed yet: "
             f"{', '.join(pending[:20])}{' ...' if len(pending) > 20 else ''}. Review the batch in "
-            f"{Path(selection_path).parent / 'review'} and import with "
-            f"`metsflow al import --round {round_index} ...`, then run this round again."
+            f"{Path(selection_path).parent / 'review'} (save <study>/segmentation.nii.gz) and import "
+            f"it with `metsflow al import --round {round_index} --stage refined|confirmed "
+            f"--reviewer NAME --configfile <your workflow config>`; only confirmed labels train. "
+            f"Then run `snakemake round_{round_index}` again."
         )
     table = pd.DataFrame(
         [{"study_id": s, "status": "confirmed", "label": str(store.confirmed(s))} for s in ids],

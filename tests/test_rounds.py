@@ -1,0 +1,144 @@
+"""Active-learning rounds with people, run the way users do: `snakemake round_<r>` + the CLI.
+
+One tiny phantom pipeline in human mode: round 1 stops waiting for labels (and its dry run plans
+no training), the batch is refined by a trainee then confirmed by a neuroradiologist through
+`metsflow al import`, the round continues to the final labels and QA export, and neither a
+re-import nor a rerun can overwrite the confirmed label. A copy of round 0 with a Dice threshold
+of 0.0 shows the stop criterion (an empty batch, the previous model kept).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from conftest import REPO, run_snakemake
+from test_workflow import job_counts
+
+PROFILE = ["--profile", "profiles/local", "--cores", "2"]
+ROUND0_STATE = ("plan", "preprocessed", "registered", "qc", "rounds/round_0")
+
+
+def metsflow(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "metsflow.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_human_round_waits_for_confirmation_then_continues(tmp_path, tiny_config):
+    from metsflow.phantom import make_demo_cohort
+
+    demo = tmp_path / "demo"
+    make_demo_cohort(
+        demo, n_patients=4, n_timepoints=2, model_spacing=4.0, labelled_patients=3, seed=0
+    )
+    config = tiny_config(
+        demo, active_learning={"annotator": "human", "final_validation_sample": 1}
+    )
+    results, labels = tmp_path / "results", tmp_path / "labels"
+    cli_paths = ["--sheet", str(demo / "studies.tsv"), "--results", str(results)]
+    cli_paths += ["--labels", str(labels)]
+
+    # Round 1 stops before training: its batch is selected and exported, nobody confirmed it.
+    waiting = run_snakemake([*PROFILE, "--configfile", str(config), "round_1"], check=False)
+    assert waiting.returncode != 0
+    selection = pd.read_csv(results / "rounds/round_1/selection.tsv", sep="\t", dtype=str)
+    (study,) = selection.study_id
+    log = waiting.stdout + waiting.stderr
+    assert f"not confirmed yet: {study}" in log and "metsflow al import --round 1" in log
+    assert (results / "rounds/round_1/review/manifest.csv").exists()
+    assert not (results / "rounds/round_1/model").exists()
+
+    def planned_jobs() -> dict[str, int]:
+        dry = run_snakemake(["-n", "--configfile", str(config), "round_1"])
+        return job_counts(dry.stdout)
+
+    assert "train_round" not in planned_jobs()
+
+    # The trainee refines the pre-segmentation (here: the ground truth); still not trainable.
+    oracle = pd.read_csv(demo / "oracle.tsv", sep="\t", dtype=str).set_index("study_id")
+    corrected = results / "rounds/round_1/review" / study / "segmentation.nii.gz"
+    shutil.copyfile(demo / oracle.at[study, "label"], corrected)
+    refined = metsflow(
+        "al", "import", "--round", "1", "--stage", "refined", "--reviewer", "trainee", *cli_paths
+    )
+    assert refined.returncode == 0, refined.stderr
+    assert "imported" in refined.stdout
+    assert "train_round" not in planned_jobs()
+
+    confirmed = metsflow(
+        "al", "import", "--round", "1", "--stage", "confirmed", "--reviewer", "neurorad", *cli_paths
+    )
+    assert confirmed.returncode == 0, confirmed.stderr
+    assert planned_jobs()["train_round"] == 1
+
+    run_snakemake([*PROFILE, "--configfile", str(config), "round_1"])
+    summaries = [
+        json.loads((results / f"rounds/round_{r}/evaluation/summary.json").read_text())
+        for r in (0, 1)
+    ]
+    assert summaries[1]["n_train"] == summaries[0]["n_train"] + 1
+    history = [json.loads(line) for line in (labels / study / "history.jsonl").open()]
+    assert [(h["stage"], h["reviewer"]) for h in history] == [
+        ("refined", "trainee"),
+        ("confirmed", "neurorad"),
+    ]
+    assert "round_0/model/model.pt" in history[0]["source"]  # what pre-segmented it
+    final = pd.read_csv(results / "final/labels.tsv", sep="\t", dtype=str)
+    assert final.set_index("study_id").at[study, "source"] == "human_confirmed"
+    assert set(final.source) <= {"human_confirmed", "model", "failed"}
+    qa = pd.read_csv(results / "final/qa_review/manifest.csv", dtype=str)
+    assert len(qa) == 1 and qa.study_id[0] in set(final.loc[final.source == "model", "study_id"])
+
+    # A confirmed label is never overwritten: not by a re-import, not by a rerun.
+    (label_file,) = (labels / study).glob("v*_confirmed.nii.gz")
+    before = sha256(label_file)
+    again = metsflow(
+        "al", "import", "--round", "1", "--stage", "confirmed", "--reviewer", "other", *cli_paths
+    )
+    assert "already_confirmed" in again.stdout
+    rerun = run_snakemake([*PROFILE, "--configfile", str(config), "round_1"])
+    assert "Nothing to be done" in rerun.stdout + rerun.stderr
+    assert sha256(label_file) == before
+    assert sorted(p.name for p in (labels / study).glob("v*.nii.gz")) == [
+        "v001_refined.nii.gz",
+        "v002_confirmed.nii.gz",
+    ]
+
+    status = metsflow("al", "status", "--results", str(results), "--labels", str(labels))
+    assert status.returncode == 0, status.stderr
+    round1 = next(line for line in status.stdout.splitlines() if line.split()[:1] == ["1"])
+    assert f"{summaries[1]['mean_dice']:.3f}" in round1
+
+    # Stop criterion, from the same round 0: Dice >= 0.0 always holds -> an empty batch, nothing
+    # to review, and round 1 keeps the round 0 model.
+    stopped = tmp_path / "stopped"
+    for part in ROUND0_STATE:
+        shutil.copytree(results / part, stopped / part)
+    stop_config = tiny_config(
+        demo,
+        results=str(stopped),
+        label_store=str(tmp_path / "labels_stop"),
+        active_learning={"annotator": "human", "dice_threshold": 0.0, "final_validation_sample": 1},
+    )
+    run_snakemake([*PROFILE, "--configfile", str(stop_config), "round_1"])
+    assert len(pd.read_csv(stopped / "rounds/round_1/selection.tsv", sep="\t")) == 0
+    assert sha256(stopped / "rounds/round_1/model/model.pt") == sha256(
+        stopped / "rounds/round_0/model/model.pt"
+    )
+    final = pd.read_csv(stopped / "final/labels.tsv", sep="\t", dtype=str)
+    assert "human_confirmed" not in set(final.source)
