@@ -15,6 +15,8 @@ import shutil
 import subprocess
 import sys
 
+import nibabel as nib
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import REPO, run_snakemake
@@ -46,9 +48,7 @@ def test_human_round_waits_for_confirmation_then_continues(tmp_path, tiny_config
     make_demo_cohort(
         demo, n_patients=4, n_timepoints=2, model_spacing=4.0, labelled_patients=3, seed=0
     )
-    config = tiny_config(
-        demo, active_learning={"annotator": "human", "final_validation_sample": 1}
-    )
+    config = tiny_config(demo, active_learning={"annotator": "human", "final_validation_sample": 1})
     results, labels = tmp_path / "results", tmp_path / "labels"
     cli_paths = ["--sheet", str(demo / "studies.tsv"), "--results", str(results)]
     cli_paths += ["--labels", str(labels)]
@@ -69,9 +69,18 @@ def test_human_round_waits_for_confirmation_then_continues(tmp_path, tiny_config
 
     assert "train_round" not in planned_jobs()
 
+    # A correction on the wrong grid is rejected, naming the study and the problem.
+    corrected = results / "rounds/round_1/review" / study / "segmentation.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), np.eye(4)), corrected)
+    rejected = metsflow(
+        "al", "import", "--round", "1", "--stage", "refined", "--reviewer", "trainee", *cli_paths
+    )
+    assert rejected.returncode == 1
+    assert "rejected" in rejected.stdout and "grid mismatch" in rejected.stdout
+    assert not (labels / study).exists() or not list((labels / study).glob("v*.nii.gz"))
+
     # The trainee refines the pre-segmentation (here: the ground truth); still not trainable.
     oracle = pd.read_csv(demo / "oracle.tsv", sep="\t", dtype=str).set_index("study_id")
-    corrected = results / "rounds/round_1/review" / study / "segmentation.nii.gz"
     shutil.copyfile(demo / oracle.at[study, "label"], corrected)
     refined = metsflow(
         "al", "import", "--round", "1", "--stage", "refined", "--reviewer", "trainee", *cli_paths
