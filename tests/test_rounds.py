@@ -45,16 +45,31 @@ def test_human_round_waits_for_confirmation_then_continues(tmp_path, tiny_config
     from metsflow.phantom import make_demo_cohort
 
     demo = tmp_path / "demo"
+    # One time point per patient (no longitudinal registration) and skull-free, co-registered
+    # phantoms (no atlas mask, no rigid co-registration): this test is about the rounds.
     make_demo_cohort(
-        demo, n_patients=4, n_timepoints=2, model_spacing=4.0, labelled_patients=3, seed=0
+        demo,
+        n_patients=5,
+        n_timepoints=1,
+        native_spacing=(2.0, 2.0, 4.0),
+        model_spacing=4.0,
+        labelled_patients=3,
+        skull=False,
+        separate_grids=False,
+        seed=0,
     )
-    config = tiny_config(demo, active_learning={"annotator": "human", "final_validation_sample": 1})
+    cheap = {
+        "preprocess": {"spacing": [4.0, 4.0, 4.0], "coregister": "none", "brain_mask": "nonzero"}
+    }
+    config = tiny_config(
+        demo, **cheap, active_learning={"annotator": "human", "final_validation_sample": 1}
+    )
     results, labels = tmp_path / "results", tmp_path / "labels"
     cli_paths = ["--sheet", str(demo / "studies.tsv"), "--results", str(results)]
     cli_paths += ["--labels", str(labels)]
 
     # Round 1 stops before training: its batch is selected and exported, nobody confirmed it.
-    waiting = run_snakemake([*PROFILE, "--configfile", str(config), "round_1"], check=False)
+    waiting = run_snakemake(["round_1", *PROFILE, "--configfile", str(config)], check=False)
     assert waiting.returncode != 0
     selection = pd.read_csv(results / "rounds/round_1/selection.tsv", sep="\t", dtype=str)
     (study,) = selection.study_id
@@ -64,7 +79,7 @@ def test_human_round_waits_for_confirmation_then_continues(tmp_path, tiny_config
     assert not (results / "rounds/round_1/model").exists()
 
     def planned_jobs() -> dict[str, int]:
-        dry = run_snakemake(["-n", "--configfile", str(config), "round_1"])
+        dry = run_snakemake(["round_1", "-n", "--configfile", str(config)])
         return job_counts(dry.stdout)
 
     assert "train_round" not in planned_jobs()
@@ -95,7 +110,7 @@ def test_human_round_waits_for_confirmation_then_continues(tmp_path, tiny_config
     assert confirmed.returncode == 0, confirmed.stderr
     assert planned_jobs()["train_round"] == 1
 
-    run_snakemake([*PROFILE, "--configfile", str(config), "round_1"])
+    run_snakemake(["round_1", *PROFILE, "--configfile", str(config)])
     summaries = [
         json.loads((results / f"rounds/round_{r}/evaluation/summary.json").read_text())
         for r in (0, 1)
@@ -120,7 +135,7 @@ def test_human_round_waits_for_confirmation_then_continues(tmp_path, tiny_config
         "al", "import", "--round", "1", "--stage", "confirmed", "--reviewer", "other", *cli_paths
     )
     assert "already_confirmed" in again.stdout
-    rerun = run_snakemake([*PROFILE, "--configfile", str(config), "round_1"])
+    rerun = run_snakemake(["round_1", *PROFILE, "--configfile", str(config)])
     assert "Nothing to be done" in rerun.stdout + rerun.stderr
     assert sha256(label_file) == before
     assert sorted(p.name for p in (labels / study).glob("v*.nii.gz")) == [
@@ -142,9 +157,10 @@ def test_human_round_waits_for_confirmation_then_continues(tmp_path, tiny_config
         demo,
         results=str(stopped),
         label_store=str(tmp_path / "labels_stop"),
+        **cheap,
         active_learning={"annotator": "human", "dice_threshold": 0.0, "final_validation_sample": 1},
     )
-    run_snakemake([*PROFILE, "--configfile", str(stop_config), "round_1"])
+    run_snakemake(["round_1", *PROFILE, "--configfile", str(stop_config)])
     assert len(pd.read_csv(stopped / "rounds/round_1/selection.tsv", sep="\t")) == 0
     assert sha256(stopped / "rounds/round_1/model/model.pt") == sha256(
         stopped / "rounds/round_0/model/model.pt"
