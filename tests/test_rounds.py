@@ -40,6 +40,114 @@ def sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _pool_fixture(tmp_path):
+    """A plan of 6 pool studies, one failed inference, and a store with one confirmed label."""
+    from metsflow.active_learning.labelstore import LabelStore
+    from metsflow.jobs.manifest import write_manifest
+
+    ids = [f"P{i:03d}_T0" for i in range(6)]
+    plan = pd.DataFrame({"study_id": ids, "patient_id": [s[:4] for s in ids], "role": "pool"})
+    plan.loc[len(plan)] = ["V000_T0", "V000", "validation"]
+    plan.to_csv(tmp_path / "plan.tsv", sep="\t", index=False)
+    rows = [
+        {"study_id": s, "patient_id": s[:4], "role": "pool", "status": "ok", "problem": ""}
+        for s in ids
+    ]
+    rows[-1].update(status="failed", problem="model crashed")
+    write_manifest(tmp_path / "g0000.tsv", rows, extra_columns=["role"])
+    reference = tmp_path / "t1c.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), reference)
+    label = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4)), label)
+    store = LabelStore(tmp_path / "labels")
+    store.import_label(ids[0], label, "confirmed", "neurorad", reference_image=reference)
+    return ids, reference, label
+
+
+def _final_labels(tmp_path, seed: int, tag: str, sample_size: int = 2):
+    from metsflow.jobs.active_learning import run_final_labels
+
+    labels = run_final_labels(
+        final_round=3,
+        plan_path=str(tmp_path / "plan.tsv"),
+        prediction_manifests=[str(tmp_path / "g0000.tsv")],
+        label_store=str(tmp_path / "labels"),
+        pred_root=str(tmp_path / "predictions"),
+        model="results/rounds/round_3/model/model.pt",
+        sample_size=sample_size,
+        seed=seed,
+        out_labels=str(tmp_path / f"labels_{tag}.tsv"),
+        out_qa_sample=str(tmp_path / f"qa_{tag}.tsv"),
+    )
+    sample = pd.read_csv(tmp_path / f"qa_{tag}.tsv", sep="\t", dtype=str)
+    return labels, sample
+
+
+def test_final_labels_keep_human_labels_and_sample_model_labels_reproducibly(tmp_path):
+    ids, _, _ = _pool_fixture(tmp_path)
+    labels, sample = _final_labels(tmp_path, seed=0, tag="a")
+    source = labels.set_index("study_id")["source"]
+    assert source[ids[0]] == "human_confirmed" and source[ids[-1]] == "failed"
+    assert set(source[ids[1:-1]]) == {"model"} and "V000_T0" not in source
+    assert (
+        labels.set_index("study_id")
+        .at[ids[1], "label"]
+        .endswith(f"predictions/{ids[1]}/pred_native.nii.gz")
+    )
+    assert len(sample) == 2 and set(sample.study_id) <= set(ids[1:-1])
+    assert set(sample.strategy) == {"final_qa_random"}
+    _, same = _final_labels(tmp_path, seed=0, tag="b")
+    assert list(same.study_id) == list(sample.study_id)
+    others = {tuple(_final_labels(tmp_path, seed=s, tag=f"s{s}")[1].study_id) for s in range(1, 8)}
+    assert len(others | {tuple(sample.study_id)}) > 1, "the seed must drive the QA sample"
+    _, everything = _final_labels(tmp_path, seed=0, tag="big", sample_size=50)
+    assert sorted(everything.study_id) == ids[1:-1]
+
+
+def test_unconfirmed_studies_reads_the_store(tmp_path):
+    from metsflow.jobs.active_learning import unconfirmed_studies
+
+    ids, _, _ = _pool_fixture(tmp_path)
+    pd.DataFrame({"study_id": ids[:3]}).to_csv(tmp_path / "sel.tsv", sep="\t", index=False)
+    assert unconfirmed_studies(str(tmp_path / "sel.tsv"), str(tmp_path / "labels")) == ids[1:3]
+    assert unconfirmed_studies(str(tmp_path / "sel.tsv"), str(tmp_path / "nothing")) == ids[:3]
+
+
+def test_cli_override_is_explicit_and_versioned(tmp_path):
+    ids, reference, label = _pool_fixture(tmp_path)
+    sheet = tmp_path / "studies.tsv"
+    pd.DataFrame(
+        {"study_id": ids, "patient_id": [s[:4] for s in ids], "timepoint": 0, "t1c": str(reference)}
+    ).to_csv(sheet, sep="\t", index=False)
+    base = ["al", "override", "--study", ids[0], "--label", str(label), "--reviewer", "chief"]
+    paths = ["--sheet", str(sheet), "--labels", str(tmp_path / "labels")]
+    refused = metsflow(*base, "--reason", "  ", *paths)
+    assert refused.returncode == 2 and "requires a reason" in refused.stderr
+    unknown = metsflow(*base[:2], "--study", "X9_T0", *base[4:], "--reason", "r", *paths)
+    assert unknown.returncode == 2 and "X9_T0" in unknown.stderr
+    done = metsflow(*base, "--reason", "missed lesion", *paths)
+    assert done.returncode == 0, done.stderr
+    history = [json.loads(x) for x in (tmp_path / "labels" / ids[0] / "history.jsonl").open()]
+    assert [(h["version"], h["override"]) for h in history] == [(1, False), (2, True)]
+    assert history[-1]["reason"] == "missed lesion"
+
+
+def test_learning_curve_plot(tmp_path):
+    from metsflow.active_learning.curves import plot_learning_curves
+
+    curves = pd.DataFrame(
+        {
+            "strategy": ["random"] * 3 + ["lesion_aware"] * 3,
+            "n_labelled": [4, 6, 8] * 2,
+            "mean_dice": [0.5, 0.6, 0.65, 0.5, 0.62, 0.64],
+        }
+    )
+    plot_learning_curves(curves, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="mean_lesion_f1"):
+        plot_learning_curves(curves, tmp_path / "x.png", metric="mean_lesion_f1")
+
+
 @pytest.mark.slow
 def test_human_round_waits_for_confirmation_then_continues(tmp_path, tiny_config):
     from metsflow.phantom import make_demo_cohort
