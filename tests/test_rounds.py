@@ -260,7 +260,8 @@ def test_human_round_waits_for_confirmation_then_continues(tmp_path, tiny_config
     # to review, and round 1 keeps the round 0 model.
     stopped = tmp_path / "stopped"
     for part in ROUND0_STATE:
-        shutil.copytree(results / part, stopped / part)
+        if (results / part).exists():
+            shutil.copytree(results / part, stopped / part)
     stop_config = tiny_config(
         demo,
         results=str(stopped),
