@@ -137,12 +137,39 @@ def _cmd_stats_compare(args) -> int:
     return 0
 
 
+def _workflow_paths(args) -> None:
+    """Fill --sheet/--results/--labels left unset from the workflow config (--configfile), so the
+    commands read the same folders the pipeline wrote; then the demo defaults."""
+    defaults = {"sheet": "demo/studies.tsv", "results": "results", "labels": "labels"}
+    if getattr(args, "configfile", None):
+        import yaml
+
+        with open(args.configfile) as handle:
+            config = yaml.safe_load(handle) or {}
+        defaults.update(
+            {
+                key: config[name]
+                for key, name in (
+                    ("sheet", "sheet"),
+                    ("results", "results"),
+                    ("labels", "label_store"),
+                )
+                if config.get(name)
+            }
+        )
+    for key, value in defaults.items():
+        if getattr(args, key, "unset") is None:
+            setattr(args, key, value)
+
+
 def _cmd_al_status(args) -> int:
     from metsflow.active_learning.labelstore import LabelStore
-    from metsflow.active_learning.status import format_status, round_status
+    from metsflow.active_learning.status import final_status, format_status, round_status
 
-    table = round_status(args.results, LabelStore(args.labels, create=False))
-    print(format_status(table))
+    _workflow_paths(args)
+    store = LabelStore(args.labels, create=False)
+    table = round_status(args.results, store)
+    print(format_status(table) + final_status(args.results, store), end="")
     return 0
 
 
@@ -152,9 +179,17 @@ def _cmd_al_import(args) -> int:
     from metsflow.active_learning.review import import_batch
     from metsflow.cohort import read_sheet
 
+    _workflow_paths(args)
     cohort = read_sheet(args.sheet)
     store = LabelStore(args.labels, known_studies=set(cohort.by_id))
-    review_dir = Path(args.review_dir or f"{args.results}/rounds/round_{args.round}/review")
+    if args.review_dir:
+        review_dir = Path(args.review_dir)
+    elif args.round is not None:
+        review_dir = Path(f"{args.results}/rounds/round_{args.round}/review")
+    elif args.final:
+        review_dir = Path(f"{args.results}/final/qa_review")
+    else:
+        raise ValueError("say which review package: --round R, --final or --review-dir")
     results = import_batch(
         review_dir,
         store,
@@ -164,6 +199,31 @@ def _cmd_al_import(args) -> int:
     )
     print(results.to_string(index=False))
     return 1 if (results.get("result") == "rejected").any() else 0
+
+
+def _cmd_al_override(args) -> int:
+    """Replace one study's confirmed label with a new, versioned confirmed label (with reason)."""
+    from metsflow.active_learning.labelstore import LabelStore
+    from metsflow.cohort import read_sheet
+
+    _workflow_paths(args)
+    cohort = read_sheet(args.sheet)
+    if args.study not in cohort.by_id:
+        raise ValueError(f"study {args.study}: unknown study (not in {args.sheet})")
+    store = LabelStore(args.labels, known_studies=set(cohort.by_id))
+    # LabelImportError is a ValueError: main() prints it (study, file, problem) and exits 2.
+    version = store.import_label(
+        args.study,
+        args.label,
+        stage="confirmed",
+        reviewer=args.reviewer,
+        reference_image=cohort.by_id[args.study].t1c,
+        source="override",
+        override=True,
+        reason=args.reason,
+    )
+    print(f"{args.study}: confirmed label version {version} (override: {args.reason})")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,18 +304,33 @@ def build_parser() -> argparse.ArgumentParser:
     al = sub.add_parser("al", help="active-learning rounds and the human label store")
     al_sub = al.add_subparsers(dest="al_command", required=True)
     status = al_sub.add_parser("status", help="rounds, batches, review progress, Dice")
-    status.add_argument("--results", default="results")
-    status.add_argument("--labels", default="labels")
+    status.add_argument("--configfile", help="workflow config: its results and label_store")
+    status.add_argument("--results", help="default: results")
+    status.add_argument("--labels", help="default: labels")
     status.set_defaults(func=_cmd_al_status)
     imp = al_sub.add_parser("import", help="import reviewed labels of a round's batch")
-    imp.add_argument("--round", type=int, required=True)
+    package = imp.add_mutually_exclusive_group(required=True)
+    package.add_argument("--round", type=int, help="the batch of this round")
+    package.add_argument("--final", action="store_true", help="the final model's QA sample")
+    package.add_argument("--review-dir", help="any review package folder")
     imp.add_argument("--stage", choices=["refined", "confirmed"], required=True)
     imp.add_argument("--reviewer", required=True)
-    imp.add_argument("--sheet", default="demo/studies.tsv")
-    imp.add_argument("--results", default="results")
-    imp.add_argument("--labels", default="labels")
-    imp.add_argument("--review-dir")
+    imp.add_argument("--configfile", help="workflow config: its sheet, results, label_store")
+    imp.add_argument("--sheet", help="default: demo/studies.tsv")
+    imp.add_argument("--results", help="default: results")
+    imp.add_argument("--labels", help="default: labels")
     imp.set_defaults(func=_cmd_al_import)
+    override = al_sub.add_parser(
+        "override", help="replace a confirmed label by a new confirmed version (with a reason)"
+    )
+    override.add_argument("--study", required=True)
+    override.add_argument("--label", required=True, help="NIfTI on the study's native T1c grid")
+    override.add_argument("--reviewer", required=True)
+    override.add_argument("--reason", required=True)
+    override.add_argument("--configfile", help="workflow config: its sheet and label_store")
+    override.add_argument("--sheet", help="default: demo/studies.tsv")
+    override.add_argument("--labels", help="default: labels")
+    override.set_defaults(func=_cmd_al_override)
     return parser
 
 

@@ -2,9 +2,20 @@
 # a batch -> export for review (ITK-SNAP / 3D Slicer / MONAI Label) -> corrections come back
 # through the label store (people, or the simulated annotator) -> train_round r fine-tunes.
 # Round r's training never starts until every study of its batch has a confirmed label.
+#
+# One invocation per round: `snakemake --profile profiles/local round_2` runs exactly through
+# round 2. With people (annotator: human) the round_<r> target stops at the first batch that is not
+# fully confirmed in the label store: its jobs end with that batch's review export and the
+# collect_annotations job, which fails naming the pending studies and the import command, so even
+# `snakemake -n round_<r>` never plans training on unconfirmed data. select_batch is a checkpoint
+# so the target is re-planned once the batch is known. After the last round, the final model's
+# labels of the remaining pool are listed and a seeded random sample of them is exported for QA.
 
 
-rule select_batch:
+include: "active_learning_common.smk"
+
+
+checkpoint select_batch:
     input:
         unpack(selection_inputs),
     output:
@@ -82,3 +93,65 @@ rule collect_annotations:
         model=lambda wc: model_path(int(wc.round) - 1),
     script:
         "../scripts/collect_annotations.py"
+
+
+rule final_labels:
+    input:
+        unpack(final_label_inputs),
+    output:
+        labels=f"{RESULTS}/final/labels.tsv",
+        qa_sample=f"{RESULTS}/final/qa_sample.tsv",
+    log:
+        f"{RESULTS}/logs/active_learning/final_labels.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/active_learning/final_labels.tsv"
+    conda:
+        "../envs/imaging.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        final_round=FINAL_ROUND,
+        sample_size=config["active_learning"]["final_validation_sample"],
+        seed=config["seed"],
+        label_store=config["label_store"],
+        pred_root=f"{RESULTS}/rounds/round_{FINAL_ROUND}/predictions",
+    script:
+        "../scripts/final_labels.py"
+
+
+rule export_final_qa:
+    input:
+        selection=f"{RESULTS}/final/qa_sample.tsv",
+        model=model_path(FINAL_ROUND),
+    output:
+        manifest=f"{RESULTS}/final/qa_review/manifest.csv",
+    log:
+        f"{RESULTS}/logs/active_learning/export_final_qa.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/active_learning/export_final_qa.tsv"
+    conda:
+        "../envs/imaging.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        round_index=FINAL_ROUND,
+        studies=lambda wc: [study_record(s) for s in COHORT.studies],
+        pred_root=f"{RESULTS}/rounds/round_{FINAL_ROUND}/predictions",
+        out_dir=lambda wc, output: os.path.dirname(output.manifest),
+    script:
+        "../scripts/export_final_qa.py"
+
+
+# round_0 .. round_R: named targets, one per round (see the header).
+for _r in ROUNDS:
+
+    rule:
+        name:
+            f"round_{_r}"
+        input:
+            lambda wc, r=_r: round_target_inputs(r),
+        localrule: True

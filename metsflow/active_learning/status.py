@@ -175,3 +175,32 @@ def format_status(frame: pd.DataFrame) -> str:
         f"{int(pending)} awaiting review"
     )
     return "\n".join(lines) + "\n"
+
+
+def final_status(results_dir: str | os.PathLike, store: LabelStore | None) -> str:
+    """One line on the loop's end product (``results/final``): where every pool study's label
+    comes from and how far human QA of the seeded model-labelled sample has got; empty if the
+    last round has not finished."""
+    final_dir = Path(results_dir) / "final"
+    labels_path = final_dir / "labels.tsv"
+    if not labels_path.exists():
+        return ""
+    try:
+        labels = pd.read_csv(labels_path, sep="\t", dtype=str, keep_default_na=False)
+        sources = labels["source"].value_counts().to_dict()
+        model_round = next(iter(labels["model"]), "?")
+    except (OSError, ValueError, KeyError) as exc:
+        return f"final: labels.tsv unreadable: {exc}\n"
+    parts = ", ".join(f"{n} {source}" for source, n in sorted(sources.items()))
+    line = f"final ({model_round}): {parts}"
+    sample_path = final_dir / "qa_sample.tsv"
+    if sample_path.exists():
+        sample = pd.read_csv(sample_path, sep="\t", dtype={"study_id": str})
+        line += f"; QA sample {len(sample)} studies"
+        if store is not None and len(sample):
+            states = [store.status(str(s)) for s in sample["study_id"]]
+            line += (
+                f" ({states.count('confirmed')} confirmed, {states.count('refined')} refined, "
+                f"{states.count('none')} awaiting review)"
+            )
+    return line + "\n"

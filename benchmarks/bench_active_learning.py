@@ -1,0 +1,212 @@
+"""Random vs an informed acquisition strategy over K active-learning rounds on the phantom cohort.
+
+Runs the real workflow (``snakemake round_<K>``) in simulated-annotator mode once per strategy,
+with the same seed, cohort, round-0 model and labelling budget, and prints validation Dice and
+lesion F1 per number of labelled training studies, plus the difference to random measured in this
+same run. Sized for 2 CPU cores: a small phantom at 4 mm, a small DynUNet and few iterations; the
+settings are printed with the figures. Round 0 (preprocessing, the seed model and its pool
+predictions) is computed once and copied, so both strategies start from identical state; rounds
+1..K of the strategies then run side by side. An interrupted run resumes (same --out).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_active_learning.py --out /tmp/bench_al
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ROUND0 = ("plan", "preprocessed", "registered", "qc", "rounds/round_0")
+
+
+def workflow_config(args, demo: Path, work: Path, strategy: str) -> dict:
+    return {
+        "sheet": str(demo / "studies.tsv"),
+        "oracle_sheet": str(demo / "oracle.tsv"),
+        "results": str(work / strategy / "results"),
+        "label_store": str(work / strategy / "labels"),
+        "seed": args.seed,
+        "sharding": {"cpu_shard_size": 6, "gpu_shard_size": 24},
+        "validation": {"fraction": 0.5},
+        # Skull-free, co-registered phantoms: no atlas brain mask or rigid co-registration to
+        # spend the 2 cores on; the comparison is about the labels, not preprocessing.
+        "preprocess": {"spacing": [4.0, 4.0, 4.0], "coregister": "none", "brain_mask": "nonzero"},
+        "model": {"filters": [8, 16, 32], "patch_size": [32, 32, 32]},
+        "train": {
+            "iterations": args.iterations,
+            "finetune_iterations": args.finetune_iterations,
+            "val_interval": args.iterations,
+            "checkpoint_interval": args.iterations,
+        },
+        "active_learning": {
+            "rounds": args.rounds,
+            "batch_size": args.batch_size,
+            "strategy": strategy,
+            "per_patient_max": 1,
+            "annotator": "simulated",
+            "dice_threshold": 1.0,  # never stop early: compare the full budget
+            "final_validation_sample": 0,
+        },
+        "threads": {"preprocess": 1, "register": 1, "train": args.cores, "infer": args.cores},
+    }
+
+
+def snakemake_command(config_path: Path, target: str, cores: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        target,  # before --configfile, which takes every path that follows it
+        "--profile",
+        "profiles/local",
+        "--cores",
+        str(cores),
+        "--configfile",
+        str(config_path),
+    ]
+
+
+def run_parallel(commands: dict[str, list[str]], logs: dict[str, Path]) -> dict[str, float]:
+    """Run one snakemake per strategy at the same time; wall seconds per strategy."""
+    start = time.perf_counter()
+    procs, seconds, failed = {}, {}, []
+    with contextlib.ExitStack() as stack:
+        for name, cmd in commands.items():
+            log = stack.enter_context(open(logs[name], "a"))
+            procs[name] = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        for name, proc in procs.items():
+            if proc.wait() != 0:
+                failed.append(name)
+            seconds[name] = time.perf_counter() - start
+    if failed:
+        raise SystemExit(f"snakemake failed for {failed}; see {[str(logs[n]) for n in failed]}")
+    return seconds
+
+
+def round_metrics(results: Path, strategy: str, rounds: int) -> pd.DataFrame:
+    rows = []
+    for r in range(rounds + 1):
+        summary = json.loads((results / f"rounds/round_{r}/evaluation/summary.json").read_text())
+        rows.append(
+            {
+                "strategy": strategy,
+                "round": r,
+                "n_labelled": summary.get("n_train"),
+                "mean_dice": summary.get("mean_dice"),
+                "mean_lesion_f1": summary.get("mean_lesion_f1"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench_al")
+    parser.add_argument("--strategy", default="lesion_aware", help="compared against random")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--patients", type=int, default=16)
+    parser.add_argument("--timepoints", type=int, default=1)
+    parser.add_argument("--labelled-patients", type=int, default=6)
+    parser.add_argument("--iterations", type=int, default=60)
+    parser.add_argument("--finetune-iterations", type=int, default=30)
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from metsflow.active_learning.curves import plot_learning_curves
+    from metsflow.phantom import make_demo_cohort
+
+    work = Path(args.out).resolve()
+    demo = work / "demo"
+    if not (demo / "oracle.tsv").exists():  # an interrupted benchmark resumes where it was
+        shutil.rmtree(work, ignore_errors=True)
+        make_demo_cohort(
+            demo,
+            n_patients=args.patients,
+            n_timepoints=args.timepoints,
+            native_spacing=(2.0, 2.0, 4.0),
+            model_spacing=4.0,
+            labelled_patients=args.labelled_patients,
+            skull=False,
+            separate_grids=False,
+            seed=args.seed,
+            workers=args.cores,
+        )
+    strategies = ["random", args.strategy]
+    print(
+        f"settings: phantom {args.patients} patients x {args.timepoints} time points "
+        f"({args.labelled_patients} labelled: seed + validation; skull-free, native 2x2x4 mm), "
+        f"model grid 4 mm, no co-registration, DynUNet filters 8/16/32, "
+        f"patch 32^3, {args.iterations} iterations round 0, {args.finetune_iterations} per "
+        f"fine-tune, {args.rounds} rounds x batch {args.batch_size} (per_patient_max 1), "
+        f"seed {args.seed}, {args.cores} cores per strategy"
+    )
+    configs, logs = {}, {}
+    for strategy in strategies:
+        configs[strategy] = work / f"{strategy}.yaml"
+        configs[strategy].write_text(yaml.safe_dump(workflow_config(args, demo, work, strategy)))
+        logs[strategy] = work / f"{strategy}.snakemake.log"
+    # Round 0 once (it does not depend on the strategy), then the same starting state for all.
+    first = strategies[0]
+    run_parallel(
+        {first: snakemake_command(configs[first], "round_0", args.cores)}, {first: logs[first]}
+    )
+    for strategy in strategies[1:]:
+        for part in SHARED_ROUND0:
+            src = work / first / "results" / part
+            dst = work / strategy / "results" / part
+            if src.exists() and not dst.exists():
+                shutil.copytree(src, dst)
+    seconds = run_parallel(
+        {s: snakemake_command(configs[s], f"round_{args.rounds}", args.cores) for s in strategies},
+        logs,
+    )
+    curves = [round_metrics(work / s / "results", s, args.rounds) for s in strategies]
+    table = pd.concat(curves, ignore_index=True)
+    table.to_csv(work / "curves.tsv", sep="\t", index=False)
+
+    wide = table.pivot(
+        index="round", columns="strategy", values=["n_labelled", "mean_dice", "mean_lesion_f1"]
+    )
+    print("\nvalidation metrics per round (n_labelled = labelled training studies)")
+    print(wide.round(3).to_string())
+    base = table[table.strategy == "random"].set_index("round")
+    best = table[table.strategy == args.strategy].set_index("round")
+    delta = pd.DataFrame(
+        {
+            "n_labelled": best["n_labelled"],
+            "dice_minus_random": best["mean_dice"] - base["mean_dice"],
+            "lesion_f1_minus_random": best["mean_lesion_f1"] - base["mean_lesion_f1"],
+        }
+    )
+    print(f"\n{args.strategy} minus random (same run, same seed and budget)")
+    print(delta.round(3).to_string())
+    later = delta.loc[delta.index > 0]
+    print(
+        f"\nmean over rounds 1..{args.rounds}: Dice {later.dice_minus_random.mean():+.3f}, "
+        f"lesion F1 {later.lesion_f1_minus_random.mean():+.3f} "
+        f"({args.strategy} vs random; one seed, so no confidence interval)"
+    )
+    print(
+        "wall time of rounds 1..K, strategies run side by side (s): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
+    )
+    png = work / "dice_vs_labelled.png"
+    plot_learning_curves(table, png, metric="mean_dice")
+    plot_learning_curves(table, work / "lesion_f1_vs_labelled.png", metric="mean_lesion_f1")
+    print(f"curves: {work / 'curves.tsv'}; plots: {png}, {work / 'lesion_f1_vs_labelled.png'}")
+
+
+if __name__ == "__main__":
+    main()
