@@ -33,19 +33,6 @@ def test_best_and_worst_pick_by_whole_lesion_dice_and_break_ties_by_study():
         best_and_worst(per_study[per_study.group == "enhancing"].assign(dice=float("nan")))
 
 
-@pytest.mark.slow
-def test_tiny_run_writes_statistics_response_and_renders_the_report(tmp_path, tiny_config):
-    from metsflow.phantom import make_demo_cohort
-
-    demo = tmp_path / "demo"
-    make_demo_cohort(
-        demo, n_patients=4, n_timepoints=2, model_spacing=4.0, labelled_patients=3, seed=0
-    )
-    config = tiny_config(demo)
-    run_snakemake(["--profile", "profiles/local", "--cores", "2", "--configfile", str(config)])
-    check_evaluation_outputs(tmp_path, config)
-
-
 def check_evaluation_outputs(run_dir, config):
     """Statistics, longitudinal tables, figures and the HTML report of a finished tiny run
     (``run_dir`` holds results/; one follow-up per patient, rounds 0 and 1). Callable from any

@@ -11,6 +11,7 @@ import time
 import pandas as pd
 import pytest
 from conftest import run_snakemake
+from test_report import check_evaluation_outputs
 
 from metsflow.cohort import synthetic_sheet
 
@@ -98,12 +99,5 @@ def test_demo_pipeline_end_to_end(tmp_path, tiny_config):
         qc = json.loads((results / "registered" / study / "qc.json").read_text())
         assert qc
 
-    report = tmp_path / "report.html"
-    run_snakemake(
-        ["--profile", "profiles/local", "--configfile", str(config), "--report", str(report)]
-    )
-    assert report.stat().st_size > 10_000
-
-    # Nothing left to do: a second invocation is a no-op (outputs are complete and consistent).
-    again = run_snakemake(["-n", "--configfile", str(config)])
-    assert "Nothing to be done" in again.stdout + again.stderr
+    # Statistics, longitudinal response, figures, the HTML report, and a no-op second run.
+    check_evaluation_outputs(tmp_path, config)
