@@ -250,6 +250,8 @@ def estimate_from_run(
 ) -> Estimate:
     """Read ``benchmarks`` (results/benchmarks) and the run's plan (default results/plan/cohort.tsv)."""
     benchmarks = Path(benchmarks)
+    if not benchmarks.is_dir():
+        raise BenchmarkError(f"benchmarks folder {benchmarks} does not exist")
     plan_path = Path(plan) if plan else benchmarks.parent / "plan" / "cohort.tsv"
     if not plan_path.is_file():
         raise BenchmarkError(
