@@ -63,7 +63,12 @@ def test_demo_pipeline_runs_through_the_slurm_profile(tmp_path, tiny_config, slu
     )
     # Round 0 only (train, infer, evaluate, report): every rule kind incl. the GPU rules, fewer
     # scheduling waves (each costs SLURM's ~10 s submit/poll cycle).
-    config = tiny_config(demo, active_learning={"rounds": 0})
+    # Skull-stripped phantoms: nonzero brain mask, no co-registration (ANTs is not under test).
+    config = tiny_config(
+        demo,
+        active_learning={"rounds": 0},
+        preprocess={"coregister": "none", "brain_mask": "nonzero"},
+    )
     results = tmp_path / "results"
     cmd = [
         "timeout", "-s", "KILL", str(PIPELINE_LIMIT_S),
