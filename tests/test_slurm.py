@@ -94,8 +94,8 @@ def test_demo_pipeline_runs_through_the_slurm_profile(tmp_path, tiny_config, slu
     assert len(slurm_ids) >= 5, output[-4000:]
     for job_id in slurm_ids:
         assert re.search(rf"JobId={job_id} (done|WEXITSTATUS 0)", ctld_log), job_id
-    # The plugin keeps a log folder per rule it submitted.
-    submitted_rules = {p.name for p in (tmp_path / "slurm_logs").iterdir()}
+    # Each submission names its SLURM log, which the plugin files under rule_<rule>/.
+    submitted_rules = set(re.findall(r"SLURM jobid \d+ \(log: \S*/(rule_\w+?)/", output))
     assert {
         "rule_preprocess_shard",
         "rule_register_shard",
