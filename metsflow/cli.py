@@ -226,6 +226,33 @@ def _cmd_al_override(args) -> int:
     return 0
 
 
+def _cmd_cost(args) -> int:
+    """Estimate the full cohort's core-hours, GPU-hours and makespan from a run's benchmarks."""
+    from metsflow.costmodel import BenchmarkError, CohortShape, estimate_from_run
+
+    shape = CohortShape(
+        studies=args.studies,
+        gpus=args.gpus,
+        cores=args.cores,
+        cpu_shard_size=args.cpu_shard_size,
+        gpu_shard_size=args.gpu_shard_size,
+        rounds=args.rounds,
+        infer_fraction=args.infer_fraction,
+        train_scale=args.train_scale,
+    )
+    try:
+        result = estimate_from_run(args.benchmarks, shape, plan=args.plan)
+    except BenchmarkError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(result.render())
+    if args.out:
+        from metsflow.io import write_table
+
+        write_table(args.out, result.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metsflow", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -300,6 +327,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--out", help="also write the full table (TSV)")
     compare.set_defaults(func=_cmd_stats_compare)
+
+    cost = sub.add_parser(
+        "cost", help="core-hours, GPU-hours and makespan of a cohort from a run's benchmarks"
+    )
+    cost.add_argument("--benchmarks", default="results/benchmarks")
+    cost.add_argument(
+        "--plan", help="the run's plan table (default: <benchmarks>/../plan/cohort.tsv)"
+    )
+    cost.add_argument("--studies", type=int, default=11_892)
+    cost.add_argument("--gpus", type=int, default=8)
+    cost.add_argument("--cores", type=int, default=512, help="CPU cores for the CPU stages")
+    cost.add_argument("--cpu-shard-size", type=int, default=16)
+    cost.add_argument("--gpu-shard-size", type=int, default=64)
+    cost.add_argument("--rounds", type=int, default=5, help="active-learning rounds after round 0")
+    cost.add_argument(
+        "--infer-fraction", type=float, default=1.0, help="share of studies segmented per round"
+    )
+    cost.add_argument(
+        "--train-scale", type=float, default=1.0, help="cohort / run training iterations"
+    )
+    cost.add_argument("--out", help="also write the per-stage table (TSV)")
+    cost.set_defaults(func=_cmd_cost)
 
     al = sub.add_parser("al", help="active-learning rounds and the human label store")
     al_sub = al.add_subparsers(dest="al_command", required=True)

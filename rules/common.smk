@@ -1,5 +1,6 @@
 # Shared state and named input functions. The sheet is read and validated once, at parse time;
 # the plan (roles and shards) is a pure function of the sheet and config.
+import functools
 import os
 from pathlib import Path
 
@@ -40,9 +41,20 @@ wildcard_constraints:
     round=r"\d+",
 
 
+@functools.cache
+def _study_record(study_id):
+    return COHORT.by_id[study_id].to_record()
+
+
 def study_record(study):
-    """Plain-dict form of a Study for a job's params (paths as strings)."""
-    return study.to_record()
+    """Plain-dict form of a Study for a job's params (paths as strings).
+
+    Cached per study: several rules pass every study of the cohort in params, and Snakemake
+    evaluates params more than once per job (conda env resolution, then execution); converting
+    11,892 dataclasses each time was most of the full-cohort dry run. A copy is returned so a
+    job cannot change another job's params.
+    """
+    return dict(_study_record(study.study_id))
 
 
 def shard_records(wildcards):
@@ -123,10 +135,16 @@ def infer_inputs(wildcards):
     return inputs
 
 
+@functools.cache
+def _gpu_shard_records(gpu_shard):
+    rows = STUDIES_BY_GPU_SHARD[gpu_shard]
+    return rows[rows.role != "seed"].to_dict("records")
+
+
 def gpu_shard_records(wildcards):
-    rows = STUDIES_BY_GPU_SHARD[wildcards.gpu_shard]
-    rows = rows[rows.role != "seed"]
-    return rows.to_dict("records")
+    # Cached: every round's infer job of a shard asks for the same rows (DataFrame.to_dict per
+    # job was seconds of a cohort dry run).
+    return [dict(row) for row in _gpu_shard_records(wildcards.gpu_shard)]
 
 
 def evaluation_inputs(wildcards):

@@ -1,0 +1,133 @@
+"""Planning benchmark: `snakemake -n` over a full-cohort synthetic sheet (default 11,892 studies).
+
+Prints wall seconds, the peak RSS of the snakemake process and the job count by rule, against
+the targets of issue 5 (<= 15 s, <= 1 GB, <= ~3,000 jobs). Run from the repository root:
+
+    python benchmarks/bench_planning.py                 # 11,892 studies, config/cohort.yaml
+    python benchmarks/bench_planning.py --studies 2000 --profile-parse
+
+A dry run needs no images: the synthetic sheet only names paths (missing inputs are not a DAG
+error, see rules/common.smk `shard_raw_inputs`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET_SECONDS = 15.0
+TARGET_RSS_GB = 1.0
+TARGET_JOBS = 3000
+
+
+def job_counts(stdout: str) -> dict[str, int]:
+    """Parse Snakemake's 'Job stats' table (rule, count) from a dry run."""
+    counts: dict[str, int] = {}
+    if "Job stats:" not in stdout:
+        return counts
+    for line in stdout.split("Job stats:", 1)[1].splitlines()[3:]:
+        match = re.match(r"^(\S+)\s+(\d+)\s*$", line)
+        if not match:
+            if counts:
+                break
+            continue
+        counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
+def dry_run(sheet: Path, workdir: Path, extra: list[str]) -> tuple[float, float, float, str]:
+    """One dry run in a child process: (wall s, CPU s, peak RSS in GB of the child, stdout).
+
+    CPU seconds (user + system of the child) are reported next to wall seconds because on a
+    shared, oversubscribed machine the wall figure mostly measures the neighbours.
+    """
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-n",
+        "--quiet",
+        "rules",
+        "--cores",
+        "1",
+        "--configfile",
+        "config/cohort.yaml",
+        "--config",
+        f"sheet={sheet}",
+        f"results={workdir / 'results'}",
+        f"label_store={workdir / 'labels'}",
+        *extra,
+    ]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"dry run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    # ru_maxrss of children is the largest child so far (KiB on Linux): run one dry run per
+    # process invocation, or the figure is the max over the runs.
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return seconds, cpu, after.ru_maxrss / 1024**2, proc.stdout
+
+
+def profile_parse(sheet: Path, workdir: Path) -> None:
+    """Where the parse-time seconds go: sheet reading and the plan (the Snakefile's own work)."""
+    import yaml
+
+    from metsflow.cohort import read_sheet
+    from metsflow.plan import PlanSettings, build_plan
+
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    config.update(yaml.safe_load((REPO / "config/cohort.yaml").read_text()))
+    start = time.perf_counter()
+    cohort = read_sheet(sheet)
+    t_sheet = time.perf_counter() - start
+    start = time.perf_counter()
+    plan = build_plan(cohort, PlanSettings.from_config(config))
+    t_plan = time.perf_counter() - start
+    print(f"  read_sheet: {t_sheet:.2f} s   build_plan: {t_plan:.2f} s   ({len(plan)} studies)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--studies", type=int, default=11_892)
+    parser.add_argument("--profile-parse", action="store_true", help="time sheet + plan alone")
+    parser.add_argument("snakemake_args", nargs="*", help="extra snakemake arguments")
+    args = parser.parse_args()
+
+    from metsflow.cohort import synthetic_sheet
+
+    with tempfile.TemporaryDirectory(prefix="bench_planning_") as tmp:
+        workdir = Path(tmp)
+        sheet = workdir / "cohort.tsv"
+        synthetic_sheet(args.studies, sheet, seed=0)
+        if args.profile_parse:
+            profile_parse(sheet, workdir)
+        seconds, cpu, rss_gb, stdout = dry_run(sheet, workdir, args.snakemake_args)
+    counts = job_counts(stdout)
+    total = counts.pop("total", sum(counts.values()))
+    print(f"dry run over {args.studies} studies (config/cohort.yaml)")
+    load = os.getloadavg()[0]
+    print(f"  wall: {seconds:.1f} s (target <= {TARGET_SECONDS:.0f} s), load average {load:.1f}")
+    print(f"  CPU (user+sys): {cpu:.1f} s")
+    print(f"  peak RSS: {rss_gb:.2f} GB (target <= {TARGET_RSS_GB:.0f} GB)")
+    print(f"  jobs: {total} (target <= {TARGET_JOBS})")
+    for rule, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        print(f"    {rule:<24} {n}")
+    # Judged on CPU seconds: equal to wall on an idle machine, robust to neighbours.
+    ok = cpu <= TARGET_SECONDS and rss_gb <= TARGET_RSS_GB and total <= TARGET_JOBS
+    print("  within targets" if ok else "  OUTSIDE targets")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The demo pipeline through `profiles/slurm` on a real single-node SLURM cluster on localhost.
+
+tests/slurm/start_slurm.sh installs (Debian: slurmctld, slurmd, slurm-client, munge) and starts
+the daemons; they are stopped by PID afterwards. Snakemake is bounded by `timeout -s KILL`
+because a status-query failure makes the SLURM plugin wait forever rather than fail.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import REPO
+
+SLURM_DIR = REPO / "tests" / "slurm"
+PIPELINE_LIMIT_S = 900
+# Fixed (not per-test) so a cluster this file started earlier is found again, not duplicated.
+STATE_DIR = Path("/tmp/metsflow-slurm-ci/state")
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A running single-node cluster; yields the slurmctld log file."""
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmctld/slurmd/munged needs root")
+    if not shutil.which("slurmctld") and not shutil.which("apt-get"):
+        pytest.skip("SLURM is not installed and apt-get is not available to install it")
+    state = STATE_DIR
+    try:
+        start = subprocess.run(
+            ["timeout", "-s", "KILL", "300", "bash", str(SLURM_DIR / "start_slurm.sh"), state],
+            capture_output=True,
+            text=True,
+        )
+    except OSError as exc:
+        pytest.skip(f"could not run start_slurm.sh: {exc}")
+    try:
+        idle = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+        if start.returncode != 0 or "idle" not in idle.stdout.split():
+            pytest.skip(
+                f"SLURM could not be started (rc {start.returncode}):\n"
+                f"{start.stdout[-2000:]}\n{start.stderr[-2000:]}"
+            )
+        yield Path(slurm_setting("SlurmctldLogFile"))
+    finally:
+        subprocess.run(["bash", str(SLURM_DIR / "stop_slurm.sh"), state], check=False)
+
+
+@pytest.mark.slow
+def test_demo_pipeline_runs_through_the_slurm_profile(tmp_path, tiny_config, slurm_cluster):
+    from metsflow.phantom import make_demo_cohort
+
+    demo = tmp_path / "demo"
+    # Two patients: one validation, one seed; one CPU shard, one GPU shard.
+    make_demo_cohort(
+        demo, n_patients=2, n_timepoints=2, model_spacing=4.0, labelled_patients=2, seed=0
+    )
+    # Round 0 only (train, infer, evaluate, report): every rule kind incl. the GPU rules, fewer
+    # scheduling waves (each costs SLURM's ~10 s submit/poll cycle).
+    # Skull-stripped phantoms: nonzero brain mask, no co-registration (ANTs is not under test).
+    config = tiny_config(
+        demo,
+        active_learning={"rounds": 0},
+        preprocess={"coregister": "none", "brain_mask": "nonzero"},
+    )
+    results = tmp_path / "results"
+    cmd = [
+        "timeout", "-s", "KILL", str(PIPELINE_LIMIT_S),
+        sys.executable, "-m", "snakemake",
+        "--profile", "profiles/slurm",
+        "--configfile", str(config),
+        "--jobs", "4",
+        "--latency-wait", "5",
+        "--slurm-init-seconds-before-status-checks", "2",
+        "--slurm-logdir", str(tmp_path / "slurm_logs"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, (
+        f"snakemake via SLURM failed ({proc.returncode}):\n{output[-8000:]}"
+    )
+
+    # Every non-local job went through sbatch: Snakemake names the SLURM job id of each, and
+    # slurmctld allocated and completed each of those ids.
+    slurm_ids = re.findall(r"has been submitted with SLURM jobid (\d+)", output)
+    ctld_log = slurm_cluster.read_text()
+    # preprocess, register, train, infer, evaluate (plan, quarantine and report are local rules)
+    assert len(slurm_ids) >= 5, output[-4000:]
+    for job_id in slurm_ids:
+        assert re.search(rf"JobId={job_id} (done|WEXITSTATUS 0)", ctld_log), job_id
+    # Each submission names its SLURM log, which the plugin files under rule_<rule>/.
+    submitted_rules = set(re.findall(r"SLURM jobid \d+ \(log: \S*/(rule_\w+?)/", output))
+    assert {
+        "rule_preprocess_shard",
+        "rule_register_shard",
+        "rule_train_round",
+        "rule_infer_shard",
+    } <= submitted_rules, submitted_rules
+
+    # The GPU rules were given the node's (fake) GPU. slurmctld keeps finished jobs for MinJobAge
+    # (300 s), long enough to still show the last round's inference job.
+    jobs = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True)
+    gpu_rule_jobs = [
+        line
+        for line in jobs.stdout.splitlines()
+        if re.search(r"Comment=rule_(infer_shard|train_round)_", line)
+        and re.search(r"JobId=(\d+)", line).group(1) in slurm_ids
+    ]
+    assert gpu_rule_jobs, jobs.stdout[-3000:]
+    assert all("gres/gpu=1" in line for line in gpu_rule_jobs), gpu_rule_jobs
+    cpu_rule_jobs = [line for line in jobs.stdout.splitlines() if "Comment=rule_register" in line]
+    assert all("gres/gpu" not in line for line in cpu_rule_jobs)
+
+    # Outputs exist and are sane.
+    summary = results / "rounds/round_0/evaluation/summary.json"
+    assert summary.stat().st_size > 0
+    rounds = pd.read_csv(results / "report/rounds.tsv", sep="\t")
+    assert list(rounds["round"]) == [0]
+    preprocessed = pd.concat(
+        pd.read_csv(p, sep="\t") for p in (results / "preprocessed/shards").glob("*.tsv")
+    )
+    assert (preprocessed.status == "ok").all() and len(preprocessed) == 4
+
+
+def slurm_setting(name: str) -> str:
+    """A setting of the running slurmctld (the daemon may predate this test's slurm.conf)."""
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True)
+    match = re.search(rf"^{name}\s*=\s*(\S+)", config.stdout, re.MULTILINE)
+    assert match, f"scontrol show config has no {name}"
+    return match.group(1)
