@@ -21,7 +21,9 @@ Training ``params`` (model keys as in ``metsflow.models.network_spec``, plus):
     pos_neg_ratio ([1, 1]: lesion-centred vs brain-centred patches), num_workers (0 on CPU),
     aug_rotate_prob (0.2), aug_rotate_degrees (30), aug_zoom_prob (0.2), aug_zoom_range
     ([0.7, 1.4]), aug_scale_intensity_prob (0.15), aug_shift_intensity_prob (0.15),
-    aug_noise_prob (0.15), aug_flip_prob (0.5 per axis).
+    aug_noise_prob (0.15), aug_flip_prob (0.5 per axis), fictitious_prior (true: when the
+    channels include ``prior``, every sample's prior channel is a fictitious prior made from its
+    label, see ``metsflow.priors``; false: the study's real propagated prior is used).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from metsflow import labels as lab
 from metsflow.infer import sliding_window_predict
 from metsflow.io import atomic_path, write_table
 from metsflow.models import (
+    PRIOR,
     build_loss,
     build_network,
     check_channels,
@@ -60,6 +63,7 @@ from metsflow.models import (
     plain,
     save_checkpoint,
 )
+from metsflow.priors import RandFictitiousPriord
 from metsflow.runtime import seed_everything, select_device
 
 log = logging.getLogger(__name__)
@@ -88,6 +92,7 @@ DEFAULTS: dict[str, Any] = {
     "aug_shift_intensity_prob": 0.15,
     "aug_noise_prob": 0.15,
     "aug_flip_prob": 0.5,
+    "fictitious_prior": True,
 }
 # nnU-Net's SGD (Nesterov, momentum 0.99) and the usual Adam settings for 3D segmentation.
 OPTIMIZERS = {
@@ -170,7 +175,19 @@ def _sample_transform(params: dict):
     pos, neg = (float(v) for v in params["pos_neg_ratio"])
     angle = math.radians(float(params["aug_rotate_degrees"]))
     zoom_min, zoom_max = (float(v) for v in params["aug_zoom_range"])
-    transforms = [
+    transforms = []
+    channels = list(params["channels"])
+    if PRIOR in channels and params.get("fictitious_prior", True):
+        # Before cropping and spatial augmentation, so the prior moves with image and label.
+        transforms.append(
+            RandFictitiousPriord(
+                keys="image",
+                label_key="label",
+                prior_channel=channels.index(PRIOR),
+                lesion_classes=lesion_class_indices(params["label_mode"]),
+            )
+        )
+    transforms += [
         RandCropByPosNegLabeld(
             keys=keys,
             label_key="label",
