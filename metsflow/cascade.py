@@ -343,6 +343,7 @@ def study_candidates(
 ) -> StudyCandidates:
     """Candidates of one study: stage-1 components at ``proposal_threshold`` (+ the reference
     lesions themselves with ``add_reference``, for training)."""
+    params = resolve_params(params)
     reference = np.asarray(reference, dtype=bool)
     ref_cc, n_ref = cc3d.connected_components(
         reference.astype(np.uint8), connectivity=26, return_N=True
