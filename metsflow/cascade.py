@@ -222,9 +222,7 @@ def score_crops(network: nn.Module, crops: np.ndarray, batch_size: int = 32) -> 
     return np.concatenate(scores)
 
 
-def lesion_detection(
-    reference: np.ndarray, kept: np.ndarray
-) -> tuple[int, int, int, int]:
+def lesion_detection(reference: np.ndarray, kept: np.ndarray) -> tuple[int, int, int, int]:
     """``(reference lesions, of them hit by kept, kept components, of them false)``."""
     ref_cc, n_ref = cc3d.connected_components(
         np.asarray(reference, np.uint8), connectivity=26, return_N=True

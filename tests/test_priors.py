@@ -59,7 +59,9 @@ def test_rand_fictitious_prior_transform_writes_only_the_prior_channel():
     assert set(np.unique(out["image"][2])) <= {0.0, 1.0}
     assert out["image"][2].any()
     transform.set_random_state(seed=4)
-    np.testing.assert_array_equal(transform({"image": image, "label": label})["image"], out["image"])
+    np.testing.assert_array_equal(
+        transform({"image": image, "label": label})["image"], out["image"]
+    )
 
 
 def test_merge_takes_tracked_lesions_from_reseg_and_new_ones_from_cascade():

@@ -297,9 +297,7 @@ def run_train_stage2(
         out = []
         for item in items:
             inp, probs, _ = stage1_probabilities(networks, meta, item, infer, device)
-            reference = lab.whole_lesion(
-                load_study_input(item, ["t1c"], with_label=True)["label"]
-            )
+            reference = lab.whole_lesion(load_study_input(item, ["t1c"], with_label=True)["label"])
             out.append(
                 study_candidates(
                     item["study_id"],
