@@ -95,7 +95,7 @@ def fictitious_prior(
 
 
 class RandFictitiousPriord(Randomizable, MapTransform):
-    """Replace the prior channel of ``image`` by a fictitious prior made from the label.
+    """Write a fictitious prior made from the label into ``keys`` (channel-first, 1 channel).
 
     Runs on the whole cached volume before cropping and spatial augmentation, so the prior is
     cropped, rotated and flipped together with the image and label. ``lesion_classes``: the
@@ -105,7 +105,6 @@ class RandFictitiousPriord(Randomizable, MapTransform):
         self,
         keys: KeysCollection,
         label_key: str,
-        prior_channel: int,
         lesion_classes: Sequence[int],
         dilation: tuple[int, int] = DILATION_RANGE,
         erosion: tuple[int, int] = EROSION_RANGE,
@@ -113,7 +112,6 @@ class RandFictitiousPriord(Randomizable, MapTransform):
     ) -> None:
         MapTransform.__init__(self, keys)
         self.label_key = label_key
-        self.prior_channel = int(prior_channel)
         self.lesion_classes = list(lesion_classes)
         self.dilation = tuple(dilation)
         self.erosion = tuple(erosion)
@@ -134,10 +132,8 @@ class RandFictitiousPriord(Randomizable, MapTransform):
             self.erosion,
             self.translation,
         )
-        for key in self.key_iterator(out):
-            image = np.array(out[key], dtype=np.float32, copy=True)
-            image[self.prior_channel] = prior
-            out[key] = image
+        for key in self.keys:
+            out[key] = prior[None].astype(np.float32)
         return out
 
 

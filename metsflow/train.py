@@ -177,16 +177,25 @@ def _sample_transform(params: dict):
     zoom_min, zoom_max = (float(v) for v in params["aug_zoom_range"])
     transforms = []
     channels = list(params["channels"])
-    if PRIOR in channels and params.get("fictitious_prior", True):
-        # Before cropping and spatial augmentation, so the prior moves with image and label.
-        transforms.append(
-            RandFictitiousPriord(
-                keys="image",
-                label_key="label",
-                prior_channel=channels.index(PRIOR),
-                lesion_classes=lesion_class_indices(params["label_mode"]),
+    has_prior = PRIOR in channels
+    if has_prior:
+        # The prior travels as its own key: spatially transformed like the label (nearest
+        # neighbour, stays binary), untouched by intensity augmentation, put back at the end.
+        transforms.append(SplitChanneld("image", "prior", channels.index(PRIOR)))
+        if params.get("fictitious_prior", True):
+            # Before cropping and spatial augmentation, so it moves with image and label.
+            transforms.append(
+                RandFictitiousPriord(
+                    keys="prior",
+                    label_key="label",
+                    lesion_classes=lesion_class_indices(params["label_mode"]),
+                )
             )
-        )
+        keys = ["image", "label", "prior"]
+    interp = ("bilinear", "nearest", "nearest") if has_prior else ("bilinear", "nearest")
+    zoom_interp = ("trilinear", "nearest", "nearest") if has_prior else ("trilinear", "nearest")
+    padding = ("border", "zeros", "zeros") if has_prior else ("border", "zeros")
+    zoom_padding = ("edge", "constant", "constant") if has_prior else ("edge", "constant")
     transforms += [
         RandCropByPosNegLabeld(
             keys=keys,
@@ -204,16 +213,16 @@ def _sample_transform(params: dict):
             range_y=angle,
             range_z=angle,
             prob=float(params["aug_rotate_prob"]),
-            mode=("bilinear", "nearest"),
-            padding_mode=("border", "zeros"),
+            mode=interp,
+            padding_mode=padding,
         ),
         RandZoomd(
             keys=keys,
             prob=float(params["aug_zoom_prob"]),
             min_zoom=zoom_min,
             max_zoom=zoom_max,
-            mode=("trilinear", "nearest"),
-            padding_mode=("edge", "constant"),
+            mode=zoom_interp,
+            padding_mode=zoom_padding,
         ),
         RandScaleIntensityd(
             keys="image", factors=0.25, prob=float(params["aug_scale_intensity_prob"])
@@ -227,7 +236,37 @@ def _sample_transform(params: dict):
         RandFlipd(keys=keys, prob=float(params["aug_flip_prob"]), spatial_axis=axis)
         for axis in range(3)
     ]
+    if has_prior:
+        transforms.append(InsertChanneld("image", "prior", channels.index(PRIOR)))
     return Compose(transforms)
+
+
+class SplitChanneld(Transform):
+    """Move channel ``index`` of ``key`` into its own key ``to`` (channel-first)."""
+
+    def __init__(self, key: str, to: str, index: int) -> None:
+        self.key, self.to, self.index = key, to, int(index)
+
+    def __call__(self, data: dict) -> dict:
+        out = dict(data)
+        image = np.asarray(out[self.key])
+        out[self.to] = image[self.index : self.index + 1].copy()
+        out[self.key] = np.delete(image, self.index, axis=0)
+        return out
+
+
+class InsertChanneld(Transform):
+    """Inverse of ``SplitChanneld``: put key ``source`` back as channel ``index`` of ``key``."""
+
+    def __init__(self, key: str, source: str, index: int) -> None:
+        self.key, self.source, self.index = key, source, int(index)
+
+    def __call__(self, data: dict) -> dict:
+        out = dict(data)
+        image = torch.as_tensor(out[self.key])
+        channel = torch.as_tensor(out.pop(self.source), dtype=image.dtype)
+        out[self.key] = torch.cat([image[: self.index], channel, image[self.index :]], dim=0)
+        return out
 
 
 class PatchStream(torch.utils.data.Dataset):

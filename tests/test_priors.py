@@ -48,20 +48,19 @@ def test_fictitious_prior_stays_within_bounds():
     assert min(seen_shift) == -6 and max(seen_shift) == 6
 
 
-def test_rand_fictitious_prior_transform_writes_only_the_prior_channel():
+def test_rand_fictitious_prior_transform_is_binary_near_the_label_and_seeded():
     label = np.zeros((1, 32, 32, 32), np.uint8)
     label[0][ball((32, 32, 32), (16, 16, 16), 5)] = 1
-    image = np.random.default_rng(1).normal(size=(3, 32, 32, 32)).astype(np.float32)
-    transform = priors.RandFictitiousPriord("image", "label", prior_channel=2, lesion_classes=[1])
+    transform = priors.RandFictitiousPriord("prior", "label", lesion_classes=[1])
     transform.set_random_state(seed=4)
-    out = transform({"image": image, "label": label})
-    np.testing.assert_array_equal(out["image"][:2], image[:2])
-    assert set(np.unique(out["image"][2])) <= {0.0, 1.0}
-    assert out["image"][2].any()
+    out = transform({"label": label})
+    assert out["prior"].shape == label.shape
+    assert set(np.unique(out["prior"])) <= {0.0, 1.0} and out["prior"].any()
+    # Within dilation 6 + translation 6 per axis of the lesion.
+    near = ndimage.distance_transform_edt(~label[0].astype(bool)) <= 6 + 6 * np.sqrt(3)
+    assert not (out["prior"][0].astype(bool) & ~near).any()
     transform.set_random_state(seed=4)
-    np.testing.assert_array_equal(
-        transform({"image": image, "label": label})["image"], out["image"]
-    )
+    np.testing.assert_array_equal(transform({"label": label})["prior"], out["prior"])
 
 
 def test_merge_takes_tracked_lesions_from_reseg_and_new_ones_from_cascade():
