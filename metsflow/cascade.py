@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "learning_rate": 1e-3,
     "weight_decay": 1e-5,
     "proposal_threshold": 0.3,
+    "max_candidates": 200,  # per study (training): the most confident stage-1 components
     "target_sensitivity": 0.95,
     "seed": 0,
 }
@@ -142,9 +143,9 @@ def candidate_crops(
     crops = np.zeros((len(candidates), image.shape[0] + 2, *crop_size), dtype=np.float32)
     for n, cand in enumerate(candidates):
         crops[n, : image.shape[0]] = crop_at(image, cand.centroid, crop_size)
-        mask = (components == cand.index).astype(np.float32)[None]
-        crops[n, -2] = crop_at(mask, cand.centroid, crop_size)[0]
-        crops[n, -1] = crop_at(fg_prob[None].astype(np.float32), cand.centroid, crop_size)[0]
+        # Crop first, then compare: cost per candidate is the crop, not the volume.
+        crops[n, -2] = crop_at(components[None], cand.centroid, crop_size)[0] == cand.index
+        crops[n, -1] = crop_at(fg_prob[None], cand.centroid, crop_size)[0]
     return crops
 
 
@@ -348,11 +349,16 @@ def study_candidates(
     )
     proposal = fg_prob >= float(params["proposal_threshold"])
     components, cands = find_candidates(proposal, fg_prob, study_id, reference)
+    if len(cands) > int(params["max_candidates"]):
+        # A badly trained stage 1 can propose thousands of specks: keep the most confident.
+        cands = sorted(cands, key=lambda c: -c.max_prob)[: int(params["max_candidates"])]
     crops = candidate_crops(image, fg_prob, components, cands, params["crop_size"])
-    hits = [
-        sorted(int(v) for v in np.unique(ref_cc[(components == c.index) & (ref_cc > 0)]))
-        for c in cands
-    ]
+    both = (components > 0) & (ref_cc > 0)
+    pairs = np.unique(np.stack([components[both], ref_cc[both]]), axis=1)
+    hit_of: dict[int, list[int]] = {}
+    for comp, ref in pairs.T:
+        hit_of.setdefault(int(comp), []).append(int(ref))
+    hits = [sorted(hit_of.get(c.index, [])) for c in cands]
     sources = ["stage1"] * len(cands)
     if add_reference and n_ref:
         ref_comp, ref_cands = find_candidates(reference, fg_prob, study_id, reference)
