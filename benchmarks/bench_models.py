@@ -60,6 +60,10 @@ def prepare(cohort_dir: Path, prep_root: Path) -> pd.DataFrame:
     rows = []
     for row in sheet.itertuples():
         out = prep_root / row.study_id
+        prior = out / "prior.nii.gz" if int(row.timepoint) > 0 else None
+        if (out / "label.nii.gz").exists() and (prior is None or prior.exists()):
+            rows.append(_item(row, out, prior))  # prepared by an earlier run
+            continue
         study_dir = cohort_dir / row.patient_id / row.study_id
         t1c = nib.load(str(cohort_dir / row.t1c))
         brain = np.asarray(nib.load(str(study_dir / f"{row.study_id}_brainmask.nii.gz")).dataobj)
@@ -69,32 +73,33 @@ def prepare(cohort_dir: Path, prep_root: Path) -> pd.DataFrame:
             z = (data - data[brain].mean()) / (data[brain].std() + 1e-6)
             save_nifti(out / f"{seq}.nii.gz", np.where(brain, z, 0), t1c.affine, np.float32)
         save_nifti(out / "brain_mask.nii.gz", brain, t1c.affine, np.uint8)
-        label = np.asarray(nib.load(str(cohort_dir / row.label)).dataobj).astype(np.uint8)
-        save_nifti(out / "label.nii.gz", label, t1c.affine, np.uint8)
-        prior = None
-        if int(row.timepoint) > 0:
+        if prior is not None:
             previous = sheet[
                 (sheet.patient_id == row.patient_id)
                 & (sheet.timepoint == str(int(row.timepoint) - 1))
             ].iloc[0]
-            prior = out / "prior.nii.gz"
             save_nifti(
                 prior,
                 propagate(manifest, row.study_id, t1c, cohort_dir / previous.label),
                 t1c.affine,
                 np.uint8,
             )
-        rows.append(
-            {
-                "study_id": row.study_id,
-                "patient_id": row.patient_id,
-                "timepoint": int(row.timepoint),
-                "prep_dir": str(out),
-                "label": str(out / "label.nii.gz"),
-                "prior": str(prior) if prior else None,
-            }
-        )
+        # The label last: its presence marks a completely prepared study.
+        label = np.asarray(nib.load(str(cohort_dir / row.label)).dataobj).astype(np.uint8)
+        save_nifti(out / "label.nii.gz", label, t1c.affine, np.uint8)
+        rows.append(_item(row, out, prior))
     return pd.DataFrame(rows)
+
+
+def _item(row, out: Path, prior: Path | None) -> dict:
+    return {
+        "study_id": row.study_id,
+        "patient_id": row.patient_id,
+        "timepoint": int(row.timepoint),
+        "prep_dir": str(out),
+        "label": str(out / "label.nii.gz"),
+        "prior": str(prior) if prior else None,
+    }
 
 
 def propagate(manifest, study_id: str, target: nib.Nifti1Image, previous_label: Path):
