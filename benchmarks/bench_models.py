@@ -168,6 +168,11 @@ def profile_data_pipeline(train_items: list[dict], params: dict, samples: int = 
     return {"cache_s": cache_s, "sample_s": sample_s, "step_s": step_s, "batch": size}
 
 
+def show(rows: list[dict]) -> None:
+    """Print the rows so far (a long run shows each section as it completes)."""
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}"), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_models"))
@@ -298,137 +303,144 @@ def main() -> None:
             out.append((inp, probs, pred))
         return out
 
-    # ---- 1. cascade ---------------------------------------------------------------------------
-    seg = train("seg", items["train"], seg_params)
-    refs = {i["study_id"]: whole(i["label"]) for i in studies.to_dict("records")}
-    stage1 = {k: segment(seg, items[k]) for k in ("train", "val", "test")}
-    s2_params = {
-        "iterations": args.stage2_iterations,
-        "crop_size": [24, 24, 24],
-        "target_sensitivity": args.target_sensitivity,
-        "seed": args.seed,
-        "proposal_threshold": 0.3,
-    }
+    rows: list[dict] = []
+    s2_meta = None
+    if "cascade" in args.sections:
+        # ---- 1. cascade ---------------------------------------------------------------------------
+        seg = train("seg", items["train"], seg_params)
+        refs = {i["study_id"]: whole(i["label"]) for i in studies.to_dict("records")}
+        stage1 = {k: segment(seg, items[k]) for k in ("train", "val", "test")}
+        s2_params = {
+            "iterations": args.stage2_iterations,
+            "crop_size": [24, 24, 24],
+            "target_sensitivity": args.target_sensitivity,
+            "seed": args.seed,
+            "proposal_threshold": 0.3,
+        }
 
-    def cands(key, add_reference):
-        return [
-            study_candidates(
-                i["study_id"],
+        def cands(key, add_reference):
+            return [
+                study_candidates(
+                    i["study_id"],
+                    inp["image"],
+                    foreground_probability(probs, inp["brain"]),
+                    refs[i["study_id"]],
+                    s2_params,
+                    add_reference,
+                )
+                for i, (inp, probs, _) in zip(items[key], stage1[key], strict=True)
+            ]
+
+        t0 = time.perf_counter()
+        s2_meta = train_stage2(
+            cands("train", True),
+            cands("val", False),
+            seg_params["channels"],
+            s2_params,
+            models / "stage2.pt",
+        )
+        timings["stage2"] = time.perf_counter() - t0
+        from metsflow.cascade import load_stage2
+
+        s2_net, s2_meta = load_stage2(models / "stage2.pt")
+        test_refs = [refs[i["study_id"]] for i in items["test"]]
+        before, after, cascade_pred = [], [], {}
+        for item, (inp, probs, pred) in zip(items["test"], stage1["test"], strict=True):
+            filtered, _ = filter_prediction(
+                pred,
                 inp["image"],
                 foreground_probability(probs, inp["brain"]),
-                refs[i["study_id"]],
-                s2_params,
-                add_reference,
+                s2_net,
+                s2_meta,
+                item["study_id"],
             )
-            for i, (inp, probs, _) in zip(items[key], stage1[key], strict=True)
+            before.append(whole(pred))
+            after.append(whole(filtered))
+            cascade_pred[item["study_id"]] = filtered
+        for name, preds in (("stage 1", before), ("stage 1 + stage 2", after)):
+            m = detection(preds, test_refs)
+            rows.append(
+                {
+                    "experiment": "cascade (test studies)",
+                    "variant": name,
+                    "lesion sensitivity": m["sensitivity"],
+                    "lesion FDR": m["fdr"],
+                    "DSC": m["dsc"],
+                    "lesion F1": m["f1"],
+                    "lesions": m["lesions"],
+                }
+            )
+
+        # ---- 2. re-seg vs seg only on follow-ups -----------------------------------------------------
+        reseg = train("reseg", items["train"], reseg_params)
+        followups = [i for i in items["test"] if i["prior"]]
+        reseg_out = segment(reseg, followups)
+        fu_refs = [refs[i["study_id"]] for i in followups]
+        seg_only = [whole(cascade_pred[i["study_id"]]) for i in followups]
+        seg_raw = [
+            whole(p)
+            for i, (_, _, p) in zip(items["test"], stage1["test"], strict=True)
+            if i["prior"]
         ]
+        reseg_only, merged = [], []
+        for item, (inp, _, pred) in zip(followups, reseg_out, strict=True):
+            prior = inp["image"][1] > 0
+            reseg_only.append(whole(pred))
+            merged.append(whole(merge_followup(pred, cascade_pred[item["study_id"]], prior)[0]))
+        prior_only = [whole(load_study_input(i, ["prior"])["image"][0]) for i in followups]
+        for name, preds in (
+            ("prior alone (previous label)", prior_only),
+            ("seg only (stage 1)", seg_raw),
+            ("seg only (cascade)", seg_only),
+            ("re-seg alone", reseg_only),
+            ("re-seg + cascade merged", merged),
+        ):
+            m = detection(preds, fu_refs)
+            rows.append(
+                {
+                    "experiment": "follow-ups (test)",
+                    "variant": name,
+                    "lesion sensitivity": m["sensitivity"],
+                    "lesion FDR": m["fdr"],
+                    "DSC": m["dsc"],
+                    "lesion F1": m["f1"],
+                    "lesions": m["lesions"],
+                }
+            )
+        show(rows)
 
-    t0 = time.perf_counter()
-    s2_meta = train_stage2(
-        cands("train", True),
-        cands("val", False),
-        seg_params["channels"],
-        s2_params,
-        models / "stage2.pt",
-    )
-    timings["stage2"] = time.perf_counter() - t0
-    from metsflow.cascade import load_stage2
-
-    s2_net, s2_meta = load_stage2(models / "stage2.pt")
-    test_refs = [refs[i["study_id"]] for i in items["test"]]
-    before, after, cascade_pred = [], [], {}
-    for item, (inp, probs, pred) in zip(items["test"], stage1["test"], strict=True):
-        filtered, _ = filter_prediction(
-            pred,
-            inp["image"],
-            foreground_probability(probs, inp["brain"]),
-            s2_net,
-            s2_meta,
-            item["study_id"],
-        )
-        before.append(whole(pred))
-        after.append(whole(filtered))
-        cascade_pred[item["study_id"]] = filtered
-    rows = []
-    for name, preds in (("stage 1", before), ("stage 1 + stage 2", after)):
-        m = detection(preds, test_refs)
-        rows.append(
-            {
-                "experiment": "cascade (test studies)",
-                "variant": name,
-                "lesion sensitivity": m["sensitivity"],
-                "lesion FDR": m["fdr"],
-                "DSC": m["dsc"],
-                "lesion F1": m["f1"],
-                "lesions": m["lesions"],
-            }
-        )
-
-    # ---- 2. re-seg vs seg only on follow-ups -----------------------------------------------------
-    reseg = train("reseg", items["train"], reseg_params)
-    followups = [i for i in items["test"] if i["prior"]]
-    reseg_out = segment(reseg, followups)
-    fu_refs = [refs[i["study_id"]] for i in followups]
-    seg_only = [whole(cascade_pred[i["study_id"]]) for i in followups]
-    seg_raw = [
-        whole(p) for i, (_, _, p) in zip(items["test"], stage1["test"], strict=True) if i["prior"]
-    ]
-    reseg_only, merged = [], []
-    for item, (inp, _, pred) in zip(followups, reseg_out, strict=True):
-        prior = inp["image"][1] > 0
-        reseg_only.append(whole(pred))
-        merged.append(whole(merge_followup(pred, cascade_pred[item["study_id"]], prior)[0]))
-    prior_only = [whole(load_study_input(i, ["prior"])["image"][0]) for i in followups]
-    for name, preds in (
-        ("prior alone (previous label)", prior_only),
-        ("seg only (stage 1)", seg_raw),
-        ("seg only (cascade)", seg_only),
-        ("re-seg alone", reseg_only),
-        ("re-seg + cascade merged", merged),
-    ):
-        m = detection(preds, fu_refs)
-        rows.append(
-            {
-                "experiment": "follow-ups (test)",
-                "variant": name,
-                "lesion sensitivity": m["sensitivity"],
-                "lesion FDR": m["fdr"],
-                "DSC": m["dsc"],
-                "lesion F1": m["f1"],
-                "lesions": m["lesions"],
-            }
-        )
-
-    # ---- 3. fine-tune vs scratch at equal iterations -------------------------------------------
-    pre = train("pretrain_A", items["A"], seg_params)
-    ft_params = {**seg_params, "iterations": args.finetune_iterations}
-    for name, init in (("from scratch on B", None), ("fine-tuned A -> B", pre)):
-        path = train(name.replace(" ", "_").replace(">", ""), items["B"], ft_params, init)
-        preds = [whole(p) for _, _, p in segment(path, items["test"])]
-        m = detection(preds, test_refs)
-        rows.append(
-            {
-                "experiment": f"transfer, {args.finetune_iterations} it (test)",
-                "variant": name,
-                "lesion sensitivity": m["sensitivity"],
-                "lesion FDR": m["fdr"],
-                "DSC": m["dsc"],
-                "lesion F1": m["f1"],
-                "lesions": m["lesions"],
-            }
-        )
+    if "transfer" in args.sections:
+        # ---- 3. fine-tune vs scratch at equal iterations -------------------------------------------
+        pre = train("pretrain_A", items["A"], seg_params)
+        ft_params = {**seg_params, "iterations": args.finetune_iterations}
+        for name, init in (("from scratch on B", None), ("fine-tuned A -> B", pre)):
+            path = train(name.replace(" ", "_").replace(">", ""), items["B"], ft_params, init)
+            preds = [whole(p) for _, _, p in segment(path, items["test"])]
+            m = detection(preds, test_refs)
+            rows.append(
+                {
+                    "experiment": f"transfer, {args.finetune_iterations} it (test)",
+                    "variant": name,
+                    "lesion sensitivity": m["sensitivity"],
+                    "lesion FDR": m["fdr"],
+                    "DSC": m["dsc"],
+                    "lesion F1": m["f1"],
+                    "lesions": m["lesions"],
+                }
+            )
 
     table = pd.DataFrame(rows)
     pd.set_option("display.width", 200)
     print()
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(
-        f"\nstage-2 operating point (validation patient {val_p}): threshold "
-        f"{s2_meta['threshold']:.3f} for target sensitivity {args.target_sensitivity}; "
-        f"validation sensitivity {s2_meta['sensitivity_before']:.3f} -> "
-        f"{s2_meta['sensitivity_after']:.3f}, FDR {s2_meta['fdr_before']:.3f} -> "
-        f"{s2_meta['fdr_after']:.3f} ({s2_meta['n_candidates']} candidates)"
-    )
+    if s2_meta is not None:
+        print(
+            f"\nstage-2 operating point (validation patient {val_p}): threshold "
+            f"{s2_meta['threshold']:.3f} for target sensitivity {args.target_sensitivity}; "
+            f"validation sensitivity {s2_meta['sensitivity_before']:.3f} -> "
+            f"{s2_meta['sensitivity_after']:.3f}, FDR {s2_meta['fdr_before']:.3f} -> "
+            f"{s2_meta['fdr_after']:.3f} ({s2_meta['n_candidates']} candidates)"
+        )
     print("training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     print(f"total {time.perf_counter() - start:.0f} s")
     table.to_csv(args.out / "bench_models.tsv", sep="\t", index=False)
