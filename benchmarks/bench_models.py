@@ -274,6 +274,9 @@ def main() -> None:
     timings = {}
 
     def train(name, train_items, params, init=None):
+        if args.reuse_models and (models / f"{name}.pt").exists():
+            print(f"  reusing {models / f'{name}.pt'}", flush=True)
+            return models / f"{name}.pt"
         t0 = time.perf_counter()
         result = train_model(
             train_items,
@@ -371,6 +374,7 @@ def main() -> None:
                 }
             )
 
+        show(rows)
         # ---- 2. re-seg vs seg only on follow-ups -----------------------------------------------------
         reseg = train("reseg", items["train"], reseg_params)
         followups = [i for i in items["test"] if i["prior"]]
