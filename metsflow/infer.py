@@ -166,17 +166,17 @@ def uncertainty_scores(
     }
 
 
-def predict_study(
+def stage1_probabilities(
     networks: Sequence[nn.Module],
     meta: dict,
     item: dict,
-    out_root: str | os.PathLike,
     params: dict,
     device: torch.device,
-) -> dict[str, Any]:
-    """Segment one study with a loaded ensemble, write its outputs, return its row."""
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Read one study's input and segment it: ``(input, probs (C, ...), internal labels)``.
+
+    Labels and probabilities are zero (background) outside the brain mask."""
     study_id = str(item["study_id"])
-    start = time.perf_counter()
     inp = load_study_input(item, meta["channels"])
     brain = inp["brain"]
     if not brain.any():
@@ -188,16 +188,47 @@ def predict_study(
     probs = probs.numpy()
     classes = probs.argmax(axis=0)
     classes[~brain] = 0
-    pred = decode_classes(classes, meta["label_mode"])
+    return inp, probs, decode_classes(classes, meta["label_mode"])
+
+
+def foreground_probability(probs: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """``1 - p(background)``, zero outside the brain (float32)."""
     fg_prob = (1.0 - probs[0]).astype(np.float32)
     fg_prob[~brain] = 0.0
+    return fg_prob
+
+
+# Post-processing hook of predict_study: (item, input, probs, labels) -> (labels, extra row
+# fields); the cascade's stage 2 and the follow-up re-segmentation merge plug in here.
+PostProcess = Callable[[dict, dict, np.ndarray, np.ndarray], tuple[np.ndarray, dict]]
+
+
+def predict_study(
+    networks: Sequence[nn.Module],
+    meta: dict,
+    item: dict,
+    out_root: str | os.PathLike,
+    params: dict,
+    device: torch.device,
+    postprocess: PostProcess | None = None,
+) -> dict[str, Any]:
+    """Segment one study with a loaded ensemble, write its outputs, return its row."""
+    study_id = str(item["study_id"])
+    start = time.perf_counter()
+    inp, probs, pred = stage1_probabilities(networks, meta, item, params, device)
+    brain = inp["brain"]
+    extra: dict[str, Any] = {}
+    if postprocess is not None:
+        pred, extra = postprocess(item, inp, probs, pred)
+        pred[~brain] = 0
+    fg_prob = foreground_probability(probs, brain)
 
     affine = inp["affine"]
     voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
     out_dir = Path(out_root) / study_id
     save_nifti(out_dir / "pred.nii.gz", pred, affine, dtype=np.uint8)
     save_nifti(out_dir / "fg_prob.nii.gz", fg_prob, affine, dtype=np.float32)
-    row = {"study_id": study_id, **uncertainty_scores(probs, pred, brain, voxel_mm3)}
+    row = {"study_id": study_id, **uncertainty_scores(probs, pred, brain, voxel_mm3), **extra}
     row["seconds"] = round(time.perf_counter() - start, 3)
     return row
 

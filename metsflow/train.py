@@ -21,7 +21,9 @@ Training ``params`` (model keys as in ``metsflow.models.network_spec``, plus):
     pos_neg_ratio ([1, 1]: lesion-centred vs brain-centred patches), num_workers (0 on CPU),
     aug_rotate_prob (0.2), aug_rotate_degrees (30), aug_zoom_prob (0.2), aug_zoom_range
     ([0.7, 1.4]), aug_scale_intensity_prob (0.15), aug_shift_intensity_prob (0.15),
-    aug_noise_prob (0.15), aug_flip_prob (0.5 per axis).
+    aug_noise_prob (0.15), aug_flip_prob (0.5 per axis), fictitious_prior (true: when the
+    channels include ``prior``, every sample's prior channel is a fictitious prior made from its
+    label, see ``metsflow.priors``; false: the study's real propagated prior is used).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from metsflow import labels as lab
 from metsflow.infer import sliding_window_predict
 from metsflow.io import atomic_path, write_table
 from metsflow.models import (
+    PRIOR,
     build_loss,
     build_network,
     check_channels,
@@ -60,6 +63,7 @@ from metsflow.models import (
     plain,
     save_checkpoint,
 )
+from metsflow.priors import RandFictitiousPriord
 from metsflow.runtime import seed_everything, select_device
 
 log = logging.getLogger(__name__)
@@ -88,6 +92,7 @@ DEFAULTS: dict[str, Any] = {
     "aug_shift_intensity_prob": 0.15,
     "aug_noise_prob": 0.15,
     "aug_flip_prob": 0.5,
+    "fictitious_prior": True,
 }
 # nnU-Net's SGD (Nesterov, momentum 0.99) and the usual Adam settings for 3D segmentation.
 OPTIMIZERS = {
@@ -170,7 +175,28 @@ def _sample_transform(params: dict):
     pos, neg = (float(v) for v in params["pos_neg_ratio"])
     angle = math.radians(float(params["aug_rotate_degrees"]))
     zoom_min, zoom_max = (float(v) for v in params["aug_zoom_range"])
-    transforms = [
+    transforms = []
+    channels = list(params["channels"])
+    has_prior = PRIOR in channels
+    if has_prior:
+        # The prior travels as its own key: spatially transformed like the label (nearest
+        # neighbour, stays binary), untouched by intensity augmentation, put back at the end.
+        transforms.append(SplitChanneld("image", "prior", channels.index(PRIOR)))
+        if params.get("fictitious_prior", True):
+            # Before cropping and spatial augmentation, so it moves with image and label.
+            transforms.append(
+                RandFictitiousPriord(
+                    keys="prior",
+                    label_key="label",
+                    lesion_classes=lesion_class_indices(params["label_mode"]),
+                )
+            )
+        keys = ["image", "label", "prior"]
+    interp = ("bilinear", "nearest", "nearest") if has_prior else ("bilinear", "nearest")
+    zoom_interp = ("trilinear", "nearest", "nearest") if has_prior else ("trilinear", "nearest")
+    padding = ("border", "zeros", "zeros") if has_prior else ("border", "zeros")
+    zoom_padding = ("edge", "constant", "constant") if has_prior else ("edge", "constant")
+    transforms += [
         RandCropByPosNegLabeld(
             keys=keys,
             label_key="label",
@@ -187,16 +213,16 @@ def _sample_transform(params: dict):
             range_y=angle,
             range_z=angle,
             prob=float(params["aug_rotate_prob"]),
-            mode=("bilinear", "nearest"),
-            padding_mode=("border", "zeros"),
+            mode=interp,
+            padding_mode=padding,
         ),
         RandZoomd(
             keys=keys,
             prob=float(params["aug_zoom_prob"]),
             min_zoom=zoom_min,
             max_zoom=zoom_max,
-            mode=("trilinear", "nearest"),
-            padding_mode=("edge", "constant"),
+            mode=zoom_interp,
+            padding_mode=zoom_padding,
         ),
         RandScaleIntensityd(
             keys="image", factors=0.25, prob=float(params["aug_scale_intensity_prob"])
@@ -210,7 +236,37 @@ def _sample_transform(params: dict):
         RandFlipd(keys=keys, prob=float(params["aug_flip_prob"]), spatial_axis=axis)
         for axis in range(3)
     ]
+    if has_prior:
+        transforms.append(InsertChanneld("image", "prior", channels.index(PRIOR)))
     return Compose(transforms)
+
+
+class SplitChanneld(Transform):
+    """Move channel ``index`` of ``key`` into its own key ``to`` (channel-first)."""
+
+    def __init__(self, key: str, to: str, index: int) -> None:
+        self.key, self.to, self.index = key, to, int(index)
+
+    def __call__(self, data: dict) -> dict:
+        out = dict(data)
+        image = np.asarray(out[self.key])
+        out[self.to] = image[self.index : self.index + 1].copy()
+        out[self.key] = np.delete(image, self.index, axis=0)
+        return out
+
+
+class InsertChanneld(Transform):
+    """Inverse of ``SplitChanneld``: put key ``source`` back as channel ``index`` of ``key``."""
+
+    def __init__(self, key: str, source: str, index: int) -> None:
+        self.key, self.source, self.index = key, source, int(index)
+
+    def __call__(self, data: dict) -> dict:
+        out = dict(data)
+        image = torch.as_tensor(out[self.key])
+        channel = torch.as_tensor(out.pop(self.source), dtype=image.dtype)
+        out[self.key] = torch.cat([image[: self.index], channel, image[self.index :]], dim=0)
+        return out
 
 
 class PatchStream(torch.utils.data.Dataset):

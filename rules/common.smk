@@ -219,3 +219,62 @@ def report_targets():
         f"{RESULTS}/report/overlay_best.png",
         *evaluation_targets(),
     ]
+# Models of a round beyond stage 1 (rules/train.smk, rules/infer.smk): with train.folds = k > 1,
+# stage 1 is k patient-level fold models (fold 0 is model.pt), ensembled at inference;
+# train.stage2.enabled adds the cascade's candidate classifier, train.reseg.enabled the
+# re-segmentation model for follow-ups.
+TRAIN_FOLDS = int(config["train"].get("folds", 1))
+STAGE2_ENABLED = bool((config["train"].get("stage2") or {}).get("enabled", False))
+RESEG_ENABLED = bool((config["train"].get("reseg") or {}).get("enabled", False))
+
+
+def fold_model_path(r, fold):
+    fold = int(fold)
+    if fold == 0:
+        return model_path(r)
+    return f"{RESULTS}/rounds/round_{r}/model/fold_{fold}.pt"
+
+
+def stage1_model_paths(r):
+    return [fold_model_path(r, fold) for fold in range(TRAIN_FOLDS)]
+
+
+def stage2_model_path(r):
+    return f"{RESULTS}/rounds/round_{r}/model/stage2.pt"
+
+
+def reseg_model_path(r):
+    return f"{RESULTS}/rounds/round_{r}/model/reseg.pt"
+
+
+def fold_train_inputs(wildcards):
+    inputs = train_inputs(wildcards)
+    if "init" in inputs:
+        inputs["init"] = fold_model_path(int(wildcards.round) - 1, wildcards.fold)
+    return inputs
+
+
+def stage2_train_inputs(wildcards):
+    inputs = train_inputs(wildcards)
+    inputs.pop("init", None)
+    inputs["stage1"] = stage1_model_paths(wildcards.round)
+    return inputs
+
+
+def reseg_train_inputs(wildcards):
+    inputs = train_inputs(wildcards)
+    if "init" in inputs:
+        inputs["init"] = reseg_model_path(int(wildcards.round) - 1)
+    return inputs
+
+
+def cascade_infer_inputs(wildcards):
+    inputs = infer_inputs(wildcards)
+    r = int(wildcards.round)
+    if TRAIN_FOLDS > 1:
+        inputs["folds"] = stage1_model_paths(r)[1:]
+    if STAGE2_ENABLED:
+        inputs["stage2"] = stage2_model_path(r)
+    if RESEG_ENABLED:
+        inputs["reseg"] = [reseg_model_path(r)]
+    return inputs

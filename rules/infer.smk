@@ -1,10 +1,11 @@
-# Inference per GPU shard: the model loads once per job and segments every validation and pool
-# study of the shard; outputs go back to the native T1c grid.
+# Inference per GPU shard: the models load once per job and segment every validation and pool
+# study of the shard; outputs go back to the native T1c grid. Fold models, stage 2 and the
+# re-segmentation model join in when the train config enables them (rules/train.smk).
 
 
 rule infer_shard:
     input:
-        unpack(infer_inputs),
+        unpack(cascade_infer_inputs),
     output:
         manifest=f"{RESULTS}/rounds/round_{{round}}/predictions/shards/{{gpu_shard}}.tsv",
     log:

@@ -1,7 +1,8 @@
 # Round 0 trains on the labelled seed set; round r fine-tunes round r-1 on the seed set plus every
-# human-confirmed label of rounds 1..r.
-
-
+# human-confirmed label of rounds 1..r. With train.folds = k > 1, stage 1 is k patient-level fold
+# models (fold 0 is model.pt, so the rest of the workflow is unchanged), ensembled at inference.
+# train.stage2.enabled adds the cascade's candidate classifier, train.reseg.enabled the
+# re-segmentation model for follow-ups.
 rule train_round:
     input:
         unpack(train_inputs),
@@ -28,5 +29,95 @@ rule train_round:
         reg_root=f"{RESULTS}/registered",
         label_store=config["label_store"],
         seed=config["seed"],
+        fold=0,
+        folds=TRAIN_FOLDS,
     script:
         "../scripts/train_round.py"
+
+
+rule train_fold:
+    input:
+        unpack(fold_train_inputs),
+    output:
+        model=f"{RESULTS}/rounds/round_{{round}}/model/fold_{{fold}}.pt",
+        train_log=f"{RESULTS}/rounds/round_{{round}}/model/train_log_fold_{{fold}}.tsv",
+        summary=f"{RESULTS}/rounds/round_{{round}}/model/train_summary_fold_{{fold}}.json",
+    log:
+        f"{RESULTS}/logs/train/round_{{round}}_fold_{{fold}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train/round_{{round}}_fold_{{fold}}.tsv"
+    wildcard_constraints:
+        fold=r"[1-9]\d*",
+    conda:
+        "../envs/torch.yaml"
+    threads: config["threads"]["train"]
+    resources:
+        mem_mb=16000,
+        runtime=240,
+        gpu=1,
+    params:
+        model=config["model"],
+        train=config["train"],
+        spacing=config["preprocess"]["spacing"],
+        prep_root=f"{RESULTS}/preprocessed",
+        reg_root=f"{RESULTS}/registered",
+        seed=config["seed"],
+        fold=lambda wc: int(wc.fold),
+        folds=TRAIN_FOLDS,
+    script:
+        "../scripts/train_round.py"
+
+
+rule train_stage2:
+    input:
+        unpack(stage2_train_inputs),
+    output:
+        model=f"{RESULTS}/rounds/round_{{round}}/model/stage2.pt",
+        summary=f"{RESULTS}/rounds/round_{{round}}/model/stage2_summary.json",
+    log:
+        f"{RESULTS}/logs/train/round_{{round}}_stage2.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train/round_{{round}}_stage2.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: config["threads"]["train"]
+    resources:
+        mem_mb=16000,
+        runtime=120,
+        gpu=1,
+    params:
+        train=config["train"],
+        infer=config["infer"],
+        prep_root=f"{RESULTS}/preprocessed",
+        reg_root=f"{RESULTS}/registered",
+        seed=config["seed"],
+    script:
+        "../scripts/train_stage2.py"
+
+
+rule train_reseg:
+    input:
+        unpack(reseg_train_inputs),
+    output:
+        model=f"{RESULTS}/rounds/round_{{round}}/model/reseg.pt",
+        train_log=f"{RESULTS}/rounds/round_{{round}}/model/reseg_train_log.tsv",
+    log:
+        f"{RESULTS}/logs/train/round_{{round}}_reseg.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train/round_{{round}}_reseg.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: config["threads"]["train"]
+    resources:
+        mem_mb=16000,
+        runtime=240,
+        gpu=1,
+    params:
+        model=config["model"],
+        train=config["train"],
+        spacing=config["preprocess"]["spacing"],
+        prep_root=f"{RESULTS}/preprocessed",
+        reg_root=f"{RESULTS}/registered",
+        seed=config["seed"],
+    script:
+        "../scripts/train_reseg.py"

@@ -1,4 +1,4 @@
-"""Snakemake entry point: segment the studies of one GPU shard with one round's model."""
+"""Snakemake entry point: segment the studies of one GPU shard with one round's model(s)."""
 
 from metsflow.jobs.infer import run_infer_shard
 from metsflow.jobs.logs import job_logging
@@ -14,4 +14,7 @@ with job_logging(snakemake.log[0]):
         out_root=snakemake.params.out_root,
         manifest=snakemake.output.manifest,
         threads=snakemake.threads,
+        fold_models=list(snakemake.input.get("folds", [])),
+        stage2_model=snakemake.input.get("stage2"),
+        reseg_models=list(snakemake.input.get("reseg", [])) or None,
     )

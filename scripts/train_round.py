@@ -1,4 +1,4 @@
-"""Snakemake entry point: train round 0, or fine-tune round r on the confirmed labels."""
+"""Snakemake entry point: train round 0 (one fold), or fine-tune round r on confirmed labels."""
 
 from metsflow.jobs.logs import job_logging
 from metsflow.jobs.train import run_train_round
@@ -20,4 +20,6 @@ with job_logging(snakemake.log[0]):
         out_log=snakemake.output.train_log,
         out_summary=snakemake.output.summary,
         threads=snakemake.threads,
+        fold=int(snakemake.params.fold),
+        folds=int(snakemake.params.folds),
     )

@@ -1,7 +1,10 @@
 """Segment the validation and pool studies of one GPU shard with one round's model.
 
-The model is loaded once per job (a shard of tens of studies), then every study is segmented on
-its preprocessed grid and mapped back to its native T1c grid.
+The models are loaded once per job (a shard of tens of studies), then every study is segmented
+on its preprocessed grid and mapped back to its native T1c grid. Stage 1 is the round's model,
+or the ensemble of its fold models; when the round trained them, stage 2 filters the stage-1
+lesions and, on follow-ups with a propagated prior, the re-segmentation model's tracked lesions
+are merged with the cascade's new lesions (``metsflow.postprocess``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ SCORE_COLUMNS = [
     "lesion_entropies",
     "lesion_count",
     "lesion_volume_mm3",
+    "stage1_lesions",
+    "stage2_removed",
+    "tracked_lesions",
+    "new_lesions",
 ]
 
 
@@ -37,15 +44,25 @@ def run_infer_shard(
     out_root: str,
     manifest: str,
     threads: int = 1,
+    fold_models: list[str] | None = None,
+    stage2_model: str | None = None,
+    reseg_models: list[str] | None = None,
 ) -> list[dict]:
-    """``studies``: plan rows (study_id, patient_id, role) of the shard to segment."""
+    """``studies``: plan rows (study_id, patient_id, role) of the shard to segment.
+
+    ``fold_models``: further stage-1 fold checkpoints, ensembled with ``model_path``;
+    ``stage2_model`` / ``reseg_models``: the cascade's stage 2 and the re-seg model(s)."""
     from metsflow.infer import load_ensemble, predict_study
+    from metsflow.postprocess import CascadePostProcess
     from metsflow.preprocess import to_native
 
     set_threads(threads)
     device = select_device(settings.get("device", "auto"))
     ok = set(read_manifests(preprocess_manifests).query("status == 'ok'").study_id)
-    networks, meta = load_ensemble([model_path], device=device)
+    networks, meta = load_ensemble([model_path, *(fold_models or [])], device=device)
+    postprocess = CascadePostProcess.from_checkpoints(
+        meta["channels"], stage2_model, reseg_models, settings, device
+    )
     rows = []
     for record in studies:
         study_id, patient = record["study_id"], record["patient_id"]
@@ -61,7 +78,7 @@ def run_infer_shard(
             "prior": str(prior) if prior.exists() else None,
         }
         try:
-            scores = predict_study(networks, meta, item, out_root, settings, device)
+            scores = predict_study(networks, meta, item, out_root, settings, device, postprocess)
             pred_path = Path(out_root) / study_id / "pred.nii.gz"
             native = to_native(np.asarray(nib.load(str(pred_path)).dataobj), prep_dir)
             save_nifti(

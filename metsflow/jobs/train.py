@@ -1,4 +1,16 @@
-"""Train round 0 on the seed set, or fine-tune round r on the seed set + confirmed labels."""
+"""Train round 0 on the seed set, or fine-tune round r on the seed set + confirmed labels.
+
+Per round up to three kinds of model are trained (``train:`` config):
+* stage 1, the segmentation network, once per patient-level fold (``folds``; 1 = one model on
+  every labelled study, validated on the plan's validation studies; k > 1 = fold ``f`` trains on
+  the labelled studies of the other folds and validates on its own, the k models form the
+  inference ensemble);
+* stage 2 (``stage2.enabled``), the candidate classifier of the cascade, on the round's stage-1
+  ensemble's candidates (``metsflow.cascade``);
+* re-segmentation (``reseg.enabled``), a segmentation network with the ``prior`` channel trained
+  with fictitious priors and validated on follow-ups with their real propagated prior.
+Each is fine-tuned in round r from its round r-1 version.
+"""
 
 from __future__ import annotations
 
@@ -34,13 +46,44 @@ def label_to_grid(label_path: str | Path, reference_path: str | Path) -> np.ndar
     return sampled.reshape(reference.shape[:3]).astype(np.uint8)
 
 
+# Sub-sections of ``train:`` that configure other models, not stage-1 training.
+_NOT_STAGE1 = ("folds", "stage2", "reseg")
+
+
 def training_params(
     model: dict, train: dict, spacing: list[float], seed: int, round_index: int
 ) -> dict:
+    train = {k: v for k, v in train.items() if k not in _NOT_STAGE1}
     params = {**model, **train, "spacing": list(spacing), "seed": seed + round_index}
     if round_index > 0:
-        params["iterations"] = train.get("finetune_iterations", train["iterations"])
+        params["iterations"] = params.get("finetune_iterations", params["iterations"])
     return params
+
+
+def reseg_params(model: dict, train: dict, spacing, seed: int, round_index: int) -> dict:
+    """Training params of the re-seg model: ``model``/``train`` with the ``train.reseg``
+    overrides (``channels``, default T1c + prior + T2; ``iterations``, ``finetune_iterations``
+    and any other model or training key)."""
+    overrides = {k: v for k, v in (train.get("reseg") or {}).items() if k != "enabled"}
+    overrides.setdefault("channels", ["t1c", "prior", "t2"])
+    params = training_params({**model, **train, **overrides}, {}, spacing, seed, round_index)
+    params = {k: v for k, v in params.items() if k not in _NOT_STAGE1}
+    params.pop("finetune_iterations", None)
+    params["fictitious_prior"] = True
+    return params
+
+
+def fold_split(
+    train_items: list[dict], plan: pd.DataFrame, fold: int, folds: int, seed: int
+) -> tuple[list[dict], list[dict]]:
+    """Fold ``fold`` of a patient-level ``folds``-fold split of ``train_items``."""
+    from metsflow.splits import patient_kfold
+
+    patient_of = dict(zip(plan.study_id, plan.patient_id, strict=True))
+    study_to_patient = {i["study_id"]: patient_of[i["study_id"]] for i in train_items}
+    train_ids, val_ids = patient_kfold(study_to_patient, folds, seed)[fold]
+    by_id = {i["study_id"]: i for i in train_items}
+    return [by_id[s] for s in train_ids], [by_id[s] for s in val_ids]
 
 
 def build_items(
@@ -87,6 +130,8 @@ def run_train_round(
     out_log: str,
     out_summary: str,
     threads: int = 1,
+    fold: int = 0,
+    folds: int = 1,
 ) -> dict:
     from metsflow.train import train_model
 
@@ -109,6 +154,15 @@ def run_train_round(
         len(confirmed),
         len(val_items),
     )
+    if folds > 1:
+        train_items, val_items = fold_split(train_items, plan, fold, folds, seed)
+        log.info(
+            "fold %d/%d: %d training, %d validation studies (patient-level split)",
+            fold + 1,
+            folds,
+            len(train_items),
+            len(val_items),
+        )
     params = training_params(model, train, spacing, seed, round_index)
     new_labels = _labels_of_round(annotation_tables[-1]) if annotation_tables else None
     if round_index > 0 and not new_labels:
@@ -137,10 +191,148 @@ def run_train_round(
     summary = {
         **result,
         "round": round_index,
+        "fold": fold,
+        "folds": folds,
         "n_train": len(train_items),
         "n_confirmed": len(confirmed),
         "train_studies": sorted(item["study_id"] for item in train_items),
     }
+    write_json(out_summary, summary)
+    return summary
+
+
+def run_train_reseg(
+    round_index: int,
+    plan_path: str,
+    preprocess_manifests: list[str],
+    annotation_tables: list[str],
+    init_checkpoint: str | None,
+    model: dict,
+    train: dict,
+    spacing: list[float],
+    seed: int,
+    prep_root: str,
+    reg_root: str,
+    out_model: str,
+    out_log: str,
+    threads: int = 1,
+) -> dict:
+    """Train (round 0) or fine-tune the re-segmentation model on the labelled studies.
+
+    Training priors are fictitious (made from each study's label); validation uses the plan's
+    validation follow-ups with their real propagated prior."""
+    from metsflow.train import train_model
+
+    set_threads(threads)
+    plan = pd.read_csv(plan_path, sep="\t", dtype=str, keep_default_na=False)
+    ok = set(read_manifests(preprocess_manifests).query("status == 'ok'").study_id)
+    confirmed = _confirmed_labels_on_prep_grid(
+        annotation_tables, ok, prep_root, Path(out_model).parent / "train_labels_reseg"
+    )
+    train_items, val_items = build_items(plan, ok, prep_root, reg_root, confirmed)
+    if not train_items:
+        raise RuntimeError(f"round {round_index}: no labelled study to train re-seg on")
+    val_items = [i for i in val_items if i["prior"]]
+    params = reseg_params(model, train, spacing, seed, round_index)
+    log.info(
+        "re-seg round %d: %d training studies, %d validation follow-ups, channels %s",
+        round_index,
+        len(train_items),
+        len(val_items),
+        params["channels"],
+    )
+    result = train_model(
+        train_items,
+        val_items,
+        params,
+        out_model,
+        init_checkpoint=init_checkpoint,
+        log_path=out_log,
+        device=train.get("device", "auto"),
+    )
+    return {**result, "round": round_index, "n_train": len(train_items)}
+
+
+def run_train_stage2(
+    round_index: int,
+    plan_path: str,
+    preprocess_manifests: list[str],
+    annotation_tables: list[str],
+    stage1_models: list[str],
+    train: dict,
+    infer: dict,
+    seed: int,
+    prep_root: str,
+    reg_root: str,
+    out_model: str,
+    out_summary: str,
+    threads: int = 1,
+) -> dict:
+    """Train the stage-2 candidate classifier on the round's stage-1 ensemble's candidates.
+
+    Training candidates come from the labelled training studies, the operating point from the
+    plan's validation studies (``metsflow.cascade``)."""
+    import torch
+
+    from metsflow import labels as lab
+    from metsflow.cascade import study_candidates, train_stage2
+    from metsflow.infer import foreground_probability, load_ensemble, stage1_probabilities
+    from metsflow.models import load_study_input
+    from metsflow.runtime import select_device
+
+    set_threads(threads)
+    torch.manual_seed(seed)
+    params = {**(train.get("stage2") or {}), "seed": seed + round_index}
+    params.pop("enabled", None)
+    plan = pd.read_csv(plan_path, sep="\t", dtype=str, keep_default_na=False)
+    ok = set(read_manifests(preprocess_manifests).query("status == 'ok'").study_id)
+    confirmed = _confirmed_labels_on_prep_grid(
+        annotation_tables, ok, prep_root, Path(out_model).parent / "train_labels_stage2"
+    )
+    train_items, val_items = build_items(plan, ok, prep_root, reg_root, confirmed)
+    device = select_device(infer.get("device", "auto"))
+    networks, meta = load_ensemble(stage1_models, device=device)
+
+    def candidates(items: list[dict], add_reference: bool) -> list:
+        out = []
+        for item in items:
+            inp, probs, _ = stage1_probabilities(networks, meta, item, infer, device)
+            reference = lab.whole_lesion(load_study_input(item, ["t1c"], with_label=True)["label"])
+            out.append(
+                study_candidates(
+                    item["study_id"],
+                    inp["image"],
+                    foreground_probability(probs, inp["brain"]),
+                    reference,
+                    params,
+                    add_reference,
+                )
+            )
+        return out
+
+    stage2_meta = train_stage2(
+        candidates(train_items, True),
+        candidates(val_items, False),
+        meta["channels"],
+        params,
+        out_model,
+        stage1_checkpoint=",".join(stage1_models),
+    )
+    summary = {
+        k: stage2_meta[k]
+        for k in (
+            "threshold",
+            "target_sensitivity",
+            "sensitivity_before",
+            "sensitivity_after",
+            "fdr_before",
+            "fdr_after",
+            "n_candidates",
+            "n_reference_lesions",
+            "final_loss",
+        )
+    }
+    summary.update(round=round_index, n_train=len(train_items), n_val=len(val_items))
     write_json(out_summary, summary)
     return summary
 

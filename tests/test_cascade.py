@@ -1,0 +1,107 @@
+"""Stage 2 of the cascade: candidates, operating point, filtering at a threshold, checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from metsflow import cascade
+
+
+def ball(shape, centre, radius):
+    grid = np.indices(shape)
+    return sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2
+
+
+SHAPE = (40, 40, 40)
+
+
+def two_lesion_prediction():
+    pred = np.zeros(SHAPE, np.uint8)
+    pred[ball(SHAPE, (10, 10, 10), 6)] = 2  # edema of lesion A
+    pred[ball(SHAPE, (10, 10, 10), 3)] = 1
+    pred[ball(SHAPE, (30, 30, 30), 6)] = 2  # edema of lesion B
+    pred[ball(SHAPE, (30, 30, 30), 3)] = 3
+    return pred
+
+
+class FixedScores(torch.nn.Module):
+    """Stand-in classifier: logit from the candidate's position (left half: high score)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        # Channel -2 is the candidate mask; crops are centred, so use the fg-prob channel mean.
+        return (x[:, -1].mean(dim=(1, 2, 3)) * 100 - 1).unsqueeze(1) + self.dummy * 0
+
+
+def test_filter_removes_candidates_below_threshold_with_their_edema():
+    pred = two_lesion_prediction()
+    fg_prob = np.zeros(SHAPE, np.float32)
+    fg_prob[ball(SHAPE, (10, 10, 10), 3)] = 0.9  # A confident, B not
+    image = np.zeros((1, *SHAPE), np.float32)
+    meta = {"threshold": 0.5, "params": {"crop_size": [16, 16, 16]}}
+    filtered, cands = cascade.filter_prediction(pred, image, fg_prob, FixedScores(), meta, "S")
+    assert len(cands) == 2
+    scores = sorted(c.score for c in cands)
+    assert scores[0] < 0.5 < scores[1]
+    np.testing.assert_array_equal(filtered[:20, :20, :20], pred[:20, :20, :20])
+    assert not filtered[20:, 20:, 20:].any()  # lesion B and its edema are gone
+    # Threshold 0 keeps everything.
+    kept, _ = cascade.filter_prediction(
+        pred, image, fg_prob, FixedScores(), {**meta, "threshold": 0.0}
+    )
+    np.testing.assert_array_equal(kept, pred)
+
+
+def test_choose_threshold_meets_target_sensitivity():
+    # 4 reference lesions; candidates: scores with hits (empty = false positive).
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.3, 0.2, 0.1])
+    hits = [[1], [], [2], [3], [], [4], []]
+    full = cascade.choose_threshold(scores, hits, 4, target=1.0)
+    assert full["threshold"] == pytest.approx(0.2)
+    assert full["sensitivity_after"] == 1.0 and full["fdr_after"] == pytest.approx(2 / 6)
+    assert full["fdr_before"] == pytest.approx(3 / 7)
+    part = cascade.choose_threshold(scores, hits, 4, target=0.75)
+    assert part["threshold"] == pytest.approx(0.6)
+    assert part["sensitivity_after"] == 0.75 and part["fdr_after"] == pytest.approx(1 / 4)
+    # Stage 1 itself finds only 3 of 5: the goal becomes stage 1's sensitivity.
+    capped = cascade.choose_threshold(scores, hits, 5, target=0.95)
+    assert capped["sensitivity_after"] == capped["sensitivity_before"] == 0.8
+
+
+def test_crop_at_pads_outside_the_volume():
+    volume = np.arange(27, dtype=np.float32).reshape(1, 3, 3, 3) + 1
+    crop = cascade.crop_at(volume, (0, 0, 0), (4, 4, 4))
+    assert crop.shape == (1, 4, 4, 4)
+    assert crop[0, 2, 2, 2] == volume[0, 0, 0, 0] and crop[0, 0, 0, 0] == 0
+
+
+def test_train_stage2_writes_checkpoint_with_operating_point(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(1, *SHAPE)).astype(np.float32) * 0.1
+    reference = ball(SHAPE, (10, 10, 10), 3) | ball(SHAPE, (30, 10, 30), 3)
+    image[0][reference] += 3.0  # real lesions are bright
+    fg_prob = np.zeros(SHAPE, np.float32)
+    fg_prob[reference] = 0.8
+    fg_prob[ball(SHAPE, (30, 30, 10), 2)] = 0.6  # a dark false positive
+    params = {"crop_size": [16, 16, 16], "filters": [4, 8], "iterations": 15, "batch_size": 4}
+    study = cascade.study_candidates("S", image, fg_prob, reference, params, add_reference=True)
+    assert study.n_reference == 2
+    assert sorted(study.labels.tolist()) == [0, 1, 1, 1, 1]  # 3 stage-1 + 2 reference
+    assert study.sources.count("reference") == 2
+    val = cascade.study_candidates("S", image, fg_prob, reference, params, add_reference=False)
+    out = tmp_path / "stage2.pt"
+    meta = cascade.train_stage2([study], [val], ["t1c"], params, out)
+    assert meta["sensitivity_after"] >= min(0.95, meta["sensitivity_before"])
+    assert meta["fdr_after"] <= meta["fdr_before"]
+    network, loaded = cascade.load_stage2(out, ["t1c"])
+    assert loaded["threshold"] == meta["threshold"]
+    with pytest.raises(ValueError, match="channels"):
+        cascade.load_stage2(out, ["t1c", "prior"])
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a stage-2 checkpoint"):
+        cascade.load_stage2(tmp_path / "junk.pt")
