@@ -219,6 +219,8 @@ def report_targets():
         f"{RESULTS}/report/overlay_best.png",
         *evaluation_targets(),
     ]
+
+
 # Models of a round beyond stage 1 (rules/train.smk, rules/infer.smk): with train.folds = k > 1,
 # stage 1 is k patient-level fold models (fold 0 is model.pt), ensembled at inference;
 # train.stage2.enabled adds the cascade's candidate classifier, train.reseg.enabled the
