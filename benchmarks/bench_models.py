@@ -183,6 +183,14 @@ def main() -> None:
     ap.add_argument("--target-sensitivity", type=float, default=0.9)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--sections",
+        default="cascade,transfer",
+        help="cascade (stage 1/2 + re-seg follow-ups), transfer",
+    )
+    ap.add_argument(
+        "--reuse-models", action="store_true", help="use models an earlier run left in --out"
+    )
     ap.add_argument("--profile-only", action="store_true", help="only the data-pipeline profile")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -113,7 +113,10 @@ def test_demo_pipeline_runs_through_the_slurm_profile(tmp_path, tiny_config, slu
         and re.search(r"JobId=(\d+)", line).group(1) in slurm_ids
     ]
     assert gpu_rule_jobs, jobs.stdout[-3000:]
-    assert all("gres/gpu=1" in line for line in gpu_rule_jobs), gpu_rule_jobs
+    # SLURM 22.05 logs the request as TresPerJob=gres:gpu:1, newer releases as gres/gpu=1.
+    assert all("gres:gpu:1" in line or "gres/gpu=1" in line for line in gpu_rule_jobs), (
+        gpu_rule_jobs
+    )
     cpu_rule_jobs = [line for line in jobs.stdout.splitlines() if "Comment=rule_register" in line]
     assert all("gres/gpu" not in line for line in cpu_rule_jobs)
 
