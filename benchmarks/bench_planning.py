@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -22,25 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from metsflow.plan import dry_run_job_counts as job_counts
+
 REPO = Path(__file__).resolve().parents[1]
 TARGET_SECONDS = 15.0
 TARGET_RSS_GB = 1.0
 TARGET_JOBS = 3000
-
-
-def job_counts(stdout: str) -> dict[str, int]:
-    """Parse Snakemake's 'Job stats' table (rule, count) from a dry run."""
-    counts: dict[str, int] = {}
-    if "Job stats:" not in stdout:
-        return counts
-    for line in stdout.split("Job stats:", 1)[1].splitlines()[3:]:
-        match = re.match(r"^(\S+)\s+(\d+)\s*$", line)
-        if not match:
-            if counts:
-                break
-            continue
-        counts[match.group(1)] = int(match.group(2))
-    return counts
 
 
 def dry_run(sheet: Path, workdir: Path, extra: list[str]) -> tuple[float, float, float, str]:

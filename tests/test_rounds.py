@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import REPO, run_snakemake
-from test_workflow import job_counts
+
+from metsflow.plan import dry_run_job_counts as job_counts
 
 PROFILE = ["--profile", "profiles/local", "--cores", "2"]
 ROUND0_STATE = ("plan", "preprocessed", "registered", "qc", "rounds/round_0")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 import time
 
@@ -14,22 +13,9 @@ from conftest import run_snakemake
 from test_report import check_evaluation_outputs
 
 from metsflow.cohort import synthetic_sheet
+from metsflow.plan import dry_run_job_counts as job_counts
 
 COHORT_SIZE = 11_892
-
-
-def job_counts(stdout: str) -> dict[str, int]:
-    """Parse Snakemake's 'Job stats' table from a dry run."""
-    counts = {}
-    block = stdout.split("Job stats:", 1)[1]
-    for line in block.splitlines()[3:]:
-        match = re.match(r"^(\S+)\s+(\d+)\s*$", line)
-        if not match:
-            if counts:
-                break
-            continue
-        counts[match.group(1)] = int(match.group(2))
-    return counts
 
 
 def test_dry_run_plans_the_full_cohort(tmp_path):
