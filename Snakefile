@@ -36,4 +36,4 @@ include: "rules/report.smk"
 rule all:
     default_target: True
     input:
-        final_targets(),
+        final_targets,

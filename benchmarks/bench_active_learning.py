@@ -3,7 +3,7 @@
 Runs the real workflow (``snakemake round_<K>``) in simulated-annotator mode once per strategy,
 with the same seed, cohort, round-0 model and labelling budget, and prints validation Dice and
 lesion F1 per number of labelled training studies, plus the difference to random measured in this
-same run. Sized for 2 CPU cores: a small phantom at 4 mm, a small DynUNet and few iterations; the
+same run. Sized for 2 CPU cores: a small phantom at 3 mm, a small DynUNet and few iterations; the
 settings are printed with the figures. Round 0 (preprocessing, the seed model and its pool
 predictions) is computed once and copied, so both strategies start from identical state; rounds
 1..K of the strategies then run side by side. An interrupted run resumes (same --out).
@@ -40,7 +40,11 @@ def workflow_config(args, demo: Path, work: Path, strategy: str) -> dict:
         "validation": {"fraction": 0.5},
         # Skull-free, co-registered phantoms: no atlas brain mask or rigid co-registration to
         # spend the 2 cores on; the comparison is about the labels, not preprocessing.
-        "preprocess": {"spacing": [4.0, 4.0, 4.0], "coregister": "none", "brain_mask": "nonzero"},
+        "preprocess": {
+            "spacing": [args.spacing] * 3,
+            "coregister": "none",
+            "brain_mask": "nonzero",
+        },
         "model": {"filters": [8, 16, 32], "patch_size": [32, 32, 32]},
         "train": {
             "iterations": args.iterations,
@@ -118,8 +122,9 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=16)
     parser.add_argument("--timepoints", type=int, default=1)
     parser.add_argument("--labelled-patients", type=int, default=6)
-    parser.add_argument("--iterations", type=int, default=60)
-    parser.add_argument("--finetune-iterations", type=int, default=30)
+    parser.add_argument("--spacing", type=float, default=3.0, help="model grid, mm")
+    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--finetune-iterations", type=int, default=150)
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -136,7 +141,7 @@ def main() -> None:
             n_patients=args.patients,
             n_timepoints=args.timepoints,
             native_spacing=(2.0, 2.0, 4.0),
-            model_spacing=4.0,
+            model_spacing=args.spacing,
             labelled_patients=args.labelled_patients,
             skull=False,
             separate_grids=False,
@@ -147,7 +152,7 @@ def main() -> None:
     print(
         f"settings: phantom {args.patients} patients x {args.timepoints} time points "
         f"({args.labelled_patients} labelled: seed + validation; skull-free, native 2x2x4 mm), "
-        f"model grid 4 mm, no co-registration, DynUNet filters 8/16/32, "
+        f"model grid {args.spacing:g} mm, no co-registration, DynUNet filters 8/16/32, "
         f"patch 32^3, {args.iterations} iterations round 0, {args.finetune_iterations} per "
         f"fine-tune, {args.rounds} rounds x batch {args.batch_size} (per_patient_max 1), "
         f"seed {args.seed}, {args.cores} cores per strategy"

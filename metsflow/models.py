@@ -231,6 +231,47 @@ class TverskyBCELoss(nn.Module):
         return self.tversky(logits, target) + self.bce(fg_logit, fg_target)
 
 
+class NestedRegionDiceLoss(nn.Module):
+    """``base(logits, target)`` plus a soft Dice on nested label *regions* of the same softmax.
+
+    A region's probability is the sum of its classes' softmax probabilities: the whole lesion
+    (enhancing + necrosis) and the whole abnormality (+ edema). Why: with per-class terms only,
+    a multi-class network first finds the lesion blob and parks all of it in one class (here
+    edema, whose outline is the largest); leaving that partial optimum takes hundreds of
+    iterations more (on the CPU demo: validation lesion Dice 0.00 at 400 iterations, 0.28 at
+    500). The region terms reward "lesion vs not" directly, as nnU-Net's region training does
+    for the nested BraTS labels, while the output stays one softmax over the three labels.
+    Batch Dice over the whole batch, as for the class terms."""
+
+    def __init__(self, base: nn.Module, regions: Sequence[Sequence[int]], weight: float = 1.0):
+        super().__init__()
+        self.base = base
+        self.regions = [tuple(int(c) for c in r) for r in regions]
+        self.weight = float(weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.base(logits, target)
+        if not self.regions or self.weight == 0:
+            return loss
+        probs = torch.softmax(logits, dim=1)
+        reduce = [0, *range(2, logits.ndim)]
+        terms = []
+        for region in self.regions:
+            p = probs[:, list(region)].sum(1, keepdim=True)
+            t = torch.isin(target, torch.tensor(region, device=target.device)).to(p.dtype)
+            intersection = (p * t).sum(reduce)
+            denominator = p.sum(reduce) + t.sum(reduce)
+            terms.append(1 - (2 * intersection + 1e-5) / (denominator + 1e-5))
+        return loss + self.weight * torch.stack(terms).mean()
+
+
+def nested_regions(label_mode: str) -> list[tuple[int, ...]]:
+    """Nested regions of ``label_mode``'s classes (none when there is one lesion class)."""
+    if num_classes(label_mode) == 2:
+        return []
+    return [lab.INTERNAL_GROUPS["whole_lesion"], (lab.ENHANCING, lab.EDEMA, lab.NECROSIS)]
+
+
 def build_loss(params: dict) -> nn.Module:
     """``dice_ce``: MONAI DiceCELoss (softmax, one-hot target, Dice over foreground classes with
     batch Dice as nnU-Net does, so patches without lesion do not give a degenerate Dice);
@@ -240,10 +281,16 @@ def build_loss(params: dict) -> nn.Module:
     if name == "dice_ce":
         from monai.losses import DiceCELoss
 
-        return DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
-    if name == "tversky_bce":
-        return TverskyBCELoss()
-    raise ValueError(f"unknown loss {name!r}; use one of {list(LOSSES)}")
+        base = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+    elif name == "tversky_bce":
+        base = TverskyBCELoss()
+    else:
+        raise ValueError(f"unknown loss {name!r}; use one of {list(LOSSES)}")
+    weight = float(params.get("region_loss_weight", 1.0))
+    regions = nested_regions(params.get("label_mode", "multiclass"))
+    if weight == 0 or not regions:
+        return base
+    return NestedRegionDiceLoss(base, regions, weight)
 
 
 # --------------------------------------------------------------------------------------------

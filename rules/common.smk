@@ -173,18 +173,24 @@ def pool_records(wildcards):
     return PLAN[PLAN.role == "pool"][["study_id", "patient_id"]].to_dict("records")
 
 
-def final_targets():
-    targets = [
-        PLAN_TABLE,
-        f"{RESULTS}/qc/quarantine.tsv",
-        f"{RESULTS}/report/rounds.tsv",
-        *report_targets(),  # rules/report.smk: figures, statistics, longitudinal response
-    ]
+def final_targets(wildcards=None):
+    """The default target (an input function: with people it depends on the label store)."""
     if config["subset_studies"] or config["subset_patients"]:
         # A subset rerun refreshes the per-study stages of those studies only.
         targets = [preprocess_manifest(s) for s in CPU_SHARDS]
         targets += [register_manifest(s) for s in CPU_SHARDS]
-    return targets
+        return targets
+    targets = [PLAN_TABLE, f"{RESULTS}/qc/quarantine.tsv"]
+    if config["active_learning"]["annotator"] == "human":
+        # Like `round_<R>` (rules/active_learning_common.smk): stop at the first batch that is
+        # not confirmed, so neither a run nor a dry run goes past it.
+        reached = round_target_inputs(FINAL_ROUND)
+        if not set(FINAL_OUTPUTS) <= set(reached):
+            return targets + reached
+    return targets + [
+        f"{RESULTS}/report/rounds.tsv",
+        *report_targets(),  # rules/report.smk: figures, statistics, longitudinal response
+    ]
 
 
 # Evaluation statistics, longitudinal response and report figures (rules/evaluate.smk,
@@ -268,6 +274,30 @@ def reseg_train_inputs(wildcards):
     if "init" in inputs:
         inputs["init"] = reseg_model_path(int(wildcards.round) - 1)
     return inputs
+
+
+def round_model_files(r):
+    """Every model file round r's inference reads, in run_infer_shard's order."""
+    files = stage1_model_paths(r)
+    if STAGE2_ENABLED:
+        files.append(stage2_model_path(r))
+    if RESEG_ENABLED:
+        files.append(reseg_model_path(r))
+    return files
+
+
+def previous_round_predictions(wildcards):
+    """The previous round's models and outputs of this shard (read only if the models match;
+    they exist by then: round r's training needs round r-1's evaluation and selection).
+    """
+    r = int(wildcards.round)
+    if r == 0:
+        return {}
+    return {
+        "models": round_model_files(r - 1),
+        "out_root": f"{RESULTS}/rounds/round_{r - 1}/predictions",
+        "manifest": prediction_manifest(r - 1, wildcards.gpu_shard),
+    }
 
 
 def cascade_infer_inputs(wildcards):

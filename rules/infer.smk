@@ -25,5 +25,7 @@ rule infer_shard:
         prep_root=f"{RESULTS}/preprocessed",
         reg_root=f"{RESULTS}/registered",
         out_root=lambda wc: f"{RESULTS}/rounds/round_{wc.round}/predictions",
+        # Reused when this round kept the previous round's models (stop criterion reached).
+        previous=previous_round_predictions,
     script:
         "../scripts/infer_shard.py"

@@ -17,4 +17,5 @@ with job_logging(snakemake.log[0]):
         fold_models=list(snakemake.input.get("folds", [])),
         stage2_model=snakemake.input.get("stage2"),
         reseg_models=list(snakemake.input.get("reseg", [])) or None,
+        previous=dict(snakemake.params.previous) or None,
     )

@@ -155,3 +155,37 @@ def test_failing_study_is_named_and_others_go_on(tmp_path):
     assert [r["study_id"] for r in rows] == ["GOOD"]
     assert [e.study_id for e in errors] == ["BAD"]
     assert not (tmp_path / "pred" / "BAD" / "pred.nii.gz").exists()
+
+
+def test_unchanged_models_reuse_previous_predictions(tmp_path):
+    """A round that kept the previous round's models (stop criterion) copies its predictions;
+    any changed model byte, or missing previous outputs, means segmenting again."""
+    from metsflow.jobs.infer import _copy_study_outputs, _reusable_predictions
+    from metsflow.jobs.manifest import write_manifest
+
+    old_root, new_root = tmp_path / "round_0", tmp_path / "round_1"
+    old_model, new_model = tmp_path / "old.pt", tmp_path / "new.pt"
+    old_model.write_bytes(b"weights")
+    new_model.write_bytes(b"weights")
+    for study in ("s1", "s2"):
+        (old_root / study).mkdir(parents=True)
+        (old_root / study / "pred_native.nii.gz").write_bytes(study.encode())
+    manifest = old_root / "g0000.tsv"
+    rows = [
+        {"study_id": "s1", "patient_id": "p1", "status": "ok", "problem": "", "seconds": 1.0},
+        {"study_id": "s2", "patient_id": "p2", "status": "failed", "problem": "x", "seconds": 0},
+    ]
+    write_manifest(manifest, rows)
+    previous = {"models": [str(old_model)], "out_root": str(old_root), "manifest": str(manifest)}
+
+    reusable = _reusable_predictions(previous, [str(new_model)])
+    assert set(reusable) == {"s1"} and reusable["s1"]["status"] == "ok"  # failed: redo
+    _copy_study_outputs(old_root / "s1", new_root / "s1")
+    assert (new_root / "s1" / "pred_native.nii.gz").read_bytes() == b"s1"
+    assert not list(new_root.glob(".*partial"))
+
+    new_model.write_bytes(b"weights, fine-tuned")
+    assert _reusable_predictions(previous, [str(new_model)]) == {}
+    assert _reusable_predictions(None, [str(new_model)]) == {}
+    manifest.unlink()
+    assert _reusable_predictions(previous, [str(old_model)]) == {}

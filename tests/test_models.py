@@ -15,6 +15,7 @@ import torch
 from metsflow import labels as lab
 from metsflow.io import StudyError, save_nifti
 from metsflow.models import (
+    NestedRegionDiceLoss,
     build_loss,
     build_network,
     checkpoint_meta,
@@ -131,7 +132,7 @@ def test_unknown_settings_are_refused():
 @pytest.mark.parametrize("loss", ["dice_ce", "tversky_bce"])
 @pytest.mark.parametrize("label_mode,classes", [("multiclass", 4), ("whole", 2)])
 def test_losses_are_finite_with_gradients(loss, label_mode, classes):
-    loss_fn = build_loss({"loss": loss})
+    loss_fn = build_loss({"loss": loss, "label_mode": label_mode})
     logits = torch.randn(2, classes, 8, 8, 8, requires_grad=True)
     target = torch.randint(0, classes, (2, 1, 8, 8, 8))
     value = loss_fn(logits, target)
@@ -146,7 +147,7 @@ def test_losses_are_finite_with_gradients(loss, label_mode, classes):
 
 
 def test_tversky_bce_penalises_missed_lesion_more_than_false_positive():
-    loss_fn = build_loss({"loss": "tversky_bce"})
+    loss_fn = build_loss({"loss": "tversky_bce", "label_mode": "whole"})
     target = torch.zeros(1, 1, 8, 8, 8, dtype=torch.long)
     target[..., 2:6, 2:6, 2:6] = 1
     wrong = torch.zeros(1, 1, 8, 8, 8, dtype=torch.long)
@@ -299,3 +300,30 @@ def test_patient_holdout():
     # at least one patient on each side
     t, v = patient_holdout({"a": "P1", "b": "P2"}, 0.9, seed=0)
     assert len(t) == 1 and len(v) == 1
+
+
+def test_region_dice_rewards_lesion_in_the_right_region():
+    """The nested-region term: putting the lesion core in the edema class is penalised beyond
+    the per-class terms, and weight 0 gives the plain per-class loss."""
+    target = torch.zeros(1, 1, 8, 8, 8, dtype=torch.long)
+    target[0, 0, 2:6, 2:6, 2:6] = 2  # edema
+    target[0, 0, 3:5, 3:5, 3:5] = 1  # enhancing core
+
+    def logits_for(labels):
+        return torch.nn.functional.one_hot(labels[:, 0], 4).permute(0, 4, 1, 2, 3) * 20.0
+
+    core_as_edema = target.clone()
+    core_as_edema[target == 1] = 2
+    with_regions = build_loss({"loss": "dice_ce", "label_mode": "multiclass"})
+    plain = build_loss({"loss": "dice_ce", "label_mode": "multiclass", "region_loss_weight": 0})
+    assert not isinstance(plain, NestedRegionDiceLoss)
+    assert isinstance(with_regions, NestedRegionDiceLoss)
+    extra_wrong = with_regions(logits_for(core_as_edema), target) - plain(
+        logits_for(core_as_edema), target
+    )
+    extra_right = with_regions(logits_for(target), target) - plain(logits_for(target), target)
+    # The whole-lesion region (1 + 3) is missed entirely: its Dice term is ~1, halved by the mean.
+    assert extra_wrong > 0.45
+    assert extra_right < 1e-3
+    # Binary mode has a single lesion class: no region term.
+    assert not isinstance(build_loss({"label_mode": "whole"}), NestedRegionDiceLoss)

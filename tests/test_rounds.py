@@ -187,11 +187,14 @@ def test_human_round_waits_for_confirmation_then_continues(tmp_path, tiny_config
     assert (results / "rounds/round_1/review/manifest.csv").exists()
     assert not (results / "rounds/round_1/model").exists()
 
-    def planned_jobs() -> dict[str, int]:
-        dry = run_snakemake(["round_1", "-n", "--configfile", str(config)])
+    def planned_jobs(*target: str) -> dict[str, int]:
+        dry = run_snakemake([*(target or ["round_1"]), "-n", "--configfile", str(config)])
         return job_counts(dry.stdout)
 
     assert "train_round" not in planned_jobs()
+    # The default target stops at the same batch: no training, no report past it.
+    default_plan = planned_jobs("all")
+    assert "train_round" not in default_plan and "report_rounds" not in default_plan
 
     # A correction on the wrong grid is rejected, naming the study and the problem.
     corrected = results / "rounds/round_1/review" / study / "segmentation.nii.gz"
@@ -275,5 +278,13 @@ def test_human_round_waits_for_confirmation_then_continues(tmp_path, tiny_config
     assert sha256(stopped / "rounds/round_1/model/model.pt") == sha256(
         stopped / "rounds/round_0/model/model.pt"
     )
+    # The kept model's predictions are reused, not recomputed, for every predicted study.
+    infer_logs = "".join(p.read_text() for p in (stopped / "logs/infer/round_1").glob("*.log"))
+    assert "reusing" in infer_logs
+    round0 = sorted((stopped / "rounds/round_0/predictions").glob("*/pred_native.nii.gz"))
+    assert round0
+    for path in round0:
+        again = stopped / "rounds/round_1/predictions" / path.parent.name / path.name
+        assert sha256(again) == sha256(path)
     final = pd.read_csv(stopped / "final/labels.tsv", sep="\t", dtype=str)
     assert "human_confirmed" not in set(final.source)

@@ -46,6 +46,26 @@ def test_dry_run_plans_the_full_cohort(tmp_path):
     assert counts["train_round"] == 6  # rounds 0..5 of config/cohort.yaml
 
 
+def test_snakemake_lint_is_clean(tmp_path):
+    """`snakemake --lint` over a paths-only sheet: every rule has log/benchmark, no lint."""
+    sheet = tmp_path / "cohort.tsv"
+    synthetic_sheet(40, sheet, seed=0)
+    proc = run_snakemake(
+        [
+            "--lint",
+            "--config",
+            f"sheet={sheet}",
+            "data_roots=['/nonexistent/cohort']",
+            f"results={tmp_path / 'results'}",
+            f"label_store={tmp_path / 'labels'}",
+        ],
+        timeout=300,
+    )
+    output = proc.stdout + proc.stderr
+    assert "Lints for" not in output, output[-4000:]
+    assert "Congratulations" in output
+
+
 @pytest.mark.slow
 def test_demo_pipeline_end_to_end(tmp_path, tiny_config):
     from metsflow.phantom import make_demo_cohort

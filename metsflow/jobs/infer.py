@@ -9,7 +9,10 @@ are merged with the cascade's new lesions (``metsflow.postprocess``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -47,11 +50,15 @@ def run_infer_shard(
     fold_models: list[str] | None = None,
     stage2_model: str | None = None,
     reseg_models: list[str] | None = None,
+    previous: dict | None = None,
 ) -> list[dict]:
     """``studies``: plan rows (study_id, patient_id, role) of the shard to segment.
 
     ``fold_models``: further stage-1 fold checkpoints, ensembled with ``model_path``;
-    ``stage2_model`` / ``reseg_models``: the cascade's stage 2 and the re-seg model(s)."""
+    ``stage2_model`` / ``reseg_models``: the cascade's stage 2 and the re-seg model(s).
+    ``previous``: the previous round's ``models``, ``out_root`` and ``manifest`` of this shard;
+    when this round's models are byte-identical to those (a round after the stop criterion keeps
+    its model), a study's previous outputs are copied instead of segmenting it again."""
     from metsflow.infer import load_ensemble, predict_study
     from metsflow.postprocess import CascadePostProcess
     from metsflow.preprocess import to_native
@@ -59,6 +66,14 @@ def run_infer_shard(
     set_threads(threads)
     device = select_device(settings.get("device", "auto"))
     ok = set(read_manifests(preprocess_manifests).query("status == 'ok'").study_id)
+    models = [model_path, *(fold_models or []), stage2_model, *(reseg_models or [])]
+    reusable = _reusable_predictions(previous, [m for m in models if m])
+    if reusable:
+        log.info(
+            "the models equal the previous round's: reusing %d studies' predictions from %s",
+            len(reusable),
+            previous["out_root"],
+        )
     networks, meta = load_ensemble([model_path, *(fold_models or [])], device=device)
     postprocess = CascadePostProcess.from_checkpoints(
         meta["channels"], stage2_model, reseg_models, settings, device
@@ -69,6 +84,10 @@ def run_infer_shard(
         base = {"study_id": study_id, "patient_id": patient, "role": record["role"]}
         if study_id not in ok:
             rows.append({**base, "status": "skipped", "problem": "preprocessing failed"})
+            continue
+        if study_id in reusable:
+            _copy_study_outputs(Path(previous["out_root"]) / study_id, Path(out_root) / study_id)
+            rows.append({**base, **reusable[study_id]})
             continue
         prep_dir = Path(prep_root) / study_id
         prior = Path(reg_root) / study_id / "prior.nii.gz"
@@ -100,3 +119,47 @@ def run_infer_shard(
         rows.append({**base, "status": "ok", "problem": "", **scores})
     write_manifest(manifest, rows, extra_columns=["role", *SCORE_COLUMNS])
     return rows
+
+
+def _file_digest(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _reusable_predictions(previous: dict | None, models: list[str]) -> dict[str, dict]:
+    """Study id -> previous manifest row (status ok) when every model file equals the previous
+    round's, else {} (also when the previous outputs are gone: they are then recomputed)."""
+    if not previous or not Path(previous.get("manifest", "")).is_file():
+        return {}
+    old_models = [m for m in previous.get("models", []) if m]
+    if len(old_models) != len(models) or not all(Path(m).is_file() for m in old_models):
+        return {}
+    if [_file_digest(m) for m in models] != [_file_digest(m) for m in old_models]:
+        return {}
+    table = read_manifests([previous["manifest"]])
+    rows = {}
+    for row in table[table.status == "ok"].to_dict("records"):
+        if (Path(previous["out_root"]) / row["study_id"] / "pred_native.nii.gz").is_file():
+            rows[row["study_id"]] = {
+                k: v for k, v in row.items() if k not in ("study_id", "patient_id", "role")
+            }
+    return rows
+
+
+def _copy_study_outputs(source: Path, target: Path) -> None:
+    """Copy a study's prediction folder atomically (hard links where the filesystem allows)."""
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial, copy_function=link_or_copy)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)

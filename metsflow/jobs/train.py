@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -114,34 +115,67 @@ def build_items(
     return train, val
 
 
+@dataclass(frozen=True)
+class TrainingInputs:
+    """What every training job of a round reads: the plan, the preprocessing manifests, the
+    confirmed-label tables and where the preprocessed/registered studies are."""
+
+    round_index: int
+    plan_path: str
+    preprocess_manifests: list[str]
+    annotation_tables: list[str]
+    train: dict
+    seed: int
+    prep_root: str
+    reg_root: str
+    threads: int = 1
+
+    @classmethod
+    def from_snakemake(cls, smk) -> TrainingInputs:
+        """From a Snakemake ``script:`` job's ``snakemake`` object (rules/train.smk)."""
+        return cls(
+            round_index=int(smk.wildcards.round),
+            plan_path=smk.input.plan,
+            preprocess_manifests=list(smk.input.preprocessed),
+            annotation_tables=list(smk.input.get("annotations", [])),
+            train=dict(smk.params.train),
+            seed=int(smk.params.seed),
+            prep_root=smk.params.prep_root,
+            reg_root=smk.params.reg_root,
+            threads=int(smk.threads),
+        )
+
+    def labelled_items(self, label_dir: Path) -> tuple[pd.DataFrame, list[dict], list[dict], int]:
+        """(plan, training items, validation items, number of human-confirmed labels).
+
+        Confirmed labels are resampled onto the preprocessed grids under ``label_dir``."""
+        plan = pd.read_csv(self.plan_path, sep="\t", dtype=str, keep_default_na=False)
+        ok = set(read_manifests(self.preprocess_manifests).query("status == 'ok'").study_id)
+        confirmed = _confirmed_labels_on_prep_grid(
+            self.annotation_tables, ok, self.prep_root, label_dir
+        )
+        train_items, val_items = build_items(plan, ok, self.prep_root, self.reg_root, confirmed)
+        return plan, train_items, val_items, len(confirmed)
+
+
 def run_train_round(
-    round_index: int,
-    plan_path: str,
-    preprocess_manifests: list[str],
-    annotation_tables: list[str],
+    job: TrainingInputs,
     init_checkpoint: str | None,
     model: dict,
-    train: dict,
     spacing: list[float],
-    seed: int,
-    prep_root: str,
-    reg_root: str,
     out_model: str,
     out_log: str,
     out_summary: str,
-    threads: int = 1,
     fold: int = 0,
     folds: int = 1,
 ) -> dict:
     from metsflow.train import train_model
 
-    set_threads(threads)
-    plan = pd.read_csv(plan_path, sep="\t", dtype=str, keep_default_na=False)
-    ok = set(read_manifests(preprocess_manifests).query("status == 'ok'").study_id)
-    confirmed = _confirmed_labels_on_prep_grid(
-        annotation_tables, ok, prep_root, Path(out_model).parent / "train_labels"
+    set_threads(job.threads)
+    round_index, train, seed = job.round_index, job.train, job.seed
+    plan, train_items, val_items, n_confirmed = job.labelled_items(
+        Path(out_model).parent / "train_labels"
     )
-    train_items, val_items = build_items(plan, ok, prep_root, reg_root, confirmed)
     if not train_items:
         raise RuntimeError(
             f"round {round_index}: no labelled training study (seed set empty or every labelled "
@@ -151,7 +185,7 @@ def run_train_round(
         "round %d: %d training studies (%d confirmed by review), %d validation studies",
         round_index,
         len(train_items),
-        len(confirmed),
+        n_confirmed,
         len(val_items),
     )
     if folds > 1:
@@ -164,7 +198,7 @@ def run_train_round(
             len(val_items),
         )
     params = training_params(model, train, spacing, seed, round_index)
-    new_labels = _labels_of_round(annotation_tables[-1]) if annotation_tables else None
+    new_labels = _labels_of_round(job.annotation_tables[-1]) if job.annotation_tables else None
     if round_index > 0 and not new_labels:
         # The round selected nothing (validation Dice reached the threshold): the model stays.
         log.info(
@@ -194,7 +228,7 @@ def run_train_round(
         "fold": fold,
         "folds": folds,
         "n_train": len(train_items),
-        "n_confirmed": len(confirmed),
+        "n_confirmed": n_confirmed,
         "train_studies": sorted(item["study_id"] for item in train_items),
     }
     write_json(out_summary, summary)
@@ -202,20 +236,12 @@ def run_train_round(
 
 
 def run_train_reseg(
-    round_index: int,
-    plan_path: str,
-    preprocess_manifests: list[str],
-    annotation_tables: list[str],
+    job: TrainingInputs,
     init_checkpoint: str | None,
     model: dict,
-    train: dict,
     spacing: list[float],
-    seed: int,
-    prep_root: str,
-    reg_root: str,
     out_model: str,
     out_log: str,
-    threads: int = 1,
 ) -> dict:
     """Train (round 0) or fine-tune the re-segmentation model on the labelled studies.
 
@@ -223,20 +249,15 @@ def run_train_reseg(
     validation follow-ups with their real propagated prior."""
     from metsflow.train import train_model
 
-    set_threads(threads)
-    plan = pd.read_csv(plan_path, sep="\t", dtype=str, keep_default_na=False)
-    ok = set(read_manifests(preprocess_manifests).query("status == 'ok'").study_id)
-    confirmed = _confirmed_labels_on_prep_grid(
-        annotation_tables, ok, prep_root, Path(out_model).parent / "train_labels_reseg"
-    )
-    train_items, val_items = build_items(plan, ok, prep_root, reg_root, confirmed)
+    set_threads(job.threads)
+    _, train_items, val_items, _ = job.labelled_items(Path(out_model).parent / "train_labels_reseg")
     if not train_items:
-        raise RuntimeError(f"round {round_index}: no labelled study to train re-seg on")
+        raise RuntimeError(f"round {job.round_index}: no labelled study to train re-seg on")
     val_items = [i for i in val_items if i["prior"]]
-    params = reseg_params(model, train, spacing, seed, round_index)
+    params = reseg_params(model, job.train, spacing, job.seed, job.round_index)
     log.info(
         "re-seg round %d: %d training studies, %d validation follow-ups, channels %s",
-        round_index,
+        job.round_index,
         len(train_items),
         len(val_items),
         params["channels"],
@@ -248,25 +269,17 @@ def run_train_reseg(
         out_model,
         init_checkpoint=init_checkpoint,
         log_path=out_log,
-        device=train.get("device", "auto"),
+        device=job.train.get("device", "auto"),
     )
-    return {**result, "round": round_index, "n_train": len(train_items)}
+    return {**result, "round": job.round_index, "n_train": len(train_items)}
 
 
 def run_train_stage2(
-    round_index: int,
-    plan_path: str,
-    preprocess_manifests: list[str],
-    annotation_tables: list[str],
+    job: TrainingInputs,
     stage1_models: list[str],
-    train: dict,
     infer: dict,
-    seed: int,
-    prep_root: str,
-    reg_root: str,
     out_model: str,
     out_summary: str,
-    threads: int = 1,
 ) -> dict:
     """Train the stage-2 candidate classifier on the round's stage-1 ensemble's candidates.
 
@@ -280,16 +293,13 @@ def run_train_stage2(
     from metsflow.models import load_study_input
     from metsflow.runtime import select_device
 
-    set_threads(threads)
-    torch.manual_seed(seed)
-    params = {**(train.get("stage2") or {}), "seed": seed + round_index}
+    set_threads(job.threads)
+    torch.manual_seed(job.seed)
+    params = {**(job.train.get("stage2") or {}), "seed": job.seed + job.round_index}
     params.pop("enabled", None)
-    plan = pd.read_csv(plan_path, sep="\t", dtype=str, keep_default_na=False)
-    ok = set(read_manifests(preprocess_manifests).query("status == 'ok'").study_id)
-    confirmed = _confirmed_labels_on_prep_grid(
-        annotation_tables, ok, prep_root, Path(out_model).parent / "train_labels_stage2"
+    _, train_items, val_items, _ = job.labelled_items(
+        Path(out_model).parent / "train_labels_stage2"
     )
-    train_items, val_items = build_items(plan, ok, prep_root, reg_root, confirmed)
     device = select_device(infer.get("device", "auto"))
     networks, meta = load_ensemble(stage1_models, device=device)
 
@@ -332,7 +342,7 @@ def run_train_stage2(
             "final_loss",
         )
     }
-    summary.update(round=round_index, n_train=len(train_items), n_val=len(val_items))
+    summary.update(round=job.round_index, n_train=len(train_items), n_val=len(val_items))
     write_json(out_summary, summary)
     return summary
 
