@@ -3,6 +3,7 @@
 
 localrules:
     plan_cohort,
+    gather_manifests,
     quarantine,
 
 
@@ -21,9 +22,29 @@ rule plan_cohort:
         "../scripts/plan_cohort.py"
 
 
-rule quarantine:
+rule gather_manifests:
     input:
         unpack(lambda wc: shard_manifests(PLAN["shard"])),
+    output:
+        preprocessed=PREPROCESS_TABLE,
+        registered=REGISTER_TABLE,
+    log:
+        f"{RESULTS}/logs/gather_manifests.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/gather_manifests.tsv"
+    conda:
+        "../envs/imaging.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../scripts/gather_manifests.py"
+
+
+rule quarantine:
+    input:
+        unpack(lambda wc: cohort_manifests()),
     output:
         table=f"{RESULTS}/qc/quarantine.tsv",
     log:

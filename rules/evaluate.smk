@@ -68,8 +68,8 @@ rule longitudinal_response:
         predictions=lambda wc: [
             prediction_manifest(wc.round, g) for g in PREDICTED_GPU_SHARDS
         ],
-        registered=[register_manifest(s) for s in sorted(PLAN["shard"].unique())],
-        preprocessed=[preprocess_manifest(s) for s in sorted(PLAN["shard"].unique())],
+        registered=[REGISTER_TABLE],
+        preprocessed=[PREPROCESS_TABLE],
     output:
         lesions=longitudinal_table("{round}", "lesions"),
         response=report(

@@ -21,6 +21,10 @@ COHORT_SIZE = 11_892
 def test_dry_run_plans_the_full_cohort(tmp_path):
     sheet = tmp_path / "cohort.tsv"
     synthetic_sheet(COHORT_SIZE, sheet, seed=0)
+    # The whole campaign at once: with people (cohort.yaml) planning stops at the first batch
+    # without confirmed labels, so the simulated annotator plans every round.
+    campaign = tmp_path / "campaign.yaml"
+    campaign.write_text("active_learning:\n  annotator: simulated\n")
     start = time.perf_counter()
     proc = run_snakemake(
         [
@@ -29,6 +33,7 @@ def test_dry_run_plans_the_full_cohort(tmp_path):
             "rules",
             "--configfile",
             "config/cohort.yaml",
+            str(campaign),
             "--config",
             f"sheet={sheet}",
             # synthetic paths lie under /nonexistent/cohort, outside the sheet's folder
@@ -44,6 +49,8 @@ def test_dry_run_plans_the_full_cohort(tmp_path):
     assert counts["preprocess_shard"] < 1000 and counts["register_shard"] < 1000
     assert counts["total"] <= 3000, "the cohort must stay within a few thousand SLURM jobs"
     assert counts["train_round"] == 6  # rounds 0..5 of config/cohort.yaml
+    # Jobs that need every shard read one gathered manifest per stage (keeps the DAG small).
+    assert counts["gather_manifests"] == 1
 
 
 def test_snakemake_lint_is_clean(tmp_path):

@@ -121,3 +121,12 @@ def read_manifests(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
 
 def ok_studies(manifests: pd.DataFrame) -> set[str]:
     return set(manifests.loc[manifests.status == "ok", "study_id"])
+
+
+def gather_manifests(paths: Iterable[str | os.PathLike], out: str | os.PathLike) -> None:
+    """Concatenate shard manifests into one table (same columns; ``read_manifests`` reads it)."""
+    paths = list(paths)
+    table = read_manifests(paths)
+    write_table(out, table)
+    counts = table.status.value_counts().to_dict() if len(table) else {}
+    log.info("%s: %d studies from %d shards %s", out, len(table), len(paths), counts)
