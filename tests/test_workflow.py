@@ -81,10 +81,28 @@ def test_demo_pipeline_end_to_end(tmp_path, tiny_config):
     make_demo_cohort(
         demo, n_patients=4, n_timepoints=2, model_spacing=4.0, labelled_patients=3, seed=0
     )
-    config = tiny_config(demo)
+    # The full model set of config/cohort.yaml in miniature: cascade stage 2 and the follow-up
+    # re-segmentation with the propagated prior, trained and used by inference in both rounds.
+    models = {
+        "stage2": {"enabled": True, "iterations": 10},
+        "reseg": {"enabled": True, "iterations": 12, "finetune_iterations": 6},
+    }
+    config = tiny_config(demo, train=models)
     run_snakemake(["--profile", "profiles/local", "--cores", "2", "--configfile", str(config)])
 
     results = tmp_path / "results"
+    for r in (0, 1):
+        model_dir = results / f"rounds/round_{r}/model"
+        assert (model_dir / "stage2.pt").exists() and (model_dir / "reseg.pt").exists()
+        stage2 = json.loads((model_dir / "stage2_summary.json").read_text())
+        assert stage2["threshold"] is None or 0.0 <= stage2["threshold"] <= 1.0
+    predicted = pd.concat(
+        pd.read_csv(p, sep="\t")
+        for p in (results / "rounds/round_1/predictions/shards").glob("*.tsv")
+    )
+    assert {"stage2_removed", "tracked_lesions", "new_lesions"} <= set(predicted.columns)
+    followups = predicted[predicted.study_id.str.endswith("_T1") & (predicted.status == "ok")]
+    assert len(followups) and followups.tracked_lesions.notna().any()
     summaries = [
         json.loads((results / f"rounds/round_{r}/evaluation/summary.json").read_text())
         for r in (0, 1)
