@@ -125,7 +125,8 @@ def _snapshot(results: Path) -> dict[str, str]:
         rel = path.relative_to(results).as_posix()
         if not path.is_file() or rel.split("/")[0] in ("logs", "benchmarks"):
             continue
-        if path.suffix == ".tsv" and "/shards/" in f"/{rel}":
+        # Shard manifests and their cohort-wide concatenation carry per-study wall seconds.
+        if path.suffix == ".tsv" and ("/shards/" in f"/{rel}" or path.name == "manifest.tsv"):
             table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
             blob = table.drop(columns=["seconds"]).to_csv(index=False).encode()
         elif path.suffix == ".json":
