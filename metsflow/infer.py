@@ -106,6 +106,19 @@ def sliding_window_predict(
     ``sw_batch_size`` (default 4) and Gaussian blending; with ``tta`` the softmax is averaged
     over all 8 combinations of mirroring the 3 spatial axes; then averaged over ``networks``.
     """
+    return ensemble_predict(networks, image, params, device)[0]
+
+
+def ensemble_predict(
+    networks: nn.Module | Sequence[nn.Module],
+    image: torch.Tensor,
+    params: dict,
+    device: str | torch.device = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``sliding_window_predict``'s probabilities and, for more than one network, the mean of
+    the members' normalised entropies ``(X, Y, Z)`` (each member's softmax averaged over its
+    TTA flips first). Entropy of the mean minus this mean is the members' disagreement (the
+    mutual information of the fold ensemble); None for a single network."""
     from monai.inferers import SlidingWindowInferer
 
     if isinstance(networks, nn.Module):
@@ -126,19 +139,28 @@ def sliding_window_predict(
         flips = [c for r in range(4) for c in itertools.combinations((2, 3, 4), r)]
     batch = image.unsqueeze(0) if image.ndim == 4 else image
     batch = batch.to(device=device, dtype=torch.float32)
-    total = None
+    total, member_entropy = None, None
     with torch.inference_mode(), _autocast(device):
         for network in networks:
             network.eval()
+            member = None
             for axes in flips:
                 inp = torch.flip(batch, axes) if axes else batch
                 logits = inferer(inp, network)
                 probs = torch.softmax(logits.float(), dim=1)
                 if axes:
                     probs = torch.flip(probs, axes)
-                total = probs if total is None else total + probs
-        total = total / (len(networks) * len(flips))
-    return total[0].float().cpu()
+                member = probs if member is None else member + probs
+            member = member / len(flips)
+            total = member if total is None else total + member
+            if len(networks) > 1:
+                p = member[0].clamp_min(1e-8)
+                entropy = -(p * p.log()).sum(0) / math.log(p.shape[0])
+                member_entropy = entropy if member_entropy is None else member_entropy + entropy
+        total = total / len(networks)
+    if member_entropy is not None:
+        member_entropy = (member_entropy / len(networks)).float().cpu()
+    return total[0].float().cpu(), member_entropy
 
 
 def normalised_entropy(probs: np.ndarray) -> np.ndarray:
@@ -184,8 +206,12 @@ def stage1_probabilities(
             study_id, "brain mask is empty", Path(item["prep_dir"]) / "brain_mask.nii.gz"
         )
     sw_params = {**params, "patch_size": meta["patch_size"]}
-    probs = sliding_window_predict(networks, torch.from_numpy(inp["image"]), sw_params, device)
+    probs, member_entropy = ensemble_predict(
+        networks, torch.from_numpy(inp["image"]), sw_params, device
+    )
     probs = probs.numpy()
+    if member_entropy is not None:
+        inp["member_entropy"] = member_entropy.numpy()
     classes = probs.argmax(axis=0)
     classes[~brain] = 0
     return inp, probs, decode_classes(classes, meta["label_mode"])
@@ -229,6 +255,10 @@ def predict_study(
     save_nifti(out_dir / "pred.nii.gz", pred, affine, dtype=np.uint8)
     save_nifti(out_dir / "fg_prob.nii.gz", fg_prob, affine, dtype=np.float32)
     row = {"study_id": study_id, **uncertainty_scores(probs, pred, brain, voxel_mm3), **extra}
+    if "member_entropy" in inp:
+        # Fold-ensemble disagreement: mutual information = entropy of the mean - mean entropy.
+        disagreement = normalised_entropy(probs) - inp["member_entropy"]
+        row["uncertainty_disagreement"] = float(disagreement[brain].mean())
     row["seconds"] = round(time.perf_counter() - start, 3)
     return row
 

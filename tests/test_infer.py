@@ -16,6 +16,7 @@ from test_models import AFFINE, SHAPE, make_prep_study, tiny_params
 from metsflow import labels as lab
 from metsflow.infer import (
     load_ensemble,
+    normalised_entropy,
     predict_items,
     sliding_window_predict,
     uncertainty_scores,
@@ -189,3 +190,27 @@ def test_unchanged_models_reuse_previous_predictions(tmp_path):
     assert _reusable_predictions(None, [str(new_model)]) == {}
     manifest.unlink()
     assert _reusable_predictions(previous, [str(old_model)]) == {}
+
+
+def test_fold_ensemble_reports_disagreement_single_model_does_not(tmp_path):
+    """Disagreement = entropy of the mean - mean member entropy (mutual information): zero for
+    identical members, positive for different ones, absent for a single model."""
+    from metsflow.infer import ensemble_predict
+
+    items = [make_prep_study(tmp_path / "prep", "S0", seed=0)]
+    a, b = make_checkpoint(tmp_path / "a.pt", 0), make_checkpoint(tmp_path / "b.pt", 1)
+    params = {"overlap": 0.25, "sw_batch_size": 2}
+
+    (single,) = predict_items([a], items, tmp_path / "p1", params, "cpu")
+    assert "uncertainty_disagreement" not in single
+    (twins,) = predict_items([a, a], items, tmp_path / "p2", params, "cpu")
+    assert twins["uncertainty_disagreement"] == pytest.approx(0.0, abs=1e-5)
+    (folds,) = predict_items([a, b], items, tmp_path / "p3", params, "cpu")
+    assert 0.0 < folds["uncertainty_disagreement"] <= 1.0
+
+    nets, meta = load_ensemble([a, b], device="cpu")
+    image = torch.randn(2, 16, 16, 16)
+    probs, member_entropy = ensemble_predict(nets, image, {"patch_size": [16] * 3}, "cpu")
+    assert member_entropy.shape == (16, 16, 16)
+    # Jensen: the entropy of the mean is never below the mean entropy.
+    assert torch.all(torch.from_numpy(normalised_entropy(probs.numpy())) >= member_entropy - 1e-5)

@@ -81,13 +81,15 @@ def test_demo_pipeline_end_to_end(tmp_path, tiny_config):
     make_demo_cohort(
         demo, n_patients=4, n_timepoints=2, model_spacing=4.0, labelled_patients=3, seed=0
     )
-    # The full model set of config/cohort.yaml in miniature: cascade stage 2 and the follow-up
-    # re-segmentation with the propagated prior, trained and used by inference in both rounds.
+    # The full model set of config/cohort.yaml in miniature: a 2-fold stage-1 ensemble, cascade
+    # stage 2 and the follow-up re-segmentation with the propagated prior, trained and used by
+    # inference in both rounds; round 1's batch is chosen by the ensemble's disagreement.
     models = {
+        "folds": 2,
         "stage2": {"enabled": True, "iterations": 10},
         "reseg": {"enabled": True, "iterations": 12, "finetune_iterations": 6},
     }
-    config = tiny_config(demo, train=models)
+    config = tiny_config(demo, train=models, active_learning={"strategy": "disagreement"})
     run_snakemake(["--profile", "profiles/local", "--cores", "2", "--configfile", str(config)])
 
     results = tmp_path / "results"
@@ -101,6 +103,7 @@ def test_demo_pipeline_end_to_end(tmp_path, tiny_config):
         for p in (results / "rounds/round_1/predictions/shards").glob("*.tsv")
     )
     assert {"stage2_removed", "tracked_lesions", "new_lesions"} <= set(predicted.columns)
+    assert predicted.loc[predicted.status == "ok", "uncertainty_disagreement"].notna().all()
     followups = predicted[predicted.study_id.str.endswith("_T1") & (predicted.status == "ok")]
     assert len(followups) and followups.tracked_lesions.notna().any()
     summaries = [
@@ -110,10 +113,16 @@ def test_demo_pipeline_end_to_end(tmp_path, tiny_config):
     for summary in summaries:
         assert summary["n_validation"] >= 1
         assert 0.0 <= summary["mean_dice"] <= 1.0
-    assert summaries[1]["n_train"] == summaries[0]["n_train"] + 1
-
     selection = pd.read_csv(results / "rounds/round_1/selection.tsv", sep="\t")
     assert len(selection) == 1
+    # With folds the new label trains the fold(s) that do not hold its patient out.
+    fold_summaries = [
+        json.loads(p.read_text())
+        for p in (results / "rounds/round_1/model").glob("train_summary*.json")
+    ]
+    assert len(fold_summaries) == 2
+    assert all(f["n_confirmed"] == 1 for f in fold_summaries)
+    assert any(selection.study_id[0] in f["train_studies"] for f in fold_summaries)
     confirmed = next((tmp_path / "labels" / selection.study_id[0]).glob("v*_confirmed.nii.gz"))
     assert not os.stat(confirmed).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
 

@@ -3,8 +3,8 @@
 Input is the per-study table written by inference with model r-1 over the unlabelled pool:
 ``study_id, patient_id, uncertainty_entropy, uncertainty_lesion, lesion_count,
 lesion_volume_mm3, lesion_entropies`` (``lesion_entropies`` is a JSON list of per-lesion
-maximum entropies, ``"[]"`` when no lesion was predicted) and, when an ensemble or MC-dropout
-was run, ``uncertainty_disagreement``.
+maximum entropies, ``"[]"`` when no lesion was predicted) and, when a fold ensemble was run,
+``uncertainty_disagreement`` (the members' mutual information, ``metsflow.infer``).
 
 Every strategy maps the candidate table to one score per study, higher meaning "more worth
 a human's time". Ranking, exclusion, the per-patient cap and tie-breaking are shared, so a new
@@ -74,16 +74,19 @@ def _entropy_scores(candidates: pd.DataFrame, rng: np.random.Generator) -> pd.Se
 
 @register_strategy("disagreement")
 def _disagreement_scores(candidates: pd.DataFrame, rng: np.random.Generator) -> pd.Series:
-    """Disagreement between fold-ensemble members or MC-dropout samples.
+    """Disagreement between fold-ensemble members (their mutual information).
 
-    Only available when inference ran more than one model or dropout sample; otherwise the
-    column is absent and the error says so rather than silently falling back to entropy.
+    Only available when inference ran more than one model (``train.folds > 1``); otherwise the
+    column is absent or empty and the error says so rather than silently falling back.
     """
-    if DISAGREEMENT_COLUMN not in candidates.columns:
+    if (
+        DISAGREEMENT_COLUMN not in candidates.columns
+        or pd.to_numeric(candidates[DISAGREEMENT_COLUMN], errors="coerce").isna().all()
+    ):
         raise ValueError(
             f"strategy 'disagreement' needs the column {DISAGREEMENT_COLUMN!r}, written only "
-            "when inference runs a fold ensemble or MC-dropout; run inference with several "
-            "checkpoints/samples or choose another strategy"
+            "when inference runs a fold ensemble; set train.folds > 1 or choose another "
+            "strategy"
         )
     return _numeric_column(candidates, DISAGREEMENT_COLUMN, "disagreement")
 

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SCORE_COLUMNS = [
     "uncertainty_entropy",
+    "uncertainty_disagreement",  # fold ensembles only (train.folds > 1)
     "uncertainty_lesion",
     "lesion_entropies",
     "lesion_count",
@@ -87,7 +88,7 @@ def run_infer_shard(
             continue
         if study_id in reusable:
             _copy_study_outputs(Path(previous["out_root"]) / study_id, Path(out_root) / study_id)
-            rows.append({**base, **reusable[study_id]})
+            rows.append({**base, **reusable[study_id], "seconds": 0.0})
             continue
         prep_dir = Path(prep_root) / study_id
         prior = Path(reg_root) / study_id / "prior.nii.gz"
