@@ -8,6 +8,7 @@ moment leaves either the old file or the complete new one, never a truncated one
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -91,6 +92,15 @@ def atomic_path(
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_text(path: str | os.PathLike, text: str, label_store_write: bool = False) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import getpass
-import hashlib
 import json
 import os
 import re
@@ -73,14 +72,6 @@ class LabelImportError(ValueError):
 
 class LabelStoreWriteError(PermissionError):
     """A pipeline writer tried to write a file inside the human label store."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _now() -> str:
@@ -246,7 +237,7 @@ class LabelStore:
         self._check_request(study_id, stage, reviewer, override, reason)
         reference = _load_reference(reference_image, study_id)
         data = self._checked_label(study_id, path, reference)
-        source_sha = _sha256(path)
+        source_sha = io.file_sha256(path)
 
         folder = self.study_dir(study_id)
         folder.mkdir(parents=True, exist_ok=True)
@@ -269,7 +260,7 @@ class LabelStore:
             "file": final.name,
             "reviewer": reviewer.strip(),
             "source": source,
-            "sha256": _sha256(final),
+            "sha256": io.file_sha256(final),
             "submitted_file": str(path.resolve()),
             "submitted_sha256": source_sha,
             "timestamp": _now(),

@@ -24,7 +24,6 @@ kept) and updates the manifest status. Exporting never reads or writes the label
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import os
 import re
 import shlex
@@ -102,14 +101,6 @@ def provide(provider: Provider | None, study_id: str):
     if callable(provider):
         return provider(study_id)
     return provider.get(study_id)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------- viewer files
@@ -276,7 +267,7 @@ def _export_study(
         io.write_text(staging / SLICER_COLORTABLE_NAME, slicer_color_table())
         _readable(staging / ITKSNAP_LABELS_NAME)
         _readable(staging / SLICER_COLORTABLE_NAME)
-        sha = _sha256(staging / PRESEGMENTATION_NAME)
+        sha = io.file_sha256(staging / PRESEGMENTATION_NAME)
         os.rename(staging, out_dir / study_id)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -330,7 +321,7 @@ def _update_monailabel_index(out_dir: Path, entries: dict[str, dict], round_inde
                     "info": {
                         "ts": timestamp,
                         "name": name,
-                        "checksum": f"SHA256:{_sha256(label_file)}",
+                        "checksum": f"SHA256:{io.file_sha256(label_file)}",
                         **info,
                     },
                 }
@@ -430,7 +421,7 @@ def export_batch(
                     for p in folder.glob(IMAGE_NAME.format(sequence="*"))
                     if p.name != IMAGE_NAME.format(sequence="t1c")
                 )
-                preseg_sha = _sha256(folder / PRESEGMENTATION_NAME)
+                preseg_sha = io.file_sha256(folder / PRESEGMENTATION_NAME)
                 outcome = "adopted"
             else:
                 if not _SAFE_FOLDER.match(study_id):
@@ -477,7 +468,7 @@ def _corrected_label(review_dir: Path, row: pd.Series) -> tuple[Path | None, str
     if not found:
         preseg = review_dir / study_id / PRESEGMENTATION_NAME
         expected = row.get("presegmentation_sha256", "")
-        if expected and preseg.exists() and _sha256(preseg) != expected:
+        if expected and preseg.exists() and io.file_sha256(preseg) != expected:
             return None, (
                 f"{PRESEGMENTATION_NAME} was modified in place; save the corrected label as "
                 f"{study_id}/{SEGMENTATION_NAME}"
@@ -553,7 +544,7 @@ def import_batch(
                 results.append({**result, "result": "missing", "problem": why})
                 continue
             result["label_file"] = str(label_path)
-            submitted = _sha256(label_path)
+            submitted = io.file_sha256(label_path)
             earlier = [
                 r
                 for r in store.history(study_id)

@@ -9,7 +9,6 @@ are merged with the cascade's new lesions (``metsflow.postprocess``).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -18,7 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from metsflow.io import StudyError, save_nifti
+from metsflow.io import StudyError, file_sha256, save_nifti
 from metsflow.jobs.manifest import read_manifests, write_manifest
 from metsflow.runtime import select_device, set_threads
 
@@ -122,14 +121,6 @@ def run_infer_shard(
     return rows
 
 
-def _file_digest(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _reusable_predictions(previous: dict | None, models: list[str]) -> dict[str, dict]:
     """Study id -> previous manifest row (status ok) when every model file equals the previous
     round's, else {} (also when the previous outputs are gone: they are then recomputed)."""
@@ -138,7 +129,7 @@ def _reusable_predictions(previous: dict | None, models: list[str]) -> dict[str,
     old_models = [m for m in previous.get("models", []) if m]
     if len(old_models) != len(models) or not all(Path(m).is_file() for m in old_models):
         return {}
-    if [_file_digest(m) for m in models] != [_file_digest(m) for m in old_models]:
+    if [file_sha256(m) for m in models] != [file_sha256(m) for m in old_models]:
         return {}
     table = read_manifests([previous["manifest"]])
     rows = {}
