@@ -154,12 +154,11 @@ def ensemble_predict(
             member = member / len(flips)
             total = member if total is None else total + member
             if len(networks) > 1:
-                p = member[0].clamp_min(1e-8)
-                entropy = -(p * p.log()).sum(0) / math.log(p.shape[0])
+                entropy = normalised_entropy(member[0].float().cpu().numpy())
                 member_entropy = entropy if member_entropy is None else member_entropy + entropy
         total = total / len(networks)
     if member_entropy is not None:
-        member_entropy = (member_entropy / len(networks)).float().cpu()
+        member_entropy = torch.from_numpy(member_entropy / len(networks))
     return total[0].float().cpu(), member_entropy
 
 
