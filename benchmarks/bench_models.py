@@ -138,6 +138,20 @@ def detection(preds, refs) -> dict:
     }
 
 
+def detection_row(experiment: str, variant: str, preds, refs) -> dict:
+    """One row of the printed table: ``detection`` of ``preds`` against ``refs``."""
+    m = detection(preds, refs)
+    return {
+        "experiment": experiment,
+        "variant": variant,
+        "lesion sensitivity": m["sensitivity"],
+        "lesion FDR": m["fdr"],
+        "DSC": m["dsc"],
+        "lesion F1": m["f1"],
+        "lesions": m["lesions"],
+    }
+
+
 def profile_data_pipeline(train_items: list[dict], params: dict, samples: int = 20) -> dict:
     """Seconds per training sample (cached study -> augmented patch) vs per optimisation step
     (batch of ``batch_size`` patches, forward + backward), measured in this process."""
@@ -316,10 +330,12 @@ def main() -> None:
 
     rows: list[dict] = []
     s2_meta = None
+    # Reference lesions, read once for every section (each section may run alone).
+    refs = {i["study_id"]: whole(i["label"]) for i in studies.to_dict("records")}
+    test_refs = [refs[i["study_id"]] for i in items["test"]]
     if "cascade" in args.sections:
         # ---- 1. cascade ---------------------------------------------------------------------------
         seg = train("seg", items["train"], seg_params)
-        refs = {i["study_id"]: whole(i["label"]) for i in studies.to_dict("records")}
         stage1 = {k: segment(seg, items[k]) for k in ("train", "val", "test")}
         s2_params = {
             "iterations": args.stage2_iterations,
@@ -354,7 +370,6 @@ def main() -> None:
         from metsflow.cascade import load_stage2
 
         s2_net, s2_meta = load_stage2(models / "stage2.pt")
-        test_refs = [refs[i["study_id"]] for i in items["test"]]
         before, after, cascade_pred = [], [], {}
         for item, (inp, probs, pred) in zip(items["test"], stage1["test"], strict=True):
             filtered, _ = filter_prediction(
@@ -369,18 +384,7 @@ def main() -> None:
             after.append(whole(filtered))
             cascade_pred[item["study_id"]] = filtered
         for name, preds in (("stage 1", before), ("stage 1 + stage 2", after)):
-            m = detection(preds, test_refs)
-            rows.append(
-                {
-                    "experiment": "cascade (test studies)",
-                    "variant": name,
-                    "lesion sensitivity": m["sensitivity"],
-                    "lesion FDR": m["fdr"],
-                    "DSC": m["dsc"],
-                    "lesion F1": m["f1"],
-                    "lesions": m["lesions"],
-                }
-            )
+            rows.append(detection_row("cascade (test studies)", name, preds, test_refs))
 
         show(rows)
         # ---- 2. re-seg vs seg only on follow-ups -----------------------------------------------------
@@ -407,18 +411,7 @@ def main() -> None:
             ("re-seg alone", reseg_only),
             ("re-seg + cascade merged", merged),
         ):
-            m = detection(preds, fu_refs)
-            rows.append(
-                {
-                    "experiment": "follow-ups (test)",
-                    "variant": name,
-                    "lesion sensitivity": m["sensitivity"],
-                    "lesion FDR": m["fdr"],
-                    "DSC": m["dsc"],
-                    "lesion F1": m["f1"],
-                    "lesions": m["lesions"],
-                }
-            )
+            rows.append(detection_row("follow-ups (test)", name, preds, fu_refs))
         show(rows)
 
     if "transfer" in args.sections:
@@ -428,18 +421,8 @@ def main() -> None:
         for name, init in (("from scratch on B", None), ("fine-tuned A -> B", pre)):
             path = train(name.replace(" ", "_").replace(">", ""), items["B"], ft_params, init)
             preds = [whole(p) for _, _, p in segment(path, items["test"])]
-            m = detection(preds, test_refs)
-            rows.append(
-                {
-                    "experiment": f"transfer, {args.finetune_iterations} it (test)",
-                    "variant": name,
-                    "lesion sensitivity": m["sensitivity"],
-                    "lesion FDR": m["fdr"],
-                    "DSC": m["dsc"],
-                    "lesion F1": m["f1"],
-                    "lesions": m["lesions"],
-                }
-            )
+            experiment = f"transfer, {args.finetune_iterations} it (test)"
+            rows.append(detection_row(experiment, name, preds, test_refs))
 
     table = pd.DataFrame(rows)
     pd.set_option("display.width", 200)
