@@ -9,6 +9,7 @@ are merged with the cascade's new lesions (``metsflow.postprocess``).
 
 from __future__ import annotations
 
+import filecmp
 import logging
 import os
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from metsflow.io import StudyError, file_sha256, save_nifti
+from metsflow.io import StudyError, save_nifti
 from metsflow.jobs.manifest import read_manifests, write_manifest
 from metsflow.runtime import select_device, set_threads
 
@@ -129,7 +130,10 @@ def _reusable_predictions(previous: dict | None, models: list[str]) -> dict[str,
     old_models = [m for m in previous.get("models", []) if m]
     if len(old_models) != len(models) or not all(Path(m).is_file() for m in old_models):
         return {}
-    if [file_sha256(m) for m in models] != [file_sha256(m) for m in old_models]:
+    # Byte comparison that stops at the first difference (sizes first): a fine-tuned model
+    # differs early, so the usual round reads a few blocks, not every checkpoint in full.
+    pairs = zip(models, old_models, strict=True)  # equal lengths checked above
+    if not all(filecmp.cmp(new, old, shallow=False) for new, old in pairs):
         return {}
     table = read_manifests([previous["manifest"]])
     rows = {}
