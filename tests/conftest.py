@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,36 +26,117 @@ def run_snakemake(args: list[str], timeout: int = 1200, check: bool = True):
     return proc
 
 
+# The tiny pipeline's settings: 4 mm grid, small network, a dozen iterations, and
+# registration/co-registration schedules cut to one coarse level each. ANTs at the default
+# schedules took 93% of the suite's time (17.5 min on 2 idle cores before this was shared).
+TINY_SETTINGS = {
+    "sharding": {"cpu_shard_size": 4, "gpu_shard_size": 8},
+    "validation": {"fraction": 0.34},
+    "preprocess": {
+        "spacing": [4.0, 4.0, 4.0],
+        "coreg_resolution_mm": 6.0,
+        "coreg_iterations": [40],
+        "coreg_shrink_factors": [1],
+        "coreg_smoothing_sigmas": [0],
+        "atlas_resolution_mm": 6.0,
+        "atlas_iterations": [60],
+        "atlas_shrink_factors": [1],
+        "atlas_smoothing_sigmas": [0],
+    },
+    "register": {
+        "aff_iterations": [50],
+        "aff_levels_mm": [8.0],
+        "aff_smoothing_mm": [2.0],
+        "reg_iterations": [20, 10],
+        "levels_mm": [8.0, 4.0],
+        "smoothing_mm": [2.0, 1.0],
+    },
+    "model": {"filters": [8, 16, 32], "patch_size": [32, 32, 32]},
+    "train": {
+        "iterations": 12,
+        "finetune_iterations": 6,
+        "val_interval": 6,
+        "checkpoint_interval": 6,
+    },
+    "active_learning": {"rounds": 1, "batch_size": 1},
+    "threads": {"preprocess": 1, "register": 1, "train": 1, "infer": 1},
+}
+
+
+def write_tiny_config(folder: Path, demo_dir: Path, name: str = "tiny.yaml", **overrides) -> Path:
+    """A config overlay that runs the whole pipeline on a phantom in a couple of minutes.
+
+    ``results`` and ``label_store`` go to ``folder``; a dict override updates that section.
+    """
+    config = {
+        "sheet": str(demo_dir / "studies.tsv"),
+        "oracle_sheet": str(demo_dir / "oracle.tsv"),
+        "results": str(folder / "results"),
+        "label_store": str(folder / "labels"),
+        **copy.deepcopy(TINY_SETTINGS),
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            config.setdefault(key, {}).update(value)
+        else:
+            config[key] = value
+    path = folder / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
-    """Write a config overlay that makes the whole pipeline run in a couple of minutes."""
+    """``make(demo_dir, **overrides)`` -> path of a tiny config writing under ``tmp_path``."""
 
     def make(demo_dir: Path, **overrides) -> Path:
-        config = {
-            "sheet": str(demo_dir / "studies.tsv"),
-            "oracle_sheet": str(demo_dir / "oracle.tsv"),
-            "results": str(tmp_path / "results"),
-            "label_store": str(tmp_path / "labels"),
-            "sharding": {"cpu_shard_size": 4, "gpu_shard_size": 8},
-            "validation": {"fraction": 0.34},
-            "preprocess": {"spacing": [4.0, 4.0, 4.0]},
-            "model": {"filters": [8, 16, 32], "patch_size": [32, 32, 32]},
-            "train": {
-                "iterations": 12,
-                "finetune_iterations": 6,
-                "val_interval": 6,
-                "checkpoint_interval": 6,
-            },
-            "active_learning": {"rounds": 1, "batch_size": 1},
-            "threads": {"preprocess": 1, "register": 1, "train": 1, "infer": 1},
-        }
-        for key, value in overrides.items():
-            if isinstance(value, dict):
-                config.setdefault(key, {}).update(value)
-            else:
-                config[key] = value
-        path = tmp_path / "tiny.yaml"
-        path.write_text(yaml.safe_dump(config))
-        return path
+        return write_tiny_config(tmp_path, demo_dir, **overrides)
 
     return make
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    """One finished tiny pipeline run, shared by every test that only reads its outputs."""
+
+    root: Path  # holds demo/, results/, labels/, tiny.yaml
+    demo: Path
+    config: Path
+    results: Path
+    labels: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    """The whole pipeline once per session: 4 patients x 2 time points, round 0 and one
+    simulated active-learning round, with the full model set of config/cohort.yaml in miniature
+    (a 2-fold stage-1 ensemble, cascade stage 2, follow-up re-segmentation with the propagated
+    prior; round 1's batch chosen by the ensemble's disagreement).
+
+    Tests that read it must not write into it: copy what a test changes (as test_rounds does).
+    """
+    from metsflow.phantom import make_demo_cohort
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    demo = root / "demo"
+    # Native 2x2x3 mm (instead of the demo's 1x1x3): separate grids per sequence, skull and
+    # the atlas mask are all still exercised, at a quarter of the voxels.
+    make_demo_cohort(
+        demo,
+        n_patients=4,
+        n_timepoints=2,
+        native_spacing=(2.0, 2.0, 3.0),
+        model_spacing=4.0,
+        labelled_patients=3,
+        seed=0,
+    )
+    models = {
+        "folds": 2,
+        "stage2": {"enabled": True, "iterations": 10},
+        "reseg": {"enabled": True, "iterations": 12, "finetune_iterations": 6},
+    }
+    config = write_tiny_config(
+        root, demo, train=models, active_learning={"strategy": "disagreement"}
+    )
+    run_snakemake(["--profile", "profiles/local", "--cores", "2", "--configfile", str(config)])
+    return TinyRun(root, demo, config, root / "results", root / "labels")

@@ -145,6 +145,7 @@ def straight_run(broken_cohort, tmp_path_factory) -> Path:
     return results
 
 
+@pytest.mark.slow
 def test_broken_studies_are_quarantined_and_the_rest_completes(straight_run):
     results = straight_run
 
@@ -201,6 +202,7 @@ def _kill_when(popen: subprocess.Popen, ready, extra_delay: float, timeout: floa
     return True
 
 
+@pytest.mark.slow
 def test_run_killed_at_several_points_resumes_to_identical_outputs(
     broken_cohort, straight_run, tmp_path
 ):

@@ -18,6 +18,7 @@ from metsflow.plan import dry_run_job_counts as job_counts
 COHORT_SIZE = 11_892
 
 
+@pytest.mark.slow
 def test_dry_run_plans_the_full_cohort(tmp_path):
     sheet = tmp_path / "cohort.tsv"
     synthetic_sheet(COHORT_SIZE, sheet, seed=0)
@@ -53,6 +54,7 @@ def test_dry_run_plans_the_full_cohort(tmp_path):
     assert counts["gather_manifests"] == 1
 
 
+@pytest.mark.slow
 def test_snakemake_lint_is_clean(tmp_path):
     """`snakemake --lint` over a paths-only sheet: every rule has log/benchmark, no lint."""
     sheet = tmp_path / "cohort.tsv"
@@ -74,25 +76,8 @@ def test_snakemake_lint_is_clean(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_pipeline_end_to_end(tmp_path, tiny_config):
-    from metsflow.phantom import make_demo_cohort
-
-    demo = tmp_path / "demo"
-    make_demo_cohort(
-        demo, n_patients=4, n_timepoints=2, model_spacing=4.0, labelled_patients=3, seed=0
-    )
-    # The full model set of config/cohort.yaml in miniature: a 2-fold stage-1 ensemble, cascade
-    # stage 2 and the follow-up re-segmentation with the propagated prior, trained and used by
-    # inference in both rounds; round 1's batch is chosen by the ensemble's disagreement.
-    models = {
-        "folds": 2,
-        "stage2": {"enabled": True, "iterations": 10},
-        "reseg": {"enabled": True, "iterations": 12, "finetune_iterations": 6},
-    }
-    config = tiny_config(demo, train=models, active_learning={"strategy": "disagreement"})
-    run_snakemake(["--profile", "profiles/local", "--cores", "2", "--configfile", str(config)])
-
-    results = tmp_path / "results"
+def test_tiny_run_trains_and_uses_the_cascade_and_reseg_in_both_rounds(tiny_run):
+    results = tiny_run.results
     for r in (0, 1):
         model_dir = results / f"rounds/round_{r}/model"
         assert (model_dir / "stage2.pt").exists() and (model_dir / "reseg.pt").exists()
@@ -106,16 +91,17 @@ def test_demo_pipeline_end_to_end(tmp_path, tiny_config):
     assert predicted.loc[predicted.status == "ok", "uncertainty_disagreement"].notna().all()
     followups = predicted[predicted.study_id.str.endswith("_T1") & (predicted.status == "ok")]
     assert len(followups) and followups.tracked_lesions.notna().any()
-    summaries = [
-        json.loads((results / f"rounds/round_{r}/evaluation/summary.json").read_text())
-        for r in (0, 1)
-    ]
-    for summary in summaries:
+    for r in (0, 1):
+        summary = json.loads((results / f"rounds/round_{r}/evaluation/summary.json").read_text())
         assert summary["n_validation"] >= 1
         assert 0.0 <= summary["mean_dice"] <= 1.0
+
+
+@pytest.mark.slow
+def test_tiny_run_round_1_label_trains_the_folds_that_do_not_hold_it_out(tiny_run):
+    results = tiny_run.results
     selection = pd.read_csv(results / "rounds/round_1/selection.tsv", sep="\t")
     assert len(selection) == 1
-    # With folds the new label trains the fold(s) that do not hold its patient out.
     fold_summaries = [
         json.loads(p.read_text())
         for p in (results / "rounds/round_1/model").glob("train_summary*.json")
@@ -123,21 +109,25 @@ def test_demo_pipeline_end_to_end(tmp_path, tiny_config):
     assert len(fold_summaries) == 2
     assert all(f["n_confirmed"] == 1 for f in fold_summaries)
     assert any(selection.study_id[0] in f["train_studies"] for f in fold_summaries)
-    confirmed = next((tmp_path / "labels" / selection.study_id[0]).glob("v*_confirmed.nii.gz"))
+    confirmed = next((tiny_run.labels / selection.study_id[0]).glob("v*_confirmed.nii.gz"))
     assert not os.stat(confirmed).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
 
     rounds = pd.read_csv(results / "report/rounds.tsv", sep="\t")
     assert list(rounds["round"]) == [0, 1]
     assert (results / "report/dice_per_round.png").stat().st_size > 0
 
-    # Every follow-up was registered to its previous time point with QC recorded.
+
+@pytest.mark.slow
+def test_tiny_run_registers_every_followup_with_qc(tiny_run):
     registered = pd.concat(
-        pd.read_csv(p, sep="\t") for p in (results / "registered/shards").glob("*.tsv")
+        pd.read_csv(p, sep="\t") for p in (tiny_run.results / "registered/shards").glob("*.tsv")
     )
     assert (registered.status == "ok").sum() == 4
     for study in registered.loc[registered.status == "ok", "study_id"]:
-        qc = json.loads((results / "registered" / study / "qc.json").read_text())
+        qc = json.loads((tiny_run.results / "registered" / study / "qc.json").read_text())
         assert qc
 
-    # Statistics, longitudinal response, figures, the HTML report, and a no-op second run.
-    check_evaluation_outputs(tmp_path, config)
+
+@pytest.mark.slow
+def test_tiny_run_statistics_response_figures_report_and_no_op_rerun(tiny_run):
+    check_evaluation_outputs(tiny_run.root, tiny_run.config)
