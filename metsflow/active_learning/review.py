@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from metsflow import io, labels
+from metsflow.active_learning.burden import file_burden
 from metsflow.active_learning.labelstore import (
     AFFINE_TOLERANCE_MM,
     ALLOWED_VALUES,
@@ -482,16 +483,13 @@ def _corrected_label(review_dir: Path, row: pd.Series) -> tuple[Path | None, str
     return found[0], ""
 
 
-def _changed_voxels(label_path: Path, preseg_path: Path) -> int | None:
-    """Voxels the reviewer changed relative to the pre-segmentation (a measure of effort)."""
+def _burden(label_path: Path, preseg_path: Path, study_id: str) -> dict | None:
+    """The reviewer's edit of the pre-segmentation (``burden.file_burden``), or None when the
+    files cannot be compared: the label store's own checks report those problems."""
     try:
-        label = np.asanyarray(nib.load(str(label_path)).dataobj)
-        preseg = np.asanyarray(nib.load(str(preseg_path)).dataobj)
-    except Exception:  # unreadable files are reported by the label store's own checks
+        return file_burden(preseg_path, label_path, study_id)
+    except (io.StudyError, ValueError):
         return None
-    if label.shape != preseg.shape:
-        return None
-    return int(np.count_nonzero(np.round(label) != preseg))
 
 
 def _reviewers(store: LabelStore, study_id: str) -> dict[str, str]:
@@ -556,7 +554,15 @@ def import_batch(
             reference = provide(reference_for, study_id) if reference_for is not None else None
             if reference is None:
                 reference = review_dir / study_id / IMAGE_NAME.format(sequence="t1c")
-            changed = _changed_voxels(label_path, review_dir / study_id / PRESEGMENTATION_NAME)
+            burden = _burden(label_path, review_dir / study_id / PRESEGMENTATION_NAME, study_id)
+            changed = None if burden is None else burden["voxels_changed"]
+            edit = (
+                "pre-segmentation not comparable"
+                if burden is None
+                else f"{changed} voxels changed, lesions +{burden['lesions_added']} "
+                f"-{burden['lesions_removed']} resized {burden['lesions_resized']} "
+                "vs pre-segmentation"
+            )
             version = store.import_label(
                 study_id,
                 label_path,
@@ -564,7 +570,7 @@ def import_batch(
                 reviewer=reviewer,
                 reference_image=reference,
                 source=f"{row['model']}/round_{row['round']}",
-                note=f"review package {review_dir.name}; {changed} voxels changed vs pre-segmentation",
+                note=f"review package {review_dir.name}; {edit}",
             )
         except (LabelImportError, io.StudyError) as exc:
             results.append({**result, "result": "rejected", "problem": exc.problem})
