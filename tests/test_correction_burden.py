@@ -296,3 +296,61 @@ def test_report_figure_and_table(tmp_path, confirmed_round):
     # No confirmed batch yet (round 0 only): the figure says so instead of failing.
     plot_correction_burden(read_burden_tables([]), tmp_path / "empty.png")
     assert (tmp_path / "empty.png").stat().st_size > 1_000
+
+
+def test_report_rounds_table_and_figure(tmp_path, confirmed_round):
+    """The report's rounds section: burden medians next to each round's Dice, a per-round
+    table (an empty batch after the stop criterion is a round with 0 studies) and the figure."""
+    from metsflow.jobs.report import run_report_rounds
+
+    results, store = confirmed_round
+    rounds_dir = results / "rounds"
+    run_correction_burden(
+        1,
+        str(rounds_dir / "round_1/annotations.tsv"),
+        str(rounds_dir / "round_1/review"),
+        str(store.root),
+        str(rounds_dir / "round_1" / BURDEN_NAME),
+    )
+    io.write_table(rounds_dir / "round_2" / BURDEN_NAME, pd.DataFrame(columns=BURDEN_COLUMNS))
+    io.write_table(rounds_dir / "round_2/selection.tsv", pd.DataFrame(columns=["study_id"]))
+    summaries, per_study = [], []
+    for r in range(3):
+        summaries.append(rounds_dir / f"round_{r}/evaluation/summary.json")
+        io.write_json(summaries[-1], {"round": r, "mean_dice": 0.5 + r / 10, "n_train": 4 + r})
+        per_study.append(rounds_dir / f"round_{r}/evaluation/per_study.tsv")
+        rows = pd.DataFrame(
+            {"round": r, "study_id": ["V1", "V2"], "group": "whole_lesion", "dice": [0.4, 0.6]}
+        )
+        io.write_table(per_study[-1], rows)
+    plan = pd.DataFrame(
+        {
+            "study_id": ["S1", "V1"],
+            "patient_id": ["P1", "P2"],
+            "role": ["pool", "validation"],
+            "shard": "s0",
+            "gpu_shard": "g0",
+        }
+    )
+    io.write_table(tmp_path / "plan.tsv", plan)
+    io.write_table(tmp_path / "quarantine.tsv", pd.DataFrame(columns=["study_id"]))
+    report = tmp_path / "report"
+    table = run_report_rounds(
+        plan_path=str(tmp_path / "plan.tsv"),
+        quarantine_path=str(tmp_path / "quarantine.tsv"),
+        summaries=[str(p) for p in summaries],
+        per_study=[str(p) for p in per_study],
+        selections=[str(rounds_dir / f"round_{r}/selection.tsv") for r in (1, 2)],
+        burdens=[str(rounds_dir / f"round_{r}" / BURDEN_NAME) for r in (1, 2)],
+        out_table=str(report / "rounds.tsv"),
+        out_plot=str(report / "dice_per_round.png"),
+        out_cohort=str(report / "cohort_summary.tsv"),
+        out_burden=str(report / "correction_burden.tsv"),
+        out_burden_plot=str(report / "correction_burden_per_round.png"),
+    ).set_index("round")
+    assert table.loc[1, "burden_studies"] == 2 and table.loc[1, "voxels_changed_median"] == 74
+    assert table.loc[2, "burden_studies"] == 0 and pd.isna(table.loc[0, "burden_studies"])
+    per_round = pd.read_csv(report / "correction_burden.tsv", sep="\t").set_index("round")
+    assert per_round["n_studies"].to_dict() == {1: 2, 2: 0}
+    assert per_round.loc[1, "lesion_edits_q3"] == pytest.approx(2.25)  # of 0 and 3
+    assert (report / "correction_burden_per_round.png").stat().st_size > 5_000

@@ -264,17 +264,18 @@ def round_burden(
     return pd.DataFrame(rows, columns=BURDEN_COLUMNS).astype(dict.fromkeys(_COUNTS, "Int64"))
 
 
-def summarise_rounds(per_study: pd.DataFrame) -> pd.DataFrame:
+def summarise_rounds(per_study: pd.DataFrame, rounds: Iterable[int] = ()) -> pd.DataFrame:
     """Per round: studies compared, studies with a review time, and the median and quartiles
     (``<metric>_median``, ``_q1``, ``_q3``) of ``SUMMARY_METRICS`` (``SUMMARY_COLUMNS``).
 
-    Studies with a ``problem`` are left out of the figures; a round without any study (an empty
-    batch after the stop criterion) has ``n_studies`` 0 and NaN figures.
+    Studies with a ``problem`` are left out of the figures. ``rounds`` adds rows for rounds
+    that have no study (an empty batch after the stop criterion): ``n_studies`` 0, NaN figures.
     """
     rows = []
-    for round_index, part in per_study.groupby("round", sort=True):
+    for round_index in sorted({*map(int, per_study["round"].dropna()), *map(int, rounds)}):
+        part = per_study[per_study["round"] == round_index]
         ok = part[part["problem"].fillna("").astype(str) == ""]
-        row = {"round": int(round_index), "n_studies": len(ok)}
+        row = {"round": round_index, "n_studies": len(ok)}
         row["n_timed"] = int(pd.to_numeric(ok["review_seconds"], errors="coerce").notna().sum())
         for metric in SUMMARY_METRICS:
             values = pd.to_numeric(ok[metric], errors="coerce").dropna().to_numpy(dtype=float)

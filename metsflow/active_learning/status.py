@@ -151,11 +151,8 @@ def _burden_summary(paths: list[Path]) -> tuple[dict[int, dict], dict[int, list[
         except (OSError, ValueError) as exc:
             notes[round_index] = [f"{BURDEN_NAME} unreadable: {exc}"]
             continue
-        if table.empty:
-            summaries[round_index] = {"n_studies": 0, "n_timed": 0}
-        else:
-            summaries[round_index] = summarise_rounds(table).iloc[0].to_dict()
-            summaries[round_index].pop("round")
+        summary = summarise_rounds(table, rounds=[round_index]).set_index("round")
+        summaries[round_index] = summary.loc[round_index].to_dict()
     return summaries, notes
 
 

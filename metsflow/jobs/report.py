@@ -56,7 +56,7 @@ def run_report_rounds(
     table["batch_size"] = table["round"].map(batch_sizes).fillna(0).astype(int)
     # The correction burden of the labels each round's model was fine-tuned on, next to its Dice.
     burden = read_burden_tables(burdens)
-    burden_summary = summarise_rounds(burden)
+    burden_summary = summarise_rounds(burden, rounds=[r for r in table["round"] if r > 0])
     write_table(out_burden, burden_summary)
     plot_correction_burden(burden, out_burden_plot)
     table = table.merge(
