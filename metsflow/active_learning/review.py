@@ -455,7 +455,9 @@ def export_batch(
 
 # ---------------------------------------------------------------------- import
 
-IMPORT_COLUMNS = ["study_id", "result", "version", "label_file", "changed_voxels", "problem"]
+# The edit of the pre-segmentation (burden.label_burden) shown per imported study.
+IMPORT_BURDEN = ["changed_voxels", "lesions_added", "lesions_removed", "lesions_resized"]
+IMPORT_COLUMNS = ["study_id", "result", "version", "label_file", *IMPORT_BURDEN, "problem"]
 
 
 def _corrected_label(review_dir: Path, row: pd.Series) -> tuple[Path | None, str]:
@@ -555,13 +557,12 @@ def import_batch(
             if reference is None:
                 reference = review_dir / study_id / IMAGE_NAME.format(sequence="t1c")
             burden = _burden(label_path, review_dir / study_id / PRESEGMENTATION_NAME, study_id)
-            changed = None if burden is None else burden["voxels_changed"]
             edit = (
                 "pre-segmentation not comparable"
                 if burden is None
-                else f"{changed} voxels changed, lesions +{burden['lesions_added']} "
-                f"-{burden['lesions_removed']} resized {burden['lesions_resized']} "
-                "vs pre-segmentation"
+                else f"{burden['voxels_changed']} voxels changed, lesions "
+                f"+{burden['lesions_added']} -{burden['lesions_removed']} resized "
+                f"{burden['lesions_resized']} vs pre-segmentation"
             )
             version = store.import_label(
                 study_id,
@@ -578,9 +579,10 @@ def import_batch(
         except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
             results.append({**result, "result": "rejected", "problem": str(exc)})
             continue
-        results.append(
-            {**result, "result": "imported", "version": version, "changed_voxels": changed}
-        )
+        if burden is not None:
+            lesions = {k: burden[k] for k in IMPORT_BURDEN[1:]}
+            result.update(changed_voxels=burden["voxels_changed"], **lesions)
+        results.append({**result, "result": "imported", "version": version})
 
     _refresh_manifest_status(review_dir, manifest, store)
     return pd.DataFrame(results, columns=IMPORT_COLUMNS)
