@@ -354,3 +354,23 @@ def test_report_rounds_table_and_figure(tmp_path, confirmed_round):
     assert per_round["n_studies"].to_dict() == {1: 2, 2: 0}
     assert per_round.loc[1, "lesion_edits_q3"] == pytest.approx(2.25)  # of 0 and 3
     assert (report / "correction_burden_per_round.png").stat().st_size > 5_000
+
+
+def test_empty_batch_after_the_stop_criterion(tmp_path, capsys):
+    """A round whose batch is empty (Dice threshold reached) has a header-only table and shows
+    as a round with 0 studies."""
+    results = tmp_path / "results"
+    io.write_table(
+        results / "rounds/round_1/annotations.tsv",
+        pd.DataFrame(columns=["study_id", "status", "label"]),
+    )
+    io.write_table(results / "rounds/round_1/selection.tsv", pd.DataFrame(columns=["study_id"]))
+    out = results / "rounds/round_1" / BURDEN_NAME
+    store = LabelStore(tmp_path / "labels")
+    run_correction_burden(
+        1, str(results / "rounds/round_1/annotations.tsv"), str(tmp_path), str(store.root), str(out)
+    )
+    assert out.read_text().split() == BURDEN_COLUMNS
+    assert round_status(results, store).set_index("round").loc[1, "n_studies"] == 0
+    lines = _status(results, store, capsys).splitlines()
+    assert lines[-1].split() == ["1", "0", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "0"]
