@@ -3,8 +3,10 @@
 Runs the real workflow (``snakemake round_<K>``) in simulated-annotator mode once per strategy,
 with the same seed, cohort, round-0 model and labelling budget, and prints validation Dice and
 lesion F1 per number of labelled training studies, plus the difference to random measured in this
-same run. Sized for 2 CPU cores: a small phantom at 3 mm, a small DynUNet and few iterations; the
-settings are printed with the figures. Round 0 (preprocessing, the seed model and its pool
+same run, and the correction burden of each round's batch (median voxels and ml changed and
+lesion edits between the previous model's pre-segmentation and the simulated annotator's
+label): it should fall as the model improves. Sized for 2 CPU cores: a small phantom at 3 mm,
+a small DynUNet and few iterations; the settings are printed with the figures. Round 0 (preprocessing, the seed model and its pool
 predictions) is computed once and copied, so both strategies start from identical state; rounds
 1..K of the strategies then run side by side. An interrupted run resumes (same --out).
 
@@ -98,6 +100,16 @@ def run_parallel(commands: dict[str, list[str]], logs: dict[str, Path]) -> dict[
 
 
 def round_metrics(results: Path, strategy: str, rounds: int) -> pd.DataFrame:
+    """Validation metrics of each round's model and the correction burden of the batch that
+    model r-1 pre-segmented (labelled in round r; the workflow's correction_burden tables)."""
+    from metsflow.active_learning.burden import BURDEN_NAME, read_burden_tables, summarise_rounds
+
+    burden = summarise_rounds(
+        read_burden_tables(
+            results / f"rounds/round_{r}" / BURDEN_NAME for r in range(1, rounds + 1)
+        ),
+        rounds=range(1, rounds + 1),
+    ).set_index("round")
     rows = []
     for r in range(rounds + 1):
         summary = json.loads((results / f"rounds/round_{r}/evaluation/summary.json").read_text())
@@ -108,6 +120,9 @@ def round_metrics(results: Path, strategy: str, rounds: int) -> pd.DataFrame:
                 "n_labelled": summary.get("n_train"),
                 "mean_dice": summary.get("mean_dice"),
                 "mean_lesion_f1": summary.get("mean_lesion_f1"),
+                "burden_voxels": burden["voxels_changed_median"].get(r),
+                "burden_ml": burden["changed_ml_median"].get(r),
+                "burden_lesion_edits": burden["lesion_edits_median"].get(r),
             }
         )
     return pd.DataFrame(rows)
@@ -197,6 +212,16 @@ def main() -> None:
     )
     print(f"\n{args.strategy} minus random (same run, same seed and budget)")
     print(delta.round(3).to_string())
+    burden = table[table["round"] > 0].pivot(
+        index="round",
+        columns="strategy",
+        values=["burden_voxels", "burden_ml", "burden_lesion_edits"],
+    )
+    print(
+        "\ncorrection burden of round r's batch, pre-segmented by model r-1 (median over the batch:"
+        " voxels and ml changed, lesions added + removed + resized by the simulated annotator)"
+    )
+    print(burden.round(3).to_string())
     later = delta.loc[delta.index > 0]
     print(
         f"\nmean over rounds 1..{args.rounds}: Dice {later.dice_minus_random.mean():+.3f}, "

@@ -164,12 +164,17 @@ def _workflow_paths(args) -> None:
 
 def _cmd_al_status(args) -> int:
     from metsflow.active_learning.labelstore import LabelStore
-    from metsflow.active_learning.status import final_status, format_status, round_status
+    from metsflow.active_learning.status import (
+        final_status,
+        format_burden,
+        format_status,
+        round_status,
+    )
 
     _workflow_paths(args)
     store = LabelStore(args.labels, create=False)
     table = round_status(args.results, store)
-    print(format_status(table) + final_status(args.results, store), end="")
+    print(format_status(table) + format_burden(table) + final_status(args.results, store), end="")
     return 0
 
 
@@ -352,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     al = sub.add_parser("al", help="active-learning rounds and the human label store")
     al_sub = al.add_subparsers(dest="al_command", required=True)
-    status = al_sub.add_parser("status", help="rounds, batches, review progress, Dice")
+    status = al_sub.add_parser(
+        "status", help="rounds, batches, review progress, Dice, correction burden"
+    )
     status.add_argument("--configfile", help="workflow config: its results and label_store")
     status.add_argument("--results", help="default: results")
     status.add_argument("--labels", help="default: labels")

@@ -94,6 +94,44 @@ def plot_metric_by_round(
     _save(fig, out_png)
 
 
+def plot_correction_burden(per_study: pd.DataFrame, out_png: str | os.PathLike) -> None:
+    """Correction burden per active-learning round: one panel per figure (changed volume in ml,
+    lesion edits, and review seconds when any study has one), every study as a point and the
+    median with its interquartile range.
+
+    ``per_study`` is a ``burden.BURDEN_COLUMNS`` table of any number of rounds (studies with a
+    ``problem`` are left out). With no study yet, the figure says so instead of failing.
+    """
+    _require(per_study, ["round", "changed_ml", "lesion_edits", "review_seconds"], "burden")
+    if "problem" in per_study.columns:
+        per_study = per_study[per_study["problem"].fillna("").astype(str) == ""]
+    panels = [("changed_ml", "changed volume (ml)"), ("lesion_edits", "lesions +/-/resized")]
+    if pd.to_numeric(per_study["review_seconds"], errors="coerce").notna().any():
+        panels.append(("review_seconds", "review time (s)"))
+    fig = _new_figure(3.6 * len(panels), 3.8)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    rng = np.random.default_rng(0)
+    rounds = sorted(pd.to_numeric(per_study["round"], errors="coerce").dropna().unique())
+    for ax, (metric, label) in zip(axes, panels, strict=True):
+        data = per_study[["round", metric]].apply(pd.to_numeric, errors="coerce").dropna()
+        if data.empty:
+            ax.text(0.5, 0.5, "no confirmed batch yet", ha="center", va="center")
+        else:
+            jitter = rng.uniform(-0.12, 0.12, len(data))
+            ax.scatter(data["round"] + jitter, data[metric], s=10, alpha=0.35, color="grey")
+            stats = data.groupby("round")[metric].quantile([0.25, 0.5, 0.75]).unstack()
+            x, median = stats.index.to_numpy(), stats[0.5].to_numpy()
+            err = np.vstack([median - stats[0.25], stats[0.75] - median])
+            ax.errorbar(x, median, yerr=err, marker="o", capsize=4, label="median, IQR")
+            ax.set_xticks(rounds)
+            ax.set_xlim(rounds[0] - 0.5, rounds[-1] + 0.5)  # the same rounds on every panel
+            ax.legend(loc="best")
+        ax.set_xlabel("active-learning round")
+        ax.set_ylabel(label)
+    fig.suptitle("correction burden: confirmed label vs the model's pre-segmentation")
+    _save(fig, out_png)
+
+
 def plot_metric_distributions(
     per_study: pd.DataFrame,
     out_png: str | os.PathLike,

@@ -1,6 +1,7 @@
 # One active-learning round r >= 1: the round r-1 model's pool predictions -> acquisition picks
 # a batch -> export for review (ITK-SNAP / 3D Slicer / MONAI Label) -> corrections come back
-# through the label store (people, or the simulated annotator) -> train_round r fine-tunes.
+# through the label store (people, or the simulated annotator) -> train_round r fine-tunes;
+# correction_burden measures, per study, how much people changed the pre-segmentation.
 # Round r's training never starts until every study of its batch has a confirmed label.
 #
 # One invocation per round: `snakemake --profile profiles/local round_2` runs exactly through
@@ -93,6 +94,32 @@ rule collect_annotations:
         model=lambda wc: model_path(int(wc.round) - 1),
     script:
         "../scripts/collect_annotations.py"
+
+
+# Measured, not required: training does not wait for it, and a rerun of it never retrains.
+rule correction_burden:
+    input:
+        annotations=f"{RESULTS}/rounds/round_{{round}}/annotations.tsv",
+        review=f"{RESULTS}/rounds/round_{{round}}/review/manifest.csv",
+    output:
+        table=burden_table("{round}"),
+    log:
+        f"{RESULTS}/logs/active_learning/correction_burden_round_{{round}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/active_learning/correction_burden_round_{{round}}.tsv"
+    wildcard_constraints:
+        round=r"[1-9]\d*",
+    conda:
+        "../envs/imaging.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        label_store=config["label_store"],
+        review_dir=lambda wc, input: os.path.dirname(input.review),
+    script:
+        "../scripts/correction_burden.py"
 
 
 rule final_labels:

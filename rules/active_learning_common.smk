@@ -20,6 +20,7 @@ def round_target_inputs(r):
     final labels and QA export), or with people, everything up to the first unconfirmed batch.
     """
     done = [evaluation_summary(r), model_path(r)]
+    done += [burden_table(k) for k in range(1, r + 1)]
     if r == FINAL_ROUND:
         done += FINAL_OUTPUTS
     if config["active_learning"]["annotator"] != "human":
@@ -35,7 +36,7 @@ def round_target_inputs(r):
                 f"`metsflow al import --round {k} --stage confirmed ...`.",
                 file=sys.stderr,
             )
-            return [annotation_table(k)]
+            return [burden_table(j) for j in range(1, k)] + [annotation_table(k)]
     return done
 
 

@@ -4,6 +4,7 @@ import functools
 import os
 from pathlib import Path
 
+from metsflow.active_learning.burden import BURDEN_NAME
 from metsflow.cohort import read_sheet
 from metsflow.plan import PlanSettings, build_plan, restrict
 
@@ -128,6 +129,11 @@ def selection_table(r):
 
 def annotation_table(r):
     return f"{RESULTS}/rounds/round_{r}/annotations.tsv"
+
+
+def burden_table(r):
+    """Per-study correction burden of round r's confirmed batch (rule correction_burden)."""
+    return f"{RESULTS}/rounds/round_{r}/{BURDEN_NAME}"
 
 
 def train_inputs(wildcards):

@@ -14,6 +14,7 @@ rule report_rounds:
             f"{RESULTS}/rounds/round_{r}/evaluation/per_study.tsv" for r in ROUNDS
         ],
         selections=[selection_table(r) for r in ROUNDS[1:]],
+        burdens=[burden_table(r) for r in ROUNDS[1:]],
     output:
         table=report(
             f"{RESULTS}/report/rounds.tsv",
@@ -29,6 +30,16 @@ rule report_rounds:
             f"{RESULTS}/report/cohort_summary.tsv",
             caption="../report/cohort_summary.rst",
             category="Cohort",
+        ),
+        burden=report(
+            f"{RESULTS}/report/correction_burden.tsv",
+            caption="../report/correction_burden.rst",
+            category="Active learning",
+        ),
+        burden_plot=report(
+            f"{RESULTS}/report/correction_burden_per_round.png",
+            caption="../report/correction_burden_per_round.rst",
+            category="Active learning",
         ),
     log:
         f"{RESULTS}/logs/report_rounds.log",

@@ -10,7 +10,10 @@ with job_logging(snakemake.log[0]):
         summaries=list(snakemake.input.summaries),
         per_study=list(snakemake.input.per_study),
         selections=list(snakemake.input.selections),
+        burdens=list(snakemake.input.burdens),
         out_table=snakemake.output.table,
         out_plot=snakemake.output.dice_plot,
         out_cohort=snakemake.output.cohort,
+        out_burden=snakemake.output.burden,
+        out_burden_plot=snakemake.output.burden_plot,
     )

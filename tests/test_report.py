@@ -17,6 +17,7 @@ REPORT_FIGURES = (
     "volume_trajectories.png",
     "overlay_best.png",
     "overlay_worst.png",
+    "correction_burden_per_round.png",
 )
 
 
@@ -74,10 +75,23 @@ def check_evaluation_outputs(run_dir, config):
     for name in REPORT_FIGURES:
         assert (results / "report" / name).stat().st_size > 5_000, name
 
+    # Correction burden of round 1's batch (simulated annotator vs the exported
+    # pre-segmentation): one measured row per selected study, summarised in the report.
+    selection = pd.read_csv(results / "rounds/round_1/selection.tsv", sep="\t", dtype=str)
+    burden = pd.read_csv(results / "rounds/round_1/correction_burden.tsv", sep="\t", dtype=str)
+    assert sorted(burden.study_id) == sorted(selection.study_id)
+    assert burden.problem.isna().all() and set(burden.via) == {"simulated"}
+    assert (burden.voxels_changed.astype(int) >= 0).all()
+    per_round = pd.read_csv(results / "report/correction_burden.tsv", sep="\t")
+    assert per_round.set_index("round").loc[1, "n_studies"] == len(selection)
+    rounds = pd.read_csv(results / "report/rounds.tsv", sep="\t").set_index("round")
+    assert rounds.loc[1, "burden_studies"] == len(selection)
+
     report = run_dir / "report.html"
     run_snakemake(["--configfile", str(config), "--report", str(report)])
     html = report.read_text(errors="replace")
-    for name in (*REPORT_FIGURES, "compare_round_0.tsv", "response.tsv", "rounds.tsv"):
+    tables = ("compare_round_0.tsv", "response.tsv", "rounds.tsv", "correction_burden.tsv")
+    for name in (*REPORT_FIGURES, *tables):
         assert name in html, f"{name} is not in the report"
 
     again = run_snakemake(["-n", "--configfile", str(config)])

@@ -4,6 +4,7 @@
 - ``labelstore``: ``LabelStore``, the versioned, never-overwritten store of human labels.
 - ``review``: ``export_batch`` / ``import_batch`` for ITK-SNAP, 3D Slicer and MONAI Label.
 - ``annotator``: ``simulate_batch`` answers a batch from phantom ground truth.
+- ``burden``: the correction burden, pre-segmentation vs confirmed label, per study and round.
 - ``status``: ``round_status`` / ``format_status`` for ``metsflow al status``.
 """
 

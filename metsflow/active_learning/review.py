@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from metsflow import io, labels
+from metsflow.active_learning.burden import file_burden
 from metsflow.active_learning.labelstore import (
     AFFINE_TOLERANCE_MM,
     ALLOWED_VALUES,
@@ -454,7 +455,9 @@ def export_batch(
 
 # ---------------------------------------------------------------------- import
 
-IMPORT_COLUMNS = ["study_id", "result", "version", "label_file", "changed_voxels", "problem"]
+# The edit of the pre-segmentation (burden.label_burden) shown per imported study.
+IMPORT_BURDEN = ["changed_voxels", "lesions_added", "lesions_removed", "lesions_resized"]
+IMPORT_COLUMNS = ["study_id", "result", "version", "label_file", *IMPORT_BURDEN, "problem"]
 
 
 def _corrected_label(review_dir: Path, row: pd.Series) -> tuple[Path | None, str]:
@@ -482,16 +485,13 @@ def _corrected_label(review_dir: Path, row: pd.Series) -> tuple[Path | None, str
     return found[0], ""
 
 
-def _changed_voxels(label_path: Path, preseg_path: Path) -> int | None:
-    """Voxels the reviewer changed relative to the pre-segmentation (a measure of effort)."""
+def _burden(label_path: Path, preseg_path: Path, study_id: str) -> dict | None:
+    """The reviewer's edit of the pre-segmentation (``burden.file_burden``), or None when the
+    files cannot be compared: the label store's own checks report those problems."""
     try:
-        label = np.asanyarray(nib.load(str(label_path)).dataobj)
-        preseg = np.asanyarray(nib.load(str(preseg_path)).dataobj)
-    except Exception:  # unreadable files are reported by the label store's own checks
+        return file_burden(preseg_path, label_path, study_id)
+    except (io.StudyError, ValueError):
         return None
-    if label.shape != preseg.shape:
-        return None
-    return int(np.count_nonzero(np.round(label) != preseg))
 
 
 def _reviewers(store: LabelStore, study_id: str) -> dict[str, str]:
@@ -556,7 +556,14 @@ def import_batch(
             reference = provide(reference_for, study_id) if reference_for is not None else None
             if reference is None:
                 reference = review_dir / study_id / IMAGE_NAME.format(sequence="t1c")
-            changed = _changed_voxels(label_path, review_dir / study_id / PRESEGMENTATION_NAME)
+            burden = _burden(label_path, review_dir / study_id / PRESEGMENTATION_NAME, study_id)
+            edit = (
+                "pre-segmentation not comparable"
+                if burden is None
+                else f"{burden['voxels_changed']} voxels changed, lesions "
+                f"+{burden['lesions_added']} -{burden['lesions_removed']} resized "
+                f"{burden['lesions_resized']} vs pre-segmentation"
+            )
             version = store.import_label(
                 study_id,
                 label_path,
@@ -564,7 +571,7 @@ def import_batch(
                 reviewer=reviewer,
                 reference_image=reference,
                 source=f"{row['model']}/round_{row['round']}",
-                note=f"review package {review_dir.name}; {changed} voxels changed vs pre-segmentation",
+                note=f"review package {review_dir.name}; {edit}",
             )
         except (LabelImportError, io.StudyError) as exc:
             results.append({**result, "result": "rejected", "problem": exc.problem})
@@ -572,9 +579,10 @@ def import_batch(
         except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
             results.append({**result, "result": "rejected", "problem": str(exc)})
             continue
-        results.append(
-            {**result, "result": "imported", "version": version, "changed_voxels": changed}
-        )
+        if burden is not None:
+            lesions = {k: burden[k] for k in IMPORT_BURDEN[1:]}
+            result.update(changed_voxels=burden["voxels_changed"], **lesions)
+        results.append({**result, "result": "imported", "version": version})
 
     _refresh_manifest_status(review_dir, manifest, store)
     return pd.DataFrame(results, columns=IMPORT_COLUMNS)

@@ -8,6 +8,10 @@ Reads, for every ``<results_dir>/rounds/round_<r>/`` folder:
 - ``evaluation/summary.json``: at least ``{"round": r, "mean_dice": x, "n_train": n}`` for
   model r on the validation set.
 
+- ``correction_burden.tsv``: per study, how much people changed the pre-segmentation
+  (``metsflow.active_learning.burden``), summarised per round as the median and interquartile
+  range next to the median review time.
+
 and the label store, for how far review of each batch has got (pending / refined /
 confirmed). A missing file means that step has not run yet; an unreadable one is reported in
 the ``note`` column rather than stopping the report.
@@ -24,6 +28,12 @@ from pathlib import Path
 import pandas as pd
 
 from metsflow import io
+from metsflow.active_learning.burden import (
+    BURDEN_NAME,
+    SUMMARY_COLUMNS,
+    read_burden_tables,
+    summarise_rounds,
+)
 from metsflow.active_learning.labelstore import LabelStore
 
 STATUS_COLUMNS = [
@@ -36,6 +46,8 @@ STATUS_COLUMNS = [
     "n_train",
     "mean_dice",
     "note",
+    # correction burden of the round's confirmed batch (burden.SUMMARY_COLUMNS)
+    *SUMMARY_COLUMNS[1:],
 ]
 _ROUND_DIR = re.compile(r"^round_(\d+)$")
 
@@ -106,15 +118,42 @@ def round_status(
     if store is not None and not isinstance(store, LabelStore):
         store = LabelStore(store, create=False)
     rows = []
-    for round_index, folder in _rounds(results_dir):
+    rounds = _rounds(results_dir)
+    burden, burden_notes = _burden_summary([folder / BURDEN_NAME for _, folder in rounds])
+    for round_index, folder in rounds:
         selection, notes = _selection_summary(folder / "selection.tsv", store)
         evaluation, eval_notes = _evaluation_summary(
             folder / "evaluation" / "summary.json", round_index
         )
+        notes += eval_notes + burden_notes.get(round_index, [])
         rows.append(
-            {"round": round_index, **selection, **evaluation, "note": "; ".join(notes + eval_notes)}
+            {
+                "round": round_index,
+                **selection,
+                **evaluation,
+                "note": "; ".join(notes),
+                **burden.get(round_index, {}),
+            }
         )
     return pd.DataFrame(rows, columns=STATUS_COLUMNS)
+
+
+def _burden_summary(paths: list[Path]) -> tuple[dict[int, dict], dict[int, list[str]]]:
+    """Per round with a ``correction_burden.tsv``: its ``burden.summarise_rounds`` row (an empty
+    batch: 0 studies); and per round the notes on unreadable tables."""
+    summaries, notes = {}, {}
+    for path in paths:
+        if not path.exists():
+            continue
+        round_index = int(_ROUND_DIR.match(path.parent.name).group(1))
+        try:
+            table = read_burden_tables([path])
+        except (OSError, ValueError) as exc:
+            notes[round_index] = [f"{BURDEN_NAME} unreadable: {exc}"]
+            continue
+        summary = summarise_rounds(table, rounds=[round_index]).set_index("round")
+        summaries[round_index] = summary.loc[round_index].to_dict()
+    return summaries, notes
 
 
 def _cell(value, kind: str = "") -> str:
@@ -174,6 +213,63 @@ def format_status(frame: pd.DataFrame) -> str:
         f"total: {int(selected)} studies selected, {int(confirmed)} confirmed, "
         f"{int(pending)} awaiting review"
     )
+    return "\n".join(lines) + "\n"
+
+
+def _spread(row: dict, metric: str, digits: int) -> str:
+    """``median [q1-q3]`` of a burden figure, or "n/a" without values."""
+    median = row.get(f"{metric}_median")
+    if median is None or (isinstance(median, float) and math.isnan(median)):
+        return "n/a"
+    q1, q3 = row[f"{metric}_q1"], row[f"{metric}_q3"]
+    return f"{median:.{digits}f} [{q1:.{digits}f}-{q3:.{digits}f}]"
+
+
+BURDEN_HEADER = [
+    "round",
+    "studies",
+    "voxels_changed",
+    "changed_ml",
+    "lesions_added",
+    "lesions_removed",
+    "lesions_resized",
+    "review_s",
+    "timed",
+]
+
+
+def format_burden(frame: pd.DataFrame) -> str:
+    """Per round with a measured batch: correction burden and review time, median [IQR]."""
+    rows = [
+        r
+        for r in frame.to_dict("records")
+        if r.get("n_studies") is not None and not pd.isna(r.get("n_studies"))
+    ]
+    if not rows:
+        if (frame["round"] > 0).any():
+            return "correction burden: not measured yet (once a round's batch is confirmed)\n"
+        return ""
+    table = [
+        [
+            _cell(r["round"], "int"),
+            _cell(r["n_studies"], "int"),
+            _spread(r, "voxels_changed", 0),
+            _spread(r, "changed_ml", 2),
+            _spread(r, "lesions_added", 1),
+            _spread(r, "lesions_removed", 1),
+            _spread(r, "lesions_resized", 1),
+            _spread(r, "review_seconds", 0),
+            _cell(r["n_timed"], "int"),
+        ]
+        for r in rows
+    ]
+    widths = [max(len(BURDEN_HEADER[i]), *(len(r[i]) for r in table)) for i in range(len(table[0]))]
+    lines = [
+        "correction burden per round (confirmed label vs the round's pre-segmentation; "
+        "median [IQR] over the batch; review_s: open -> save seconds, n/a without web saves):",
+        "  ".join(h.ljust(w) for h, w in zip(BURDEN_HEADER, widths, strict=True)).rstrip(),
+    ]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
     return "\n".join(lines) + "\n"
 
 

@@ -138,6 +138,39 @@ def run_collect_annotations(
     return table
 
 
+def run_correction_burden(
+    round_index: int,
+    annotations_path: str,
+    review_dir: str,
+    label_store: str,
+    out_table: str,
+) -> pd.DataFrame:
+    """Per-study correction burden of a confirmed batch: confirmed label vs the round's
+    pre-segmentation (``metsflow.active_learning.burden``), whichever way the labels arrived."""
+    from metsflow.active_learning.burden import round_burden, summarise_rounds
+    from metsflow.active_learning.labelstore import LabelStore
+
+    annotations = pd.read_csv(annotations_path, sep="\t", dtype=str, keep_default_na=False)
+    table = round_burden(
+        round_index, annotations, review_dir, LabelStore(label_store, create=False)
+    )
+    write_table(out_table, table)
+    for problem in table.problem[table.problem != ""]:
+        log.warning("round %d: no correction burden: %s", round_index, problem)
+    summary = summarise_rounds(table)
+    if len(summary) and summary.n_studies.iloc[0]:
+        row = summary.iloc[0]
+        log.info(
+            "round %d: %d studies, median %.0f voxels changed (%.2f ml), %.0f lesion edits",
+            round_index,
+            row.n_studies,
+            row.voxels_changed_median,
+            row.changed_ml_median,
+            row.lesion_edits_median,
+        )
+    return table
+
+
 def unconfirmed_studies(selection_path: str, label_store: str) -> list[str]:
     """Studies of a batch that have no confirmed label in the store yet, in batch order."""
     from metsflow.active_learning.labelstore import LabelStore

@@ -10,6 +10,14 @@ import pandas as pd
 from metsflow.io import read_json, write_table
 
 log = logging.getLogger(__name__)
+# Correction-burden medians shown next to each round's validation metrics in rounds.tsv.
+BURDEN_IN_ROUNDS = [
+    "n_studies",
+    "voxels_changed_median",
+    "changed_ml_median",
+    "lesion_edits_median",
+    "review_seconds_median",
+]
 
 
 def run_report_rounds(
@@ -18,11 +26,15 @@ def run_report_rounds(
     summaries: list[str],
     per_study: list[str],
     selections: list[str],
+    burdens: list[str],
     out_table: str,
     out_plot: str,
     out_cohort: str,
+    out_burden: str,
+    out_burden_plot: str,
 ) -> pd.DataFrame:
-    from metsflow.figures import plot_metric_by_round
+    from metsflow.active_learning.burden import read_burden_tables, summarise_rounds
+    from metsflow.figures import plot_correction_burden, plot_metric_by_round
 
     rows = []
     for path in summaries:
@@ -42,6 +54,18 @@ def run_report_rounds(
         batch_sizes[index] = len(pd.read_csv(path, sep="\t"))
     table = pd.DataFrame(rows).sort_values("round")
     table["batch_size"] = table["round"].map(batch_sizes).fillna(0).astype(int)
+    # The correction burden of the labels each round's model was fine-tuned on, next to its Dice.
+    burden = read_burden_tables(burdens)
+    burden_summary = summarise_rounds(burden, rounds=[r for r in table["round"] if r > 0])
+    write_table(out_burden, burden_summary)
+    plot_correction_burden(burden, out_burden_plot)
+    table = table.merge(
+        burden_summary[["round", *BURDEN_IN_ROUNDS]].rename(
+            columns={"n_studies": "burden_studies"}
+        ),
+        on="round",
+        how="left",
+    )
     write_table(out_table, table)
 
     frames = [pd.read_csv(p, sep="\t") for p in per_study]
