@@ -35,7 +35,7 @@ def _cmd_demo_cohort(args) -> int:
 def _cmd_cohort_scan(args) -> int:
     from metsflow.scan import scan, write_sheet
 
-    table, problems = scan(args.root, layout=args.layout)
+    table, problems = scan(args.root, layout=args.layout, labels=args.labels)
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
     write_sheet(table, args.out)
@@ -272,10 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     cohort = sub.add_parser("cohort", help="build and check study sheets")
     cohort_sub = cohort.add_subparsers(dest="cohort_command", required=True)
-    scan = cohort_sub.add_parser("scan", help="build a sheet from a BraTS-METS or dated layout")
+    scan = cohort_sub.add_parser(
+        "scan", help="build a sheet from a BraTS-METS, dated or BIDS layout"
+    )
     scan.add_argument("root")
     scan.add_argument("--out", default="studies.tsv")
-    scan.add_argument("--layout", choices=["auto", "brats", "longitudinal"], default="auto")
+    scan.add_argument("--layout", choices=["auto", "brats", "longitudinal", "bids"], default="auto")
+    scan.add_argument("--labels", help="bids layout: a derivatives folder with _dseg label maps")
     scan.set_defaults(func=_cmd_cohort_scan)
     check = cohort_sub.add_parser("check", help="report all problems of a sheet at once")
     check.add_argument("sheet")

@@ -3,6 +3,8 @@
 Layouts:
     brats         BraTS-METS: ``BraTS-MET-XXXXX-YYY/BraTS-MET-XXXXX-YYY-{t1n,t1c,t2w,t2f,seg}.nii.gz``
                   (patient XXXXX, time point YYY). Labels use the BraTS convention.
+    bids          A BIDS dataset (``dataset_description.json`` at the top), read with pybids:
+                  see ``metsflow.bids``.
     longitudinal  Per patient and date (Yale-like):
                   ``<patient>/<YYYY-MM-DD>/<patient>_<YYYY-MM-DD>_<time>_{PRE,POST,T2,FLAIR}.nii.gz``
                   (PRE = T1, POST = T1c); no labels.
@@ -29,7 +31,7 @@ from metsflow.cohort import PATH_COLUMNS, SHEET_COLUMNS, load_schema
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("brats", "longitudinal")
+LAYOUTS = ("brats", "longitudinal", "bids")
 
 _BRATS_STUDY = re.compile(r"^(?P<patient>BraTS-MET-\d+)-(?P<timepoint>\d+)$")
 _BRATS_SUFFIX = {"t1n": "t1", "t1c": "t1c", "t2w": "t2", "t2f": "flair", "seg": "label"}
@@ -47,7 +49,8 @@ class _Report:
         self.problems: list[str] = []
 
     def add(self, path: Path, problem: str) -> None:
-        text = f"{path.relative_to(self.root) if path != self.root else path}: {problem}"
+        inside = path != self.root and path.is_relative_to(self.root)
+        text = f"{path.relative_to(self.root) if inside else path}: {problem}"
         self.problems.append(text)
         log.warning("scan %s: %s", self.root, text)
 
@@ -208,6 +211,8 @@ def detect_layout(root: str | os.PathLike) -> str:
     """'brats' or 'longitudinal' from the folder's top two levels; ValueError otherwise."""
     root = _check_root(root)
     entries = _entries(root)
+    if (root / "dataset_description.json").is_file():
+        return "bids"
     folders = [p for p in entries if p.is_dir()]
     found = []
     if any(_BRATS_STUDY.match(p.name) for p in folders):
@@ -227,11 +232,20 @@ def detect_layout(root: str | os.PathLike) -> str:
     )
 
 
-def scan(root: str | os.PathLike, layout: str = "auto") -> tuple[pd.DataFrame, list[str]]:
-    """Scan ``root`` in ``layout`` ('auto', 'brats', 'longitudinal'): (sheet rows, problems)."""
+def scan(
+    root: str | os.PathLike, layout: str = "auto", labels: str | os.PathLike | None = None
+) -> tuple[pd.DataFrame, list[str]]:
+    """Scan ``root`` in ``layout`` ('auto', 'brats', 'longitudinal', 'bids'): (sheet rows,
+    problems). ``labels``: a BIDS derivatives folder with the label maps (bids layout only)."""
     root = _check_root(root)
     if layout == "auto":
         layout = detect_layout(root)
+    if labels is not None and layout != "bids":
+        raise ValueError(f"labels= is for the bids layout (a derivatives folder), not {layout!r}")
+    if layout == "bids":
+        from metsflow.bids import scan_bids
+
+        return scan_bids(root, labels=labels)
     if layout == "brats":
         return _scan_brats(root)
     if layout == "longitudinal":
