@@ -9,7 +9,8 @@ Layouts:
                   ``<patient>/<YYYY-MM-DD>/<patient>_<YYYY-MM-DD>_<time>_{PRE,POST,T2,FLAIR}.nii.gz``
                   (PRE = T1, POST = T1c); no labels.
 
-Nothing in the folder is silently ignored: a file or folder that does not fit the layout, a
+Nothing in the folder is silently ignored (except JSON sidecars of the images and, at the top
+of the dated layout, TSV/CSV sheets and reports): a file or folder that does not fit the layout, a
 study without a T1c (the sheet requires one) and a sequence acquired twice on
 one day are each reported, as a returned problem and a logged warning. Hidden entries
 (names starting with '.') are skipped. Rows are sorted by patient then time point, so the
@@ -122,6 +123,17 @@ def _scan_brats(root: Path) -> tuple[pd.DataFrame, list[str]]:
     return _frame(rows), report.problems
 
 
+# Top-level files of a dated layout that are not reported: the study sheet and import report
+# that `metsflow cohort import-dicom` writes next to the images.
+_SIDE_FILE_SUFFIXES = (".tsv", ".csv")
+
+
+def _is_sidecar(path: Path, names: set[str]) -> bool:
+    """A JSON sidecar (dcm2niix/BIDS) of a NIfTI in the same folder: not an unexpected entry."""
+    stem = path.name.removesuffix(".json")
+    return path.name.endswith(".json") and bool({stem + ".nii.gz", stem + ".nii"} & names)
+
+
 def _time_key(text: str) -> str:
     """Sortable form of a time token: HHMM or HHMMSS, separators ignored."""
     return re.sub(r"\D", "", text).ljust(6, "0")
@@ -133,6 +145,8 @@ def _scan_longitudinal(root: Path) -> tuple[pd.DataFrame, list[str]]:
     for patient_dir in _entries(root):
         patient = patient_dir.name
         if not patient_dir.is_dir():
+            if patient_dir.suffix in _SIDE_FILE_SUFFIXES:
+                continue  # a sheet or report kept with the data (metsflow.dicom writes both)
             report.add(patient_dir, "unexpected file (expected <patient>/<YYYY-MM-DD>/ folders)")
             continue
         if not _ID_PATTERN.match(patient):
@@ -158,7 +172,10 @@ def _scan_longitudinal(root: Path) -> tuple[pd.DataFrame, list[str]]:
                 re.IGNORECASE,
             )
             candidates: dict[str, list[tuple[str, Path]]] = {}
+            images = {p.name for p in _entries(date_dir)}
             for path in _entries(date_dir):
+                if _is_sidecar(path, images):
+                    continue
                 found = file_pattern.match(path.name)
                 if not path.is_file() or found is None:
                     report.add(
