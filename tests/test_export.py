@@ -1,0 +1,163 @@
+"""Exports: BIDS derivatives (checked by the BIDS validator) and DICOM SEG (read back with
+highdicom and compared voxel for voxel with the native label)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from _dicom_series import COLUMNS, ROWS, SLICES, decode, write_series
+
+from metsflow.dicom import dicom_source, import_dicom
+from metsflow.export import (
+    DSEG_TABLE,
+    export_bids,
+    lesions_path,
+    read_dicom_seg,
+    read_source_series,
+    write_dicom_seg,
+)
+from metsflow.longitudinal import TimePoint, track_patient
+
+VALIDATOR = Path(sys.executable).parent / "bids-validator-deno"
+
+
+def frame_label() -> np.ndarray:
+    """A label map in DICOM frame space (slice, row, column): values 1, 2, 3 in blocks."""
+    frames = np.zeros((SLICES, ROWS, COLUMNS), dtype=np.uint8)
+    frames[1:4, 2:8, 1:6] = 2  # edema
+    frames[1:4, 3:6, 2:5] = 1  # enhancing
+    frames[2, 4, 3] = 3  # necrosis
+    frames[4, 10, 8] = 1  # a second lesion, on the last slice near a corner
+    return frames
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A T1c series imported with dcm2niix and its native label built from the pixel codes."""
+    root = tmp_path_factory.mktemp("pacs")
+    write_series(root / "t1c", description="T1 MPRAGE POST")
+    out = tmp_path_factory.mktemp("nifti")
+    frame, _, _ = import_dicom(root, out)
+    t1c = Path(frame.t1c[0])
+    img = nib.load(t1c)
+    k, r, c = decode(np.asarray(img.dataobj))
+    native = frame_label()[k, r, c]  # where each NIfTI voxel came from, independent of export
+    label = out / "label.nii.gz"
+    nib.save(nib.Nifti1Image(native, img.affine), label)
+    return t1c, label, native
+
+
+def test_dicom_seg_round_trip_voxel_for_voxel(converted, tmp_path):
+    import highdicom as hd
+
+    t1c, label, native = converted
+    files = dicom_source(t1c)["files"]
+    seg_path = tmp_path / "seg.dcm"
+    present = write_dicom_seg(label, files, seg_path, "P1_2020-01-02", manual=False, model_round=2)
+    assert present == [1, 2, 3]
+
+    seg = hd.seg.segread(str(seg_path))
+    sources = read_source_series(files)
+    assert seg.SeriesInstanceUID != sources[0].SeriesInstanceUID
+    referenced = {uid for _, _, uid in seg.get_source_image_uids()}
+    assert referenced == {d.SOPInstanceUID for d in sources}
+    types = [seg.get_segment_description(n).segmented_property_type.value for n in (1, 2, 3)]
+    assert types == ["128462008", "79654002", "6574001"]  # SCT metastasis, edema, necrosis
+    # in DICOM frame space: the source pixels' labels (instances in slice order = written order)
+    masks = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[d.SOPInstanceUID for d in sources], segment_numbers=[1, 2, 3]
+    )
+    frames = (masks * np.array([1, 2, 3])).max(axis=-1)
+    assert np.array_equal(frames, frame_label())
+    # on the NIfTI grid: voxel for voxel
+    back = read_dicom_seg(seg_path, files, t1c)
+    assert back.shape == native.shape
+    assert int((back != native).sum()) == 0
+    assert int((native > 0).sum()) > 50
+
+
+def test_dicom_seg_refuses_a_label_on_another_grid(converted, tmp_path):
+    t1c, label, native = converted
+    img = nib.load(label)
+    shifted = tmp_path / "shifted.nii.gz"
+    affine = img.affine.copy()
+    affine[:3, 3] += 0.4
+    nib.save(nib.Nifti1Image(native, affine), shifted)
+    with pytest.raises(ValueError, match="not the source T1c series' grid"):
+        write_dicom_seg(shifted, dicom_source(t1c)["files"], tmp_path / "x.dcm", "S", True, None)
+
+
+def _label(path: Path, data: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(data.astype(np.uint8), np.diag([1.0, 1.0, 2.0, 1.0])), path)
+    return path
+
+
+@pytest.fixture
+def bids_export(tmp_path):
+    grid = np.zeros((16, 16, 8), dtype=np.uint8)
+    first, second = grid.copy(), grid.copy()
+    first[2:5, 2:5, 2:4] = 1
+    first[10:12, 10:12, 4:6] = 1
+    first[1:7, 1:7, 1:5][first[1:7, 1:7, 1:5] == 0] = 2
+    second[2:4, 2:4, 2:3] = 1  # the first lesion shrinks, the second resolves
+    second[12:15, 2:4, 5:7] = 3
+    paths = {}
+    for name, data in (("P-1_a", first), ("P-1_b", second)):
+        paths[name] = (_label(tmp_path / f"{name}_t1c.nii.gz", data * 0 + 7),)
+        paths[name] += (_label(tmp_path / f"{name}_label.nii.gz", data),)
+    studies = pd.DataFrame(
+        [
+            ("P-1_a", "P1", "a", str(paths["P-1_a"][1]), str(paths["P-1_a"][0]), True),
+            ("P-1_b", "P1", "b", str(paths["P-1_b"][1]), str(paths["P-1_b"][0]), False),
+            ("P-2_a", "P2", "a", "", "", False),
+        ],
+        columns=["study_id", "subject", "session", "label", "t1c", "manual"],
+    )
+    points = [
+        TimePoint(s, k, nib.load(paths[s][1]).get_fdata() == 1, 2.0)
+        for k, s in enumerate(("P-1_a", "P-1_b"))
+    ]
+    lesions = track_patient("P-1", points).assign(label="enhancing")
+    out = tmp_path / "bids"
+    result = export_bids(studies, lesions, out, model_round=3)
+    return out, result
+
+
+def test_bids_export_layout(bids_export):
+    out, result = bids_export
+    assert result.status.tolist() == ["ok", "ok", "no_label"]
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert "round 3" in description["GeneratedBy"][0]["Description"]
+    dseg = out / "sub-P1/ses-a/anat/sub-P1_ses-a_space-orig_dseg.nii.gz"
+    assert nib.load(dseg).get_data_dtype() == np.uint8
+    assert json.loads(dseg.with_name(dseg.name.replace(".nii.gz", ".json")).read_text())["Manual"]
+    lut = pd.read_csv(out / "dseg.tsv", sep="\t")
+    assert lut.columns.tolist() == ["index", "name", "abbreviation", "color"]
+    assert lut["index"].tolist() == DSEG_TABLE["index"].tolist()
+    table = pd.read_csv(out / lesions_path("P1", "b"), sep="\t")
+    assert table.lesion_id.tolist() == ["P-1-L1", "P-1-L2"]
+    assert table.status.tolist() == ["tracked", "resolved"]
+    assert table.volume_mm3.tolist() == [8.0, 0.0]  # 2 x 2 x 1 voxels of 2 mm^3
+
+
+@pytest.mark.skipif(not VALIDATOR.exists(), reason="bids-validator-deno is not installed")
+def test_bids_export_passes_the_bids_validator(bids_export):
+    out, _ = bids_export
+    result = subprocess.run(
+        [str(VALIDATOR), "--format", "json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    report = json.loads(result.stdout)
+    issues = report["issues"]["issues"]
+    errors = [i for i in issues if i["severity"] == "error"]
+    assert errors == [], errors
+    assert result.returncode == 0
