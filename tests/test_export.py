@@ -161,3 +161,111 @@ def test_bids_export_passes_the_bids_validator(bids_export):
     errors = [i for i in issues if i["severity"] == "error"]
     assert errors == [], errors
     assert result.returncode == 0
+
+
+def _table(path: Path, rows: list[dict]) -> str:
+    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+    return str(path)
+
+
+def test_export_jobs_track_lesions_and_write_seg_for_dicom_studies(converted, tmp_path):
+    """The job bodies: DICOM SEG only where the T1c came from DICOM; tracked lesion ids over a
+    patient's registration chain, a new series (prefixed ids) where the chain breaks."""
+    from metsflow.jobs.export import final_studies, run_export_dicom_seg, track_final_labels
+    from metsflow.longitudinal import identity_warp
+
+    t1c, label, _ = converted
+    grid = np.zeros((12, 12, 6), dtype=np.uint8)
+    lesion = grid.copy()
+    lesion[3:6, 3:6, 2:4] = 1
+    records, plan, finals, registered = [], [], [], []
+    prep = tmp_path / "prep"
+    for k, study in enumerate(["P3_a", "P3_b", "P3_c"]):
+        image = _label(tmp_path / f"{study}_t1c.nii.gz", grid)
+        (prep / study).mkdir(parents=True)
+        _label(prep / study / "t1c.nii.gz", grid)
+        records.append(
+            dict(
+                patient_id="P3",
+                study_id=study,
+                timepoint=str(k),
+                order=k,
+                t1=None,
+                t1c=str(image),
+                label=None,
+                label_convention="internal",
+            )
+        )
+        plan.append(dict(study_id=study, patient_id="P3", order=k, role="pool"))
+        source = "human_confirmed" if k == 0 else "model"
+        finals.append(
+            dict(
+                study_id=study,
+                patient_id="P3",
+                source=source,
+                label=str(_label(tmp_path / f"{study}_label.nii.gz", lesion)),
+                model="m.pt",
+                round="" if k == 0 else "1",
+            )
+        )
+    # P3_b registered to P3_a; P3_c to P3_a (not to P3_b): the chain breaks before P3_c
+    registered = [
+        dict(study_id="P3_b", status="ok", reference_study="P3_a"),
+        dict(study_id="P3_c", status="ok", reference_study="P3_a"),
+    ]
+    records.append(
+        dict(
+            patient_id="P1",
+            study_id="P1_2020-01-02",
+            timepoint="2020-01-02",
+            order=0,
+            t1=None,
+            t1c=str(t1c),
+            label=None,
+            label_convention="internal",
+        )
+    )
+    plan.append(dict(study_id="P1_2020-01-02", patient_id="P1", order=0, role="pool"))
+    finals.append(
+        dict(
+            study_id="P1_2020-01-02",
+            patient_id="P1",
+            source="model",
+            label=str(label),
+            model="m.pt",
+            round="1",
+        )
+    )
+    plan_path = _table(tmp_path / "plan.tsv", plan)
+    labels_path = _table(tmp_path / "labels.tsv", finals)
+
+    studies = final_studies(labels_path, records, plan_path)
+    assert studies.set_index("study_id").loc["P3_a", ["subject", "session", "manual"]].tolist() == [
+        "P3",
+        "a",
+        True,
+    ]
+    lesions = track_final_labels(
+        studies[studies.patient_id == "P3"],
+        [_table(tmp_path / "registered.tsv", registered)],
+        str(prep),
+        str(tmp_path / "reg"),
+        {},
+        warp_factory=lambda *args: identity_warp,
+    )
+    assert lesions.lesion_id.tolist() == ["P3-L1", "P3-L1", "P3_c-L1"]
+    assert lesions.status.tolist() == ["baseline", "tracked", "baseline"]
+    assert lesions.volume_mm3.tolist() == [36.0] * 3  # 3 x 3 x 2 voxels of 2 mm^3
+
+    out = tmp_path / "seg"
+    manifest = run_export_dicom_seg(
+        labels_path, plan_path, records, 1, str(out), str(out / "manifest.tsv")
+    )
+    status = dict(zip(manifest.study_id, manifest.status, strict=True))
+    assert status == {
+        "P3_a": "not_dicom",
+        "P3_b": "not_dicom",
+        "P3_c": "not_dicom",
+        "P1_2020-01-02": "ok",
+    }
+    assert (out / "P1_2020-01-02.dcm").is_file()
