@@ -42,6 +42,8 @@ import pandas as pd
 from metsflow.scan import _check_root, _frame, _Report
 
 log = logging.getLogger(__name__)
+# pybids' schema package logs which bundled schema it loads at INFO on every scan: not news.
+logging.getLogger("bidsschematools").setLevel(logging.WARNING)
 
 # BIDS suffix -> sheet column (T1w is split on the ce- entity below)
 _SUFFIXES = {"T1w": "t1", "T2w": "t2", "FLAIR": "flair"}

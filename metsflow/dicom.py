@@ -345,8 +345,7 @@ def import_dicom(
 
     report_table = pd.DataFrame(report, columns=REPORT_COLUMNS).fillna("")
     io.write_table(out_root / REPORT_NAME, report_table)
+    # scan() logs each problem (a date without a usable T1c, ...); the caller shows them too
     frame, problems = scan(out_root, layout="longitudinal")
     write_sheet(frame, out_root / SHEET_NAME)
-    for problem in problems:
-        log.warning("import %s: %s", out_root, problem)
     return frame, report_table, problems

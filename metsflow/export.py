@@ -49,6 +49,16 @@ DSEG_TABLE = pd.DataFrame(
     ],
     columns=["index", "name", "abbreviation", "color"],
 )
+_README = """metsflow segmentations of brain metastases (BIDS derivative dataset)
+
+Final labels of an active-learning campaign (model of round {round}): one label map per session,
+sub-<p>/ses-<s>/anat/sub-<p>_ses-<s>_space-orig_dseg.nii.gz, on the voxel grid of the
+session's contrast-enhanced T1 (SpatialReference in the JSON sidecar; Manual: true for a
+human-confirmed label). Labels (dseg.tsv): 1 enhancing tumour, 2 edema, 3 necrosis.
+sub-<p>_ses-<s>_space-orig_lesions.tsv: one row per enhancing lesion, tracked over the
+subject's sessions (lesion_id), volume in mm^3 on the preprocessed grid, status baseline,
+tracked, new or resolved (listed in .bidsignore: BIDS has no suffix for lesion tables).
+"""
 LESION_COLUMNS = ["lesion_id", "label", "volume_mm3", "status", "n_components"]
 # Position-of-voxel tolerance when a DICOM pixel centre is looked up on the label grid (voxels).
 GRID_TOLERANCE_VOXELS = 1e-3
@@ -94,6 +104,7 @@ def export_bids(
     io.write_json(out_root / "dataset_description.json", dataset_description(model_round, source))
     io.write_table(out_root / "dseg.tsv", DSEG_TABLE)
     io.write_text(out_root / ".bidsignore", "*_lesions.tsv\n")
+    io.write_text(out_root / "README", _README.format(round=model_round))
     rows = []
     for study in studies.itertuples(index=False):
         row = {"study_id": study.study_id, "status": "ok", "path": "", "problem": ""}
@@ -122,7 +133,9 @@ def _write_dseg(study, target: Path) -> None:
     values = set(np.unique(data).astype(int).tolist()) - {0, *INTERNAL_NAMES}
     if values:
         raise ValueError(f"label {study.label} has values {sorted(values)} outside 0-3")
-    io.save_nifti(target, data, t1c.affine, dtype=np.uint8)
+    header = nib.Nifti1Header()
+    header.set_xyzt_units("mm", "sec")  # the validator warns on unset units
+    io.save_nifti(target, data, t1c.affine, dtype=np.uint8, header=header)
     sidecar = {
         "SpatialReference": str(Path(study.t1c).absolute()),
         "Manual": bool(study.manual),

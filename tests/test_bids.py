@@ -146,3 +146,16 @@ def test_bids_entities_round_trip_and_clashes():
     assert bids_entities("BraTS-MET-00001", "BraTS-MET-00001-000") == ("BraTSMET00001", "000")
     with pytest.raises(ValueError, match="same BIDS subject/session"):
         entity_table([("P-1", "P-1_a"), ("P1", "P1_a")])
+
+
+def test_subject_without_sessions_is_one_study(tmp_path):
+    root = tmp_path / "b"
+    root.mkdir()
+    (root / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.9.0"}')
+    tiny_nifti(root / "sub-03/anat/sub-03_ce-gadolinium_T1w.nii.gz")
+    tiny_nifti(root / "sub-03/anat/sub-03_T2w.nii.gz")
+    frame, problems = scan_bids(root)
+    assert frame[["patient_id", "study_id", "timepoint"]].values.tolist() == [
+        ["sub-03", "sub-03", "0"]
+    ]
+    assert frame.t2[0].endswith("sub-03_T2w.nii.gz") and problems == []
