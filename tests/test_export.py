@@ -272,3 +272,85 @@ def test_export_jobs_track_lesions_and_write_seg_for_dicom_studies(converted, tm
         "P1_2020-01-02": "ok",
     }
     assert (out / "P1_2020-01-02.dcm").is_file()
+
+
+def test_run_export_bids_tracks_through_the_registration(tmp_path):
+    """The whole BIDS job on a small results tree with a real (identity) ANTs registration."""
+    from test_longitudinal import _identity_registration
+
+    from metsflow.io import save_nifti
+    from metsflow.jobs.export import run_export_bids
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    prep, reg = tmp_path / "preprocessed", tmp_path / "registered"
+    lesion = np.zeros((12, 12, 12), np.uint8)
+    lesion[3:7, 3:7, 3:7] = 1
+    shrunk = np.zeros_like(lesion)
+    shrunk[4:6, 4:6, 4:6] = 1
+    records, finals = [], []
+    for k, (study, label) in enumerate((("P-1_a", lesion), ("P-1_b", shrunk))):
+        save_nifti(prep / study / "t1c.nii.gz", np.ones(lesion.shape, np.float32), affine)
+        t1c = tmp_path / "raw" / f"{study}_t1c.nii.gz"
+        save_nifti(t1c, np.ones(lesion.shape, np.float32), affine)
+        save_nifti(tmp_path / "raw" / f"{study}_label.nii.gz", label, affine, dtype=np.uint8)
+        records.append(
+            dict(
+                patient_id="P-1",
+                study_id=study,
+                timepoint=str(k),
+                order=k,
+                t1=None,
+                t1c=str(t1c),
+                label=None,
+                label_convention="internal",
+            )
+        )
+        finals.append(
+            dict(
+                study_id=study,
+                patient_id="P-1",
+                source="human_confirmed" if k else "model",
+                label=str(tmp_path / "raw" / f"{study}_label.nii.gz"),
+                model="m.pt",
+                round="" if k else "2",
+            )
+        )
+    _identity_registration(reg / "P-1_b", nib.load(str(prep / "P-1_b" / "t1c.nii.gz")))
+    plan = _table(
+        tmp_path / "plan.tsv",
+        [
+            dict(study_id=r["study_id"], patient_id="P-1", order=r["order"], role="pool")
+            for r in records
+        ],
+    )
+    registered = _table(
+        tmp_path / "reg.tsv",
+        [
+            dict(study_id="P-1_a", status="baseline", reference_study=""),
+            dict(study_id="P-1_b", status="ok", reference_study="P-1_a"),
+        ],
+    )
+    out = tmp_path / "bids"
+    manifest = run_export_bids(
+        final_labels=_table(tmp_path / "labels.tsv", finals),
+        plan_path=plan,
+        studies=records,
+        registration_manifests=[registered],
+        prep_root=str(prep),
+        reg_root=str(reg),
+        settings={},
+        model_round=2,
+        out_root=str(out),
+        out_manifest=str(tmp_path / "bids_export.tsv"),
+    )
+    assert manifest.status.tolist() == ["ok", "ok"]
+    table = pd.read_csv(out / lesions_path("P1", "b"), sep="\t")
+    assert table[["lesion_id", "status", "volume_mm3"]].values.tolist() == [
+        ["P-1-L1", "tracked", 8 * 8.0]
+    ]
+    sidecar = out / "sub-P1/ses-b/anat/sub-P1_ses-b_space-orig_dseg.json"
+    assert json.loads(sidecar.read_text())["Manual"] is True
+    result = subprocess.run(
+        [str(VALIDATOR), "--format", "json", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-2000:]
