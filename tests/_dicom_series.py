@@ -15,7 +15,7 @@ ROWS, COLUMNS, SLICES = 12, 10, 5
 
 def pixel_code(k: int, rows: int = ROWS, columns: int = COLUMNS) -> np.ndarray:
     r, c = np.mgrid[:rows, :columns]
-    return (k * 256 + r * 16 + c).astype(np.int16)
+    return ((k * 256 + r * 16 + c) % 32768).astype(np.int16)
 
 
 def decode(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -34,8 +34,11 @@ def write_series(
     modality: str = "MR",
     extra: dict | None = None,
     slices: int = SLICES,
+    rows: int = ROWS,
+    columns: int = COLUMNS,
 ) -> list[Path]:
-    """An axial-oblique-free series of ``slices`` 12x10 images, 1.5 x 1.0 x 2.0 mm."""
+    """An axial series of ``slices`` images of ``rows`` x ``columns``, 1.5 x 1.0 x 2.0 mm
+    (the pixel codes are unique only at the default size)."""
     folder.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()
     series_uid = generate_uid()
@@ -75,12 +78,12 @@ def write_series(
         ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
         ds.PixelSpacing = [1.5, 1.0]
         ds.SliceThickness = 2.0
-        ds.Rows, ds.Columns = ROWS, COLUMNS
+        ds.Rows, ds.Columns = rows, columns
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
         ds.PixelRepresentation = 1
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.PixelData = pixel_code(k).tobytes()
+        ds.PixelData = pixel_code(k, rows, columns).tobytes()
         for keyword, value in (extra or {}).items():
             setattr(ds, keyword, value)
         path = folder / f"{k:03d}.dcm"
