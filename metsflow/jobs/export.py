@@ -35,13 +35,19 @@ log = logging.getLogger(__name__)
 MANIFEST_COLUMNS = ["study_id", "status", "path", "problem"]
 
 
-def final_studies(final_labels: str, studies: list[dict], plan_path: str) -> pd.DataFrame:
-    """One row per final-label study: ids, BIDS entities, order, label, t1c, manual."""
+def final_studies(
+    final_labels: str, studies: list[dict], plan_path: str, bids_names: bool = True
+) -> pd.DataFrame:
+    """One row per final-label study: ids, BIDS entities (``bids_names``; two studies with one
+    BIDS name are an error), order, label, t1c, manual."""
     labels = pd.read_csv(final_labels, sep="\t", dtype=str, keep_default_na=False)
     plan = pd.read_csv(plan_path, sep="\t", dtype=str, keep_default_na=False)
     order = dict(zip(plan.study_id, plan.order.astype(int), strict=True))
     index = {r["study_id"]: Study.from_record(r) for r in studies}
-    entities = entity_table((index[s].patient_id, s) for s in labels.study_id)
+    if bids_names:
+        entities = entity_table((index[s].patient_id, s) for s in labels.study_id)
+    else:
+        entities = dict.fromkeys(labels.study_id, ("", ""))
     rows = []
     for row in labels.itertuples(index=False):
         subject, session = entities[row.study_id]
@@ -160,7 +166,7 @@ def run_export_dicom_seg(
     from metsflow.dicom import dicom_source
     from metsflow.export import write_dicom_seg
 
-    table = final_studies(final_labels, studies, plan_path)
+    table = final_studies(final_labels, studies, plan_path, bids_names=False)
     rows = []
     for study in table.itertuples(index=False):
         row = {"study_id": study.study_id, "status": "ok", "path": "", "problem": ""}
