@@ -169,8 +169,9 @@ class _Labels:
         )
 
     def find(self, subject: str, session: str | None, study_id: str, report: _Report):
-        query = {"subject": subject, "suffix": "dseg", "extension": _NIFTI_EXTENSIONS}
-        query["session"] = session if session is not None else None
+        # session None: only files without a session entity (pybids' reading of None)
+        query = {"subject": subject, "session": session, "suffix": "dseg"}
+        query["extension"] = _NIFTI_EXTENSIONS
         found = [f for f in self.layout.get(**query) if f.entities.get("space") in (None, "orig")]
         if len(found) > 1:
             names = ", ".join(sorted(f.filename for f in found))

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from pydicom.multival import MultiValue
 
 from metsflow import io
 
@@ -86,7 +87,7 @@ class Series:
         value = self.header.get(keyword)
         if value is None:
             return ""
-        if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        if isinstance(value, list | tuple | MultiValue):
             return "\\".join(str(v) for v in value)
         return str(value).strip()
 
@@ -99,7 +100,10 @@ def load_rules(path: str | os.PathLike | None = None) -> dict:
     import jsonschema
 
     path = Path(path) if path else DEFAULT_RULES
-    rules = yaml.safe_load(path.read_text()) or {}
+    try:
+        rules = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"DICOM rules {path}: not valid YAML ({exc})") from exc
     schema = yaml.safe_load(RULES_SCHEMA.read_text())
     errors = sorted(
         jsonschema.Draft202012Validator(schema).iter_errors(rules), key=lambda e: e.json_path
