@@ -29,6 +29,7 @@ include: "rules/register.smk"
 include: "rules/train.smk"
 include: "rules/infer.smk"
 include: "rules/evaluate.smk"
+include: "rules/export.smk"
 include: "rules/active_learning.smk"
 include: "rules/report.smk"
 

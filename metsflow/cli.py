@@ -35,11 +35,31 @@ def _cmd_demo_cohort(args) -> int:
 def _cmd_cohort_scan(args) -> int:
     from metsflow.scan import scan, write_sheet
 
-    table, problems = scan(args.root, layout=args.layout)
+    table, problems = scan(args.root, layout=args.layout, labels=args.labels)
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
     write_sheet(table, args.out)
     print(f"{len(table)} studies of {table.patient_id.nunique()} patients -> {args.out}")
+    return 0
+
+
+def _cmd_cohort_import_dicom(args) -> int:
+    """Classify and convert a DICOM export; the sheet and the report go into --out."""
+    from metsflow.dicom import REPORT_NAME, SHEET_NAME, import_dicom
+
+    frame, report, problems = import_dicom(args.dicom_root, args.out, rules_path=args.rules)
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    counts = report.status.value_counts().to_dict()
+    print(
+        f"{len(report)} series: "
+        + ", ".join(f"{counts[k]} {k}" for k in sorted(counts))
+        + f" (report {Path(args.out) / REPORT_NAME})"
+    )
+    print(
+        f"{len(frame)} studies of {frame.patient_id.nunique()} patients -> "
+        f"{Path(args.out) / SHEET_NAME}"
+    )
     return 0
 
 
@@ -277,11 +297,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     cohort = sub.add_parser("cohort", help="build and check study sheets")
     cohort_sub = cohort.add_subparsers(dest="cohort_command", required=True)
-    scan = cohort_sub.add_parser("scan", help="build a sheet from a BraTS-METS or dated layout")
+    scan = cohort_sub.add_parser(
+        "scan", help="build a sheet from a BraTS-METS, dated or BIDS layout"
+    )
     scan.add_argument("root")
     scan.add_argument("--out", default="studies.tsv")
-    scan.add_argument("--layout", choices=["auto", "brats", "longitudinal"], default="auto")
+    scan.add_argument("--layout", choices=["auto", "brats", "longitudinal", "bids"], default="auto")
+    scan.add_argument("--labels", help="bids layout: a derivatives folder with _dseg label maps")
     scan.set_defaults(func=_cmd_cohort_scan)
+    dicom = cohort_sub.add_parser(
+        "import-dicom", help="convert a DICOM export (dcm2niix) to the dated layout and a sheet"
+    )
+    dicom.add_argument("dicom_root")
+    dicom.add_argument("--out", required=True, help="NIfTI folder (gets studies.tsv and a report)")
+    dicom.add_argument(
+        "--rules",
+        help="series classification rules (YAML; default metsflow/schemas/dicom_series.yaml)",
+    )
+    dicom.set_defaults(func=_cmd_cohort_import_dicom)
     check = cohort_sub.add_parser("check", help="report all problems of a sheet at once")
     check.add_argument("sheet")
     check.add_argument("--deep", action="store_true", help="also open every NIfTI header")

@@ -3,11 +3,14 @@
 Layouts:
     brats         BraTS-METS: ``BraTS-MET-XXXXX-YYY/BraTS-MET-XXXXX-YYY-{t1n,t1c,t2w,t2f,seg}.nii.gz``
                   (patient XXXXX, time point YYY). Labels use the BraTS convention.
+    bids          A BIDS dataset (``dataset_description.json`` at the top), read with pybids:
+                  see ``metsflow.bids``.
     longitudinal  Per patient and date (Yale-like):
                   ``<patient>/<YYYY-MM-DD>/<patient>_<YYYY-MM-DD>_<time>_{PRE,POST,T2,FLAIR}.nii.gz``
                   (PRE = T1, POST = T1c); no labels.
 
-Nothing in the folder is silently ignored: a file or folder that does not fit the layout, a
+Nothing in the folder is silently ignored (except JSON sidecars of the images and, at the top
+of the dated layout, TSV/CSV sheets and reports): a file or folder that does not fit the layout, a
 study without a T1c (the sheet requires one) and a sequence acquired twice on
 one day are each reported, as a returned problem and a logged warning. Hidden entries
 (names starting with '.') are skipped. Rows are sorted by patient then time point, so the
@@ -29,7 +32,7 @@ from metsflow.cohort import PATH_COLUMNS, SHEET_COLUMNS, load_schema
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("brats", "longitudinal")
+LAYOUTS = ("brats", "longitudinal", "bids")
 
 _BRATS_STUDY = re.compile(r"^(?P<patient>BraTS-MET-\d+)-(?P<timepoint>\d+)$")
 _BRATS_SUFFIX = {"t1n": "t1", "t1c": "t1c", "t2w": "t2", "t2f": "flair", "seg": "label"}
@@ -47,7 +50,8 @@ class _Report:
         self.problems: list[str] = []
 
     def add(self, path: Path, problem: str) -> None:
-        text = f"{path.relative_to(self.root) if path != self.root else path}: {problem}"
+        inside = path != self.root and path.is_relative_to(self.root)
+        text = f"{path.relative_to(self.root) if inside else path}: {problem}"
         self.problems.append(text)
         log.warning("scan %s: %s", self.root, text)
 
@@ -119,6 +123,17 @@ def _scan_brats(root: Path) -> tuple[pd.DataFrame, list[str]]:
     return _frame(rows), report.problems
 
 
+# Top-level files of a dated layout that are not reported: the study sheet and import report
+# that `metsflow cohort import-dicom` writes next to the images.
+_SIDE_FILE_SUFFIXES = (".tsv", ".csv")
+
+
+def _is_sidecar(path: Path, names: set[str]) -> bool:
+    """A JSON sidecar (dcm2niix/BIDS) of a NIfTI in the same folder: not an unexpected entry."""
+    stem = path.name.removesuffix(".json")
+    return path.name.endswith(".json") and bool({stem + ".nii.gz", stem + ".nii"} & names)
+
+
 def _time_key(text: str) -> str:
     """Sortable form of a time token: HHMM or HHMMSS, separators ignored."""
     return re.sub(r"\D", "", text).ljust(6, "0")
@@ -130,6 +145,8 @@ def _scan_longitudinal(root: Path) -> tuple[pd.DataFrame, list[str]]:
     for patient_dir in _entries(root):
         patient = patient_dir.name
         if not patient_dir.is_dir():
+            if patient_dir.suffix in _SIDE_FILE_SUFFIXES:
+                continue  # a sheet or report kept with the data (metsflow.dicom writes both)
             report.add(patient_dir, "unexpected file (expected <patient>/<YYYY-MM-DD>/ folders)")
             continue
         if not _ID_PATTERN.match(patient):
@@ -155,7 +172,10 @@ def _scan_longitudinal(root: Path) -> tuple[pd.DataFrame, list[str]]:
                 re.IGNORECASE,
             )
             candidates: dict[str, list[tuple[str, Path]]] = {}
+            images = {p.name for p in _entries(date_dir)}
             for path in _entries(date_dir):
+                if _is_sidecar(path, images):
+                    continue
                 found = file_pattern.match(path.name)
                 if not path.is_file() or found is None:
                     report.add(
@@ -208,6 +228,8 @@ def detect_layout(root: str | os.PathLike) -> str:
     """'brats' or 'longitudinal' from the folder's top two levels; ValueError otherwise."""
     root = _check_root(root)
     entries = _entries(root)
+    if (root / "dataset_description.json").is_file():
+        return "bids"
     folders = [p for p in entries if p.is_dir()]
     found = []
     if any(_BRATS_STUDY.match(p.name) for p in folders):
@@ -227,11 +249,20 @@ def detect_layout(root: str | os.PathLike) -> str:
     )
 
 
-def scan(root: str | os.PathLike, layout: str = "auto") -> tuple[pd.DataFrame, list[str]]:
-    """Scan ``root`` in ``layout`` ('auto', 'brats', 'longitudinal'): (sheet rows, problems)."""
+def scan(
+    root: str | os.PathLike, layout: str = "auto", labels: str | os.PathLike | None = None
+) -> tuple[pd.DataFrame, list[str]]:
+    """Scan ``root`` in ``layout`` ('auto', 'brats', 'longitudinal', 'bids'): (sheet rows,
+    problems). ``labels``: a BIDS derivatives folder with the label maps (bids layout only)."""
     root = _check_root(root)
     if layout == "auto":
         layout = detect_layout(root)
+    if labels is not None and layout != "bids":
+        raise ValueError(f"labels= is for the bids layout (a derivatives folder), not {layout!r}")
+    if layout == "bids":
+        from metsflow.bids import scan_bids
+
+        return scan_bids(root, labels=labels)
     if layout == "brats":
         return _scan_brats(root)
     if layout == "longitudinal":

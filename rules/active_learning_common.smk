@@ -5,6 +5,7 @@ FINAL_ROUND = ROUNDS[-1]
 FINAL_OUTPUTS = [
     f"{RESULTS}/final/labels.tsv",
     f"{RESULTS}/final/qa_review/manifest.csv",
+    *EXPORT_OUTPUTS,  # rules/export.smk: BIDS derivatives and DICOM SEG of the final labels
 ]
 
 

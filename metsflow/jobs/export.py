@@ -1,0 +1,198 @@
+"""Export jobs of the last round: the final labels as a BIDS derivative dataset and DICOM SEG.
+
+Both read ``results/final/labels.tsv`` (every pool study's final label on its native T1c grid:
+human-confirmed or the final model's) and write one manifest row per study (status ok, failed
+with the problem, no_label, or not_dicom), so one bad study does not stop the export.
+
+Per-lesion tables: enhancing lesions of the final labels are tracked over each patient's time
+points exactly as ``metsflow.jobs.longitudinal`` tracks predictions (on the preprocessed grid,
+through the follow-up registrations, ``evaluate.response`` settings), so the tracked ids follow
+the same rule; a human label is first resampled onto the study's preprocessed grid. Where a
+patient's registration chain breaks, the studies after the break start a new series whose ids
+are prefixed with its first study (``<study>-L<k>``), so ids never collide.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import pandas as pd
+
+from metsflow.bids import entity_table
+from metsflow.cohort import Study
+from metsflow.io import write_table
+from metsflow.jobs.longitudinal import make_warp
+from metsflow.jobs.manifest import read_manifests
+from metsflow.labels import ENHANCING
+from metsflow.longitudinal import ResponseThresholds, TimePoint, track_patient
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ["study_id", "status", "path", "problem"]
+
+
+def final_studies(
+    final_labels: str, studies: list[dict], plan_path: str, bids_names: bool = True
+) -> pd.DataFrame:
+    """One row per final-label study: ids, BIDS entities (``bids_names``; two studies with one
+    BIDS name are an error), order, label, t1c, manual."""
+    labels = pd.read_csv(final_labels, sep="\t", dtype=str, keep_default_na=False)
+    plan = pd.read_csv(plan_path, sep="\t", dtype=str, keep_default_na=False)
+    order = dict(zip(plan.study_id, plan.order.astype(int), strict=True))
+    index = {r["study_id"]: Study.from_record(r) for r in studies}
+    if bids_names:
+        entities = entity_table((index[s].patient_id, s) for s in labels.study_id)
+    else:
+        entities = dict.fromkeys(labels.study_id, ("", ""))
+    rows = []
+    for row in labels.itertuples(index=False):
+        subject, session = entities[row.study_id]
+        rows.append(
+            {
+                "study_id": row.study_id,
+                "patient_id": row.patient_id,
+                "subject": subject,
+                "session": session,
+                "order": order[row.study_id],
+                "label": row.label,
+                "t1c": str(index[row.study_id].t1c),
+                "manual": row.source == "human_confirmed",
+                "round": row.round,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _chains(rows: pd.DataFrame, reference_of: dict[str, str]) -> list[list[str]]:
+    """The patient's labelled studies in order, split where one is not registered to the one
+    before (``reference_study`` of the registration manifest)."""
+    chains: list[list[str]] = []
+    for study_id in rows.sort_values("order").study_id:
+        if chains and reference_of.get(study_id) == chains[-1][-1]:
+            chains[-1].append(study_id)
+        else:
+            chains.append([study_id])
+    return chains
+
+
+def track_final_labels(
+    studies: pd.DataFrame,
+    registration_manifests: list[str],
+    prep_root: str,
+    reg_root: str,
+    settings: dict,
+    warp_factory=make_warp,
+) -> pd.DataFrame:
+    """Tracked enhancing lesions of the final labels (``track_patient`` rows + ``label``)."""
+    from metsflow.jobs.train import label_to_grid
+
+    thresholds = ResponseThresholds.from_config(settings)
+    registered = read_manifests(registration_manifests)
+    registered = registered[registered.status == "ok"]
+    reference_of = dict(
+        zip(registered.study_id, registered.reference_study.astype(str), strict=True)
+    )
+    prep, reg = Path(prep_root), Path(reg_root)
+    labelled = studies[(studies.label != "") & studies.study_id.map(lambda s: (prep / s).is_dir())]
+    frames = []
+    with tempfile.TemporaryDirectory(prefix="metsflow_export_") as scratch:
+        for patient_id, rows in labelled.groupby("patient_id", sort=True):
+            by_id = rows.set_index("study_id")
+            for k, chain in enumerate(_chains(rows, reference_of)):
+                points, affines, spacings = [], {}, []
+                for study_id in chain:
+                    reference = prep / study_id / "t1c.nii.gz"
+                    img = nib.load(str(reference))
+                    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+                    labels = label_to_grid(by_id.loc[study_id, "label"], reference)
+                    affines[study_id] = img.affine
+                    spacings += zooms
+                    points.append(
+                        TimePoint(
+                            study_id,
+                            int(by_id.loc[study_id, "order"]),
+                            labels == ENHANCING,
+                            math.prod(zooms),
+                        )
+                    )
+                warp = warp_factory(prep, reg, affines, Path(scratch))
+                margin = math.ceil(thresholds.match_margin_mm / min(spacings) - 1e-6)
+                series_id = patient_id if k == 0 else chain[0]
+                tracked = track_patient(
+                    series_id, points, warp, thresholds.min_overlap_voxels, margin
+                )
+                frames.append(tracked.assign(patient_id=patient_id, label="enhancing"))
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame(columns=["patient_id", "study_id", "lesion_id", "label", "volume_mm3"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def run_export_bids(
+    final_labels: str,
+    plan_path: str,
+    studies: list[dict],
+    registration_manifests: list[str],
+    prep_root: str,
+    reg_root: str,
+    settings: dict,
+    model_round: int,
+    out_root: str,
+    out_manifest: str,
+) -> pd.DataFrame:
+    from metsflow.export import export_bids
+
+    table = final_studies(final_labels, studies, plan_path)
+    lesions = track_final_labels(table, registration_manifests, prep_root, reg_root, settings)
+    manifest = export_bids(table, lesions, out_root, model_round=model_round)
+    write_table(out_manifest, manifest)
+    log.info("BIDS export to %s: %s", out_root, manifest.status.value_counts().to_dict())
+    return manifest
+
+
+def run_export_dicom_seg(
+    final_labels: str,
+    plan_path: str,
+    studies: list[dict],
+    model_round: int,
+    out_root: str,
+    out_manifest: str,
+) -> pd.DataFrame:
+    """A DICOM SEG per final label of a study imported from DICOM (``metsflow.dicom``)."""
+    from metsflow.dicom import dicom_source
+    from metsflow.export import write_dicom_seg
+
+    table = final_studies(final_labels, studies, plan_path, bids_names=False)
+    rows = []
+    for study in table.itertuples(index=False):
+        row = {"study_id": study.study_id, "status": "ok", "path": "", "problem": ""}
+        source = dicom_source(study.t1c)
+        if source is None:
+            rows.append({**row, "status": "not_dicom"})
+            continue
+        if not study.label:
+            rows.append({**row, "status": "no_label"})
+            continue
+        target = Path(out_root) / f"{study.study_id}.dcm"
+        try:
+            write_dicom_seg(
+                study.label,
+                source["files"],
+                target,
+                study.study_id,
+                manual=study.manual,
+                model_round=model_round,
+            )
+        except Exception as exc:  # one failure policy per study: record it, go on
+            log.warning("study %s: DICOM SEG failed: %s", study.study_id, exc)
+            rows.append({**row, "status": "failed", "problem": f"{type(exc).__name__}: {exc}"})
+            continue
+        rows.append({**row, "path": str(target)})
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    write_table(out_manifest, manifest)
+    log.info("DICOM SEG export to %s: %s", out_root, manifest.status.value_counts().to_dict())
+    return manifest

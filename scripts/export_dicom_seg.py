@@ -1,0 +1,14 @@
+"""Snakemake entry point: a DICOM SEG per final label of the studies imported from DICOM."""
+
+from metsflow.jobs.export import run_export_dicom_seg
+from metsflow.jobs.logs import job_logging
+
+with job_logging(snakemake.log[0]):
+    run_export_dicom_seg(
+        final_labels=snakemake.input.labels,
+        plan_path=snakemake.input.plan,
+        studies=list(snakemake.params.studies),
+        model_round=int(snakemake.params.model_round),
+        out_root=snakemake.params.out_root,
+        out_manifest=snakemake.output.manifest,
+    )
