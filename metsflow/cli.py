@@ -410,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metsflow: error: {exc}", file=sys.stderr)
         return 2
     except KeyError as exc:  # e.g. a table without a column the command needs
-        print(f"metsflow: error: missing {exc}", file=sys.stderr)
+        print(
+            f"metsflow: error: missing {exc} (a column or key the command needs)", file=sys.stderr
+        )
         return 2
     except Exception as exc:
         if args.verbose:

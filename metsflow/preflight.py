@@ -46,6 +46,7 @@ class Run:
     cohort: Cohort
     plan: pd.DataFrame
     target: pd.DataFrame
+    warnings: list[str]
 
 
 @dataclass(frozen=True)
@@ -218,4 +219,13 @@ def prepare_run(config: dict) -> Run:
             found.append(str(exc))
     if found:
         raise RunError(found)
-    return Run(cohort=cohort, plan=plan, target=target)
+    warnings = []
+    if not (plan.role == "validation").any():
+        # A warning, not an error: runs that stop before evaluation (a subset, the per-study
+        # stages, tests/test_faults.py) are valid with one labelled patient.
+        warnings.append(
+            "no validation study: the rounds cannot be evaluated and the report's figures will "
+            "fail; label at least two patients (one trains, one validates), or name them in "
+            "validation.patients"
+        )
+    return Run(cohort=cohort, plan=plan, target=target, warnings=warnings)

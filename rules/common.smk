@@ -16,6 +16,8 @@ except RunError as exc:
     # One message listing every problem, no traceback: print it and stop before planning.
     print(f"metsflow: {exc}", file=sys.stderr)
     sys.exit(1)
+for _warning in _RUN.warnings:
+    print(f"metsflow: warning: {_warning}", file=sys.stderr)
 
 RESULTS = config["results"]
 ROUNDS = list(range(int(config["active_learning"]["rounds"]) + 1))
@@ -118,8 +120,14 @@ def model_path(r):
     return f"{RESULTS}/rounds/round_{r}/model/model.pt"
 
 
+def prediction_root(r):
+    """Where round r's per-study predictions live (not derived from an input list, which is
+    empty when a plan has no study of that kind)."""
+    return f"{RESULTS}/rounds/round_{r}/predictions"
+
+
 def prediction_manifest(r, gpu_shard):
-    return f"{RESULTS}/rounds/round_{r}/predictions/shards/{gpu_shard}.tsv"
+    return f"{prediction_root(r)}/shards/{gpu_shard}.tsv"
 
 
 def evaluation_summary(r):

@@ -91,6 +91,6 @@ rule report_figures:
         runtime=20,
     params:
         studies=validation_records,
-        pred_root=lambda wc, input: stage_root(input.predictions[0]),
+        pred_root=prediction_root(FINAL_ROUND),
     script:
         "../scripts/report_figures.py"
