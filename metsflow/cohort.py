@@ -704,13 +704,15 @@ def synthetic_sheet(
     out_path: str | os.PathLike,
     seed: int = 0,
     timepoints: tuple[int, int] = (1, 5),
+    root: str | os.PathLike = "/nonexistent/cohort",
 ) -> Path:
     """Write a valid sheet of ``n_studies`` studies whose files do not exist.
 
     For planning and dry-run benchmarks at cohort scale: patients get between
     ``timepoints[0]`` and ``timepoints[1]`` dated time points (the last patient is cut to
     hit ``n_studies`` exactly); ~10% of the studies have a label, ~15% lack T2 and ~10%
-    FLAIR. Paths are absolute under ``/nonexistent/cohort``.
+    FLAIR. Paths are absolute under ``root`` (a workflow run needs it to exist: it is the
+    data root, ``metsflow.preflight``).
     """
     low, high = timepoints
     if n_studies < 0 or not 1 <= low <= high:
@@ -718,7 +720,7 @@ def synthetic_sheet(
             f"need n_studies >= 0 and 1 <= min <= max time points, got {n_studies}, {timepoints}"
         )
     rng = np.random.default_rng(seed)
-    root = "/nonexistent/cohort"
+    root = os.fspath(root)
     rows = []
     patient = 0
     while len(rows) < n_studies:
@@ -745,4 +747,18 @@ def synthetic_sheet(
             date += dt.timedelta(days=int(rng.integers(30, 240)))
     out_path = Path(out_path)
     io.write_table(out_path, pd.DataFrame(rows, columns=list(SHEET_COLUMNS)))
+    return out_path
+
+
+def synthetic_oracle(sheet: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """An oracle sheet answering every study of ``sheet`` with one empty placeholder label
+    beside it, for dry runs with the simulated annotator (the parse-time check of
+    ``metsflow.preflight`` needs the listed files to exist; a dry run reads none)."""
+    out_path = Path(out_path)
+    placeholder = out_path.with_name("placeholder_label.nii.gz")
+    placeholder.parent.mkdir(parents=True, exist_ok=True)
+    placeholder.touch()
+    study_ids = pd.read_csv(sheet, sep="\t", dtype=str, usecols=["study_id"]).study_id
+    rows = pd.DataFrame({"study_id": study_ids, "label": placeholder.name})
+    io.write_table(out_path, rows)
     return out_path

@@ -91,6 +91,6 @@ rule report_figures:
         runtime=20,
     params:
         studies=validation_records,
-        pred_root=prediction_root(FINAL_ROUND),
+        pred_root=lambda wc: prediction_root(FINAL_ROUND),
     script:
         "../scripts/report_figures.py"
