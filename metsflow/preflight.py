@@ -111,6 +111,10 @@ def _writable_folder(path: str, what: str, key: str) -> list[str]:
     return []
 
 
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def _folder_problems(config: dict) -> list[str]:
     found = []
     for root in config.get("data_roots") or []:
@@ -123,16 +127,11 @@ def _folder_problems(config: dict) -> list[str]:
         found.append(f"label_store {store}: {marker} is not readable")
     found += _writable_folder(results, "results", "results")
     real_store, real_results = os.path.realpath(store), os.path.realpath(results)
-    for inner, outer, what in (
-        (real_results, real_store, "results"),
-        (real_store, real_results, "label_store"),
-    ):
-        if inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep):
-            found.append(
-                f"{what} {inner} lies inside {'label_store' if what == 'results' else 'results'} "
-                f"{outer}: pipeline outputs and human labels must live in separate folders"
-            )
-            break
+    if _within(real_results, real_store) or _within(real_store, real_results):
+        found.append(
+            f"results {real_results} and label_store {real_store} overlap: pipeline outputs "
+            "and human labels must live in separate folders (neither inside the other)"
+        )
     return found
 
 

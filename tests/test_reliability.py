@@ -583,7 +583,7 @@ def test_everything_the_run_reads_is_checked_at_parse_time(tmp_path):
         "2 pool studies have no usable ground-truth label",
     ):
         assert expected in output
-    assert "4 problem(s)" in output or "5 problem(s)" in output
+    assert "5 problem(s)" in output
 
 
 def test_a_valid_setup_still_plans(tmp_path):
@@ -596,3 +596,17 @@ def test_a_valid_setup_still_plans(tmp_path):
     proc = _dry_run(tmp_path, {"sheet": str(sheet), "oracle_sheet": str(truth)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "preprocess_shard" in proc.stdout
+
+
+def test_prepare_run_lists_setup_problems_together(tmp_path):
+    from metsflow.preflight import RunError, prepare_run
+
+    sheet = _sheet(tmp_path / "data" / "studies.tsv", _study_rows({"P1": True, "P2": False}))
+    cfg = _merge(_base_config(), {"sheet": str(sheet), "oracle_sheet": ""})
+    cfg.update(results=str(tmp_path / "run"), label_store=str(tmp_path / "run" / "labels"))
+    with pytest.raises(RunError) as err:
+        prepare_run(cfg)
+    assert len(err.value.problems) == 2, err.value.problems
+    overlap, oracle = err.value.problems
+    assert "overlap: pipeline outputs and human labels must live in separate folders" in overlap
+    assert "'simulated' but oracle_sheet is not set" in oracle
