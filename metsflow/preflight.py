@@ -164,7 +164,8 @@ def _plan_problems(config: dict, cohort: Cohort) -> tuple[pd.DataFrame | None, l
     return plan, found
 
 
-def _oracle_problems(config: dict, plan: pd.DataFrame) -> list[str]:
+def _oracle_problems(config: dict, plan: pd.DataFrame | None) -> list[str]:
+    """The oracle sheet's own problems and, given the plan, pool studies it cannot answer."""
     al = config["active_learning"]
     if al["annotator"] != "simulated" or int(al["rounds"]) == 0:
         return []
@@ -174,7 +175,7 @@ def _oracle_problems(config: dict, plan: pd.DataFrame) -> list[str]:
             "truth it answers from); set oracle_sheet or active_learning.annotator: human"
         ]
     oracle, found = read_oracle(config["oracle_sheet"])
-    if found and not oracle:
+    if plan is None or (found and not oracle):
         return found
     pool = plan.loc[plan.role == "pool", "study_id"]
     without = [s for s in pool if s not in oracle]
@@ -195,6 +196,7 @@ def prepare_run(config: dict) -> Run:
     except config_schema.ConfigError as exc:
         raise RunError(exc.problems) from None  # the rest needs a valid config
     found = _folder_problems(config)
+    cohort = plan = target = None
     try:
         cohort = read_sheet(
             config["sheet"],
@@ -202,16 +204,18 @@ def prepare_run(config: dict) -> Run:
             allow_outside_roots=config.get("allow_paths_outside_roots", False),
         )
     except SheetError as exc:
-        raise RunError([*found, str(exc)]) from None
+        found.append(str(exc))
     except OSError as exc:
-        raise RunError([*found, f"sheet {config['sheet']}: {exc}"]) from None
-    if not len(cohort):
-        raise RunError([*found, f"sheet {config['sheet']}: no studies (a header only)"])
-    plan, more = _plan_problems(config, cohort)
-    found += more
-    target = None
+        found.append(f"sheet {config['sheet']}: {exc}")
+    if cohort is not None and not len(cohort):
+        found.append(f"sheet {config['sheet']}: no studies (a header only)")
+        cohort = None
+    if cohort is not None:
+        plan, more = _plan_problems(config, cohort)
+        found += more
+    # Without a plan (a broken sheet) the oracle sheet is still checked, not its pool coverage.
+    found += _oracle_problems(config, plan)
     if plan is not None:
-        found += _oracle_problems(config, plan)
         try:
             target = restrict(plan, config["subset_studies"], config["subset_patients"])
         except ValueError as exc:

@@ -610,3 +610,16 @@ def test_prepare_run_lists_setup_problems_together(tmp_path):
     overlap, oracle = err.value.problems
     assert "overlap: pipeline outputs and human labels must live in separate folders" in overlap
     assert "'simulated' but oracle_sheet is not set" in oracle
+
+
+def test_the_workflow_contains_paths_through_symlinks_and_still_checks_the_oracle(tmp_path):
+    outside = _image(tmp_path / "elsewhere" / "t1c.nii.gz")
+    data = tmp_path / "data"
+    (data / "P2").mkdir(parents=True)
+    os.symlink(outside, data / "P2" / "t1c.nii.gz")
+    sheet = _sheet(data / "studies.tsv", _study_rows({"P1": True, "P2": False}))
+    oracle = data / "oracle.tsv"
+    oracle.write_text("study_id\tlabel\tlabel_convention\nP2_T0\tP1/label.nii.gz\tBraTS\n")
+    output = _one_message(_dry_run(tmp_path, {"sheet": str(sheet), "oracle_sheet": str(oracle)}))
+    assert f"resolves to {outside} (through a symbolic link), outside the data roots" in output
+    assert "label_convention 'BraTS' is not one of internal, brats" in output
