@@ -8,7 +8,7 @@
 # validation studies (per GPU shard) -> evaluate -> active-learning rounds (select, annotate,
 # fine-tune, infer, evaluate) -> report.
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -16,10 +16,9 @@ min_version("9.0")
 report: "report/workflow.rst"
 
 
+# Validated against config/schemas/config.schema.yaml (closed sections, defaults filled in)
+# with the sheet and the run's other inputs at the top of rules/common.smk.
 configfile: "config/config.yaml"
-
-
-validate(config, "config/schemas/config.schema.yaml", set_default=True)
 
 
 include: "rules/common.smk"

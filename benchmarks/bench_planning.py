@@ -51,8 +51,9 @@ def dry_run(
         *overlays,  # one --configfile list: a second --configfile option would replace it
         "--config",
         f"sheet={sheet}",
-        # metsflow.cohort.synthetic_sheet's paths lie under /nonexistent/cohort
-        "data_roots=['/nonexistent/cohort']",
+        # metsflow.cohort.synthetic_sheet's paths lie under <workdir>/cohort (an existing, empty
+        # folder: the data roots are checked at parse time, the files only by the jobs)
+        f"data_roots=['{workdir / 'cohort'}']",
         f"results={workdir / 'results'}",
         f"label_store={workdir / 'labels'}",
         *extra,
@@ -96,20 +97,24 @@ def main() -> int:
     parser.add_argument("snakemake_args", nargs="*", help="extra snakemake arguments")
     args = parser.parse_args()
 
-    from metsflow.cohort import synthetic_sheet
+    from metsflow.cohort import synthetic_oracle, synthetic_sheet
 
     ok = True
     with tempfile.TemporaryDirectory(prefix="bench_planning_") as tmp:
         workdir = Path(tmp)
         sheet = workdir / "cohort.tsv"
-        synthetic_sheet(args.studies, sheet, seed=0)
+        (workdir / "cohort").mkdir()
+        synthetic_sheet(args.studies, sheet, seed=0, root=workdir / "cohort")
         if args.profile_parse:
             profile_parse(sheet, workdir)
         # config/cohort.yaml reviews with people: the default target stops at the first batch
         # without confirmed labels. The whole campaign (every round planned at once) is what
         # the simulated annotator plans; both are what a user sees, so both are measured.
+        # The simulated annotator's oracle sheet is checked at parse time (a label file for
+        # every pool study): a placeholder answers them all.
+        oracle = synthetic_oracle(sheet, workdir / "oracle" / "oracle.tsv")
         campaign = workdir / "campaign.yaml"
-        campaign.write_text("active_learning:\n  annotator: simulated\n")
+        campaign.write_text(f"oracle_sheet: {oracle}\nactive_learning:\n  annotator: simulated\n")
         for title, overlays in (
             ("human review (default target: up to the first unconfirmed batch)", ()),
             ("whole campaign (all rounds; simulated annotator)", (str(campaign),)),

@@ -76,7 +76,10 @@ def _cmd_cohort_check(args) -> int:
     except SheetError as exc:
         print(exc, file=sys.stderr)
         return 1
-    problems = check_cohort(cohort, deep=args.deep)
+    from metsflow.io import MAX_IMAGE_MB
+
+    limit = MAX_IMAGE_MB if args.max_image_mb is None else args.max_image_mb
+    problems = check_cohort(cohort, deep=args.deep, max_image_mb=limit)
     if args.out:
         from metsflow.io import write_table
 
@@ -220,7 +223,8 @@ def _cmd_al_import(args) -> int:
         store,
         stage=args.stage,
         reviewer=args.reviewer,
-        reference_for=lambda s: cohort.by_id[s].t1c,
+        # A study the sheet does not know gets no reference; the store then rejects it.
+        reference_for=lambda s: cohort.by_id[s].t1c if s in cohort.by_id else None,
     )
     print(results.to_string(index=False))
     return 1 if (results.get("result") == "rejected").any() else 0
@@ -327,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--allow-outside-roots", action="store_true", help="turn the containment check off"
     )
+    check.add_argument(
+        "--max-image-mb",
+        type=float,
+        help="with --deep: refuse headers claiming more voxel data (MiB; default as the "
+        "pipeline's preprocess.max_image_mb, metsflow.io.MAX_IMAGE_MB)",
+    )
     check.add_argument("--out", help="write the problems table (TSV)")
     check.set_defaults(func=_cmd_cohort_check)
     synth = cohort_sub.add_parser("synthetic", help="a paths-only sheet for planning benchmarks")
@@ -424,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its errors are printed as one line (exit 2), never as a traceback
+    (``-v`` shows the traceback of an unexpected error)."""
     from metsflow.io import StudyError
 
     args = build_parser().parse_args(argv)
@@ -433,9 +445,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, StudyError) as exc:
+    # OSError: refused writes (a path inside the label store, permissions), missing files.
+    except (ValueError, OSError, StudyError) as exc:
         print(f"metsflow: error: {exc}", file=sys.stderr)
         return 2
+    except KeyError as exc:  # e.g. a table without a column the command needs
+        print(
+            f"metsflow: error: missing {exc} (a column or key the command needs)", file=sys.stderr
+        )
+        return 2
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(
+            f"metsflow: internal error: {type(exc).__name__}: {exc} (rerun with -v for the "
+            "traceback)",
+            file=sys.stderr,
+        )
+        return 3
 
 
 if __name__ == "__main__":

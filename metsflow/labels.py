@@ -42,14 +42,27 @@ BRATS_GROUPS = {
 }
 
 
+def format_value(value) -> str:
+    """A label value as stored: 2 for 2.0, 0.5, 1.0000001 (float32's shortest repr), nan."""
+    value = np.asarray(value)[()]
+    if isinstance(value, np.floating):
+        if np.isfinite(value) and value == np.trunc(value):
+            return str(int(value))
+        return np.format_float_positional(value, trim="-")
+    return str(value.item() if hasattr(value, "item") else value)
+
+
 def _lookup(mapping: dict[int, int], labels: np.ndarray, convention: str) -> np.ndarray:
     labels = np.asarray(labels)
     values = np.unique(labels)
-    unknown = [int(v) for v in values if int(v) != v or int(v) not in mapping]
+    # Fractional, non-finite and unknown values are named as stored (0.5 must not read as 0).
+    unknown = [v for v in values if not np.isfinite(v) or v != np.trunc(v) or int(v) not in mapping]
     if unknown:
+        shown = ", ".join(format_value(v) for v in unknown[:10])
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
         raise ValueError(
-            f"label values {unknown} are not part of the {convention!r} convention "
-            f"(allowed {sorted(mapping)})"
+            f"label values [{shown}{more}] are not part of the {convention!r} convention "
+            f"(allowed {sorted(mapping)}; stored as {labels.dtype})"
         )
     table = np.zeros(max(mapping) + 1, dtype=np.uint8)
     for src, dst in mapping.items():

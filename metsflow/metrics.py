@@ -468,6 +468,14 @@ def _union_box(boxes: list[tuple[slice, ...]]) -> tuple[slice, ...]:
 # --------------------------------------------------------------------------------------------
 
 
+class LabelValueError(ValueError):
+    """Values outside the label convention in the prediction or the reference (``which``)."""
+
+    def __init__(self, which: str, message: str):
+        self.which = which
+        super().__init__(message)
+
+
 def _prepare(pred: np.ndarray, ref: np.ndarray, convention: str) -> tuple[np.ndarray, np.ndarray]:
     pred = np.asarray(pred)
     ref = np.asarray(ref)
@@ -477,7 +485,13 @@ def _prepare(pred: np.ndarray, ref: np.ndarray, convention: str) -> tuple[np.nda
             f"{ref.shape}"
         )
     # to_internal also rejects values outside the convention (e.g. a probability map).
-    return labels.to_internal(pred, convention), labels.to_internal(ref, convention)
+    converted = []
+    for which, data in (("prediction", pred), ("reference", ref)):
+        try:
+            converted.append(labels.to_internal(data, convention))
+        except ValueError as exc:
+            raise LabelValueError(which, f"{which} {exc}") from None
+    return converted[0], converted[1]
 
 
 def _group_metrics(
@@ -567,7 +581,9 @@ def _load_pair(
             f"{pred_path} and {ref_path} are not on the same grid: affines differ by up to "
             f"{np.abs(pred_img.affine - ref_img.affine).max():.4g} (tolerance {AFFINE_TOLERANCE})"
         )
-    spacing = np.asarray(ref_img.header.get_zooms()[:3], dtype=float)
+    # The affine's spacing, as the pipeline reads it (load_nifti refused a header whose pixdim
+    # disagrees with it).
+    spacing = io.voxel_spacing(ref_img)
     return np.asarray(pred_img.dataobj), np.asarray(ref_img.dataobj), spacing
 
 
@@ -581,10 +597,15 @@ def evaluate_files(
     """``evaluate_pair`` on two NIfTI files, which must share the grid (shape, affine +-1e-3).
 
     Raises ``ValueError`` naming both files when the grids differ, and
-    ``metsflow.io.StudyError`` when a file is unreadable. Extra keywords go to ``evaluate_pair``.
+    ``metsflow.io.StudyError`` (study, file) when a file is unreadable, has an inconsistent
+    header or label values outside ``convention``. Extra keywords go to ``evaluate_pair``.
     """
     pred, ref, spacing = _load_pair(pred_path, ref_path, study_id)
-    return evaluate_pair(pred, ref, spacing, convention=convention, **kw)
+    try:
+        return evaluate_pair(pred, ref, spacing, convention=convention, **kw)
+    except LabelValueError as exc:
+        path = pred_path if exc.which == "prediction" else ref_path
+        raise io.StudyError(study_id, str(exc), path) from None
 
 
 # --------------------------------------------------------------------------------------------

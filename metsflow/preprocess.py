@@ -45,7 +45,15 @@ import numpy as np
 from scipy import ndimage
 
 from metsflow import brainmask
-from metsflow.io import StudyError, atomic_path, load_nifti, read_json, save_nifti, write_json
+from metsflow.io import (
+    MAX_IMAGE_MB,
+    StudyError,
+    atomic_path,
+    load_nifti,
+    read_json,
+    save_nifti,
+    write_json,
+)
 from metsflow.labels import check_convention, to_internal
 from metsflow.runtime import set_threads
 
@@ -69,6 +77,9 @@ DEFAULTS: dict[str, Any] = {
     "coreg_shrink_factors": (2, 1),
     "coreg_smoothing_sigmas": (1, 0),
     "zscore_clip": 5.0,  # |z| clipped to this after normalisation; None disables
+    # Memory guard: an input whose header claims more voxel data (MiB) is refused before it is
+    # decompressed (metsflow.io.MAX_IMAGE_MB explains the default).
+    "max_image_mb": MAX_IMAGE_MB,
     **brainmask.MASK_DEFAULTS,
 }
 
@@ -150,7 +161,9 @@ def _merge_params(params: dict[str, Any] | None) -> dict[str, Any]:
     return merged
 
 
-def _load_inputs(study) -> tuple[dict[str, nib.Nifti1Image], dict[str, str]]:
+def _load_inputs(
+    study, max_image_mb: float = MAX_IMAGE_MB
+) -> tuple[dict[str, nib.Nifti1Image], dict[str, str]]:
     """Load the present sequences (checked), native orientation."""
     if getattr(study, "t1c", None) is None:
         raise StudyError(study.study_id, "T1c is required but missing from the sheet")
@@ -159,7 +172,9 @@ def _load_inputs(study) -> tuple[dict[str, nib.Nifti1Image], dict[str, str]]:
         path = getattr(study, name, None)
         if path is None:
             continue
-        images[name] = load_nifti(path, study.study_id, name.upper(), require_signal=True)
+        images[name] = load_nifti(
+            path, study.study_id, name.upper(), require_signal=True, max_image_mb=max_image_mb
+        )
         paths[name] = str(path)
     return images, paths
 
@@ -281,14 +296,16 @@ def _brain_mask(
     return mask, info
 
 
-def _load_label(study, t1c_native: nib.Nifti1Image) -> tuple[nib.Nifti1Image, str]:
+def _load_label(
+    study, t1c_native: nib.Nifti1Image, max_image_mb: float = MAX_IMAGE_MB
+) -> tuple[nib.Nifti1Image, str]:
     """Load the label, check it lies on the T1c grid, convert to the internal convention."""
     convention = getattr(study, "label_convention", "internal") or "internal"
     try:
         check_convention(convention)
     except ValueError as exc:
         raise StudyError(study.study_id, str(exc), study.label) from exc
-    img = load_nifti(study.label, study.study_id, "label")
+    img = load_nifti(study.label, study.study_id, "label", max_image_mb=max_image_mb)
     if not _same_grid(img, t1c_native):
         raise StudyError(
             study.study_id,
@@ -328,10 +345,10 @@ def preprocess_study(
         seconds[step] = round(now - clock, 3)
         clock = now
 
-    native, paths = _load_inputs(study)
+    native, paths = _load_inputs(study, params["max_image_mb"])
     label_img = convention = None
     if getattr(study, "label", None) is not None:
-        label_img, convention = _load_label(study, native["t1c"])
+        label_img, convention = _load_label(study, native["t1c"], params["max_image_mb"])
         paths["label"] = str(study.label)
     t1c_native = native["t1c"]
     ras = {name: nib.as_closest_canonical(img) for name, img in native.items()}

@@ -1,26 +1,32 @@
-# Shared state and named input functions. The sheet is read and validated once, at parse time;
-# the plan (roles and shards) is a pure function of the sheet and config.
+# Shared state and named input functions. The config, the sheet and everything else the run
+# reads are validated once, at parse time (metsflow.preflight); the plan (roles and shards) is a
+# pure function of the sheet and config.
 import functools
 import os
+import sys
 from pathlib import Path
 
 from metsflow.active_learning.burden import BURDEN_NAME
-from metsflow.cohort import read_sheet
-from metsflow.plan import PlanSettings, build_plan, restrict
+from metsflow.preflight import RunError, prepare_run
+
+try:
+    # Fills in the schema defaults; sheet paths must stay inside data_roots (an empty list
+    # means the sheet's own folder), resolved through symbolic links.
+    _RUN = prepare_run(config)
+except RunError as exc:
+    # One message listing every problem, no traceback: print it and stop before planning.
+    print(f"metsflow: {exc}", file=sys.stderr)
+    sys.exit(1)
+for _warning in _RUN.warnings:
+    print(f"metsflow: warning: {_warning}", file=sys.stderr)
 
 RESULTS = config["results"]
 ROUNDS = list(range(int(config["active_learning"]["rounds"]) + 1))
-
-# Sheet paths must stay inside data_roots; an empty list means the sheet's own folder.
-COHORT = read_sheet(
-    config["sheet"],
-    data_roots=config.get("data_roots", []),
-    allow_outside_roots=config.get("allow_paths_outside_roots", False),
-)
-PLAN = build_plan(COHORT, PlanSettings.from_config(config))
+COHORT = _RUN.cohort
+PLAN = _RUN.plan
 # A subset run keeps the full-cohort plan (so shard ids and roles do not move) and only targets
 # the shards that hold the chosen studies.
-TARGET = restrict(PLAN, config["subset_studies"], config["subset_patients"])
+TARGET = _RUN.target
 
 CPU_SHARDS = sorted(TARGET["shard"].unique())
 STUDIES_BY_SHARD = {s: rows for s, rows in PLAN.groupby("shard")}
@@ -115,8 +121,14 @@ def model_path(r):
     return f"{RESULTS}/rounds/round_{r}/model/model.pt"
 
 
+def prediction_root(r):
+    """Where round r's per-study predictions live (not derived from an input list, which is
+    empty when a plan has no study of that kind)."""
+    return f"{RESULTS}/rounds/round_{r}/predictions"
+
+
 def prediction_manifest(r, gpu_shard):
-    return f"{RESULTS}/rounds/round_{r}/predictions/shards/{gpu_shard}.tsv"
+    return f"{prediction_root(r)}/shards/{gpu_shard}.tsv"
 
 
 def evaluation_summary(r):

@@ -91,6 +91,6 @@ rule longitudinal_response:
         settings=config["evaluate"].get("response", {}),
         prep_root=lambda wc, input: stage_root(input.preprocessed[0]),
         reg_root=lambda wc, input: stage_root(input.registered[0]),
-        pred_root=lambda wc, input: stage_root(input.predictions[0]),
+        pred_root=lambda wc: prediction_root(wc.round),
     script:
         "../scripts/longitudinal_response.py"

@@ -102,6 +102,6 @@ rule report_figures:
         runtime=20,
     params:
         studies=validation_records,
-        pred_root=lambda wc, input: stage_root(input.predictions[0]),
+        pred_root=lambda wc: prediction_root(FINAL_ROUND),
     script:
         "../scripts/report_figures.py"

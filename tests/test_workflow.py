@@ -12,7 +12,7 @@ import pytest
 from conftest import run_snakemake
 from test_report import check_evaluation_outputs
 
-from metsflow.cohort import synthetic_sheet
+from metsflow.cohort import synthetic_oracle, synthetic_sheet
 from metsflow.plan import dry_run_job_counts as job_counts
 
 COHORT_SIZE = 11_892
@@ -21,11 +21,15 @@ COHORT_SIZE = 11_892
 @pytest.mark.slow
 def test_dry_run_plans_the_full_cohort(tmp_path):
     sheet = tmp_path / "cohort.tsv"
-    synthetic_sheet(COHORT_SIZE, sheet, seed=0)
+    # The data root must exist (parse-time check); the files in it need not.
+    (tmp_path / "cohort").mkdir()
+    synthetic_sheet(COHORT_SIZE, sheet, seed=0, root=tmp_path / "cohort")
     # The whole campaign at once: with people (cohort.yaml) planning stops at the first batch
-    # without confirmed labels, so the simulated annotator plans every round.
+    # without confirmed labels, so the simulated annotator plans every round (its oracle
+    # sheet is checked at parse time: every pool study needs a label file).
+    oracle = synthetic_oracle(sheet, tmp_path / "oracle" / "oracle.tsv")
     campaign = tmp_path / "campaign.yaml"
-    campaign.write_text("active_learning:\n  annotator: simulated\n")
+    campaign.write_text(f"oracle_sheet: {oracle}\nactive_learning:\n  annotator: simulated\n")
     start = time.perf_counter()
     proc = run_snakemake(
         [
@@ -37,8 +41,8 @@ def test_dry_run_plans_the_full_cohort(tmp_path):
             str(campaign),
             "--config",
             f"sheet={sheet}",
-            # synthetic paths lie under /nonexistent/cohort, outside the sheet's folder
-            "data_roots=['/nonexistent/cohort']",
+            # synthetic paths lie under tmp_path/cohort, outside the sheet's folder
+            f"data_roots=['{tmp_path / 'cohort'}']",
             f"results={tmp_path / 'results'}",
             f"label_store={tmp_path / 'labels'}",
         ],
@@ -58,13 +62,16 @@ def test_dry_run_plans_the_full_cohort(tmp_path):
 def test_snakemake_lint_is_clean(tmp_path):
     """`snakemake --lint` over a paths-only sheet: every rule has log/benchmark, no lint."""
     sheet = tmp_path / "cohort.tsv"
-    synthetic_sheet(40, sheet, seed=0)
+    (tmp_path / "cohort").mkdir()
+    synthetic_sheet(40, sheet, seed=0, root=tmp_path / "cohort")
+    oracle = synthetic_oracle(sheet, tmp_path / "oracle" / "oracle.tsv")
     proc = run_snakemake(
         [
             "--lint",
             "--config",
             f"sheet={sheet}",
-            "data_roots=['/nonexistent/cohort']",
+            f"oracle_sheet={oracle}",
+            f"data_roots=['{tmp_path / 'cohort'}']",
             f"results={tmp_path / 'results'}",
             f"label_store={tmp_path / 'labels'}",
         ],

@@ -143,17 +143,22 @@ def simulate_batch(
     seed: int = 0,
     convention: str = "internal",
     source: str | None = None,
+    conventions: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """Label ``study_ids`` from ``oracle`` (study -> ground-truth label path) into ``store``.
 
     ``reference_for`` (mapping/callable) gives each study's native T1c for the grid check;
-    ``convention`` is the oracle files' label convention; ``source`` is recorded as what
+    ``convention`` is the oracle files' label convention, ``conventions`` (study -> convention)
+    overrides it per study (the oracle sheet's column); ``source`` is recorded as what
     pre-segmented the label (default ``round_<r>``). Returns one row per study
     (``RESULT_COLUMNS``): ``confirmed``, ``skipped`` (already confirmed: left untouched),
     ``missing`` (no ground truth) or ``rejected`` (the store refused it; problem given).
     """
     noise = AnnotatorNoise.from_config(noise)
     labels.check_convention(convention)
+    conventions = dict(conventions or {})
+    for value in set(conventions.values()):
+        labels.check_convention(value)
     source = source or f"round_{int(round_index)}"
     rows = []
     with tempfile.TemporaryDirectory(prefix="metsflow-simannot-") as staging:
@@ -168,9 +173,11 @@ def simulate_batch(
                 continue
             try:
                 truth = io.load_nifti(oracle[study_id], study_id, "ground-truth label")
-                answer = labels.to_internal(np.asanyarray(truth.dataobj), convention)
+                answer = labels.to_internal(
+                    np.asanyarray(truth.dataobj), conventions.get(study_id, convention)
+                )
                 if noise is not None:
-                    spacing = truth.header.get_zooms()[:3]
+                    spacing = io.voxel_spacing(truth)
                     rng = _study_rng(seed, round_index, study_id)
                     answer, stats = apply_noise(answer, spacing, noise, rng)
                     row["changed_voxels"] = stats["changed_voxels"]

@@ -535,10 +535,10 @@ def import_batch(
         study_id = row["study_id"]
         result = dict.fromkeys(IMPORT_COLUMNS, None)
         result.update(study_id=study_id, problem="")
-        if store.status(study_id) == "confirmed":
-            results.append({**result, "result": "already_confirmed"})
-            continue
         try:
+            if store.status(study_id) == "confirmed":
+                results.append({**result, "result": "already_confirmed"})
+                continue
             label_path, why = _corrected_label(review_dir, row)
             if label_path is None:
                 results.append({**result, "result": "missing", "problem": why})
@@ -579,16 +579,27 @@ def import_batch(
         except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
             results.append({**result, "result": "rejected", "problem": str(exc)})
             continue
+        except Exception as exc:  # any other fault rejects this study, not the batch
+            problem = f"internal error {type(exc).__name__}: {exc}"
+            results.append({**result, "result": "rejected", "problem": problem})
+            continue
         if burden is not None:
             lesions = {k: burden[k] for k in IMPORT_BURDEN[1:]}
             result.update(changed_voxels=burden["voxels_changed"], **lesions)
         results.append({**result, "result": "imported", "version": version})
 
-    _refresh_manifest_status(review_dir, manifest, store)
+    refresh_manifest_status(review_dir, store, manifest)
     return pd.DataFrame(results, columns=IMPORT_COLUMNS)
 
 
-def _refresh_manifest_status(review_dir: Path, manifest: pd.DataFrame, store: LabelStore) -> None:
+def refresh_manifest_status(
+    review_dir: str | os.PathLike, store: LabelStore, manifest: pd.DataFrame | None = None
+) -> None:
+    """Rewrite the package manifest's status/refined_by/confirmed_by from the store (also after
+    the simulated annotator, so the package says what ``metsflow al status`` says)."""
+    review_dir = Path(review_dir)
+    if manifest is None:
+        manifest = read_manifest(review_dir)
     updated = manifest.copy()
     for index, row in updated.iterrows():
         status = store.status(row["study_id"])

@@ -111,15 +111,22 @@ def run_collect_annotations(
     ids = list(selection.study_id)
     if annotator == "simulated":
         from metsflow.active_learning.annotator import simulate_batch
+        from metsflow.active_learning.review import MANIFEST_NAME, refresh_manifest_status
 
+        oracle = read_oracle(oracle_sheet)
         simulate_batch(
             ids,
-            oracle=read_oracle(oracle_sheet),
+            oracle={s: label.path for s, label in oracle.items()},
+            conventions={s: label.convention for s, label in oracle.items()},
             store=store,
             round_index=round_index,
             reference_for=lambda s: index[s].t1c,
             source=model,
         )
+        # The review package shows what the store holds now, as `metsflow al status` does.
+        review_dir = Path(selection_path).parent / "review"
+        if (review_dir / MANIFEST_NAME).is_file():
+            refresh_manifest_status(review_dir, store)
     pending = [s for s in ids if store.confirmed(s) is None]
     if pending:
         raise RuntimeError(
@@ -238,21 +245,14 @@ def run_final_labels(
     return labels
 
 
-def read_oracle(oracle_sheet: str) -> dict[str, Path]:
-    """Ground-truth labels for the simulated annotator (paths relative to the oracle sheet).
+def read_oracle(oracle_sheet: str) -> dict:
+    """Study id -> ``metsflow.preflight.OracleLabel`` (path, convention) of the simulated
+    annotator's ground truth; the workflow checked the sheet at parse time."""
+    from metsflow.preflight import read_oracle as read_checked
 
-    Labels in another convention are refused here rather than silently relabelled.
-    """
     if not oracle_sheet:
         raise ValueError("active_learning.annotator is 'simulated' but no oracle_sheet is set")
-    root = Path(oracle_sheet).parent
-    table = pd.read_csv(oracle_sheet, sep="\t", dtype=str, keep_default_na=False)
-    # The column is optional (internal by default): a missing column must not be a KeyError.
-    conventions = table.get("label_convention", pd.Series("", index=table.index, dtype=str))
-    non_internal = table[conventions.replace("", "internal") != "internal"]
-    if len(non_internal):
-        raise ValueError(
-            f"oracle sheet {oracle_sheet}: labels must be in the internal convention "
-            f"(studies {', '.join(non_internal.study_id[:5])})"
-        )
-    return {row.study_id: (root / row.label).resolve() for row in table.itertuples() if row.label}
+    oracle, problems = read_checked(oracle_sheet)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return oracle

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from metsflow.cohort import Study
-from metsflow.io import read_json, write_json, write_table
+from metsflow.io import read_json, voxel_spacing, write_json, write_table
 from metsflow.jobs.manifest import read_manifests
 from metsflow.labels import to_internal
 
@@ -46,7 +46,7 @@ def run_evaluate_round(
         ref_img = nib.load(str(study.label))
         pred = np.asarray(pred_img.dataobj).astype(np.uint8)
         ref = to_internal(np.asarray(ref_img.dataobj), study.label_convention)
-        spacing = tuple(float(z) for z in ref_img.header.get_zooms()[:3])
+        spacing = tuple(float(z) for z in voxel_spacing(ref_img))
         result = evaluate_pair(
             pred, ref, spacing, iou_threshold=settings.get("iou_threshold", 0.25)
         )

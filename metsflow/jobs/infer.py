@@ -87,7 +87,14 @@ def run_infer_shard(
             rows.append({**base, "status": "skipped", "problem": "preprocessing failed"})
             continue
         if study_id in reusable:
-            _copy_study_outputs(Path(previous["out_root"]) / study_id, Path(out_root) / study_id)
+            try:
+                _copy_study_outputs(
+                    Path(previous["out_root"]) / study_id, Path(out_root) / study_id
+                )
+            except OSError as exc:  # e.g. a stale folder that cannot be replaced: this study
+                problem = f"study {study_id}: previous prediction cannot be reused: {exc}"
+                rows.append({**base, "status": "failed", "problem": problem})
+                continue
             rows.append({**base, **reusable[study_id], "seconds": 0.0})
             continue
         prep_dir = Path(prep_root) / study_id

@@ -66,18 +66,21 @@ def run_study(
     """Run ``work`` for one study unless its stamp is current; never raise for a study's fault.
 
     On failure the study's partial output folder is removed so no later rule can read half of
-    it, and the problem is returned for the manifest.
+    it, and the problem is returned for the manifest. A stale folder that cannot be removed
+    (permissions, another user's files, NFS ``.nfs*`` files of a process still holding them)
+    fails this study with the folder and the OS error; the shard's other studies go on.
     """
     out_dir = Path(out_dir)
     if is_done(out_dir, stamp):
         return _row(study_id, patient_id, "ok", "", 0.0)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)  # stale or partial output of an earlier attempt
     import time
 
     start = time.perf_counter()
     try:
+        remove_stale(study_id, out_dir)
         summary = work() or {}
+        seconds = time.perf_counter() - start
+        mark_done(out_dir, stamp, {**summary, "seconds": seconds})
     except StudyError as exc:
         shutil.rmtree(out_dir, ignore_errors=True)
         log.error("%s", exc)
@@ -88,9 +91,24 @@ def run_study(
         log.error("study %s: internal error\n%s", study_id, traceback.format_exc())
         problem = f"study {study_id}: internal error {type(exc).__name__}: {exc}"
         return _row(study_id, patient_id, "failed", problem, time.perf_counter() - start)
-    seconds = time.perf_counter() - start
-    mark_done(out_dir, stamp, {**summary, "seconds": seconds})
     return _row(study_id, patient_id, "ok", "", seconds)
+
+
+def remove_stale(study_id: str, out_dir: Path) -> None:
+    """Remove a study's stale or partial output folder of an earlier attempt; a folder that
+    cannot be removed is this study's ``StudyError`` (folder, OS error), not the shard's."""
+    if not os.path.lexists(out_dir):
+        return
+    try:
+        shutil.rmtree(out_dir)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(out_dir) else ""
+        raise StudyError(
+            study_id,
+            f"stale output folder cannot be removed: {exc.strerror or exc}{where}; remove it "
+            "(or fix its permissions) and rerun",
+            out_dir,
+        ) from exc
 
 
 def _row(study_id, patient_id, status, problem, seconds) -> dict:
