@@ -34,7 +34,7 @@ def setup(tmp_path):
 def _confirm(args):
     root, label, reference, reviewer, start = args
     # Widen the window between "no confirmed label yet" and the link: without the lock every
-    # process passes the check before any links (checked: 6 confirmed versions).
+    # process passes the check before any links (checked: 5 of 6 processes then confirm).
     real_next = LabelStore._next_version
 
     def slow_next(self, folder):

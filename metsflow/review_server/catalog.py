@@ -229,7 +229,7 @@ def _lesions_cached(
     if count == 0:
         return (), "fg_prob" if fg_prob_path else "size_rule"
     stats = cc3d.statistics(components)
-    sizes = np.asarray(stats["voxel_counts"])[1:]
+    sizes = np.asarray(stats["voxel_counts"], dtype=np.int64)[1:]
     centroids = np.asarray(stats["centroids"])[1:]
     # Dominant label per component: counts of (component, value) pairs.
     pairs = np.bincount(

@@ -50,4 +50,3 @@ class ReviewConfig:
         if cohort is not None and study_id in cohort.by_id:
             return Path(cohort.by_id[study_id].t1c)
         return package_t1c
-
