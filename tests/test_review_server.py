@@ -39,7 +39,7 @@ def batch(tmp_path_factory):
     """A round-1 review package of 6 studies (patients of 3, 1 and 2 studies) and a template
     review database with the four accounts (argon2 hashing once, not per test)."""
     root = tmp_path_factory.mktemp("batch")
-    selection = bench.write_review_batch(root / "results", 6, SHAPE)
+    selection = bench.write_review_batch(root / "results", 6, SHAPE, durable=False)
     template = root / "template.sqlite3"
     # Cheap argon2 parameters for the test accounts only: verification follows the parameters
     # stored in each hash, so logins take ~1 ms instead of ~0.5 s on a loaded 2-core machine.

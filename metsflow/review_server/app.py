@@ -688,6 +688,8 @@ def confirm(app, request, user, payload):
         raise HTTPError(400, "base_version (the version you reviewed) is required")
     _save_permission(app, user, entry, confirm=True)
     versions = app.store.versions(entry.study_id)
+    if any(v["stage"] == "confirmed" for v in versions):  # confirmed since the check above
+        raise HTTPError(409, f"study {entry.study_id} is confirmed: read-only", confirmed=True)
     if not versions or versions[-1]["stage"] != "refined":
         raise HTTPError(400, f"study {entry.study_id} has no refined label to confirm")
     return _write_version(
