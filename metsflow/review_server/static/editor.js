@@ -37,7 +37,8 @@ const state = {
 const nv = new Niivue({
   backColor: [0, 0, 0, 1],
   show3Dcrosshair: true,
-  crosshairWidth: 1,
+  crosshairWidth: 0.5, // mm: a thin line that does not hide a 1-voxel stroke
+  crosshairWidthUnit: 'mm',
   crosshairColor: [0.2, 0.9, 0.3, 0.5],
   dragAndDropEnabled: false,
   isResizeCanvas: true,
@@ -73,9 +74,15 @@ async function loadImage(url, name, options = {}) {
   return NVImage.loadFromUrl({ url: buffer, name, ...options });
 }
 
+// Until the server sends `palette` (owned by metsflow.active_learning.review.LABEL_COLOURS).
+const PALETTE_FALLBACK = [
+  { value: 1, name: 'enhancing', rgb: [230, 40, 40] },
+  { value: 2, name: 'edema', rgb: [250, 210, 60] },
+  { value: 3, name: 'necrosis', rgb: [60, 110, 255] },
+];
+
 function palette() {
-  // The colours are owned by metsflow.active_learning.review.LABEL_COLOURS (the server sends them).
-  return state.study.palette;
+  return state.study.palette ?? PALETTE_FALLBACK;
 }
 
 function applyPalette() {

@@ -97,8 +97,8 @@ async function main() {
       try {
         const result = await api('POST', '/api/assign/auto', {});
         const parts = Object.entries(result.assigned).map(([name, n]) => `${name}: ${n}`);
-        document.getElementById('assign-result').textContent = parts.length ? `assigned ${parts.join(', ')}` : 'nothing unassigned';
         await refresh();
+        document.getElementById('assign-result').textContent = parts.length ? `assigned ${parts.join(', ')}` : 'nothing unassigned';
       } catch (exc) {
         showError(exc.detail ?? exc.message);
       }
@@ -111,8 +111,8 @@ async function main() {
           [kind]: document.getElementById('assign-id').value.trim(),
           username: document.getElementById('assign-user').value,
         });
-        document.getElementById('assign-result').textContent = `reassigned ${result.assigned.join(', ')}`;
         await refresh();
+        document.getElementById('assign-result').textContent = `reassigned ${result.assigned.join(', ')}`;
       } catch (exc) {
         showError(exc.detail ?? exc.message);
       }

@@ -1,0 +1,329 @@
+"""Browser tests of the review platform: Playwright (Python) drives Debian's ``chromium``
+(headless, WebGL2 in software through SwiftShader) against the real ``metsflow.review_server``
+app served by uvicorn on 127.0.0.1 over a synthetic round-1 batch.
+
+The T1c is deliberately neither RAS nor axis-aligned (voxel axes P, I, L, rotated ~14 degrees):
+NiiVue reorients to RAS internally, so a stroke painted with the mouse must come back in the
+file's own voxel order on the exact T1c grid, where NiiVue showed it.
+
+Nothing here skips: no Chromium or no NiiVue bundle is a failure that says what to install
+(``./test.sh`` installs both on a fresh machine).
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import uvicorn
+from _synthetic_images import oblique_affine, phantom, sample, save
+from playwright.sync_api import Page, sync_playwright
+
+from metsflow import labels
+from metsflow.active_learning.labelstore import LabelStore
+from metsflow.active_learning.review import PRESEGMENTATION_NAME, export_batch
+from metsflow.review_server import db
+from metsflow.review_server.app import NIIVUE_DIST, create_app
+from metsflow.review_server.config import ReviewConfig
+
+STUDY, PATIENT = "S01", "P01"
+PASSWORD = "correct horse battery"
+USERS = {"tina": "trainee", "nora": "neuroradiologist", "adam": "admin"}
+# Voxel axes P, I, L (a sagittal acquisition), rotated: far from NiiVue's RAS.
+AXES = np.array([[0.0, 0.0, -1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+SHAPE = (60, 52, 52)
+SPACING_MM = 3.0
+# Chromium has no GPU here: WebGL2 through ANGLE on SwiftShader (software).
+CHROMIUM_ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist"]
+TIMEOUT_MS = 30_000
+ARTIFACT_NAME = "review_editor.png"
+
+
+# ---------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    """results/ with a round-1 review package of one study (oblique PIL T1c, FLAIR, a
+    pre-segmentation with two lesions and a 2-voxel one the size rule flags uncertain)."""
+    root = tmp_path_factory.mktemp("browser")
+    world = phantom()
+    affine = oblique_affine(SPACING_MM, (10.0, -6.0, 8.0), SHAPE, axes=AXES)
+    native = root / "native"
+    native.mkdir()
+    t1c = save(native / "t1c.nii.gz", sample(world["t1c"], world["affine"], affine, SHAPE), affine)
+    flair = save(
+        native / "flair.nii.gz", sample(world["t2"], world["affine"], affine, SHAPE), affine
+    )
+    brats = sample(world["label"].astype(np.float32), world["affine"], affine, SHAPE, order=0)
+    preseg = labels.to_internal(np.rint(brats).astype(np.uint8), "brats").astype(np.uint8)
+    tiny = (40, 10, 26)  # inside the head, far from both lesions
+    preseg[tiny[0], tiny[1], tiny[2] : tiny[2] + 2] = labels.ENHANCING
+    pred = save(native / "pred_native.nii.gz", preseg, affine, dtype=np.uint8)
+    results = root / "results"
+    exported = export_batch(
+        [STUDY],
+        {STUDY: {"t1c": t1c, "flair": flair}},
+        {STUDY: pred},
+        results / "rounds" / "round_1" / "review",
+        1,
+        "round_0/model",
+        patient_for={STUDY: PATIENT},
+    )
+    assert list(exported["result"]) == ["exported"], exported.to_dict("records")
+    template = root / "users.sqlite3"
+    for name, role in USERS.items():
+        db.add_user(template, name, PASSWORD, role)
+    return results, template
+
+
+@pytest.fixture
+def server(batch, tmp_path):
+    """The real review app under uvicorn on 127.0.0.1 (a free port), in a thread."""
+    results, template = batch
+    config = ReviewConfig(results=results, label_store=tmp_path / "labels")
+    shutil.copy(template, config.db_path)
+    uv = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config), host="127.0.0.1", port=0, log_level="warning", lifespan="off"
+        )
+    )
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    port = uv.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", config
+    uv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.fail(
+            "Chromium not found on PATH: the browser tests need Debian's `chromium` package "
+            "(./test.sh installs it: apt-get install -y chromium)",
+            pytrace=False,
+        )
+    if not (NIIVUE_DIST / "index.js").is_file():
+        pytest.fail(
+            f"NiiVue bundle missing ({NIIVUE_DIST}): run ./setup.sh "
+            "(npm ci --prefix metsflow/review_server/web)",
+            pytrace=False,
+        )
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=executable, headless=True, args=CHROMIUM_ARGS
+        )
+        yield chromium
+        chromium.close()
+
+
+class Session:
+    """One signed-in browser context with the page's JavaScript errors collected."""
+
+    def __init__(self, browser, base_url: str, username: str):
+        self.context = browser.new_context(
+            viewport={"width": 1400, "height": 850}, device_scale_factor=1
+        )
+        self.context.set_default_timeout(TIMEOUT_MS)
+        self.page: Page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        self.page.on("console", self._console)
+        self.base_url = base_url
+        # Any page sends an anonymous visitor to the login form, which sends them back.
+        self.page.goto(f"{base_url}/")
+        self.page.wait_for_url(lambda url: "/login?next=" in url)
+        self.page.fill("#username", username)
+        self.page.fill("#password", PASSWORD)
+        self.page.click("#login-button")
+        self.page.wait_for_url(f"{base_url}/")
+        self.page.wait_for_selector("#queue tbody tr")
+
+    def _console(self, msg):
+        # HTTP errors (a 409 on a stale save...) are asserted through what the page shows.
+        if msg.type == "error" and not msg.text.startswith("Failed to load resource"):
+            self.errors.append(msg.text)
+
+    def open_study(self, study_id: str = STUDY) -> Page:
+        self.page.goto(f"{self.base_url}/study/{study_id}")
+        self.page.wait_for_function("document.body.dataset.ready")
+        assert self.page.evaluate("document.body.dataset.ready") == "1", self.message()
+        return self.page
+
+    def message(self) -> str:
+        return self.page.inner_text("#message")
+
+    def wait_message(self, kind: str) -> str:
+        self.page.wait_for_function(
+            "kind => document.getElementById('message').dataset.kind === kind", arg=kind
+        )
+        return self.message()
+
+    def close(self):
+        self.context.close()
+        assert not self.errors, f"JavaScript errors in the page: {self.errors}"
+
+
+def _next_frames(page: Page):
+    # NiiVue lays the tiles out while drawing: let it draw before asking for screen positions.
+    page.evaluate(
+        "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r())))"
+    )
+
+
+def _paint_stroke(page: Page, pen: int, dy_px: float = 24.0, half_px: float = 45.0) -> list:
+    """Axial view, crosshair on the largest lesion, a horizontal mouse stroke with ``pen``
+    ``dy_px`` below it. Returns NiiVue's world mm of the stroke's middle."""
+    page.click("button.view[data-view=axial]")
+    page.click("button.lesion[data-lesion-id='1']")
+    page.click(f".tool[data-pen='{pen}']")
+    _next_frames(page)
+    x, y = page.evaluate(
+        """() => { const nv = window.metsflowEditor.nv; const box = nv.canvas.getBoundingClientRect();
+        const scale = nv.canvas.width / box.width; const xy = nv.frac2canvasPos(nv.scene.crosshairPos);
+        return [box.left + xy[0] / scale, box.top + xy[1] / scale]; }"""
+    )
+    y += dy_px
+    page.mouse.move(x - half_px, y)
+    page.mouse.down()
+    for step in range(1, 16):
+        page.mouse.move(x - half_px + 2 * half_px * step / 15, y)
+    page.mouse.up()
+    return page.evaluate(
+        """([x, y]) => { const nv = window.metsflowEditor.nv; const box = nv.canvas.getBoundingClientRect();
+        const scale = nv.canvas.width / box.width;
+        return Array.from(nv.frac2mm(nv.canvasPos2frac([(x - box.left) * scale, (y - box.top) * scale]))).slice(0, 3); }""",
+        [x, y],
+    )
+
+
+def _preseg(results: Path) -> nib.Nifti1Image:
+    return nib.load(results / "rounds" / "round_1" / "review" / STUDY / PRESEGMENTATION_NAME)
+
+
+# ---------------------------------------------------------------------- tests
+
+
+def test_paint_save_confirm_in_the_browser(server, browser, tmp_path):
+    base_url, config = server
+    results = config.results
+    store = LabelStore(config.label_store)
+
+    # Admin: dashboard, balanced assignment of the batch from the start page.
+    admin = Session(browser, base_url, "adam")
+    admin.page.wait_for_selector("#dashboard-section:not([hidden])")
+    admin.page.click("#auto-assign")
+    admin.page.wait_for_function(
+        "document.getElementById('assign-result').textContent.includes('tina: 1')"
+    )
+    assert "tina" in admin.page.inner_text("#queue tbody")
+    admin.close()
+
+    # Trainee: the queue lists the study; the editor shows it with the lesion list.
+    trainee = Session(browser, base_url, "tina")
+    assert STUDY in trainee.page.inner_text("#queue tbody")
+    page = trainee.open_study()
+    lesions = page.locator("button.lesion")
+    assert lesions.count() == 3
+    assert "uncertain" in lesions.nth(2).inner_text()  # the 2-voxel one, listed last
+    assert "uncertain" not in lesions.nth(0).inner_text()
+    assert page.locator("#confirm").is_hidden()  # only a neuroradiologist confirms
+
+    stroke_mm = _paint_stroke(page, pen=labels.NECROSIS)
+    page.click("#save")
+    assert trainee.wait_message("ok") == "Saved v1 (refined)."
+
+    versions = store.versions(STUDY)
+    assert [(v["version"], v["stage"]) for v in versions] == [(1, "refined")]
+    preseg = _preseg(results)
+    saved = nib.load(versions[0]["path"])
+    assert saved.shape == preseg.shape
+    np.testing.assert_allclose(saved.affine, preseg.affine, atol=1e-4)
+    before, after = np.asarray(preseg.dataobj), np.asarray(saved.dataobj)
+    changed = np.argwhere(before != after)
+    assert len(changed) >= 4, "the mouse stroke changed (almost) nothing"
+    assert set(np.unique(after[before != after])) == {labels.NECROSIS}
+    # One axial slice of NiiVue = one native slice along the file's I axis (voxel axis 1)...
+    assert nib.aff2axcodes(preseg.affine)[1] == "I"
+    assert len(np.unique(changed[:, 1])) == 1, "the stroke is not in one native slice"
+    # ... and the painted voxels are where NiiVue showed the stroke (a flipped or permuted
+    # save would land them tens of mm away).
+    world = changed @ preseg.affine[:3, :3].T + preseg.affine[:3, 3]
+    offset = np.linalg.norm(world.mean(axis=0) - np.asarray(stroke_mm))
+    assert offset < SPACING_MM, f"painted voxels {offset:.1f} mm from the stroke"
+
+    # The editor with the overlay, as the test artifact (and docs/review_editor.png).
+    page.click("button.view[data-view=multi]")
+    page.click("button.lesion[data-lesion-id='1']")
+    _next_frames(page)
+    artifact = tmp_path / ARTIFACT_NAME
+    page.screenshot(path=str(artifact))
+    print(f"editor screenshot: {artifact}")
+    trainee.close()
+
+    # Neuroradiologist: the study waits for confirmation; confirm it unchanged.
+    neurorad = Session(browser, base_url, "nora")
+    assert STUDY in neurorad.page.inner_text("#queue tbody")
+    page = neurorad.open_study()
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#confirm")
+    assert neurorad.wait_message("ok") == "Confirmed (v2)."
+    assert page.locator("#save").is_hidden()  # confirmed: read-only
+    neurorad.close()
+
+    versions = store.versions(STUDY)
+    assert [(v["version"], v["stage"]) for v in versions] == [(1, "refined"), (2, "confirmed")]
+    np.testing.assert_array_equal(np.asarray(nib.load(versions[1]["path"]).dataobj), after)
+    history = {record["version"]: record for record in store.history(STUDY)}
+    assert (history[1]["stage"], history[1]["reviewer"]) == ("refined", "tina")
+    assert (history[2]["stage"], history[2]["reviewer"]) == ("confirmed", "nora")
+    assert history[1]["via"] == history[2]["via"] == "web"
+
+
+def test_stale_save_shows_who_saved_in_between_and_reloads(server, browser):
+    base_url, config = server
+    store = LabelStore(config.label_store)
+    admin = Session(browser, base_url, "adam")
+    admin.page.click("#auto-assign")
+    admin.page.wait_for_function(
+        "document.getElementById('assign-result').textContent.includes('tina')"
+    )
+    admin.close()
+
+    trainee = Session(browser, base_url, "tina")
+    neurorad = Session(browser, base_url, "nora")
+    trainee_page = trainee.open_study()
+    neurorad_page = neurorad.open_study()
+
+    # Both started from the pre-segmentation; the neuroradiologist saves first.
+    _paint_stroke(neurorad_page, pen=labels.EDEMA, dy_px=-24)
+    neurorad_page.click("#save")
+    assert neurorad.wait_message("ok") == "Saved v1 (refined)."
+
+    _paint_stroke(trainee_page, pen=labels.NECROSIS)
+    trainee_page.click("#save")
+    text = trainee.wait_message("conflict")
+    assert "nora saved v1" in text and "started from v0" in text
+    assert [v["version"] for v in store.versions(STUDY)] == [1]  # nothing written
+
+    # Reload takes the newer version as the new base; the next save goes on top of it.
+    trainee_page.click("#conflict-reload")
+    assert trainee.wait_message("ok").startswith("Reloaded v1")
+    _paint_stroke(trainee_page, pen=labels.NECROSIS)
+    trainee_page.click("#save")
+    assert trainee.wait_message("ok") == "Saved v2 (refined)."
+    reviewers = [(r["version"], r["reviewer"]) for r in store.history(STUDY)]
+    assert reviewers == [(1, "nora"), (2, "tina")]
+    trainee.close()
+    neurorad.close()
