@@ -170,6 +170,9 @@ def _cmd_al_status(args) -> int:
     store = LabelStore(args.labels, create=False)
     table = round_status(args.results, store)
     print(format_status(table) + final_status(args.results, store), end="")
+    from metsflow.review_server.db import progress_line
+
+    print(progress_line(args.labels), end="")
     return 0
 
 

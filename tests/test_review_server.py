@@ -524,6 +524,20 @@ def test_dashboard_and_review_times_tsv(server):
     assert {r["round"] for r in rows} == {"1"} and rows[0]["patient_id"] == "P001"
 
 
+def test_al_status_reports_web_review_progress(server, batch, capsys):
+    app, config, _ = server
+    _assign_all(app)
+    alice = _client(app, "alice")
+    alice.post("/api/studies/S0001/open")
+    _save(alice, "S0001", _nifti(_label()))
+    _client(app, "nora").post("/api/studies/S0003/send_back", json={"comment": "look again"})
+    args = ["al", "status", "--results", str(batch[0]), "--labels", str(config.label_store)]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "web review: 6 studies assigned to 1 trainees, 1 sent back; 1 refined and 0 " in out
+    assert "median review time" in out
+
+
 def test_cli_user_add_list_assign_and_export_times(batch, tmp_path, monkeypatch, capsys):
     results = batch[0]
     labels = tmp_path / "labels"

@@ -21,6 +21,7 @@ import json
 import os
 import secrets
 import sqlite3
+import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -357,3 +358,43 @@ def set_sent_back(
         "sent_back=excluded.sent_back, updated_at=excluded.updated_at",
         (study_id, patient_id, batch, int(value), iso()),
     )
+
+
+# ---------------------------------------------------------------------- al status
+
+
+def progress_line(label_store: str | os.PathLike) -> str:
+    """One line for ``metsflow al status`` on the web review (empty if no server was set up):
+    studies assigned and to how many trainees, sent back, saves/confirmations made in the
+    browser and the median review time. Opens the database read-only."""
+    path = review_db_path(label_store)
+    if not path.is_file():
+        return ""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    con.row_factory = sqlite3.Row
+    try:
+        assigned = con.execute(
+            "SELECT COUNT(*) AS n, COUNT(DISTINCT username) AS people, "
+            "COALESCE(SUM(sent_back), 0) AS back FROM assignments WHERE username IS NOT NULL"
+        ).fetchone()
+        saves = events(con, ("save", "confirm", "override"))
+    except sqlite3.Error as exc:
+        return f"web review: database unreadable ({exc})\n"
+    finally:
+        con.close()
+    times = [
+        float(e["detail"]["review_seconds"])
+        for e in saves
+        if e["detail"].get("review_seconds") is not None
+    ]
+    confirmed = sum(1 for e in saves if e["detail"].get("stage") == "confirmed")
+    line = (
+        f"web review: {assigned['n']} studies assigned to {assigned['people']} trainees, "
+        f"{assigned['back']} sent back; {len(saves) - confirmed} refined and {confirmed} "
+        "confirmed saves in the browser"
+    )
+    if times:
+        line += f", median review time {statistics.median(times):.0f} s"
+    if saves:
+        line += f", last at {iso(saves[-1]['at'])}"
+    return line + "\n"
