@@ -10,6 +10,9 @@ store's guard refuses any write there except a label import.
 Concurrency: WAL journal (readers never block the writer), one connection per request/thread
 (``connect``), ``busy_timeout`` so concurrent writers queue instead of failing, and
 ``BEGIN IMMEDIATE`` for read-then-write steps so two requests cannot interleave them.
+WAL keeps its index in shared memory, so every process using the file (the server and the
+``metsflow review`` commands) must run on one host -- a label store on a cluster filesystem is
+fine as long as they do.
 """
 
 from __future__ import annotations
