@@ -6,12 +6,16 @@ The T1c is deliberately neither RAS nor axis-aligned (voxel axes P, I, L, rotate
 NiiVue reorients to RAS internally, so a stroke painted with the mouse must come back in the
 file's own voxel order on the exact T1c grid, where NiiVue showed it.
 
+The editor screenshot (with the label overlay) is written to the test's tmp_path, or to
+``$METSFLOW_TEST_ARTIFACTS`` when set (docs/review_editor.png was made that way).
+
 Nothing here skips: no Chromium or no NiiVue bundle is a failure that says what to install
 (``./test.sh`` installs both on a fresh machine).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -41,6 +45,8 @@ SPACING_MM = 3.0
 # Chromium has no GPU here: WebGL2 through ANGLE on SwiftShader (software).
 CHROMIUM_ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist"]
 TIMEOUT_MS = 30_000
+# Small enough that SwiftShader redraws quickly, large enough for the editor's three columns.
+VIEWPORT = {"width": 1200, "height": 720}
 ARTIFACT_NAME = "review_editor.png"
 
 
@@ -132,9 +138,7 @@ class Session:
     """One signed-in browser context with the page's JavaScript errors collected."""
 
     def __init__(self, browser, base_url: str, username: str):
-        self.context = browser.new_context(
-            viewport={"width": 1400, "height": 850}, device_scale_factor=1
-        )
+        self.context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
         self.context.set_default_timeout(TIMEOUT_MS)
         self.page: Page = self.context.new_page()
         self.errors: list[str] = []
@@ -197,8 +201,10 @@ def _paint_stroke(page: Page, pen: int, dy_px: float = 24.0, half_px: float = 45
     y += dy_px
     page.mouse.move(x - half_px, y)
     page.mouse.down()
-    for step in range(1, 16):
-        page.mouse.move(x - half_px + 2 * half_px * step / 15, y)
+    # NiiVue joins successive mouse positions with a line: a few moves make a continuous
+    # stroke, and each one redraws the canvas (in software here).
+    for step in range(1, 5):
+        page.mouse.move(x - half_px + 2 * half_px * step / 4, y)
     page.mouse.up()
     return page.evaluate(
         """([x, y]) => { const nv = window.metsflowEditor.nv; const box = nv.canvas.getBoundingClientRect();
@@ -267,7 +273,7 @@ def test_paint_save_confirm_in_the_browser(server, browser, tmp_path):
     page.click("button.view[data-view=multi]")
     page.click("button.lesion[data-lesion-id='1']")
     _next_frames(page)
-    artifact = tmp_path / ARTIFACT_NAME
+    artifact = Path(os.environ.get("METSFLOW_TEST_ARTIFACTS", tmp_path)) / ARTIFACT_NAME
     page.screenshot(path=str(artifact))
     print(f"editor screenshot: {artifact}")
     trainee.close()
@@ -294,12 +300,8 @@ def test_paint_save_confirm_in_the_browser(server, browser, tmp_path):
 def test_stale_save_shows_who_saved_in_between_and_reloads(server, browser):
     base_url, config = server
     store = LabelStore(config.label_store)
-    admin = Session(browser, base_url, "adam")
-    admin.page.click("#auto-assign")
-    admin.page.wait_for_function(
-        "document.getElementById('assign-result').textContent.includes('tina')"
-    )
-    admin.close()
+    with db.connect(config.db_path) as con, db.transaction(con):
+        db.set_assignment(con, STUDY, PATIENT, "round_1", "tina")
 
     trainee = Session(browser, base_url, "tina")
     neurorad = Session(browser, base_url, "nora")
