@@ -296,6 +296,21 @@ def test_paint_save_confirm_in_the_browser(server, browser, tmp_path):
     assert (history[2]["stage"], history[2]["reviewer"]) == ("confirmed", "nora")
     assert history[1]["via"] == history[2]["via"] == "web"
 
+    # Admin: a confirmed label changes only by override, with a reason (a new version).
+    admin = Session(browser, base_url, "adam")
+    page = admin.open_study()
+    assert page.locator("#save").is_hidden() and page.locator("#confirm").is_hidden()
+    _paint_stroke(page, pen=labels.EDEMA, dy_px=-24)
+    page.click("#override")
+    assert admin.wait_message("error") == "An override needs a reason."
+    page.fill("#override-reason", "missed satellite lesion")
+    page.click("#override")
+    assert admin.wait_message("ok") == "Override saved as v3 (confirmed)."
+    admin.close()
+    record = store.history(STUDY)[-1]
+    assert (record["version"], record["stage"], record["reviewer"]) == (3, "confirmed", "adam")
+    assert record["override"] is True and record["reason"] == "missed satellite lesion"
+
 
 def test_stale_save_shows_who_saved_in_between_and_reloads(server, browser):
     base_url, config = server

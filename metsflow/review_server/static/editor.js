@@ -63,7 +63,7 @@ function message(text, kind = 'info', ...extra) {
 
 function setBusy(busy) {
   state.busy = busy;
-  for (const id of ['save', 'confirm', 'send-back']) $(id).disabled = busy || !state.ready;
+  for (const id of ['save', 'confirm', 'send-back', 'override']) $(id).disabled = busy || !state.ready;
 }
 
 // ------------------------------------------------------------------ loading
@@ -137,11 +137,14 @@ function renderStudy() {
   $('confirm').hidden = !s.can_confirm;
   $('send-back-box').hidden = !s.can_send_back;
   $('save').hidden = !s.can_edit;
-  $('pen-tools').disabled = !s.can_edit;
+  $('override-box').hidden = !s.can_override;
+  $('pen-tools').disabled = !drawable();
   const note = $('readonly-note');
   note.hidden = s.can_edit;
-  note.textContent = s.status === 'confirmed' ? 'Confirmed: read-only.' : 'Read-only for your role.';
-  if (!s.can_edit) setPen(-1);
+  note.textContent = s.can_override
+    ? 'Admins change labels only by override, with a reason.'
+    : s.status === 'confirmed' ? 'Confirmed: read-only.' : 'Read-only for your role.';
+  if (!drawable()) setPen(-1);
   renderLesions();
   renderComments();
   renderHistory();
@@ -201,8 +204,13 @@ function renderHistory() {
 
 // ------------------------------------------------------------------ tools
 
+// Trainees and neuroradiologists edit; an admin draws only to override.
+function drawable() {
+  return Boolean(state.study?.can_edit || state.study?.can_override);
+}
+
 function setPen(pen) {
-  if (pen >= 0 && !state.study?.can_edit) return;
+  if (pen >= 0 && !drawable()) return;
   state.pen = pen;
   const fill = $('fill').checked;
   if (pen < 0) {
@@ -331,6 +339,32 @@ async function save({ confirm = false } = {}) {
   }
 }
 
+async function override() {
+  if (state.busy || !state.ready) return;
+  const reason = $('override-reason').value.trim();
+  if (!reason) {
+    message('An override needs a reason.', 'error');
+    $('override-reason').focus();
+    return;
+  }
+  setBusy(true);
+  try {
+    const bytes = await drawingBytes();
+    const query = new URLSearchParams({ reason, base_version: state.baseVersion });
+    const result = await api('POST', `/api/studies/${encodeURIComponent(studyId)}/override?${query}`, bytes);
+    state.dirty = false;
+    $('override-reason').value = '';
+    await fetchStudy();
+    state.baseVersion = result.version;
+    message(`Override saved as v${result.version} (${result.stage}).`, 'ok');
+  } catch (exc) {
+    if (exc.status === 409) explainConflict(exc);
+    else message(`Not saved: ${exc.detail ?? exc.message}`, 'error');
+  } finally {
+    setBusy(false);
+  }
+}
+
 async function confirmLabel() {
   if (state.busy || !state.ready) return;
   const what = state.dirty ? 'your edits as the confirmed label' : `v${state.baseVersion} as the confirmed label`;
@@ -439,6 +473,7 @@ function wire() {
   $('save').addEventListener('click', () => save());
   $('confirm').addEventListener('click', confirmLabel);
   $('send-back').addEventListener('click', sendBack);
+  $('override').addEventListener('click', override);
   $('comment-form').addEventListener('submit', postComment);
   document.addEventListener('keydown', onKey);
   window.addEventListener('beforeunload', (event) => {
