@@ -467,6 +467,13 @@ function wire() {
   });
   $('undo').addEventListener('click', () => nv.drawUndo());
   $('opacity').addEventListener('input', (event) => setOpacity(Number(event.target.value)));
+  // Remembered per browser: a reader's convention does not change between studies.
+  $('radiological').checked = localStorage.getItem('metsflow.radiological') === '1';
+  nv.opts.isRadiologicalConvention = $('radiological').checked;
+  $('radiological').addEventListener('change', (event) => {
+    localStorage.setItem('metsflow.radiological', event.target.checked ? '1' : '0');
+    nv.setRadiologicalConvention(event.target.checked);
+  });
   for (const button of document.querySelectorAll('.view')) {
     button.addEventListener('click', () => setView(button.dataset.view));
   }
