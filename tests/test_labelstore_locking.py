@@ -104,3 +104,24 @@ def test_extra_provenance_is_recorded_but_cannot_replace_store_fields(setup):
     (record,) = store.history("S1")
     assert record["via"] == "web" and record["review_seconds"] == 12.5
     assert record["reviewer"] == "alice"
+
+
+def test_file_imports_record_that_labels_arrived_as_files(tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from metsflow.active_learning.review import import_batch
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_review_load.py"
+    spec = importlib.util.spec_from_file_location("bench_review_load", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_review_load", bench)
+    spec.loader.exec_module(bench)
+    bench.write_review_batch(tmp_path / "results", 1, 8, durable=False)
+    review = tmp_path / "results" / "rounds" / "round_1" / "review"
+    (review / "S0001" / "segmentation.nii.gz").write_bytes(bench.label_bytes((8, 8, 8)))
+    store = LabelStore(tmp_path / "labels")
+    result = import_batch(review, store, "refined", "alice")
+    assert list(result["result"]) == ["imported"]
+    assert store.history("S0001")[0]["via"] == "files"

@@ -31,7 +31,10 @@ Rules, because this is human work that took a neuroradiologist's time:
 - Stored labels are normalised to uint8 internal labels on the reference (native T1c) affine,
   after checking the submitted file's grid matches it; the submitted file's sha256 is kept.
 - Callers may add provenance fields (``provenance={"via": "web", "review_seconds": 312}``) to
-  the history record; they cannot replace the store's own fields.
+  the history record; they cannot replace the store's own fields. ``via`` says how the label
+  arrived: ``files`` (``import_batch`` / ``metsflow al import``), ``web`` (the review server,
+  with ``review_seconds`` from opening the study to saving it) or ``simulated`` (the
+  simulated annotator); records written before it existed have none (files).
 """
 
 from __future__ import annotations
