@@ -558,3 +558,26 @@ def test_cli_user_add_list_assign_and_export_times(batch, tmp_path, monkeypatch,
     # the database sits beside the label store folder, not in it
     assert (tmp_path / "labels.review.sqlite3").is_file()
     assert not list(labels.glob("*.sqlite3"))
+
+
+def test_catalog_serves_the_newest_round_and_the_final_qa_sample(tmp_path):
+    from metsflow.review_server.catalog import Catalog
+
+    results = tmp_path / "results"
+    bench.write_review_batch(results, 1, 8, round_index=1, durable=False)
+    bench.write_review_batch(results, 2, 8, round_index=2, durable=False)
+    other = tmp_path / "other"
+    bench.write_review_batch(other, 3, 8, round_index=4, durable=False)
+    (results / "final").mkdir()
+    (other / "rounds" / "round_4" / "review").rename(results / "final" / "qa_review")
+    catalog = Catalog(results)
+    studies = catalog.studies()
+    assert catalog.round == 2 and catalog.batch_names() == ["round_2", "final"]
+    assert {s: e.batch for s, e in studies.items()} == {
+        "S0001": "round_2",  # in both: the round's batch wins
+        "S0002": "round_2",
+        "S0003": "final",
+    }
+    assert studies["S0003"].round == 4 and set(studies["S0003"].images) == {"t1c", "flair"}
+    assert Catalog(results, round_index=1).studies().keys() == {"S0001", "S0002", "S0003"}
+    assert Catalog(results, round_index=1).get("S0001").batch == "round_1"
