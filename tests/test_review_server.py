@@ -510,6 +510,8 @@ def test_dashboard_and_review_times_tsv(server):
     people = {r["username"]: r for r in data["reviewers"]}
     assert people["alice"]["refined"] == 2 and people["alice"]["assigned"] == 6
     assert people["nora"]["confirmed"] == 1 and people["alice"]["median_seconds"] is not None
+    (round_1,) = data["rounds"]
+    assert round_1["round"] == "1" and (round_1["refined"], round_1["confirmed"]) == (2, 1)
     tsv = admin.get("/api/dashboard.tsv")
     assert tsv.headers["content-type"].startswith("text/tab-separated-values")
     lines = tsv.text.splitlines()

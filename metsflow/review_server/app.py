@@ -58,7 +58,7 @@ from metsflow.active_learning.labelstore import LabelImportError, LabelStore, St
 from metsflow.active_learning.review import _changed_voxels
 from metsflow.review_server import db
 from metsflow.review_server.assign import balanced_assignment
-from metsflow.review_server.catalog import Catalog, StudyEntry, lesions
+from metsflow.review_server.catalog import FINAL_BATCH, Catalog, StudyEntry, lesions
 from metsflow.review_server.config import ReviewConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -809,7 +809,8 @@ def assign_auto(app, request, user, payload):
 
 
 def dashboard_data(app: ReviewApp) -> dict:
-    """Progress per batch and per reviewer, time per study (open -> save)."""
+    """Progress per batch and per reviewer, time per study (open -> save), and per round
+    (every round ever reviewed in the browser, from the audit log): saves and review time."""
     with db.connect(app.db_path) as con:
         assigned = db.assignments(con)
         people = {u["username"]: u["role"] for u in db.list_users(con)}
@@ -872,10 +873,29 @@ def dashboard_data(app: ReviewApp) -> dict:
                 "total_seconds": round(sum(times), 1),
             }
         )
+    per_round: dict[str, list[dict]] = {}
+    for event in saves:
+        detail = event["detail"]
+        key = detail.get("batch") if detail.get("batch") == FINAL_BATCH else detail.get("round")
+        per_round.setdefault(str(key), []).append(detail)
+    rounds = []
+    for key, details in sorted(per_round.items()):
+        times = [float(d["review_seconds"]) for d in details if d.get("review_seconds") is not None]
+        rounds.append(
+            {
+                "round": key,
+                "saves": len(details),
+                "refined": sum(1 for d in details if d.get("stage") == "refined"),
+                "confirmed": sum(1 for d in details if d.get("stage") == "confirmed"),
+                "median_seconds": round(statistics.median(times), 1) if times else None,
+                "total_seconds": round(sum(times), 1),
+            }
+        )
     return {
         "round": app.catalog.round,
         "totals": totals,
         "batches": list(batches.values()),
+        "rounds": rounds,
         "reviewers": reviewers,
         "studies": studies,
     }
