@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -47,9 +48,15 @@ LOGIN_WINDOW_S = 60.0
 BUSY_TIMEOUT_MS = 30_000
 
 _HASHER = PasswordHasher()
-# Verified against when the user name does not exist, so an unknown name takes as long as a
-# wrong password (no user enumeration by timing).
-_DUMMY_HASH = _HASHER.hash("metsflow-no-such-user")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the user name does not exist, so an unknown name takes as long as
+    a wrong password (no user enumeration by timing). Made on first use, not at import (one
+    hash costs ~0.1-0.5 s, and ``metsflow al status`` imports this module)."""
+    return PasswordHasher().hash("metsflow-no-such-user")
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -198,7 +205,7 @@ def verify_password(con: sqlite3.Connection, username: str, password: str) -> st
     row = con.execute("SELECT password_hash, role FROM users WHERE username=?", (username,))
     row = row.fetchone()
     try:
-        _HASHER.verify(row["password_hash"] if row else _DUMMY_HASH, password)
+        _HASHER.verify(row["password_hash"] if row else _dummy_hash(), password)
     except (VerificationError, InvalidHashError):
         return None
     return row["role"] if row else None
