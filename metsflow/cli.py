@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -537,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, StudyError) as exc:
+    except (ValueError, FileNotFoundError, StudyError, sqlite3.Error) as exc:
         print(f"metsflow: error: {exc}", file=sys.stderr)
         return 2
 
