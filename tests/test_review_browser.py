@@ -168,9 +168,18 @@ class Session:
     def message(self) -> str:
         return self.page.inner_text("#message")
 
-    def wait_message(self, kind: str) -> str:
+    def click(self, selector: str, kind: str) -> str:
+        """Click ``selector`` and return the next final (not "Saving...") message, which must
+        be of ``kind`` (ok, error, conflict)."""
+        seq = self.page.evaluate("Number(document.getElementById('message').dataset.seq ?? 0)")
+        self.page.click(selector)
         self.page.wait_for_function(
-            "kind => document.getElementById('message').dataset.kind === kind", arg=kind
+            """seq => { const box = document.getElementById('message');
+            return Number(box.dataset.seq ?? 0) > seq && box.dataset.kind !== 'info'; }""",
+            arg=seq,
+        )
+        assert self.page.evaluate("document.getElementById('message').dataset.kind") == kind, (
+            self.message()
         )
         return self.message()
 
@@ -247,8 +256,7 @@ def test_paint_save_confirm_in_the_browser(server, browser, tmp_path):
     assert page.locator("#confirm").is_hidden()  # only a neuroradiologist confirms
 
     stroke_mm = _paint_stroke(page, pen=labels.NECROSIS)
-    page.click("#save")
-    assert trainee.wait_message("ok") == "Saved v1 (refined)."
+    assert trainee.click("#save", "ok") == "Saved v1 (refined)."
 
     versions = store.versions(STUDY)
     assert [(v["version"], v["stage"]) for v in versions] == [(1, "refined")]
@@ -283,8 +291,7 @@ def test_paint_save_confirm_in_the_browser(server, browser, tmp_path):
     assert STUDY in neurorad.page.inner_text("#queue tbody")
     page = neurorad.open_study()
     page.once("dialog", lambda dialog: dialog.accept())
-    page.click("#confirm")
-    assert neurorad.wait_message("ok") == "Confirmed (v2)."
+    assert neurorad.click("#confirm", "ok") == "Confirmed (v2)."
     assert page.locator("#save").is_hidden()  # confirmed: read-only
     neurorad.close()
 
@@ -301,18 +308,16 @@ def test_paint_save_confirm_in_the_browser(server, browser, tmp_path):
     page = admin.open_study()
     assert page.locator("#save").is_hidden() and page.locator("#confirm").is_hidden()
     _paint_stroke(page, pen=labels.EDEMA, dy_px=-24)
-    page.click("#override")
-    assert admin.wait_message("error") == "An override needs a reason."
+    assert admin.click("#override", "error") == "An override needs a reason."
     page.fill("#override-reason", "missed satellite lesion")
-    page.click("#override")
-    assert admin.wait_message("ok") == "Override saved as v3 (confirmed)."
+    assert admin.click("#override", "ok") == "Override saved as v3 (confirmed)."
     admin.close()
     record = store.history(STUDY)[-1]
     assert (record["version"], record["stage"], record["reviewer"]) == (3, "confirmed", "adam")
     assert record["override"] is True and record["reason"] == "missed satellite lesion"
 
 
-def test_stale_save_shows_who_saved_in_between_and_reloads(server, browser):
+def test_stale_save_reload_and_send_back(server, browser):
     base_url, config = server
     store = LabelStore(config.label_store)
     with db.connect(config.db_path) as con, db.transaction(con):
@@ -323,24 +328,34 @@ def test_stale_save_shows_who_saved_in_between_and_reloads(server, browser):
     trainee_page = trainee.open_study()
     neurorad_page = neurorad.open_study()
 
+    # FLAIR is shown over the T1c (the drawing stays on the T1c grid) and back.
+    trainee_page.click("button.sequence[data-sequence=flair]")
+    trainee_page.wait_for_function("window.metsflowEditor.state.background === 'flair'")
+    assert trainee_page.evaluate("window.metsflowEditor.nv.volumes.length") == 2
+    trainee_page.click("button.sequence[data-sequence=t1c]")
+
     # Both started from the pre-segmentation; the neuroradiologist saves first.
     _paint_stroke(neurorad_page, pen=labels.EDEMA, dy_px=-24)
-    neurorad_page.click("#save")
-    assert neurorad.wait_message("ok") == "Saved v1 (refined)."
+    assert neurorad.click("#save", "ok") == "Saved v1 (refined)."
 
     _paint_stroke(trainee_page, pen=labels.NECROSIS)
-    trainee_page.click("#save")
-    text = trainee.wait_message("conflict")
+    text = trainee.click("#save", "conflict")
     assert "nora saved v1" in text and "started from v0" in text
     assert [v["version"] for v in store.versions(STUDY)] == [1]  # nothing written
 
     # Reload takes the newer version as the new base; the next save goes on top of it.
-    trainee_page.click("#conflict-reload")
-    assert trainee.wait_message("ok").startswith("Reloaded v1")
+    assert trainee.click("#conflict-reload", "ok").startswith("Reloaded v1")
     _paint_stroke(trainee_page, pen=labels.NECROSIS)
-    trainee_page.click("#save")
-    assert trainee.wait_message("ok") == "Saved v2 (refined)."
+    assert trainee.click("#save", "ok") == "Saved v2 (refined)."
     reviewers = [(r["version"], r["reviewer"]) for r in store.history(STUDY)]
     assert reviewers == [(1, "nora"), (2, "tina")]
+
+    # Sent back with a comment: the trainee's queue shows both.
+    neurorad_page.fill("#send-back-comment", "edema missing at the posterior border")
+    assert neurorad.click("#send-back", "ok") == "Sent back to the trainee."
+    trainee_page.goto(f"{base_url}/")
+    row = trainee_page.locator(f"#queue tbody tr[data-study-id='{STUDY}']")
+    assert "sent back" in row.inner_text()
+    assert "edema missing at the posterior border" in row.inner_text()
     trainee.close()
     neurorad.close()

@@ -57,6 +57,7 @@ function message(text, kind = 'info', ...extra) {
   const box = $('message');
   box.className = `message ${kind}`;
   box.dataset.kind = kind;
+  box.dataset.seq = String(Number(box.dataset.seq ?? 0) + 1); // lets a test wait for a new one
   box.replaceChildren(el('span', {}, text), ...extra);
   box.hidden = !text;
 }
