@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import uvicorn
 from _synthetic_images import oblique_affine, phantom, sample, save
+from argon2 import PasswordHasher
 from playwright.sync_api import Page, sync_playwright
 
 from metsflow import labels
@@ -83,8 +84,12 @@ def batch(tmp_path_factory):
     )
     assert list(exported["result"]) == ["exported"], exported.to_dict("records")
     template = root / "users.sqlite3"
-    for name, role in USERS.items():
-        db.add_user(template, name, PASSWORD, role)
+    # Cheap argon2 parameters for the test accounts (verification follows each hash's own):
+    # a login costs ~1 ms instead of ~0.5 s on a loaded machine.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(db, "_HASHER", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+        for name, role in USERS.items():
+            db.add_user(template, name, PASSWORD, role)
     return results, template
 
 
