@@ -280,7 +280,11 @@ async function drawingBytes() {
   // filename '' -> NiiVue returns the NIfTI bytes instead of starting a download.
   const bytes = await nv.saveImage({ filename: '', isSaveDrawing: true, volumeByIndex: 0 });
   if (!(bytes instanceof Uint8Array)) throw new Error('NiiVue returned no drawing to save');
-  return bytes;
+  // A label is mostly zeros: gzip sends a 1 mm 240x240x155 label with three lesions as 17 KB
+  // instead of 8.9 MB (measured with Python gzip level 6).
+  if (typeof CompressionStream === 'undefined') return bytes;
+  const stream = new Blob([bytes]).stream().pipeThrough(new CompressionStream('gzip'));
+  return new Uint8Array(await new Response(stream).arrayBuffer());
 }
 
 async function downloadMyEdit() {
