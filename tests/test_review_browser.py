@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import uvicorn
-from _synthetic_images import oblique_affine, phantom, sample, save
+from _synthetic_images import LESIONS, oblique_affine, phantom, sample, save
 from argon2 import PasswordHasher
 from playwright.sync_api import Page, sync_playwright
 
@@ -281,6 +281,11 @@ def test_paint_save_confirm_in_the_browser(server, browser, tmp_path):
     world = changed @ preseg.affine[:3, :3].T + preseg.affine[:3, 3]
     offset = np.linalg.norm(world.mean(axis=0) - np.asarray(stroke_mm))
     assert offset < SPACING_MM, f"painted voxels {offset:.1f} mm from the stroke"
+    # Independently of NiiVue's coordinates: next to the phantom's largest lesion (the stroke
+    # is ~6 mm from its centre; a left-right flip would be ~64 mm away).
+    centre = np.asarray(LESIONS[0][0])
+    distance = np.linalg.norm(world.mean(axis=0) - centre)
+    assert distance < 15.0, f"painted voxels {distance:.1f} mm from the lesion"
 
     # The editor with the overlay, as the test artifact (and docs/review_editor.png).
     page.click("button.view[data-view=multi]")
