@@ -315,6 +315,9 @@ def test_paint_save_confirm_in_the_browser(server, browser, tmp_path):
 
     # Admin: a confirmed label changes only by override, with a reason (a new version).
     admin = Session(browser, base_url, "adam")
+    admin.page.wait_for_selector("#study-times tbody tr")
+    times = admin.page.inner_text("#study-times tbody")
+    assert STUDY in times and "tina" in times and "nora" in times
     page = admin.open_study()
     assert page.locator("#save").is_hidden() and page.locator("#confirm").is_hidden()
     _paint_stroke(page, pen=labels.EDEMA, dy_px=-24)

@@ -57,6 +57,25 @@ async function loadDashboard() {
   const dash = await api('GET', '/api/dashboard');
   const counts = [['pending', 'to do'], ['refined', 'refined'], ['sent_back', 'sent back'], ['confirmed', 'confirmed'], ['total', 'total']];
   table('#batches', [['batch', 'Batch'], ...counts], [...dash.batches, { batch: 'all', ...dash.totals }]);
+  table('#rounds', [
+    ['round', 'Round'],
+    ['saves', 'Saves'],
+    ['refined', 'Refined'],
+    ['confirmed', 'Confirmed'],
+    ['median_seconds', 'Median time / save', formatSeconds],
+    ['total_seconds', 'Total time', formatSeconds],
+  ], dash.rounds ?? []);
+  table('#study-times', [
+    ['study_id', 'Study'],
+    ['patient_id', 'Patient'],
+    ['batch', 'Batch'],
+    ['status', 'Status'],
+    ['assigned_to', 'Assigned to'],
+    ['refined_by', 'Refined by'],
+    ['refine_seconds', 'Refine time', formatSeconds],
+    ['confirmed_by', 'Confirmed by'],
+    ['confirm_seconds', 'Confirm time', formatSeconds],
+  ], dash.studies ?? []);
   table('#reviewers', [
     ['username', 'Reviewer'],
     ['role', 'Role'],
