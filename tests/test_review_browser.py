@@ -200,9 +200,9 @@ def _next_frames(page: Page):
     )
 
 
-def _paint_stroke(page: Page, pen: int, dy_px: float = 24.0, half_px: float = 45.0) -> list:
-    """Axial view, crosshair on the largest lesion, a horizontal mouse stroke with ``pen``
-    ``dy_px`` below it. Returns NiiVue's world mm of the stroke's middle."""
+def _paint(page: Page, pen: int, path: list[tuple[float, float]]) -> list:
+    """Axial view, crosshair on the largest lesion, one mouse drag with ``pen`` through
+    ``path`` (pixel offsets from the crosshair). Returns NiiVue's world mm of the path's mean."""
     page.click("button.view[data-view=axial]")
     page.click("button.lesion[data-lesion-id='1']")
     page.click(f".tool[data-pen='{pen}']")
@@ -212,20 +212,26 @@ def _paint_stroke(page: Page, pen: int, dy_px: float = 24.0, half_px: float = 45
         const scale = nv.canvas.width / box.width; const xy = nv.frac2canvasPos(nv.scene.crosshairPos);
         return [box.left + xy[0] / scale, box.top + xy[1] / scale]; }"""
     )
-    y += dy_px
-    page.mouse.move(x - half_px, y)
+    points = [(x + dx, y + dy) for dx, dy in path]
+    page.mouse.move(*points[0])
     page.mouse.down()
     # NiiVue joins successive mouse positions with a line: a few moves make a continuous
     # stroke, and each one redraws the canvas (in software here).
-    for step in range(1, 5):
-        page.mouse.move(x - half_px + 2 * half_px * step / 4, y)
+    for point in points[1:]:
+        page.mouse.move(*point)
     page.mouse.up()
+    centre = np.mean(points, axis=0).tolist()
     return page.evaluate(
         """([x, y]) => { const nv = window.metsflowEditor.nv; const box = nv.canvas.getBoundingClientRect();
         const scale = nv.canvas.width / box.width;
-        return Array.from(nv.frac2mm(nv.canvasPos2frac([(x - box.left) * scale, (y - box.top) * scale]))).slice(0, 3); }""",
-        [x, y],
+        return Array.from(nv.frac2mm(nv.canvasPos2frac([(x - box.left) * scale, (y - box.top) * scale]), 0, true)).slice(0, 3); }""",
+        centre,
     )
+
+
+def _paint_stroke(page: Page, pen: int, dy_px: float = 24.0) -> list:
+    """A horizontal 90-pixel stroke ``dy_px`` below the largest lesion's centre."""
+    return _paint(page, pen, [(dx, dy_px) for dx in (-45, -22.5, 0, 22.5, 45)])
 
 
 def _preseg(results: Path) -> nib.Nifti1Image:
@@ -358,8 +364,20 @@ def test_stale_save_reload_and_send_back(server, browser):
 
     # Reload takes the newer version as the new base; the next save goes on top of it.
     assert trainee.click("#conflict-reload", "ok").startswith("Reloaded v1")
-    _paint_stroke(trainee_page, pen=labels.NECROSIS)
+    # This time with the filled pen (key F): an outlined square comes back filled.
+    trainee_page.keyboard.press("f")
+    assert trainee_page.is_checked("#fill")
+    square = [(-40, 20), (40, 20), (40, 100), (-40, 100), (-40, 20)]
+    inside_mm = _paint(trainee_page, labels.NECROSIS, square)
     assert trainee.click("#save", "ok") == "Saved v2 (refined)."
+    v1, v2 = (nib.load(v["path"]) for v in store.versions(STUDY))
+    filled = np.asarray(v2.dataobj)
+    changed = np.argwhere(np.asarray(v1.dataobj) != filled)
+    assert len(np.unique(changed[:, 1])) == 1
+    # The square's middle (in-plane from NiiVue, the slice the pen drew on) is painted too.
+    middle = nib.affines.apply_affine(np.linalg.inv(v2.affine), inside_mm)
+    middle[1] = changed[0, 1]
+    assert filled[tuple(np.rint(middle).astype(int))] == labels.NECROSIS, "outline not filled"
     reviewers = [(r["version"], r["reviewer"]) for r in store.history(STUDY)]
     assert reviewers == [(1, "nora"), (2, "tina")]
 

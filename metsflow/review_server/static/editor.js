@@ -259,7 +259,9 @@ function jumpToLesion(index) {
   if (!lesions.length) return;
   state.lesionIndex = ((index % lesions.length) + lesions.length) % lesions.length;
   const lesion = lesions[state.lesionIndex];
-  nv.scene.crosshairPos = nv.mm2frac(lesion.centroid_mm);
+  // isForceSliceMM: the true affine; the default maps through NiiVue's de-obliqued ("ortho") matrix,
+  // several mm off for an oblique T1c.
+  nv.scene.crosshairPos = nv.mm2frac(lesion.centroid_mm, 0, true);
   nv.createOnLocationChange();
   nv.updateGLVolume();
   for (const button of document.querySelectorAll('.lesion')) {
