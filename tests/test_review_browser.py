@@ -31,7 +31,7 @@ from playwright.sync_api import Page, sync_playwright
 
 from metsflow import labels
 from metsflow.active_learning.labelstore import LabelStore
-from metsflow.active_learning.review import PRESEGMENTATION_NAME, export_batch
+from metsflow.active_learning.review import LABEL_COLOURS, PRESEGMENTATION_NAME, export_batch
 from metsflow.review_server import db
 from metsflow.review_server.app import NIIVUE_DIST, create_app
 from metsflow.review_server.config import ReviewConfig
@@ -265,6 +265,14 @@ def test_paint_save_confirm_in_the_browser(server, browser, tmp_path):
     assert "uncertain" in lesions.nth(2).inner_text()  # the 2-voxel one, listed last
     assert "uncertain" not in lesions.nth(0).inner_text()
     assert page.locator("#confirm").is_hidden()  # only a neuroradiologist confirms
+    # The overlay uses metsflow's colour table (as the ITK-SNAP/Slicer files do).
+    lut = page.evaluate("Array.from(window.metsflowEditor.nv.drawLut.lut.slice(0, 16))")
+    for value, rgb in LABEL_COLOURS:
+        assert lut[4 * value : 4 * value + 4] == [*rgb, 255], value
+        swatch = page.locator(f".pen[data-pen='{value}'] .swatch").evaluate(
+            "node => getComputedStyle(node).backgroundColor"
+        )
+        assert swatch == f"rgb({rgb[0]}, {rgb[1]}, {rgb[2]})"
 
     stroke_mm = _paint_stroke(page, pen=labels.NECROSIS)
     assert trainee.click("#save", "ok") == "Saved v1 (refined)."
