@@ -150,14 +150,18 @@ class Session:
         self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
         self.page.on("console", self._console)
         self.base_url = base_url
+        self.username = username
+        self.login(self.page)
+
+    def login(self, page: Page):
         # Any page sends an anonymous visitor to the login form, which sends them back.
-        self.page.goto(f"{base_url}/")
-        self.page.wait_for_url(lambda url: "/login?next=" in url)
-        self.page.fill("#username", username)
-        self.page.fill("#password", PASSWORD)
-        self.page.click("#login-button")
-        self.page.wait_for_url(f"{base_url}/")
-        self.page.wait_for_selector("#queue tbody tr")
+        page.goto(f"{self.base_url}/")
+        page.wait_for_url(lambda url: "/login?next=" in url)
+        page.fill("#username", self.username)
+        page.fill("#password", PASSWORD)
+        page.click("#login-button")
+        page.wait_for_url(f"{self.base_url}/")
+        page.wait_for_selector("#queue tbody tr")
 
     def _console(self, msg):
         # HTTP errors (a 409 on a stale save...) are asserted through what the page shows.
@@ -388,6 +392,15 @@ def test_stale_save_reload_and_send_back(server, browser):
     assert filled[tuple(np.rint(middle).astype(int))] == labels.NECROSIS, "outline not filled"
     reviewers = [(r["version"], r["reviewer"]) for r in store.history(STUDY)]
     assert reviewers == [(1, "nora"), (2, "tina")]
+
+    # The session ends while editing: the page (and the drawing) stays; after signing in
+    # again in another tab, Save works.
+    trainee.context.clear_cookies()
+    assert "session has ended" in trainee.click("#save", "error")
+    other_tab = trainee.context.new_page()
+    trainee.login(other_tab)
+    other_tab.close()
+    assert trainee.click("#save", "ok") == "Saved v3 (refined)."
 
     # Sent back with a comment: the trainee's queue shows both.
     neurorad_page.fill("#send-back-comment", "edema missing at the posterior border")

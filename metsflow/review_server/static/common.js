@@ -46,7 +46,8 @@ async function asError(response) {
 
 // fetch() with the session cookie and, for anything but GET, the CSRF header.
 // `body` may be an object (sent as JSON) or bytes (sent as application/octet-stream).
-export async function api(method, path, body) {
+// `keepPage`: on 401 throw instead of leaving for /login (the editor must not drop a drawing).
+export async function api(method, path, body, { keepPage = false } = {}) {
   const headers = {};
   const init = { method, headers, credentials: 'same-origin' };
   if (method !== 'GET') {
@@ -61,7 +62,8 @@ export async function api(method, path, body) {
   }
   const response = await fetch(path, init);
   if (response.status === 401) {
-    toLogin();
+    me = null; // a new sign-in (another tab) brings a new CSRF token
+    if (!keepPage) toLogin();
     throw new ApiError(401, 'session expired: sign in again');
   }
   if (!response.ok) throw await asError(response);

@@ -306,6 +306,18 @@ async function reloadLatest() {
   }
 }
 
+// The session ended while editing: keep the page (and the drawing); sign in elsewhere, save again.
+function explainSignedOut() {
+  message(
+    'Not saved: your session has ended. Sign in again in a new tab, then Save here again.',
+    'error',
+    ' ',
+    el('a', { href: '/login', target: '_blank', rel: 'noopener' }, 'Sign in (new tab)'),
+    ' ',
+    el('button', { type: 'button', onclick: downloadMyEdit }, 'Download my edit'),
+  );
+}
+
 function explainConflict(exc) {
   const body = exc.body ?? {};
   if (body.confirmed) {
@@ -331,7 +343,7 @@ async function save({ confirm = false } = {}) {
   try {
     const bytes = await drawingBytes();
     const query = `base_version=${state.baseVersion}${confirm ? '&confirm=1' : ''}`;
-    const result = await api('POST', `/api/studies/${encodeURIComponent(studyId)}/save?${query}`, bytes);
+    const result = await api('POST', `/api/studies/${encodeURIComponent(studyId)}/save?${query}`, bytes, { keepPage: true });
     state.baseVersion = result.version;
     state.dirty = false;
     await fetchStudy();
@@ -339,6 +351,7 @@ async function save({ confirm = false } = {}) {
     message(`Saved v${result.version} (${result.stage}).`, 'ok');
   } catch (exc) {
     if (exc.status === 409) explainConflict(exc);
+    else if (exc.status === 401) explainSignedOut();
     else if (exc.status === 413) message(`Not saved (too large): ${exc.detail}`, 'error');
     else message(`Not saved: ${exc.detail ?? exc.message}`, 'error');
   } finally {
@@ -358,7 +371,7 @@ async function override() {
   try {
     const bytes = await drawingBytes();
     const query = new URLSearchParams({ reason, base_version: state.baseVersion });
-    const result = await api('POST', `/api/studies/${encodeURIComponent(studyId)}/override?${query}`, bytes);
+    const result = await api('POST', `/api/studies/${encodeURIComponent(studyId)}/override?${query}`, bytes, { keepPage: true });
     state.dirty = false;
     $('override-reason').value = '';
     await fetchStudy();
@@ -366,6 +379,7 @@ async function override() {
     message(`Override saved as v${result.version} (${result.stage}).`, 'ok');
   } catch (exc) {
     if (exc.status === 409) explainConflict(exc);
+    else if (exc.status === 401) explainSignedOut();
     else message(`Not saved: ${exc.detail ?? exc.message}`, 'error');
   } finally {
     setBusy(false);
