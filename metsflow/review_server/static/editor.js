@@ -5,7 +5,7 @@
 // drawing in RAS voxel order internally and saveImage({isSaveDrawing}) permutes it back to the
 // file's own voxel order with the T1c's header (shape and affine), which is exactly what the
 // server's grid check wants; FLAIR/T2 are overlays (resampled for display only) so drawing never
-// happens on their grids. tests/test_review_browser.py checks this with an LPS, oblique T1c.
+// happens on their grids. tests/test_review_browser.py checks this with an oblique P-I-L T1c.
 import { NVImage, Niivue, SLICE_TYPE } from '/vendor/niivue/index.js';
 import { api, currentUser, el, fetchBytes, formatSeconds, renderUserBar } from '/static/common.js';
 
@@ -111,11 +111,15 @@ function applyPalette() {
 }
 
 async function loadLabel() {
-  const label = await loadImage(state.study.label_url, 'label.nii.gz');
+  // Ask for exactly the version the study record names, so the drawing and base_version agree
+  // even if someone saves between the two requests.
+  const version = state.study.latest_version;
+  const url = version && !state.study.label_url.includes('?') ? `${state.study.label_url}?version=${version}` : state.study.label_url;
+  const label = await loadImage(url, 'label.nii.gz');
   if (!nv.loadDrawing(label)) {
     throw new Error('the label does not have the T1c grid; cannot edit it here');
   }
-  state.baseVersion = state.study.latest_version;
+  state.baseVersion = version;
   state.dirty = false;
   nv.setDrawOpacity(Number($('opacity').value));
 }
@@ -157,8 +161,8 @@ function renderLesions() {
   $('lesion-count').textContent = `(${lesions.length})`;
   const uncertain = lesions.filter((l) => l.uncertain).length;
   $('lesion-source').textContent = lesions.length
-    ? `Largest first. ${uncertain} flagged uncertain` +
-      (state.study.uncertainty_source === 'fg_prob' ? ' by the model.' : ' (small or low-confidence).')
+    ? `Largest first. ${uncertain} flagged uncertain ` +
+      (state.study.uncertainty_source === 'fg_prob' ? "by the model's uncertainty." : 'by size (no model uncertainty map).')
     : 'No lesion in the pre-segmentation.';
   $('lesions').replaceChildren(
     ...lesions.map((lesion, index) =>
@@ -223,6 +227,10 @@ function setPen(pen) {
   for (const button of document.querySelectorAll('.tool[data-pen]')) {
     button.classList.toggle('active', Number(button.dataset.pen) === pen);
   }
+}
+
+function undo() {
+  if (drawable()) nv.drawUndo();
 }
 
 function setView(view) {
@@ -455,7 +463,7 @@ function onKey(event) {
     if (state.study?.can_edit) save();
   } else if (ctrl && key === 'z') {
     event.preventDefault();
-    nv.drawUndo();
+    undo();
   } else if (ctrl || event.altKey) {
     // leave other browser shortcuts alone
   } else if (key === 'n' || key === 'escape') setPen(-1);
@@ -464,7 +472,7 @@ function onKey(event) {
   else if (key === 'f') {
     $('fill').checked = !$('fill').checked;
     if (state.pen >= 0) setPen(state.pen);
-  } else if (key === 'z') nv.drawUndo();
+  } else if (key === 'z') undo();
   else if (key === '[') setOpacity(Number($('opacity').value) - 0.1);
   else if (key === ']') setOpacity(Number($('opacity').value) + 0.1);
   else if (key === 'v') {
@@ -486,7 +494,7 @@ function wire() {
     nv.opts.penSize = Number(event.target.value);
     $('pen-size-value').textContent = event.target.value;
   });
-  $('undo').addEventListener('click', () => nv.drawUndo());
+  $('undo').addEventListener('click', undo);
   $('opacity').addEventListener('input', (event) => setOpacity(Number(event.target.value)));
   // Remembered per browser: a reader's convention does not change between studies.
   $('radiological').checked = localStorage.getItem('metsflow.radiological') === '1';
