@@ -142,7 +142,7 @@ def browser():
 class Session:
     """One signed-in browser context with the page's JavaScript errors collected."""
 
-    def __init__(self, browser, base_url: str, username: str):
+    def __init__(self, browser, base_url: str, username: str, start: str = "/", typo=False):
         self.context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
         self.context.set_default_timeout(TIMEOUT_MS)
         self.page: Page = self.context.new_page()
@@ -151,17 +151,26 @@ class Session:
         self.page.on("console", self._console)
         self.base_url = base_url
         self.username = username
-        self.login(self.page)
+        self.login(self.page, start, typo)
 
-    def login(self, page: Page):
-        # Any page sends an anonymous visitor to the login form, which sends them back.
-        page.goto(f"{self.base_url}/")
+    def login(self, page: Page, start: str = "/", typo: bool = False):
+        """Open ``start`` anonymously: the server sends the browser to the login form, which
+        sends it back after signing in (with ``typo``, after one wrong password first)."""
+        page.goto(f"{self.base_url}{start}")
         page.wait_for_url(lambda url: "/login?next=" in url)
         page.fill("#username", self.username)
+        if typo:
+            page.fill("#password", "not the password")
+            page.click("#login-button")
+            page.wait_for_selector("#login-error:not([hidden])")
+            assert page.inner_text("#login-error") == "wrong user name or password"
         page.fill("#password", PASSWORD)
         page.click("#login-button")
-        page.wait_for_url(f"{self.base_url}/")
-        page.wait_for_selector("#queue tbody tr")
+        page.wait_for_url(f"{self.base_url}{start}")
+        if start == "/":
+            page.wait_for_selector("#queue tbody tr")
+        else:
+            self.wait_ready()
 
     def _console(self, msg):
         # HTTP errors (a 409 on a stale save...) are asserted through what the page shows.
@@ -170,9 +179,12 @@ class Session:
 
     def open_study(self, study_id: str = STUDY) -> Page:
         self.page.goto(f"{self.base_url}/study/{study_id}")
+        self.wait_ready()
+        return self.page
+
+    def wait_ready(self):
         self.page.wait_for_function("document.body.dataset.ready")
         assert self.page.evaluate("document.body.dataset.ready") == "1", self.message()
-        return self.page
 
     def message(self) -> str:
         return self.page.inner_text("#message")
@@ -354,10 +366,10 @@ def test_stale_save_reload_and_send_back(server, browser):
     with db.connect(config.db_path) as con, db.transaction(con):
         db.set_assignment(con, STUDY, PATIENT, "round_1", "tina")
 
-    trainee = Session(browser, base_url, "tina")
-    neurorad = Session(browser, base_url, "nora")
-    trainee_page = trainee.open_study()
-    neurorad_page = neurorad.open_study()
+    # Straight to the study: login form (one typo), then back to the study.
+    trainee = Session(browser, base_url, "tina", start=f"/study/{STUDY}", typo=True)
+    neurorad = Session(browser, base_url, "nora", start=f"/study/{STUDY}")
+    trainee_page, neurorad_page = trainee.page, neurorad.page
 
     # FLAIR is shown over the T1c (the drawing stays on the T1c grid) and back.
     trainee_page.click("button.sequence[data-sequence=flair]")
