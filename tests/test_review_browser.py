@@ -218,7 +218,9 @@ def _next_frames(page: Page):
 
 def _paint(page: Page, pen: int, path: list[tuple[float, float]]) -> list:
     """Axial view, crosshair on the largest lesion, one mouse drag with ``pen`` through
-    ``path`` (pixel offsets from the crosshair). Returns NiiVue's world mm of the path's mean."""
+    ``path`` (pixel offsets from the crosshair). Returns the world mm (true affine) of the
+    path's mean. Screen <-> volume positions come from NiiVue's own (internal) helpers
+    frac2canvasPos / canvasPos2frac: the NiiVue version is pinned by package-lock.json."""
     page.click("button.view[data-view=axial]")
     page.click("button.lesion[data-lesion-id='1']")
     page.click(f".tool[data-pen='{pen}']")
