@@ -37,6 +37,7 @@ from metsflow.review_server.app import NIIVUE_DIST, create_app
 from metsflow.review_server.config import ReviewConfig
 
 STUDY, PATIENT = "S01", "P01"
+FOLLOW_UP = "S02"  # the same patient's next study (same images): the queue's next item
 PASSWORD = "correct horse battery"
 USERS = {"tina": "trainee", "nora": "neuroradiologist", "adam": "admin"}
 # Voxel axes P, I, L (a sagittal acquisition), rotated: far from NiiVue's RAS.
@@ -56,8 +57,9 @@ ARTIFACT_NAME = "review_editor.png"
 
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
-    """results/ with a round-1 review package of one study (oblique PIL T1c, FLAIR, a
-    pre-segmentation with two lesions and a 2-voxel one the size rule flags uncertain)."""
+    """results/ with a round-1 review package of one patient's two studies (the same images:
+    oblique PIL T1c, FLAIR, a pre-segmentation with two lesions and a 2-voxel one the size rule
+    flags uncertain)."""
     root = tmp_path_factory.mktemp("browser")
     world = phantom()
     affine = oblique_affine(SPACING_MM, (10.0, -6.0, 8.0), SHAPE, axes=AXES)
@@ -73,16 +75,17 @@ def batch(tmp_path_factory):
     preseg[tiny[0], tiny[1], tiny[2] : tiny[2] + 2] = labels.ENHANCING
     pred = save(native / "pred_native.nii.gz", preseg, affine, dtype=np.uint8)
     results = root / "results"
+    studies = [STUDY, FOLLOW_UP]
     exported = export_batch(
-        [STUDY],
-        {STUDY: {"t1c": t1c, "flair": flair}},
-        {STUDY: pred},
+        studies,
+        dict.fromkeys(studies, {"t1c": t1c, "flair": flair}),
+        dict.fromkeys(studies, pred),
         results / "rounds" / "round_1" / "review",
         1,
         "round_0/model",
-        patient_for={STUDY: PATIENT},
+        patient_for=dict.fromkeys(studies, PATIENT),
     )
-    assert list(exported["result"]) == ["exported"], exported.to_dict("records")
+    assert list(exported["result"]) == ["exported"] * 2, exported.to_dict("records")
     template = root / "users.sqlite3"
     # Cheap argon2 parameters for the test accounts (verification follows each hash's own):
     # a login costs ~1 ms instead of ~0.5 s on a loaded machine.
@@ -269,7 +272,7 @@ def test_paint_save_confirm_in_the_browser(server, browser, tmp_path):
     admin.page.wait_for_selector("#dashboard-section:not([hidden])")
     admin.page.click("#auto-assign")
     admin.page.wait_for_function(
-        "document.getElementById('assign-result').textContent.includes('tina: 1')"
+        "document.getElementById('assign-result').textContent.includes('tina: 2')"
     )
     assert "tina" in admin.page.inner_text("#queue tbody")
     admin.close()
@@ -294,6 +297,10 @@ def test_paint_save_confirm_in_the_browser(server, browser, tmp_path):
 
     stroke_mm = _paint_stroke(page, pen=labels.NECROSIS)
     assert trainee.click("#save", "ok") == "Saved v1 (refined)."
+    # The header offers the next study of the trainee's queue.
+    page.wait_for_selector("#next-study:not([hidden])")
+    assert page.inner_text("#next-study") == f"Next: {FOLLOW_UP} \u2192"
+    assert page.get_attribute("#next-study", "href") == f"/study/{FOLLOW_UP}"
 
     versions = store.versions(STUDY)
     assert [(v["version"], v["stage"]) for v in versions] == [(1, "refined")]

@@ -19,6 +19,8 @@ const VIEWS = {
   sagittal: SLICE_TYPE.SAGITTAL,
 };
 const STATUS_LABEL = { pending: 'to do', refined: 'refined', sent_back: 'sent back', confirmed: 'confirmed' };
+// What is still to do in each role's queue (the server lists it in working order).
+const TODO = { trainee: ['sent_back', 'pending'], neuroradiologist: ['refined'] };
 
 const state = {
   user: null,
@@ -127,6 +129,20 @@ async function loadLabel() {
 async function fetchStudy() {
   state.study = await api('GET', `/api/studies/${encodeURIComponent(studyId)}`);
   renderStudy();
+  renderNext().catch(() => {}); // a convenience: the queue page lists the same
+}
+
+// "Next: S017 ->" in the header: the first other study still to do in this user's queue.
+async function renderNext() {
+  const todo = TODO[state.user.role] ?? [];
+  const queue = await api('GET', '/api/queue');
+  const next = queue.items.find((item) => item.study_id !== studyId && todo.includes(item.status));
+  const link = $('next-study');
+  link.hidden = !next;
+  if (next) {
+    link.href = `/study/${encodeURIComponent(next.study_id)}`;
+    link.textContent = `Next: ${next.study_id} \u2192`;
+  }
 }
 
 function renderStudy() {
