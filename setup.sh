@@ -24,4 +24,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet -e ".[dev]"
   echo "$want" >"$stamp"
 fi
+# NiiVue, the review server's viewer (metsflow review serve), from npm, pinned by package-lock.json.
+web=metsflow/review_server/web
+want_web=$(sha256sum "$web/package-lock.json" | cut -d' ' -f1)
+if [ "$(cat "$web/node_modules/.metsflow-install" 2>/dev/null)" != "$want_web" ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "setup: npm not found: install Node.js >= 18 with npm (Debian: apt-get install -y nodejs npm) for the review viewer" >&2
+    exit 1
+  fi
+  echo "setup: installing NiiVue (npm ci --prefix $web)"
+  npm ci --prefix "$web" --no-audit --no-fund --loglevel=error
+  echo "$want_web" >"$web/node_modules/.metsflow-install"
+fi
 .venv/bin/python -c "import torch, monai, ants, snakemake; print(f'setup: ok (torch {torch.__version__}, monai {monai.__version__}, snakemake {snakemake.__version__})')"

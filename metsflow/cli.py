@@ -1,8 +1,8 @@
-"""The ``metsflow`` command line: cohort tools, the demo cohort, evaluation, active learning.
+"""The ``metsflow`` command line: cohort tools, the demo cohort, evaluation, active learning, review.
 
 The pipeline itself runs through Snakemake (see README); these commands are what a user runs
-around it: build and check a sheet before any job runs, evaluate a single case, and move a
-review batch in and out of the label store.
+around it: build and check a sheet before any job runs, evaluate a single case, move a review
+batch in and out of the label store, and run the review web server (``metsflow review``).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -198,6 +199,9 @@ def _cmd_al_status(args) -> int:
     store = LabelStore(args.labels, create=False)
     table = round_status(args.results, store)
     print(format_status(table) + format_burden(table) + final_status(args.results, store), end="")
+    from metsflow.review_server.db import progress_line
+
+    print(progress_line(args.labels), end="")
     return 0
 
 
@@ -252,6 +256,106 @@ def _cmd_al_override(args) -> int:
         reason=args.reason,
     )
     print(f"{args.study}: confirmed label version {version} (override: {args.reason})")
+    return 0
+
+
+def _review_config(args):
+    """Review server settings from --configfile/--results/--labels/--sheet (as ``al import``);
+    the sheet is used when it exists (labels then checked against its native T1c)."""
+    from metsflow.review_server.config import ReviewConfig
+
+    _workflow_paths(args)
+    sheet = Path(args.sheet) if args.sheet and Path(args.sheet).is_file() else None
+    return ReviewConfig(
+        results=Path(args.results),
+        label_store=Path(args.labels),
+        sheet=sheet,
+        round=getattr(args, "round", None),
+        secure_cookies=getattr(args, "secure_cookies", False),
+    )
+
+
+def _read_password(username: str) -> str:
+    """From a prompt (twice) on a terminal, else the first line of stdin."""
+    import getpass
+
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {username}: ")
+        if getpass.getpass("again: ") != password:
+            raise ValueError("the two passwords differ")
+        return password
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def _cmd_review_user_add(args) -> int:
+    from metsflow.review_server import db
+
+    config = _review_config(args)
+    db.add_user(config.db_path, args.name, _read_password(args.name), args.role)
+    print(f"user {args.name} ({args.role}) added to {config.db_path}")
+    return 0
+
+
+def _cmd_review_user_list(args) -> int:
+    from metsflow.review_server import db
+
+    config = _review_config(args)
+    db.init_db(config.db_path)
+    with db.connect(config.db_path) as con:
+        users = db.list_users(con)
+    for user in users:
+        print(f"{user['username']}\t{user['role']}\t{user['created_at']}")
+    if not users:
+        print(f"no users yet in {config.db_path}", file=sys.stderr)
+    return 0
+
+
+def _cmd_review_assign(args) -> int:
+    from metsflow.review_server.app import HTTPError, ReviewApp, assign_studies, auto_assign
+
+    app = ReviewApp(_review_config(args))
+    who = f"cli:{os.environ.get('USER', 'admin')}"
+    try:
+        if args.to:
+            if bool(args.patient) == bool(args.study):
+                raise ValueError("with --to, give one of --patient / --study")
+            moved = assign_studies(app, args.to, args.study, args.patient, who)
+            print(f"{len(moved)} studies assigned to {args.to}: {', '.join(moved)}")
+        else:
+            counts = auto_assign(app, who)
+            total = sum(counts.values())
+            print(
+                f"{total} unassigned studies assigned: "
+                + ", ".join(f"{name} {n}" for name, n in sorted(counts.items()))
+            )
+    except HTTPError as exc:
+        raise ValueError(exc.detail) from exc
+    return 0
+
+
+def _cmd_review_export_times(args) -> int:
+    from metsflow.io import write_text
+    from metsflow.review_server.app import ReviewApp, review_times_tsv
+
+    text = review_times_tsv(ReviewApp(_review_config(args)))
+    write_text(args.out, text)
+    print(f"{text.count(chr(10)) - 1} saves -> {args.out}")
+    return 0
+
+
+def _cmd_review_serve(args) -> int:
+    import uvicorn
+
+    from metsflow.review_server.app import create_app
+
+    config = _review_config(args)
+    app = create_app(config)
+    batches = app.state.review.catalog.batch_names()
+    print(
+        f"review server on http://{args.host}:{args.port} (batches: {', '.join(batches) or 'none'}"
+        f"; state {config.db_path})"
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", proxy_headers=False)
     return 0
 
 
@@ -430,6 +534,47 @@ def build_parser() -> argparse.ArgumentParser:
     override.add_argument("--sheet", help="default: demo/studies.tsv")
     override.add_argument("--labels", help="default: labels")
     override.set_defaults(func=_cmd_al_override)
+
+    review = sub.add_parser("review", help="the review web server and its accounts")
+    review_sub = review.add_subparsers(dest="review_command", required=True)
+
+    def paths(p):
+        p.add_argument("--configfile", help="workflow config: its sheet, results, label_store")
+        p.add_argument("--sheet", help="default: demo/studies.tsv (used when it exists)")
+        p.add_argument("--results", help="default: results")
+        p.add_argument("--labels", help="default: labels")
+        p.add_argument("--round", type=int, help="serve this round's batch (default: newest)")
+
+    serve = review_sub.add_parser("serve", help="serve the current round's batch and QA sample")
+    paths(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument(
+        "--secure-cookies", action="store_true", help="mark the session cookie Secure (HTTPS)"
+    )
+    serve.set_defaults(func=_cmd_review_serve)
+    user = review_sub.add_parser("user", help="reviewer accounts")
+    user_sub = user.add_subparsers(dest="user_command", required=True)
+    user_add = user_sub.add_parser("add", help="add an account (password: prompt or stdin)")
+    user_add.add_argument("name")
+    user_add.add_argument("--role", required=True, choices=["trainee", "neuroradiologist", "admin"])
+    paths(user_add)
+    user_add.set_defaults(func=_cmd_review_user_add)
+    user_list = user_sub.add_parser("list", help="list accounts")
+    paths(user_list)
+    user_list.set_defaults(func=_cmd_review_user_list)
+    assign = review_sub.add_parser(
+        "assign", help="assign unassigned studies to trainees (balanced), or reassign with --to"
+    )
+    paths(assign)
+    assign.add_argument("--to", help="trainee to (re)assign to")
+    assign.add_argument("--patient", help="with --to: all studies of this patient")
+    assign.add_argument("--study", help="with --to: this study")
+    assign.set_defaults(func=_cmd_review_assign)
+    times = review_sub.add_parser("export-times", help="review time per save (TSV)")
+    paths(times)
+    times.add_argument("--out", required=True)
+    times.set_defaults(func=_cmd_review_export_times)
     return parser
 
 
@@ -446,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     # OSError: refused writes (a path inside the label store, permissions), missing files.
-    except (ValueError, OSError, StudyError) as exc:
+    except (ValueError, OSError, StudyError, sqlite3.Error) as exc:
         print(f"metsflow: error: {exc}", file=sys.stderr)
         return 2
     except KeyError as exc:  # e.g. a table without a column the command needs

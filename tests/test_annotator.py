@@ -54,6 +54,7 @@ def test_confirmed_labels_equal_oracle_with_provenance(tmp_path, cohort):
             ("confirmed", "sim-neuroradiologist"),
         ]
         assert history[0]["source"] == "round_1"
+        assert [h["via"] for h in history] == ["simulated", "simulated"]
     assert store.status("S3") == "none"
 
 

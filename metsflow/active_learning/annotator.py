@@ -30,6 +30,7 @@ from metsflow.active_learning.labelstore import LabelImportError, LabelStore
 from metsflow.active_learning.review import Provider, provide
 
 TRAINEE = "sim-trainee"
+VIA = "simulated"  # history field: how the label arrived (files | web | simulated)
 NEURORADIOLOGIST = "sim-neuroradiologist"
 RESULT_COLUMNS = [
     "study_id",
@@ -189,7 +190,14 @@ def simulate_batch(
                     raise LabelImportError(study_id, "no reference (native T1c) image given")
                 note = "simulated annotator" + (f" with noise {noise}" if noise else "")
                 row["refined_version"] = store.import_label(
-                    study_id, answer_path, "refined", TRAINEE, reference, source=source, note=note
+                    study_id,
+                    answer_path,
+                    "refined",
+                    TRAINEE,
+                    reference,
+                    source=source,
+                    note=note,
+                    provenance={"via": VIA},
                 )
                 row["confirmed_version"] = store.import_label(
                     study_id,
@@ -199,6 +207,7 @@ def simulate_batch(
                     reference,
                     source=source,
                     note="confirmed the simulated trainee's label unchanged",
+                    provenance={"via": VIA},
                 )
             except (LabelImportError, io.StudyError) as exc:
                 rows.append({**row, "result": "rejected", "problem": exc.problem})

@@ -6,26 +6,42 @@ Layout (one folder per study)::
     <root>/<study_id>/v001_refined.nii.gz  label files, read-only (0o444) once written
     <root>/<study_id>/v002_confirmed.nii.gz
     <root>/<study_id>/.v001.claim          version reservations (created with O_EXCL)
+    <root>/<study_id>/.lock                per-study lock file (flock), held while a version is made
     <root>/<study_id>/history.jsonl        append-only provenance, one JSON object per version
 
 Rules, because this is human work that took a neuroradiologist's time:
 - A file is never replaced or deleted. A correction is a new version.
-- Version numbers are reserved by creating ``.vNNN.claim`` with ``O_CREAT | O_EXCL`` and the
-  label file is put in place with ``os.link`` (which fails if the name exists), so two
-  importers running at once can never take the same version or overwrite each other.
+- Version creation is atomic across processes and threads: every writer (``metsflow al import``,
+  the review server, the simulated annotator) takes an exclusive ``flock`` on the study's
+  ``.lock`` around check-not-confirmed + optional base-version check + claim + link + history
+  append. So two confirmations of one study at the same moment can never both pass the
+  confirmed-label rule: the second one waits, then sees the first one's confirmed version and is
+  refused. (flock works between processes and, through separate open file descriptions, between
+  threads; on NFSv4 Linux maps it to a byte-range lock the server arbitrates.)
+- Version numbers are still reserved by creating ``.vNNN.claim`` with ``O_CREAT | O_EXCL`` and
+  the label file is put in place with ``os.link`` (which fails if the name exists), so even a
+  writer that does not take the lock (an older metsflow) can never take the same version or
+  overwrite another's file.
 - Once a study has a confirmed label, further imports (of any stage) are refused unless the
   caller passes ``override=True`` with a reason, which is recorded in the history.
+- Optimistic versioning: ``import_label(..., base_version=N)`` (N = the latest version the
+  editor started from, 0 for none) raises ``StaleLabelError`` naming the versions and who saved
+  them when the study's latest version is no longer N, so a concurrent edit is never lost
+  silently.
 - Stored labels are normalised to uint8 internal labels on the reference (native T1c) affine,
   after checking the submitted file's grid matches it; the submitted file's sha256 is kept.
-
-The confirmed-label rule is checked just before each version is claimed; two importers of the
-*same* study at the *same* moment could still both pass it (each gets its own version, nothing
-is lost, and ``confirmed()`` keeps returning the latest confirmed version).
+- Callers may add provenance fields (``provenance={"via": "web", "review_seconds": 312}``) to
+  the history record; they cannot replace the store's own fields. ``via`` says how the label
+  arrived: ``files`` (``import_batch`` / ``metsflow al import``), ``web`` (the review server,
+  with ``review_seconds`` from opening the study to saving it) or ``simulated`` (the
+  simulated annotator); records written before it existed have none (files).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import getpass
 import json
 import os
@@ -34,7 +50,7 @@ import socket
 import stat
 import uuid
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import nibabel as nib
@@ -45,6 +61,7 @@ from metsflow import io
 STAGES = ("refined", "confirmed")
 MARKER_NAME = "LABELSTORE.json"
 HISTORY_NAME = "history.jsonl"
+LOCK_NAME = ".lock"
 STORE_FORMAT = 1
 # Shape must match exactly; the affine within this tolerance (mm, and mm per voxel for the
 # rotation/zoom part) -- tighter than a voxel, looser than float32 header round-off.
@@ -68,6 +85,24 @@ class LabelImportError(ValueError):
         self.path = None if path is None else str(path)
         where = f" ({self.path})" if self.path else ""
         super().__init__(f"label for study {study_id}{where} refused: {problem}")
+
+
+class StaleLabelError(LabelImportError):
+    """The study changed since the version the caller started from (optimistic versioning)."""
+
+    def __init__(self, study_id: str, base_version: int, newer: list[dict]):
+        self.base_version = int(base_version)
+        self.latest_version = max(int(r["version"]) for r in newer)
+        self.saved_by = list(dict.fromkeys(str(r.get("reviewer") or "?") for r in newer))
+        saved = ", ".join(
+            f"v{int(r['version']):03d} {r.get('stage', '?')} by {r.get('reviewer') or '?'}"
+            for r in newer
+        )
+        super().__init__(
+            study_id,
+            f"stale edit: started from version {self.base_version}, but {saved} was saved "
+            "in between; reload the latest version and redo the change",
+        )
 
 
 class LabelStoreWriteError(PermissionError):
@@ -207,6 +242,11 @@ class LabelStore:
                 warnings.warn(f"{path}: skipping torn line {number}", stacklevel=2)
         return records
 
+    def latest_version(self, study_id: str) -> int:
+        """The newest version number of a study, 0 if it has none."""
+        versions = self.versions(study_id)
+        return versions[-1]["version"] if versions else 0
+
     def contains(self, path: str | os.PathLike) -> bool:
         root = self.root.resolve()
         target = Path(path).resolve()
@@ -225,16 +265,22 @@ class LabelStore:
         override: bool = False,
         reason: str | None = None,
         note: str | None = None,
+        base_version: int | None = None,
+        provenance: Mapping[str, object] | None = None,
     ) -> int:
         """Check a human label and store it as a new version; return the version number.
 
         ``reference_image`` is the study's native T1c (path or nibabel image): the label must
         have its shape and affine (within ``AFFINE_TOLERANCE_MM``). ``source`` records what
-        pre-segmented the label (e.g. "round_2/model"). Raises ``LabelImportError``.
+        pre-segmented the label (e.g. "round_2/model"). ``base_version``: the version the edit
+        started from (0: none); if another version was saved since, ``StaleLabelError``.
+        ``provenance``: extra fields for the history record (e.g. ``via``, ``review_seconds``,
+        ``comment``). Raises ``LabelImportError``.
         """
         study_id = str(study_id)
         path = Path(path)
         self._check_request(study_id, stage, reviewer, override, reason)
+        extra = dict(provenance or {})
         reference = _load_reference(reference_image, study_id)
         data = self._checked_label(study_id, path, reference)
         source_sha = io.file_sha256(path)
@@ -246,31 +292,67 @@ class LabelStore:
         staging = folder / f".incoming-{uuid.uuid4().hex}.nii.gz"
         io.save_nifti(staging, data, reference.affine, dtype=np.uint8, label_store_write=True)
         try:
-            version, final = self._claim_and_link(
-                study_id, staging, stage, reviewer, override, reason
-            )
+            with self._locked(study_id):
+                if base_version is not None:
+                    self._check_base_version(study_id, int(base_version))
+                version, final = self._claim_and_link(
+                    study_id, staging, stage, reviewer, override, reason
+                )
+                os.chmod(final, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+                record = {
+                    "study_id": study_id,
+                    "version": version,
+                    "stage": stage,
+                    "file": final.name,
+                    "reviewer": reviewer.strip(),
+                    "source": source,
+                    "sha256": io.file_sha256(final),
+                    "submitted_file": str(path.resolve()),
+                    "submitted_sha256": source_sha,
+                    "timestamp": _now(),
+                    "override": bool(override),
+                    "reason": reason,
+                    "note": note,
+                    "imported_by": _whoami(),
+                }
+                record.update({k: v for k, v in extra.items() if k not in record})
+                self._append_history(study_id, record)
         finally:
             staging.unlink(missing_ok=True)
-        os.chmod(final, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-
-        record = {
-            "study_id": study_id,
-            "version": version,
-            "stage": stage,
-            "file": final.name,
-            "reviewer": reviewer.strip(),
-            "source": source,
-            "sha256": io.file_sha256(final),
-            "submitted_file": str(path.resolve()),
-            "submitted_sha256": source_sha,
-            "timestamp": _now(),
-            "override": bool(override),
-            "reason": reason,
-            "note": note,
-            "imported_by": _whoami(),
-        }
-        self._append_history(study_id, record)
         return version
+
+    @contextlib.contextmanager
+    def _locked(self, study_id: str) -> Iterator[None]:
+        """Exclusive per-study lock (blocking) around everything that makes a version."""
+        folder = self.study_dir(study_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def _check_base_version(self, study_id: str, base_version: int) -> None:
+        latest = self.latest_version(study_id)
+        if latest == base_version:
+            return
+        newer = [
+            r
+            for r in self.history(study_id)
+            if isinstance(r.get("version"), int) and r["version"] > base_version
+        ]
+        if not newer:  # label files without history lines (hand-copied): name the files
+            newer = [
+                {"version": v["version"], "stage": v["stage"], "reviewer": "?"}
+                for v in self.versions(study_id)
+                if v["version"] > base_version
+            ]
+        if not newer:  # base_version is ahead of the store: a client bug, not a race
+            raise LabelImportError(
+                study_id, f"base version {base_version} does not exist (latest is {latest})"
+            )
+        raise StaleLabelError(study_id, base_version, newer)
 
     def _check_request(
         self, study_id: str, stage: str, reviewer: str, override: bool, reason: str | None
@@ -287,6 +369,7 @@ class LabelStore:
             raise LabelImportError(study_id, "a reviewer name is required")
         if override and not (isinstance(reason, str) and reason.strip()):
             raise LabelImportError(study_id, "override=True requires a reason")
+        # Checked here to refuse early (before reading the file) and again under the lock.
         self._check_not_confirmed(study_id, override)
 
     def _check_not_confirmed(self, study_id: str, override: bool) -> None:

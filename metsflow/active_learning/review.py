@@ -572,6 +572,7 @@ def import_batch(
                 reference_image=reference,
                 source=f"{row['model']}/round_{row['round']}",
                 note=f"review package {review_dir.name}; {edit}",
+                provenance={"via": "files"},
             )
         except (LabelImportError, io.StudyError) as exc:
             results.append({**result, "result": "rejected", "problem": exc.problem})
