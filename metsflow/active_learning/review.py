@@ -485,13 +485,19 @@ def _corrected_label(review_dir: Path, row: pd.Series) -> tuple[Path | None, str
     return found[0], ""
 
 
-def _burden(label_path: Path, preseg_path: Path, study_id: str) -> dict | None:
-    """The reviewer's edit of the pre-segmentation (``burden.file_burden``), or None when the
-    files cannot be compared: the label store's own checks report those problems."""
+def edit_summary(label_path: Path, preseg_path: Path, study_id: str) -> tuple[dict | None, str]:
+    """The reviewer's edit of the pre-segmentation (``burden.file_burden``) and its one-line
+    description for the label's history note, the same whichever way the label arrives (file
+    import or the web editor). None when the files cannot be compared: the label store's own
+    checks report those problems."""
     try:
-        return file_burden(preseg_path, label_path, study_id)
+        burden = file_burden(preseg_path, label_path, study_id)
     except (io.StudyError, ValueError):
-        return None
+        return None, "pre-segmentation not comparable"
+    return burden, (
+        f"{burden['voxels_changed']} voxels changed, lesions +{burden['lesions_added']} "
+        f"-{burden['lesions_removed']} resized {burden['lesions_resized']} vs pre-segmentation"
+    )
 
 
 def _reviewers(store: LabelStore, study_id: str) -> dict[str, str]:
@@ -556,13 +562,8 @@ def import_batch(
             reference = provide(reference_for, study_id) if reference_for is not None else None
             if reference is None:
                 reference = review_dir / study_id / IMAGE_NAME.format(sequence="t1c")
-            burden = _burden(label_path, review_dir / study_id / PRESEGMENTATION_NAME, study_id)
-            edit = (
-                "pre-segmentation not comparable"
-                if burden is None
-                else f"{burden['voxels_changed']} voxels changed, lesions "
-                f"+{burden['lesions_added']} -{burden['lesions_removed']} resized "
-                f"{burden['lesions_resized']} vs pre-segmentation"
+            burden, edit = edit_summary(
+                label_path, review_dir / study_id / PRESEGMENTATION_NAME, study_id
             )
             version = store.import_label(
                 study_id,

@@ -55,7 +55,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from metsflow.active_learning.labelstore import LabelImportError, LabelStore, StaleLabelError
-from metsflow.active_learning.review import _changed_voxels
+from metsflow.active_learning.review import LABEL_COLOURS, edit_summary
+from metsflow.labels import INTERNAL_NAMES
 from metsflow.review_server import db
 from metsflow.review_server.assign import balanced_assignment
 from metsflow.review_server.catalog import FINAL_BATCH, Catalog, StudyEntry, lesions
@@ -359,6 +360,11 @@ def study(app, request, user, payload):
         "presegmentation_url": _study_url(entry, "presegmentation"),
         "lesions": found,
         "uncertainty_source": source,
+        # The colour table has one owner (review.LABEL_COLOURS, shared with ITK-SNAP/Slicer).
+        "palette": [
+            {"value": value, "name": INTERNAL_NAMES[value], "rgb": list(rgb)}
+            for value, rgb in LABEL_COLOURS
+        ],
         "comments": comments,
         "history": app.store.history(entry.study_id),
         "can_edit": can_edit,
@@ -569,7 +575,7 @@ def _write_version(
         provenance["opened_at"] = db.iso(opened)
     if comment:
         provenance["comment"] = comment
-    changed = _changed_voxels(label_path, entry.presegmentation)
+    _, edit = edit_summary(label_path, entry.presegmentation, entry.study_id)
     try:
         version = app.store.import_label(
             entry.study_id,
@@ -580,7 +586,7 @@ def _write_version(
             source="override" if override_reason else f"{entry.model}/round_{entry.round}",
             override=override_reason is not None,
             reason=override_reason,
-            note=f"web review ({entry.batch}); {changed} voxels changed vs pre-segmentation",
+            note=f"web review ({entry.batch}); {edit}",
             base_version=base_version,
             provenance=provenance,
         )

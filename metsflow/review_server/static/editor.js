@@ -77,15 +77,10 @@ async function loadImage(url, name, options = {}) {
   return NVImage.loadFromUrl({ url: buffer, name, ...options });
 }
 
-// Until the server sends `palette` (owned by metsflow.active_learning.review.LABEL_COLOURS).
-const PALETTE_FALLBACK = [
-  { value: 1, name: 'enhancing', rgb: [230, 40, 40] },
-  { value: 2, name: 'edema', rgb: [250, 210, 60] },
-  { value: 3, name: 'necrosis', rgb: [60, 110, 255] },
-];
-
+// The colour table comes from the server (metsflow.active_learning.review.LABEL_COLOURS, the
+// same palette ITK-SNAP and 3D Slicer get), so it has one owner.
 function palette() {
-  return state.study.palette ?? PALETTE_FALLBACK;
+  return state.study.palette;
 }
 
 function applyPalette() {
