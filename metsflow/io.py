@@ -46,15 +46,26 @@ class LabelStoreWriteError(PermissionError):
     """A pipeline write aimed inside the human label store (a misconfigured output path)."""
 
 
-def _refuse_label_store(path: Path) -> None:
-    """Raise if ``path`` (or where a symlink in it leads) lies inside a label store."""
-    for candidate in {Path(os.path.abspath(path)), path.resolve()}:
-        for folder in candidate.parents:
-            if (folder / LABEL_STORE_MARKER).is_file():
-                raise LabelStoreWriteError(
-                    f"refusing to write {path}: it is inside the human label store {folder}; "
-                    "only label imports (LabelStore.import_label) write there"
-                )
+def find_store_root(path: str | os.PathLike) -> Path | None:
+    """The label store containing ``path`` (found by its marker file), or None."""
+    current = Path(os.path.abspath(path))
+    for folder in (current, *current.parents):
+        if (folder / LABEL_STORE_MARKER).is_file():
+            return folder
+    return None
+
+
+def guard_not_in_store(path: str | os.PathLike) -> None:
+    """Raise ``LabelStoreWriteError`` if ``path`` (or where a symlink in it leads) lies inside a
+    label store: the one guard every pipeline writer goes through (``atomic_path`` calls it), so
+    a misconfigured output path can never touch human labels."""
+    for candidate in {Path(os.path.abspath(path)), Path(path).resolve()}:
+        root = find_store_root(candidate)
+        if root is not None:
+            raise LabelStoreWriteError(
+                f"refusing to write {path}: it is inside the human label store {root}; "
+                "only label imports (LabelStore.import_label) write there"
+            )
 
 
 class StudyError(Exception):
@@ -83,7 +94,7 @@ def atomic_path(
     """
     path = Path(path)
     if not label_store_write:
-        _refuse_label_store(path)
+        guard_not_in_store(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(path.suffixes) or ".tmp"

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from metsflow import io
-from metsflow.active_learning.labelstore import LabelStore, LabelStoreWriteError
+from metsflow.active_learning.labelstore import LabelStore
 from metsflow.active_learning.review import (
     MANIFEST_COLUMNS,
     export_batch,
@@ -17,6 +17,7 @@ from metsflow.active_learning.review import (
     read_manifest,
     slicer_color_table,
 )
+from metsflow.io import LabelStoreWriteError
 
 AFFINE = np.diag([1.0, 1.0, 1.5, 1.0])
 SHAPE = (8, 8, 6)

@@ -59,7 +59,7 @@ import numpy as np
 from metsflow import io
 
 STAGES = ("refined", "confirmed")
-MARKER_NAME = "LABELSTORE.json"
+MARKER_NAME = io.LABEL_STORE_MARKER
 HISTORY_NAME = "history.jsonl"
 LOCK_NAME = ".lock"
 STORE_FORMAT = 1
@@ -105,37 +105,8 @@ class StaleLabelError(LabelImportError):
         )
 
 
-class LabelStoreWriteError(PermissionError):
-    """A pipeline writer tried to write a file inside the human label store."""
-
-
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def find_store_root(path: str | os.PathLike) -> Path | None:
-    """The label store containing ``path`` (found by its marker file), or None."""
-    current = Path(os.path.abspath(path))
-    for folder in (current, *current.parents):
-        if (folder / MARKER_NAME).is_file():
-            return folder
-    return None
-
-
-def guard_not_in_store(path: str | os.PathLike) -> None:
-    """Raise ``LabelStoreWriteError`` if ``path`` lies inside a label store.
-
-    For pipeline writers (predictions, exports, training outputs): call before writing so a
-    misconfigured output path can never touch human labels. Symlinks are resolved, so a link
-    pointing into the store is caught too.
-    """
-    for candidate in {Path(os.path.abspath(path)), Path(path).resolve()}:
-        root = find_store_root(candidate)
-        if root is not None:
-            raise LabelStoreWriteError(
-                f"refusing to write {path}: it is inside the human label store {root} "
-                "(only LabelStore.import_label writes there)"
-            )
 
 
 def _load_reference(reference_image, study_id: str) -> nib.Nifti1Image:

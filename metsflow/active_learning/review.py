@@ -45,8 +45,8 @@ from metsflow.active_learning.labelstore import (
     STAGES,
     LabelImportError,
     LabelStore,
-    guard_not_in_store,
 )
+from metsflow.io import guard_not_in_store
 
 MANIFEST_NAME = "manifest.csv"
 IMAGE_NAME = "image_{sequence}.nii.gz"
