@@ -164,12 +164,18 @@ def _workflow_paths(args) -> None:
 
 def _cmd_al_status(args) -> int:
     from metsflow.active_learning.labelstore import LabelStore
-    from metsflow.active_learning.status import final_status, format_status, round_status
+    from metsflow.active_learning.status import (
+        detection_status,
+        final_status,
+        format_status,
+        round_status,
+    )
 
     _workflow_paths(args)
     store = LabelStore(args.labels, create=False)
     table = round_status(args.results, store)
-    print(format_status(table) + final_status(args.results, store), end="")
+    detection = detection_status(args.results)
+    print(format_status(table) + detection + final_status(args.results, store), end="")
     return 0
 
 
