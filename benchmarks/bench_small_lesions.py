@@ -46,6 +46,8 @@ from metsflow.cascade import (
 )
 from metsflow.figures import plot_froc
 from metsflow.infer import foreground_probability, load_ensemble, stage1_probabilities
+from metsflow.io import write_json, write_table
+from metsflow.jobs.report import run_report_froc
 from metsflow.metrics import (
     DEFAULT_SIZE_BINS_MM,
     choose_operating_point,
@@ -102,6 +104,9 @@ def main() -> None:
     ap.add_argument("--target-sensitivity", type=float, default=0.95)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--reuse-models", action="store_true", help="use models an earlier run left in --out"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -160,6 +165,9 @@ def main() -> None:
     models, timings = args.out / "models", {}
 
     def train(name, params):
+        if args.reuse_models and (models / f"{name}.pt").exists():
+            print(f"  reusing {models / f'{name}.pt'}", flush=True)
+            return models / f"{name}.pt"
         t0 = time.perf_counter()
         result = train_model(
             items["train"], [], params, models / f"{name}.pt", device="cpu", resume=False
@@ -219,10 +227,15 @@ def main() -> None:
         ]
 
     t0 = time.perf_counter()
-    train_stage2(
-        cands("train", True), cands("val", False), ["t1c", "t2"], s2_params, models / "stage2.pt"
-    )
-    timings["stage2"] = time.perf_counter() - t0
+    if not (args.reuse_models and (models / "stage2.pt").exists()):
+        train_stage2(
+            cands("train", True),
+            cands("val", False),
+            ["t1c", "t2"],
+            s2_params,
+            models / "stage2.pt",
+        )
+        timings["stage2"] = time.perf_counter() - t0
     s2_net, s2_meta = load_stage2(models / "stage2.pt")
     val_curve = pd.DataFrame(s2_meta["froc"])
     rules = {
@@ -245,10 +258,10 @@ def main() -> None:
             preds[study_id] = filtered
             if rule.startswith("max"):
                 # Test FROC of the cascade: a stage-1 lesion's stage-2 score, hits by matching.
-                score_map = np.zeros(f.shape, np.float32)
                 components, _ = find_candidates(whole(pred), f, study_id)
-                for cand in candidates:
-                    score_map[components == cand.index] = cand.score
+                lookup = np.zeros(len(candidates) + 1, np.float32)
+                lookup[[c.index for c in candidates]] = [c.score for c in candidates]
+                score_map = lookup[components]
                 _, predicted = lesion_tables(
                     whole(pred).astype(np.uint8),
                     refs[study_id].astype(np.uint8),
@@ -331,13 +344,23 @@ def main() -> None:
         title=f"test FROC, {len(s1_lesions)} lesions, {n_test_patients} patients",
         max_fp_per_patient=args.max_fp_per_patient,
     )
+    # The report's own figure (rules/report.smk, report_froc): the test predictions' FROC by
+    # stage-1 probability, stage 2's validation FROC and its chosen point.
+    write_table(args.out / "froc_test_stage1.tsv", curves["stage 1 (max fg probability)"])
+    write_json(args.out / "stage2_summary.json", {"round": 0, **s2_meta})
+    run_report_froc(
+        0,
+        str(args.out / "froc_test_stage1.tsv"),
+        str(args.out / "stage2_summary.json"),
+        str(args.out / "froc_report.png"),
+    )
     for name, curve in curves.items():
         at = {
             limit: curve[curve.fp_per_patient <= limit].sensitivity.max()
             for limit in (0.5, 1, 2, 4, 8)
         }
         print(f"test FROC {name}: " + ", ".join(f"{v:.3f} at <= {k} FP/pt" for k, v in at.items()))
-    print(f"FROC figure: {args.out / 'froc_test.png'}")
+    print(f"FROC figures: {args.out / 'froc_test.png'}, {args.out / 'froc_report.png'}")
     print("training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     print(f"total {time.perf_counter() - start:.0f} s")
     pd.DataFrame(rows).to_csv(args.out / "bench_small_lesions.tsv", sep="\t", index=False)

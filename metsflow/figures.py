@@ -274,7 +274,8 @@ def plot_froc(
     """
     fig = _new_figure(6, 4.5)
     ax = fig.add_subplot()
-    colours = _colours(max(len(curves), 1))
+    colours = [colormaps["tab10"](i % 10) for i in range(max(len(curves), 1))]
+    widest = 1.0
     for colour, (label, curve) in zip(colours, curves.items(), strict=False):
         if curve.empty:
             ax.plot([], [], color=colour, label=f"{label} (no candidates)")
@@ -285,16 +286,21 @@ def plot_froc(
         fp = np.concatenate([[0.0], curve["fp_per_patient"].to_numpy(dtype=float)])
         sens = np.concatenate([[0.0], curve["sensitivity"].to_numpy(dtype=float)])
         ax.step(fp, sens, where="post", color=colour, label=label)
+        widest = max(widest, float(np.nanmax(fp)))
     for marker, (label, (fp, sens)) in zip("osD^v", (points or {}).items(), strict=False):
         ax.plot([fp], [sens], marker=marker, color="black", linestyle="none", label=label)
     if max_fp_per_patient is not None:
         ax.axvline(max_fp_per_patient, color="grey", linestyle=":", label="FP/patient limit")
+    # Linear up to 1 FP/patient (where clinical operating points lie), logarithmic beyond: a
+    # stage-1 output can have tens of false positives per patient.
     ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_xlim(left=0)
+    ticks = [t for t in (0, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256) if t <= widest * 1.05]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_xlim(0, widest * 1.05)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("false positives per patient")
     ax.set_ylabel("lesion sensitivity")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="best", fontsize="small")
     _save(fig, out_png)
