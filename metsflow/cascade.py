@@ -10,11 +10,20 @@ MONAI ``Classifier`` returns one logit: is this a real lesion?
 Training candidates come from stage-1 predictions on the training studies (thresholded low, at
 ``proposal_threshold``, to collect hard negatives) plus every reference lesion (so positives
 exist even where stage 1 misses); a candidate is positive when it overlaps a reference lesion.
-The operating point is chosen on validation studies: the highest score threshold whose lesion
-sensitivity (reference lesions hit by a kept candidate / all reference lesions) is still at
-least ``target_sensitivity`` (or stage 1's own sensitivity, if that is lower). Threshold, target
-and the validation figures before/after filtering are stored in the stage-2 checkpoint, which
-loads with ``torch.load(weights_only=True)`` like every metsflow checkpoint.
+The operating point is chosen on validation studies from the FROC of the stage-1 candidates'
+stage-2 scores (lesion sensitivity = reference lesions hit by a kept candidate / all reference
+lesions, against false positives per validation patient; ``metsflow.metrics.froc``) by one of
+two clinical rules (``operating_rule``):
+
+- ``max_fp_per_patient`` (default, 1.0): the highest sensitivity with at most that many false
+  positives per patient -- what a reader tolerates. On the phantom benchmark the old
+  sensitivity-only rule dropped stage 2's FP/patient to 0 while losing two real lesions;
+- ``target_sensitivity``: the highest threshold whose sensitivity is still at least
+  ``target_sensitivity`` (or stage 1's own sensitivity, if that is lower).
+
+Threshold, rule, the validation FROC, the figures before/after filtering and the validation
+lesions the chosen point loses (study, lesion, equivalent diameter) are stored in the stage-2
+checkpoint, which loads with ``torch.load(weights_only=True)`` like every metsflow checkpoint.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from scipy import ndimage
 from torch import nn
 
 from metsflow import labels as lab
+from metsflow import metrics
 from metsflow.io import atomic_path
 from metsflow.models import check_channels, plain
 
@@ -52,6 +62,8 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 1e-5,
     "proposal_threshold": 0.3,
     "max_candidates": 200,  # per study (training): the most confident stage-1 components
+    "operating_rule": "max_fp_per_patient",  # or "target_sensitivity" (module docstring)
+    "max_fp_per_patient": metrics.DEFAULT_MAX_FP_PER_PATIENT,
     "target_sensitivity": 0.95,
     "seed": 0,
 }
@@ -77,6 +89,13 @@ def resolve_params(params: dict | None) -> dict:
         raise ValueError(f"stage-2 crop_size must be multiples of 8, got {full['crop_size']}")
     if not 0 < float(full["target_sensitivity"]) <= 1:
         raise ValueError(f"target_sensitivity must be in (0, 1], got {full['target_sensitivity']}")
+    if full["operating_rule"] not in metrics.OPERATING_RULES:
+        raise ValueError(
+            f"operating_rule must be one of {list(metrics.OPERATING_RULES)}, got "
+            f"{full['operating_rule']!r}"
+        )
+    if not float(full["max_fp_per_patient"]) >= 0:
+        raise ValueError(f"max_fp_per_patient must be >= 0, got {full['max_fp_per_patient']}")
     return full
 
 
@@ -237,43 +256,91 @@ def lesion_detection(reference: np.ndarray, kept: np.ndarray) -> tuple[int, int,
 
 
 def choose_threshold(
-    scores: np.ndarray, hits: Sequence[Sequence[int]], n_reference: int, target: float
+    scores: np.ndarray,
+    hits: Sequence[Sequence],
+    n_reference: int,
+    *,
+    n_patients: int = 1,
+    rule: str = DEFAULTS["operating_rule"],
+    max_fp_per_patient: float = DEFAULTS["max_fp_per_patient"],
+    target_sensitivity: float = DEFAULTS["target_sensitivity"],
 ) -> dict:
-    """Highest threshold keeping lesion sensitivity >= ``target`` (or stage 1's, if lower).
+    """Stage-2 threshold on validation candidates by ``rule`` (module docstring).
 
     ``hits[i]``: ids of the reference lesions candidate ``i`` overlaps (empty: false positive);
-    a reference lesion is detected when any kept candidate hits it. Returns the threshold and
-    sensitivity / FDR before and after.
-    """
+    a reference lesion is detected when any kept candidate (score >= threshold) hits it.
+    Returns the threshold, the rule and its parameters, whether the rule could be met, the
+    validation FROC (``froc``: records, highest threshold first) and sensitivity / FDR / false
+    positives per patient before (every candidate kept) and after."""
     scores = np.asarray(scores, dtype=float)
+    n_patients = max(int(n_patients), 1)
+    curve = metrics.froc(scores, hits, n_reference, n_patients)
+    point = metrics.choose_operating_point(
+        curve, rule, max_fp_per_patient=max_fp_per_patient, target_sensitivity=target_sensitivity
+    )
 
-    def figures(threshold: float) -> tuple[float, float]:
+    def figures(threshold: float) -> tuple[float, float, float]:
         keep = scores >= threshold
         found = {r for k, h in zip(keep, hits, strict=True) if k for r in h}
         kept = int(keep.sum())
         false = sum(1 for k, h in zip(keep, hits, strict=True) if k and not h)
         sensitivity = len(found) / n_reference if n_reference else math.nan
-        return sensitivity, (false / kept if kept else 0.0)
+        return sensitivity, (false / kept if kept else 0.0), false / n_patients
 
-    base_sens, base_fdr = figures(-math.inf)
-    goal = min(float(target), base_sens) if n_reference else 0.0
-    threshold = 0.0
-    # Candidate thresholds: every distinct score, highest first; keep the first that meets goal.
-    for t in sorted(set(scores.tolist()), reverse=True):
-        if figures(t)[0] >= goal - 1e-9:
-            threshold = float(t)
-            break
-    sens, fdr = figures(threshold)
+    base_sens, base_fdr, base_fp = figures(-math.inf)
+    sens, fdr, fp = figures(point["threshold"])
     return {
-        "threshold": threshold,
-        "target_sensitivity": float(target),
+        "threshold": point["threshold"],
+        "operating_rule": rule,
+        "max_fp_per_patient": float(max_fp_per_patient),
+        "target_sensitivity": float(target_sensitivity),
+        "rule_met": point["rule_met"],
         "sensitivity_before": base_sens,
         "fdr_before": base_fdr,
+        "fp_per_patient_before": base_fp,
         "sensitivity_after": sens,
         "fdr_after": fdr,
+        "fp_per_patient_after": fp,
         "n_candidates": len(scores),
         "n_reference_lesions": int(n_reference),
+        "n_patients": n_patients,
+        "froc": curve.to_dict("records"),
     }
+
+
+def lost_lesions(
+    scores: np.ndarray, hits: Sequence[Sequence], threshold: float, diameters: dict
+) -> list[dict]:
+    """Reference lesions a stage-1 candidate found but no candidate kept at ``threshold`` keeps.
+
+    ``hits`` ids are ``(study_id, lesion_id)``; ``diameters`` maps them to the equivalent
+    diameter (mm). Rows ``{study_id, lesion_id, diameter_mm, size_bin, best_score}``, by
+    study and lesion (size bins: ``metrics.DEFAULT_SIZE_BINS_MM``)."""
+    best: dict = {}
+    for score, hit in zip(np.asarray(scores, dtype=float).tolist(), hits, strict=True):
+        for ref in hit:
+            best[ref] = max(best.get(ref, -math.inf), score)
+    labels = metrics.size_bin_labels(metrics.DEFAULT_SIZE_BINS_MM)
+    rows = []
+    for (study_id, lesion), score in sorted(best.items()):
+        if score >= threshold:
+            continue
+        diameter = float(diameters.get((study_id, lesion), math.nan))
+        size_bin = (
+            labels[int(metrics.size_bin_index(diameter, metrics.DEFAULT_SIZE_BINS_MM))]
+            if math.isfinite(diameter)
+            else ""
+        )
+        rows.append(
+            {
+                "study_id": study_id,
+                "lesion_id": int(lesion),
+                "diameter_mm": diameter,
+                "size_bin": size_bin,
+                "best_score": float(score),
+            }
+        )
+    return rows
 
 
 def filter_prediction(
@@ -330,6 +397,9 @@ class StudyCandidates:
     hits: list[list[int]]
     n_reference: int
     sources: list[str]  # "stage1" or "reference"
+    study_id: str = ""
+    patient_id: str = ""  # FP per patient on validation ("" -> the study is its own patient)
+    ref_diameters_mm: list[float] | None = None  # equivalent diameter of reference lesion i+1
 
 
 def study_candidates(
@@ -339,9 +409,12 @@ def study_candidates(
     reference: np.ndarray,
     params: dict,
     add_reference: bool,
+    patient_id: str = "",
+    spacing: Sequence[float] | None = None,
 ) -> StudyCandidates:
     """Candidates of one study: stage-1 components at ``proposal_threshold`` (+ the reference
-    lesions themselves with ``add_reference``, for training)."""
+    lesions themselves with ``add_reference``, for training). ``patient_id`` and ``spacing``
+    (mm) feed the validation FROC and the list of lesions the operating point loses."""
     params = resolve_params(params)
     reference = np.asarray(reference, dtype=bool)
     ref_cc, n_ref = cc3d.connected_components(
@@ -368,7 +441,14 @@ def study_candidates(
         hits += [[c.index] for c in ref_cands]
         sources += ["reference"] * len(ref_cands)
     labels = np.array([1.0 if h else 0.0 for h in hits], dtype=np.float32)
-    return StudyCandidates(crops, labels, hits, int(n_ref), sources)
+    diameters = None
+    if spacing is not None:
+        sizes = np.bincount(ref_cc.ravel(), minlength=n_ref + 1)[1 : n_ref + 1]
+        voxel_mm3 = float(np.prod(np.asarray(spacing, dtype=float)))
+        diameters = metrics.equivalent_diameter_mm(sizes * voxel_mm3).tolist()
+    return StudyCandidates(
+        crops, labels, hits, int(n_ref), sources, study_id, patient_id, diameters
+    )
 
 
 def train_stage2(
@@ -429,17 +509,39 @@ def train_stage2(
 
     # Operating point on validation stage-1 candidates only (reference lesions are not
     # candidates at inference time).
-    val_scores, val_hits, n_ref = [], [], 0
-    for study in val:
+    val_scores, val_hits, n_ref, patients, diameters = [], [], 0, set(), {}
+    for number, study in enumerate(val):
         stage1 = [i for i, s in enumerate(study.sources) if s == "stage1"]
         val_scores.append(score_crops(network, study.crops[stage1]))
         # Reference ids are per study: make them unique across studies.
-        val_hits += [[(n_ref, r) for r in study.hits[i]] for i in stage1]
+        key = study.study_id or f"study_{number}"
+        val_hits += [[(key, r) for r in study.hits[i]] for i in stage1]
         n_ref += study.n_reference
+        patients.add(study.patient_id or key)
+        for lesion, diameter in enumerate(study.ref_diameters_mm or [], start=1):
+            diameters[(key, lesion)] = diameter
     scores = np.concatenate(val_scores) if val_scores else np.zeros(0)
-    operating = choose_threshold(scores, val_hits, n_ref, float(params["target_sensitivity"]))
+    operating = choose_threshold(
+        scores,
+        val_hits,
+        n_ref,
+        n_patients=len(patients),
+        rule=params["operating_rule"],
+        max_fp_per_patient=float(params["max_fp_per_patient"]),
+        target_sensitivity=float(params["target_sensitivity"]),
+    )
+    operating["lost_lesions"] = lost_lesions(scores, val_hits, operating["threshold"], diameters)
     if not n_ref:
         log.warning("stage 2: no validation lesions; threshold 0 keeps every candidate")
+    elif not operating["rule_met"]:
+        log.warning(
+            "stage 2: the %s rule cannot be met on validation; using threshold %.3f "
+            "(sensitivity %.3f, %.2f FP/patient)",
+            params["operating_rule"],
+            operating["threshold"],
+            operating["sensitivity_after"],
+            operating["fp_per_patient_after"],
+        )
     meta = {
         "network": spec,
         "channels": list(channels),
@@ -450,11 +552,16 @@ def train_stage2(
     }
     save_stage2(out_path, network, meta)
     log.info(
-        "stage 2 threshold %.3f: validation lesion sensitivity %.3f -> %.3f, FDR %.3f -> %.3f",
+        "stage 2 threshold %.3f (%s): validation lesion sensitivity %.3f -> %.3f, FP/patient "
+        "%.2f -> %.2f, FDR %.3f -> %.3f, %d lesion(s) lost",
         operating["threshold"],
+        operating["operating_rule"],
         operating["sensitivity_before"],
         operating["sensitivity_after"],
+        operating["fp_per_patient_before"],
+        operating["fp_per_patient_after"],
         operating["fdr_before"],
         operating["fdr_after"],
+        len(operating["lost_lesions"]),
     )
     return plain(meta)

@@ -189,6 +189,7 @@ def _workflow_paths(args) -> None:
 def _cmd_al_status(args) -> int:
     from metsflow.active_learning.labelstore import LabelStore
     from metsflow.active_learning.status import (
+        detection_status,
         final_status,
         format_burden,
         format_status,
@@ -198,7 +199,11 @@ def _cmd_al_status(args) -> int:
     _workflow_paths(args)
     store = LabelStore(args.labels, create=False)
     table = round_status(args.results, store)
-    print(format_status(table) + format_burden(table) + final_status(args.results, store), end="")
+    detection = detection_status(args.results)
+    print(
+        format_status(table) + format_burden(table) + detection + final_status(args.results, store),
+        end="",
+    )
     from metsflow.review_server.db import progress_line
 
     print(progress_line(args.labels), end="")

@@ -294,3 +294,51 @@ def overlay_png(
     if title:
         fig.suptitle(title)
     _save(fig, out_png)
+
+
+def plot_froc(
+    curves: dict[str, pd.DataFrame],
+    out_png: str | os.PathLike,
+    points: dict[str, tuple[float, float]] | None = None,
+    title: str = "FROC",
+    max_fp_per_patient: float | None = None,
+) -> None:
+    """FROC curves: lesion sensitivity against false positives per patient, one line per label.
+
+    ``curves``: label -> ``metsflow.metrics.froc`` table (``fp_per_patient``, ``sensitivity``;
+    an empty table draws nothing, its label says so). ``points``: label -> ``(fp_per_patient,
+    sensitivity)`` of an operating point, drawn as a marker. ``max_fp_per_patient`` draws the
+    clinical FP limit as a vertical line.
+    """
+    fig = _new_figure(6, 4.5)
+    ax = fig.add_subplot()
+    colours = [colormaps["tab10"](i % 10) for i in range(max(len(curves), 1))]
+    widest = 1.0
+    for colour, (label, curve) in zip(colours, curves.items(), strict=False):
+        if curve.empty:
+            ax.plot([], [], color=colour, label=f"{label} (no candidates)")
+            continue
+        _require(curve, ["fp_per_patient", "sensitivity"], "FROC")
+        curve = curve.sort_values(["fp_per_patient", "sensitivity"])
+        # Step from the origin (nothing kept) through every threshold.
+        fp = np.concatenate([[0.0], curve["fp_per_patient"].to_numpy(dtype=float)])
+        sens = np.concatenate([[0.0], curve["sensitivity"].to_numpy(dtype=float)])
+        ax.step(fp, sens, where="post", color=colour, label=label)
+        widest = max(widest, float(np.nanmax(fp)))
+    for marker, (label, (fp, sens)) in zip("osD^v", (points or {}).items(), strict=False):
+        ax.plot([fp], [sens], marker=marker, color="black", linestyle="none", label=label)
+    if max_fp_per_patient is not None:
+        ax.axvline(max_fp_per_patient, color="grey", linestyle=":", label="FP/patient limit")
+    # Linear up to 1 FP/patient (where clinical operating points lie), logarithmic beyond: a
+    # stage-1 output can have tens of false positives per patient.
+    ax.set_xscale("symlog", linthresh=1.0)
+    ticks = [t for t in (0, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256) if t <= widest * 1.05]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_xlim(0, widest * 1.05)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false positives per patient")
+    ax.set_ylabel("lesion sensitivity")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    _save(fig, out_png)

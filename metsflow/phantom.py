@@ -96,6 +96,13 @@ _RADIUS_CLASSES_MM = (SMALL_RADIUS_MM, (4.5, 7.5), (8.0, 12.0))
 _RADIUS_CLASS_PROBABILITIES = (0.3, 0.4, 0.3)
 _MAX_RADIUS_MM = 16.0
 _MIN_RADIUS_MM = 1.5
+# ``radius_law="heavy_tailed"``: Pareto radii r = r_min (1 - u)^(-1/alpha), capped. With
+# r_min 0.9 mm and alpha 2, 64% of lesions are under 3 mm in diameter (P = 1 - (0.9/1.5)^2)
+# and 6% over 10 mm: the small-metastasis-dominated load of screening cohorts.
+RADIUS_LAWS = ("classes", "heavy_tailed")
+HEAVY_TAIL_MIN_RADIUS_MM = 0.9
+HEAVY_TAIL_ALPHA = 2.0
+HEAVY_TAIL_MAX_RADIUS_MM = 12.0
 _SHAPE_IRREGULARITY = 0.22  # bound of the relative radius perturbation of a lesion outline
 
 # Independent random streams (seeded as [seed, stream, ...]) so that, e.g., dropping a sequence
@@ -390,6 +397,8 @@ class _Lesion:
 def _trajectory(rng, kind: str, radius0: float, n_timepoints: int) -> list[float]:
     """Radius at each time point for a lesion of ``kind`` starting at ``radius0``."""
     radii = [radius0]
+    # A lesion drawn below the usual floor (heavy-tailed law) may shrink to its own size only.
+    floor = min(_MIN_RADIUS_MM, radius0)
     if kind == "grow":
         factor = rng.uniform(1.2, 1.45)  # volume x1.7-3 per interval
         for _ in range(1, n_timepoints):
@@ -397,7 +406,7 @@ def _trajectory(rng, kind: str, radius0: float, n_timepoints: int) -> list[float
     elif kind == "shrink":
         factor = rng.uniform(0.6, 0.8)  # volume /2-/4.6: treatment response
         for _ in range(1, n_timepoints):
-            radii.append(max(radii[-1] * factor, _MIN_RADIUS_MM))
+            radii.append(max(radii[-1] * factor, floor))
     elif kind == "stable":
         for _ in range(1, n_timepoints):
             radii.append(radius0 * (1 + rng.uniform(-0.03, 0.03)))
@@ -405,7 +414,7 @@ def _trajectory(rng, kind: str, radius0: float, n_timepoints: int) -> list[float
         vanish_at = int(rng.integers(1, n_timepoints))
         factor = rng.uniform(0.6, 0.85)
         for t in range(1, n_timepoints):
-            radii.append(0.0 if t >= vanish_at else max(radii[-1] * factor, _MIN_RADIUS_MM))
+            radii.append(0.0 if t >= vanish_at else max(radii[-1] * factor, floor))
     elif kind == "appear":
         appear_at = int(rng.integers(1, n_timepoints))
         factor = rng.uniform(1.2, 1.45)
@@ -433,7 +442,15 @@ def lesion_status(previous_radius: float | None, radius: float) -> str | None:
     return "stable"
 
 
-def _draw_patient_lesions(rng, n_timepoints: int, max_lesions: int) -> list[_Lesion]:
+def _heavy_tailed_radius(rng) -> float:
+    u = float(rng.uniform(0.0, 1.0))
+    radius = HEAVY_TAIL_MIN_RADIUS_MM * (1.0 - u) ** (-1.0 / HEAVY_TAIL_ALPHA)
+    return min(radius, HEAVY_TAIL_MAX_RADIUS_MM)
+
+
+def _draw_patient_lesions(
+    rng, n_timepoints: int, max_lesions: int, radius_law: str = "classes"
+) -> list[_Lesion]:
     n_lesions = int(rng.integers(1, max_lesions + 1))
     kinds = list(rng.choice(LESION_KINDS, size=n_lesions, p=_KIND_PROBABILITIES))
     if n_timepoints < 2:
@@ -451,6 +468,9 @@ def _draw_patient_lesions(rng, n_timepoints: int, max_lesions: int) -> list[_Les
     for index, (kind, size_class) in enumerate(zip(kinds, classes, strict=True)):
         low, high = SMALL_RADIUS_MM if kind == "appear" else _RADIUS_CLASSES_MM[size_class]
         radius0 = float(rng.uniform(low, high))
+        if radius_law == "heavy_tailed":
+            # Drawn after the class draw, so the rest of the random stream is unchanged.
+            radius0 = _heavy_tailed_radius(rng)
         small = radius0 < SMALL_RADIUS_MM[1]
         lesions.append(
             _Lesion(
@@ -466,20 +486,27 @@ def _draw_patient_lesions(rng, n_timepoints: int, max_lesions: int) -> list[_Les
     return lesions
 
 
-def _plan_lesions(seed: int, n_patients: int, n_timepoints: int, max_lesions: int):
+def _plan_lesions(
+    seed: int, n_patients: int, n_timepoints: int, max_lesions: int, radius_law: str = "classes"
+):
     """A fresh copy of the cohort's lesion plan (placement fills in the centres)."""
-    return copy.deepcopy(_cached_plan(seed, n_patients, n_timepoints, max_lesions))
+    return copy.deepcopy(_cached_plan(seed, n_patients, n_timepoints, max_lesions, radius_law))
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_plan(seed: int, n_patients: int, n_timepoints: int, max_lesions: int):
+def _cached_plan(
+    seed: int, n_patients: int, n_timepoints: int, max_lesions: int, radius_law: str = "classes"
+):
     """Lesion trajectories of the cohort; redrawn (deterministically) until every longitudinal
     event (new, grown, shrunk, stable, vanished) occurs at least once when the cohort allows."""
     rng = _rng(seed, _STREAM_PLAN)
     required = {"new", "grown", "shrunk", "stable", "vanished"} if n_timepoints >= 2 else set()
     plan = []
     for _attempt in range(200):
-        plan = [_draw_patient_lesions(rng, n_timepoints, max_lesions) for _ in range(n_patients)]
+        plan = [
+            _draw_patient_lesions(rng, n_timepoints, max_lesions, radius_law)
+            for _ in range(n_patients)
+        ]
         seen = set()
         for lesions in plan:
             for lesion in lesions:
@@ -698,6 +725,7 @@ class _Config:
     skull: bool
     max_lesions: int = 4
     separate_grids: bool = True
+    radius_law: str = "classes"
     oblique_deg: float = 10.0
     fov_offset_mm: float = 10.0
     motion_deg: float = 3.0
@@ -764,7 +792,9 @@ def _iter_patient_studies(cfg: _Config, p: int) -> Iterator[_Study]:
     """The time points of patient ``p``; independent of other patients (own random streams)."""
     anat = _anatomy(float(cfg.model_spacing))
     base = _base_images(float(cfg.model_spacing), bool(cfg.skull))
-    lesions = _plan_lesions(cfg.seed, cfg.n_patients, cfg.n_timepoints, cfg.max_lesions)[p]
+    lesions = _plan_lesions(
+        cfg.seed, cfg.n_patients, cfg.n_timepoints, cfg.max_lesions, cfg.radius_law
+    )[p]
     box_lo, box_hi = anat.head_box_mm(cfg.skull)
     patient_rng = _rng(cfg.seed, _STREAM_PATIENT, p)
     _place_lesions(patient_rng, anat, lesions)
@@ -1089,6 +1119,7 @@ def make_demo_cohort(
     separate_grids: bool = True,
     write_brain_masks: bool = True,
     workers: int = 1,
+    radius_law: str = "classes",
 ) -> dict[str, Any]:
     """Write a seeded longitudinal phantom cohort and its sheets; see the module docstring.
 
@@ -1099,6 +1130,8 @@ def make_demo_cohort(
     ``drop_sequences`` maps a study id to sequences not written (empty cell in the sheet).
     ``workers`` > 1 renders patients in that many spawned processes (same output, byte for
     byte); a calling script then needs the usual ``if __name__ == "__main__":`` guard.
+    ``radius_law``: ``"classes"`` (small / medium / large radius classes) or
+    ``"heavy_tailed"`` (Pareto radii, most lesions under 3 mm in diameter, ``RADIUS_LAWS``).
     Images are int16 in arbitrary per-series scanner units; labels/masks uint8.
 
     Returns ``{"sheet", "oracle", "manifest": Path, "study_ids", "labelled_study_ids",
@@ -1111,6 +1144,8 @@ def make_demo_cohort(
         raise ValueError(f"labelled_patients must be >= 0, got {labelled_patients}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if radius_law not in RADIUS_LAWS:
+        raise ValueError(f"radius_law must be one of {list(RADIUS_LAWS)}, got {radius_law!r}")
     if not 1 <= max_lesions <= 15:  # lesion ids share a byte with labels (_render_study)
         raise ValueError(f"max_lesions must be within 1-15, got {max_lesions}")
     study_ids = [f"P{p + 1:03d}_T{t}" for p in range(n_patients) for t in range(n_timepoints)]
@@ -1130,6 +1165,7 @@ def make_demo_cohort(
         skull=bool(skull),
         max_lesions=max_lesions,
         separate_grids=separate_grids,
+        radius_law=radius_law,
     )
     out_dir = Path(out_dir)
     writer = functools.partial(
@@ -1178,6 +1214,7 @@ def make_demo_cohort(
                 "drop_sequences": drop,
                 "max_lesions": max_lesions,
                 "separate_grids": separate_grids,
+                "radius_law": radius_law,
             },
             "intensity": INTENSITY,
             "head_layers_mm": HEAD_LAYERS_MM,

@@ -515,18 +515,36 @@ def to_native(labels: np.ndarray, prep_dir: str | Path) -> nib.Nifti1Image:
             f"of {prep_dir}"
         )
     native_affine = np.asarray(geometry["native"]["affine"], dtype=float)
-    final_affine = np.asarray(geometry["final"]["affine"], dtype=float)
-    native_to_final = np.linalg.inv(final_affine) @ native_affine
-    out = ndimage.affine_transform(
+    out = resample_nearest(
         labels,
-        native_to_final[:3, :3],
-        offset=native_to_final[:3, 3],
-        output_shape=tuple(geometry["native"]["shape"]),
+        np.asarray(geometry["final"]["affine"], dtype=float),
+        native_affine,
+        tuple(geometry["native"]["shape"]),
+    )
+    img = nib.Nifti1Image(out.astype(np.uint8), native_affine)
+    img.header.set_xyzt_units("mm", "sec")
+    return img
+
+
+def resample_nearest(
+    values: np.ndarray,
+    source_affine: np.ndarray,
+    target_affine: np.ndarray,
+    target_shape: tuple[int, ...],
+) -> np.ndarray:
+    """``values`` (on the grid of ``source_affine``) sampled at the target grid's voxel centres
+    by nearest neighbour, 0 outside: how predictions (labels, foreground probabilities) go
+    from the preprocessed grid back to the native one (``to_native``)."""
+    target_to_source = np.linalg.inv(np.asarray(source_affine, dtype=float)) @ np.asarray(
+        target_affine, dtype=float
+    )
+    return ndimage.affine_transform(
+        np.asarray(values),
+        target_to_source[:3, :3],
+        offset=target_to_source[:3, 3],
+        output_shape=tuple(int(n) for n in target_shape),
         order=0,
         mode="constant",
         cval=0,
         prefilter=False,
     )
-    img = nib.Nifti1Image(out.astype(np.uint8), native_affine)
-    img.header.set_xyzt_units("mm", "sec")
-    return img

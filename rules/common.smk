@@ -254,6 +254,8 @@ def evaluation_targets():
 def report_targets():
     return [
         f"{RESULTS}/report/overlay_best.png",
+        f"{RESULTS}/report/detection_by_size.tsv",
+        *(f"{RESULTS}/report/froc_round_{r}.png" for r in ROUNDS),
         *evaluation_targets(),
     ]
 
@@ -280,6 +282,18 @@ def stage1_model_paths(r):
 
 def stage2_model_path(r):
     return f"{RESULTS}/rounds/round_{r}/model/stage2.pt"
+
+
+def stage2_summary_path(r):
+    return f"{RESULTS}/rounds/round_{r}/model/stage2_summary.json"
+
+
+def froc_report_inputs(wildcards):
+    """A round's FROC table, and its stage-2 summary (validation FROC) with the cascade."""
+    inputs = {"froc": evaluation_table(wildcards.round, "froc")}
+    if STAGE2_ENABLED:
+        inputs["stage2"] = stage2_summary_path(wildcards.round)
+    return inputs
 
 
 def reseg_model_path(r):

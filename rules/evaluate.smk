@@ -9,6 +9,8 @@ rule evaluate_round:
         per_study=f"{RESULTS}/rounds/round_{{round}}/evaluation/per_study.tsv",
         lesions=f"{RESULTS}/rounds/round_{{round}}/evaluation/lesions.tsv",
         summary=f"{RESULTS}/rounds/round_{{round}}/evaluation/summary.json",
+        detection=f"{RESULTS}/rounds/round_{{round}}/evaluation/detection_by_size.tsv",
+        froc=f"{RESULTS}/rounds/round_{{round}}/evaluation/froc.tsv",
     log:
         f"{RESULTS}/logs/evaluate/round_{{round}}.log",
     benchmark:
@@ -23,7 +25,11 @@ rule evaluate_round:
         studies=validation_records,
         # Only what the metrics use: response or statistics settings must not re-run the
         # evaluation (and with it every later active-learning round).
-        settings={"iou_threshold": config["evaluate"]["iou_threshold"]},
+        settings={
+            key: config["evaluate"][key]
+            for key in ("iou_threshold", "size_bins_mm")
+            if key in config["evaluate"]
+        },
         pred_root=lambda wc: f"{RESULTS}/rounds/round_{wc.round}/predictions",
     script:
         "../scripts/evaluate_round.py"

@@ -105,3 +105,59 @@ rule report_figures:
         pred_root=lambda wc: prediction_root(FINAL_ROUND),
     script:
         "../scripts/report_figures.py"
+
+
+# Small-lesion detection (metsflow/jobs/report.py): size-binned sensitivity and FP per patient
+# across rounds, the validation lesions stage 2's operating point loses, one FROC per round.
+rule report_detection:
+    input:
+        summaries=[evaluation_summary(r) for r in ROUNDS],
+        detection=[evaluation_table(r, "detection_by_size") for r in ROUNDS],
+        stage2=[stage2_summary_path(r) for r in ROUNDS] if STAGE2_ENABLED else [],
+    output:
+        table=report(
+            f"{RESULTS}/report/detection_by_size.tsv",
+            caption="../report/detection_by_size.rst",
+            category="Validation metrics",
+        ),
+        lost=report(
+            f"{RESULTS}/report/stage2_lost_lesions.tsv",
+            caption="../report/stage2_lost_lesions.rst",
+            category="Validation metrics",
+        ),
+    log:
+        f"{RESULTS}/logs/report_detection.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report_detection.tsv"
+    conda:
+        "../envs/report.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    script:
+        "../scripts/report_detection.py"
+
+
+rule report_froc:
+    input:
+        unpack(froc_report_inputs),
+    output:
+        png=report(
+            f"{RESULTS}/report/froc_round_{{round}}.png",
+            caption="../report/froc.rst",
+            category="Validation metrics",
+            subcategory="FROC",
+        ),
+    log:
+        f"{RESULTS}/logs/report_froc_{{round}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report_froc_{{round}}.tsv"
+    conda:
+        "../envs/report.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    script:
+        "../scripts/report_froc.py"

@@ -73,7 +73,7 @@ rule train_stage2:
         unpack(stage2_train_inputs),
     output:
         model=f"{RESULTS}/rounds/round_{{round}}/model/stage2.pt",
-        summary=f"{RESULTS}/rounds/round_{{round}}/model/stage2_summary.json",
+        summary=stage2_summary_path("{round}"),
     log:
         f"{RESULTS}/logs/train/round_{{round}}_stage2.log",
     benchmark:

@@ -14,4 +14,6 @@ with job_logging(snakemake.log[0]):
         out_per_study=snakemake.output.per_study,
         out_lesions=snakemake.output.lesions,
         out_summary=snakemake.output.summary,
+        out_detection=snakemake.output.detection,
+        out_froc=snakemake.output.froc,
     )

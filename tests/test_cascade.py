@@ -57,19 +57,22 @@ def test_filter_removes_candidates_below_threshold_with_their_edema():
     np.testing.assert_array_equal(kept, pred)
 
 
+RULE = "target_sensitivity"
+
+
 def test_choose_threshold_meets_target_sensitivity():
     # 4 reference lesions; candidates: scores with hits (empty = false positive).
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.3, 0.2, 0.1])
     hits = [[1], [], [2], [3], [], [4], []]
-    full = cascade.choose_threshold(scores, hits, 4, target=1.0)
+    full = cascade.choose_threshold(scores, hits, 4, rule=RULE, target_sensitivity=1.0)
     assert full["threshold"] == pytest.approx(0.2)
     assert full["sensitivity_after"] == 1.0 and full["fdr_after"] == pytest.approx(2 / 6)
     assert full["fdr_before"] == pytest.approx(3 / 7)
-    part = cascade.choose_threshold(scores, hits, 4, target=0.75)
+    part = cascade.choose_threshold(scores, hits, 4, rule=RULE, target_sensitivity=0.75)
     assert part["threshold"] == pytest.approx(0.6)
     assert part["sensitivity_after"] == 0.75 and part["fdr_after"] == pytest.approx(1 / 4)
     # Stage 1 itself finds only 3 of 5: the goal becomes stage 1's sensitivity.
-    capped = cascade.choose_threshold(scores, hits, 5, target=0.95)
+    capped = cascade.choose_threshold(scores, hits, 5, rule=RULE, target_sensitivity=0.95)
     assert capped["sensitivity_after"] == capped["sensitivity_before"] == 0.8
 
 

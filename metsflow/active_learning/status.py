@@ -300,3 +300,51 @@ def final_status(results_dir: str | os.PathLike, store: LabelStore | None) -> st
                 f"{states.count('none')} awaiting review)"
             )
     return line + "\n"
+
+
+def detection_status(results_dir: str | os.PathLike) -> str:
+    """Small-lesion detection per evaluated round, from ``evaluation/summary.json``: lesion
+    sensitivity per size bin (detected/reference, sensitivity, Wilson 95% CI) and false
+    positives per patient and per study; empty when no round has these figures yet."""
+    rows, bins = [], []
+    for round_index, folder in _rounds(Path(results_dir)):
+        path = folder / "evaluation" / "summary.json"
+        if not path.exists():
+            continue
+        try:
+            data = io.read_json(path)
+        except (OSError, json.JSONDecodeError):
+            continue  # round_status's note already says so
+        by_size = data.get("sensitivity_by_size") or {}
+        if not by_size:
+            continue
+        bins += [b for b in by_size if b not in bins]
+        rows.append((round_index, by_size, data.get("fp_per_patient"), data.get("fp_per_study")))
+    if not rows:
+        return ""
+
+    def cell(entry: dict | None) -> str:
+        if not entry or not entry.get("n_ref_lesions"):
+            return "-"
+        low, high = entry.get("ci95") or (None, None)
+        ci = f" [{low:.2f}-{high:.2f}]" if low is not None and high is not None else ""
+        return f"{entry['n_detected']}/{entry['n_ref_lesions']} {entry['sensitivity']:.2f}{ci}"
+
+    header = ["round", *bins, "FP/patient", "FP/study"]
+    table = [
+        [
+            str(r),
+            *(cell(by_size.get(b)) for b in bins),
+            _cell(None if fpp is None else f"{fpp:.2f}"),
+            _cell(None if fps is None else f"{fps:.2f}"),
+        ]
+        for r, by_size, fpp, fps in rows
+    ]
+    widths = [max(len(header[i]), *(len(r[i]) for r in table)) for i in range(len(header))]
+    lines = [
+        "lesion detection on validation (whole lesion; detected/reference sensitivity "
+        "[Wilson 95% CI] by equivalent diameter):",
+        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
+    ]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
+    return "\n".join(lines) + "\n"

@@ -172,3 +172,66 @@ def run_report_figures(
     for study_id, out_png in ((best, out_overlay_best), (worst, out_overlay_worst)):
         _overlay_for(records[study_id], pred_root, out_png, float(dice[study_id]))
     return {"best": best, "worst": worst}
+
+
+# --------------------------------------------------------------------------------------------
+# Small-lesion detection: size-binned sensitivity, FP per patient, FROC, stage-2 losses
+# --------------------------------------------------------------------------------------------
+
+LOST_LESION_COLUMNS = ["round", "study_id", "lesion_id", "diameter_mm", "size_bin", "best_score"]
+
+
+def run_report_detection(
+    summaries: list[str],
+    detection_tables: list[str],
+    stage2_summaries: list[str],
+    out_table: str,
+    out_lost: str,
+) -> pd.DataFrame:
+    """Size-binned lesion sensitivity (Wilson 95% CI) with FP per study / patient, every round;
+    and the validation lesions each round's stage-2 operating point loses (empty without
+    stage 2)."""
+    fp = {}
+    for path in summaries:
+        summary = read_json(path)
+        fp[summary["round"]] = {
+            k: summary.get(k) for k in ("n_patients", "fp_per_study", "fp_per_patient")
+        }
+    frames = [pd.read_csv(p, sep="\t") for p in detection_tables]
+    frames = [f for f in frames if not f.empty]
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["round"])
+    for key in ("n_patients", "fp_per_study", "fp_per_patient"):
+        table[key] = table["round"].map(lambda r, key=key: fp.get(r, {}).get(key))
+    write_table(out_table, table)
+    lost = []
+    for path in stage2_summaries:
+        summary = read_json(path)
+        lost += [{"round": summary.get("round"), **row} for row in summary.get("lost_lesions", [])]
+    write_table(out_lost, pd.DataFrame(lost, columns=LOST_LESION_COLUMNS))
+    return table
+
+
+def run_report_froc(
+    round_index: int, froc_table: str, stage2_summary: str | None, out_png: str
+) -> None:
+    """FROC figure of one round: the validation predictions ranked by stage-1 foreground
+    probability, and with stage 2 its validation FROC and chosen operating point."""
+    from metsflow.figures import plot_froc
+
+    curves = {
+        "validation predictions (stage-1 probability)": pd.read_csv(froc_table, sep="\t"),
+    }
+    points, limit = {}, None
+    if stage2_summary:
+        s2 = read_json(stage2_summary)
+        curves["stage 2 on its validation candidates (score)"] = pd.DataFrame(
+            s2.get("froc") or [], columns=["threshold", "sensitivity", "fp_per_patient"]
+        )
+        rule = s2.get("operating_rule", "target_sensitivity")
+        points[f"stage-2 operating point ({rule})"] = (
+            s2.get("fp_per_patient_after", float("nan")),
+            s2.get("sensitivity_after", float("nan")),
+        )
+        if rule == "max_fp_per_patient":
+            limit = s2.get("max_fp_per_patient")
+    plot_froc(curves, out_png, points, title=f"FROC, round {round_index}", max_fp_per_patient=limit)

@@ -297,9 +297,10 @@ def run_train_stage2(
     torch.manual_seed(job.seed)
     params = {**(job.train.get("stage2") or {}), "seed": job.seed + job.round_index}
     params.pop("enabled", None)
-    _, train_items, val_items, _ = job.labelled_items(
+    plan, train_items, val_items, _ = job.labelled_items(
         Path(out_model).parent / "train_labels_stage2"
     )
+    patient_of = dict(zip(plan.study_id, plan.patient_id, strict=True))
     device = select_device(infer.get("device", "auto"))
     networks, meta = load_ensemble(stage1_models, device=device)
 
@@ -316,6 +317,9 @@ def run_train_stage2(
                     reference,
                     params,
                     add_reference,
+                    # FP per validation patient and the sizes of the lesions a threshold loses.
+                    patient_id=patient_of.get(item["study_id"], ""),
+                    spacing=nib.affines.voxel_sizes(inp["affine"]),
                 )
             )
         return out
@@ -332,14 +336,22 @@ def run_train_stage2(
         k: stage2_meta[k]
         for k in (
             "threshold",
+            "operating_rule",
+            "max_fp_per_patient",
             "target_sensitivity",
+            "rule_met",
             "sensitivity_before",
             "sensitivity_after",
+            "fp_per_patient_before",
+            "fp_per_patient_after",
             "fdr_before",
             "fdr_after",
             "n_candidates",
             "n_reference_lesions",
+            "n_patients",
             "final_loss",
+            "froc",
+            "lost_lesions",
         )
     }
     summary.update(round=job.round_index, n_train=len(train_items), n_val=len(val_items))
