@@ -197,7 +197,10 @@ def _gpu_shard_records(r, gpu_shard):
 def gpu_shard_records(wildcards):
     # Cached: Snakemake evaluates params more than once per job (DataFrame.to_dict per job was
     # seconds of a cohort dry run).
-    return [dict(row) for row in _gpu_shard_records(int(wildcards.round), wildcards.gpu_shard)]
+    return [
+        dict(row)
+        for row in _gpu_shard_records(int(wildcards.round), wildcards.gpu_shard)
+    ]
 
 
 def evaluation_inputs(wildcards):
