@@ -11,13 +11,18 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
-from test_slurm import PIPELINE_LIMIT_S, slurm_cluster  # noqa: F401  (fixture: a running SLURM)
+from test_slurm import slurm_cluster  # noqa: F401  (fixture: a running SLURM)
 
 from metsflow.cohort import read_sheet
 from metsflow.plan import PlanSettings, build_plan, round_inference_plan
+
+# Measured: ~12 min on the 2-core development machine with ~15 other processes running (ANTs
+# registration of three shards dominates); the whole-demo SLURM test allows 900 s.
+PIPELINE_LIMIT_S = 1800
 
 
 @pytest.mark.slow
@@ -59,38 +64,31 @@ def test_shard_rules_are_submitted_as_job_arrays(tmp_path, tiny_config, slurm_cl
         f"snakemake via SLURM failed ({proc.returncode}):\n{output[-8000:]}"
     )
 
-    # The plugin's submission lines: one array per shard rule, with one task per shard.
+    # The plugin's submission lines: one `sbatch --array` per shard rule.
     arrays = re.findall(
         r"Submitted array job with Snakemake IDs ([\d,]+) and SLURM job ID (\d+)\. "
         r"The individual task IDs are (\d+)-(\d+)",
         output,
     )
-    print("\n".join(line for line in output.splitlines() if "SLURM" in line and "ubmit" in line))
-    listing = subprocess.run(
-        ["scontrol", "show", "job", "-o"], capture_output=True, text=True
-    ).stdout
-    array_ids = {job_id for _, job_id, _, _ in arrays}
-    tasks = [
-        line
-        for line in listing.splitlines()
-        if (m := re.search(r"ArrayJobId=(\d+)", line)) and m.group(1) in array_ids
-    ]
-    print("\n".join(_job_summary(line) for line in listing.splitlines()))
-    by_rule: dict[str, set[str]] = {}
-    for line in tasks:
-        rule = re.search(r"Comment=rule_(\w+?)_wildcards", line) or re.search(
-            r"Comment=rule_(\w+)", line
-        )
-        by_rule.setdefault(rule.group(1) if rule else "?", set()).add(
-            re.search(r"ArrayTaskId=(\d+)", line).group(1)
-        )
-    assert len(arrays) >= 2, output[-4000:]
-    assert by_rule.get("preprocess_shard") == {"1", "2", "3"}, by_rule
-    assert by_rule.get("infer_shard") == {"1", "2"}, by_rule
-    for line in tasks:
-        assert "JobState=COMPLETED" in line, line
+    print("\n".join(line for line in output.splitlines() if "ubmitted" in line and "SLURM" in line))
+    listing = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True)
+    print("\n".join(_job_summary(line) for line in listing.stdout.splitlines()))
+    assert len(arrays) == 2, output[-4000:]
+    # The plugin files each task's log as rule_<rule>/<array id>_<task>.log; slurmctld keeps
+    # finished jobs only MinJobAge (300 s), so the controller log is the lasting record.
+    ctld_log = slurm_cluster.read_text()
+    for rule, shards in (("preprocess_shard", 3), ("infer_shard", 2)):
+        logs = sorted((tmp_path / "slurm_logs" / f"rule_{rule}").rglob("*_*.log"))
+        print(rule, [str(p.relative_to(tmp_path)) for p in logs])
+        tasks = [p.stem.split("_") for p in logs]
+        assert len({array for array, _ in tasks}) == 1, tasks  # one array for the rule
+        assert sorted(int(task) for _, task in tasks) == list(range(1, shards + 1)), tasks
+        for array, task in tasks:
+            assert re.search(rf"JobId={array}_{task}\(\d+\) (done|WEXITSTATUS 0)", ctld_log), (
+                f"{rule}: array task {array}_{task} did not complete"
+            )
     for target in targets:
-        assert (REPO / target).stat().st_size > 0
+        assert Path(target).stat().st_size > 0
 
 
 def _job_summary(line: str) -> str:
