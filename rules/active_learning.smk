@@ -29,6 +29,8 @@ rule round_candidates:
     wildcard_constraints:
         round=r"[1-9]\d*",
     localrule: True
+    conda:
+        "../envs/imaging.yaml"
     params:
         candidates=CANDIDATES,
         seed=config["seed"],
