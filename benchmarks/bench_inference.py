@@ -132,7 +132,10 @@ def run_naive(checkpoint: Path, items, out: Path, params: dict, device) -> float
         prep = Path(item["prep_dir"])
         ref = nib.load(prep / "t1c.nii.gz")
         image = np.stack(
-            [np.asarray(nib.load(prep / f"{c}.nii.gz").dataobj, dtype=np.float32) for c in CHANNELS]
+            [
+                np.asarray(nib.load(prep / f"{c}.nii.gz").dataobj, dtype=np.float32)
+                for c in meta["channels"]
+            ]
         )
         brain = np.asarray(nib.load(prep / "brain_mask.nii.gz").dataobj) > 0
         with torch.no_grad():
@@ -176,6 +179,16 @@ def levers_section(args, config, tmp: Path, device) -> None:
     brain = brain_mask(spacing, float(config["preprocess"].get("crop_margin_mm", 10)))
     items = make_studies(tmp / "prep", args.studies, brain, spacing)
     (checkpoint,) = make_checkpoints(tmp / "models", config, 1)
+    if args.checkpoint:  # a trained model and real preprocessed studies instead
+        checkpoint = Path(args.checkpoint)
+        meta = load_checkpoint(checkpoint, map_location="cpu")[1]
+        config["model"] = {**config["model"], **meta, "filters": "trained"}
+        dirs = sorted(p.parent for p in Path(args.studies_dir).glob("*/t1c.nii.gz"))
+        items = [{"study_id": d.name, "prep_dir": str(d), "prior": None} for d in dirs]
+        items = items[: args.studies]
+        args.config = f"{checkpoint} on {len(items)} studies of {args.studies_dir}"
+        brain = np.asarray(nib_load(Path(items[0]["prep_dir"]) / "brain_mask.nii.gz")) > 0
+        spacing = float(meta["spacing"][0])
     patch = config["model"]["patch_size"]
     print(
         f"inference, {len(items)} studies of {brain.shape} voxels ({spacing:g} mm, brain "
@@ -255,6 +268,12 @@ def throughput_section(args, config, tmp: Path, device) -> None:
                 )
 
 
+def nib_load(path: Path) -> np.ndarray:
+    import nibabel as nib
+
+    return np.asarray(nib.load(path).dataobj)
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
@@ -271,6 +290,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="levers: interleaved repeats")
     parser.add_argument("--folds", type=int, default=5, help="throughput: ensemble size")
     parser.add_argument("--spacing", type=float, help="override the config's spacing (mm)")
+    parser.add_argument("--checkpoint", help="levers: a trained model.pt (instead of untrained)")
+    parser.add_argument("--studies-dir", help="levers: preprocessed study folders for --checkpoint")
     args = parser.parse_args()
 
     set_threads(args.threads)
