@@ -90,15 +90,19 @@ def load_ensemble(
 
 
 # Speed levers (issue 14), each measured by benchmarks/bench_inference.py against MONAI's plain
-# sliding_window_inference on the same model and studies. Settings (config ``infer:``):
+# sliding_window_inference on the same model and studies (benchmarks/results/
+# bench_inference_levers_*.txt, 2 shared CPU cores). Settings (config ``infer:``):
 #   amp             reduced precision: float16 autocast on CUDA, bfloat16 on CPU. "auto" = CUDA
-#                   only: on the 2-core Xeon (AMX) bf16 alone was no faster than fp32 (1.57 vs
-#                   1.52 s per 4 windows of 48^3) and changed 1% of the argmax of an untrained net.
-#   channels_last   channels-last 3D memory format. "auto" = CUDA only: on that CPU fp32 it was
-#                   slower (2.04 vs 1.52 s); with bf16 1.25 s.
+#                   only: on the Xeon (AMX) bf16 was 2.0-2.4x faster, but its labels differ from
+#                   fp32 beyond the 0.999 Dice bound (lowest per-label Dice 0.9875 with a trained
+#                   model, 0.990 untrained), so it is opt-in there.
+#   channels_last   channels-last 3D memory format. "auto" = CUDA only: no gain on that CPU in
+#                   fp32 (1.11x to 0.79x of the row before, within the noise).
 #   skip_outside_brain  windows that hold no brain voxel are not run (their voxels are zeroed
 #                   anyway, so outputs inside the brain are unchanged: a brain voxel's Gaussian
-#                   blend only has windows that contain it).
+#                   blend only has windows that contain it). On brain-cropped volumes few windows
+#                   qualify (MNI brain at 1 mm: 3 of 150 48^3 windows, none of 96^3); it pays on
+#                   uncropped or skull-stripped-but-uncropped inputs.
 #   prefetch        read/decompress the next study and write the previous one in background
 #                   threads while the current one computes (``overlapped``).
 #   inference_mode  torch.inference_mode instead of torch.no_grad (no version counters or view
