@@ -93,9 +93,10 @@ def load_ensemble(
 # sliding_window_inference on the same model and studies (benchmarks/results/
 # bench_inference_levers_*.txt, 2 shared CPU cores). Settings (config ``infer:``):
 #   amp             reduced precision: float16 autocast on CUDA, bfloat16 on CPU. "auto" = CUDA
-#                   only: on the Xeon (AMX) bf16 was 2.0-2.4x faster, but its labels differ from
-#                   fp32 beyond the 0.999 Dice bound (lowest per-label Dice 0.9875 with a trained
-#                   model, 0.990 untrained), so it is opt-in there.
+#                   only: on the Xeon (AMX) bf16 took the cohort network from 48.2 to 20.9 s per
+#                   study and the demo one 1.74x faster (a tiny 8/16/32 net 2x slower), but its
+#                   labels differ from fp32 beyond the 0.999 Dice bound (lowest per-label Dice
+#                   0.9875 with a trained model, 0.990 untrained), so it is opt-in there.
 #   channels_last   channels-last 3D memory format. "auto" = CUDA only: no gain on that CPU in
 #                   fp32 (1.11x to 0.79x of the row before, within the noise).
 #   skip_outside_brain  windows that hold no brain voxel are not run (their voxels are zeroed
