@@ -11,6 +11,10 @@ predictions) is computed once and copied, so both strategies start from identica
 1..K of the strategies then run side by side. An interrupted run resumes (same --out).
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_active_learning.py --out /tmp/bench_al
+
+With ``--candidates N`` the two arms use the same strategy and budget instead: selecting from the
+whole pool (``candidates: all``) against selecting from a seeded N-study candidate subset that
+the round's model segmented (``active_learning.candidates: N``, issue 14).
 """
 
 from __future__ import annotations
@@ -31,12 +35,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_ROUND0 = ("plan", "preprocessed", "registered", "qc", "rounds/round_0")
 
 
-def workflow_config(args, demo: Path, work: Path, strategy: str) -> dict:
+def workflow_config(
+    args, demo: Path, work: Path, strategy: str, arm: str | None = None, candidates="all"
+) -> dict:
+    arm = arm or strategy
     return {
         "sheet": str(demo / "studies.tsv"),
         "oracle_sheet": str(demo / "oracle.tsv"),
-        "results": str(work / strategy / "results"),
-        "label_store": str(work / strategy / "labels"),
+        "results": str(work / arm / "results"),
+        "label_store": str(work / arm / "labels"),
         "seed": args.seed,
         "sharding": {"cpu_shard_size": 6, "gpu_shard_size": 24},
         "validation": {"fraction": 0.5},
@@ -62,6 +69,7 @@ def workflow_config(args, demo: Path, work: Path, strategy: str) -> dict:
             "annotator": "simulated",
             "dice_threshold": 1.0,  # never stop early: compare the full budget
             "final_validation_sample": 0,
+            "candidates": candidates,
         },
         "threads": {"preprocess": 1, "register": 1, "train": args.cores, "infer": args.cores},
     }
@@ -142,6 +150,9 @@ def main() -> None:
     parser.add_argument("--finetune-iterations", type=int, default=150)
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--candidates", type=int, help="compare a candidate subset of this size to the whole pool"
+    )
     args = parser.parse_args()
 
     from metsflow.active_learning.curves import plot_learning_curves
@@ -163,19 +174,31 @@ def main() -> None:
             seed=args.seed,
             workers=args.cores,
         )
-    strategies = ["random", args.strategy]
+    # arm -> (acquisition strategy, candidates); the first arm is the baseline
+    if args.candidates:
+        arms = {
+            "pool": (args.strategy, "all"),
+            f"subset{args.candidates}": (args.strategy, args.candidates),
+        }
+    else:
+        arms = {"random": ("random", "all"), args.strategy: (args.strategy, "all")}
+    strategies = list(arms)
+    baseline, compared = strategies
     print(
         f"settings: phantom {args.patients} patients x {args.timepoints} time points "
         f"({args.labelled_patients} labelled: seed + validation; skull-free, native 2x2x4 mm), "
         f"model grid {args.spacing:g} mm, no co-registration, DynUNet filters 8/16/32, "
         f"patch 32^3, {args.iterations} iterations round 0, {args.finetune_iterations} per "
         f"fine-tune, {args.rounds} rounds x batch {args.batch_size} (per_patient_max 1), "
-        f"seed {args.seed}, {args.cores} cores per strategy"
+        f"seed {args.seed}, {args.cores} cores per strategy; arms: "
+        + ", ".join(f"{a} ({s}, candidates {c})" for a, (s, c) in arms.items())
     )
     configs, logs = {}, {}
     for strategy in strategies:
         configs[strategy] = work / f"{strategy}.yaml"
-        configs[strategy].write_text(yaml.safe_dump(workflow_config(args, demo, work, strategy)))
+        acquisition, candidates = arms[strategy]
+        config = workflow_config(args, demo, work, acquisition, strategy, candidates)
+        configs[strategy].write_text(yaml.safe_dump(config))
         logs[strategy] = work / f"{strategy}.snakemake.log"
     # Round 0 once (it does not depend on the strategy), then the same starting state for all.
     first = strategies[0]
@@ -201,16 +224,16 @@ def main() -> None:
     )
     print("\nvalidation metrics per round (n_labelled = labelled training studies)")
     print(wide.round(3).to_string())
-    base = table[table.strategy == "random"].set_index("round")
-    best = table[table.strategy == args.strategy].set_index("round")
+    base = table[table.strategy == baseline].set_index("round")
+    best = table[table.strategy == compared].set_index("round")
     delta = pd.DataFrame(
         {
             "n_labelled": best["n_labelled"],
-            "dice_minus_random": best["mean_dice"] - base["mean_dice"],
-            "lesion_f1_minus_random": best["mean_lesion_f1"] - base["mean_lesion_f1"],
+            f"dice_minus_{baseline}": best["mean_dice"] - base["mean_dice"],
+            f"lesion_f1_minus_{baseline}": best["mean_lesion_f1"] - base["mean_lesion_f1"],
         }
     )
-    print(f"\n{args.strategy} minus random (same run, same seed and budget)")
+    print(f"\n{compared} minus {baseline} (same run, same seed and budget)")
     print(delta.round(3).to_string())
     burden = table[table["round"] > 0].pivot(
         index="round",
@@ -224,9 +247,10 @@ def main() -> None:
     print(burden.round(3).to_string())
     later = delta.loc[delta.index > 0]
     print(
-        f"\nmean over rounds 1..{args.rounds}: Dice {later.dice_minus_random.mean():+.3f}, "
-        f"lesion F1 {later.lesion_f1_minus_random.mean():+.3f} "
-        f"({args.strategy} vs random; one seed, so no confidence interval)"
+        f"\nmean over rounds 1..{args.rounds}: "
+        f"Dice {later[f'dice_minus_{baseline}'].mean():+.3f}, "
+        f"lesion F1 {later[f'lesion_f1_minus_{baseline}'].mean():+.3f} "
+        f"({compared} vs {baseline}; one seed, so no confidence interval)"
     )
     print(
         "wall time of rounds 1..K, strategies run side by side (s): "

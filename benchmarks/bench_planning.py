@@ -5,6 +5,7 @@ the targets of issue 5 (<= 15 s, <= 1 GB, <= ~3,000 jobs). Run from the reposito
 
     python benchmarks/bench_planning.py                 # 11,892 studies, config/cohort.yaml
     python benchmarks/bench_planning.py --studies 2000 --profile-parse
+    python benchmarks/bench_planning.py --candidates all   # every round segments the whole pool
 
 A dry run needs no images: the synthetic sheet only names paths (missing inputs are not a DAG
 error, see rules/common.smk `shard_raw_inputs`).
@@ -94,6 +95,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=11_892)
     parser.add_argument("--profile-parse", action="store_true", help="time sheet + plan alone")
+    parser.add_argument(
+        "--candidates",
+        help="active_learning.candidates (default: config/cohort.yaml's; 'all' = whole pool)",
+    )
     parser.add_argument("snakemake_args", nargs="*", help="extra snakemake arguments")
     args = parser.parse_args()
 
@@ -114,12 +119,19 @@ def main() -> int:
         # every pool study): a placeholder answers them all.
         oracle = synthetic_oracle(sheet, workdir / "oracle" / "oracle.tsv")
         campaign = workdir / "campaign.yaml"
-        campaign.write_text(f"oracle_sheet: {oracle}\nactive_learning:\n  annotator: simulated\n")
+        human = workdir / "human.yaml"
+        candidates = f"  candidates: {args.candidates}\n" if args.candidates else ""
+        campaign.write_text(
+            f"oracle_sheet: {oracle}\nactive_learning:\n  annotator: simulated\n{candidates}"
+        )
+        human.write_text(f"active_learning:\n  annotator: human\n{candidates}")
         for title, overlays in (
-            ("human review (default target: up to the first unconfirmed batch)", ()),
+            ("human review (default target: up to the first unconfirmed batch)", (str(human),)),
             ("whole campaign (all rounds; simulated annotator)", (str(campaign),)),
         ):
             seconds, cpu, rss_gb, stdout = dry_run(sheet, workdir, args.snakemake_args, overlays)
+            if args.candidates:
+                title += f", candidates: {args.candidates}"
             ok &= report(args.studies, title, seconds, cpu, rss_gb, job_counts(stdout))
     print("within targets" if ok else "OUTSIDE targets")
     return 0 if ok else 1

@@ -366,7 +366,9 @@ def _cmd_review_serve(args) -> int:
 
 def _cmd_cost(args) -> int:
     """Estimate the full cohort's core-hours, GPU-hours and makespan from a run's benchmarks."""
-    from metsflow.costmodel import BenchmarkError, CohortShape, estimate_from_run
+    import dataclasses
+
+    from metsflow.costmodel import BenchmarkError, CohortShape, estimate, read_run
 
     shape = CohortShape(
         studies=args.studies,
@@ -377,18 +379,55 @@ def _cmd_cost(args) -> int:
         rounds=args.rounds,
         infer_fraction=args.infer_fraction,
         train_scale=args.train_scale,
+        validation_fraction=args.validation_fraction,
     )
+    if args.configfile:
+        try:
+            shape = _shape_from_config(shape, args.configfile)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"--configfile {args.configfile}: {exc}", file=sys.stderr)
+            return 1
+    if args.candidates is not None:
+        shape = dataclasses.replace(
+            shape, candidates=None if args.candidates == "all" else int(args.candidates)
+        )
     try:
-        result = estimate_from_run(args.benchmarks, shape, plan=args.plan)
+        bench = read_run(args.benchmarks, plan=args.plan)
     except BenchmarkError as exc:
         print(exc, file=sys.stderr)
         return 1
+    result = estimate(bench, shape)
     print(result.render())
+    if shape.candidates is not None:
+        from metsflow.costmodel import render_comparison
+
+        before = estimate(bench, dataclasses.replace(shape, candidates=None))
+        print()
+        print(render_comparison(before, result))
     if args.out:
         from metsflow.io import write_table
 
         write_table(args.out, result.table())
     return 0
+
+
+def _shape_from_config(shape, path: str):
+    """Shard sizes, rounds and candidates of a workflow config file (e.g. config/cohort.yaml)."""
+    import dataclasses
+
+    import yaml
+
+    config = yaml.safe_load(Path(path).read_text()) or {}
+    sharding = config.get("sharding", {})
+    al = config.get("active_learning", {})
+    candidates = al.get("candidates", "all")
+    return dataclasses.replace(
+        shape,
+        cpu_shard_size=int(sharding.get("cpu_shard_size", shape.cpu_shard_size)),
+        gpu_shard_size=int(sharding.get("gpu_shard_size", shape.gpu_shard_size)),
+        rounds=int(al.get("rounds", shape.rounds)),
+        candidates=None if candidates == "all" else int(candidates),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -503,6 +542,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cost.add_argument(
         "--train-scale", type=float, default=1.0, help="cohort / run training iterations"
+    )
+    cost.add_argument(
+        "--configfile",
+        help="take shard sizes, rounds and active_learning.candidates from this workflow config",
+    )
+    cost.add_argument(
+        "--candidates",
+        help="active_learning.candidates (N or all); with N, also the table against all",
+    )
+    cost.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.1,
+        help="share of studies in validation (segmented every round)",
     )
     cost.add_argument("--out", help="also write the per-stage table (TSV)")
     cost.set_defaults(func=_cmd_cost)

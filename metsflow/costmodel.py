@@ -15,6 +15,11 @@ The full cohort's jobs are then costed at its shard sizes:
 
 Training cost does not grow with the cohort (a fixed number of iterations); scale it with
 ``train_scale`` (e.g. cohort iterations / run iterations) when the run was a small demo.
+
+Inference per round: every validation and pool study (``infer_fraction`` of the cohort), or, with
+``candidates`` (``active_learning.candidates``), the validation studies and N candidates in every
+round but the last, which segments them all (``metsflow.plan.round_inference_plan``).
+``compare`` puts the two side by side per stage.
 """
 
 from __future__ import annotations
@@ -56,6 +61,16 @@ class CohortShape:
     rounds: int = 5  # active-learning rounds after round 0
     infer_fraction: float = 1.0  # share of studies segmented each round (validation + pool)
     train_scale: float = 1.0
+    candidates: int | None = None  # active_learning.candidates (None: all)
+    validation_fraction: float = 0.1  # share of studies in validation (always segmented)
+
+    def infer_studies_per_round(self) -> list[int]:
+        """Studies the models of round 0..R segment."""
+        every = math.ceil(self.studies * self.infer_fraction)
+        if self.candidates is None:
+            return [every] * (self.rounds + 1)
+        subset = min(every, math.ceil(self.studies * self.validation_fraction) + self.candidates)
+        return [subset] * self.rounds + [every]
 
 
 @dataclass
@@ -189,8 +204,7 @@ def estimate(bench: pd.DataFrame, shape: CohortShape) -> Estimate:
     result = Estimate(shape)
     n_rounds = shape.rounds + 1
     cpu_jobs = math.ceil(shape.studies / shape.cpu_shard_size)
-    infer_studies = math.ceil(shape.studies * shape.infer_fraction)
-    gpu_jobs = math.ceil(infer_studies / shape.gpu_shard_size)
+    per_round = shape.infer_studies_per_round()
 
     for stage in ("preprocess", "register", "infer"):
         rows = bench[bench.stage == stage]
@@ -199,11 +213,8 @@ def estimate(bench: pd.DataFrame, shape: CohortShape) -> Estimate:
         fixed, per_study = fit_shard_cost(rows.n_studies.to_numpy(), rows.s.to_numpy())
         cpu_per_wall = float(rows.cpu_time.sum() / max(rows.s.sum(), 1e-9))
         if stage == "infer":
-            jobs, studies, shard = (
-                gpu_jobs * n_rounds,
-                infer_studies * n_rounds,
-                shape.gpu_shard_size,
-            )
+            jobs = sum(math.ceil(n / shape.gpu_shard_size) for n in per_round)
+            studies, shard = sum(per_round), shape.gpu_shard_size
         else:
             jobs, studies, shard = cpu_jobs, shape.studies, shape.cpu_shard_size
         wall_s = jobs * fixed + studies * per_study
@@ -245,10 +256,34 @@ def estimate(bench: pd.DataFrame, shape: CohortShape) -> Estimate:
     return result
 
 
-def estimate_from_run(
-    benchmarks: str | Path, shape: CohortShape, plan: str | Path | None = None
-) -> Estimate:
-    """Read ``benchmarks`` (results/benchmarks) and the run's plan (default results/plan/cohort.tsv)."""
+def compare(before: Estimate, after: Estimate) -> pd.DataFrame:
+    """Jobs, core-hours and GPU-hours per stage of two estimates (and their total)."""
+    columns = ["jobs", "core_hours", "gpu_hours"]
+    a = before.table().set_index("stage")[columns]
+    b = after.table().set_index("stage")[columns]
+    table = a.join(b, lsuffix="_before", rsuffix="_after")
+    table.loc["total"] = table.sum()
+    order = [f"{c}_{w}" for c in columns for w in ("before", "after")]
+    return table[order]
+
+
+def render_comparison(before: Estimate, after: Estimate) -> str:
+    shape = after.shape
+    table = compare(before, after)
+    table = table.astype({"jobs_before": int, "jobs_after": int}).round(1)
+    return (
+        f"{shape.studies} studies, {shape.rounds} active-learning rounds after round 0: every "
+        f"round segments every validation and pool study (before) vs the validation studies "
+        f"({shape.validation_fraction:.1%}) + {shape.candidates} candidates per round and the "
+        f"whole pool in the last round (after, active_learning.candidates: {shape.candidates})\n"
+        f"{table.to_string()}"
+    )
+
+
+def read_run(benchmarks: str | Path, plan: str | Path | None = None) -> pd.DataFrame:
+    """A run's benchmarks with ``n_studies`` per job: ``benchmarks`` (results/benchmarks) and
+    its plan (default results/plan/cohort.tsv). An inference job's studies are the rows of its
+    prediction manifest when it is there (a round's candidate shards differ from the plan's)."""
     benchmarks = Path(benchmarks)
     if not benchmarks.is_dir():
         raise BenchmarkError(f"benchmarks folder {benchmarks} does not exist")
@@ -262,4 +297,17 @@ def estimate_from_run(
         if column not in plan_table.columns:
             raise BenchmarkError(f"plan table {plan_path}: column '{column}' missing")
     bench = attach_shard_sizes(read_benchmarks(benchmarks), plan_table)
-    return estimate(bench, shape)
+    for index, row in bench[bench.stage == "infer"].iterrows():
+        manifest = (
+            benchmarks.parent / f"rounds/round_{row['round']}/predictions/shards/{row['shard']}.tsv"
+        )
+        if manifest.is_file():
+            bench.loc[index, "n_studies"] = len(pd.read_csv(manifest, sep="\t", dtype=str))
+    return bench
+
+
+def estimate_from_run(
+    benchmarks: str | Path, shape: CohortShape, plan: str | Path | None = None
+) -> Estimate:
+    """Read ``benchmarks`` (results/benchmarks) and the run's plan (default results/plan/cohort.tsv)."""
+    return estimate(read_run(benchmarks, plan), shape)

@@ -18,13 +18,15 @@ they lie in [0, 1] for both label modes:
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +89,58 @@ def load_ensemble(
     return networks, metas[0]
 
 
-def _autocast(device: torch.device):
-    # Mixed precision only on CUDA: CPU autocast (bfloat16) is slower than float32 on most CPUs.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
+# Speed levers (issue 14), each measured by benchmarks/bench_inference.py against MONAI's plain
+# sliding_window_inference on the same model and studies (benchmarks/results/
+# bench_inference_levers_*.txt, 2 shared CPU cores). Settings (config ``infer:``):
+#   amp             reduced precision: float16 autocast on CUDA, bfloat16 on CPU. "auto" = CUDA
+#                   only: on the Xeon (AMX) bf16 took the cohort network from 48.2 to 20.9 s per
+#                   study and the demo one 1.74x faster (a tiny 8/16/32 net 2x slower), but its
+#                   labels differ from fp32 beyond the 0.999 Dice bound (lowest per-label Dice
+#                   0.9875 with a trained model, 0.990 untrained), so it is opt-in there.
+#   channels_last   channels-last 3D memory format. "auto" = CUDA only: no gain on that CPU in
+#                   fp32 (1.11x to 0.79x of the row before, within the noise).
+#   skip_outside_brain  windows that hold no brain voxel are not run (their voxels are zeroed
+#                   anyway, so outputs inside the brain are unchanged: a brain voxel's Gaussian
+#                   blend only has windows that contain it). On brain-cropped volumes few windows
+#                   qualify (MNI brain at 1 mm: 3 of 150 48^3 windows, none of 96^3); it pays on
+#                   uncropped or skull-stripped-but-uncropped inputs.
+#   prefetch        read/decompress the next study and write the previous one in background
+#                   threads while the current one computes (``overlapped``).
+#   inference_mode  torch.inference_mode instead of torch.no_grad (no version counters or view
+#                   tracking on the tensors).
+LEVERS = ("amp", "channels_last", "skip_outside_brain", "prefetch", "inference_mode")
+
+
+def lever_settings(params: dict, device: torch.device) -> dict[str, bool]:
+    """The levers of ``params`` resolved for ``device`` ("auto" -> on for CUDA only)."""
+    defaults = {
+        "amp": "auto",
+        "channels_last": "auto",
+        "skip_outside_brain": True,
+        "prefetch": True,
+        "inference_mode": True,
+    }
+    resolved = {}
+    for key in LEVERS:
+        value = params.get(key, defaults[key])
+        resolved[key] = device.type == "cuda" if value == "auto" else bool(value)
+    return resolved
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@functools.cache
+def _gaussian_weights(roi: tuple[int, ...], device: str) -> torch.Tensor:
+    """MONAI's Gaussian importance map (sigma_scale 0.125), computed once per roi and device
+    instead of once per call."""
+    from monai.data.utils import compute_importance_map
+
+    return compute_importance_map(roi, mode="gaussian", sigma_scale=0.125, device=device)
 
 
 def sliding_window_predict(
@@ -109,56 +158,123 @@ def sliding_window_predict(
     return ensemble_predict(networks, image, params, device)[0]
 
 
+class _EnsembleWindows:
+    """MONAI ``sliding_window_inference`` predictor (``with_coord=True``) that runs every member
+    of the ensemble on the same batch of windows (the windows are cut, and their blending
+    bookkept, once for the ensemble) and returns one logits tensor per member. Windows without
+    a brain voxel in ``brain`` (same flips and grid as the input) get zeros, not a forward pass.
+    """
+
+    def __init__(self, networks, brain: torch.Tensor | None, channels_last: bool):
+        self.networks = networks
+        self.brain = brain
+        self.channels_last = channels_last
+        self.windows = 0
+        self.skipped = 0
+        self.classes: int | None = None
+
+    def __call__(self, windows: torch.Tensor, coords) -> tuple[torch.Tensor, ...]:
+        keep = None
+        if self.brain is not None:
+            keep = torch.tensor([bool(self.brain[tuple(c[2:])].any()) for c in coords])
+            self.skipped += int((~keep).sum())
+        self.windows += len(windows)
+        run = windows if keep is None or keep.all() else windows[keep]
+        if self.channels_last:
+            run = run.contiguous(memory_format=torch.channels_last_3d)
+        if not len(run):
+            # Every window of this batch is outside the brain; one forward pass learns the
+            # output shape (at most once per study: the classes are then known).
+            run = windows[:1] if self.classes is None else run
+        outputs = []
+        for network in self.networks:
+            logits = network(run).float() if len(run) else None
+            if logits is not None:
+                self.classes = logits.shape[1]
+            if keep is not None and not keep.all():
+                full = torch.zeros(
+                    (len(windows), self.classes, *windows.shape[2:]),
+                    dtype=torch.float32,
+                    device=windows.device,
+                )
+                if keep.any():
+                    full[keep.to(windows.device)] = logits
+                logits = full
+            outputs.append(logits.contiguous())
+        return tuple(outputs)
+
+
 def ensemble_predict(
     networks: nn.Module | Sequence[nn.Module],
     image: torch.Tensor,
     params: dict,
     device: str | torch.device = "auto",
+    brain: np.ndarray | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``sliding_window_predict``'s probabilities and, for more than one network, the mean of
     the members' normalised entropies ``(X, Y, Z)`` (each member's softmax averaged over its
     TTA flips first). Entropy of the mean minus this mean is the members' disagreement (the
-    mutual information of the fold ensemble); None for a single network."""
-    from monai.inferers import SlidingWindowInferer
+    mutual information of the fold ensemble); None for a single network.
+
+    MONAI's sliding window (Gaussian blending of each member's logits, then softmax) with the
+    levers of ``lever_settings``; ``brain`` (X, Y, Z) enables skipping windows outside it
+    (probabilities there are meaningless and must be zeroed by the caller)."""
+    from monai.inferers import sliding_window_inference
 
     if isinstance(networks, nn.Module):
         networks = [networks]
     device = select_device(device) if isinstance(device, str) else device
     if "patch_size" not in params:
         raise ValueError("sliding_window_predict needs params['patch_size'] (the roi size)")
-    inferer = SlidingWindowInferer(
-        roi_size=[int(p) for p in params["patch_size"]],
-        sw_batch_size=int(params.get("sw_batch_size", DEFAULT_SW_BATCH_SIZE)),
-        overlap=float(params.get("overlap", DEFAULT_OVERLAP)),
-        mode="gaussian",
-        sw_device=device,
-        device=device,
-    )
+    levers = lever_settings(params, device)
+    roi = tuple(int(p) for p in params["patch_size"])
     flips: list[tuple[int, ...]] = [()]
     if params.get("tta", False):
         flips = [c for r in range(4) for c in itertools.combinations((2, 3, 4), r)]
     batch = image.unsqueeze(0) if image.ndim == 4 else image
     batch = batch.to(device=device, dtype=torch.float32)
-    total, member_entropy = None, None
-    with torch.inference_mode(), _autocast(device):
-        for network in networks:
-            network.eval()
-            member = None
-            for axes in flips:
-                inp = torch.flip(batch, axes) if axes else batch
-                logits = inferer(inp, network)
-                probs = torch.softmax(logits.float(), dim=1)
+    # MONAI pads an image smaller than the roi, which moves the window coordinates: no skipping.
+    skip = levers["skip_outside_brain"] and brain is not None
+    skip = skip and all(s >= r for s, r in zip(batch.shape[2:], roi, strict=True))
+    brain_t = torch.as_tensor(np.asarray(brain, dtype=bool))[None, None] if skip else None
+    if levers["channels_last"]:
+        networks = [n.to(memory_format=torch.channels_last_3d) for n in networks]
+    for network in networks:
+        network.eval()
+    sums: list[torch.Tensor | None] = [None] * len(networks)
+    no_grad = torch.inference_mode() if levers["inference_mode"] else torch.no_grad()
+    with no_grad, _autocast(device, levers["amp"]):
+        for axes in flips:
+            inp = torch.flip(batch, axes) if axes else batch
+            mask = None
+            if brain_t is not None:
+                mask = torch.flip(brain_t, axes)[0, 0] if axes else brain_t[0, 0]
+            predictor = _EnsembleWindows(networks, mask, levers["channels_last"])
+            logits = sliding_window_inference(
+                inp,
+                roi_size=roi,
+                sw_batch_size=int(params.get("sw_batch_size", DEFAULT_SW_BATCH_SIZE)),
+                predictor=predictor,
+                overlap=float(params.get("overlap", DEFAULT_OVERLAP)),
+                mode="gaussian",
+                sw_device=device,
+                device=device,
+                roi_weight_map=_gaussian_weights(roi, str(device)),
+                with_coord=True,
+            )
+            if isinstance(logits, torch.Tensor):  # MONAI unpacks a 1-tuple
+                logits = (logits,)
+            for index, member_logits in enumerate(logits):
+                probs = torch.softmax(member_logits.float(), dim=1)
                 if axes:
                     probs = torch.flip(probs, axes)
-                member = probs if member is None else member + probs
-            member = member / len(flips)
-            total = member if total is None else total + member
-            if len(networks) > 1:
-                entropy = normalised_entropy(member[0].float().cpu().numpy())
-                member_entropy = entropy if member_entropy is None else member_entropy + entropy
-        total = total / len(networks)
-    if member_entropy is not None:
-        member_entropy = torch.from_numpy(member_entropy / len(networks))
+                sums[index] = probs if sums[index] is None else sums[index] + probs
+        members = [s / len(flips) for s in sums]
+        total = sum(members[1:], members[0]) / len(members)
+    member_entropy = None
+    if len(networks) > 1:
+        entropies = [normalised_entropy(m[0].float().cpu().numpy()) for m in members]
+        member_entropy = torch.from_numpy(np.mean(entropies, axis=0).astype(np.float32))
     return total[0].float().cpu(), member_entropy
 
 
@@ -193,12 +309,15 @@ def stage1_probabilities(
     item: dict,
     params: dict,
     device: torch.device,
+    inp: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """Read one study's input and segment it: ``(input, probs (C, ...), internal labels)``.
+    """Read one study's input (unless ``inp``, ``load_study_input``'s result, is given) and
+    segment it: ``(input, probs (C, ...), internal labels)``.
 
-    Labels and probabilities are zero (background) outside the brain mask."""
+    Labels are zero (background) outside the brain mask."""
     study_id = str(item["study_id"])
-    inp = load_study_input(item, meta["channels"])
+    if inp is None:
+        inp = load_study_input(item, meta["channels"])
     brain = inp["brain"]
     if not brain.any():
         raise StudyError(
@@ -206,7 +325,7 @@ def stage1_probabilities(
         )
     sw_params = {**params, "patch_size": meta["patch_size"]}
     probs, member_entropy = ensemble_predict(
-        networks, torch.from_numpy(inp["image"]), sw_params, device
+        networks, torch.from_numpy(inp["image"]), sw_params, device, brain=brain
     )
     probs = probs.numpy()
     if member_entropy is not None:
@@ -228,7 +347,11 @@ def foreground_probability(probs: np.ndarray, brain: np.ndarray) -> np.ndarray:
 PostProcess = Callable[[dict, dict, np.ndarray, np.ndarray], tuple[np.ndarray, dict]]
 
 
-def predict_study(
+# One output file of a study: (path, array, affine, dtype).
+OutputFile = tuple[Path, np.ndarray, np.ndarray, Any]
+
+
+def segment_study(
     networks: Sequence[nn.Module],
     meta: dict,
     item: dict,
@@ -236,11 +359,12 @@ def predict_study(
     params: dict,
     device: torch.device,
     postprocess: PostProcess | None = None,
-) -> dict[str, Any]:
-    """Segment one study with a loaded ensemble, write its outputs, return its row."""
+    inp: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], list[OutputFile]]:
+    """Segment one study with a loaded ensemble: its row and its output files (not written)."""
     study_id = str(item["study_id"])
     start = time.perf_counter()
-    inp, probs, pred = stage1_probabilities(networks, meta, item, params, device)
+    inp, probs, pred = stage1_probabilities(networks, meta, item, params, device, inp)
     brain = inp["brain"]
     extra: dict[str, Any] = {}
     if postprocess is not None:
@@ -251,15 +375,94 @@ def predict_study(
     affine = inp["affine"]
     voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
     out_dir = Path(out_root) / study_id
-    save_nifti(out_dir / "pred.nii.gz", pred, affine, dtype=np.uint8)
-    save_nifti(out_dir / "fg_prob.nii.gz", fg_prob, affine, dtype=np.float32)
+    files = [
+        (out_dir / "pred.nii.gz", pred.astype(np.uint8), affine, np.uint8),
+        (out_dir / "fg_prob.nii.gz", fg_prob, affine, np.float32),
+    ]
     row = {"study_id": study_id, **uncertainty_scores(probs, pred, brain, voxel_mm3), **extra}
     if "member_entropy" in inp:
         # Fold-ensemble disagreement: mutual information = entropy of the mean - mean entropy.
         disagreement = normalised_entropy(probs) - inp["member_entropy"]
         row["uncertainty_disagreement"] = float(disagreement[brain].mean())
     row["seconds"] = round(time.perf_counter() - start, 3)
+    return row, files
+
+
+def write_outputs(files: Sequence[OutputFile]) -> None:
+    for path, data, affine, dtype in files:
+        save_nifti(path, data, affine, dtype=dtype)
+
+
+def predict_study(
+    networks: Sequence[nn.Module],
+    meta: dict,
+    item: dict,
+    out_root: str | os.PathLike,
+    params: dict,
+    device: torch.device,
+    postprocess: PostProcess | None = None,
+) -> dict[str, Any]:
+    """Segment one study with a loaded ensemble, write its outputs, return its row."""
+    row, files = segment_study(networks, meta, item, out_root, params, device, postprocess)
+    write_outputs(files)
     return row
+
+
+def overlapped(
+    items: Sequence[Any],
+    load: Callable[[Any], Any],
+    compute: Callable[[Any, Any], Any],
+    write: Callable[[Any], None],
+    enabled: bool = True,
+) -> Iterator[tuple[Any, Any, Exception | None]]:
+    """``(item, compute(item, load(item)), None)`` per item in order, after ``write`` of the
+    result returned; ``(item, None, error)`` when any of the three raised for that item.
+
+    With ``enabled``, the next item is loaded in a reader thread and the previous result is
+    written in a writer thread while this one computes (nibabel's gzip, numpy and torch
+    release the GIL), so a shard's I/O hides behind its compute; at most one study is held in
+    each of the three stages.
+    """
+    if not enabled:
+        for item in items:
+            try:
+                result = compute(item, load(item))
+                write(result)
+            except Exception as exc:
+                yield item, None, exc
+                continue
+            yield item, result, None
+        return
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="metsflow-read") as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="metsflow-write") as writer,
+    ):
+        next_read = reader.submit(load, items[0]) if len(items) else None
+        pending = None  # (item, result, write future) of the previous item
+        for index, item in enumerate(items):
+            read = next_read
+            next_read = reader.submit(load, items[index + 1]) if index + 1 < len(items) else None
+            try:
+                result, error = compute(item, read.result()), None
+            except Exception as exc:
+                result, error = None, exc
+            if pending is not None:
+                yield _written(*pending)
+            pending = None
+            if error is not None:
+                yield item, None, error
+            else:
+                pending = (item, result, writer.submit(write, result))
+        if pending is not None:
+            yield _written(*pending)
+
+
+def _written(item: Any, result: Any, future) -> tuple[Any, Any, Exception | None]:
+    try:
+        future.result()
+    except Exception as exc:
+        return item, None, exc
+    return item, result, None
 
 
 def predict_items(
@@ -292,25 +495,33 @@ def predict_items(
             checkpoints, params.get("channels"), device, params.get("label_mode")
         )
     rows = []
-    for item in items:
+    for item, result, exc in overlapped(
+        items,
+        load=lambda item: load_study_input(item, meta["channels"]),
+        compute=lambda item, inp: segment_study(
+            networks, meta, item, out_root, params, device, inp=inp
+        ),
+        write=lambda result: write_outputs(result[1]),
+        enabled=lever_settings(params, device)["prefetch"],
+    ):
         study_id = str(item["study_id"])
-        try:
-            row = predict_study(networks, meta, item, out_root, params, device)
-        except StudyError as exc:
-            if on_error is None:
-                raise
-            on_error(exc)
-            continue
-        except (RuntimeError, ValueError, OSError) as exc:
+        if exc is not None:
+            if not isinstance(exc, StudyError | RuntimeError | ValueError | OSError):
+                raise exc
             # Anything else that goes wrong with one study's data (odd shapes, unreadable
             # files, out of memory on a huge volume) is reported against that study.
-            err = StudyError(
-                study_id, f"inference failed: {type(exc).__name__}: {exc}", item.get("prep_dir")
-            )
+            err = exc
+            if not isinstance(exc, StudyError):
+                err = StudyError(
+                    study_id,
+                    f"inference failed: {type(exc).__name__}: {exc}",
+                    item.get("prep_dir"),
+                )
             if on_error is None:
-                raise err from exc
+                raise err from (None if err is exc else exc)
             on_error(err)
             continue
+        row = result[0]
         log.info(
             "%s: %d lesion(s), %.0f mm3, entropy %.4f, %.1f s",
             study_id,

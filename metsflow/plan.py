@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from metsflow.cohort import Cohort
@@ -64,16 +65,21 @@ def choose_validation_patients(cohort: Cohort, settings: PlanSettings) -> list[s
     return [p for p in labelled if p in chosen]
 
 
-def _chunk_patients(cohort: Cohort, size: int, prefix: str) -> dict[str, str]:
-    """Map patient -> shard id, filling shards with whole patients up to ~``size`` studies."""
+def _pack_patients(counts: Iterable[tuple[str, int]], size: int, prefix: str) -> dict[str, str]:
+    """Map patient -> shard id, filling shards in order with whole patients (``counts``:
+    (patient, studies) pairs) up to ~``size`` studies."""
     shard_of: dict[str, str] = {}
     index, filled = 0, 0
-    for patient, studies in cohort.patients.items():
-        if filled and filled + len(studies) > size:
+    for patient, count in counts:
+        if filled and filled + count > size:
             index, filled = index + 1, 0
         shard_of[patient] = f"{prefix}{index:04d}"
-        filled += len(studies)
+        filled += count
     return shard_of
+
+
+def _chunk_patients(cohort: Cohort, size: int, prefix: str) -> dict[str, str]:
+    return _pack_patients(((p, len(s)) for p, s in cohort.patients.items()), size, prefix)
 
 
 def build_plan(cohort: Cohort, settings: PlanSettings) -> pd.DataFrame:
@@ -139,3 +145,81 @@ def dry_run_job_counts(stdout: str) -> dict[str, int]:
             continue
         counts[match.group(1)] = int(match.group(2))
     return counts
+
+
+# --- Candidate subsets: which pool studies a round's models segment ------------------------
+#
+# Why: at 11,892 studies every round re-segmented the whole pool with the round's models
+# (1,146 of the campaign's 2,841 jobs, most of its GPU-hours), although acquisition only picks
+# ``batch_size`` (150) of them. With ``active_learning.candidates: N`` the models of round r < R
+# segment the validation studies (always: they measure the round) and a seeded, patient-stratified
+# subset of N pool studies, from which round r + 1 selects; the final round's models segment the
+# whole pool once, for the final labels. ``all`` keeps segmenting the whole pool every round.
+
+ALL_CANDIDATES = "all"
+
+
+def candidate_seed(seed: int, selection_round: int) -> list[int]:
+    """The random seed of round ``selection_round``'s candidates (recorded with them)."""
+    return [int(seed), int(selection_round)]
+
+
+def candidate_studies(
+    plan: pd.DataFrame, candidates: int | str, seed: int, selection_round: int
+) -> pd.DataFrame:
+    """Pool rows (plan order) that round ``selection_round`` selects its batch from.
+
+    Patient-stratified: patients are visited in a seeded random order and each gives one
+    (randomly chosen) study per pass, so N candidates come from min(N, pool patients) different
+    patients, and a patient with many time points is not over-represented.
+    ``candidates`` >= the pool size, or ``all``, returns the whole pool.
+    """
+    pool = plan[plan.role == "pool"]
+    if candidates == ALL_CANDIDATES or int(candidates) >= len(pool):
+        return pool
+    n = int(candidates)
+    rng = np.random.default_rng(candidate_seed(seed, selection_round))
+    by_patient = {p: list(rows.study_id) for p, rows in pool.groupby("patient_id", sort=False)}
+    patients = list(by_patient)
+    rng.shuffle(patients)
+    for studies in by_patient.values():
+        rng.shuffle(studies)
+    chosen: set[str] = set()
+    depth = 0
+    while len(chosen) < n:
+        for patient in patients:
+            if depth < len(by_patient[patient]):
+                chosen.add(by_patient[patient][depth])
+                if len(chosen) == n:
+                    break
+        depth += 1
+    return pool[pool.study_id.isin(chosen)]
+
+
+def round_inference_plan(
+    plan: pd.DataFrame,
+    round_index: int,
+    final_round: int,
+    candidates: int | str,
+    seed: int,
+    gpu_shard_size: int,
+) -> pd.DataFrame:
+    """The studies round ``round_index``'s models segment, with the GPU shard of each.
+
+    The final round, and every round with ``candidates: all``, segments every validation and
+    pool study in the plan's own GPU shards (``gpu_shard``). Otherwise the validation studies
+    and round r + 1's candidates are packed (whole patients, plan order) into
+    ``ceil(n / gpu_shard_size)``-ish shards of their own, so a round costs ~(validation + N) / 64
+    jobs instead of one job per plan shard.
+    """
+    segmented = plan[plan.role != "seed"]
+    if round_index >= final_round or candidates == ALL_CANDIDATES:
+        return segmented
+    chosen = candidate_studies(plan, candidates, seed, round_index + 1)
+    if len(chosen) == (segmented.role == "pool").sum():
+        return segmented
+    rows = segmented[(segmented.role == "validation") | segmented.study_id.isin(chosen.study_id)]
+    counts = rows.groupby("patient_id", sort=False).size()
+    rows = rows.copy()
+    rows["gpu_shard"] = rows.patient_id.map(_pack_patients(counts.items(), gpu_shard_size, "g"))
+    return rows

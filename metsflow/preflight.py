@@ -45,6 +45,7 @@ class Run:
 
     cohort: Cohort
     plan: pd.DataFrame
+    plan_settings: PlanSettings
     target: pd.DataFrame
     warnings: list[str]
 
@@ -231,4 +232,10 @@ def prepare_run(config: dict) -> Run:
             "fail; label at least two patients (one trains, one validates), or name them in "
             "validation.patients"
         )
-    return Run(cohort=cohort, plan=plan, target=target, warnings=warnings)
+    return Run(
+        cohort=cohort,
+        plan=plan,
+        plan_settings=PlanSettings.from_config(config),
+        target=target,
+        warnings=warnings,
+    )

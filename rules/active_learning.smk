@@ -16,6 +16,29 @@
 include: "active_learning_common.smk"
 
 
+# The pool studies round r selects from (active_learning.candidates: the seeded, patient-stratified
+# subset that round r - 1's models segmented, or the whole pool), recorded with its seed.
+rule round_candidates:
+    input:
+        plan=PLAN_TABLE,
+    output:
+        candidates=candidates_table("{round}"),
+    log:
+        f"{RESULTS}/logs/active_learning/candidates_round_{{round}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/active_learning/candidates_round_{{round}}.tsv"
+    wildcard_constraints:
+        round=r"[1-9]\d*",
+    localrule: True
+    conda:
+        "../envs/imaging.yaml"
+    params:
+        candidates=CANDIDATES,
+        seed=config["seed"],
+    script:
+        "../scripts/round_candidates.py"
+
+
 checkpoint select_batch:
     input:
         unpack(selection_inputs),

@@ -45,6 +45,6 @@ def final_label_inputs(wildcards):
     return {
         "plan": PLAN_TABLE,
         "model": model_path(FINAL_ROUND),
-        "predictions": [prediction_manifest(FINAL_ROUND, g) for g in POOL_GPU_SHARDS],
+        "predictions": round_prediction_manifests(FINAL_ROUND, "pool"),
         "annotations": [annotation_table(k) for k in ROUNDS[1:]],
     }

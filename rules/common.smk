@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from metsflow.active_learning.burden import BURDEN_NAME
+from metsflow.plan import round_inference_plan
 from metsflow.preflight import RunError, prepare_run
 
 try:
@@ -24,6 +25,7 @@ RESULTS = config["results"]
 ROUNDS = list(range(int(config["active_learning"]["rounds"]) + 1))
 COHORT = _RUN.cohort
 PLAN = _RUN.plan
+PLAN_SETTINGS = _RUN.plan_settings
 # A subset run keeps the full-cohort plan (so shard ids and roles do not move) and only targets
 # the shards that hold the chosen studies.
 TARGET = _RUN.target
@@ -38,6 +40,26 @@ VALIDATION_GPU_SHARDS = sorted(
 )
 POOL_GPU_SHARDS = sorted(PLAN.loc[PLAN.role == "pool", "gpu_shard"].unique())
 SEED_SHARDS = sorted(PLAN.loc[PLAN.role == "seed", "shard"].unique())
+# Per round: the studies its models segment, by GPU shard (metsflow.plan.round_inference_plan):
+# with active_learning.candidates: N, rounds before the last segment the validation studies and
+# the next round's N candidates in shards of their own; the last round (and `all`) segments
+# every validation and pool study in the plan's GPU shards.
+CANDIDATES = config["active_learning"].get("candidates", "all")
+ROUND_INFER_SHARDS = {
+    r: dict(
+        tuple(
+            round_inference_plan(
+                PLAN,
+                r,
+                ROUNDS[-1],
+                CANDIDATES,
+                PLAN_SETTINGS.seed,
+                PLAN_SETTINGS.gpu_shard_size,
+            ).groupby("gpu_shard")
+        )
+    )
+    for r in ROUNDS
+}
 
 PLAN_TABLE = f"{RESULTS}/plan/cohort.tsv"
 
@@ -131,6 +153,20 @@ def prediction_manifest(r, gpu_shard):
     return f"{prediction_root(r)}/shards/{gpu_shard}.tsv"
 
 
+def round_prediction_manifests(r, role=None):
+    """Round r's inference manifests: every shard, or those holding studies of ``role``."""
+    shards = ROUND_INFER_SHARDS[int(r)]
+    return [
+        prediction_manifest(r, g)
+        for g in sorted(shards)
+        if role is None or (shards[g].role == role).any()
+    ]
+
+
+def candidates_table(r):
+    return f"{RESULTS}/rounds/round_{r}/candidates.tsv"
+
+
 def evaluation_summary(r):
     return f"{RESULTS}/rounds/round_{r}/evaluation/summary.json"
 
@@ -159,27 +195,35 @@ def train_inputs(wildcards):
     return inputs
 
 
+def infer_rows(wildcards):
+    """Plan rows of the studies round ``wildcards.round`` segments in ``wildcards.gpu_shard``."""
+    return ROUND_INFER_SHARDS[int(wildcards.round)][wildcards.gpu_shard]
+
+
 def infer_inputs(wildcards):
-    rows = STUDIES_BY_GPU_SHARD[wildcards.gpu_shard]
+    rows = infer_rows(wildcards)
     inputs = shard_manifests(rows["shard"])
     inputs["model"] = model_path(wildcards.round)
     return inputs
 
 
 @functools.cache
-def _gpu_shard_records(gpu_shard):
-    rows = STUDIES_BY_GPU_SHARD[gpu_shard]
-    return rows[rows.role != "seed"].to_dict("records")
+def _gpu_shard_records(r, gpu_shard):
+    rows = ROUND_INFER_SHARDS[r][gpu_shard]
+    return rows[["study_id", "patient_id", "role"]].to_dict("records")
 
 
 def gpu_shard_records(wildcards):
-    # Cached: every round's infer job of a shard asks for the same rows (DataFrame.to_dict per
-    # job was seconds of a cohort dry run).
-    return [dict(row) for row in _gpu_shard_records(wildcards.gpu_shard)]
+    # Cached: Snakemake evaluates params more than once per job (DataFrame.to_dict per job was
+    # seconds of a cohort dry run).
+    return [
+        dict(row)
+        for row in _gpu_shard_records(int(wildcards.round), wildcards.gpu_shard)
+    ]
 
 
 def evaluation_inputs(wildcards):
-    return [prediction_manifest(wildcards.round, g) for g in VALIDATION_GPU_SHARDS]
+    return round_prediction_manifests(wildcards.round, "validation")
 
 
 def validation_records(wildcards):
@@ -194,7 +238,8 @@ def selection_inputs(wildcards):
     r = int(wildcards.round)
     return {
         "plan": PLAN_TABLE,
-        "predictions": [prediction_manifest(r - 1, g) for g in POOL_GPU_SHARDS],
+        "predictions": round_prediction_manifests(r - 1, "pool"),
+        "candidates": candidates_table(r),
         "previous": [selection_table(k) for k in range(1, r)],
         "evaluation": evaluation_summary(r - 1),
     }
@@ -338,6 +383,8 @@ def previous_round_predictions(wildcards):
     r = int(wildcards.round)
     if r == 0:
         return {}
+    # With candidate subsets a shard id of round r - 1 may hold other studies, or none: only
+    # the studies listed in that manifest are reused, the others are segmented.
     return {
         "models": round_model_files(r - 1),
         "out_root": f"{RESULTS}/rounds/round_{r - 1}/predictions",

@@ -71,9 +71,7 @@ rule compare_rounds:
 rule longitudinal_response:
     input:
         plan=PLAN_TABLE,
-        predictions=lambda wc: [
-            prediction_manifest(wc.round, g) for g in PREDICTED_GPU_SHARDS
-        ],
+        predictions=lambda wc: round_prediction_manifests(wc.round),
         registered=[REGISTER_TABLE],
         preprocessed=[PREPROCESS_TABLE],
     output:

@@ -1,5 +1,6 @@
-# Inference per GPU shard: the models load once per job and segment every validation and pool
-# study of the shard; outputs go back to the native T1c grid. Fold models, stage 2 and the
+# Inference per GPU shard: the models load once per job and segment the shard's validation and
+# pool studies (with active_learning.candidates, a round's candidate subset: ROUND_INFER_SHARDS in
+# rules/common.smk); outputs go back to the native T1c grid. Fold models, stage 2 and the
 # re-segmentation model join in when the train config enables them (rules/train.smk).
 
 
@@ -17,7 +18,7 @@ rule infer_shard:
     threads: config["threads"]["infer"]
     resources:
         mem_mb=16000,
-        runtime=lambda wc: 10 + len(STUDIES_BY_GPU_SHARD[wc.gpu_shard]),
+        runtime=lambda wc: 10 + len(infer_rows(wc)),
         gpu=1,
     params:
         studies=gpu_shard_records,

@@ -56,7 +56,7 @@ rule report_figures:
         per_study=[evaluation_table(r) for r in ROUNDS],
         lesions=evaluation_table(FINAL_ROUND, "lesions"),
         response=longitudinal_table(FINAL_ROUND, "response"),
-        predictions=[prediction_manifest(FINAL_ROUND, g) for g in VALIDATION_GPU_SHARDS],
+        predictions=round_prediction_manifests(FINAL_ROUND, "validation"),
     output:
         f1_plot=report(
             f"{RESULTS}/report/lesion_f1_per_round.png",

@@ -13,4 +13,5 @@ with job_logging(snakemake.log[0]):
         seed=snakemake.params.seed,
         label_store=snakemake.params.label_store,
         out_selection=snakemake.output.selection,
+        candidates_path=snakemake.input.candidates,
     )

@@ -24,10 +24,13 @@ def run_select_batch(
     seed: int,
     label_store: str,
     out_selection: str,
+    candidates_path: str | None = None,
 ) -> pd.DataFrame:
     """Pick round ``round_index``'s batch from the pool predictions of the previous model.
 
     Stops (an empty batch) once the previous round's validation Dice reaches the threshold.
+    ``candidates_path``: the round's recorded candidates (``run_round_candidates``); only those
+    are eligible, even if a reused prediction manifest lists other pool studies.
     """
     from metsflow.active_learning.labelstore import LabelStore
 
@@ -44,6 +47,9 @@ def run_select_batch(
         return pd.DataFrame(columns=SELECTION_COLUMNS)
     candidates = read_manifests(prediction_manifests)
     candidates = candidates[(candidates.status == "ok") & (candidates.role == "pool")]
+    if candidates_path:
+        recorded = pd.read_csv(candidates_path, sep="\t", dtype={"study_id": str}).study_id
+        candidates = candidates[candidates.study_id.isin(set(recorded))]
     exclude = set(LabelStore(label_store).all_confirmed())
     for path in previous_selections:
         exclude |= set(pd.read_csv(path, sep="\t", dtype=str).study_id)
@@ -58,6 +64,36 @@ def run_select_batch(
     write_table(out_selection, batch)
     log.info("round %d: selected %d studies (%s)", round_index, len(batch), settings["strategy"])
     return batch
+
+
+CANDIDATE_COLUMNS = ["study_id", "patient_id", "round", "candidates", "seed"]
+
+
+def run_round_candidates(
+    selection_round: int, plan_path: str, candidates: int | str, seed: int, out_candidates: str
+) -> pd.DataFrame:
+    """Write the pool studies round ``selection_round`` selects from, with the setting and the
+    seed that drew them (``metsflow.plan.candidate_studies``; the same function decides, at
+    planning, which studies the previous round's models segment)."""
+    from metsflow.plan import candidate_seed, candidate_studies
+
+    plan = pd.read_csv(plan_path, sep="\t", dtype=str, keep_default_na=False)
+    chosen = candidate_studies(plan, candidates, seed, selection_round)
+    table = chosen[["study_id", "patient_id"]].assign(
+        round=selection_round,
+        candidates=str(candidates),
+        seed=":".join(map(str, candidate_seed(seed, selection_round))),
+    )
+    write_table(out_candidates, table[CANDIDATE_COLUMNS])
+    log.info(
+        "round %d: %d of %d pool studies are candidates (candidates: %s, seed %s)",
+        selection_round,
+        len(table),
+        int((plan.role == "pool").sum()),
+        candidates,
+        table.seed.iloc[0] if len(table) else seed,
+    )
+    return table
 
 
 def _study_index(records: list[dict]) -> dict[str, Study]:

@@ -15,7 +15,6 @@ import os
 import shutil
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from metsflow.io import StudyError, save_nifti
@@ -60,7 +59,14 @@ def run_infer_shard(
     ``previous``: the previous round's ``models``, ``out_root`` and ``manifest`` of this shard;
     when this round's models are byte-identical to those (a round after the stop criterion keeps
     its model), a study's previous outputs are copied instead of segmenting it again."""
-    from metsflow.infer import load_ensemble, predict_study
+    from metsflow.infer import (
+        lever_settings,
+        load_ensemble,
+        overlapped,
+        segment_study,
+        write_outputs,
+    )
+    from metsflow.models import load_study_input
     from metsflow.postprocess import CascadePostProcess
     from metsflow.preprocess import to_native
 
@@ -79,52 +85,74 @@ def run_infer_shard(
     postprocess = CascadePostProcess.from_checkpoints(
         meta["channels"], stage2_model, reseg_models, settings, device
     )
-    rows = []
+    rows: dict[str, dict] = {}
+    items = []
     for record in studies:
         study_id, patient = record["study_id"], record["patient_id"]
         base = {"study_id": study_id, "patient_id": patient, "role": record["role"]}
         if study_id not in ok:
-            rows.append({**base, "status": "skipped", "problem": "preprocessing failed"})
-            continue
-        if study_id in reusable:
+            rows[study_id] = {**base, "status": "skipped", "problem": "preprocessing failed"}
+        elif study_id in reusable:
             try:
                 _copy_study_outputs(
                     Path(previous["out_root"]) / study_id, Path(out_root) / study_id
                 )
             except OSError as exc:  # e.g. a stale folder that cannot be replaced: this study
                 problem = f"study {study_id}: previous prediction cannot be reused: {exc}"
-                rows.append({**base, "status": "failed", "problem": problem})
-                continue
-            rows.append({**base, **reusable[study_id], "seconds": 0.0})
-            continue
-        prep_dir = Path(prep_root) / study_id
-        prior = Path(reg_root) / study_id / "prior.nii.gz"
-        item = {
-            "study_id": study_id,
-            "prep_dir": str(prep_dir),
-            "prior": str(prior) if prior.exists() else None,
-        }
-        try:
-            scores = predict_study(networks, meta, item, out_root, settings, device, postprocess)
-            pred_path = Path(out_root) / study_id / "pred.nii.gz"
-            native = to_native(np.asarray(nib.load(str(pred_path)).dataobj), prep_dir)
-            save_nifti(
-                pred_path.with_name("pred_native.nii.gz"),
-                np.asarray(native.dataobj),
-                native.affine,
-                dtype=np.uint8,
+                rows[study_id] = {**base, "status": "failed", "problem": problem}
+            else:
+                rows[study_id] = {**base, **reusable[study_id], "seconds": 0.0}
+        else:
+            prior = Path(reg_root) / study_id / "prior.nii.gz"
+            items.append(
+                {
+                    **base,
+                    "prep_dir": str(Path(prep_root) / study_id),
+                    "prior": str(prior) if prior.exists() else None,
+                }
             )
-        except StudyError as exc:
+
+    def write(result) -> None:
+        # The study's outputs on the preprocessed grid, then the prediction on its native grid.
+        row, files = result
+        write_outputs(files)
+        pred_path, pred = files[0][0], files[0][1]
+        native = to_native(pred, row["prep_dir"])
+        save_nifti(
+            pred_path.with_name("pred_native.nii.gz"),
+            np.asarray(native.dataobj),
+            native.affine,
+            dtype=np.uint8,
+        )
+
+    def compute(item, inp):
+        row, files = segment_study(
+            networks, meta, item, out_root, settings, device, postprocess, inp
+        )
+        return {**row, "prep_dir": item["prep_dir"]}, files
+
+    # The next study is read and the previous one written while this one computes
+    # (infer.prefetch; metsflow.infer.overlapped).
+    for item, result, exc in overlapped(
+        items,
+        load=lambda item: load_study_input(item, meta["channels"]),
+        compute=compute,
+        write=write,
+        enabled=lever_settings(settings, device)["prefetch"],
+    ):
+        study_id = item["study_id"]
+        base = {k: item[k] for k in ("study_id", "patient_id", "role")}
+        if isinstance(exc, StudyError):
             log.error("%s", exc)
-            rows.append({**base, "status": "failed", "problem": str(exc)})
-            continue
-        except Exception as exc:  # one study's failure must not stop the shard
-            log.exception("study %s: inference failed", study_id)
+            rows[study_id] = {**base, "status": "failed", "problem": str(exc)}
+        elif exc is not None:  # one study's failure must not stop the shard
+            log.error("study %s: inference failed", study_id, exc_info=exc)
             problem = f"study {study_id}: inference failed: {type(exc).__name__}: {exc}"
-            rows.append({**base, "status": "failed", "problem": problem})
-            continue
-        scores.pop("study_id", None)
-        rows.append({**base, "status": "ok", "problem": "", **scores})
+            rows[study_id] = {**base, "status": "failed", "problem": problem}
+        else:
+            scores = {k: v for k, v in result[0].items() if k not in ("study_id", "prep_dir")}
+            rows[study_id] = {**base, "status": "ok", "problem": "", **scores}
+    rows = [rows[record["study_id"]] for record in studies]
     write_manifest(manifest, rows, extra_columns=["role", *SCORE_COLUMNS])
     return rows
 
