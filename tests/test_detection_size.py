@@ -297,14 +297,18 @@ def test_round_tables_status_and_report(tmp_path):
     assert out["by_size"]["round"].eq(1).all() and len(out["froc"]) == 2
     summary = out["summary"]
     assert summary["fp_per_patient"] == pytest.approx(0.75) and summary["n_patients"] == 4
-    assert summary["sensitivity_by_size"]["3-10 mm"]["n_detected"] == 1
+    by_size = summary["sensitivity_by_size"]
+    assert [b["size_bin"] for b in by_size] == [*LABELS, "all"]
+    assert by_size[1]["n_detected"] == 1
 
     evaluation = tmp_path / "results" / "rounds" / "round_1" / "evaluation"
     write_json(evaluation / "summary.json", {"round": 1, **summary})
     write_table(evaluation / "detection_by_size.tsv", out["by_size"])
     write_table(evaluation / "froc.tsv", out["froc"])
     text = detection_status(tmp_path / "results")
-    assert "< 3 mm" in text and "0/2 0.00 [0.00-0.66]" in text and "1/3 0.33" in text
+    header = text.splitlines()[1]
+    assert header.index("< 3 mm") < header.index("3-10 mm") < header.index(">= 10 mm")
+    assert "0/2 0.00 [0.00-0.66]" in text and "1/3 0.33" in text
     assert text.splitlines()[-1].split()[-2:] == ["0.75", "0.60"]
     assert detection_status(tmp_path / "nothing") == ""
 

@@ -315,7 +315,7 @@ def detection_status(results_dir: str | os.PathLike) -> str:
             data = io.read_json(path)
         except (OSError, json.JSONDecodeError):
             continue  # round_status's note already says so
-        by_size = data.get("sensitivity_by_size") or {}
+        by_size = {e["size_bin"]: e for e in data.get("sensitivity_by_size") or []}
         if not by_size:
             continue
         bins += [b for b in by_size if b not in bins]

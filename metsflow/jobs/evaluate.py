@@ -157,8 +157,10 @@ def detection_summary(
     by_size.insert(0, "round", round_index)
     curve.insert(0, "round", round_index)
     summary = {
-        "sensitivity_by_size": {
-            row.size_bin: {
+        # A list, smallest bin first (JSON objects are written with sorted keys).
+        "sensitivity_by_size": [
+            {
+                "size_bin": row.size_bin,
                 "n_ref_lesions": int(row.n_ref_lesions),
                 "n_detected": int(row.n_detected),
                 "sensitivity": None if pd.isna(row.sensitivity) else float(row.sensitivity),
@@ -168,7 +170,7 @@ def detection_summary(
                 ],
             }
             for row in by_size.itertuples()
-        },
+        ],
         **{k: rates[k] for k in ("n_patients", "fp_per_study", "fp_per_patient") if k in rates},
     }
     return {"by_size": by_size, "froc": curve, "summary": summary}
