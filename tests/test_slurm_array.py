@@ -20,8 +20,8 @@ from test_slurm import slurm_cluster  # noqa: F401  (fixture: a running SLURM)
 from metsflow.cohort import read_sheet
 from metsflow.plan import PlanSettings, build_plan, round_inference_plan
 
-# Measured: ~12 min on the 2-core development machine with ~15 other processes running (ANTs
-# registration of three shards dominates); the whole-demo SLURM test allows 900 s.
+# Measured on the 2-core development machine: 460 s idle-ish, 1,035 s with ~15 other processes
+# (ANTs registration of three shards dominates); the whole-demo SLURM test allows 900 s.
 PIPELINE_LIMIT_S = 1800
 
 
