@@ -18,8 +18,11 @@ import pandas as pd
 import pytest
 from conftest import REPO
 
+from metsflow.cohort import read_sheet
+from metsflow.plan import PlanSettings, build_plan, round_inference_plan
+
 SLURM_DIR = REPO / "tests" / "slurm"
-PIPELINE_LIMIT_S = 900
+PIPELINE_LIMIT_S = 1800
 # Fixed (not per-test) so a cluster this file started earlier is found again, not duplicated.
 STATE_DIR = Path("/tmp/metsflow-slurm-ci/state")
 
@@ -54,28 +57,41 @@ def slurm_cluster():
 
 @pytest.mark.slow
 def test_demo_pipeline_runs_through_the_slurm_profile(tmp_path, tiny_config, slurm_cluster):
+    """Round 0 (preprocess, register, train, infer, evaluate, report) through profiles/slurm:
+    every non-local job goes through sbatch, the GPU rules get a GPU, and the shard rules go in
+    as job arrays (`slurm-array-jobs`). One run covers both: each SLURM scheduling wave costs
+    ~10-14 s, and two separate runs doubled the suite's SLURM time (533 s for the pair)."""
     from metsflow.phantom import make_demo_cohort
 
     demo = tmp_path / "demo"
-    # Two patients: one validation, one seed; one CPU shard, one GPU shard.
+    # Three patients (seed, validation, one more) with two time points, one patient per CPU
+    # shard and per GPU shard: three preprocessing shards and two inference shards, so
+    # `preprocess_shard` and `infer_shard` each go in as one `sbatch --array` of several tasks.
     make_demo_cohort(
-        demo, n_patients=2, n_timepoints=2, model_spacing=4.0, labelled_patients=2, seed=0
+        demo, n_patients=3, n_timepoints=2, model_spacing=4.0, labelled_patients=2, seed=0
     )
-    # Round 0 only (train, infer, evaluate, report): every rule kind incl. the GPU rules, fewer
-    # scheduling waves (each costs SLURM's ~10 s submit/poll cycle).
+    # Round 0 only: every rule kind incl. the GPU rules, fewer scheduling waves.
     # Skull-stripped phantoms: nonzero brain mask, no co-registration (ANTs is not under test).
     config = tiny_config(
         demo,
+        sharding={"cpu_shard_size": 2, "gpu_shard_size": 2},
+        validation={"fraction": 0.5},
         active_learning={"rounds": 0},
         preprocess={"coregister": "none", "brain_mask": "nonzero"},
     )
     results = tmp_path / "results"
+    plan = build_plan(
+        read_sheet(demo / "studies.tsv"),
+        PlanSettings(shard_size=2, gpu_shard_size=2, validation_fraction=0.5, seed=0),
+    )
+    infer_shards = sorted(round_inference_plan(plan, 0, 0, "all", 0, 2).gpu_shard.unique())
+    assert plan.shard.nunique() == 3 and len(infer_shards) == 2
     cmd = [
         "timeout", "-s", "KILL", str(PIPELINE_LIMIT_S),
         sys.executable, "-m", "snakemake",
         "--profile", "profiles/slurm",
         "--configfile", str(config),
-        "--jobs", "4",
+        "--jobs", "6",
         "--latency-wait", "5",
         "--slurm-init-seconds-before-status-checks", "2",
         "--slurm-logdir", str(tmp_path / "slurm_logs"),
@@ -85,34 +101,49 @@ def test_demo_pipeline_runs_through_the_slurm_profile(tmp_path, tiny_config, slu
     assert proc.returncode == 0, (
         f"snakemake via SLURM failed ({proc.returncode}):\n{output[-8000:]}"
     )
-
-    # Every non-local job went through sbatch: Snakemake names the SLURM job id of each, and
-    # slurmctld allocated and completed each of those ids.
-    slurm_ids = re.findall(r"has been submitted with SLURM jobid (\d+)", output)
+    print("\n".join(line for line in output.splitlines() if "ubmitted" in line and "SLURM" in line))
     ctld_log = slurm_cluster.read_text()
-    # preprocess, register, train, infer, evaluate (plan, quarantine and report are local rules)
-    assert len(slurm_ids) >= 5, output[-4000:]
+
+    # Single jobs: Snakemake names the SLURM job id of each, and slurmctld completed each.
+    slurm_ids = re.findall(r"has been submitted with SLURM jobid (\d+)", output)
+    # register x3, train (plan, quarantine, evaluate and report are local rules)
+    assert len(slurm_ids) >= 4, output[-4000:]
     for job_id in slurm_ids:
         assert re.search(rf"JobId={job_id} (done|WEXITSTATUS 0)", ctld_log), job_id
     # Each submission names its SLURM log, which the plugin files under rule_<rule>/.
     submitted_rules = set(re.findall(r"SLURM jobid \d+ \(log: \S*/(rule_\w+?)/", output))
-    assert {
-        "rule_preprocess_shard",
-        "rule_register_shard",
-        "rule_train_round",
-        "rule_infer_shard",
-    } <= submitted_rules, submitted_rules
+    assert {"rule_register_shard", "rule_train_round"} <= submitted_rules, submitted_rules
 
-    # The GPU rules were given the node's (fake) GPU. slurmctld keeps finished jobs for MinJobAge
-    # (300 s), long enough to still show the last round's inference job.
+    # Shard rules: one `sbatch --array` per rule, each task logged by the plugin as
+    # rule_<rule>/<array id>_<task>.log and completed by slurmctld (its log is the lasting
+    # record: `scontrol` forgets finished jobs after MinJobAge, 300 s).
+    arrays = re.findall(
+        r"Submitted array job with Snakemake IDs ([\d,]+) and SLURM job ID (\d+)\. "
+        r"The individual task IDs are (\d+)-(\d+)",
+        output,
+    )
+    assert len(arrays) == 2, output[-4000:]
+    for rule, shards in (("preprocess_shard", 3), ("infer_shard", 2)):
+        logs = sorted((tmp_path / "slurm_logs" / f"rule_{rule}").rglob("*_*.log"))
+        print(rule, [str(p.relative_to(tmp_path)) for p in logs])
+        tasks = [p.stem.split("_") for p in logs]
+        assert len({array for array, _ in tasks}) == 1, tasks  # one array for the rule
+        assert sorted(int(task) for _, task in tasks) == list(range(1, shards + 1)), tasks
+        for array, task in tasks:
+            assert re.search(rf"JobId={array}_{task}\(\d+\) (done|WEXITSTATUS 0)", ctld_log), (
+                f"{rule}: array task {array}_{task} did not complete"
+            )
+
+    # The GPU rules were given the node's (fake) GPU; CPU rules were not. slurmctld keeps
+    # finished jobs for MinJobAge (300 s), long enough to still show round 0's GPU jobs.
     jobs = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True)
+    print("\n".join(_job_summary(line) for line in jobs.stdout.splitlines()))
     gpu_rule_jobs = [
         line
         for line in jobs.stdout.splitlines()
         if re.search(r"Comment=rule_(infer_shard|train_round)_", line)
-        and re.search(r"JobId=(\d+)", line).group(1) in slurm_ids
     ]
-    assert gpu_rule_jobs, jobs.stdout[-3000:]
+    assert any("rule_train_round" in line for line in gpu_rule_jobs), jobs.stdout[-3000:]
     # SLURM 22.05 logs the request as TresPerJob=gres:gpu:1, newer releases as gres/gpu=1.
     assert all("gres:gpu:1" in line or "gres/gpu=1" in line for line in gpu_rule_jobs), (
         gpu_rule_jobs
@@ -128,7 +159,15 @@ def test_demo_pipeline_runs_through_the_slurm_profile(tmp_path, tiny_config, slu
     preprocessed = pd.concat(
         pd.read_csv(p, sep="\t") for p in (results / "preprocessed/shards").glob("*.tsv")
     )
-    assert (preprocessed.status == "ok").all() and len(preprocessed) == 4
+    assert (preprocessed.status == "ok").all() and len(preprocessed) == 6
+    for g in infer_shards:
+        assert (results / f"rounds/round_0/predictions/shards/{g}.tsv").stat().st_size > 0
+
+
+def _job_summary(line: str) -> str:
+    fields = dict(re.findall(r"(\w+)=(\S+)", line))
+    keys = ("JobId", "ArrayJobId", "ArrayTaskId", "JobName", "JobState", "Comment")
+    return " ".join(f"{k}={fields[k]}" for k in keys if k in fields)
 
 
 def slurm_setting(name: str) -> str:
