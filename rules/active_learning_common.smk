@@ -1,7 +1,6 @@
 # Named input functions of the active-learning rounds (rules/active_learning.smk).
 import sys
 
-FINAL_ROUND = ROUNDS[-1]
 FINAL_OUTPUTS = [
     f"{RESULTS}/final/labels.tsv",
     f"{RESULTS}/final/qa_review/manifest.csv",
