@@ -166,6 +166,15 @@ def _cell(value, kind: str = "") -> str:
     return str(value)
 
 
+def _aligned(header: list[str], table: list[list[str]]) -> list[str]:
+    """The header and rows as left-aligned columns two spaces apart (every status table)."""
+    widths = [max(len(header[i]), *(len(r[i]) for r in table)) for i in range(len(header))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *table]
+    ]
+
+
 def format_status(frame: pd.DataFrame) -> str:
     """Plain-text table of ``round_status`` for the terminal, with a one-line total."""
     if frame.empty:
@@ -203,9 +212,7 @@ def format_status(frame: pd.DataFrame) -> str:
                 note,
             ]
         )
-    widths = [max(len(header[i]), *(len(r[i]) for r in table)) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
+    lines = _aligned(header, table)
     selected = pd.to_numeric(frame["batch_size"], errors="coerce").sum()
     confirmed = pd.to_numeric(frame["confirmed"], errors="coerce").sum()
     pending = pd.to_numeric(frame["pending"], errors="coerce").sum()
@@ -263,13 +270,11 @@ def format_burden(frame: pd.DataFrame) -> str:
         ]
         for r in rows
     ]
-    widths = [max(len(BURDEN_HEADER[i]), *(len(r[i]) for r in table)) for i in range(len(table[0]))]
     lines = [
         "correction burden per round (confirmed label vs the round's pre-segmentation; "
         "median [IQR] over the batch; review_s: open -> save seconds, n/a without web saves):",
-        "  ".join(h.ljust(w) for h, w in zip(BURDEN_HEADER, widths, strict=True)).rstrip(),
+        *_aligned(BURDEN_HEADER, table),
     ]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
     return "\n".join(lines) + "\n"
 
 
@@ -340,11 +345,9 @@ def detection_status(results_dir: str | os.PathLike) -> str:
         ]
         for r, by_size, fpp, fps in rows
     ]
-    widths = [max(len(header[i]), *(len(r[i]) for r in table)) for i in range(len(header))]
     lines = [
         "lesion detection on validation (whole lesion; detected/reference sensitivity "
         "[Wilson 95% CI] by equivalent diameter):",
-        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
+        *_aligned(header, table),
     ]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
     return "\n".join(lines) + "\n"
