@@ -215,6 +215,7 @@ def _cmd_al_import(args) -> int:
     from metsflow.active_learning.labelstore import LabelStore
     from metsflow.active_learning.review import import_batch
     from metsflow.cohort import read_sheet
+    from metsflow.layout import Layout
 
     _workflow_paths(args)
     cohort = read_sheet(args.sheet)
@@ -222,9 +223,9 @@ def _cmd_al_import(args) -> int:
     if args.review_dir:
         review_dir = Path(args.review_dir)
     elif args.round is not None:
-        review_dir = Path(f"{args.results}/rounds/round_{args.round}/review")
+        review_dir = Path(Layout(args.results).review_dir(args.round))
     elif args.final:
-        review_dir = Path(f"{args.results}/final/qa_review")
+        review_dir = Path(Layout(args.results).final_review_dir)
     else:
         raise ValueError("say which review package: --round R, --final or --review-dir")
     results = import_batch(

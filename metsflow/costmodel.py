@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from metsflow.layout import Layout
+
 # Benchmark file (relative to the benchmarks folder) -> (stage, round or None, shard or None).
 _PATTERNS = [
     (re.compile(r"^preprocess/(?P<shard>s\d+)\.tsv$"), "preprocess"),
@@ -287,7 +289,8 @@ def read_run(benchmarks: str | Path, plan: str | Path | None = None) -> pd.DataF
     benchmarks = Path(benchmarks)
     if not benchmarks.is_dir():
         raise BenchmarkError(f"benchmarks folder {benchmarks} does not exist")
-    plan_path = Path(plan) if plan else benchmarks.parent / "plan" / "cohort.tsv"
+    layout = Layout(benchmarks.parent)  # the run's results folder holds its benchmarks
+    plan_path = Path(plan or layout.plan)
     if not plan_path.is_file():
         raise BenchmarkError(
             f"plan table {plan_path} not found: pass --plan (the run's results/plan/cohort.tsv)"
@@ -298,9 +301,7 @@ def read_run(benchmarks: str | Path, plan: str | Path | None = None) -> pd.DataF
             raise BenchmarkError(f"plan table {plan_path}: column '{column}' missing")
     bench = attach_shard_sizes(read_benchmarks(benchmarks), plan_table)
     for index, row in bench[bench.stage == "infer"].iterrows():
-        manifest = (
-            benchmarks.parent / f"rounds/round_{row['round']}/predictions/shards/{row['shard']}.tsv"
-        )
+        manifest = Path(layout.prediction_manifest(row["round"], row["shard"]))
         if manifest.is_file():
             bench.loc[index, "n_studies"] = len(pd.read_csv(manifest, sep="\t", dtype=str))
     return bench

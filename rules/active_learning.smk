@@ -20,13 +20,13 @@ include: "active_learning_common.smk"
 # subset that round r - 1's models segmented, or the whole pool), recorded with its seed.
 rule round_candidates:
     input:
-        plan=PLAN_TABLE,
+        plan=LAYOUT.plan,
     output:
-        candidates=candidates_table("{round}"),
+        candidates=LAYOUT.candidates("{round}"),
     log:
-        f"{RESULTS}/logs/active_learning/candidates_round_{{round}}.log",
+        LAYOUT.log("active_learning/candidates_round_{round}"),
     benchmark:
-        f"{RESULTS}/benchmarks/active_learning/candidates_round_{{round}}.tsv"
+        LAYOUT.benchmark("active_learning/candidates_round_{round}")
     wildcard_constraints:
         round=r"[1-9]\d*",
     localrule: True
@@ -43,11 +43,11 @@ checkpoint select_batch:
     input:
         unpack(selection_inputs),
     output:
-        selection=f"{RESULTS}/rounds/round_{{round}}/selection.tsv",
+        selection=LAYOUT.selection("{round}"),
     log:
-        f"{RESULTS}/logs/active_learning/select_round_{{round}}.log",
+        LAYOUT.log("active_learning/select_round_{round}"),
     benchmark:
-        f"{RESULTS}/benchmarks/active_learning/select_round_{{round}}.tsv"
+        LAYOUT.benchmark("active_learning/select_round_{round}")
     wildcard_constraints:
         round=r"[1-9]\d*",
     conda:
@@ -57,23 +57,23 @@ checkpoint select_batch:
         mem_mb=2000,
         runtime=30,
     params:
-        settings=config["active_learning"],
+        # Only what the selection reads: `rounds` or the QA sample size must not re-select.
+        settings=SETTINGS.active_learning.selection(),
         seed=config["seed"],
         label_store=config["label_store"],
-        pred_root=lambda wc: f"{RESULTS}/rounds/round_{int(wc.round) - 1}/predictions",
     script:
         "../scripts/select_batch.py"
 
 
 rule export_review:
     input:
-        selection=f"{RESULTS}/rounds/round_{{round}}/selection.tsv",
+        selection=LAYOUT.selection("{round}"),
     output:
-        manifest=f"{RESULTS}/rounds/round_{{round}}/review/manifest.csv",
+        manifest=LAYOUT.review_manifest("{round}"),
     log:
-        f"{RESULTS}/logs/active_learning/export_round_{{round}}.log",
+        LAYOUT.log("active_learning/export_round_{round}"),
     benchmark:
-        f"{RESULTS}/benchmarks/active_learning/export_round_{{round}}.tsv"
+        LAYOUT.benchmark("active_learning/export_round_{round}")
     wildcard_constraints:
         round=r"[1-9]\d*",
     conda:
@@ -84,23 +84,21 @@ rule export_review:
         runtime=30,
     params:
         studies=lambda wc: [study_record(s) for s in COHORT.studies],
-        pred_root=lambda wc: f"{RESULTS}/rounds/round_{int(wc.round) - 1}/predictions",
-        out_dir=lambda wc: f"{RESULTS}/rounds/round_{wc.round}/review",
-        model=lambda wc: model_path(int(wc.round) - 1),
+        model=lambda wc: LAYOUT.model(int(wc.round) - 1),
     script:
         "../scripts/export_review.py"
 
 
 rule collect_annotations:
     input:
-        selection=f"{RESULTS}/rounds/round_{{round}}/selection.tsv",
-        review=f"{RESULTS}/rounds/round_{{round}}/review/manifest.csv",
+        selection=LAYOUT.selection("{round}"),
+        review=LAYOUT.review_manifest("{round}"),
     output:
-        annotations=f"{RESULTS}/rounds/round_{{round}}/annotations.tsv",
+        annotations=LAYOUT.annotations("{round}"),
     log:
-        f"{RESULTS}/logs/active_learning/annotations_round_{{round}}.log",
+        LAYOUT.log("active_learning/annotations_round_{round}"),
     benchmark:
-        f"{RESULTS}/benchmarks/active_learning/annotations_round_{{round}}.tsv"
+        LAYOUT.benchmark("active_learning/annotations_round_{round}")
     wildcard_constraints:
         round=r"[1-9]\d*",
     conda:
@@ -114,7 +112,7 @@ rule collect_annotations:
         oracle_sheet=config.get("oracle_sheet", ""),
         label_store=config["label_store"],
         studies=lambda wc: [study_record(s) for s in COHORT.studies],
-        model=lambda wc: model_path(int(wc.round) - 1),
+        model=lambda wc: LAYOUT.model(int(wc.round) - 1),
     script:
         "../scripts/collect_annotations.py"
 
@@ -122,14 +120,14 @@ rule collect_annotations:
 # Measured, not required: training does not wait for it, and a rerun of it never retrains.
 rule correction_burden:
     input:
-        annotations=f"{RESULTS}/rounds/round_{{round}}/annotations.tsv",
-        review=f"{RESULTS}/rounds/round_{{round}}/review/manifest.csv",
+        annotations=LAYOUT.annotations("{round}"),
+        review=LAYOUT.review_manifest("{round}"),
     output:
-        table=burden_table("{round}"),
+        table=LAYOUT.burden("{round}"),
     log:
-        f"{RESULTS}/logs/active_learning/correction_burden_round_{{round}}.log",
+        LAYOUT.log("active_learning/correction_burden_round_{round}"),
     benchmark:
-        f"{RESULTS}/benchmarks/active_learning/correction_burden_round_{{round}}.tsv"
+        LAYOUT.benchmark("active_learning/correction_burden_round_{round}")
     wildcard_constraints:
         round=r"[1-9]\d*",
     conda:
@@ -140,7 +138,6 @@ rule correction_burden:
         runtime=30,
     params:
         label_store=config["label_store"],
-        review_dir=lambda wc, input: os.path.dirname(input.review),
     script:
         "../scripts/correction_burden.py"
 
@@ -149,12 +146,12 @@ rule final_labels:
     input:
         unpack(final_label_inputs),
     output:
-        labels=f"{RESULTS}/final/labels.tsv",
-        qa_sample=f"{RESULTS}/final/qa_sample.tsv",
+        labels=LAYOUT.final("labels.tsv"),
+        qa_sample=LAYOUT.final("qa_sample.tsv"),
     log:
-        f"{RESULTS}/logs/active_learning/final_labels.log",
+        LAYOUT.log("active_learning/final_labels"),
     benchmark:
-        f"{RESULTS}/benchmarks/active_learning/final_labels.tsv"
+        LAYOUT.benchmark("active_learning/final_labels")
     conda:
         "../envs/imaging.yaml"
     threads: 1
@@ -166,21 +163,20 @@ rule final_labels:
         sample_size=config["active_learning"]["final_validation_sample"],
         seed=config["seed"],
         label_store=config["label_store"],
-        pred_root=f"{RESULTS}/rounds/round_{FINAL_ROUND}/predictions",
     script:
         "../scripts/final_labels.py"
 
 
 rule export_final_qa:
     input:
-        selection=f"{RESULTS}/final/qa_sample.tsv",
-        model=model_path(FINAL_ROUND),
+        selection=LAYOUT.final("qa_sample.tsv"),
+        model=LAYOUT.model(FINAL_ROUND),
     output:
-        manifest=f"{RESULTS}/final/qa_review/manifest.csv",
+        manifest=LAYOUT.final_review_manifest,
     log:
-        f"{RESULTS}/logs/active_learning/export_final_qa.log",
+        LAYOUT.log("active_learning/export_final_qa"),
     benchmark:
-        f"{RESULTS}/benchmarks/active_learning/export_final_qa.tsv"
+        LAYOUT.benchmark("active_learning/export_final_qa")
     conda:
         "../envs/imaging.yaml"
     threads: 1
@@ -190,8 +186,6 @@ rule export_final_qa:
     params:
         round_index=FINAL_ROUND,
         studies=lambda wc: [study_record(s) for s in COHORT.studies],
-        pred_root=f"{RESULTS}/rounds/round_{FINAL_ROUND}/predictions",
-        out_dir=lambda wc, output: os.path.dirname(output.manifest),
     script:
         "../scripts/export_final_qa.py"
 

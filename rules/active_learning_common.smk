@@ -2,8 +2,8 @@
 import sys
 
 FINAL_OUTPUTS = [
-    f"{RESULTS}/final/labels.tsv",
-    f"{RESULTS}/final/qa_review/manifest.csv",
+    LAYOUT.final("labels.tsv"),
+    LAYOUT.final_review_manifest,
     *EXPORT_OUTPUTS,  # rules/export.smk: BIDS derivatives and DICOM SEG of the final labels
 ]
 
@@ -19,8 +19,8 @@ def round_target_inputs(r):
     """What `snakemake round_<r>` must produce: round r evaluated (and, for the last round, the
     final labels and QA export), or with people, everything up to the first unconfirmed batch.
     """
-    done = [evaluation_summary(r), model_path(r)]
-    done += [burden_table(k) for k in range(1, r + 1)]
+    done = [LAYOUT.evaluation_summary(r), LAYOUT.model(r)]
+    done += [LAYOUT.burden(k) for k in range(1, r + 1)]
     if r == FINAL_ROUND:
         done += FINAL_OUTPUTS
     if config["active_learning"]["annotator"] != "human":
@@ -36,14 +36,14 @@ def round_target_inputs(r):
                 f"`metsflow al import --round {k} --stage confirmed ...`.",
                 file=sys.stderr,
             )
-            return [burden_table(j) for j in range(1, k)] + [annotation_table(k)]
+            return [LAYOUT.burden(j) for j in range(1, k)] + [LAYOUT.annotations(k)]
     return done
 
 
 def final_label_inputs(wildcards):
     return {
-        "plan": PLAN_TABLE,
-        "model": model_path(FINAL_ROUND),
+        "plan": LAYOUT.plan,
+        "model": LAYOUT.model(FINAL_ROUND),
         "predictions": round_prediction_manifests(FINAL_ROUND, "pool"),
-        "annotations": [annotation_table(k) for k in ROUNDS[1:]],
+        "annotations": [LAYOUT.annotations(k) for k in ROUNDS[1:]],
     }

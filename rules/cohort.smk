@@ -11,13 +11,20 @@ rule plan_cohort:
     input:
         sheet=config["sheet"],
     output:
-        plan=f"{RESULTS}/plan/cohort.tsv",
+        plan=LAYOUT.plan,
     log:
-        f"{RESULTS}/logs/plan_cohort.log",
+        LAYOUT.log("plan_cohort"),
     benchmark:
-        f"{RESULTS}/benchmarks/plan_cohort.tsv"
+        LAYOUT.benchmark("plan_cohort")
     conda:
         "../envs/imaging.yaml"
+    params:
+        # The plan the DAG was built from (rules/common.smk), written as is. Snakemake hashes a
+        # DataFrame param's content, and the settings and sheet digest that determine it are
+        # params too, so a change of any of them reruns this job.
+        plan=PLAN,
+        settings=dataclasses.asdict(PLAN_SETTINGS),
+        sheet_sha256=SHEET_SHA256,
     script:
         "../scripts/plan_cohort.py"
 
@@ -26,12 +33,12 @@ rule gather_manifests:
     input:
         unpack(lambda wc: shard_manifests(PLAN["shard"])),
     output:
-        preprocessed=PREPROCESS_TABLE,
-        registered=REGISTER_TABLE,
+        preprocessed=LAYOUT.stage_manifest("preprocessed"),
+        registered=LAYOUT.stage_manifest("registered"),
     log:
-        f"{RESULTS}/logs/gather_manifests.log",
+        LAYOUT.log("gather_manifests"),
     benchmark:
-        f"{RESULTS}/benchmarks/gather_manifests.tsv"
+        LAYOUT.benchmark("gather_manifests")
     conda:
         "../envs/imaging.yaml"
     threads: 1
@@ -46,11 +53,11 @@ rule quarantine:
     input:
         unpack(lambda wc: cohort_manifests()),
     output:
-        table=f"{RESULTS}/qc/quarantine.tsv",
+        table=LAYOUT.quarantine,
     log:
-        f"{RESULTS}/logs/quarantine.log",
+        LAYOUT.log("quarantine"),
     benchmark:
-        f"{RESULTS}/benchmarks/quarantine.tsv"
+        LAYOUT.benchmark("quarantine")
     conda:
         "../envs/imaging.yaml"
     script:

@@ -1,14 +1,16 @@
 # Shared state and named input functions. The config, the sheet and everything else the run
 # reads are validated once, at parse time (metsflow.preflight); the plan (roles and shards) is a
-# pure function of the sheet and config.
+# pure function of the sheet and config. Every results path comes from LAYOUT (metsflow.layout).
+import dataclasses
 import functools
+import hashlib
 import os
 import sys
-from pathlib import Path
 
-from metsflow.active_learning.burden import BURDEN_NAME
+from metsflow.layout import Layout, round_name
 from metsflow.plan import round_inference_plan
 from metsflow.preflight import RunError, prepare_run
+from metsflow.settings import Settings
 
 try:
     # Fills in the schema defaults; sheet paths must stay inside data_roots (an empty list
@@ -21,11 +23,13 @@ except RunError as exc:
 for _warning in _RUN.warnings:
     print(f"metsflow: warning: {_warning}", file=sys.stderr)
 
-RESULTS = config["results"]
+LAYOUT = Layout.from_config(config)
+SETTINGS = Settings.from_config(config)
 ROUNDS = list(range(int(config["active_learning"]["rounds"]) + 1))
 COHORT = _RUN.cohort
 PLAN = _RUN.plan
 PLAN_SETTINGS = _RUN.plan_settings
+SHEET_SHA256 = hashlib.sha256(open(config["sheet"], "rb").read()).hexdigest()
 # A subset run keeps the full-cohort plan (so shard ids and roles do not move) and only targets
 # the shards that hold the chosen studies.
 TARGET = _RUN.target
@@ -60,8 +64,6 @@ ROUND_INFER_SHARDS = {
     )
     for r in ROUNDS
 }
-
-PLAN_TABLE = f"{RESULTS}/plan/cohort.tsv"
 
 
 wildcard_constraints:
@@ -105,93 +107,42 @@ def shard_raw_inputs(wildcards):
     return paths
 
 
-def stage_root(manifest):
-    """results/<stage>/shards/<shard>.tsv or results/<stage>/manifest.tsv -> results/<stage>
-    (where per-study outputs live)."""
-    path = Path(manifest)
-    return str(path.parent.parent if path.parent.name == "shards" else path.parent)
-
-
-def preprocess_manifest(shard):
-    return f"{RESULTS}/preprocessed/shards/{shard}.tsv"
-
-
-def register_manifest(shard):
-    return f"{RESULTS}/registered/shards/{shard}.tsv"
-
-
 def shard_manifests(shards):
     shards = sorted(set(shards))
     return {
-        "preprocessed": [preprocess_manifest(s) for s in shards],
-        "registered": [register_manifest(s) for s in shards],
+        "preprocessed": [LAYOUT.shard_manifest("preprocessed", s) for s in shards],
+        "registered": [LAYOUT.shard_manifest("registered", s) for s in shards],
     }
 
 
 # Cohort-wide manifests (gather_manifests in rules/cohort.smk): one file per stage for the jobs
 # that need every shard. Why: 812 shard manifests as inputs of each of the ~40 training/QC jobs
 # of a campaign made the DAG ~60,000 edges and doubled the dry-run time over 11,892 studies.
-PREPROCESS_TABLE = f"{RESULTS}/preprocessed/manifest.tsv"
-REGISTER_TABLE = f"{RESULTS}/registered/manifest.tsv"
-
-
 def cohort_manifests():
-    return {"preprocessed": [PREPROCESS_TABLE], "registered": [REGISTER_TABLE]}
-
-
-def model_path(r):
-    return f"{RESULTS}/rounds/round_{r}/model/model.pt"
-
-
-def prediction_root(r):
-    """Where round r's per-study predictions live (not derived from an input list, which is
-    empty when a plan has no study of that kind)."""
-    return f"{RESULTS}/rounds/round_{r}/predictions"
-
-
-def prediction_manifest(r, gpu_shard):
-    return f"{prediction_root(r)}/shards/{gpu_shard}.tsv"
+    return {
+        "preprocessed": [LAYOUT.stage_manifest("preprocessed")],
+        "registered": [LAYOUT.stage_manifest("registered")],
+    }
 
 
 def round_prediction_manifests(r, role=None):
     """Round r's inference manifests: every shard, or those holding studies of ``role``."""
     shards = ROUND_INFER_SHARDS[int(r)]
     return [
-        prediction_manifest(r, g)
+        LAYOUT.prediction_manifest(r, g)
         for g in sorted(shards)
         if role is None or (shards[g].role == role).any()
     ]
 
 
-def candidates_table(r):
-    return f"{RESULTS}/rounds/round_{r}/candidates.tsv"
-
-
-def evaluation_summary(r):
-    return f"{RESULTS}/rounds/round_{r}/evaluation/summary.json"
-
-
-def selection_table(r):
-    return f"{RESULTS}/rounds/round_{r}/selection.tsv"
-
-
-def annotation_table(r):
-    return f"{RESULTS}/rounds/round_{r}/annotations.tsv"
-
-
-def burden_table(r):
-    """Per-study correction burden of round r's confirmed batch (rule correction_burden)."""
-    return f"{RESULTS}/rounds/round_{r}/{BURDEN_NAME}"
-
-
 def train_inputs(wildcards):
     r = int(wildcards.round)
     if r == 0:
-        return {"plan": PLAN_TABLE, **shard_manifests(SEED_SHARDS)}
+        return {"plan": LAYOUT.plan, **shard_manifests(SEED_SHARDS)}
     # Annotated studies may come from any shard of the pool, so fine-tuning waits for them all.
-    inputs = {"plan": PLAN_TABLE, **cohort_manifests()}
-    inputs["init"] = model_path(r - 1)
-    inputs["annotations"] = [annotation_table(k) for k in range(1, r + 1)]
+    inputs = {"plan": LAYOUT.plan, **cohort_manifests()}
+    inputs["init"] = LAYOUT.model(r - 1)
+    inputs["annotations"] = [LAYOUT.annotations(k) for k in range(1, r + 1)]
     return inputs
 
 
@@ -203,7 +154,7 @@ def infer_rows(wildcards):
 def infer_inputs(wildcards):
     rows = infer_rows(wildcards)
     inputs = shard_manifests(rows["shard"])
-    inputs["model"] = model_path(wildcards.round)
+    inputs["model"] = LAYOUT.model(wildcards.round)
     return inputs
 
 
@@ -237,11 +188,11 @@ def validation_records(wildcards):
 def selection_inputs(wildcards):
     r = int(wildcards.round)
     return {
-        "plan": PLAN_TABLE,
+        "plan": LAYOUT.plan,
         "predictions": round_prediction_manifests(r - 1, "pool"),
-        "candidates": candidates_table(r),
-        "previous": [selection_table(k) for k in range(1, r)],
-        "evaluation": evaluation_summary(r - 1),
+        "candidates": LAYOUT.candidates(r),
+        "previous": [LAYOUT.selection(k) for k in range(1, r)],
+        "evaluation": LAYOUT.evaluation_summary(r - 1),
     }
 
 
@@ -253,10 +204,10 @@ def final_targets():
     """The default target (an input function: with people it depends on the label store)."""
     if config["subset_studies"] or config["subset_patients"]:
         # A subset rerun refreshes the per-study stages of those studies only.
-        targets = [preprocess_manifest(s) for s in CPU_SHARDS]
-        targets += [register_manifest(s) for s in CPU_SHARDS]
+        targets = [LAYOUT.shard_manifest("preprocessed", s) for s in CPU_SHARDS]
+        targets += [LAYOUT.shard_manifest("registered", s) for s in CPU_SHARDS]
         return targets
-    targets = [PLAN_TABLE, f"{RESULTS}/qc/quarantine.tsv"]
+    targets = [LAYOUT.plan, LAYOUT.quarantine]
     if config["active_learning"]["annotator"] == "human":
         # Like `round_<R>` (rules/active_learning_common.smk): stop at the first batch that is
         # not confirmed, so neither a run nor a dry run goes past it.
@@ -264,7 +215,7 @@ def final_targets():
         if not set(FINAL_OUTPUTS) <= set(reached):
             return targets + reached
     return targets + [
-        f"{RESULTS}/report/rounds.tsv",
+        LAYOUT.report("rounds.tsv"),
         *report_targets(),  # rules/report.smk: figures, statistics, longitudinal response
     ]
 
@@ -276,31 +227,21 @@ FINAL_ROUND = ROUNDS[-1]
 PREDICTED_GPU_SHARDS = sorted(set(VALIDATION_GPU_SHARDS) | set(POOL_GPU_SHARDS))
 
 
-def evaluation_table(r, name="per_study"):
-    return f"{RESULTS}/rounds/round_{r}/evaluation/{name}.tsv"
-
-
-def longitudinal_table(r, name):
-    return f"{RESULTS}/rounds/round_{r}/longitudinal/{name}.tsv"
-
-
-def compare_table(r):
-    return f"{RESULTS}/rounds/round_{r}/evaluation/compare_round_0.tsv"
-
-
 def evaluation_targets():
     """Statistics against round 0 (when there are later rounds) and the longitudinal tables."""
-    targets = [longitudinal_table(FINAL_ROUND, n) for n in ("lesions", "response")]
+    targets = [
+        LAYOUT.longitudinal_table(FINAL_ROUND, n) for n in ("lesions", "response")
+    ]
     if FINAL_ROUND > 0:
-        targets.append(compare_table(FINAL_ROUND))
+        targets.append(LAYOUT.compare_table(FINAL_ROUND))
     return targets
 
 
 def report_targets():
     return [
-        f"{RESULTS}/report/overlay_best.png",
-        f"{RESULTS}/report/detection_by_size.tsv",
-        *(f"{RESULTS}/report/froc_round_{r}.png" for r in ROUNDS),
+        LAYOUT.report("overlay_best.png"),
+        LAYOUT.report("detection_by_size.tsv"),
+        *(LAYOUT.report(f"froc_{round_name(r)}.png") for r in ROUNDS),
         *evaluation_targets(),
     ]
 
@@ -314,41 +255,22 @@ STAGE2_ENABLED = bool((config["train"].get("stage2") or {}).get("enabled", False
 RESEG_ENABLED = bool((config["train"].get("reseg") or {}).get("enabled", False))
 
 
-def fold_model_path(r, fold):
-    fold = int(fold)
-    if fold == 0:
-        return model_path(r)
-    return f"{RESULTS}/rounds/round_{r}/model/fold_{fold}.pt"
-
-
 def stage1_model_paths(r):
-    return [fold_model_path(r, fold) for fold in range(TRAIN_FOLDS)]
-
-
-def stage2_model_path(r):
-    return f"{RESULTS}/rounds/round_{r}/model/stage2.pt"
-
-
-def stage2_summary_path(r):
-    return f"{RESULTS}/rounds/round_{r}/model/stage2_summary.json"
+    return [LAYOUT.model(r, fold) for fold in range(TRAIN_FOLDS)]
 
 
 def froc_report_inputs(wildcards):
     """A round's FROC table, and its stage-2 summary (validation FROC) with the cascade."""
-    inputs = {"froc": evaluation_table(wildcards.round, "froc")}
+    inputs = {"froc": LAYOUT.evaluation_table(wildcards.round, "froc")}
     if STAGE2_ENABLED:
-        inputs["stage2"] = stage2_summary_path(wildcards.round)
+        inputs["stage2"] = LAYOUT.stage2_summary(wildcards.round)
     return inputs
-
-
-def reseg_model_path(r):
-    return f"{RESULTS}/rounds/round_{r}/model/reseg.pt"
 
 
 def fold_train_inputs(wildcards):
     inputs = train_inputs(wildcards)
     if "init" in inputs:
-        inputs["init"] = fold_model_path(int(wildcards.round) - 1, wildcards.fold)
+        inputs["init"] = LAYOUT.model(int(wildcards.round) - 1, wildcards.fold)
     return inputs
 
 
@@ -362,7 +284,7 @@ def stage2_train_inputs(wildcards):
 def reseg_train_inputs(wildcards):
     inputs = train_inputs(wildcards)
     if "init" in inputs:
-        inputs["init"] = reseg_model_path(int(wildcards.round) - 1)
+        inputs["init"] = LAYOUT.reseg_model(int(wildcards.round) - 1)
     return inputs
 
 
@@ -370,9 +292,9 @@ def round_model_files(r):
     """Every model file round r's inference reads, in run_infer_shard's order."""
     files = stage1_model_paths(r)
     if STAGE2_ENABLED:
-        files.append(stage2_model_path(r))
+        files.append(LAYOUT.stage2_model(r))
     if RESEG_ENABLED:
-        files.append(reseg_model_path(r))
+        files.append(LAYOUT.reseg_model(r))
     return files
 
 
@@ -387,8 +309,8 @@ def previous_round_predictions(wildcards):
     # the studies listed in that manifest are reused, the others are segmented.
     return {
         "models": round_model_files(r - 1),
-        "out_root": f"{RESULTS}/rounds/round_{r - 1}/predictions",
-        "manifest": prediction_manifest(r - 1, wildcards.gpu_shard),
+        "round": r - 1,
+        "manifest": LAYOUT.prediction_manifest(r - 1, wildcards.gpu_shard),
     }
 
 
@@ -398,7 +320,7 @@ def cascade_infer_inputs(wildcards):
     if TRAIN_FOLDS > 1:
         inputs["folds"] = stage1_model_paths(r)[1:]
     if STAGE2_ENABLED:
-        inputs["stage2"] = stage2_model_path(r)
+        inputs["stage2"] = LAYOUT.stage2_model(r)
     if RESEG_ENABLED:
-        inputs["reseg"] = [reseg_model_path(r)]
+        inputs["reseg"] = [LAYOUT.reseg_model(r)]
     return inputs

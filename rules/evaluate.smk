@@ -4,17 +4,17 @@
 rule evaluate_round:
     input:
         predictions=evaluation_inputs,
-        train_summary=f"{RESULTS}/rounds/round_{{round}}/model/train_summary.json",
+        train_summary=LAYOUT.train_summary("{round}"),
     output:
-        per_study=f"{RESULTS}/rounds/round_{{round}}/evaluation/per_study.tsv",
-        lesions=f"{RESULTS}/rounds/round_{{round}}/evaluation/lesions.tsv",
-        summary=f"{RESULTS}/rounds/round_{{round}}/evaluation/summary.json",
-        detection=f"{RESULTS}/rounds/round_{{round}}/evaluation/detection_by_size.tsv",
-        froc=f"{RESULTS}/rounds/round_{{round}}/evaluation/froc.tsv",
+        per_study=LAYOUT.evaluation_table("{round}", "per_study"),
+        lesions=LAYOUT.evaluation_table("{round}", "lesions"),
+        summary=LAYOUT.evaluation_summary("{round}"),
+        detection=LAYOUT.evaluation_table("{round}", "detection_by_size"),
+        froc=LAYOUT.evaluation_table("{round}", "froc"),
     log:
-        f"{RESULTS}/logs/evaluate/round_{{round}}.log",
+        LAYOUT.log("evaluate/round_{round}"),
     benchmark:
-        f"{RESULTS}/benchmarks/evaluate/round_{{round}}.tsv"
+        LAYOUT.benchmark("evaluate/round_{round}")
     conda:
         "../envs/imaging.yaml"
     threads: 1
@@ -30,7 +30,7 @@ rule evaluate_round:
             for key in ("iou_threshold", "size_bins_mm")
             if key in config["evaluate"]
         },
-        pred_root=lambda wc: f"{RESULTS}/rounds/round_{wc.round}/predictions",
+        pred_root=lambda wc: LAYOUT.prediction_root(wc.round),
     script:
         "../scripts/evaluate_round.py"
 
@@ -38,18 +38,18 @@ rule evaluate_round:
 # Paired statistics of a round against round 0 on the same validation studies.
 rule compare_rounds:
     input:
-        new=evaluation_table("{round}"),
-        old=evaluation_table(0),
+        new=LAYOUT.evaluation_table("{round}"),
+        old=LAYOUT.evaluation_table(0),
     output:
         table=report(
-            compare_table("{round}"),
+            LAYOUT.compare_table("{round}"),
             caption="../report/compare_rounds.rst",
             category="Round comparison",
         ),
     log:
-        f"{RESULTS}/logs/evaluate/compare_round_{{round}}.log",
+        LAYOUT.log("evaluate/compare_round_{round}"),
     benchmark:
-        f"{RESULTS}/benchmarks/evaluate/compare_round_{{round}}.tsv"
+        LAYOUT.benchmark("evaluate/compare_round_{round}")
     conda:
         "../envs/report.yaml"
     threads: 1
@@ -70,21 +70,21 @@ rule compare_rounds:
 # metsflow/jobs/longitudinal.py), from a round's predictions and the sheet labels.
 rule longitudinal_response:
     input:
-        plan=PLAN_TABLE,
+        plan=LAYOUT.plan,
         predictions=lambda wc: round_prediction_manifests(wc.round),
-        registered=[REGISTER_TABLE],
-        preprocessed=[PREPROCESS_TABLE],
+        registered=[LAYOUT.stage_manifest("registered")],
+        preprocessed=[LAYOUT.stage_manifest("preprocessed")],
     output:
-        lesions=longitudinal_table("{round}", "lesions"),
+        lesions=LAYOUT.longitudinal_table("{round}", "lesions"),
         response=report(
-            longitudinal_table("{round}", "response"),
+            LAYOUT.longitudinal_table("{round}", "response"),
             caption="../report/response.rst",
             category="Longitudinal response",
         ),
     log:
-        f"{RESULTS}/logs/evaluate/longitudinal_round_{{round}}.log",
+        LAYOUT.log("evaluate/longitudinal_round_{round}"),
     benchmark:
-        f"{RESULTS}/benchmarks/evaluate/longitudinal_round_{{round}}.tsv"
+        LAYOUT.benchmark("evaluate/longitudinal_round_{round}")
     conda:
         "../envs/imaging.yaml"
     threads: 1
@@ -93,8 +93,5 @@ rule longitudinal_response:
         runtime=120,
     params:
         settings=config["evaluate"].get("response", {}),
-        prep_root=lambda wc, input: stage_root(input.preprocessed[0]),
-        reg_root=lambda wc, input: stage_root(input.registered[0]),
-        pred_root=lambda wc: prediction_root(wc.round),
     script:
         "../scripts/longitudinal_response.py"

@@ -7,28 +7,27 @@
 # the lesion tracking): one job each, with runtimes to match.
 
 EXPORT = config.get("export") or {}
-BIDS_ROOT = EXPORT.get("bids_dir") or f"{RESULTS}/bids"
-DICOM_SEG_ROOT = f"{RESULTS}/dicom_seg"
+BIDS_ROOT = LAYOUT.bids_root(EXPORT.get("bids_dir"))
 EXPORT_OUTPUTS = []
 if EXPORT.get("bids", True):
-    EXPORT_OUTPUTS.append(f"{RESULTS}/final/bids_export.tsv")
+    EXPORT_OUTPUTS.append(LAYOUT.final("bids_export.tsv"))
 if EXPORT.get("dicom_seg", True):
-    EXPORT_OUTPUTS.append(f"{DICOM_SEG_ROOT}/manifest.tsv")
+    EXPORT_OUTPUTS.append(LAYOUT.dicom_seg_manifest)
 
 
 rule export_bids:
     input:
-        labels=f"{RESULTS}/final/labels.tsv",
-        plan=PLAN_TABLE,
-        registered=[REGISTER_TABLE],
-        preprocessed=[PREPROCESS_TABLE],
+        labels=LAYOUT.final("labels.tsv"),
+        plan=LAYOUT.plan,
+        registered=[LAYOUT.stage_manifest("registered")],
+        preprocessed=[LAYOUT.stage_manifest("preprocessed")],
     output:
-        manifest=f"{RESULTS}/final/bids_export.tsv",
+        manifest=LAYOUT.final("bids_export.tsv"),
         description=f"{BIDS_ROOT}/dataset_description.json",
     log:
-        f"{RESULTS}/logs/export/bids.log",
+        LAYOUT.log("export/bids"),
     benchmark:
-        f"{RESULTS}/benchmarks/export/bids.tsv"
+        LAYOUT.benchmark("export/bids")
     conda:
         "../envs/imaging.yaml"
     threads: 1
@@ -42,23 +41,20 @@ rule export_bids:
         ],
         settings=config["evaluate"].get("response", {}),
         model_round=FINAL_ROUND,
-        prep_root=lambda wc, input: stage_root(input.preprocessed[0]),
-        reg_root=lambda wc, input: stage_root(input.registered[0]),
-        out_root=lambda wc, output: os.path.dirname(output.description),
     script:
         "../scripts/export_bids.py"
 
 
 rule export_dicom_seg:
     input:
-        labels=f"{RESULTS}/final/labels.tsv",
-        plan=PLAN_TABLE,
+        labels=LAYOUT.final("labels.tsv"),
+        plan=LAYOUT.plan,
     output:
-        manifest=f"{DICOM_SEG_ROOT}/manifest.tsv",
+        manifest=LAYOUT.dicom_seg_manifest,
     log:
-        f"{RESULTS}/logs/export/dicom_seg.log",
+        LAYOUT.log("export/dicom_seg"),
     benchmark:
-        f"{RESULTS}/benchmarks/export/dicom_seg.tsv"
+        LAYOUT.benchmark("export/dicom_seg")
     conda:
         "../envs/imaging.yaml"
     threads: 1
@@ -71,6 +67,5 @@ rule export_dicom_seg:
             study_record(COHORT.by_id[s]) for s in PLAN[PLAN.role == "pool"].study_id
         ],
         model_round=FINAL_ROUND,
-        out_root=lambda wc, output: os.path.dirname(output.manifest),
     script:
         "../scripts/export_dicom_seg.py"

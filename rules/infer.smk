@@ -8,11 +8,11 @@ rule infer_shard:
     input:
         unpack(cascade_infer_inputs),
     output:
-        manifest=f"{RESULTS}/rounds/round_{{round}}/predictions/shards/{{gpu_shard}}.tsv",
+        manifest=LAYOUT.prediction_manifest("{round}", "{gpu_shard}"),
     log:
-        f"{RESULTS}/logs/infer/round_{{round}}/{{gpu_shard}}.log",
+        LAYOUT.log("infer/round_{round}/{gpu_shard}"),
     benchmark:
-        f"{RESULTS}/benchmarks/infer/round_{{round}}/{{gpu_shard}}.tsv"
+        LAYOUT.benchmark("infer/round_{round}/{gpu_shard}")
     conda:
         "../envs/torch.yaml"
     threads: config["threads"]["infer"]
@@ -22,10 +22,7 @@ rule infer_shard:
         gpu=1,
     params:
         studies=gpu_shard_records,
-        settings=config["infer"],
-        prep_root=f"{RESULTS}/preprocessed",
-        reg_root=f"{RESULTS}/registered",
-        out_root=lambda wc: f"{RESULTS}/rounds/round_{wc.round}/predictions",
+        settings=SETTINGS.infer.as_dict(),
         # Reused when this round kept the previous round's models (stop criterion reached).
         previous=previous_round_predictions,
     script:

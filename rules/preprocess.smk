@@ -6,11 +6,11 @@ rule preprocess_shard:
     input:
         images=shard_raw_inputs,
     output:
-        manifest=f"{RESULTS}/preprocessed/shards/{{shard}}.tsv",
+        manifest=LAYOUT.shard_manifest("preprocessed", "{shard}"),
     log:
-        f"{RESULTS}/logs/preprocess/{{shard}}.log",
+        LAYOUT.log("preprocess/{shard}"),
     benchmark:
-        f"{RESULTS}/benchmarks/preprocess/{{shard}}.tsv"
+        LAYOUT.benchmark("preprocess/{shard}")
     conda:
         "../envs/imaging.yaml"
     threads: config["threads"]["preprocess"]
@@ -20,6 +20,5 @@ rule preprocess_shard:
     params:
         studies=shard_records,
         settings=config["preprocess"],
-        out_root=lambda wc, output: stage_root(output.manifest),
     script:
         "../scripts/preprocess_shard.py"

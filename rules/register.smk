@@ -4,13 +4,13 @@
 
 rule register_shard:
     input:
-        preprocessed=f"{RESULTS}/preprocessed/shards/{{shard}}.tsv",
+        preprocessed=LAYOUT.shard_manifest("preprocessed", "{shard}"),
     output:
-        manifest=f"{RESULTS}/registered/shards/{{shard}}.tsv",
+        manifest=LAYOUT.shard_manifest("registered", "{shard}"),
     log:
-        f"{RESULTS}/logs/register/{{shard}}.log",
+        LAYOUT.log("register/{shard}"),
     benchmark:
-        f"{RESULTS}/benchmarks/register/{{shard}}.tsv"
+        LAYOUT.benchmark("register/{shard}")
     conda:
         "../envs/imaging.yaml"
     threads: config["threads"]["register"]
@@ -20,7 +20,5 @@ rule register_shard:
     params:
         studies=lambda wc: STUDIES_BY_SHARD[wc.shard].to_dict("records"),
         settings=config["register"],
-        prep_root=lambda wc, input: stage_root(input.preprocessed),
-        out_root=lambda wc, output: stage_root(output.manifest),
     script:
         "../scripts/register_shard.py"

@@ -7,13 +7,13 @@ rule train_round:
     input:
         unpack(train_inputs),
     output:
-        model=f"{RESULTS}/rounds/round_{{round}}/model/model.pt",
-        train_log=f"{RESULTS}/rounds/round_{{round}}/model/train_log.tsv",
-        summary=f"{RESULTS}/rounds/round_{{round}}/model/train_summary.json",
+        model=LAYOUT.model("{round}"),
+        train_log=LAYOUT.train_log("{round}"),
+        summary=LAYOUT.train_summary("{round}"),
     log:
-        f"{RESULTS}/logs/train/round_{{round}}.log",
+        LAYOUT.log("train/round_{round}"),
     benchmark:
-        f"{RESULTS}/benchmarks/train/round_{{round}}.tsv"
+        LAYOUT.benchmark("train/round_{round}")
     conda:
         "../envs/torch.yaml"
     threads: config["threads"]["train"]
@@ -25,8 +25,8 @@ rule train_round:
         model=config["model"],
         train=config["train"],
         spacing=config["preprocess"]["spacing"],
-        prep_root=f"{RESULTS}/preprocessed",
-        reg_root=f"{RESULTS}/registered",
+        prep_root=LAYOUT.stage_root("preprocessed"),
+        reg_root=LAYOUT.stage_root("registered"),
         label_store=config["label_store"],
         seed=config["seed"],
         fold=0,
@@ -39,13 +39,13 @@ rule train_fold:
     input:
         unpack(fold_train_inputs),
     output:
-        model=f"{RESULTS}/rounds/round_{{round}}/model/fold_{{fold}}.pt",
-        train_log=f"{RESULTS}/rounds/round_{{round}}/model/train_log_fold_{{fold}}.tsv",
-        summary=f"{RESULTS}/rounds/round_{{round}}/model/train_summary_fold_{{fold}}.json",
+        model=LAYOUT.model("{round}", "{fold}"),
+        train_log=LAYOUT.train_log("{round}", "{fold}"),
+        summary=LAYOUT.train_summary("{round}", "{fold}"),
     log:
-        f"{RESULTS}/logs/train/round_{{round}}_fold_{{fold}}.log",
+        LAYOUT.log("train/round_{round}_fold_{fold}"),
     benchmark:
-        f"{RESULTS}/benchmarks/train/round_{{round}}_fold_{{fold}}.tsv"
+        LAYOUT.benchmark("train/round_{round}_fold_{fold}")
     wildcard_constraints:
         fold=r"[1-9]\d*",
     conda:
@@ -59,8 +59,8 @@ rule train_fold:
         model=config["model"],
         train=config["train"],
         spacing=config["preprocess"]["spacing"],
-        prep_root=f"{RESULTS}/preprocessed",
-        reg_root=f"{RESULTS}/registered",
+        prep_root=LAYOUT.stage_root("preprocessed"),
+        reg_root=LAYOUT.stage_root("registered"),
         seed=config["seed"],
         fold=lambda wc: int(wc.fold),
         folds=TRAIN_FOLDS,
@@ -72,12 +72,12 @@ rule train_stage2:
     input:
         unpack(stage2_train_inputs),
     output:
-        model=f"{RESULTS}/rounds/round_{{round}}/model/stage2.pt",
-        summary=stage2_summary_path("{round}"),
+        model=LAYOUT.stage2_model("{round}"),
+        summary=LAYOUT.stage2_summary("{round}"),
     log:
-        f"{RESULTS}/logs/train/round_{{round}}_stage2.log",
+        LAYOUT.log("train/round_{round}_stage2"),
     benchmark:
-        f"{RESULTS}/benchmarks/train/round_{{round}}_stage2.tsv"
+        LAYOUT.benchmark("train/round_{round}_stage2")
     conda:
         "../envs/torch.yaml"
     threads: config["threads"]["train"]
@@ -88,8 +88,8 @@ rule train_stage2:
     params:
         train=config["train"],
         infer=config["infer"],
-        prep_root=f"{RESULTS}/preprocessed",
-        reg_root=f"{RESULTS}/registered",
+        prep_root=LAYOUT.stage_root("preprocessed"),
+        reg_root=LAYOUT.stage_root("registered"),
         seed=config["seed"],
     script:
         "../scripts/train_stage2.py"
@@ -99,12 +99,12 @@ rule train_reseg:
     input:
         unpack(reseg_train_inputs),
     output:
-        model=f"{RESULTS}/rounds/round_{{round}}/model/reseg.pt",
-        train_log=f"{RESULTS}/rounds/round_{{round}}/model/reseg_train_log.tsv",
+        model=LAYOUT.reseg_model("{round}"),
+        train_log=LAYOUT.reseg_train_log("{round}"),
     log:
-        f"{RESULTS}/logs/train/round_{{round}}_reseg.log",
+        LAYOUT.log("train/round_{round}_reseg"),
     benchmark:
-        f"{RESULTS}/benchmarks/train/round_{{round}}_reseg.tsv"
+        LAYOUT.benchmark("train/round_{round}_reseg")
     conda:
         "../envs/torch.yaml"
     threads: config["threads"]["train"]
@@ -116,8 +116,8 @@ rule train_reseg:
         model=config["model"],
         train=config["train"],
         spacing=config["preprocess"]["spacing"],
-        prep_root=f"{RESULTS}/preprocessed",
-        reg_root=f"{RESULTS}/registered",
+        prep_root=LAYOUT.stage_root("preprocessed"),
+        reg_root=LAYOUT.stage_root("registered"),
         seed=config["seed"],
     script:
         "../scripts/train_reseg.py"

@@ -2,9 +2,11 @@
 
 from metsflow.jobs.active_learning import run_collect_annotations
 from metsflow.jobs.logs import job_logging
+from metsflow.layout import Layout
 
 with job_logging(snakemake.log[0]):
     run_collect_annotations(
+        Layout.from_config(snakemake.config),
         round_index=int(snakemake.wildcards.round),
         selection_path=snakemake.input.selection,
         annotator=snakemake.params.annotator,

@@ -2,13 +2,14 @@
 
 from metsflow.jobs.export import run_export_dicom_seg
 from metsflow.jobs.logs import job_logging
+from metsflow.layout import Layout
 
 with job_logging(snakemake.log[0]):
     run_export_dicom_seg(
+        Layout.from_config(snakemake.config),
         final_labels=snakemake.input.labels,
         plan_path=snakemake.input.plan,
         studies=list(snakemake.params.studies),
         model_round=int(snakemake.params.model_round),
-        out_root=snakemake.params.out_root,
         out_manifest=snakemake.output.manifest,
     )

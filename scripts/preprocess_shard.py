@@ -2,12 +2,13 @@
 
 from metsflow.jobs.logs import job_logging
 from metsflow.jobs.preprocess import run_preprocess_shard
+from metsflow.layout import Layout
 
 with job_logging(snakemake.log[0]):
     run_preprocess_shard(
+        Layout.from_config(snakemake.config),
+        dict(snakemake.params.settings),
         studies=snakemake.params.studies,
-        settings=dict(snakemake.params.settings),
-        out_root=snakemake.params.out_root,
         manifest=snakemake.output.manifest,
         threads=snakemake.threads,
     )

@@ -25,6 +25,7 @@ from metsflow.cohort import Study
 from metsflow.io import StudyError, load_nifti
 from metsflow.jobs import register as register_job
 from metsflow.jobs.manifest import write_manifest
+from metsflow.layout import Layout
 from metsflow.preprocess import preprocess_study
 
 SHAPE = (24, 28, 22)
@@ -342,7 +343,8 @@ def test_single_time_point_and_failed_previous_study(tmp_path, monkeypatch):
         return {"ok": True}
 
     monkeypatch.setattr(register_job, "register_followup", fake_register)
-    prep = tmp_path / "prep"
+    layout = Layout(tmp_path)
+    prep = Path(layout.stage_root("preprocessed"))
     statuses = {"Q0": "ok", "R0": "ok", "R1": "failed", "R2": "ok"}
     for study_id, status in statuses.items():
         if status == "ok":
@@ -363,7 +365,7 @@ def test_single_time_point_and_failed_previous_study(tmp_path, monkeypatch):
         ],
     )
     rows = register_job.run_register_shard(
-        plan, str(manifest), {}, str(prep), str(tmp_path / "reg"), str(tmp_path / "reg.tsv")
+        layout, {}, plan, str(manifest), str(tmp_path / "reg.tsv")
     )
     by_id = {row["study_id"]: row for row in rows}
     assert by_id["Q0"]["status"] == "baseline" and by_id["R0"]["status"] == "baseline"

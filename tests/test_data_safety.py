@@ -21,9 +21,9 @@ import yaml
 from metsflow import io, models
 from metsflow.active_learning import labelstore
 from metsflow.active_learning.labelstore import LabelImportError, LabelStore
-from metsflow.cohort import SheetError
+from metsflow.cohort import SheetError, read_sheet
 from metsflow.jobs.active_learning import run_collect_annotations
-from metsflow.jobs.cohort import write_plan
+from metsflow.layout import Layout
 
 SHAPE = (12, 14, 10)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -109,6 +109,7 @@ def test_rerun_of_a_round_leaves_confirmed_labels_untouched(confirmed, tmp_path)
     pd.DataFrame({"study_id": ["S1"]}).to_csv(selection, sep="\t", index=False)
     for attempt in range(2):
         table = run_collect_annotations(
+            Layout(tmp_path / "results"),
             round_index=1,
             selection_path=str(selection),
             annotator="simulated",
@@ -189,11 +190,18 @@ def test_sheet_paths_escaping_the_sheet_folder_are_refused_by_default(tmp_path, 
     config = yaml.safe_load((Path(__file__).parents[1] / "config/config.yaml").read_text())
     assert config["data_roots"] == [] and config["allow_paths_outside_roots"] is False
     config["sheet"] = str(_sheet(tmp_path, t1c))
+
+    def read(config):  # as metsflow.preflight.prepare_run reads it, once, at parse time
+        return read_sheet(
+            config["sheet"],
+            data_roots=config["data_roots"],
+            allow_outside_roots=config["allow_paths_outside_roots"],
+        )
+
     with pytest.raises(SheetError, match="outside the data roots"):
-        write_plan(config, str(tmp_path / "plan.tsv"))
-    assert not (tmp_path / "plan.tsv").exists()
+        read(config)
     config["data_roots"] = [str(tmp_path), "/etc"]
-    write_plan(config, str(tmp_path / "plan.tsv"))  # explicitly configured roots
+    read(config)  # explicitly configured roots
     config["data_roots"] = []
     config["allow_paths_outside_roots"] = True
-    write_plan(config, str(tmp_path / "plan.tsv"))  # explicitly allowed
+    read(config)  # explicitly allowed

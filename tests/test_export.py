@@ -21,7 +21,8 @@ from metsflow.export import (
     read_source_series,
     write_dicom_seg,
 )
-from metsflow.longitudinal import TimePoint, track_patient
+from metsflow.layout import Layout
+from metsflow.longitudinal import ResponseThresholds, TimePoint, track_patient
 
 VALIDATOR = Path(sys.executable).parent / "bids-validator-deno"
 
@@ -182,7 +183,8 @@ def test_export_jobs_track_lesions_and_write_seg_for_dicom_studies(converted, tm
     lesion = grid.copy()
     lesion[3:6, 3:6, 2:4] = 1
     records, plan, finals, registered = [], [], [], []
-    prep = tmp_path / "prep"
+    layout = Layout(tmp_path)
+    prep = Path(layout.stage_root("preprocessed"))
     for k, study in enumerate(["P3_a", "P3_b", "P3_c"]):
         image = _label(tmp_path / f"{study}_t1c.nii.gz", grid)
         (prep / study).mkdir(parents=True)
@@ -251,18 +253,17 @@ def test_export_jobs_track_lesions_and_write_seg_for_dicom_studies(converted, tm
     lesions = track_final_labels(
         studies[studies.patient_id == "P3"],
         [_table(tmp_path / "registered.tsv", registered)],
-        str(prep),
-        str(tmp_path / "reg"),
-        {},
+        layout,
+        ResponseThresholds(),
         warp_factory=lambda *args: identity_warp,
     )
     assert lesions.lesion_id.tolist() == ["P3-L1", "P3-L1", "P3_c-L1"]
     assert lesions.status.tolist() == ["baseline", "tracked", "baseline"]
     assert lesions.volume_mm3.tolist() == [36.0] * 3  # 3 x 3 x 2 voxels of 2 mm^3
 
-    out = tmp_path / "seg"
+    out = Path(layout.dicom_seg_dir)
     manifest = run_export_dicom_seg(
-        labels_path, plan_path, records, 1, str(out), str(out / "manifest.tsv")
+        layout, labels_path, plan_path, records, 1, layout.dicom_seg_manifest
     )
     status = dict(zip(manifest.study_id, manifest.status, strict=True))
     assert status == {
@@ -282,7 +283,8 @@ def test_run_export_bids_tracks_through_the_registration(tmp_path):
     from metsflow.jobs.export import run_export_bids
 
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    prep, reg = tmp_path / "preprocessed", tmp_path / "registered"
+    layout = Layout(tmp_path)
+    prep, reg = Path(layout.stage_root("preprocessed")), Path(layout.stage_root("registered"))
     lesion = np.zeros((12, 12, 12), np.uint8)
     lesion[3:7, 3:7, 3:7] = 1
     shrunk = np.zeros_like(lesion)
@@ -332,13 +334,12 @@ def test_run_export_bids_tracks_through_the_registration(tmp_path):
     )
     out = tmp_path / "bids"
     manifest = run_export_bids(
+        layout,
+        ResponseThresholds(),
         final_labels=_table(tmp_path / "labels.tsv", finals),
         plan_path=plan,
         studies=records,
         registration_manifests=[registered],
-        prep_root=str(prep),
-        reg_root=str(reg),
-        settings={},
         model_round=2,
         out_root=str(out),
         out_manifest=str(tmp_path / "bids_export.tsv"),

@@ -163,33 +163,35 @@ def test_unchanged_models_reuse_previous_predictions(tmp_path):
     any changed model byte, or missing previous outputs, means segmenting again."""
     from metsflow.jobs.infer import _copy_study_outputs, _reusable_predictions
     from metsflow.jobs.manifest import write_manifest
+    from metsflow.layout import Layout
 
-    old_root, new_root = tmp_path / "round_0", tmp_path / "round_1"
+    layout = Layout(tmp_path / "results")
+    old_root, new_root = Path(layout.prediction_root(0)), Path(layout.prediction_root(1))
     old_model, new_model = tmp_path / "old.pt", tmp_path / "new.pt"
     old_model.write_bytes(b"weights")
     new_model.write_bytes(b"weights")
     for study in ("s1", "s2"):
-        (old_root / study).mkdir(parents=True)
-        (old_root / study / "pred_native.nii.gz").write_bytes(study.encode())
-    manifest = old_root / "g0000.tsv"
+        layout.prediction_dir(0, study).mkdir(parents=True)
+        layout.study_prediction(0, study).write_bytes(study.encode())
+    manifest = Path(layout.prediction_manifest(0, "g0000"))
     rows = [
         {"study_id": "s1", "patient_id": "p1", "status": "ok", "problem": "", "seconds": 1.0},
         {"study_id": "s2", "patient_id": "p2", "status": "failed", "problem": "x", "seconds": 0},
     ]
     write_manifest(manifest, rows)
-    previous = {"models": [str(old_model)], "out_root": str(old_root), "manifest": str(manifest)}
+    previous = {"models": [str(old_model)], "round": 0, "manifest": str(manifest)}
 
-    reusable = _reusable_predictions(previous, [str(new_model)])
+    reusable = _reusable_predictions(layout, previous, [str(new_model)])
     assert set(reusable) == {"s1"} and reusable["s1"]["status"] == "ok"  # failed: redo
     _copy_study_outputs(old_root / "s1", new_root / "s1")
-    assert (new_root / "s1" / "pred_native.nii.gz").read_bytes() == b"s1"
+    assert layout.study_prediction(1, "s1").read_bytes() == b"s1"
     assert not list(new_root.glob(".*partial"))
 
     new_model.write_bytes(b"weights, fine-tuned")
-    assert _reusable_predictions(previous, [str(new_model)]) == {}
-    assert _reusable_predictions(None, [str(new_model)]) == {}
+    assert _reusable_predictions(layout, previous, [str(new_model)]) == {}
+    assert _reusable_predictions(layout, None, [str(new_model)]) == {}
     manifest.unlink()
-    assert _reusable_predictions(previous, [str(old_model)]) == {}
+    assert _reusable_predictions(layout, previous, [str(old_model)]) == {}
 
 
 def test_fold_ensemble_reports_disagreement_single_model_does_not(tmp_path):

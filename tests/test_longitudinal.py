@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -209,9 +211,13 @@ def test_run_longitudinal_tracks_predictions_and_references_through_the_registra
     from metsflow.io import save_nifti
     from metsflow.jobs.longitudinal import run_longitudinal
     from metsflow.labels import EDEMA, ENHANCING
+    from metsflow.layout import Layout
+    from metsflow.longitudinal import ResponseThresholds
 
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    prep, reg, pred = tmp_path / "preprocessed", tmp_path / "registered", tmp_path / "pred"
+    layout = Layout(tmp_path)
+    prep, reg = Path(layout.stage_root("preprocessed")), Path(layout.stage_root("registered"))
+    pred = Path(layout.prediction_root(2))
     # P1: baseline lesion shrinks (PR) in the prediction; reference labels only at baseline,
     # so the reference series has one time point. P2: follow-up registration failed.
     masks = {
@@ -248,13 +254,12 @@ def test_run_longitudinal_tracks_predictions_and_references_through_the_registra
     registered.to_csv(tmp_path / "reg.tsv", sep="\t", index=False)
 
     lesions, response = run_longitudinal(
+        layout,
+        ResponseThresholds.from_config({"new_lesion_min_mm3": 65.0}),
+        round_index=2,
         plan_path=str(tmp_path / "plan.tsv"),
         prediction_manifests=[str(tmp_path / "pred.tsv")],
         registration_manifests=[str(tmp_path / "reg.tsv")],
-        prep_root=str(prep),
-        reg_root=str(reg),
-        pred_root=str(pred),
-        settings={"new_lesion_min_mm3": 65.0},
         out_lesions=str(tmp_path / "out" / "lesions.tsv"),
         out_response=str(tmp_path / "out" / "response.tsv"),
     )

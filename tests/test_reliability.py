@@ -26,6 +26,7 @@ from metsflow.active_learning.status import round_status
 from metsflow.cohort import SheetError, Study, check_cohort, read_sheet
 from metsflow.jobs.active_learning import run_collect_annotations
 from metsflow.jobs.manifest import read_manifests, run_study, write_manifest
+from metsflow.layout import Layout
 from metsflow.metrics import evaluate_files
 
 SHAPE = (12, 12, 10)
@@ -338,6 +339,7 @@ def test_brats_oracle_is_converted_and_the_package_shows_the_store(package, tmp_
         for i, s in enumerate(("S1", "S2", "S3"), start=1)
     ]
     table = run_collect_annotations(
+        Layout(tmp_path / "results"),
         1,
         str(review.parent / "selection.tsv"),
         "simulated",

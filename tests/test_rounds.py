@@ -67,13 +67,14 @@ def _pool_fixture(tmp_path):
 
 def _final_labels(tmp_path, seed: int, tag: str, sample_size: int = 2):
     from metsflow.jobs.active_learning import run_final_labels
+    from metsflow.layout import Layout
 
     labels = run_final_labels(
+        Layout(tmp_path / "results"),
         final_round=3,
         plan_path=str(tmp_path / "plan.tsv"),
         prediction_manifests=[str(tmp_path / "g0000.tsv")],
         label_store=str(tmp_path / "labels"),
-        pred_root=str(tmp_path / "predictions"),
         model="results/rounds/round_3/model/model.pt",
         sample_size=sample_size,
         seed=seed,
@@ -85,15 +86,15 @@ def _final_labels(tmp_path, seed: int, tag: str, sample_size: int = 2):
 
 
 def test_final_labels_keep_human_labels_and_sample_model_labels_reproducibly(tmp_path):
+    from metsflow.layout import Layout
+
     ids, _, _ = _pool_fixture(tmp_path)
     labels, sample = _final_labels(tmp_path, seed=0, tag="a")
     source = labels.set_index("study_id")["source"]
     assert source[ids[0]] == "human_confirmed" and source[ids[-1]] == "failed"
     assert set(source[ids[1:-1]]) == {"model"} and "V000_T0" not in source
-    assert (
-        labels.set_index("study_id")
-        .at[ids[1], "label"]
-        .endswith(f"predictions/{ids[1]}/pred_native.nii.gz")
+    assert labels.set_index("study_id").at[ids[1], "label"] == str(
+        Layout(tmp_path / "results").study_prediction(3, ids[1])
     )
     assert len(sample) == 2 and set(sample.study_id) <= set(ids[1:-1])
     assert set(sample.strategy) == {"final_qa_random"}

@@ -46,11 +46,11 @@ import pandas as pd
 
 from metsflow import io, labels
 from metsflow.active_learning.labelstore import AFFINE_TOLERANCE_MM
+from metsflow.layout import BURDEN_NAME  # noqa: F401 (the table's name, owned by the layout)
 
-# metsflow.metrics (scipy.stats, cc3d) is imported where it is used: the Snakefile imports
-# BURDEN_NAME while it parses, and the metrics import adds 0.4 s to every planning run.
+# metsflow.metrics (scipy.stats, cc3d) is imported where it is used: the metrics import adds
+# 0.4 s to every process that imports this module.
 
-BURDEN_NAME = "correction_burden.tsv"
 # A matched lesion is "resized" when its volume changed by more than 20% of the pre-segmented
 # volume. A one-voxel shell around a ball of diameter d voxels changes its volume by about 6/d,
 # so at 1 mm a boundary redrawn all round counts for every lesion up to ~30 mm, while a local

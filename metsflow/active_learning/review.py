@@ -47,8 +47,9 @@ from metsflow.active_learning.labelstore import (
     LabelStore,
 )
 from metsflow.io import guard_not_in_store
+from metsflow.layout import PRED, PRED_NATIVE
+from metsflow.layout import REVIEW_MANIFEST_NAME as MANIFEST_NAME
 
-MANIFEST_NAME = "manifest.csv"
 IMAGE_NAME = "image_{sequence}.nii.gz"
 PRESEGMENTATION_NAME = "presegmentation.nii.gz"
 SEGMENTATION_NAME = "segmentation.nii.gz"
@@ -206,7 +207,7 @@ def _checked_presegmentation(study_id: str, path: Path, reference: nib.Nifti1Ima
         raise io.StudyError(
             study_id,
             f"pre-segmentation shape {tuple(preseg.shape)} is not the native T1c shape "
-            f"{tuple(reference.shape)} (pass pred_native.nii.gz, not pred.nii.gz)",
+            f"{tuple(reference.shape)} (pass {PRED_NATIVE}, not {PRED})",
             path,
         )
     difference = np.abs(preseg.affine - reference.affine).max()
@@ -375,7 +376,8 @@ def export_batch(
 
     ``selection``: a ``select_batch`` frame (``study_id``, optional ``patient_id``) or study
     ids. ``images_for``: mapping/callable study -> native T1c path, or -> ``{sequence: path}``
-    including ``"t1c"``. ``presegmentation_for``: study -> ``pred_native.nii.gz``.
+    including ``"t1c"``. ``presegmentation_for``: study -> its native-grid prediction
+    (``Layout.study_prediction``).
     ``patient_for`` overrides the selection's ``patient_id``.
 
     Never overwrites: a study already in the manifest (maybe being edited) is left as it is

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -35,6 +34,7 @@ from metsflow.active_learning.burden import (
     summarise_rounds,
 )
 from metsflow.active_learning.labelstore import LabelStore
+from metsflow.layout import Layout
 
 STATUS_COLUMNS = [
     "round",
@@ -49,19 +49,6 @@ STATUS_COLUMNS = [
     # correction burden of the round's confirmed batch (burden.SUMMARY_COLUMNS)
     *SUMMARY_COLUMNS[1:],
 ]
-_ROUND_DIR = re.compile(r"^round_(\d+)$")
-
-
-def _rounds(results_dir: Path) -> list[tuple[int, Path]]:
-    rounds_dir = results_dir / "rounds"
-    if not rounds_dir.is_dir():
-        return []
-    found = []
-    for entry in rounds_dir.iterdir():
-        match = _ROUND_DIR.match(entry.name)
-        if match and entry.is_dir():
-            found.append((int(match.group(1)), entry))
-    return sorted(found)
 
 
 def _selection_summary(path: Path, store: LabelStore | None) -> tuple[dict, list[str]]:
@@ -118,12 +105,13 @@ def round_status(
     if store is not None and not isinstance(store, LabelStore):
         store = LabelStore(store, create=False)
     rows = []
-    rounds = _rounds(results_dir)
-    burden, burden_notes = _burden_summary([folder / BURDEN_NAME for _, folder in rounds])
-    for round_index, folder in rounds:
-        selection, notes = _selection_summary(folder / "selection.tsv", store)
+    layout = Layout(results_dir)
+    rounds = layout.existing_rounds()
+    burden, burden_notes = _burden_summary({r: Path(layout.burden(r)) for r, _ in rounds})
+    for round_index, _ in rounds:
+        selection, notes = _selection_summary(Path(layout.selection(round_index)), store)
         evaluation, eval_notes = _evaluation_summary(
-            folder / "evaluation" / "summary.json", round_index
+            Path(layout.evaluation_summary(round_index)), round_index
         )
         notes += eval_notes + burden_notes.get(round_index, [])
         rows.append(
@@ -138,14 +126,14 @@ def round_status(
     return pd.DataFrame(rows, columns=STATUS_COLUMNS)
 
 
-def _burden_summary(paths: list[Path]) -> tuple[dict[int, dict], dict[int, list[str]]]:
-    """Per round with a ``correction_burden.tsv``: its ``burden.summarise_rounds`` row (an empty
-    batch: 0 studies); and per round the notes on unreadable tables."""
+def _burden_summary(paths: dict[int, Path]) -> tuple[dict[int, dict], dict[int, list[str]]]:
+    """Per round with a ``correction_burden.tsv`` (``paths``: round -> table): its
+    ``burden.summarise_rounds`` row (an empty batch: 0 studies); and per round the notes on
+    unreadable tables."""
     summaries, notes = {}, {}
-    for path in paths:
+    for round_index, path in paths.items():
         if not path.exists():
             continue
-        round_index = int(_ROUND_DIR.match(path.parent.name).group(1))
         try:
             table = read_burden_tables([path])
         except (OSError, ValueError) as exc:
@@ -282,8 +270,8 @@ def final_status(results_dir: str | os.PathLike, store: LabelStore | None) -> st
     """One line on the loop's end product (``results/final``): where every pool study's label
     comes from and how far human QA of the seeded model-labelled sample has got; empty if the
     last round has not finished."""
-    final_dir = Path(results_dir) / "final"
-    labels_path = final_dir / "labels.tsv"
+    layout = Layout(results_dir)
+    labels_path = Path(layout.final("labels.tsv"))
     if not labels_path.exists():
         return ""
     try:
@@ -294,7 +282,7 @@ def final_status(results_dir: str | os.PathLike, store: LabelStore | None) -> st
         return f"final: labels.tsv unreadable: {exc}\n"
     parts = ", ".join(f"{n} {source}" for source, n in sorted(sources.items()))
     line = f"final ({model_round}): {parts}"
-    sample_path = final_dir / "qa_sample.tsv"
+    sample_path = Path(layout.final("qa_sample.tsv"))
     if sample_path.exists():
         sample = pd.read_csv(sample_path, sep="\t", dtype={"study_id": str})
         line += f"; QA sample {len(sample)} studies"
@@ -312,8 +300,9 @@ def detection_status(results_dir: str | os.PathLike) -> str:
     sensitivity per size bin (detected/reference, sensitivity, Wilson 95% CI) and false
     positives per patient and per study; empty when no round has these figures yet."""
     rows, bins = [], []
-    for round_index, folder in _rounds(Path(results_dir)):
-        path = folder / "evaluation" / "summary.json"
+    layout = Layout(results_dir)
+    for round_index, _ in layout.existing_rounds():
+        path = Path(layout.evaluation_summary(round_index))
         if not path.exists():
             continue
         try:

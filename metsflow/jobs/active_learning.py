@@ -11,6 +11,7 @@ from metsflow.active_learning.acquisition import SELECTION_COLUMNS, select_batch
 from metsflow.cohort import Study
 from metsflow.io import read_json, write_table
 from metsflow.jobs.manifest import read_manifests
+from metsflow.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +102,16 @@ def _study_index(records: list[dict]) -> dict[str, Study]:
 
 
 def run_export_review(
+    layout: Layout,
     round_index: int,
+    model_round: int,
     selection_path: str,
     studies: list[dict],
-    pred_root: str,
     model: str,
     out_dir: str,
 ) -> None:
+    """Export a batch for review with round ``model_round``'s predictions as the
+    pre-segmentation."""
     from metsflow.active_learning.review import export_batch
 
     index = _study_index(studies)
@@ -115,7 +119,7 @@ def run_export_review(
     export_batch(
         selection,
         images_for=lambda s: {k: v for k, v in index[s].images.items() if v is not None},
-        presegmentation_for=lambda s: Path(pred_root) / s / "pred_native.nii.gz",
+        presegmentation_for=lambda s: layout.study_prediction(model_round, s),
         out_dir=out_dir,
         round_index=round_index,
         model_id=model,
@@ -124,6 +128,7 @@ def run_export_review(
 
 
 def run_collect_annotations(
+    layout: Layout,
     round_index: int,
     selection_path: str,
     annotator: str,
@@ -160,7 +165,7 @@ def run_collect_annotations(
             source=model,
         )
         # The review package shows what the store holds now, as `metsflow al status` does.
-        review_dir = Path(selection_path).parent / "review"
+        review_dir = Path(layout.review_dir(round_index))
         if (review_dir / MANIFEST_NAME).is_file():
             refresh_manifest_status(review_dir, store)
     pending = [s for s in ids if store.confirmed(s) is None]
@@ -168,7 +173,7 @@ def run_collect_annotations(
         raise RuntimeError(
             f"round {round_index}: {len(pending)} of {len(ids)} studies are not confirmed yet: "
             f"{', '.join(pending[:20])}{' ...' if len(pending) > 20 else ''}. Review the batch in "
-            f"{Path(selection_path).parent / 'review'} (save <study>/segmentation.nii.gz) and import "
+            f"{layout.review_dir(round_index)} (save <study>/segmentation.nii.gz) and import "
             f"it with `metsflow al import --round {round_index} --stage refined|confirmed "
             f"--reviewer NAME --configfile <your workflow config>`; only confirmed labels train. "
             f"Then run `snakemake round_{round_index}` again."
@@ -228,11 +233,11 @@ QA_STRATEGY = "final_qa_random"
 
 
 def run_final_labels(
+    layout: Layout,
     final_round: int,
     plan_path: str,
     prediction_manifests: list[str],
     label_store: str,
-    pred_root: str,
     model: str,
     sample_size: int,
     seed: int,
@@ -260,7 +265,7 @@ def run_final_labels(
         if study_id in confirmed:
             row.update(source="human_confirmed", label=str(confirmed[study_id]), round="")
         elif study_id in ok:
-            label = Path(pred_root) / study_id / "pred_native.nii.gz"
+            label = layout.study_prediction(final_round, study_id)
             row.update(source="model", label=str(label), round=str(final_round))
         else:
             row.update(source="failed", label="", round=str(final_round))

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import pandas as pd
 
-from metsflow.cohort import read_sheet
 from metsflow.io import write_table
 from metsflow.jobs.manifest import read_manifests
-from metsflow.plan import PlanSettings, build_plan
 
 
-def write_plan(config: dict, out_path: str) -> pd.DataFrame:
-    cohort = read_sheet(
-        config["sheet"],
-        data_roots=config.get("data_roots", []),  # [] = the sheet's own folder
-        allow_outside_roots=config.get("allow_paths_outside_roots", False),
-    )
-    plan = build_plan(cohort, PlanSettings.from_config(config))
+def write_plan(plan: pd.DataFrame, out_path: str) -> pd.DataFrame:
+    """Write the plan the workflow planned with (computed once, at parse time, by
+    ``metsflow.preflight.prepare_run``), not a second computation of it."""
     write_table(out_path, plan)
     return plan
 

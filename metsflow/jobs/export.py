@@ -28,6 +28,7 @@ from metsflow.io import write_table
 from metsflow.jobs.longitudinal import make_warp
 from metsflow.jobs.manifest import read_manifests
 from metsflow.labels import ENHANCING
+from metsflow.layout import T1C, Layout
 from metsflow.longitudinal import ResponseThresholds, TimePoint, track_patient
 
 log = logging.getLogger(__name__)
@@ -82,22 +83,21 @@ def _chains(rows: pd.DataFrame, reference_of: dict[str, str]) -> list[list[str]]
 def track_final_labels(
     studies: pd.DataFrame,
     registration_manifests: list[str],
-    prep_root: str,
-    reg_root: str,
-    settings: dict,
+    layout: Layout,
+    thresholds: ResponseThresholds,
     warp_factory=make_warp,
 ) -> pd.DataFrame:
     """Tracked enhancing lesions of the final labels (``track_patient`` rows + ``label``)."""
     from metsflow.jobs.train import label_to_grid
 
-    thresholds = ResponseThresholds.from_config(settings)
     registered = read_manifests(registration_manifests)
     registered = registered[registered.status == "ok"]
     reference_of = dict(
         zip(registered.study_id, registered.reference_study.astype(str), strict=True)
     )
-    prep, reg = Path(prep_root), Path(reg_root)
-    labelled = studies[(studies.label != "") & studies.study_id.map(lambda s: (prep / s).is_dir())]
+    labelled = studies[
+        (studies.label != "") & studies.study_id.map(lambda s: layout.preprocessed_dir(s).is_dir())
+    ]
     frames = []
     with tempfile.TemporaryDirectory(prefix="metsflow_export_") as scratch:
         for patient_id, rows in labelled.groupby("patient_id", sort=True):
@@ -105,7 +105,7 @@ def track_final_labels(
             for k, chain in enumerate(_chains(rows, reference_of)):
                 points, affines, spacings = [], {}, []
                 for study_id in chain:
-                    reference = prep / study_id / "t1c.nii.gz"
+                    reference = layout.preprocessed_dir(study_id) / T1C
                     img = nib.load(str(reference))
                     zooms = [float(z) for z in img.header.get_zooms()[:3]]
                     labels = label_to_grid(by_id.loc[study_id, "label"], reference)
@@ -119,7 +119,7 @@ def track_final_labels(
                             math.prod(zooms),
                         )
                     )
-                warp = warp_factory(prep, reg, affines, Path(scratch))
+                warp = warp_factory(layout, affines, Path(scratch))
                 margin = math.ceil(thresholds.match_margin_mm / min(spacings) - 1e-6)
                 series_id = patient_id if k == 0 else chain[0]
                 tracked = track_patient(
@@ -133,21 +133,21 @@ def track_final_labels(
 
 
 def run_export_bids(
+    layout: Layout,
+    thresholds: ResponseThresholds,
     final_labels: str,
     plan_path: str,
     studies: list[dict],
     registration_manifests: list[str],
-    prep_root: str,
-    reg_root: str,
-    settings: dict,
     model_round: int,
     out_root: str,
     out_manifest: str,
 ) -> pd.DataFrame:
+    """The final labels as a BIDS derivative dataset in ``out_root`` (export.bids_dir)."""
     from metsflow.export import export_bids
 
     table = final_studies(final_labels, studies, plan_path)
-    lesions = track_final_labels(table, registration_manifests, prep_root, reg_root, settings)
+    lesions = track_final_labels(table, registration_manifests, layout, thresholds)
     manifest = export_bids(table, lesions, out_root, model_round=model_round)
     write_table(out_manifest, manifest)
     log.info("BIDS export to %s: %s", out_root, manifest.status.value_counts().to_dict())
@@ -155,11 +155,11 @@ def run_export_bids(
 
 
 def run_export_dicom_seg(
+    layout: Layout,
     final_labels: str,
     plan_path: str,
     studies: list[dict],
     model_round: int,
-    out_root: str,
     out_manifest: str,
 ) -> pd.DataFrame:
     """A DICOM SEG per final label of a study imported from DICOM (``metsflow.dicom``)."""
@@ -177,7 +177,7 @@ def run_export_dicom_seg(
         if not study.label:
             rows.append({**row, "status": "no_label"})
             continue
-        target = Path(out_root) / f"{study.study_id}.dcm"
+        target = Path(layout.dicom_seg_dir) / f"{study.study_id}.dcm"
         try:
             write_dicom_seg(
                 study.label,
@@ -194,5 +194,7 @@ def run_export_dicom_seg(
         rows.append({**row, "path": str(target)})
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     write_table(out_manifest, manifest)
-    log.info("DICOM SEG export to %s: %s", out_root, manifest.status.value_counts().to_dict())
+    log.info(
+        "DICOM SEG export to %s: %s", layout.dicom_seg_dir, manifest.status.value_counts().to_dict()
+    )
     return manifest

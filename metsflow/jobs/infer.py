@@ -13,13 +13,16 @@ import filecmp
 import logging
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from metsflow.io import StudyError, save_nifti
 from metsflow.jobs.manifest import read_manifests, write_manifest
+from metsflow.layout import PRED_NATIVE, Layout
 from metsflow.runtime import select_device, set_threads
+from metsflow.settings import InferSettings
 
 log = logging.getLogger(__name__)
 
@@ -37,28 +40,46 @@ SCORE_COLUMNS = [
 ]
 
 
-def run_infer_shard(
-    studies: list[dict],
-    preprocess_manifests: list[str],
-    model_path: str,
-    settings: dict,
-    prep_root: str,
-    reg_root: str,
-    out_root: str,
-    manifest: str,
-    threads: int = 1,
-    fold_models: list[str] | None = None,
-    stage2_model: str | None = None,
-    reseg_models: list[str] | None = None,
-    previous: dict | None = None,
-) -> list[dict]:
-    """``studies``: plan rows (study_id, patient_id, role) of the shard to segment.
+@dataclass(frozen=True)
+class InferShard:
+    """What one infer_shard job reads and writes (rule infer_shard).
 
-    ``fold_models``: further stage-1 fold checkpoints, ensembled with ``model_path``;
-    ``stage2_model`` / ``reseg_models``: the cascade's stage 2 and the re-seg model(s).
-    ``previous``: the previous round's ``models``, ``out_root`` and ``manifest`` of this shard;
-    when this round's models are byte-identical to those (a round after the stop criterion keeps
-    its model), a study's previous outputs are copied instead of segmenting it again."""
+    ``studies``: plan rows (study_id, patient_id, role) of the shard to segment;
+    ``stage1_models``: the round's model and its further fold checkpoints (ensembled);
+    ``stage2_model`` / ``reseg_models``: the cascade's stage 2 and the re-seg model(s);
+    ``previous``: the previous round's ``round``, ``models`` and ``manifest`` of this shard:
+    when this round's models are byte-identical to those (a round after the stop criterion
+    keeps its model), a study's previous outputs are copied instead of segmenting it again.
+    """
+
+    round_index: int
+    studies: list[dict]
+    preprocess_manifests: list[str]
+    stage1_models: list[str]
+    manifest: str
+    stage2_model: str | None = None
+    reseg_models: list[str] = field(default_factory=list)
+    previous: dict | None = None
+    threads: int = 1
+
+    @classmethod
+    def from_snakemake(cls, smk) -> InferShard:
+        return cls(
+            round_index=int(smk.wildcards.round),
+            studies=list(smk.params.studies),
+            preprocess_manifests=list(smk.input.preprocessed),
+            stage1_models=[smk.input.model, *smk.input.get("folds", [])],
+            manifest=smk.output.manifest,
+            stage2_model=smk.input.get("stage2"),
+            reseg_models=list(smk.input.get("reseg", [])),
+            previous=dict(smk.params.previous) or None,
+            threads=smk.threads,
+        )
+
+
+def run_infer_shard(layout: Layout, settings: InferSettings, shard: InferShard) -> list[dict]:
+    """Segment ``shard.studies`` with round ``shard.round_index``'s models into
+    ``layout.prediction_dir``; one manifest row per study."""
     from metsflow.infer import (
         lever_settings,
         load_ensemble,
@@ -70,24 +91,27 @@ def run_infer_shard(
     from metsflow.postprocess import CascadePostProcess
     from metsflow.preprocess import to_native
 
-    set_threads(threads)
-    device = select_device(settings.get("device", "auto"))
-    ok = set(read_manifests(preprocess_manifests).query("status == 'ok'").study_id)
-    models = [model_path, *(fold_models or []), stage2_model, *(reseg_models or [])]
-    reusable = _reusable_predictions(previous, [m for m in models if m])
+    params = settings.as_params()  # what metsflow.infer and metsflow.postprocess read
+    out_root = layout.prediction_root(shard.round_index)
+    set_threads(shard.threads)
+    device = select_device(settings.device)
+    ok = set(read_manifests(shard.preprocess_manifests).query("status == 'ok'").study_id)
+    previous = shard.previous
+    models = [*shard.stage1_models, shard.stage2_model, *shard.reseg_models]
+    reusable = _reusable_predictions(layout, previous, [m for m in models if m])
     if reusable:
         log.info(
             "the models equal the previous round's: reusing %d studies' predictions from %s",
             len(reusable),
-            previous["out_root"],
+            layout.prediction_root(previous["round"]),
         )
-    networks, meta = load_ensemble([model_path, *(fold_models or [])], device=device)
+    networks, meta = load_ensemble(shard.stage1_models, device=device)
     postprocess = CascadePostProcess.from_checkpoints(
-        meta["channels"], stage2_model, reseg_models, settings, device
+        meta["channels"], shard.stage2_model, shard.reseg_models or None, params, device
     )
     rows: dict[str, dict] = {}
     items = []
-    for record in studies:
+    for record in shard.studies:
         study_id, patient = record["study_id"], record["patient_id"]
         base = {"study_id": study_id, "patient_id": patient, "role": record["role"]}
         if study_id not in ok:
@@ -95,7 +119,8 @@ def run_infer_shard(
         elif study_id in reusable:
             try:
                 _copy_study_outputs(
-                    Path(previous["out_root"]) / study_id, Path(out_root) / study_id
+                    layout.prediction_dir(previous["round"], study_id),
+                    layout.prediction_dir(shard.round_index, study_id),
                 )
             except OSError as exc:  # e.g. a stale folder that cannot be replaced: this study
                 problem = f"study {study_id}: previous prediction cannot be reused: {exc}"
@@ -103,11 +128,11 @@ def run_infer_shard(
             else:
                 rows[study_id] = {**base, **reusable[study_id], "seconds": 0.0}
         else:
-            prior = Path(reg_root) / study_id / "prior.nii.gz"
+            prior = layout.prior(study_id)
             items.append(
                 {
                     **base,
-                    "prep_dir": str(Path(prep_root) / study_id),
+                    "prep_dir": str(layout.preprocessed_dir(study_id)),
                     "prior": str(prior) if prior.exists() else None,
                 }
             )
@@ -119,16 +144,14 @@ def run_infer_shard(
         pred_path, pred = files[0][0], files[0][1]
         native = to_native(pred, row["prep_dir"])
         save_nifti(
-            pred_path.with_name("pred_native.nii.gz"),
+            pred_path.with_name(PRED_NATIVE),
             np.asarray(native.dataobj),
             native.affine,
             dtype=np.uint8,
         )
 
     def compute(item, inp):
-        row, files = segment_study(
-            networks, meta, item, out_root, settings, device, postprocess, inp
-        )
+        row, files = segment_study(networks, meta, item, out_root, params, device, postprocess, inp)
         return {**row, "prep_dir": item["prep_dir"]}, files
 
     # The next study is read and the previous one written while this one computes
@@ -138,7 +161,7 @@ def run_infer_shard(
         load=lambda item: load_study_input(item, meta["channels"]),
         compute=compute,
         write=write,
-        enabled=lever_settings(settings, device)["prefetch"],
+        enabled=lever_settings(params, device)["prefetch"],
     ):
         study_id = item["study_id"]
         base = {k: item[k] for k in ("study_id", "patient_id", "role")}
@@ -152,12 +175,14 @@ def run_infer_shard(
         else:
             scores = {k: v for k, v in result[0].items() if k not in ("study_id", "prep_dir")}
             rows[study_id] = {**base, "status": "ok", "problem": "", **scores}
-    rows = [rows[record["study_id"]] for record in studies]
-    write_manifest(manifest, rows, extra_columns=["role", *SCORE_COLUMNS])
+    rows = [rows[record["study_id"]] for record in shard.studies]
+    write_manifest(shard.manifest, rows, extra_columns=["role", *SCORE_COLUMNS])
     return rows
 
 
-def _reusable_predictions(previous: dict | None, models: list[str]) -> dict[str, dict]:
+def _reusable_predictions(
+    layout: Layout, previous: dict | None, models: list[str]
+) -> dict[str, dict]:
     """Study id -> previous manifest row (status ok) when every model file equals the previous
     round's, else {} (also when the previous outputs are gone: they are then recomputed)."""
     if not previous or not Path(previous.get("manifest", "")).is_file():
@@ -173,7 +198,7 @@ def _reusable_predictions(previous: dict | None, models: list[str]) -> dict[str,
     table = read_manifests([previous["manifest"]])
     rows = {}
     for row in table[table.status == "ok"].to_dict("records"):
-        if (Path(previous["out_root"]) / row["study_id"] / "pred_native.nii.gz").is_file():
+        if layout.study_prediction(previous["round"], row["study_id"]).is_file():
             rows[row["study_id"]] = {
                 k: v for k, v in row.items() if k not in ("study_id", "patient_id", "role")
             }

@@ -29,6 +29,7 @@ import pandas as pd
 from metsflow.io import save_nifti, write_table
 from metsflow.jobs.manifest import read_manifests
 from metsflow.labels import ENHANCING
+from metsflow.layout import LABEL, PRED, Layout
 from metsflow.longitudinal import ResponseThresholds, TimePoint, response_table, track_patient
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,13 @@ SOURCES = ("prediction", "reference")
 
 
 def _segmentation_paths(
-    plan: pd.DataFrame, predicted_ok: set[str], prep_root: Path, pred_root: Path
+    plan: pd.DataFrame, predicted_ok: set[str], layout: Layout, round_index: int
 ) -> dict[str, dict[str, Path]]:
     paths: dict[str, dict[str, Path]] = {source: {} for source in SOURCES}
     for study_id in plan["study_id"]:
         if study_id in predicted_ok:
-            paths["prediction"][study_id] = pred_root / study_id / "pred.nii.gz"
-        label = prep_root / study_id / "label.nii.gz"
+            paths["prediction"][study_id] = layout.prediction_dir(round_index, study_id) / PRED
+        label = layout.preprocessed_dir(study_id) / LABEL
         if label.exists():
             paths["reference"][study_id] = label
     return paths
@@ -72,7 +73,7 @@ def _series(
     return chain
 
 
-def make_warp(prep_root: Path, reg_root: Path, affines: dict[str, np.ndarray], scratch: Path):
+def make_warp(layout: Layout, affines: dict[str, np.ndarray], scratch: Path):
     """Warp a previous time point's lesion-id map into the follow-up grid (genericLabel)."""
     from metsflow.register import propagate_label
 
@@ -80,24 +81,28 @@ def make_warp(prep_root: Path, reg_root: Path, affines: dict[str, np.ndarray], s
         moving = scratch / f"{previous.study_id}_lesion_ids.nii.gz"
         warped = scratch / f"{current.study_id}_warped_ids.nii.gz"
         save_nifti(moving, ids, affines[previous.study_id], dtype=np.uint8)
-        propagate_label(moving, reg_root / current.study_id, prep_root / current.study_id, warped)
+        propagate_label(
+            moving,
+            layout.registered_dir(current.study_id),
+            layout.preprocessed_dir(current.study_id),
+            warped,
+        )
         return np.asarray(nib.load(str(warped)).dataobj)
 
     return warp
 
 
 def run_longitudinal(
+    layout: Layout,
+    thresholds: ResponseThresholds,
+    round_index: int,
     plan_path: str,
     prediction_manifests: list[str],
     registration_manifests: list[str],
-    prep_root: str,
-    reg_root: str,
-    pred_root: str,
-    settings: dict,
     out_lesions: str,
     out_response: str,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    thresholds = ResponseThresholds.from_config(settings)
+    """Round ``round_index``'s predictions and the sheet labels, tracked per patient."""
     plan = pd.read_csv(plan_path, sep="\t", dtype={"study_id": str, "patient_id": str})
     predicted = read_manifests(prediction_manifests)
     predicted_ok = set(predicted.loc[predicted.status == "ok", "study_id"])
@@ -106,8 +111,7 @@ def run_longitudinal(
     reference_of = dict(
         zip(registered.study_id, registered.reference_study.astype(str), strict=True)
     )
-    prep, reg = Path(prep_root), Path(reg_root)
-    paths = _segmentation_paths(plan, predicted_ok, prep, Path(pred_root))
+    paths = _segmentation_paths(plan, predicted_ok, layout, round_index)
 
     lesion_frames, response_frames = [], []
     with tempfile.TemporaryDirectory(prefix="metsflow_longitudinal_") as scratch:
@@ -127,7 +131,7 @@ def run_longitudinal(
                     spacings += [float(z) for z in img.header.get_zooms()[:3]]
                     voxel = float(np.prod(img.header.get_zooms()[:3]))
                     points.append(TimePoint(study_id, order[study_id], labels == ENHANCING, voxel))
-                warp = make_warp(prep, reg, affines, Path(scratch))
+                warp = make_warp(layout, affines, Path(scratch))
                 # at least the margin: a 2 mm margin on a 4 mm grid is one voxel
                 margin = math.ceil(thresholds.match_margin_mm / min(spacings) - 1e-6)
                 tracked = track_patient(

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from metsflow.cohort import Study
 from metsflow.jobs.manifest import FILE_COLUMN, fingerprint, run_study, write_manifest
+from metsflow.layout import Layout
 from metsflow.preprocess import preprocess_study
 from metsflow.runtime import set_threads
 
@@ -14,13 +14,14 @@ log = logging.getLogger(__name__)
 
 
 def run_preprocess_shard(
-    studies: list[dict], settings: dict, out_root: str, manifest: str, threads: int = 1
+    layout: Layout, settings: dict, studies: list[dict], manifest: str, threads: int = 1
 ) -> list[dict]:
+    """Preprocess ``studies`` (study records) into ``layout.preprocessed_dir``."""
     set_threads(threads)
     rows = []
     for record in studies:
         study = Study.from_record(record)
-        out_dir = Path(out_root) / study.study_id
+        out_dir = layout.preprocessed_dir(study.study_id)
         inputs = [study.t1, study.t1c, study.t2, study.flair, study.label]
         try:
             stamp = fingerprint(inputs, settings)

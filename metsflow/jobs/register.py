@@ -20,6 +20,7 @@ from metsflow.jobs.manifest import (
     run_study,
     write_manifest,
 )
+from metsflow.layout import LABEL, PRIOR, Layout
 from metsflow.register import propagate_label, register_followup
 from metsflow.runtime import set_threads
 
@@ -37,11 +38,10 @@ QC_COLUMNS = (
 
 
 def run_register_shard(
+    layout: Layout,
+    settings: dict,
     studies: list[dict],
     preprocess_manifest: str,
-    settings: dict,
-    prep_root: str,
-    out_root: str,
     manifest: str,
     threads: int = 1,
 ) -> list[dict]:
@@ -61,10 +61,10 @@ def run_register_shard(
         if reference is None:
             rows.append(_row(study_id, patient, "baseline", "", None))
             continue
-        followup_dir = Path(prep_root) / study_id
-        previous_dir = Path(prep_root) / reference
-        out_dir = Path(out_root) / study_id
-        previous_label = previous_dir / "label.nii.gz"
+        followup_dir = layout.preprocessed_dir(study_id)
+        previous_dir = layout.preprocessed_dir(reference)
+        out_dir = layout.registered_dir(study_id)
+        previous_label = previous_dir / LABEL
         stamp = fingerprint(
             [followup_dir / ".done.json", previous_dir / ".done.json"],
             {"settings": settings, "reference": reference},
@@ -78,7 +78,7 @@ def run_register_shard(
         ):
             qc = register_followup(followup_dir, previous_dir, out_dir, settings, threads=threads)
             if previous_label.exists():
-                propagate_label(previous_label, out_dir, followup_dir, out_dir / "prior.nii.gz")
+                propagate_label(previous_label, out_dir, followup_dir, out_dir / PRIOR)
             return qc
 
         log.info("registering %s to %s", study_id, reference)

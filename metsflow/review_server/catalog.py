@@ -41,35 +41,28 @@ from metsflow.active_learning.review import (
     PRESEGMENTATION_NAME,
     read_manifest,
 )
+from metsflow.layout import FG_PROB, Layout
 
 UNCERTAIN_ENTROPY = 0.5
 SMALL_LESION_ML = 0.1
 LESION_CONNECTIVITY = 26
-FG_PROB_NAME = "fg_prob.nii.gz"
 FINAL_BATCH = "final"
 SEQUENCES = ("t1c", "t1", "t2", "flair")
-_ROUND_DIR = re.compile(r"^round_(\d+)$")
 _MODEL_ROUND = re.compile(r"round_(\d+)")
 
 
 def round_review_dir(results: Path, round_index: int) -> Path:
-    return Path(results) / "rounds" / f"round_{round_index}" / "review"
+    return Path(Layout(results).review_dir(round_index))
 
 
 def final_review_dir(results: Path) -> Path:
-    return Path(results) / "final" / "qa_review"
+    return Path(Layout(results).final_review_dir)
 
 
 def current_round(results: str | os.PathLike) -> int | None:
     """The newest round with an exported review batch, or None."""
-    rounds_dir = Path(results) / "rounds"
-    if not rounds_dir.is_dir():
-        return None
-    found = [
-        int(m.group(1))
-        for entry in rounds_dir.iterdir()
-        if (m := _ROUND_DIR.match(entry.name)) and (entry / "review" / MANIFEST_NAME).is_file()
-    ]
+    layout = Layout(results)
+    found = [r for r, _ in layout.existing_rounds() if Path(layout.review_manifest(r)).is_file()]
     return max(found) if found else None
 
 
@@ -167,14 +160,7 @@ class Catalog:
         match = _MODEL_ROUND.search(entry.model)
         if not match:
             return None
-        path = (
-            self.results
-            / "rounds"
-            / f"round_{match.group(1)}"
-            / "predictions"
-            / entry.study_id
-            / FG_PROB_NAME
-        )
+        path = Layout(self.results).prediction_dir(match.group(1), entry.study_id) / FG_PROB
         return path if path.is_file() else None
 
 
