@@ -88,7 +88,7 @@ def track_final_labels(
     warp_factory=make_warp,
 ) -> pd.DataFrame:
     """Tracked enhancing lesions of the final labels (``track_patient`` rows + ``label``)."""
-    from metsflow.jobs.train import label_to_grid
+    from metsflow.preprocess import label_to_grid
 
     thresholds = ResponseThresholds.from_config(settings)
     registered = read_manifests(registration_manifests)
