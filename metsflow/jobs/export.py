@@ -22,6 +22,7 @@ from pathlib import Path
 import nibabel as nib
 import pandas as pd
 
+from metsflow.active_learning.final import HUMAN_CONFIRMED
 from metsflow.bids import entity_table
 from metsflow.cohort import Study
 from metsflow.io import write_table
@@ -60,7 +61,7 @@ def final_studies(
                 "order": order[row.study_id],
                 "label": row.label,
                 "t1c": str(index[row.study_id].t1c),
-                "manual": row.source == "human_confirmed",
+                "manual": row.source == HUMAN_CONFIRMED,
                 "round": row.round,
             }
         )
