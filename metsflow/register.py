@@ -386,3 +386,21 @@ def propagate_label(
     save_nifti(out_path, out, grid.affine, dtype=np.uint8)
     counts = np.bincount(out.ravel())
     return {str(v): int(c) for v, c in enumerate(counts) if c and v}
+
+
+def lesion_id_warp(
+    prep_root: str | Path, reg_root: str | Path, affines: dict[str, np.ndarray], scratch: Path
+):
+    """A ``metsflow.longitudinal.Warp``: a previous time point's lesion-id map warped into the
+    follow-up's preprocessed grid with ``propagate_label`` (genericLabel keeps the ids), through
+    files in ``scratch``; ``affines``: study id -> affine of its preprocessed grid."""
+    prep_root, reg_root = Path(prep_root), Path(reg_root)
+
+    def warp(ids: np.ndarray, previous, current) -> np.ndarray:
+        moving = scratch / f"{previous.study_id}_lesion_ids.nii.gz"
+        warped = scratch / f"{current.study_id}_warped_ids.nii.gz"
+        save_nifti(moving, ids, affines[previous.study_id], dtype=np.uint8)
+        propagate_label(moving, reg_root / current.study_id, prep_root / current.study_id, warped)
+        return np.asarray(nib.load(str(warped)).dataobj)
+
+    return warp

@@ -15,7 +15,6 @@ are prefixed with its first study (``<study>-L<k>``), so ids never collide.
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 from pathlib import Path
 
@@ -26,10 +25,14 @@ from metsflow.active_learning.final import HUMAN_CONFIRMED
 from metsflow.bids import entity_table
 from metsflow.cohort import Study
 from metsflow.io import write_table
-from metsflow.jobs.longitudinal import make_warp
 from metsflow.jobs.manifest import read_manifests
-from metsflow.labels import ENHANCING
-from metsflow.longitudinal import ResponseThresholds, TimePoint, track_patient
+from metsflow.longitudinal import (
+    ResponseThresholds,
+    TimePoint,
+    registered_chains,
+    track_patient,
+)
+from metsflow.register import lesion_id_warp
 
 log = logging.getLogger(__name__)
 
@@ -68,25 +71,13 @@ def final_studies(
     return pd.DataFrame(rows)
 
 
-def _chains(rows: pd.DataFrame, reference_of: dict[str, str]) -> list[list[str]]:
-    """The patient's labelled studies in order, split where one is not registered to the one
-    before (``reference_study`` of the registration manifest)."""
-    chains: list[list[str]] = []
-    for study_id in rows.sort_values("order").study_id:
-        if chains and reference_of.get(study_id) == chains[-1][-1]:
-            chains[-1].append(study_id)
-        else:
-            chains.append([study_id])
-    return chains
-
-
 def track_final_labels(
     studies: pd.DataFrame,
     registration_manifests: list[str],
     prep_root: str,
     reg_root: str,
     settings: dict,
-    warp_factory=make_warp,
+    warp_factory=lesion_id_warp,
 ) -> pd.DataFrame:
     """Tracked enhancing lesions of the final labels (``track_patient`` rows + ``label``)."""
     from metsflow.preprocess import label_to_grid
@@ -103,7 +94,8 @@ def track_final_labels(
     with tempfile.TemporaryDirectory(prefix="metsflow_export_") as scratch:
         for patient_id, rows in labelled.groupby("patient_id", sort=True):
             by_id = rows.set_index("study_id")
-            for k, chain in enumerate(_chains(rows, reference_of)):
+            ordered = list(rows.sort_values("order").study_id)
+            for k, chain in enumerate(registered_chains(ordered, reference_of)):
                 points, affines, spacings = [], {}, []
                 for study_id in chain:
                     reference = prep / study_id / "t1c.nii.gz"
@@ -112,19 +104,14 @@ def track_final_labels(
                     labels = label_to_grid(by_id.loc[study_id, "label"], reference)
                     affines[study_id] = img.affine
                     spacings += zooms
-                    points.append(
-                        TimePoint(
-                            study_id,
-                            int(by_id.loc[study_id, "order"]),
-                            labels == ENHANCING,
-                            math.prod(zooms),
-                        )
-                    )
-                warp = warp_factory(prep, reg, affines, Path(scratch))
-                margin = math.ceil(thresholds.match_margin_mm / min(spacings) - 1e-6)
-                series_id = patient_id if k == 0 else chain[0]
+                    order = by_id.loc[study_id, "order"]
+                    points.append(TimePoint.from_labels(study_id, order, labels, zooms))
                 tracked = track_patient(
-                    series_id, points, warp, thresholds.min_overlap_voxels, margin
+                    patient_id if k == 0 else chain[0],
+                    points,
+                    warp_factory(prep, reg, affines, Path(scratch)),
+                    thresholds.min_overlap_voxels,
+                    thresholds.margin_voxels(spacings),
                 )
                 frames.append(tracked.assign(patient_id=patient_id, label="enhancing"))
     frames = [f for f in frames if not f.empty]
