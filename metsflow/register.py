@@ -44,7 +44,7 @@ import nibabel as nib
 import numpy as np
 
 from metsflow.brainmask import dilate_mm_ball, nifti_to_ants
-from metsflow.io import StudyError, atomic_path, load_nifti, save_nifti, write_json
+from metsflow.io import StudyError, atomic_path, load_nifti, read_json, save_nifti, write_json
 from metsflow.runtime import set_threads
 
 DEFAULTS: dict[str, Any] = {
@@ -338,6 +338,38 @@ def _quality(
     qc["flag"] = bool(reasons)
     qc["flag_reasons"] = reasons
     return qc
+
+
+# qc.json figures a registration manifest carries per pair (its QC table).
+QC_COLUMNS = (
+    "ncc_before",
+    "ncc_after",
+    "mask_dice_before",
+    "mask_dice_after",
+    "jacobian_min",
+    "qc_flag",
+    "qc_reasons",
+)
+
+
+def qc_columns(qc_path: Path) -> dict:
+    """The registration-manifest QC columns (``QC_COLUMNS``) of one registered pair's qc.json
+    (also for pairs skipped as already done).
+
+    A missing or unreadable qc.json flags the pair rather than failing the whole shard.
+    """
+    try:
+        qc = read_json(qc_path)
+    except (OSError, ValueError) as exc:
+        return {key: None for key in QC_COLUMNS[:5]} | {
+            "qc_flag": True,
+            "qc_reasons": f"QC unavailable ({qc_path}): {exc}",
+        }
+    return {
+        **{key: qc[key] for key in QC_COLUMNS[:5]},
+        "qc_flag": bool(qc["flag"]),
+        "qc_reasons": "; ".join(qc["flag_reasons"]),
+    }
 
 
 def qc_flags(qc: dict[str, float], params: dict[str, Any]) -> list[str]:
