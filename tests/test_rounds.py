@@ -19,9 +19,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from _dry_run import dry_run_job_counts as job_counts
 from conftest import REPO, run_snakemake
-
-from metsflow.plan import dry_run_job_counts as job_counts
 
 PROFILE = ["--profile", "profiles/local", "--cores", "2"]
 ROUND0_STATE = ("plan", "preprocessed", "registered", "qc", "rounds/round_0")
