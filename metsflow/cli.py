@@ -139,7 +139,7 @@ def _cmd_stats_compare(args) -> int:
     """Paired statistics of two per-study tables (a = first, b = second) on shared studies."""
     import pandas as pd
 
-    from metsflow.jobs.evaluate import COMPARE_GROUPS, COMPARE_METRICS, compare_per_study
+    from metsflow.stats import COMPARE_GROUPS, COMPARE_METRICS, compare_per_study
 
     tables = [pd.read_csv(p, sep="\t", dtype={"study_id": str}) for p in (args.a, args.b)]
     table = compare_per_study(

@@ -748,17 +748,3 @@ def synthetic_sheet(
     out_path = Path(out_path)
     io.write_table(out_path, pd.DataFrame(rows, columns=list(SHEET_COLUMNS)))
     return out_path
-
-
-def synthetic_oracle(sheet: str | os.PathLike, out_path: str | os.PathLike) -> Path:
-    """An oracle sheet answering every study of ``sheet`` with one empty placeholder label
-    beside it, for dry runs with the simulated annotator (the parse-time check of
-    ``metsflow.preflight`` needs the listed files to exist; a dry run reads none)."""
-    out_path = Path(out_path)
-    placeholder = out_path.with_name("placeholder_label.nii.gz")
-    placeholder.parent.mkdir(parents=True, exist_ok=True)
-    placeholder.touch()
-    study_ids = pd.read_csv(sheet, sep="\t", dtype=str, usecols=["study_id"]).study_id
-    rows = pd.DataFrame({"study_id": study_ids, "label": placeholder.name})
-    io.write_table(out_path, rows)
-    return out_path

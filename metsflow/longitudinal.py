@@ -28,14 +28,19 @@ non-target lesions) are out of scope: these are imaging-only, research categorie
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import cc3d
 import numpy as np
 import pandas as pd
 from scipy import ndimage
+
+from metsflow.labels import ENHANCING
+
+log = logging.getLogger(__name__)
 
 COMPLETE_RESPONSE = "complete_response"
 PARTIAL_RESPONSE = "partial_response"
@@ -75,6 +80,11 @@ class ResponseThresholds:
             raise ValueError("match_margin_mm must be >= 0")
         return thresholds
 
+    def margin_voxels(self, spacings: Sequence[float]) -> int:
+        """``match_margin_mm`` in voxels of the finest of ``spacings`` (mm), rounded up: at
+        least the margin, so a 2 mm margin on a 4 mm grid is one voxel."""
+        return math.ceil(self.match_margin_mm / min(spacings) - 1e-6)
+
 
 @dataclass
 class TimePoint:
@@ -84,6 +94,52 @@ class TimePoint:
     order: int
     enhancing: np.ndarray
     voxel_volume_mm3: float
+
+    @classmethod
+    def from_labels(
+        cls, study_id: str, order: int, labels: np.ndarray, zooms: Sequence[float]
+    ) -> TimePoint:
+        """A time point from an internal-convention label map with voxel size ``zooms`` (mm)."""
+        return cls(study_id, int(order), np.asarray(labels) == ENHANCING, math.prod(zooms))
+
+
+def registered_chains(
+    ordered_studies: Sequence[str], reference_of: Mapping[str, str]
+) -> list[list[str]]:
+    """A patient's studies (in time order) split into chains where a study is not registered to
+    the one before it (``reference_of``: study -> the study it was registered to)."""
+    chains: list[list[str]] = []
+    for study_id in ordered_studies:
+        if chains and reference_of.get(study_id) == chains[-1][-1]:
+            chains[-1].append(study_id)
+        else:
+            chains.append([study_id])
+    return chains
+
+
+def first_registered_series(
+    ordered_studies: Sequence[str], available: Mapping[str, object], reference_of: Mapping[str, str]
+) -> list[str]:
+    """The first chain of a patient's studies (in time order) that have a segmentation
+    (``available``), each registered to the one before; the series stops, with a log line
+    saying why, at the first later study that breaks the chain."""
+    chain: list[str] = []
+    for study_id in ordered_studies:
+        if study_id not in available:
+            if chain:
+                log.warning("%s has no segmentation: series stops before it", study_id)
+                break
+            continue
+        if chain and reference_of.get(study_id) != chain[-1]:
+            log.warning(
+                "%s is not registered to %s (reference: %s): series stops before it",
+                study_id,
+                chain[-1],
+                reference_of.get(study_id) or "none",
+            )
+            break
+        chain.append(study_id)
+    return chain
 
 
 # warp(previous lesion-id map, previous time point, current time point) -> ids on current grid

@@ -92,6 +92,7 @@ consistent with each other):
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -104,12 +105,16 @@ from scipy import ndimage, optimize, spatial, stats
 
 from metsflow import io, labels
 
+log = logging.getLogger(__name__)
+
 # HD95 given to a missing surface: the BraTS maximum (diagonal of the 240x240x155 1 mm grid).
 BRATS_MAX_HD95_MM = 374.0
 # BraTS-METS 2023 parameters (official lesion-wise evaluation, challenge "BraTS-MET").
 BRATS_METS_DILATION_ITERATIONS = 1
 BRATS_METS_MIN_LESION_MM3 = 2.0
 DEFAULT_IOU_THRESHOLD = 0.25
+# The label group of a round's headline figures (mean Dice, nDSC, lesion F1, FROC, overlays).
+HEADLINE_GROUP = "whole_lesion"
 # Lesions are 26-connected components (face, edge and corner neighbours).
 CONNECTIVITY = 26
 # Two grids are the same when their affines agree to this (mm / direction cosines).
@@ -1023,6 +1028,54 @@ def froc_from_tables(
     )
 
 
+def detection_summary(
+    round_index: int,
+    lesions: pd.DataFrame,
+    pred_lesions: pd.DataFrame,
+    patient_of: dict[str, str],
+    size_bins,
+) -> dict:
+    """Size-binned sensitivity (Wilson 95% CI), FP per study / patient and the FROC of a round.
+
+    Returns ``{"by_size": table, "froc": table, "summary": fields for summary.json}``; every
+    evaluated study counts in the FP denominators, with or without lesions."""
+    if lesions.empty:
+        lesions = pd.DataFrame(columns=LESION_COLUMNS)
+    if pred_lesions.empty:
+        pred_lesions = pd.DataFrame(columns=PRED_LESION_COLUMNS)
+    by_size = detection_by_size(lesions, size_bins)
+    false = (pred_lesions["matched_lesion_id"] == 0).groupby(pred_lesions["study_id"]).sum()
+    rates = false_positive_rates(false.to_dict(), patient_of) if patient_of else {}
+    scored = pred_lesions[pred_lesions["score"].notna()]
+    curve = (
+        froc_from_tables(lesions, scored, patient_of)
+        if patient_of and len(scored) == len(pred_lesions)
+        else pd.DataFrame(columns=FROC_COLUMNS)
+    )
+    if patient_of and len(scored) != len(pred_lesions):
+        log.warning("round %d: no foreground probabilities for some studies; no FROC", round_index)
+    by_size.insert(0, "round", round_index)
+    curve.insert(0, "round", round_index)
+    summary = {
+        # A list, smallest bin first (JSON objects are written with sorted keys).
+        "sensitivity_by_size": [
+            {
+                "size_bin": row.size_bin,
+                "n_ref_lesions": int(row.n_ref_lesions),
+                "n_detected": int(row.n_detected),
+                "sensitivity": None if pd.isna(row.sensitivity) else float(row.sensitivity),
+                "ci95": [
+                    None if pd.isna(row.ci95_low) else float(row.ci95_low),
+                    None if pd.isna(row.ci95_high) else float(row.ci95_high),
+                ],
+            }
+            for row in by_size.itertuples()
+        ],
+        **{k: rates[k] for k in ("n_patients", "fp_per_study", "fp_per_patient") if k in rates},
+    }
+    return {"by_size": by_size, "froc": curve, "summary": summary}
+
+
 # --------------------------------------------------------------------------------------------
 # Tables and summaries
 # --------------------------------------------------------------------------------------------
@@ -1079,6 +1132,24 @@ def summarise(per_study: pd.DataFrame, by: Sequence[str] = ("group",)) -> pd.Dat
                 }
             )
     return pd.DataFrame(rows, columns=[*by, "metric", *SUMMARY_STATS])
+
+
+def summarise_round(round_index: int, per_study: pd.DataFrame, skipped: list[str]) -> dict:
+    """A round's summary.json fields from its per-study table (``flatten`` rows with ``ndsc``):
+    headline-group means (Dice, nDSC, lesion F1), per-group Dice, and the skipped studies."""
+    summary: dict = {"round": round_index, "n_validation": 0, "skipped": skipped}
+    if per_study.empty:
+        summary["mean_dice"] = None
+        return summary
+    headline = per_study[per_study.group == HEADLINE_GROUP]
+    summary["n_validation"] = int(headline.study_id.nunique())
+    summary["mean_dice"] = float(headline["dice"].mean())
+    summary["mean_ndsc"] = float(headline["ndsc"].mean())
+    summary["mean_lesion_f1"] = float(headline["lesion_f1"].mean())
+    summary["per_group_dice"] = {
+        group: float(rows["dice"].mean()) for group, rows in per_study.groupby("group")
+    }
+    return summary
 
 
 def spearman_volume_vs_dice(

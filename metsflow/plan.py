@@ -15,7 +15,6 @@ Roles (per patient, so no patient is both trained on and validated on):
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -129,22 +128,6 @@ def restrict(plan: pd.DataFrame, studies: Iterable[str] = (), patients: Iterable
         raise ValueError(f"subset names ids that are not in the sheet: {', '.join(unknown)}")
     keep = plan.study_id.isin(studies) | plan.patient_id.isin(patients)
     return plan[keep]
-
-
-def dry_run_job_counts(stdout: str) -> dict[str, int]:
-    """Jobs per rule (and ``total``) from the 'Job stats' table of ``snakemake -n`` output;
-    empty when the output has no such table."""
-    counts: dict[str, int] = {}
-    if "Job stats:" not in stdout:
-        return counts
-    for line in stdout.split("Job stats:", 1)[1].splitlines()[3:]:
-        match = re.match(r"^(\S+)\s+(\d+)\s*$", line)
-        if not match:
-            if counts:
-                break
-            continue
-        counts[match.group(1)] = int(match.group(2))
-    return counts
 
 
 # --- Candidate subsets: which pool studies a round's models segment ------------------------

@@ -548,3 +548,18 @@ def resample_nearest(
         cval=0,
         prefilter=False,
     )
+
+
+def label_to_grid(label_path: str | Path, reference_path: str | Path) -> np.ndarray:
+    """The label map at ``label_path`` on the grid of ``reference_path`` (nearest neighbour).
+
+    Works in world coordinates (both affines), so any orientation or obliquity of the source
+    (for example a native-space human correction) lands on the preprocessed grid: how
+    confirmed labels join training (``metsflow.train``) and final labels are tracked
+    (``metsflow.jobs.export``)."""
+    source = nib.load(str(label_path))
+    reference = nib.load(str(reference_path))
+    data = np.asarray(source.dataobj).astype(np.uint8)
+    return resample_nearest(data, source.affine, reference.affine, reference.shape[:3]).astype(
+        np.uint8
+    )

@@ -44,7 +44,7 @@ import nibabel as nib
 import numpy as np
 
 from metsflow.brainmask import dilate_mm_ball, nifti_to_ants
-from metsflow.io import StudyError, atomic_path, load_nifti, save_nifti, write_json
+from metsflow.io import StudyError, atomic_path, load_nifti, read_json, save_nifti, write_json
 from metsflow.runtime import set_threads
 
 DEFAULTS: dict[str, Any] = {
@@ -340,6 +340,38 @@ def _quality(
     return qc
 
 
+# qc.json figures a registration manifest carries per pair (its QC table).
+QC_COLUMNS = (
+    "ncc_before",
+    "ncc_after",
+    "mask_dice_before",
+    "mask_dice_after",
+    "jacobian_min",
+    "qc_flag",
+    "qc_reasons",
+)
+
+
+def qc_columns(qc_path: Path) -> dict:
+    """The registration-manifest QC columns (``QC_COLUMNS``) of one registered pair's qc.json
+    (also for pairs skipped as already done).
+
+    A missing or unreadable qc.json flags the pair rather than failing the whole shard.
+    """
+    try:
+        qc = read_json(qc_path)
+    except (OSError, ValueError) as exc:
+        return {key: None for key in QC_COLUMNS[:5]} | {
+            "qc_flag": True,
+            "qc_reasons": f"QC unavailable ({qc_path}): {exc}",
+        }
+    return {
+        **{key: qc[key] for key in QC_COLUMNS[:5]},
+        "qc_flag": bool(qc["flag"]),
+        "qc_reasons": "; ".join(qc["flag_reasons"]),
+    }
+
+
 def qc_flags(qc: dict[str, float], params: dict[str, Any]) -> list[str]:
     """Reasons to flag a registration for review (empty list = passes QC)."""
     reasons = []
@@ -386,3 +418,21 @@ def propagate_label(
     save_nifti(out_path, out, grid.affine, dtype=np.uint8)
     counts = np.bincount(out.ravel())
     return {str(v): int(c) for v, c in enumerate(counts) if c and v}
+
+
+def lesion_id_warp(
+    prep_root: str | Path, reg_root: str | Path, affines: dict[str, np.ndarray], scratch: Path
+):
+    """A ``metsflow.longitudinal.Warp``: a previous time point's lesion-id map warped into the
+    follow-up's preprocessed grid with ``propagate_label`` (genericLabel keeps the ids), through
+    files in ``scratch``; ``affines``: study id -> affine of its preprocessed grid."""
+    prep_root, reg_root = Path(prep_root), Path(reg_root)
+
+    def warp(ids: np.ndarray, previous, current) -> np.ndarray:
+        moving = scratch / f"{previous.study_id}_lesion_ids.nii.gz"
+        warped = scratch / f"{current.study_id}_warped_ids.nii.gz"
+        save_nifti(moving, ids, affines[previous.study_id], dtype=np.uint8)
+        propagate_label(moving, reg_root / current.study_id, prep_root / current.study_id, warped)
+        return np.asarray(nib.load(str(warped)).dataobj)
+
+    return warp

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
+from typing import Any
 
 
 def _patients(study_to_patient: Mapping[str, str]) -> dict[str, list[str]]:
@@ -76,3 +77,16 @@ def patient_holdout(
     val = {s for p in val_patients for s in groups[p]}
     train = {s for studies in groups.values() for s in studies} - val
     return _in_input_order(study_to_patient, train), _in_input_order(study_to_patient, val)
+
+
+def fold_split(
+    items: list[dict[str, Any]], plan: Any, fold: int, folds: int, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Fold ``fold`` of a patient-level ``folds``-fold split (``patient_kfold``) of ``items``
+    (dicts with a ``study_id``), as ``(train_items, val_items)``; ``plan`` is the cohort plan
+    (its ``study_id`` and ``patient_id`` columns)."""
+    patient_of = dict(zip(plan.study_id, plan.patient_id, strict=True))
+    study_to_patient = {i["study_id"]: patient_of[i["study_id"]] for i in items}
+    train_ids, val_ids = patient_kfold(study_to_patient, folds, seed)[fold]
+    by_id = {i["study_id"]: i for i in items}
+    return [by_id[s] for s in train_ids], [by_id[s] for s in val_ids]

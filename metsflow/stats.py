@@ -17,6 +17,7 @@ The confidence interval is two-sided (95%) whatever ``alternative`` is. With few
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,10 +26,15 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from metsflow.metrics import LOWER_IS_BETTER, mean_ci
+from metsflow.metrics import HEADLINE_GROUP, LOWER_IS_BETTER, mean_ci
+
+log = logging.getLogger(__name__)
 
 ALTERNATIVES = ("greater", "less", "two-sided")
 MIN_PAIRS = 3  # Shapiro-Wilk needs 3; a t-test on 2 pairs has one degree of freedom
+# What `metsflow stats compare` and the compare_rounds rule compare unless told otherwise.
+COMPARE_METRICS = ("dice", "ndsc", "hd95", "lesion_f1")
+COMPARE_GROUPS = (HEADLINE_GROUP, "enhancing")
 
 
 def _guarded(test: Callable[[], tuple[float, float]], name: str, notes: list[str]):
@@ -181,6 +187,35 @@ def compare_tables(
             )
             rows.append({"group": group, "metric": metric, **comparison})
     return pd.DataFrame(rows)
+
+
+def compare_per_study(
+    per_study_a: pd.DataFrame,
+    per_study_b: pd.DataFrame,
+    metrics: list[str] | tuple[str, ...] = COMPARE_METRICS,
+    groups: list[str] | tuple[str, ...] = COMPARE_GROUPS,
+    alternative: str | None = None,
+) -> pd.DataFrame:
+    """Paired statistics of two per-study tables on the studies both evaluated.
+
+    A study evaluated in only one table (e.g. its inference failed in one round) cannot be
+    paired: it is left out, logged, and counted in ``n_unpaired``. Metrics or groups absent
+    from either table are skipped with a log line rather than failing the whole table.
+    """
+    common = set(per_study_a["study_id"]) & set(per_study_b["study_id"])
+    unpaired = (set(per_study_a["study_id"]) | set(per_study_b["study_id"])) - common
+    if unpaired:
+        log.warning("left out of the paired comparison: %s", sorted(unpaired))
+    a = per_study_a[per_study_a["study_id"].isin(common)]
+    b = per_study_b[per_study_b["study_id"].isin(common)]
+    groups = [g for g in groups if g in set(a["group"]) and g in set(b["group"])]
+    metrics = [m for m in metrics if m in a.columns and m in b.columns]
+    if not common or not groups or not metrics:
+        log.warning("nothing to compare: %d paired studies", len(common))
+        return pd.DataFrame(columns=["group", "metric", "n", "n_unpaired"])
+    table = compare_tables(a, b, metrics=metrics, groups=groups, alternative=alternative)
+    table.insert(3, "n_unpaired", len(unpaired))
+    return table
 
 
 def _preview(studies: list[str], limit: int = 20) -> str:

@@ -117,6 +117,100 @@ def resolve_params(params: dict) -> dict:
     return full
 
 
+# Sub-sections of ``train:`` that configure other models, not stage-1 training.
+_NOT_STAGE1 = ("folds", "stage2", "reseg")
+
+
+def training_params(
+    model: dict, train: dict, spacing: Sequence[float], seed: int, round_index: int
+) -> dict:
+    """Stage-1 training params of round ``round_index`` from the ``model:``/``train:`` config:
+    round r > 0 fine-tunes for ``finetune_iterations`` and is seeded ``seed + r``."""
+    train = {k: v for k, v in train.items() if k not in _NOT_STAGE1}
+    params = {**model, **train, "spacing": list(spacing), "seed": seed + round_index}
+    if round_index > 0:
+        params["iterations"] = params.get("finetune_iterations", params["iterations"])
+    return params
+
+
+def reseg_params(
+    model: dict, train: dict, spacing: Sequence[float], seed: int, round_index: int
+) -> dict:
+    """Training params of the re-seg model: ``model``/``train`` with the ``train.reseg``
+    overrides (``channels``, default T1c + prior + T2; ``iterations``, ``finetune_iterations``
+    and any other model or training key)."""
+    overrides = {k: v for k, v in (train.get("reseg") or {}).items() if k != "enabled"}
+    overrides.setdefault("channels", ["t1c", "prior", "t2"])
+    params = training_params({**model, **train, **overrides}, {}, spacing, seed, round_index)
+    params = {k: v for k, v in params.items() if k not in _NOT_STAGE1}
+    params.pop("finetune_iterations", None)
+    params["fictitious_prior"] = True
+    return params
+
+
+def build_items(
+    plan: pd.DataFrame,
+    ok_studies: set[str],
+    prep_root: str | os.PathLike,
+    reg_root: str | os.PathLike,
+    extra_labels: dict[str, Path] | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """Training items (labelled seed studies + ``extra_labels``) and validation items (labelled
+    validation studies) of the preprocessed studies in ``ok_studies``."""
+    extra_labels = extra_labels or {}
+    train, val = [], []
+    for row in plan.itertuples():
+        if row.study_id not in ok_studies:
+            continue
+        prep_dir = Path(prep_root) / row.study_id
+        prior = Path(reg_root) / row.study_id / "prior.nii.gz"
+        item = {
+            "study_id": row.study_id,
+            "prep_dir": str(prep_dir),
+            "prior": str(prior) if prior.exists() else None,
+        }
+        if row.study_id in extra_labels:
+            train.append({**item, "label": str(extra_labels[row.study_id])})
+        elif (prep_dir / "label.nii.gz").exists() and row.role in ("seed", "validation"):
+            item["label"] = str(prep_dir / "label.nii.gz")
+            (val if row.role == "validation" else train).append(item)
+    return train, val
+
+
+def confirmed_study_ids(annotation_table: str | os.PathLike) -> list[str]:
+    """Study ids whose label a reviewer confirmed in one round's annotation table."""
+    table = pd.read_csv(annotation_table, sep="\t", dtype=str, keep_default_na=False)
+    return list(table.loc[table.status == "confirmed", "study_id"])
+
+
+def confirmed_labels_on_prep_grid(
+    annotation_tables: Sequence[str], ok: set[str], prep_root: str | os.PathLike, out_dir: Path
+) -> dict[str, Path]:
+    """Confirmed human labels (native grid) of the studies in ``ok``, resampled onto each
+    study's preprocessed grid as ``out_dir/<study_id>.nii.gz``; study id -> that file."""
+    import nibabel as nib
+
+    from metsflow.io import save_nifti
+    from metsflow.preprocess import label_to_grid
+
+    labels: dict[str, Path] = {}
+    for table_path in annotation_tables:
+        table = pd.read_csv(table_path, sep="\t", dtype=str, keep_default_na=False)
+        for row in table.itertuples():
+            if row.status != "confirmed" or row.study_id not in ok:
+                continue
+            reference = Path(prep_root) / row.study_id / "t1c.nii.gz"
+            target = out_dir / f"{row.study_id}.nii.gz"
+            save_nifti(
+                target,
+                label_to_grid(row.label, reference),
+                nib.load(str(reference)).affine,
+                dtype=np.uint8,
+            )
+            labels[row.study_id] = target
+    return labels
+
+
 # --------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ FINAL_OUTPUTS = [
 
 def pending_review(selection):
     """Studies of a round's batch without a confirmed label in the store (read at planning)."""
-    from metsflow.jobs.active_learning import unconfirmed_studies
+    from metsflow.active_learning.labelstore import unconfirmed_studies
 
     return unconfirmed_studies(selection, config["label_store"])
 

@@ -29,13 +29,15 @@ rule train_round:
         reg_root=LAYOUT.stage_root("registered"),
         label_store=config["label_store"],
         seed=config["seed"],
-        fold=0,
+        # 0 for train_round (no fold wildcard), f for train_fold.
+        fold=lambda wc: int(wc.get("fold", 0)),
         folds=TRAIN_FOLDS,
     script:
         "../scripts/train_round.py"
 
 
-rule train_fold:
+# Fold f > 0 of stage 1: train_round's job with fold f's files (fold 0 is train_round itself).
+use rule train_round as train_fold with:
     input:
         unpack(fold_train_inputs),
     output:
@@ -48,24 +50,6 @@ rule train_fold:
         LAYOUT.benchmark("train/round_{round}_fold_{fold}")
     wildcard_constraints:
         fold=r"[1-9]\d*",
-    conda:
-        "../envs/torch.yaml"
-    threads: config["threads"]["train"]
-    resources:
-        mem_mb=16000,
-        runtime=240,
-        gpu=1,
-    params:
-        model=config["model"],
-        train=config["train"],
-        spacing=config["preprocess"]["spacing"],
-        prep_root=LAYOUT.stage_root("preprocessed"),
-        reg_root=LAYOUT.stage_root("registered"),
-        seed=config["seed"],
-        fold=lambda wc: int(wc.fold),
-        folds=TRAIN_FOLDS,
-    script:
-        "../scripts/train_round.py"
 
 
 rule train_stage2:

@@ -289,8 +289,8 @@ def scored_tables():
 def test_round_tables_status_and_report(tmp_path):
     from metsflow.active_learning.status import detection_status
     from metsflow.io import write_json, write_table
-    from metsflow.jobs.evaluate import detection_summary
     from metsflow.jobs.report import run_report_detection, run_report_froc
+    from metsflow.metrics import detection_summary
 
     lesions, predicted = scored_tables()
     out = detection_summary(1, lesions, predicted, PATIENT_OF, (3, 10))

@@ -17,9 +17,10 @@ from metsflow import train
 from metsflow.cascade import build_classifier, network_spec, resolve_params, save_stage2
 from metsflow.infer import predict_items, predict_study
 from metsflow.io import save_nifti
-from metsflow.jobs.train import fold_split, reseg_params
 from metsflow.postprocess import CascadePostProcess
 from metsflow.priors import RandFictitiousPriord
+from metsflow.splits import fold_split
+from metsflow.train import reseg_params
 
 
 def test_reseg_samples_carry_a_fictitious_prior_near_the_label(tmp_path):

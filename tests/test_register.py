@@ -187,9 +187,9 @@ def test_bad_inputs(tmp_path, pair):
 def test_shard_manifest_qc_columns_flag_failures(tmp_path, pair):
     """The register shard manifest carries each pair's QC, failures flagged with reasons."""
     from metsflow.io import write_json
-    from metsflow.jobs.register import QC_COLUMNS, _qc_columns
+    from metsflow.register import QC_COLUMNS, qc_columns
 
-    good = _qc_columns(pair["reg_dir"] / "qc.json")
+    good = qc_columns(pair["reg_dir"] / "qc.json")
     assert set(good) == set(QC_COLUMNS)
     assert good["qc_flag"] is False and good["qc_reasons"] == ""
     assert good["ncc_after"] == pair["qc"]["ncc_after"]
@@ -197,8 +197,8 @@ def test_shard_manifest_qc_columns_flag_failures(tmp_path, pair):
     bad["flag_reasons"] = register.qc_flags(bad, register.DEFAULTS)
     bad["flag"] = bool(bad["flag_reasons"])
     write_json(tmp_path / "qc.json", bad)
-    flagged = _qc_columns(tmp_path / "qc.json")
+    flagged = qc_columns(tmp_path / "qc.json")
     assert flagged["qc_flag"] is True
     assert "NCC" in flagged["qc_reasons"] and "brain-mask Dice" in flagged["qc_reasons"]
-    missing = _qc_columns(tmp_path / "absent" / "qc.json")
+    missing = qc_columns(tmp_path / "absent" / "qc.json")
     assert missing["qc_flag"] is True and "QC unavailable" in missing["qc_reasons"]

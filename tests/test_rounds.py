@@ -19,9 +19,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from _dry_run import dry_run_job_counts as job_counts
 from conftest import REPO, run_snakemake
-
-from metsflow.plan import dry_run_job_counts as job_counts
 
 PROFILE = ["--profile", "profiles/local", "--cores", "2"]
 ROUND0_STATE = ("plan", "preprocessed", "registered", "qc", "rounds/round_0")
@@ -107,7 +106,7 @@ def test_final_labels_keep_human_labels_and_sample_model_labels_reproducibly(tmp
 
 
 def test_unconfirmed_studies_reads_the_store(tmp_path):
-    from metsflow.jobs.active_learning import unconfirmed_studies
+    from metsflow.active_learning.labelstore import unconfirmed_studies
 
     ids, _, _ = _pool_fixture(tmp_path)
     pd.DataFrame({"study_id": ids[:3]}).to_csv(tmp_path / "sel.tsv", sep="\t", index=False)

@@ -9,11 +9,12 @@ import time
 
 import pandas as pd
 import pytest
+from _dry_run import dry_run_job_counts as job_counts
+from _dry_run import synthetic_oracle
 from conftest import run_snakemake
 from test_report import check_evaluation_outputs
 
-from metsflow.cohort import synthetic_oracle, synthetic_sheet
-from metsflow.plan import dry_run_job_counts as job_counts
+from metsflow.cohort import synthetic_sheet
 
 COHORT_SIZE = 11_892
 

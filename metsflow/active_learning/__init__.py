@@ -5,6 +5,7 @@
 - ``review``: ``export_batch`` / ``import_batch`` for ITK-SNAP, 3D Slicer and MONAI Label.
 - ``annotator``: ``simulate_batch`` answers a batch from phantom ground truth.
 - ``burden``: the correction burden, pre-segmentation vs confirmed label, per study and round.
+- ``final``: ``final_label_table`` / ``qa_sample``, the labels the loop ends with.
 - ``status``: ``round_status`` / ``format_status`` for ``metsflow al status``.
 """
 

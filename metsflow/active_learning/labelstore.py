@@ -455,3 +455,15 @@ def _whoami() -> str:
     except Exception:  # no passwd entry in some containers
         user = "unknown"
     return f"{user}@{socket.gethostname()}"
+
+
+def unconfirmed_studies(
+    selection_path: str | os.PathLike, label_store: str | os.PathLike
+) -> list[str]:
+    """Studies of a batch (a selection table) without a confirmed label in the store yet, in
+    batch order (every study when the store does not exist yet)."""
+    import pandas as pd
+
+    selection = pd.read_csv(selection_path, sep="\t", dtype={"study_id": str})
+    store = LabelStore(label_store, create=False)
+    return [s for s in selection.study_id if store.confirmed(s) is None]

@@ -219,19 +219,6 @@ def run_correction_burden(
     return table
 
 
-def unconfirmed_studies(selection_path: str, label_store: str) -> list[str]:
-    """Studies of a batch that have no confirmed label in the store yet, in batch order."""
-    from metsflow.active_learning.labelstore import LabelStore
-
-    selection = pd.read_csv(selection_path, sep="\t", dtype={"study_id": str})
-    store = LabelStore(label_store, create=False)
-    return [s for s in selection.study_id if store.confirmed(s) is None]
-
-
-FINAL_LABEL_COLUMNS = ["study_id", "patient_id", "source", "label", "model", "round"]
-QA_STRATEGY = "final_qa_random"
-
-
 def run_final_labels(
     layout: Layout,
     final_round: int,
@@ -244,40 +231,24 @@ def run_final_labels(
     out_labels: str,
     out_qa_sample: str,
 ) -> pd.DataFrame:
-    """The label every pool study ends the loop with, and a QA sample of the model-labelled ones.
-
-    A study with a confirmed human label keeps it (``source`` human_confirmed); every other pool
-    study gets the final model's segmentation (``source`` model), or ``failed`` with no label
-    when inference failed for it. The QA sample is a seeded uniform draw (no acquisition bias:
-    it estimates the quality of what the model alone labelled) of ``sample_size`` model-labelled
-    studies, in the selection-table format so it is exported for review like a batch.
-    """
+    """The label every pool study ends the loop with, and a QA sample of the model-labelled ones
+    (``metsflow.active_learning.final``)."""
+    from metsflow.active_learning.final import final_label_table, qa_sample
     from metsflow.active_learning.labelstore import LabelStore
 
     plan = pd.read_csv(plan_path, sep="\t", dtype=str, keep_default_na=False)
-    pool = plan[plan.role == "pool"][["study_id", "patient_id"]]
     predictions = read_manifests(prediction_manifests)
-    ok = set(predictions.loc[predictions.status == "ok", "study_id"].astype(str))
-    confirmed = LabelStore(label_store, create=False).all_confirmed()
-    rows = []
-    for study_id, patient_id in pool.itertuples(index=False):
-        row = {"study_id": study_id, "patient_id": patient_id, "model": model}
-        if study_id in confirmed:
-            row.update(source="human_confirmed", label=str(confirmed[study_id]), round="")
-        elif study_id in ok:
-            label = layout.study_prediction(final_round, study_id)
-            row.update(source="model", label=str(label), round=str(final_round))
-        else:
-            row.update(source="failed", label="", round=str(final_round))
-        rows.append(row)
-    labels = pd.DataFrame(rows, columns=FINAL_LABEL_COLUMNS)
+    labels = final_label_table(
+        plan[plan.role == "pool"],
+        set(predictions.loc[predictions.status == "ok", "study_id"].astype(str)),
+        LabelStore(label_store, create=False).all_confirmed(),
+        lambda study_id: layout.study_prediction(final_round, study_id),
+        model,
+        final_round,
+    )
     write_table(out_labels, labels)
 
-    model_labelled = labels[labels.source == "model"][["study_id", "patient_id"]]
-    sample = select_batch(
-        model_labelled, n=min(int(sample_size), len(model_labelled)), strategy="random", seed=seed
-    )
-    sample["strategy"] = QA_STRATEGY
+    sample = qa_sample(labels, sample_size, seed)
     write_table(out_qa_sample, sample)
     counts = labels.source.value_counts().to_dict()
     log.info(

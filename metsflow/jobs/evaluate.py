@@ -16,8 +16,6 @@ from metsflow.labels import to_internal
 
 log = logging.getLogger(__name__)
 
-HEADLINE_GROUP = "whole_lesion"
-
 
 def run_evaluate_round(
     round_index: int,
@@ -40,10 +38,13 @@ def run_evaluate_round(
     see with a stricter threshold on the same model."""
     from metsflow.metrics import (
         DEFAULT_SIZE_BINS_MM,
+        HEADLINE_GROUP,
         add_normalised_dice,
+        detection_summary,
         evaluate_pair,
         flatten,
         lesion_tables,
+        summarise_round,
     )
     from metsflow.preprocess import resample_nearest
 
@@ -119,114 +120,6 @@ def run_evaluate_round(
     return summary
 
 
-def detection_summary(
-    round_index: int,
-    lesions: pd.DataFrame,
-    pred_lesions: pd.DataFrame,
-    patient_of: dict[str, str],
-    size_bins,
-) -> dict:
-    """Size-binned sensitivity (Wilson 95% CI), FP per study / patient and the FROC of a round.
-
-    Returns ``{"by_size": table, "froc": table, "summary": fields for summary.json}``; every
-    evaluated study counts in the FP denominators, with or without lesions."""
-    from metsflow.metrics import (
-        FROC_COLUMNS,
-        LESION_COLUMNS,
-        PRED_LESION_COLUMNS,
-        detection_by_size,
-        false_positive_rates,
-        froc_from_tables,
-    )
-
-    if lesions.empty:
-        lesions = pd.DataFrame(columns=LESION_COLUMNS)
-    if pred_lesions.empty:
-        pred_lesions = pd.DataFrame(columns=PRED_LESION_COLUMNS)
-    by_size = detection_by_size(lesions, size_bins)
-    false = (pred_lesions["matched_lesion_id"] == 0).groupby(pred_lesions["study_id"]).sum()
-    rates = false_positive_rates(false.to_dict(), patient_of) if patient_of else {}
-    scored = pred_lesions[pred_lesions["score"].notna()]
-    curve = (
-        froc_from_tables(lesions, scored, patient_of)
-        if patient_of and len(scored) == len(pred_lesions)
-        else pd.DataFrame(columns=FROC_COLUMNS)
-    )
-    if patient_of and len(scored) != len(pred_lesions):
-        log.warning("round %d: no foreground probabilities for some studies; no FROC", round_index)
-    by_size.insert(0, "round", round_index)
-    curve.insert(0, "round", round_index)
-    summary = {
-        # A list, smallest bin first (JSON objects are written with sorted keys).
-        "sensitivity_by_size": [
-            {
-                "size_bin": row.size_bin,
-                "n_ref_lesions": int(row.n_ref_lesions),
-                "n_detected": int(row.n_detected),
-                "sensitivity": None if pd.isna(row.sensitivity) else float(row.sensitivity),
-                "ci95": [
-                    None if pd.isna(row.ci95_low) else float(row.ci95_low),
-                    None if pd.isna(row.ci95_high) else float(row.ci95_high),
-                ],
-            }
-            for row in by_size.itertuples()
-        ],
-        **{k: rates[k] for k in ("n_patients", "fp_per_study", "fp_per_patient") if k in rates},
-    }
-    return {"by_size": by_size, "froc": curve, "summary": summary}
-
-
-def summarise_round(round_index: int, per_study: pd.DataFrame, skipped: list[str]) -> dict:
-    summary: dict = {"round": round_index, "n_validation": 0, "skipped": skipped}
-    if per_study.empty:
-        summary["mean_dice"] = None
-        return summary
-    headline = per_study[per_study.group == HEADLINE_GROUP]
-    summary["n_validation"] = int(headline.study_id.nunique())
-    summary["mean_dice"] = float(headline["dice"].mean())
-    summary["mean_ndsc"] = float(headline["ndsc"].mean())
-    summary["mean_lesion_f1"] = float(headline["lesion_f1"].mean())
-    summary["per_group_dice"] = {
-        group: float(rows["dice"].mean()) for group, rows in per_study.groupby("group")
-    }
-    return summary
-
-
-COMPARE_METRICS = ("dice", "ndsc", "hd95", "lesion_f1")
-COMPARE_GROUPS = ("whole_lesion", "enhancing")
-
-
-def compare_per_study(
-    per_study_a: pd.DataFrame,
-    per_study_b: pd.DataFrame,
-    metrics: list[str] | tuple[str, ...] = COMPARE_METRICS,
-    groups: list[str] | tuple[str, ...] = COMPARE_GROUPS,
-    alternative: str | None = None,
-) -> pd.DataFrame:
-    """Paired statistics of two per-study tables on the studies both evaluated.
-
-    A study evaluated in only one table (e.g. its inference failed in one round) cannot be
-    paired: it is left out, logged, and counted in ``n_unpaired``. Metrics or groups absent
-    from either table are skipped with a log line rather than failing the whole table.
-    """
-    from metsflow.stats import compare_tables
-
-    common = set(per_study_a["study_id"]) & set(per_study_b["study_id"])
-    unpaired = (set(per_study_a["study_id"]) | set(per_study_b["study_id"])) - common
-    if unpaired:
-        log.warning("left out of the paired comparison: %s", sorted(unpaired))
-    a = per_study_a[per_study_a["study_id"].isin(common)]
-    b = per_study_b[per_study_b["study_id"].isin(common)]
-    groups = [g for g in groups if g in set(a["group"]) and g in set(b["group"])]
-    metrics = [m for m in metrics if m in a.columns and m in b.columns]
-    if not common or not groups or not metrics:
-        log.warning("nothing to compare: %d paired studies", len(common))
-        return pd.DataFrame(columns=["group", "metric", "n", "n_unpaired"])
-    table = compare_tables(a, b, metrics=metrics, groups=groups, alternative=alternative)
-    table.insert(3, "n_unpaired", len(unpaired))
-    return table
-
-
 def run_compare_rounds(
     per_study_new: str,
     per_study_old: str,
@@ -238,6 +131,8 @@ def run_compare_rounds(
     """Round ``round_new`` (a) against ``round_old`` (b) on the validation studies."""
     new = pd.read_csv(per_study_new, sep="\t", dtype={"study_id": str})
     old = pd.read_csv(per_study_old, sep="\t", dtype={"study_id": str})
+    from metsflow.stats import COMPARE_GROUPS, COMPARE_METRICS, compare_per_study
+
     table = compare_per_study(
         new,
         old,

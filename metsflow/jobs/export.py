@@ -15,21 +15,25 @@ are prefixed with its first study (``<study>-L<k>``), so ids never collide.
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import pandas as pd
 
+from metsflow.active_learning.final import HUMAN_CONFIRMED
 from metsflow.bids import entity_table
 from metsflow.cohort import Study
 from metsflow.io import write_table
-from metsflow.jobs.longitudinal import make_warp
 from metsflow.jobs.manifest import read_manifests
-from metsflow.labels import ENHANCING
 from metsflow.layout import T1C, Layout
-from metsflow.longitudinal import ResponseThresholds, TimePoint, track_patient
+from metsflow.longitudinal import (
+    ResponseThresholds,
+    TimePoint,
+    registered_chains,
+    track_patient,
+)
+from metsflow.register import lesion_id_warp
 
 log = logging.getLogger(__name__)
 
@@ -61,23 +65,11 @@ def final_studies(
                 "order": order[row.study_id],
                 "label": row.label,
                 "t1c": str(index[row.study_id].t1c),
-                "manual": row.source == "human_confirmed",
+                "manual": row.source == HUMAN_CONFIRMED,
                 "round": row.round,
             }
         )
     return pd.DataFrame(rows)
-
-
-def _chains(rows: pd.DataFrame, reference_of: dict[str, str]) -> list[list[str]]:
-    """The patient's labelled studies in order, split where one is not registered to the one
-    before (``reference_study`` of the registration manifest)."""
-    chains: list[list[str]] = []
-    for study_id in rows.sort_values("order").study_id:
-        if chains and reference_of.get(study_id) == chains[-1][-1]:
-            chains[-1].append(study_id)
-        else:
-            chains.append([study_id])
-    return chains
 
 
 def track_final_labels(
@@ -85,16 +77,17 @@ def track_final_labels(
     registration_manifests: list[str],
     layout: Layout,
     thresholds: ResponseThresholds,
-    warp_factory=make_warp,
+    warp_factory=lesion_id_warp,
 ) -> pd.DataFrame:
     """Tracked enhancing lesions of the final labels (``track_patient`` rows + ``label``)."""
-    from metsflow.jobs.train import label_to_grid
+    from metsflow.preprocess import label_to_grid
 
     registered = read_manifests(registration_manifests)
     registered = registered[registered.status == "ok"]
     reference_of = dict(
         zip(registered.study_id, registered.reference_study.astype(str), strict=True)
     )
+    prep, reg = layout.stage_root("preprocessed"), layout.stage_root("registered")
     labelled = studies[
         (studies.label != "") & studies.study_id.map(lambda s: layout.preprocessed_dir(s).is_dir())
     ]
@@ -102,7 +95,8 @@ def track_final_labels(
     with tempfile.TemporaryDirectory(prefix="metsflow_export_") as scratch:
         for patient_id, rows in labelled.groupby("patient_id", sort=True):
             by_id = rows.set_index("study_id")
-            for k, chain in enumerate(_chains(rows, reference_of)):
+            ordered = list(rows.sort_values("order").study_id)
+            for k, chain in enumerate(registered_chains(ordered, reference_of)):
                 points, affines, spacings = [], {}, []
                 for study_id in chain:
                     reference = layout.preprocessed_dir(study_id) / T1C
@@ -111,19 +105,14 @@ def track_final_labels(
                     labels = label_to_grid(by_id.loc[study_id, "label"], reference)
                     affines[study_id] = img.affine
                     spacings += zooms
-                    points.append(
-                        TimePoint(
-                            study_id,
-                            int(by_id.loc[study_id, "order"]),
-                            labels == ENHANCING,
-                            math.prod(zooms),
-                        )
-                    )
-                warp = warp_factory(layout, affines, Path(scratch))
-                margin = math.ceil(thresholds.match_margin_mm / min(spacings) - 1e-6)
-                series_id = patient_id if k == 0 else chain[0]
+                    order = by_id.loc[study_id, "order"]
+                    points.append(TimePoint.from_labels(study_id, order, labels, zooms))
                 tracked = track_patient(
-                    series_id, points, warp, thresholds.min_overlap_voxels, margin
+                    patient_id if k == 0 else chain[0],
+                    points,
+                    warp_factory(prep, reg, affines, Path(scratch)),
+                    thresholds.min_overlap_voxels,
+                    thresholds.margin_voxels(spacings),
                 )
                 frames.append(tracked.assign(patient_id=patient_id, label="enhancing"))
     frames = [f for f in frames if not f.empty]

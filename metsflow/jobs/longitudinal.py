@@ -18,7 +18,6 @@ registration) the series stops and the log says why.
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 from pathlib import Path
 
@@ -26,11 +25,17 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from metsflow.io import save_nifti, write_table
+from metsflow.io import write_table
 from metsflow.jobs.manifest import read_manifests
-from metsflow.labels import ENHANCING
 from metsflow.layout import LABEL, PRED, Layout
-from metsflow.longitudinal import ResponseThresholds, TimePoint, response_table, track_patient
+from metsflow.longitudinal import (
+    ResponseThresholds,
+    TimePoint,
+    first_registered_series,
+    response_table,
+    track_patient,
+)
+from metsflow.register import lesion_id_warp
 
 log = logging.getLogger(__name__)
 
@@ -48,48 +53,6 @@ def _segmentation_paths(
         if label.exists():
             paths["reference"][study_id] = label
     return paths
-
-
-def _series(
-    patient_rows: pd.DataFrame, available: dict[str, Path], reference_of: dict[str, str]
-) -> list[str]:
-    """The patient's studies (in order) that form one registered chain in this source."""
-    chain: list[str] = []
-    for study_id in patient_rows.sort_values("order")["study_id"]:
-        if study_id not in available:
-            if chain:
-                log.warning("%s has no segmentation: series stops before it", study_id)
-                break
-            continue
-        if chain and reference_of.get(study_id) != chain[-1]:
-            log.warning(
-                "%s is not registered to %s (reference: %s): series stops before it",
-                study_id,
-                chain[-1],
-                reference_of.get(study_id) or "none",
-            )
-            break
-        chain.append(study_id)
-    return chain
-
-
-def make_warp(layout: Layout, affines: dict[str, np.ndarray], scratch: Path):
-    """Warp a previous time point's lesion-id map into the follow-up grid (genericLabel)."""
-    from metsflow.register import propagate_label
-
-    def warp(ids: np.ndarray, previous: TimePoint, current: TimePoint) -> np.ndarray:
-        moving = scratch / f"{previous.study_id}_lesion_ids.nii.gz"
-        warped = scratch / f"{current.study_id}_warped_ids.nii.gz"
-        save_nifti(moving, ids, affines[previous.study_id], dtype=np.uint8)
-        propagate_label(
-            moving,
-            layout.registered_dir(current.study_id),
-            layout.preprocessed_dir(current.study_id),
-            warped,
-        )
-        return np.asarray(nib.load(str(warped)).dataobj)
-
-    return warp
 
 
 def run_longitudinal(
@@ -111,6 +74,7 @@ def run_longitudinal(
     reference_of = dict(
         zip(registered.study_id, registered.reference_study.astype(str), strict=True)
     )
+    prep, reg = layout.stage_root("preprocessed"), layout.stage_root("registered")
     paths = _segmentation_paths(plan, predicted_ok, layout, round_index)
 
     lesion_frames, response_frames = [], []
@@ -119,23 +83,29 @@ def run_longitudinal(
             available = paths[source]
             tracked_points = []
             for patient_id, rows in plan.groupby("patient_id", sort=True):
-                chain = _series(rows, available, reference_of)
+                chain = first_registered_series(
+                    list(rows.sort_values("order")["study_id"]), available, reference_of
+                )
                 if not chain:
                     continue
                 order = dict(zip(rows.study_id, rows.order.astype(int), strict=True))
                 points, affines, spacings = [], {}, []
                 for study_id in chain:
                     img = nib.load(str(available[study_id]))
-                    labels = np.asarray(img.dataobj)
+                    zooms = [float(z) for z in img.header.get_zooms()[:3]]
                     affines[study_id] = img.affine
-                    spacings += [float(z) for z in img.header.get_zooms()[:3]]
-                    voxel = float(np.prod(img.header.get_zooms()[:3]))
-                    points.append(TimePoint(study_id, order[study_id], labels == ENHANCING, voxel))
-                warp = make_warp(layout, affines, Path(scratch))
-                # at least the margin: a 2 mm margin on a 4 mm grid is one voxel
-                margin = math.ceil(thresholds.match_margin_mm / min(spacings) - 1e-6)
+                    spacings += zooms
+                    points.append(
+                        TimePoint.from_labels(
+                            study_id, order[study_id], np.asarray(img.dataobj), zooms
+                        )
+                    )
                 tracked = track_patient(
-                    patient_id, points, warp, thresholds.min_overlap_voxels, margin
+                    patient_id,
+                    points,
+                    lesion_id_warp(prep, reg, affines, Path(scratch)),
+                    thresholds.min_overlap_voxels,
+                    thresholds.margin_voxels(spacings),
                 )
                 lesion_frames.append(tracked.assign(source=source))
                 tracked_points += [

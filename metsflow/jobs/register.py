@@ -10,9 +10,7 @@ qc.json), so a failed alignment is visible in the table, not only in a log.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from metsflow.io import read_json
 from metsflow.jobs.manifest import (
     FILE_COLUMN,
     fingerprint,
@@ -21,20 +19,10 @@ from metsflow.jobs.manifest import (
     write_manifest,
 )
 from metsflow.layout import LABEL, PRIOR, Layout
-from metsflow.register import propagate_label, register_followup
+from metsflow.register import QC_COLUMNS, propagate_label, qc_columns, register_followup
 from metsflow.runtime import set_threads
 
 log = logging.getLogger(__name__)
-
-QC_COLUMNS = (
-    "ncc_before",
-    "ncc_after",
-    "mask_dice_before",
-    "mask_dice_after",
-    "jacobian_min",
-    "qc_flag",
-    "qc_reasons",
-)
 
 
 def run_register_shard(
@@ -85,7 +73,7 @@ def run_register_shard(
         row = run_study(study_id, patient, out_dir, stamp, work)
         row["reference_study"] = reference
         if row["status"] == "ok":
-            row.update(_qc_columns(out_dir / "qc.json"))
+            row.update(qc_columns(out_dir / "qc.json"))
             if row["qc_flag"]:
                 log.warning(
                     "registration of %s to %s flagged for review: %s",
@@ -96,25 +84,6 @@ def run_register_shard(
         rows.append(row)
     write_manifest(manifest, rows, extra_columns=["reference_study", FILE_COLUMN, *QC_COLUMNS])
     return rows
-
-
-def _qc_columns(qc_path: Path) -> dict:
-    """QC figures of one registered pair (also for pairs skipped as already done).
-
-    A missing or unreadable qc.json flags the pair rather than failing the whole shard.
-    """
-    try:
-        qc = read_json(qc_path)
-    except (OSError, ValueError) as exc:
-        return {key: None for key in QC_COLUMNS[:5]} | {
-            "qc_flag": True,
-            "qc_reasons": f"QC unavailable ({qc_path}): {exc}",
-        }
-    return {
-        **{key: qc[key] for key in QC_COLUMNS[:5]},
-        "qc_flag": bool(qc["flag"]),
-        "qc_reasons": "; ".join(qc["flag_reasons"]),
-    }
 
 
 def _row(study_id, patient_id, status, problem, reference):

@@ -20,99 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 import pandas as pd
-from scipy import ndimage
 
-from metsflow.io import atomic_path, save_nifti, write_json, write_table
+from metsflow.io import atomic_path, write_json, write_table
 from metsflow.jobs.manifest import read_manifests
 from metsflow.runtime import set_threads
 
 log = logging.getLogger(__name__)
-
-
-def label_to_grid(label_path: str | Path, reference_path: str | Path) -> np.ndarray:
-    """Nearest-neighbour resampling of a label map onto the grid of ``reference_path``.
-
-    Works in world coordinates (both affines), so any orientation or obliquity of the source
-    (for example a native-space human correction) lands on the preprocessed grid.
-    """
-    source = nib.load(str(label_path))
-    reference = nib.load(str(reference_path))
-    ref_to_src = np.linalg.inv(source.affine) @ reference.affine
-    grid = np.indices(reference.shape[:3], dtype=np.float32).reshape(3, -1)
-    coords = ref_to_src[:3, :3] @ grid + ref_to_src[:3, 3:4]
-    data = np.asarray(source.dataobj).astype(np.uint8)
-    sampled = ndimage.map_coordinates(data, coords, order=0, mode="constant", cval=0)
-    return sampled.reshape(reference.shape[:3]).astype(np.uint8)
-
-
-# Sub-sections of ``train:`` that configure other models, not stage-1 training.
-_NOT_STAGE1 = ("folds", "stage2", "reseg")
-
-
-def training_params(
-    model: dict, train: dict, spacing: list[float], seed: int, round_index: int
-) -> dict:
-    train = {k: v for k, v in train.items() if k not in _NOT_STAGE1}
-    params = {**model, **train, "spacing": list(spacing), "seed": seed + round_index}
-    if round_index > 0:
-        params["iterations"] = params.get("finetune_iterations", params["iterations"])
-    return params
-
-
-def reseg_params(model: dict, train: dict, spacing, seed: int, round_index: int) -> dict:
-    """Training params of the re-seg model: ``model``/``train`` with the ``train.reseg``
-    overrides (``channels``, default T1c + prior + T2; ``iterations``, ``finetune_iterations``
-    and any other model or training key)."""
-    overrides = {k: v for k, v in (train.get("reseg") or {}).items() if k != "enabled"}
-    overrides.setdefault("channels", ["t1c", "prior", "t2"])
-    params = training_params({**model, **train, **overrides}, {}, spacing, seed, round_index)
-    params = {k: v for k, v in params.items() if k not in _NOT_STAGE1}
-    params.pop("finetune_iterations", None)
-    params["fictitious_prior"] = True
-    return params
-
-
-def fold_split(
-    train_items: list[dict], plan: pd.DataFrame, fold: int, folds: int, seed: int
-) -> tuple[list[dict], list[dict]]:
-    """Fold ``fold`` of a patient-level ``folds``-fold split of ``train_items``."""
-    from metsflow.splits import patient_kfold
-
-    patient_of = dict(zip(plan.study_id, plan.patient_id, strict=True))
-    study_to_patient = {i["study_id"]: patient_of[i["study_id"]] for i in train_items}
-    train_ids, val_ids = patient_kfold(study_to_patient, folds, seed)[fold]
-    by_id = {i["study_id"]: i for i in train_items}
-    return [by_id[s] for s in train_ids], [by_id[s] for s in val_ids]
-
-
-def build_items(
-    plan: pd.DataFrame,
-    ok_studies: set[str],
-    prep_root: str,
-    reg_root: str,
-    extra_labels: dict[str, Path] | None = None,
-) -> tuple[list[dict], list[dict]]:
-    """Training items (seed studies + ``extra_labels``) and validation items."""
-    extra_labels = extra_labels or {}
-    train, val = [], []
-    for row in plan.itertuples():
-        if row.study_id not in ok_studies:
-            continue
-        prep_dir = Path(prep_root) / row.study_id
-        prior = Path(reg_root) / row.study_id / "prior.nii.gz"
-        item = {
-            "study_id": row.study_id,
-            "prep_dir": str(prep_dir),
-            "prior": str(prior) if prior.exists() else None,
-        }
-        if row.study_id in extra_labels:
-            train.append({**item, "label": str(extra_labels[row.study_id])})
-        elif (prep_dir / "label.nii.gz").exists() and row.role in ("seed", "validation"):
-            item["label"] = str(prep_dir / "label.nii.gz")
-            (val if row.role == "validation" else train).append(item)
-    return train, val
 
 
 @dataclass(frozen=True)
@@ -149,9 +63,11 @@ class TrainingInputs:
         """(plan, training items, validation items, number of human-confirmed labels).
 
         Confirmed labels are resampled onto the preprocessed grids under ``label_dir``."""
+        from metsflow.train import build_items, confirmed_labels_on_prep_grid
+
         plan = pd.read_csv(self.plan_path, sep="\t", dtype=str, keep_default_na=False)
         ok = set(read_manifests(self.preprocess_manifests).query("status == 'ok'").study_id)
-        confirmed = _confirmed_labels_on_prep_grid(
+        confirmed = confirmed_labels_on_prep_grid(
             self.annotation_tables, ok, self.prep_root, label_dir
         )
         train_items, val_items = build_items(plan, ok, self.prep_root, self.reg_root, confirmed)
@@ -169,7 +85,8 @@ def run_train_round(
     fold: int = 0,
     folds: int = 1,
 ) -> dict:
-    from metsflow.train import train_model
+    from metsflow.splits import fold_split
+    from metsflow.train import confirmed_study_ids, train_model, training_params
 
     set_threads(job.threads)
     round_index, train, seed = job.round_index, job.train, job.seed
@@ -198,7 +115,7 @@ def run_train_round(
             len(val_items),
         )
     params = training_params(model, train, spacing, seed, round_index)
-    new_labels = _labels_of_round(job.annotation_tables[-1]) if job.annotation_tables else None
+    new_labels = confirmed_study_ids(job.annotation_tables[-1]) if job.annotation_tables else None
     if round_index > 0 and not new_labels:
         # The round selected nothing (validation Dice reached the threshold): the model stays.
         log.info(
@@ -247,7 +164,7 @@ def run_train_reseg(
 
     Training priors are fictitious (made from each study's label); validation uses the plan's
     validation follow-ups with their real propagated prior."""
-    from metsflow.train import train_model
+    from metsflow.train import reseg_params, train_model
 
     set_threads(job.threads)
     _, train_items, val_items, _ = job.labelled_items(Path(out_model).parent / "train_labels_reseg")
@@ -357,30 +274,3 @@ def run_train_stage2(
     summary.update(round=job.round_index, n_train=len(train_items), n_val=len(val_items))
     write_json(out_summary, summary)
     return summary
-
-
-def _labels_of_round(table_path: str) -> list[str]:
-    table = pd.read_csv(table_path, sep="\t", dtype=str, keep_default_na=False)
-    return list(table.loc[table.status == "confirmed", "study_id"])
-
-
-def _confirmed_labels_on_prep_grid(
-    annotation_tables: list[str], ok: set[str], prep_root: str, out_dir: Path
-) -> dict[str, Path]:
-    """Confirmed human labels (native grid) resampled onto each study's preprocessed grid."""
-    labels: dict[str, Path] = {}
-    for table_path in annotation_tables:
-        table = pd.read_csv(table_path, sep="\t", dtype=str, keep_default_na=False)
-        for row in table.itertuples():
-            if row.status != "confirmed" or row.study_id not in ok:
-                continue
-            reference = Path(prep_root) / row.study_id / "t1c.nii.gz"
-            target = out_dir / f"{row.study_id}.nii.gz"
-            save_nifti(
-                target,
-                label_to_grid(row.label, reference),
-                nib.load(str(reference)).affine,
-                dtype=np.uint8,
-            )
-            labels[row.study_id] = target
-    return labels
