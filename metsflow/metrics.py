@@ -104,6 +104,7 @@ import pandas as pd
 from scipy import ndimage, optimize, spatial, stats
 
 from metsflow import io, labels
+from metsflow.settings import EvaluateSettings
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ BRATS_MAX_HD95_MM = 374.0
 # BraTS-METS 2023 parameters (official lesion-wise evaluation, challenge "BraTS-MET").
 BRATS_METS_DILATION_ITERATIONS = 1
 BRATS_METS_MIN_LESION_MM3 = 2.0
-DEFAULT_IOU_THRESHOLD = 0.25
+DEFAULT_IOU_THRESHOLD = EvaluateSettings.iou_threshold  # one owner: the evaluate settings
 # The label group of a round's headline figures (mean Dice, nDSC, lesion F1, FROC, overlays).
 HEADLINE_GROUP = "whole_lesion"
 # Lesions are 26-connected components (face, edge and corner neighbours).
@@ -120,10 +121,8 @@ CONNECTIVITY = 26
 # Two grids are the same when their affines agree to this (mm / direction cosines).
 AFFINE_TOLERANCE = 1e-3
 
-# Reference-lesion size bins (equivalent-sphere diameter, mm): the clinical reporting split of
-# small-metastasis detection studies (< 3 mm is where published detectors lose most, 93% vs 98%
-# overall for a data-centric nnU-Net; BraTS-METS names missed small lesions the commonest error).
-DEFAULT_SIZE_BINS_MM = (3.0, 10.0)
+# Reference-lesion size bins (equivalent-sphere diameter, mm; why these: metsflow.settings).
+DEFAULT_SIZE_BINS_MM = EvaluateSettings.size_bins_mm
 # Diameters are rounded (1 nm) before binning: floating-point noise must not move an edge lesion.
 DIAMETER_DECIMALS = 6
 # FROC operating-point rules (metsflow.cascade chooses its stage-2 threshold with one of them).

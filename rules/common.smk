@@ -255,6 +255,15 @@ STAGE2_ENABLED = bool((config["train"].get("stage2") or {}).get("enabled", False
 RESEG_ENABLED = bool((config["train"].get("reseg") or {}).get("enabled", False))
 
 
+def train_settings(drop=(), keep=None):
+    """The ``train`` section without the ``drop`` keys (or with only the ``keep`` keys)."""
+    return {
+        key: value
+        for key, value in config["train"].items()
+        if key not in drop and (keep is None or key in keep)
+    }
+
+
 def stage1_model_paths(r):
     return [LAYOUT.model(r, fold) for fold in range(TRAIN_FOLDS)]
 

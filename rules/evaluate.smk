@@ -23,14 +23,8 @@ rule evaluate_round:
         runtime=60,
     params:
         studies=validation_records,
-        # Only what the metrics use: response or statistics settings must not re-run the
-        # evaluation (and with it every later active-learning round).
-        settings={
-            key: config["evaluate"][key]
-            for key in ("iou_threshold", "size_bins_mm")
-            if key in config["evaluate"]
-        },
-        pred_root=lambda wc: LAYOUT.prediction_root(wc.round),
+        # Only what the metrics use (EvaluateSettings.metrics).
+        settings=SETTINGS.evaluate.metrics(),
     script:
         "../scripts/evaluate_round.py"
 
@@ -57,11 +51,7 @@ rule compare_rounds:
         mem_mb=1000,
         runtime=10,
     params:
-        settings={
-            key: config["evaluate"][key]
-            for key in ("compare_metrics", "compare_groups")
-            if key in config["evaluate"]
-        },
+        settings=SETTINGS.evaluate.comparison(),
     script:
         "../scripts/compare_rounds.py"
 
@@ -92,6 +82,6 @@ rule longitudinal_response:
         mem_mb=4000,
         runtime=120,
     params:
-        settings=config["evaluate"].get("response", {}),
+        settings=SETTINGS.evaluate.response,
     script:
         "../scripts/longitudinal_response.py"

@@ -39,7 +39,7 @@ rule export_bids:
         studies=lambda wc: [
             study_record(COHORT.by_id[s]) for s in PLAN[PLAN.role == "pool"].study_id
         ],
-        settings=config["evaluate"].get("response", {}),
+        settings=SETTINGS.evaluate.response,
         model_round=FINAL_ROUND,
     script:
         "../scripts/export_bids.py"

@@ -100,7 +100,6 @@ rule report_figures:
         runtime=20,
     params:
         studies=validation_records,
-        pred_root=lambda wc: LAYOUT.prediction_root(FINAL_ROUND),
     script:
         "../scripts/report_figures.py"
 

@@ -23,11 +23,10 @@ rule train_round:
         gpu=1,
     params:
         model=config["model"],
-        train=config["train"],
+        # Each job gets the training keys it reads: a stage-2 or re-seg setting must not
+        # retrain stage 1 (nor the other way round).
+        train=train_settings(drop=("stage2", "reseg")),
         spacing=config["preprocess"]["spacing"],
-        prep_root=LAYOUT.stage_root("preprocessed"),
-        reg_root=LAYOUT.stage_root("registered"),
-        label_store=config["label_store"],
         seed=config["seed"],
         # 0 for train_round (no fold wildcard), f for train_fold.
         fold=lambda wc: int(wc.get("fold", 0)),
@@ -70,10 +69,8 @@ rule train_stage2:
         runtime=120,
         gpu=1,
     params:
-        train=config["train"],
-        infer=config["infer"],
-        prep_root=LAYOUT.stage_root("preprocessed"),
-        reg_root=LAYOUT.stage_root("registered"),
+        train=train_settings(keep=("stage2",)),
+        infer=SETTINGS.infer.as_dict(),
         seed=config["seed"],
     script:
         "../scripts/train_stage2.py"
@@ -98,10 +95,8 @@ rule train_reseg:
         gpu=1,
     params:
         model=config["model"],
-        train=config["train"],
+        train=train_settings(drop=("stage2",)),
         spacing=config["preprocess"]["spacing"],
-        prep_root=LAYOUT.stage_root("preprocessed"),
-        reg_root=LAYOUT.stage_root("registered"),
         seed=config["seed"],
     script:
         "../scripts/train_reseg.py"

@@ -2,13 +2,14 @@
 
 from metsflow.jobs.evaluate import run_compare_rounds
 from metsflow.jobs.logs import job_logging
+from metsflow.settings import EvaluateSettings
 
 with job_logging(snakemake.log[0]):
     run_compare_rounds(
+        EvaluateSettings.from_dict(snakemake.params.settings),
         per_study_new=snakemake.input.new,
         per_study_old=snakemake.input.old,
         round_new=int(snakemake.wildcards.round),
         round_old=0,
-        settings=dict(snakemake.params.settings),
         out_table=snakemake.output.table,
     )

@@ -2,14 +2,16 @@
 
 from metsflow.jobs.evaluate import run_evaluate_round
 from metsflow.jobs.logs import job_logging
+from metsflow.layout import Layout
+from metsflow.settings import EvaluateSettings
 
 with job_logging(snakemake.log[0]):
     run_evaluate_round(
+        Layout.from_config(snakemake.config),
+        EvaluateSettings.from_dict(snakemake.params.settings),
         round_index=int(snakemake.wildcards.round),
         studies=snakemake.params.studies,
         prediction_manifests=list(snakemake.input.predictions),
-        pred_root=snakemake.params.pred_root,
-        settings=dict(snakemake.params.settings),
         train_summary=snakemake.input.train_summary,
         out_per_study=snakemake.output.per_study,
         out_lesions=snakemake.output.lesions,

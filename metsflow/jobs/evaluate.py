@@ -13,16 +13,18 @@ from metsflow.cohort import Study
 from metsflow.io import read_json, voxel_spacing, write_json, write_table
 from metsflow.jobs.manifest import read_manifests
 from metsflow.labels import to_internal
+from metsflow.layout import FG_PROB, Layout
+from metsflow.settings import EvaluateSettings
 
 log = logging.getLogger(__name__)
 
 
 def run_evaluate_round(
+    layout: Layout,
+    settings: EvaluateSettings,
     round_index: int,
     studies: list[dict],
     prediction_manifests: list[str],
-    pred_root: str,
-    settings: dict,
     train_summary: str | None,
     out_per_study: str,
     out_lesions: str,
@@ -37,7 +39,6 @@ def run_evaluate_round(
     maximum inside the lesion, resampled onto the native grid): the predictions a reader would
     see with a stricter threshold on the same model."""
     from metsflow.metrics import (
-        DEFAULT_SIZE_BINS_MM,
         HEADLINE_GROUP,
         add_normalised_dice,
         detection_summary,
@@ -48,8 +49,7 @@ def run_evaluate_round(
     )
     from metsflow.preprocess import resample_nearest
 
-    size_bins = settings.get("size_bins_mm") or DEFAULT_SIZE_BINS_MM
-    iou = settings.get("iou_threshold", 0.25)
+    size_bins, iou = settings.size_bins_mm, settings.iou_threshold
     predicted = read_manifests(prediction_manifests)
     ok = set(predicted.loc[predicted.status == "ok", "study_id"])
     per_study, lesions, pred_lesions, skipped, patient_of = [], [], [], [], {}
@@ -60,14 +60,14 @@ def run_evaluate_round(
         if study.study_id not in ok:
             skipped.append(study.study_id)
             continue
-        pred_img = nib.load(str(Path(pred_root) / study.study_id / "pred_native.nii.gz"))
+        pred_img = nib.load(str(layout.study_prediction(round_index, study.study_id)))
         ref_img = nib.load(str(study.label))
         pred = np.asarray(pred_img.dataobj).astype(np.uint8)
         ref = to_internal(np.asarray(ref_img.dataobj), study.label_convention)
         spacing = tuple(float(z) for z in voxel_spacing(ref_img))
         result = evaluate_pair(pred, ref, spacing, iou_threshold=iou, size_bins_mm=size_bins)
         per_study.extend(flatten(study.study_id, result))
-        prob_path = Path(pred_root) / study.study_id / "fg_prob.nii.gz"
+        prob_path = layout.prediction_dir(round_index, study.study_id) / FG_PROB
         score_map = None
         if prob_path.is_file():
             prob_img = nib.load(str(prob_path))
@@ -121,11 +121,11 @@ def run_evaluate_round(
 
 
 def run_compare_rounds(
+    settings: EvaluateSettings,
     per_study_new: str,
     per_study_old: str,
     round_new: int,
     round_old: int,
-    settings: dict,
     out_table: str,
 ) -> pd.DataFrame:
     """Round ``round_new`` (a) against ``round_old`` (b) on the validation studies."""
@@ -136,8 +136,8 @@ def run_compare_rounds(
     table = compare_per_study(
         new,
         old,
-        metrics=settings.get("compare_metrics", COMPARE_METRICS),
-        groups=settings.get("compare_groups", COMPARE_GROUPS),
+        metrics=settings.compare_metrics or COMPARE_METRICS,
+        groups=settings.compare_groups or COMPARE_GROUPS,
     )
     table.insert(0, "round_b", round_old)
     table.insert(0, "round_a", round_new)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from metsflow.io import read_json, write_table
+from metsflow.layout import Layout
 from metsflow.metrics import HEADLINE_GROUP
 from metsflow.report import (
     best_and_worst,
@@ -61,7 +62,7 @@ def run_report_rounds(
     return table
 
 
-def _overlay_for(study_record: dict, pred_root: str, out_png: str, title_metric: float) -> None:
+def _overlay_for(study_record: dict, prediction: Path, out_png: str, title_metric: float) -> None:
     import nibabel as nib
     import numpy as np
 
@@ -71,7 +72,7 @@ def _overlay_for(study_record: dict, pred_root: str, out_png: str, title_metric:
 
     study = Study.from_record(study_record)
     image = nib.load(str(study.t1c))
-    pred = nib.load(str(Path(pred_root) / study.study_id / "pred_native.nii.gz"))
+    pred = nib.load(str(prediction))
     ref = to_internal(np.asarray(nib.load(str(study.label)).dataobj), study.label_convention)
     overlay_png(
         np.asarray(image.dataobj),
@@ -84,11 +85,11 @@ def _overlay_for(study_record: dict, pred_root: str, out_png: str, title_metric:
 
 
 def run_report_figures(
+    layout: Layout,
     per_study: list[str],
     final_lesions: str,
     response: str,
     studies: list[dict],
-    pred_root: str,
     out_f1_plot: str,
     out_distributions: str,
     out_volume_vs_dice: str,
@@ -96,7 +97,8 @@ def run_report_figures(
     out_overlay_best: str,
     out_overlay_worst: str,
 ) -> dict[str, str]:
-    """Figures of the final round and across rounds; returns the overlay study ids."""
+    """Figures of the final round (the last in ``per_study``) and across rounds; returns the
+    overlay study ids (overlays of the final round's predictions)."""
     from metsflow.figures import (
         plot_metric_by_round,
         plot_metric_distributions,
@@ -110,7 +112,8 @@ def run_report_figures(
         raise ValueError(f"no evaluated validation study in {per_study}")
     all_rounds = pd.concat(frames, ignore_index=True)
     plot_metric_by_round(all_rounds, out_f1_plot, metric="lesion_f1", group=HEADLINE_GROUP)
-    final = all_rounds[all_rounds["round"] == all_rounds["round"].max()]
+    final_round = int(all_rounds["round"].max())
+    final = all_rounds[all_rounds["round"] == final_round]
     plot_metric_distributions(final, out_distributions)
     plot_volume_vs_dice(pd.read_csv(final_lesions, sep="\t"), out_volume_vs_dice)
 
@@ -125,7 +128,8 @@ def run_report_figures(
     records = {entry["study"]["study_id"]: entry["study"] for entry in studies}
     dice = final[final["group"] == HEADLINE_GROUP].set_index("study_id")["dice"]
     for study_id, out_png in ((best, out_overlay_best), (worst, out_overlay_worst)):
-        _overlay_for(records[study_id], pred_root, out_png, float(dice[study_id]))
+        prediction = layout.study_prediction(final_round, study_id)
+        _overlay_for(records[study_id], prediction, out_png, float(dice[study_id]))
     return {"best": best, "worst": worst}
 
 

@@ -24,6 +24,7 @@ import pandas as pd
 
 from metsflow.io import atomic_path, write_json, write_table
 from metsflow.jobs.manifest import read_manifests
+from metsflow.layout import Layout
 from metsflow.runtime import set_threads
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainingInputs:
     """What every training job of a round reads: the plan, the preprocessing manifests, the
-    confirmed-label tables and where the preprocessed/registered studies are."""
+    confirmed-label tables and the results layout (where the preprocessed/registered studies
+    are)."""
 
     round_index: int
     plan_path: str
@@ -40,8 +42,7 @@ class TrainingInputs:
     annotation_tables: list[str]
     train: dict
     seed: int
-    prep_root: str
-    reg_root: str
+    layout: Layout
     threads: int = 1
 
     @classmethod
@@ -54,10 +55,17 @@ class TrainingInputs:
             annotation_tables=list(smk.input.get("annotations", [])),
             train=dict(smk.params.train),
             seed=int(smk.params.seed),
-            prep_root=smk.params.prep_root,
-            reg_root=smk.params.reg_root,
+            layout=Layout.from_config(smk.config),
             threads=int(smk.threads),
         )
+
+    @property
+    def prep_root(self) -> str:
+        return self.layout.stage_root("preprocessed")
+
+    @property
+    def reg_root(self) -> str:
+        return self.layout.stage_root("registered")
 
     def labelled_items(self, label_dir: Path) -> tuple[pd.DataFrame, list[dict], list[dict], int]:
         """(plan, training items, validation items, number of human-confirmed labels).
