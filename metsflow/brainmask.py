@@ -33,31 +33,11 @@ import numpy as np
 from scipy import ndimage
 
 from metsflow.io import StudyError
+from metsflow.settings import BrainMaskSettings
 
 # Defaults for the mask parameters; ``preprocess.DEFAULTS`` includes these keys.
-MASK_DEFAULTS: dict[str, Any] = {
-    # Skull-stripped if at least this fraction of voxels is the exact background value ...
-    "stripped_min_background_fraction": 0.25,
-    # ... and the remaining support is no bigger than a brain. A head scanned with a
-    # zero-filled background (some scanners/converters do this) has >= 3 L of support.
-    "stripped_max_volume_ml": 2600.0,
-    # Atlas registration: isotropic working resolution (mm) and ANTs affine schedule (levels
-    # at 6 and 3 mm). On skull phantoms the brain-masked affine reaches Dice 0.985 against the
-    # true mask at 3 mm, the same as a 2 mm pyramid ending at 2 mm (0.987) at half the time.
-    "atlas_resolution_mm": 3.0,
-    "atlas_transform": "Affine",
-    "atlas_iterations": (100, 50),
-    "atlas_shrink_factors": (2, 1),
-    "atlas_smoothing_sigmas": (1, 0),
-    "atlas_mask_dilate_mm": 1.0,
-    # Rough skull strip that initialises the atlas affine and masks its metric (mm): the
-    # erosion must exceed half the thickness of the bright layers bridging brain and scalp
-    # (dura, diploe) so the brain becomes its own component; the metric sees the rough brain
-    # dilated by ``atlas_metric_margin_mm`` (template and image both dark there: CSF, bone).
-    "rough_erosion_mm": 6.0,
-    "atlas_metric_margin_mm": 6.0,
-    "random_seed": 1,
-}
+# The knobs and their defaults are owned by metsflow.settings.BrainMaskSettings.
+MASK_DEFAULTS: dict[str, Any] = BrainMaskSettings().as_dict()
 
 
 def detect_skull_stripped(

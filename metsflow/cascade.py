@@ -47,26 +47,15 @@ from metsflow import labels as lab
 from metsflow import metrics
 from metsflow.io import atomic_path
 from metsflow.models import check_channels, plain
+from metsflow.settings import Stage2Settings
 
 log = logging.getLogger(__name__)
 
 STAGE2_FORMAT = "metsflow-stage2"
 STAGE2_FORMAT_VERSION = 1
 
-DEFAULTS: dict[str, Any] = {
-    "crop_size": [24, 24, 24],
-    "filters": [16, 32, 64],
-    "iterations": 300,
-    "batch_size": 16,
-    "learning_rate": 1e-3,
-    "weight_decay": 1e-5,
-    "proposal_threshold": 0.3,
-    "max_candidates": 200,  # per study (training): the most confident stage-1 components
-    "operating_rule": "max_fp_per_patient",  # or "target_sensitivity" (module docstring)
-    "max_fp_per_patient": metrics.DEFAULT_MAX_FP_PER_PATIENT,
-    "target_sensitivity": 0.95,
-    "seed": 0,
-}
+# The knobs and their defaults are owned by metsflow.settings.Stage2Settings.
+DEFAULTS: dict[str, Any] = Stage2Settings().as_dict()
 
 
 @dataclass

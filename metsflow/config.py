@@ -5,19 +5,21 @@ set; every section is closed (``additionalProperties: false``), so a typo such a
 ``train.learing_rate`` stops the run at start-up, naming the key, the section and the nearest
 valid name, instead of being silently ignored for a night of cluster time.
 
-A section whose knobs are a module's ``DEFAULTS`` (preprocess, register, train, train.stage2)
-names that dict in ``x-keys-from``; those keys are read from the module's source with ``ast``,
-so the module stays the one owner of its knobs and their defaults. Not imported: importing
-``metsflow.train`` pulls in torch and MONAI, 5.6 s added to every dry run on the 2-core test
-machine (``metsflow.preprocess``: 2.8 s, ANTs). ``x-keys-from`` may also name another section
+A section whose knobs are a settings dataclass of ``metsflow.settings`` (preprocess, register,
+train, train.stage2) names it in ``x-keys-from``; its fields are the section's keys, so the
+dataclass stays the one owner of the knobs and their defaults (the modules' ``DEFAULTS`` dicts
+derive from it). ``metsflow.settings`` imports nothing heavy: reading ``metsflow.train`` itself
+would pull in torch and MONAI, 5.6 s added to every dry run on the 2-core test machine
+(``metsflow.preprocess``: 2.8 s, ANTs). ``x-keys-from`` may also name another section
 (``#/properties/model``): the re-segmentation model takes any model or training key.
 """
 
 from __future__ import annotations
 
-import ast
 import copy
+import dataclasses
 import difflib
+import importlib
 from collections.abc import Iterator, Mapping
 from functools import cache
 from pathlib import Path
@@ -27,7 +29,6 @@ import jsonschema
 import yaml
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
-_PACKAGE_ROOT = Path(__file__).parent.parent
 
 
 class ConfigError(ValueError):
@@ -39,33 +40,10 @@ class ConfigError(ValueError):
         super().__init__(f"configuration: {len(self.problems)} problem(s):\n{listing}")
 
 
-def _dict_keys_in_source(module: str, name: str) -> list[str]:
-    """Literal keys of the dict ``name`` assigned at the top of ``module`` (``**other.NAME``
-    expansions followed into that module)."""
-    path = _PACKAGE_ROOT / Path(*module.split(".")).with_suffix(".py")
-    tree = ast.parse(path.read_text(), filename=str(path))
-    imported = {
-        alias.asname or alias.name: f"{node.module}.{alias.name}"
-        for node in tree.body
-        if isinstance(node, ast.ImportFrom) and node.module
-        for alias in node.names
-    }
-    for node in tree.body:
-        target = node.target if isinstance(node, ast.AnnAssign) else None
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target = node.targets[0]
-        if not (isinstance(target, ast.Name) and target.id == name):
-            continue
-        if not isinstance(node.value, ast.Dict):
-            break
-        keys = []
-        for key, value in zip(node.value.keys, node.value.values, strict=True):
-            if key is None and isinstance(value, ast.Attribute):  # **other_module.NAME
-                keys += _dict_keys_in_source(imported[value.value.id], value.attr)
-            elif isinstance(key, ast.Constant) and isinstance(key.value, str):
-                keys.append(key.value)
-        return keys
-    raise LookupError(f"config schema: no dict literal {name} in {path}")
+def _settings_fields(module: str, name: str) -> list[str]:
+    """Field names of the settings dataclass ``name`` of ``module`` (``metsflow.settings``,
+    which imports nothing heavy)."""
+    return [f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))]
 
 
 def _derived_keys(spec: str, root: dict) -> list[str]:
@@ -75,7 +53,7 @@ def _derived_keys(spec: str, root: dict) -> list[str]:
             section = section[part]
         return list(section.get("properties", {}))
     module, name = spec.split(":")
-    return _dict_keys_in_source(module, name)
+    return _settings_fields(module, name)
 
 
 def _subschemas(schema: Any) -> Iterator[dict]:

@@ -45,11 +45,13 @@ from metsflow.models import (
     load_study_input,
 )
 from metsflow.runtime import select_device
+from metsflow.settings import InferSettings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OVERLAP = 0.5
-DEFAULT_SW_BATCH_SIZE = 4
+# One owner of the infer defaults: metsflow.settings.InferSettings.
+DEFAULT_OVERLAP = InferSettings.overlap
+DEFAULT_SW_BATCH_SIZE = InferSettings.sw_batch_size
 # Keys of a network's meta that every member of an ensemble must share: averaging softmax over
 # models that read different channels, predict different classes or expect a different grid
 # would silently produce garbage.
@@ -113,13 +115,7 @@ LEVERS = ("amp", "channels_last", "skip_outside_brain", "prefetch", "inference_m
 
 def lever_settings(params: dict, device: torch.device) -> dict[str, bool]:
     """The levers of ``params`` resolved for ``device`` ("auto" -> on for CUDA only)."""
-    defaults = {
-        "amp": "auto",
-        "channels_last": "auto",
-        "skip_outside_brain": True,
-        "prefetch": True,
-        "inference_mode": True,
-    }
+    defaults = {**InferSettings().as_dict(), "inference_mode": True}
     resolved = {}
     for key in LEVERS:
         value = params.get(key, defaults[key])

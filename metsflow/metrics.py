@@ -104,7 +104,7 @@ import pandas as pd
 from scipy import ndimage, optimize, spatial, stats
 
 from metsflow import io, labels
-from metsflow.settings import EvaluateSettings
+from metsflow.settings import EvaluateSettings, Stage2Settings
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ DEFAULT_SIZE_BINS_MM = EvaluateSettings.size_bins_mm
 DIAMETER_DECIMALS = 6
 # FROC operating-point rules (metsflow.cascade chooses its stage-2 threshold with one of them).
 OPERATING_RULES = ("max_fp_per_patient", "target_sensitivity")
-DEFAULT_MAX_FP_PER_PATIENT = 1.0
+DEFAULT_MAX_FP_PER_PATIENT = Stage2Settings.max_fp_per_patient  # one owner: metsflow.settings
 
 # Metrics where a smaller value is better (used by metsflow.stats for one-sided tests).
 LOWER_IS_BETTER = frozenset(

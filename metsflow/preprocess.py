@@ -56,32 +56,14 @@ from metsflow.io import (
 )
 from metsflow.labels import check_convention, to_internal
 from metsflow.runtime import set_threads
+from metsflow.settings import PreprocessSettings
 
 SEQUENCES = ("t1c", "t1", "t2", "flair")
 MOVING_SEQUENCES = ("t1", "t2", "flair")
 MASK_METHODS = ("auto", "atlas", "nonzero")
 
-DEFAULTS: dict[str, Any] = {
-    "spacing": [1.0, 1.0, 1.0],
-    "crop_margin_mm": 10.0,
-    # "auto" (skull-stripped input -> its support, else atlas), "atlas", "nonzero", or a path
-    # template containing "{study_id}" for user-supplied masks on the native T1c grid.
-    "brain_mask": "auto",
-    "coregister": "rigid",  # "rigid" | "none"
-    # Rigid co-registration schedule (Mattes MI). Same-session motion is small: a short
-    # pyramid on images resampled to an isotropic working resolution is enough. Measured on a
-    # phantom FLAIR (1x1x4.7 mm) to T1c (1x1x3 mm), 2 cores: full native resolution ~90 s,
-    # 2 mm 10 s, 3 mm 1.9 s, with translations within 0.1 mm of the 2 mm estimate.
-    "coreg_resolution_mm": 3.0,
-    "coreg_iterations": (100, 50),
-    "coreg_shrink_factors": (2, 1),
-    "coreg_smoothing_sigmas": (1, 0),
-    "zscore_clip": 5.0,  # |z| clipped to this after normalisation; None disables
-    # Memory guard: an input whose header claims more voxel data (MiB) is refused before it is
-    # decompressed (metsflow.io.MAX_IMAGE_MB explains the default).
-    "max_image_mb": MAX_IMAGE_MB,
-    **brainmask.MASK_DEFAULTS,
-}
+# The knobs and their defaults are owned by metsflow.settings.PreprocessSettings.
+DEFAULTS: dict[str, Any] = PreprocessSettings().as_dict()
 
 # Affines of a label/mask and of the T1c must agree to this tolerance (mm); converters write
 # float32 affines, so exact equality would reject valid pairs.

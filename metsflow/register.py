@@ -46,38 +46,10 @@ import numpy as np
 from metsflow.brainmask import dilate_mm_ball, nifti_to_ants
 from metsflow.io import StudyError, atomic_path, load_nifti, read_json, save_nifti, write_json
 from metsflow.runtime import set_threads
+from metsflow.settings import RegisterSettings
 
-DEFAULTS: dict[str, Any] = {
-    # Affine stage: reduced resolution only (SyN refines the rest).
-    "aff_transform": "Affine",
-    "aff_metric": "Mattes",
-    "aff_bins": 32,
-    "aff_sampling_rate": 0.25,
-    "aff_gradient_step": 0.1,
-    "aff_iterations": (200, 100),
-    "aff_levels_mm": (8.0, 4.0),  # voxel size of each pyramid level
-    "aff_smoothing_mm": (3.0, 2.0),  # Gaussian sigma per level
-    # SyN stage.
-    "syn_metric": "CC",  # "CC" | "Mattes" | "MeanSquares"
-    "cc_radius": 2,  # voxels; ANTs' default of 32 bins/voxels is far too slow for CC
-    "syn_bins": 32,  # for syn_metric Mattes
-    "syn_gradient_step": 0.2,
-    "syn_flow_sigma": 3.0,
-    "syn_total_sigma": 0.0,
-    # Levels at 8, 4 and 2 mm whatever the grid spacing (see ``pyramid``). A full-resolution
-    # CC level at 1 mm costs ~8x the 2 mm level for little gain in a label prior.
-    "reg_iterations": (40, 20, 5),
-    "levels_mm": (8.0, 4.0, 2.0),
-    "smoothing_mm": (3.0, 2.0, 1.0),
-    "convergence_threshold": 1e-6,
-    "convergence_window": 10,
-    # Brain masks are dilated so the brain/CSF boundary (the strongest edge) is in the metric.
-    "mask_dilate_mm": 5.0,
-    "random_seed": 1,
-    # QC: below these the pair is flagged in qc.json (not silently accepted).
-    "qc_min_ncc": 0.6,
-    "qc_min_mask_dice": 0.9,
-}
+# The knobs and their defaults are owned by metsflow.settings.RegisterSettings.
+DEFAULTS: dict[str, Any] = RegisterSettings().as_dict()
 
 OUTPUT_FILES = ("affine.mat", "warp.nii.gz", "inverse_warp.nii.gz")
 

@@ -65,35 +65,15 @@ from metsflow.models import (
 )
 from metsflow.priors import RandFictitiousPriord
 from metsflow.runtime import seed_everything, select_device
+from metsflow.settings import TrainSettings
 
 log = logging.getLogger(__name__)
 
 RESUME_FORMAT = "metsflow-resume"
 RESUME_FORMAT_VERSION = 1
 
-DEFAULTS: dict[str, Any] = {
-    "iterations": 1000,
-    "batch_size": 2,
-    "optimizer": "sgd",
-    "grad_clip": 12.0,
-    "seed": 0,
-    "val_interval": 250,
-    "checkpoint_interval": 100,
-    "log_interval": 10,
-    "val_overlap": 0.25,
-    "sw_batch_size": 4,
-    "pos_neg_ratio": [1.0, 1.0],
-    "num_workers": None,
-    "aug_rotate_prob": 0.2,
-    "aug_rotate_degrees": 30.0,
-    "aug_zoom_prob": 0.2,
-    "aug_zoom_range": [0.7, 1.4],
-    "aug_scale_intensity_prob": 0.15,
-    "aug_shift_intensity_prob": 0.15,
-    "aug_noise_prob": 0.15,
-    "aug_flip_prob": 0.5,
-    "fictitious_prior": True,
-}
+# The knobs and their defaults are owned by metsflow.settings.TrainSettings.
+DEFAULTS: dict[str, Any] = TrainSettings().as_dict()
 # nnU-Net's SGD (Nesterov, momentum 0.99) and the usual Adam settings for 3D segmentation.
 OPTIMIZERS = {
     "sgd": {"learning_rate": 1e-2, "weight_decay": 3e-5},

@@ -108,7 +108,7 @@ rule collect_annotations:
         mem_mb=2000,
         runtime=30,
     params:
-        annotator=config["active_learning"]["annotator"],
+        annotator=SETTINGS.active_learning.annotator,
         oracle_sheet=config.get("oracle_sheet", ""),
         label_store=config["label_store"],
         studies=lambda wc: [study_record(s) for s in COHORT.studies],
@@ -160,7 +160,7 @@ rule final_labels:
         runtime=30,
     params:
         final_round=FINAL_ROUND,
-        sample_size=config["active_learning"]["final_validation_sample"],
+        sample_size=SETTINGS.active_learning.final_validation_sample,
         seed=config["seed"],
         label_store=config["label_store"],
     script:

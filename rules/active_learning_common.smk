@@ -23,7 +23,7 @@ def round_target_inputs(r):
     done += [LAYOUT.burden(k) for k in range(1, r + 1)]
     if r == FINAL_ROUND:
         done += FINAL_OUTPUTS
-    if config["active_learning"]["annotator"] != "human":
+    if SETTINGS.active_learning.annotator != "human":
         return done
     for k in range(1, r + 1):
         selection = checkpoints.select_batch.get(round=str(k)).output.selection

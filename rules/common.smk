@@ -25,7 +25,7 @@ for _warning in _RUN.warnings:
 
 LAYOUT = Layout.from_config(config)
 SETTINGS = Settings.from_config(config)
-ROUNDS = list(range(int(config["active_learning"]["rounds"]) + 1))
+ROUNDS = list(range(SETTINGS.active_learning.rounds + 1))
 COHORT = _RUN.cohort
 PLAN = _RUN.plan
 PLAN_SETTINGS = _RUN.plan_settings
@@ -48,7 +48,7 @@ SEED_SHARDS = sorted(PLAN.loc[PLAN.role == "seed", "shard"].unique())
 # with active_learning.candidates: N, rounds before the last segment the validation studies and
 # the next round's N candidates in shards of their own; the last round (and `all`) segments
 # every validation and pool study in the plan's GPU shards.
-CANDIDATES = config["active_learning"].get("candidates", "all")
+CANDIDATES = SETTINGS.active_learning.candidates
 ROUND_INFER_SHARDS = {
     r: dict(
         tuple(
@@ -208,7 +208,7 @@ def final_targets():
         targets += [LAYOUT.shard_manifest("registered", s) for s in CPU_SHARDS]
         return targets
     targets = [LAYOUT.plan, LAYOUT.quarantine]
-    if config["active_learning"]["annotator"] == "human":
+    if SETTINGS.active_learning.annotator == "human":
         # Like `round_<R>` (rules/active_learning_common.smk): stop at the first batch that is
         # not confirmed, so neither a run nor a dry run goes past it.
         reached = round_target_inputs(FINAL_ROUND)

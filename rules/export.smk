@@ -6,12 +6,11 @@
 # 0.14 s, so 11,892 studies are ~3.5 h and ~0.5 h (+ one label propagation per follow-up for
 # the lesion tracking): one job each, with runtimes to match.
 
-EXPORT = config.get("export") or {}
-BIDS_ROOT = LAYOUT.bids_root(EXPORT.get("bids_dir"))
+BIDS_ROOT = LAYOUT.bids_root(SETTINGS.export.bids_dir)
 EXPORT_OUTPUTS = []
-if EXPORT.get("bids", True):
+if SETTINGS.export.bids:
     EXPORT_OUTPUTS.append(LAYOUT.final("bids_export.tsv"))
-if EXPORT.get("dicom_seg", True):
+if SETTINGS.export.dicom_seg:
     EXPORT_OUTPUTS.append(LAYOUT.dicom_seg_manifest)
 
 

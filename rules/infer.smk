@@ -15,7 +15,7 @@ rule infer_shard:
         LAYOUT.benchmark("infer/round_{round}/{gpu_shard}")
     conda:
         "../envs/torch.yaml"
-    threads: config["threads"]["infer"]
+    threads: SETTINGS.threads.infer
     resources:
         mem_mb=16000,
         runtime=lambda wc: 10 + len(infer_rows(wc)),

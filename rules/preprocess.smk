@@ -13,12 +13,12 @@ rule preprocess_shard:
         LAYOUT.benchmark("preprocess/{shard}")
     conda:
         "../envs/imaging.yaml"
-    threads: config["threads"]["preprocess"]
+    threads: SETTINGS.threads.preprocess
     resources:
         mem_mb=6000,
         runtime=lambda wc: 10 + 3 * len(STUDIES_BY_SHARD[wc.shard]),
     params:
         studies=shard_records,
-        settings=config["preprocess"],
+        settings=SETTINGS.preprocess.as_dict(),
     script:
         "../scripts/preprocess_shard.py"

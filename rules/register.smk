@@ -13,12 +13,12 @@ rule register_shard:
         LAYOUT.benchmark("register/{shard}")
     conda:
         "../envs/imaging.yaml"
-    threads: config["threads"]["register"]
+    threads: SETTINGS.threads.register
     resources:
         mem_mb=6000,
         runtime=lambda wc: 10 + 2 * len(STUDIES_BY_SHARD[wc.shard]),
     params:
         studies=lambda wc: STUDIES_BY_SHARD[wc.shard].to_dict("records"),
-        settings=config["register"],
+        settings=SETTINGS.register.as_dict(),
     script:
         "../scripts/register_shard.py"

@@ -16,7 +16,7 @@ rule train_round:
         LAYOUT.benchmark("train/round_{round}")
     conda:
         "../envs/torch.yaml"
-    threads: config["threads"]["train"]
+    threads: SETTINGS.threads.train
     resources:
         mem_mb=16000,
         runtime=240,
@@ -26,7 +26,7 @@ rule train_round:
         # Each job gets the training keys it reads: a stage-2 or re-seg setting must not
         # retrain stage 1 (nor the other way round).
         train=train_settings(drop=("stage2", "reseg")),
-        spacing=config["preprocess"]["spacing"],
+        spacing=list(SETTINGS.preprocess.spacing),
         seed=config["seed"],
         # 0 for train_round (no fold wildcard), f for train_fold.
         fold=lambda wc: int(wc.get("fold", 0)),
@@ -63,7 +63,7 @@ rule train_stage2:
         LAYOUT.benchmark("train/round_{round}_stage2")
     conda:
         "../envs/torch.yaml"
-    threads: config["threads"]["train"]
+    threads: SETTINGS.threads.train
     resources:
         mem_mb=16000,
         runtime=120,
@@ -88,7 +88,7 @@ rule train_reseg:
         LAYOUT.benchmark("train/round_{round}_reseg")
     conda:
         "../envs/torch.yaml"
-    threads: config["threads"]["train"]
+    threads: SETTINGS.threads.train
     resources:
         mem_mb=16000,
         runtime=240,
@@ -96,7 +96,7 @@ rule train_reseg:
     params:
         model=config["model"],
         train=train_settings(drop=("stage2",)),
-        spacing=config["preprocess"]["spacing"],
+        spacing=list(SETTINGS.preprocess.spacing),
         seed=config["seed"],
     script:
         "../scripts/train_reseg.py"

@@ -2,14 +2,15 @@
 
 from metsflow.jobs.active_learning import run_select_batch
 from metsflow.jobs.logs import job_logging
+from metsflow.settings import ActiveLearningSettings
 
 with job_logging(snakemake.log[0]):
     run_select_batch(
+        ActiveLearningSettings.from_dict(snakemake.params.settings),
         round_index=int(snakemake.wildcards.round),
         prediction_manifests=list(snakemake.input.predictions),
         previous_selections=list(snakemake.input.previous),
         previous_evaluation=snakemake.input.evaluation,
-        settings=dict(snakemake.params.settings),
         seed=snakemake.params.seed,
         label_store=snakemake.params.label_store,
         out_selection=snakemake.output.selection,

@@ -15,6 +15,7 @@ from metsflow.plan import (
     candidate_studies,
     round_inference_plan,
 )
+from metsflow.settings import ActiveLearningSettings
 
 
 @pytest.fixture
@@ -76,11 +77,13 @@ def test_candidates_are_recorded_and_selection_stays_inside_them(tmp_path, plan)
     evaluation = tmp_path / "summary.json"
     evaluation.write_text(json.dumps({"mean_dice": 0.1}))
     batch = run_select_batch(
+        ActiveLearningSettings(
+            batch_size=20, strategy="random", dice_threshold=0.9, per_patient_max=None
+        ),
         round_index=1,
         prediction_manifests=[str(manifest)],
         previous_selections=[],
         previous_evaluation=str(evaluation),
-        settings={"batch_size": 20, "strategy": "random", "dice_threshold": 0.9},
         seed=0,
         label_store=str(tmp_path / "labels"),
         out_selection=str(tmp_path / "selection.tsv"),

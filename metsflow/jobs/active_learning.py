@@ -12,16 +12,17 @@ from metsflow.cohort import Study
 from metsflow.io import read_json, write_table
 from metsflow.jobs.manifest import read_manifests
 from metsflow.layout import Layout
+from metsflow.settings import ActiveLearningSettings
 
 log = logging.getLogger(__name__)
 
 
 def run_select_batch(
+    settings: ActiveLearningSettings,
     round_index: int,
     prediction_manifests: list[str],
     previous_selections: list[str],
     previous_evaluation: str,
-    settings: dict,
     seed: int,
     label_store: str,
     out_selection: str,
@@ -37,12 +38,12 @@ def run_select_batch(
 
     evaluation = read_json(previous_evaluation)
     dice = evaluation.get("mean_dice")
-    if dice is not None and dice >= settings["dice_threshold"]:
+    if dice is not None and dice >= settings.dice_threshold:
         log.info(
             "round %d: validation Dice %.3f >= threshold %.3f: no new batch",
             round_index,
             dice,
-            settings["dice_threshold"],
+            settings.dice_threshold,
         )
         write_table(out_selection, pd.DataFrame(columns=SELECTION_COLUMNS))
         return pd.DataFrame(columns=SELECTION_COLUMNS)
@@ -56,14 +57,14 @@ def run_select_batch(
         exclude |= set(pd.read_csv(path, sep="\t", dtype=str).study_id)
     batch = select_batch(
         candidates,
-        n=int(settings["batch_size"]),
-        strategy=settings["strategy"],
+        n=int(settings.batch_size),
+        strategy=settings.strategy,
         seed=seed + round_index,
         exclude=exclude,
-        per_patient_max=settings.get("per_patient_max"),
+        per_patient_max=settings.per_patient_max,
     )
     write_table(out_selection, batch)
-    log.info("round %d: selected %d studies (%s)", round_index, len(batch), settings["strategy"])
+    log.info("round %d: selected %d studies (%s)", round_index, len(batch), settings.strategy)
     return batch
 
 
