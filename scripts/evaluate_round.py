@@ -12,10 +12,4 @@ with job_logging(snakemake.log[0]):
         round_index=int(snakemake.wildcards.round),
         studies=snakemake.params.studies,
         prediction_manifests=list(snakemake.input.predictions),
-        train_summary=snakemake.input.train_summary,
-        out_per_study=snakemake.output.per_study,
-        out_lesions=snakemake.output.lesions,
-        out_summary=snakemake.output.summary,
-        out_detection=snakemake.output.detection,
-        out_froc=snakemake.output.froc,
     )

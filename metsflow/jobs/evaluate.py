@@ -25,15 +25,11 @@ def run_evaluate_round(
     round_index: int,
     studies: list[dict],
     prediction_manifests: list[str],
-    train_summary: str | None,
-    out_per_study: str,
-    out_lesions: str,
-    out_summary: str,
-    out_detection: str | None = None,
-    out_froc: str | None = None,
 ) -> dict:
-    """Per-study metrics, reference lesions, the round summary and, when their paths are given,
-    the size-binned detection table and the FROC of the round's predictions.
+    """Per-study metrics, reference lesions, the round summary, the size-binned detection table
+    and the FROC of round ``round_index``'s predictions of ``studies`` (validation records),
+    written to ``layout.evaluation_table`` / ``evaluation_summary`` (rule evaluate_round's
+    outputs, built by the same methods).
 
     The FROC ranks each predicted lesion by its stage-1 foreground probability (``fg_prob``,
     maximum inside the lesion, resampled onto the native grid): the predictions a reader would
@@ -95,11 +91,11 @@ def run_evaluate_round(
         # nDSC uses the positive rate averaged over the validation cohort (Raina et al. 2023).
         per_study_df = add_normalised_dice(per_study_df)
         per_study_df.insert(0, "round", round_index)
-    write_table(out_per_study, per_study_df)
+    write_table(layout.evaluation_table(round_index, "per_study"), per_study_df)
     lesions = [f for f in lesions if not f.empty]
     pred_lesions = [f for f in pred_lesions if not f.empty]
     lesions_df = pd.concat(lesions, ignore_index=True) if lesions else pd.DataFrame()
-    write_table(out_lesions, lesions_df)
+    write_table(layout.evaluation_table(round_index, "lesions"), lesions_df)
     summary = summarise_round(round_index, per_study_df, skipped)
     detection = detection_summary(
         round_index,
@@ -109,13 +105,12 @@ def run_evaluate_round(
         size_bins,
     )
     summary.update(detection["summary"])
-    if out_detection:
-        write_table(out_detection, detection["by_size"])
-    if out_froc:
-        write_table(out_froc, detection["froc"])
-    if train_summary and Path(train_summary).exists():
+    write_table(layout.evaluation_table(round_index, "detection_by_size"), detection["by_size"])
+    write_table(layout.evaluation_table(round_index, "froc"), detection["froc"])
+    train_summary = Path(layout.train_summary(round_index))
+    if train_summary.exists():
         summary["n_train"] = read_json(train_summary).get("n_train")
-    write_json(out_summary, summary)
+    write_json(layout.evaluation_summary(round_index), summary)
     log.info("round %d: %s", round_index, summary)
     return summary
 
