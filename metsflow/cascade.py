@@ -231,19 +231,6 @@ def score_crops(network: nn.Module, crops: np.ndarray, batch_size: int = 32) -> 
     return np.concatenate(scores)
 
 
-def lesion_detection(reference: np.ndarray, kept: np.ndarray) -> tuple[int, int, int, int]:
-    """``(reference lesions, of them hit by kept, kept components, of them false)``."""
-    ref_cc, n_ref = cc3d.connected_components(
-        np.asarray(reference, np.uint8), connectivity=26, return_N=True
-    )
-    kept_cc, n_kept = cc3d.connected_components(
-        np.asarray(kept, np.uint8), connectivity=26, return_N=True
-    )
-    hit = len(np.unique(ref_cc[(ref_cc > 0) & (kept_cc > 0)]))
-    true_kept = len(np.unique(kept_cc[(kept_cc > 0) & (ref_cc > 0)]))
-    return n_ref, hit, n_kept, n_kept - true_kept
-
-
 def choose_threshold(
     scores: np.ndarray,
     hits: Sequence[Sequence],
