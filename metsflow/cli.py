@@ -16,6 +16,8 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from metsflow.layout import Layout
+
 
 def _cmd_demo_cohort(args) -> int:
     from metsflow.phantom import make_demo_cohort
@@ -215,7 +217,6 @@ def _cmd_al_import(args) -> int:
     from metsflow.active_learning.labelstore import LabelStore
     from metsflow.active_learning.review import import_batch
     from metsflow.cohort import read_sheet
-    from metsflow.layout import Layout
 
     _workflow_paths(args)
     cohort = read_sheet(args.sheet)
@@ -528,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     cost = sub.add_parser(
         "cost", help="core-hours, GPU-hours and makespan of a cohort from a run's benchmarks"
     )
-    cost.add_argument("--benchmarks", default="results/benchmarks")
+    cost.add_argument("--benchmarks", default=Layout("results").benchmarks_dir)
     cost.add_argument(
         "--plan", help="the run's plan table (default: <benchmarks>/../plan/cohort.tsv)"
     )

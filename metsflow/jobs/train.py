@@ -104,7 +104,7 @@ def run_train_round(
     if not train_items:
         raise RuntimeError(
             f"round {round_index}: no labelled training study (seed set empty or every labelled "
-            "study failed preprocessing; see results/qc/quarantine.tsv)"
+            f"study failed preprocessing; see {job.layout.quarantine})"
         )
     log.info(
         "round %d: %d training studies (%d confirmed by review), %d validation studies",
