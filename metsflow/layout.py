@@ -211,6 +211,16 @@ class Layout:
         return self._path("final", name)
 
     @property
+    def final_labels(self) -> str:
+        """Every pool study's final label (human-confirmed, model or failed)."""
+        return self.final("labels.tsv")
+
+    @property
+    def qa_sample(self) -> str:
+        """The seeded QA sample of the model-labelled studies."""
+        return self.final("qa_sample.tsv")
+
+    @property
     def final_review_dir(self) -> str:
         return self._path("final", "qa_review")
 

@@ -146,8 +146,8 @@ rule final_labels:
     input:
         unpack(final_label_inputs),
     output:
-        labels=LAYOUT.final("labels.tsv"),
-        qa_sample=LAYOUT.final("qa_sample.tsv"),
+        labels=LAYOUT.final_labels,
+        qa_sample=LAYOUT.qa_sample,
     log:
         LAYOUT.log("active_learning/final_labels"),
     benchmark:
@@ -169,7 +169,7 @@ rule final_labels:
 
 rule export_final_qa:
     input:
-        selection=LAYOUT.final("qa_sample.tsv"),
+        selection=LAYOUT.qa_sample,
         model=LAYOUT.model(FINAL_ROUND),
     output:
         manifest=LAYOUT.final_review_manifest,

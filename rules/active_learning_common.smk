@@ -2,7 +2,7 @@
 import sys
 
 FINAL_OUTPUTS = [
-    LAYOUT.final("labels.tsv"),
+    LAYOUT.final_labels,
     LAYOUT.final_review_manifest,
     *EXPORT_OUTPUTS,  # rules/export.smk: BIDS derivatives and DICOM SEG of the final labels
 ]

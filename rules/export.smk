@@ -16,7 +16,7 @@ if SETTINGS.export.dicom_seg:
 
 rule export_bids:
     input:
-        labels=LAYOUT.final("labels.tsv"),
+        labels=LAYOUT.final_labels,
         plan=LAYOUT.plan,
         registered=[LAYOUT.stage_manifest("registered")],
         preprocessed=[LAYOUT.stage_manifest("preprocessed")],
@@ -46,7 +46,7 @@ rule export_bids:
 
 rule export_dicom_seg:
     input:
-        labels=LAYOUT.final("labels.tsv"),
+        labels=LAYOUT.final_labels,
         plan=LAYOUT.plan,
     output:
         manifest=LAYOUT.dicom_seg_manifest,

@@ -11,9 +11,6 @@ with job_logging(snakemake.log[0]):
         plan_path=snakemake.input.plan,
         prediction_manifests=list(snakemake.input.predictions),
         label_store=snakemake.params.label_store,
-        model=snakemake.input.model,
         sample_size=int(snakemake.params.sample_size),
         seed=int(snakemake.params.seed),
-        out_labels=snakemake.output.labels,
-        out_qa_sample=snakemake.output.qa_sample,
     )

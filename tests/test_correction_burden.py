@@ -301,7 +301,7 @@ def test_report_figure_and_table(tmp_path, confirmed_round):
 def test_report_rounds_table_and_figure(tmp_path, confirmed_round):
     """The report's rounds section: burden medians next to each round's Dice, a per-round
     table (an empty batch after the stop criterion is a round with 0 studies) and the figure."""
-    from metsflow.jobs.report import run_report_rounds
+    from metsflow.jobs.report import RoundsReport, run_report_rounds
 
     results, store = confirmed_round
     rounds_dir = results / "rounds"
@@ -336,17 +336,19 @@ def test_report_rounds_table_and_figure(tmp_path, confirmed_round):
     io.write_table(tmp_path / "quarantine.tsv", pd.DataFrame(columns=["study_id"]))
     report = tmp_path / "report"
     table = run_report_rounds(
-        plan_path=str(tmp_path / "plan.tsv"),
-        quarantine_path=str(tmp_path / "quarantine.tsv"),
-        summaries=[str(p) for p in summaries],
-        per_study=[str(p) for p in per_study],
-        selections=[str(rounds_dir / f"round_{r}/selection.tsv") for r in (1, 2)],
-        burdens=[str(rounds_dir / f"round_{r}" / BURDEN_NAME) for r in (1, 2)],
-        out_table=str(report / "rounds.tsv"),
-        out_plot=str(report / "dice_per_round.png"),
-        out_cohort=str(report / "cohort_summary.tsv"),
-        out_burden=str(report / "correction_burden.tsv"),
-        out_burden_plot=str(report / "correction_burden_per_round.png"),
+        RoundsReport(
+            plan_path=str(tmp_path / "plan.tsv"),
+            quarantine_path=str(tmp_path / "quarantine.tsv"),
+            summaries=[str(p) for p in summaries],
+            per_study=[str(p) for p in per_study],
+            selections=[str(rounds_dir / f"round_{r}/selection.tsv") for r in (1, 2)],
+            burdens=[str(rounds_dir / f"round_{r}" / BURDEN_NAME) for r in (1, 2)],
+            out_table=str(report / "rounds.tsv"),
+            out_plot=str(report / "dice_per_round.png"),
+            out_cohort=str(report / "cohort_summary.tsv"),
+            out_burden=str(report / "correction_burden.tsv"),
+            out_burden_plot=str(report / "correction_burden_per_round.png"),
+        )
     ).set_index("round")
     assert table.loc[1, "burden_studies"] == 2 and table.loc[1, "voxels_changed_median"] == 74
     assert table.loc[2, "burden_studies"] == 0 and pd.isna(table.loc[0, "burden_studies"])

@@ -74,13 +74,10 @@ def _final_labels(tmp_path, seed: int, tag: str, sample_size: int = 2):
         plan_path=str(tmp_path / "plan.tsv"),
         prediction_manifests=[str(tmp_path / "g0000.tsv")],
         label_store=str(tmp_path / "labels"),
-        model="results/rounds/round_3/model/model.pt",
         sample_size=sample_size,
         seed=seed,
-        out_labels=str(tmp_path / f"labels_{tag}.tsv"),
-        out_qa_sample=str(tmp_path / f"qa_{tag}.tsv"),
     )
-    sample = pd.read_csv(tmp_path / f"qa_{tag}.tsv", sep="\t", dtype=str)
+    sample = pd.read_csv(Layout(tmp_path / "results").qa_sample, sep="\t", dtype=str)
     return labels, sample
 
 

@@ -271,7 +271,7 @@ def final_status(results_dir: str | os.PathLike, store: LabelStore | None) -> st
     comes from and how far human QA of the seeded model-labelled sample has got; empty if the
     last round has not finished."""
     layout = Layout(results_dir)
-    labels_path = Path(layout.final("labels.tsv"))
+    labels_path = Path(layout.final_labels)
     if not labels_path.exists():
         return ""
     try:
@@ -282,7 +282,7 @@ def final_status(results_dir: str | os.PathLike, store: LabelStore | None) -> st
         return f"final: labels.tsv unreadable: {exc}\n"
     parts = ", ".join(f"{n} {source}" for source, n in sorted(sources.items()))
     line = f"final ({model_round}): {parts}"
-    sample_path = Path(layout.final("qa_sample.tsv"))
+    sample_path = Path(layout.qa_sample)
     if sample_path.exists():
         sample = pd.read_csv(sample_path, sep="\t", dtype={"study_id": str})
         line += f"; QA sample {len(sample)} studies"

@@ -226,11 +226,8 @@ def run_final_labels(
     plan_path: str,
     prediction_manifests: list[str],
     label_store: str,
-    model: str,
     sample_size: int,
     seed: int,
-    out_labels: str,
-    out_qa_sample: str,
 ) -> pd.DataFrame:
     """The label every pool study ends the loop with, and a QA sample of the model-labelled ones
     (``metsflow.active_learning.final``)."""
@@ -244,13 +241,13 @@ def run_final_labels(
         set(predictions.loc[predictions.status == "ok", "study_id"].astype(str)),
         LabelStore(label_store, create=False).all_confirmed(),
         lambda study_id: layout.study_prediction(final_round, study_id),
-        model,
+        layout.model(final_round),
         final_round,
     )
-    write_table(out_labels, labels)
+    write_table(layout.final_labels, labels)
 
     sample = qa_sample(labels, sample_size, seed)
-    write_table(out_qa_sample, sample)
+    write_table(layout.qa_sample, sample)
     counts = labels.source.value_counts().to_dict()
     log.info(
         "final (model of round %d): %s; QA sample of %d studies", final_round, counts, len(sample)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -22,43 +23,68 @@ from metsflow.report import (
 log = logging.getLogger(__name__)
 
 
-def run_report_rounds(
-    plan_path: str,
-    quarantine_path: str,
-    summaries: list[str],
-    per_study: list[str],
-    selections: list[str],
-    burdens: list[str],
-    out_table: str,
-    out_plot: str,
-    out_cohort: str,
-    out_burden: str,
-    out_burden_plot: str,
-) -> pd.DataFrame:
+@dataclass(frozen=True)
+class RoundsReport:
+    """What rule report_rounds reads (every round's summary, per-study table, selection and
+    correction burden; the plan and the quarantine table) and writes."""
+
+    plan_path: str
+    quarantine_path: str
+    summaries: list[str]
+    per_study: list[str]
+    selections: list[str]
+    burdens: list[str]
+    out_table: str
+    out_plot: str
+    out_cohort: str
+    out_burden: str
+    out_burden_plot: str
+
+    @classmethod
+    def from_snakemake(cls, smk) -> RoundsReport:
+        return cls(
+            plan_path=smk.input.plan,
+            quarantine_path=smk.input.quarantine,
+            summaries=list(smk.input.summaries),
+            per_study=list(smk.input.per_study),
+            selections=list(smk.input.selections),
+            burdens=list(smk.input.burdens),
+            out_table=smk.output.table,
+            out_plot=smk.output.dice_plot,
+            out_cohort=smk.output.cohort,
+            out_burden=smk.output.burden,
+            out_burden_plot=smk.output.burden_plot,
+        )
+
+
+def run_report_rounds(job: RoundsReport) -> pd.DataFrame:
+    """The rounds table and Dice plot, the correction-burden summary and plot, the cohort
+    summary."""
     from metsflow.active_learning.burden import read_burden_tables, summarise_rounds
     from metsflow.figures import plot_correction_burden, plot_metric_by_round
 
-    summaries_read = [read_json(path) for path in summaries]
+    summaries_read = [read_json(path) for path in job.summaries]
     batch_sizes = {
-        index: len(pd.read_csv(path, sep="\t")) for index, path in enumerate(selections, start=1)
+        index: len(pd.read_csv(path, sep="\t"))
+        for index, path in enumerate(job.selections, start=1)
     }
     # The correction burden of the labels each round's model was fine-tuned on, next to its Dice.
-    burden = read_burden_tables(burdens)
+    burden = read_burden_tables(job.burdens)
     rounds = sorted(s["round"] for s in summaries_read)
     burden_summary = summarise_rounds(burden, rounds=[r for r in rounds if r > 0])
-    write_table(out_burden, burden_summary)
-    plot_correction_burden(burden, out_burden_plot)
+    write_table(job.out_burden, burden_summary)
+    plot_correction_burden(burden, job.out_burden_plot)
     table = rounds_table(summaries_read, batch_sizes, burden_summary)
-    write_table(out_table, table)
+    write_table(job.out_table, table)
 
-    frames = [pd.read_csv(p, sep="\t") for p in per_study]
+    frames = [pd.read_csv(p, sep="\t") for p in job.per_study]
     frames = [f for f in frames if not f.empty]
     per_study_all = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    plot_metric_by_round(per_study_all, out_plot, metric="dice", group=HEADLINE_GROUP)
+    plot_metric_by_round(per_study_all, job.out_plot, metric="dice", group=HEADLINE_GROUP)
 
-    plan = pd.read_csv(plan_path, sep="\t", dtype=str, keep_default_na=False)
-    quarantine = pd.read_csv(quarantine_path, sep="\t", dtype=str, keep_default_na=False)
-    write_table(out_cohort, cohort_table(plan, quarantine))
+    plan = pd.read_csv(job.plan_path, sep="\t", dtype=str, keep_default_na=False)
+    quarantine = pd.read_csv(job.quarantine_path, sep="\t", dtype=str, keep_default_na=False)
+    write_table(job.out_cohort, cohort_table(plan, quarantine))
     return table
 
 
@@ -84,20 +110,40 @@ def _overlay_for(study_record: dict, prediction: Path, out_png: str, title_metri
     )
 
 
-def run_report_figures(
-    layout: Layout,
-    per_study: list[str],
-    final_lesions: str,
-    response: str,
-    studies: list[dict],
-    out_f1_plot: str,
-    out_distributions: str,
-    out_volume_vs_dice: str,
-    out_trajectories: str,
-    out_overlay_best: str,
-    out_overlay_worst: str,
-) -> dict[str, str]:
-    """Figures of the final round (the last in ``per_study``) and across rounds; returns the
+@dataclass(frozen=True)
+class FiguresReport:
+    """What rule report_figures reads (every round's per-study table, the final round's lesions
+    and response, the validation records) and the figures it writes."""
+
+    per_study: list[str]
+    final_lesions: str
+    response: str
+    studies: list[dict]
+    out_f1_plot: str
+    out_distributions: str
+    out_volume_vs_dice: str
+    out_trajectories: str
+    out_overlay_best: str
+    out_overlay_worst: str
+
+    @classmethod
+    def from_snakemake(cls, smk) -> FiguresReport:
+        return cls(
+            per_study=list(smk.input.per_study),
+            final_lesions=smk.input.lesions,
+            response=smk.input.response,
+            studies=list(smk.params.studies),
+            out_f1_plot=smk.output.f1_plot,
+            out_distributions=smk.output.distributions,
+            out_volume_vs_dice=smk.output.volume_vs_dice,
+            out_trajectories=smk.output.trajectories,
+            out_overlay_best=smk.output.overlay_best,
+            out_overlay_worst=smk.output.overlay_worst,
+        )
+
+
+def run_report_figures(layout: Layout, job: FiguresReport) -> dict[str, str]:
+    """Figures of the final round (the last in ``job.per_study``) and across rounds; returns the
     overlay study ids (overlays of the final round's predictions)."""
     from metsflow.figures import (
         plot_metric_by_round,
@@ -106,28 +152,28 @@ def run_report_figures(
         plot_volume_vs_dice,
     )
 
-    frames = [pd.read_csv(p, sep="\t", dtype={"study_id": str}) for p in per_study]
+    frames = [pd.read_csv(p, sep="\t", dtype={"study_id": str}) for p in job.per_study]
     frames = [f for f in frames if not f.empty]
     if not frames:
-        raise ValueError(f"no evaluated validation study in {per_study}")
+        raise ValueError(f"no evaluated validation study in {job.per_study}")
     all_rounds = pd.concat(frames, ignore_index=True)
-    plot_metric_by_round(all_rounds, out_f1_plot, metric="lesion_f1", group=HEADLINE_GROUP)
+    plot_metric_by_round(all_rounds, job.out_f1_plot, metric="lesion_f1", group=HEADLINE_GROUP)
     final_round = int(all_rounds["round"].max())
     final = all_rounds[all_rounds["round"] == final_round]
-    plot_metric_distributions(final, out_distributions)
-    plot_volume_vs_dice(pd.read_csv(final_lesions, sep="\t"), out_volume_vs_dice)
+    plot_metric_distributions(final, job.out_distributions)
+    plot_volume_vs_dice(pd.read_csv(job.final_lesions, sep="\t"), job.out_volume_vs_dice)
 
-    trajectories = pd.read_csv(response, sep="\t", dtype={"study_id": str, "patient_id": str})
+    trajectories = pd.read_csv(job.response, sep="\t", dtype={"study_id": str, "patient_id": str})
     if trajectories.empty:
         # No patient could be tracked (e.g. no follow-up registered): an empty panel says so.
-        log.warning("%s: no tracked time points, the trajectory figure is empty", response)
+        log.warning("%s: no tracked time points, the trajectory figure is empty", job.response)
         trajectories = pd.DataFrame(columns=["patient_id", "order", "total_volume_mm3"])
-    plot_volume_trajectories(trajectories, out_trajectories, volume_col="total_volume_mm3")
+    plot_volume_trajectories(trajectories, job.out_trajectories, volume_col="total_volume_mm3")
 
     best, worst = best_and_worst(final)
-    records = {entry["study"]["study_id"]: entry["study"] for entry in studies}
+    records = {entry["study"]["study_id"]: entry["study"] for entry in job.studies}
     dice = final[final["group"] == HEADLINE_GROUP].set_index("study_id")["dice"]
-    for study_id, out_png in ((best, out_overlay_best), (worst, out_overlay_worst)):
+    for study_id, out_png in ((best, job.out_overlay_best), (worst, job.out_overlay_worst)):
         prediction = layout.study_prediction(final_round, study_id)
         _overlay_for(records[study_id], prediction, out_png, float(dice[study_id]))
     return {"best": best, "worst": worst}
