@@ -6,9 +6,6 @@ from metsflow.jobs.train import TrainingInputs, run_train_reseg
 with job_logging(snakemake.log[0]):
     run_train_reseg(
         TrainingInputs.from_snakemake(snakemake),
-        init_checkpoint=snakemake.input.get("init"),
         model=dict(snakemake.params.model),
         spacing=list(snakemake.params.spacing),
-        out_model=snakemake.output.model,
-        out_log=snakemake.output.train_log,
     )

@@ -2,12 +2,11 @@
 
 from metsflow.jobs.logs import job_logging
 from metsflow.jobs.train import TrainingInputs, run_train_stage2
+from metsflow.settings import InferSettings
 
 with job_logging(snakemake.log[0]):
     run_train_stage2(
         TrainingInputs.from_snakemake(snakemake),
+        InferSettings.from_dict(snakemake.params.infer),
         stage1_models=list(snakemake.input.stage1),
-        infer=dict(snakemake.params.infer),
-        out_model=snakemake.output.model,
-        out_summary=snakemake.output.summary,
     )

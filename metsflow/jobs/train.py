@@ -26,6 +26,7 @@ from metsflow.io import atomic_path, write_json, write_table
 from metsflow.jobs.manifest import read_manifests
 from metsflow.layout import Layout
 from metsflow.runtime import set_threads
+from metsflow.settings import InferSettings
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class TrainingInputs:
     seed: int
     layout: Layout
     threads: int = 1
+    init_checkpoint: str | None = None  # the previous round's model (round r > 0)
+    fold: int = 0  # stage-1 fold of this job (train.folds > 1)
+    folds: int = 1
 
     @classmethod
     def from_snakemake(cls, smk) -> TrainingInputs:
@@ -57,6 +61,9 @@ class TrainingInputs:
             seed=int(smk.params.seed),
             layout=Layout.from_config(smk.config),
             threads=int(smk.threads),
+            init_checkpoint=smk.input.get("init"),
+            fold=int(smk.params.get("fold", 0)),
+            folds=int(smk.params.get("folds", 1)),
         )
 
     @property
@@ -82,19 +89,16 @@ class TrainingInputs:
         return plan, train_items, val_items, len(confirmed)
 
 
-def run_train_round(
-    job: TrainingInputs,
-    init_checkpoint: str | None,
-    model: dict,
-    spacing: list[float],
-    out_model: str,
-    out_log: str,
-    out_summary: str,
-    fold: int = 0,
-    folds: int = 1,
-) -> dict:
+def run_train_round(job: TrainingInputs, model: dict, spacing: list[float]) -> dict:
+    """Stage-1 fold ``job.fold`` of round ``job.round_index`` into ``Layout.model`` /
+    ``train_log`` / ``train_summary`` of that round and fold (rule train_round's outputs)."""
     from metsflow.splits import fold_split
     from metsflow.train import confirmed_study_ids, train_model, training_params
+
+    init_checkpoint, fold, folds = job.init_checkpoint, job.fold, job.folds
+    out_model = job.layout.model(job.round_index, fold)
+    out_log = job.layout.train_log(job.round_index, fold)
+    out_summary = job.layout.train_summary(job.round_index, fold)
 
     set_threads(job.threads)
     round_index, train, seed = job.round_index, job.train, job.seed
@@ -160,19 +164,17 @@ def run_train_round(
     return summary
 
 
-def run_train_reseg(
-    job: TrainingInputs,
-    init_checkpoint: str | None,
-    model: dict,
-    spacing: list[float],
-    out_model: str,
-    out_log: str,
-) -> dict:
-    """Train (round 0) or fine-tune the re-segmentation model on the labelled studies.
+def run_train_reseg(job: TrainingInputs, model: dict, spacing: list[float]) -> dict:
+    """Train (round 0) or fine-tune the re-segmentation model on the labelled studies, into
+    ``Layout.reseg_model`` / ``reseg_train_log`` (rule train_reseg's outputs).
 
     Training priors are fictitious (made from each study's label); validation uses the plan's
     validation follow-ups with their real propagated prior."""
     from metsflow.train import reseg_params, train_model
+
+    init_checkpoint = job.init_checkpoint
+    out_model = job.layout.reseg_model(job.round_index)
+    out_log = job.layout.reseg_train_log(job.round_index)
 
     set_threads(job.threads)
     _, train_items, val_items, _ = job.labelled_items(Path(out_model).parent / "train_labels_reseg")
@@ -199,14 +201,9 @@ def run_train_reseg(
     return {**result, "round": job.round_index, "n_train": len(train_items)}
 
 
-def run_train_stage2(
-    job: TrainingInputs,
-    stage1_models: list[str],
-    infer: dict,
-    out_model: str,
-    out_summary: str,
-) -> dict:
-    """Train the stage-2 candidate classifier on the round's stage-1 ensemble's candidates.
+def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: list[str]) -> dict:
+    """Train the stage-2 candidate classifier on the round's stage-1 ensemble's candidates
+    (``stage1_models``), into ``Layout.stage2_model`` / ``stage2_summary``.
 
     Training candidates come from the labelled training studies, the operating point from the
     plan's validation studies (``metsflow.cascade``)."""
@@ -218,6 +215,8 @@ def run_train_stage2(
     from metsflow.models import load_study_input
     from metsflow.runtime import select_device
 
+    out_model = job.layout.stage2_model(job.round_index)
+    out_summary = job.layout.stage2_summary(job.round_index)
     set_threads(job.threads)
     torch.manual_seed(job.seed)
     params = {**(job.train.get("stage2") or {}), "seed": job.seed + job.round_index}
@@ -226,13 +225,13 @@ def run_train_stage2(
         Path(out_model).parent / "train_labels_stage2"
     )
     patient_of = dict(zip(plan.study_id, plan.patient_id, strict=True))
-    device = select_device(infer.get("device", "auto"))
+    device = select_device(infer.device)
     networks, meta = load_ensemble(stage1_models, device=device)
 
     def candidates(items: list[dict], add_reference: bool) -> list:
         out = []
         for item in items:
-            inp, probs, _ = stage1_probabilities(networks, meta, item, infer, device)
+            inp, probs, _ = stage1_probabilities(networks, meta, item, infer.as_params(), device)
             reference = lab.whole_lesion(load_study_input(item, ["t1c"], with_label=True)["label"])
             out.append(
                 study_candidates(
