@@ -37,7 +37,7 @@ from scipy import ndimage
 
 from metsflow import labels as lab
 from metsflow import phantom
-from metsflow.cascade import filter_prediction, study_candidates, train_stage2
+from metsflow.cascade import filter_prediction, load_stage2, study_candidates, train_stage2
 from metsflow.infer import foreground_probability, load_ensemble, stage1_probabilities
 from metsflow.io import save_nifti
 from metsflow.metrics import dice, match_lesions
@@ -120,6 +120,168 @@ def whole(path_or_array) -> np.ndarray:
     return lab.whole_lesion(np.asarray(path_or_array)).astype(bool)
 
 
+# --------------------------------------------------------------------------------------------
+# Set-up shared with bench_small_lesions.py: options, cohort, patient split, model sizes,
+# training, inference, stage-2 candidates.
+# --------------------------------------------------------------------------------------------
+
+
+def add_common_args(ap: argparse.ArgumentParser, patients: int, target_sensitivity: float):
+    """The options this benchmark and bench_small_lesions.py share (``--out`` is each one's)."""
+    ap.add_argument("--patients", type=int, default=patients)
+    ap.add_argument("--iterations", type=int, default=200, help="stage-1 / re-seg iterations")
+    ap.add_argument("--stage2-iterations", type=int, default=200)
+    ap.add_argument("--target-sensitivity", type=float, default=target_sensitivity)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--reuse-models", action="store_true", help="use models an earlier run left in --out"
+    )
+
+
+def phantom_studies(args, spacing=(2.0, 2.0, 2.0), **cohort) -> pd.DataFrame:
+    """The phantom cohort under ``<out>/cohort`` (made once: 3 time points, every patient
+    labelled, every sequence on one ``spacing`` grid, no skull; ``cohort``: more
+    ``make_demo_cohort`` arguments), prepared under ``<out>/prep`` (``prepare``)."""
+    cohort_dir = args.out / "cohort"
+    if not (cohort_dir / "oracle.tsv").exists():
+        phantom.make_demo_cohort(
+            cohort_dir,
+            n_patients=args.patients,
+            n_timepoints=3,
+            native_spacing=spacing,
+            model_spacing=spacing[0],
+            labelled_patients=args.patients,
+            separate_grids=False,
+            skull=False,
+            seed=args.seed,
+            workers=args.threads,
+            **cohort,
+        )
+    return prepare(cohort_dir, args.out / "prep")
+
+
+def split_patients(studies: pd.DataFrame) -> dict[str, list[str]]:
+    """Patients: train | stage-2 validation (one) | test (a third, at least 2); no patient in
+    two groups."""
+    patients = sorted(studies.patient_id.unique())
+    n_test = max(2, len(patients) // 3)
+    return {
+        "train": patients[: -n_test - 1],
+        "val": patients[-n_test - 1 : -n_test],
+        "test": patients[-n_test:],
+    }
+
+
+def items_of(studies: pd.DataFrame, groups: dict[str, list[str]]) -> dict[str, list[dict]]:
+    """Training/inference items of each patient group."""
+    return {k: studies[studies.patient_id.isin(g)].to_dict("records") for k, g in groups.items()}
+
+
+def base_params(seed: int, spacing=(2.0, 2.0, 2.0)) -> dict:
+    """Small-model training params (patch 32, filters 8-64, Adam), no validation, no resume."""
+    return {
+        "arch": "dynunet",
+        "label_mode": "multiclass",
+        "patch_size": [32, 32, 32],
+        "filters": [8, 16, 32, 64],
+        "spacing": list(spacing),
+        "optimizer": "adam",
+        "learning_rate": 3e-3,
+        "batch_size": 2,
+        "seed": seed,
+        "log_interval": 50,
+        "val_interval": 10**6,
+        "checkpoint_interval": 10**6,
+        "pos_neg_ratio": [2, 1],
+    }
+
+
+class Models:
+    """Train (or, with ``reuse``, reuse) models as ``<out>/models/<name>.pt`` on the CPU,
+    recording training seconds in ``timings``, and run them (stage 1) on items."""
+
+    def __init__(self, out: Path, reuse: bool):
+        self.dir, self.reuse, self.timings = out / "models", reuse, {}
+        self.device = torch.device("cpu")
+        self.infer = {"overlap": 0.25, "sw_batch_size": 4}
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}.pt"
+
+    def reusable(self, name: str) -> bool:
+        return self.reuse and self.path(name).exists()
+
+    def train(self, name: str, train_items: list[dict], params: dict, init=None) -> Path:
+        if self.reusable(name):
+            print(f"  reusing {self.path(name)}", flush=True)
+            return self.path(name)
+        t0 = time.perf_counter()
+        result = train_model(
+            train_items,
+            [],
+            params,
+            self.path(name),
+            init_checkpoint=init,
+            device="cpu",
+            resume=False,
+        )
+        self.timings[name] = time.perf_counter() - t0
+        print(
+            f"  trained {name}: {params['iterations']} it, loss {result['final_loss']:.3f}, "
+            f"{self.timings[name]:.0f} s",
+            flush=True,
+        )
+        return self.path(name)
+
+    def stage2(self, train_candidates, val_candidates, channels: list[str], params: dict):
+        """Train (or reuse) the stage-2 classifier ``stage2`` on the candidates the two callables
+        return (only called when it is trained); ``load_stage2``'s (network, meta)."""
+        if self.reusable("stage2"):
+            print(f"  reusing {self.path('stage2')}", flush=True)
+        else:
+            t0 = time.perf_counter()
+            train_stage2(
+                train_candidates(), val_candidates(), channels, params, self.path("stage2")
+            )
+            self.timings["stage2"] = time.perf_counter() - t0
+        return load_stage2(self.path("stage2"))
+
+    def segment(self, path: Path, study_items: list[dict]) -> list[tuple]:
+        """``(input, probabilities, prediction)`` of each item (``stage1_probabilities``)."""
+        networks, meta = load_ensemble([path], device=self.device)
+        return [
+            stage1_probabilities(networks, meta, i, self.infer, self.device) for i in study_items
+        ]
+
+
+def stage2_candidates(
+    study_items: list[dict],
+    stage1: list[tuple],
+    refs: dict,
+    params: dict,
+    add_reference: bool,
+    spacing=None,
+) -> list:
+    """``study_candidates`` of each item from its stage-1 output (``Models.segment``);
+    ``spacing`` (mm) defaults to each input's voxel size."""
+    out = []
+    for item, (inp, probs, _) in zip(study_items, stage1, strict=True):
+        out.append(
+            study_candidates(
+                item["study_id"],
+                inp["image"],
+                foreground_probability(probs, inp["brain"]),
+                refs[item["study_id"]],
+                params,
+                add_reference,
+                patient_id=item["patient_id"],
+                spacing=spacing or nib.affines.voxel_sizes(inp["affine"]),
+            )
+        )
+    return out
+
+
 def detection(preds, refs) -> dict:
     tp = n_pred = n_ref = 0
     dscs = []
@@ -190,20 +352,12 @@ def show(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_models"))
-    ap.add_argument("--patients", type=int, default=8)
-    ap.add_argument("--iterations", type=int, default=200, help="stage-1 / re-seg iterations")
+    add_common_args(ap, patients=8, target_sensitivity=0.9)
     ap.add_argument("--finetune-iterations", type=int, default=60)
-    ap.add_argument("--stage2-iterations", type=int, default=200)
-    ap.add_argument("--target-sensitivity", type=float, default=0.9)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=1)
     ap.add_argument(
         "--sections",
         default="cascade,transfer",
         help="cascade (stage 1/2 + re-seg follow-ups), transfer",
-    )
-    ap.add_argument(
-        "--reuse-models", action="store_true", help="use models an earlier run left in --out"
     )
     ap.add_argument("--profile-only", action="store_true", help="only the data-pipeline profile")
     args = ap.parse_args()
@@ -211,57 +365,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
-    cohort_dir = args.out / "cohort"
-    if not (cohort_dir / "oracle.tsv").exists():
-        phantom.make_demo_cohort(
-            cohort_dir,
-            n_patients=args.patients,
-            n_timepoints=3,
-            native_spacing=(2, 2, 2),
-            model_spacing=2.0,
-            labelled_patients=args.patients,
-            separate_grids=False,
-            skull=False,
-            seed=args.seed,
-            workers=args.threads,
-        )
-    studies = prepare(cohort_dir, args.out / "prep")
-    patients = sorted(studies.patient_id.unique())
-    # Patients: pretrain | train | stage-2 validation | test (no patient in two groups).
-    n_test = max(2, len(patients) // 3)
-    test_p, val_p = patients[-n_test:], patients[-n_test - 1 : -n_test]
-    train_p = patients[: -n_test - 1]
+    studies = phantom_studies(args)
+    groups = split_patients(studies)
+    train_p, val_p, test_p = groups["train"], groups["val"], groups["test"]
+    # Fine-tuning: pretrain on one half of the training patients, fine-tune on the other.
     half = max(1, len(train_p) // 2)
-    items = {
-        p: studies[studies.patient_id.isin(g)].to_dict("records")
-        for p, g in [
-            ("train", train_p),
-            ("val", val_p),
-            ("test", test_p),
-            ("A", train_p[:half]),
-            ("B", train_p[half:]),
-        ]
-    }
+    items = items_of(studies, {**groups, "A": train_p[:half], "B": train_p[half:]})
     print(
         f"patients: train {train_p}, stage-2 validation {val_p}, test {test_p}; "
         f"fine-tune: pretrain on {train_p[:half]}, fine-tune on {train_p[half:]}"
     )
 
-    base = {
-        "arch": "dynunet",
-        "label_mode": "multiclass",
-        "patch_size": [32, 32, 32],
-        "filters": [8, 16, 32, 64],
-        "spacing": [2.0, 2.0, 2.0],
-        "optimizer": "adam",
-        "learning_rate": 3e-3,
-        "batch_size": 2,
-        "seed": args.seed,
-        "log_interval": 50,
-        "val_interval": 10**6,
-        "checkpoint_interval": 10**6,
-        "pos_neg_ratio": [2, 1],
-    }
+    base = base_params(args.seed)
     seg_params = {**base, "channels": ["t1c", "t2"], "iterations": args.iterations}
     if args.profile_only:
         for name, extra in (
@@ -292,41 +407,8 @@ def main() -> None:
             )
         return
     reseg_params = {**base, "channels": ["t1c", "prior", "t2"], "iterations": args.iterations}
-    models = args.out / "models"
-    timings = {}
-
-    def train(name, train_items, params, init=None):
-        if args.reuse_models and (models / f"{name}.pt").exists():
-            print(f"  reusing {models / f'{name}.pt'}", flush=True)
-            return models / f"{name}.pt"
-        t0 = time.perf_counter()
-        result = train_model(
-            train_items,
-            [],
-            params,
-            models / f"{name}.pt",
-            init_checkpoint=init,
-            device="cpu",
-            resume=False,
-        )
-        timings[name] = time.perf_counter() - t0
-        print(
-            f"  trained {name}: {params['iterations']} it, loss {result['final_loss']:.3f}, "
-            f"{timings[name]:.0f} s",
-            flush=True,
-        )
-        return models / f"{name}.pt"
-
-    device = torch.device("cpu")
-    infer = {"overlap": 0.25, "sw_batch_size": 4}
-
-    def segment(path, study_items):
-        networks, meta = load_ensemble([path], device=device)
-        out = []
-        for item in study_items:
-            inp, probs, pred = stage1_probabilities(networks, meta, item, infer, device)
-            out.append((inp, probs, pred))
-        return out
+    models = Models(args.out, args.reuse_models)
+    train, segment = models.train, models.segment
 
     rows: list[dict] = []
     s2_meta = None
@@ -346,30 +428,14 @@ def main() -> None:
         }
 
         def cands(key, add_reference):
-            return [
-                study_candidates(
-                    i["study_id"],
-                    inp["image"],
-                    foreground_probability(probs, inp["brain"]),
-                    refs[i["study_id"]],
-                    s2_params,
-                    add_reference,
-                )
-                for i, (inp, probs, _) in zip(items[key], stage1[key], strict=True)
-            ]
+            return stage2_candidates(items[key], stage1[key], refs, s2_params, add_reference)
 
-        t0 = time.perf_counter()
-        s2_meta = train_stage2(
-            cands("train", True),
-            cands("val", False),
+        s2_net, s2_meta = models.stage2(
+            lambda: cands("train", True),
+            lambda: cands("val", False),
             seg_params["channels"],
             s2_params,
-            models / "stage2.pt",
         )
-        timings["stage2"] = time.perf_counter() - t0
-        from metsflow.cascade import load_stage2
-
-        s2_net, s2_meta = load_stage2(models / "stage2.pt")
         before, after, cascade_pred = [], [], {}
         for item, (inp, probs, pred) in zip(items["test"], stage1["test"], strict=True):
             filtered, _ = filter_prediction(
@@ -436,7 +502,7 @@ def main() -> None:
             f"{s2_meta['sensitivity_after']:.3f}, FDR {s2_meta['fdr_before']:.3f} -> "
             f"{s2_meta['fdr_after']:.3f} ({s2_meta['n_candidates']} candidates)"
         )
-    print("training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    print("training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in models.timings.items()))
     print(f"total {time.perf_counter() - start:.0f} s")
     table.to_csv(args.out / "bench_models.tsv", sep="\t", index=False)
 

@@ -32,20 +32,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from bench_models import IOU, prepare, whole
+from bench_models import (
+    IOU,
+    Models,
+    add_common_args,
+    base_params,
+    items_of,
+    phantom_studies,
+    split_patients,
+    stage2_candidates,
+    whole,
+)
 
-from metsflow import phantom
 from metsflow.cascade import (
     filter_prediction,
     find_candidates,
-    load_stage2,
     lost_lesions,
     score_crops,
-    study_candidates,
-    train_stage2,
 )
 from metsflow.figures import plot_froc
-from metsflow.infer import foreground_probability, load_ensemble, stage1_probabilities
+from metsflow.infer import foreground_probability
 from metsflow.io import write_json, write_table
 from metsflow.jobs.report import run_report_froc
 from metsflow.metrics import (
@@ -58,7 +64,6 @@ from metsflow.metrics import (
     lesion_tables,
 )
 from metsflow.priors import merge_followup
-from metsflow.train import train_model
 
 SPACING = (2.0, 2.0, 2.0)
 
@@ -96,17 +101,9 @@ def evaluate(name: str, preds: dict, refs: dict, patient_of: dict, scores=None) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_small_lesions"))
-    ap.add_argument("--patients", type=int, default=10)
+    add_common_args(ap, patients=10, target_sensitivity=0.95)
     ap.add_argument("--max-lesions", type=int, default=15)
-    ap.add_argument("--iterations", type=int, default=200, help="stage-1 / re-seg iterations")
-    ap.add_argument("--stage2-iterations", type=int, default=200)
     ap.add_argument("--max-fp-per-patient", type=float, default=1.0)
-    ap.add_argument("--target-sensitivity", type=float, default=0.95)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument(
-        "--reuse-models", action="store_true", help="use models an earlier run left in --out"
-    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -114,79 +111,25 @@ def main() -> None:
     pd.set_option("display.max_columns", 20)
     start = time.perf_counter()
 
-    cohort_dir = args.out / "cohort"
-    if not (cohort_dir / "oracle.tsv").exists():
-        phantom.make_demo_cohort(
-            cohort_dir,
-            n_patients=args.patients,
-            n_timepoints=3,
-            native_spacing=SPACING,
-            model_spacing=SPACING[0],
-            labelled_patients=args.patients,
-            separate_grids=False,
-            skull=False,
-            seed=args.seed,
-            max_lesions=args.max_lesions,
-            radius_law="heavy_tailed",
-            workers=args.threads,
-        )
-    studies = prepare(cohort_dir, args.out / "prep")
-    patient_of = dict(zip(studies.study_id, studies.patient_id, strict=True))
-    patients = sorted(studies.patient_id.unique())
-    n_test = max(2, len(patients) // 3)
-    test_p, val_p, train_p = (
-        patients[-n_test:],
-        patients[-n_test - 1 : -n_test],
-        patients[: -n_test - 1],
+    studies = phantom_studies(
+        args, SPACING, max_lesions=args.max_lesions, radius_law="heavy_tailed"
     )
-    items = {
-        k: studies[studies.patient_id.isin(g)].to_dict("records")
-        for k, g in (("train", train_p), ("val", val_p), ("test", test_p))
-    }
+    patient_of = dict(zip(studies.study_id, studies.patient_id, strict=True))
+    groups = split_patients(studies)
+    items = items_of(studies, groups)
     refs = {i["study_id"]: whole(i["label"]) for i in studies.to_dict("records")}
-    print(f"patients: train {train_p}, stage-2 validation {val_p}, test {test_p}", flush=True)
+    print(
+        f"patients: train {groups['train']}, stage-2 validation {groups['val']}, "
+        f"test {groups['test']}",
+        flush=True,
+    )
 
-    base = {
-        "arch": "dynunet",
-        "label_mode": "multiclass",
-        "patch_size": [32, 32, 32],
-        "filters": [8, 16, 32, 64],
-        "spacing": list(SPACING),
-        "optimizer": "adam",
-        "learning_rate": 3e-3,
-        "batch_size": 2,
-        "seed": args.seed,
-        "log_interval": 50,
-        "val_interval": 10**6,
-        "checkpoint_interval": 10**6,
-        "pos_neg_ratio": [2, 1],
-        "iterations": args.iterations,
-    }
-    models, timings = args.out / "models", {}
-
-    def train(name, params):
-        if args.reuse_models and (models / f"{name}.pt").exists():
-            print(f"  reusing {models / f'{name}.pt'}", flush=True)
-            return models / f"{name}.pt"
-        t0 = time.perf_counter()
-        result = train_model(
-            items["train"], [], params, models / f"{name}.pt", device="cpu", resume=False
-        )
-        timings[name] = time.perf_counter() - t0
-        print(
-            f"  trained {name}: loss {result['final_loss']:.3f}, {timings[name]:.0f} s", flush=True
-        )
-        return models / f"{name}.pt"
-
-    device, infer = torch.device("cpu"), {"overlap": 0.25, "sw_batch_size": 4}
-
-    def segment(path, study_items):
-        networks, meta = load_ensemble([path], device=device)
-        return [stage1_probabilities(networks, meta, i, infer, device) for i in study_items]
+    base = {**base_params(args.seed, SPACING), "iterations": args.iterations}
+    models = Models(args.out, args.reuse_models)
 
     # ---- stage 1 ------------------------------------------------------------------------------
-    seg = train("seg", {**base, "channels": ["t1c", "t2"]})
-    stage1 = {k: segment(seg, items[k]) for k in ("train", "val", "test")}
+    seg = models.train("seg", items["train"], {**base, "channels": ["t1c", "t2"]})
+    stage1 = {k: models.segment(seg, items[k]) for k in ("train", "val", "test")}
     fg = {
         k: [foreground_probability(probs, inp["brain"]) for inp, probs, _ in stage1[k]]
         for k in stage1
@@ -212,31 +155,13 @@ def main() -> None:
     }
 
     def cands(key, add_reference):
-        return [
-            study_candidates(
-                i["study_id"],
-                inp["image"],
-                f,
-                refs[i["study_id"]],
-                s2_params,
-                add_reference,
-                patient_id=i["patient_id"],
-                spacing=SPACING,
-            )
-            for i, (inp, _, _), f in zip(items[key], stage1[key], fg[key], strict=True)
-        ]
-
-    t0 = time.perf_counter()
-    if not (args.reuse_models and (models / "stage2.pt").exists()):
-        train_stage2(
-            cands("train", True),
-            cands("val", False),
-            ["t1c", "t2"],
-            s2_params,
-            models / "stage2.pt",
+        return stage2_candidates(
+            items[key], stage1[key], refs, s2_params, add_reference, spacing=SPACING
         )
-        timings["stage2"] = time.perf_counter() - t0
-    s2_net, s2_meta = load_stage2(models / "stage2.pt")
+
+    s2_net, s2_meta = models.stage2(
+        lambda: cands("train", True), lambda: cands("val", False), ["t1c", "t2"], s2_params
+    )
     val_curve = pd.DataFrame(s2_meta["froc"])
     rules = {
         f"max {args.max_fp_per_patient:g} FP/patient": s2_meta["threshold"],
@@ -284,10 +209,10 @@ def main() -> None:
     print(pd.DataFrame(rows).to_string(index=False), flush=True)
 
     # ---- follow-ups: re-seg merged with the cascade --------------------------------------------
-    reseg = train("reseg", {**base, "channels": ["t1c", "prior", "t2"]})
+    reseg = models.train("reseg", items["train"], {**base, "channels": ["t1c", "prior", "t2"]})
     followups = [i for i in items["test"] if i["prior"]]
     fu_ids = [i["study_id"] for i in followups]
-    reseg_out = segment(reseg, followups)
+    reseg_out = models.segment(reseg, followups)
     max_fp_rule = next(iter(rules))
     merged = {}
     for item, (inp, _, pred) in zip(followups, reseg_out, strict=True):
@@ -361,7 +286,7 @@ def main() -> None:
         }
         print(f"test FROC {name}: " + ", ".join(f"{v:.3f} at <= {k} FP/pt" for k, v in at.items()))
     print(f"FROC figures: {args.out / 'froc_test.png'}, {args.out / 'froc_report.png'}")
-    print("training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    print("training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in models.timings.items()))
     print(f"total {time.perf_counter() - start:.0f} s")
     pd.DataFrame(rows).to_csv(args.out / "bench_small_lesions.tsv", sep="\t", index=False)
 

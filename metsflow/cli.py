@@ -163,25 +163,35 @@ def _cmd_stats_compare(args) -> int:
     return 0
 
 
+# --sheet/--results/--labels: their defaults (the demo's) and the workflow config key of each.
+_WORKFLOW_PATHS = {
+    "sheet": ("demo/studies.tsv", "sheet"),
+    "results": ("results", "results"),
+    "labels": ("labels", "label_store"),
+}
+
+
+def _workflow_path_args(parser, *names: str, note: dict[str, str] | None = None) -> None:
+    """``--configfile`` and the ``--sheet``/``--results``/``--labels`` options ``names`` of a
+    command (``note``: text after an option's default), filled by ``_workflow_paths``."""
+    keys = ", ".join(_WORKFLOW_PATHS[n][1] for n in names)
+    parser.add_argument("--configfile", help=f"workflow config: its {keys}")
+    for name in names:
+        extra = f" ({note[name]})" if note and name in note else ""
+        parser.add_argument(f"--{name}", help=f"default: {_WORKFLOW_PATHS[name][0]}{extra}")
+
+
 def _workflow_paths(args) -> None:
     """Fill --sheet/--results/--labels left unset from the workflow config (--configfile), so the
     commands read the same folders the pipeline wrote; then the demo defaults."""
-    defaults = {"sheet": "demo/studies.tsv", "results": "results", "labels": "labels"}
+    defaults = {key: default for key, (default, _) in _WORKFLOW_PATHS.items()}
     if getattr(args, "configfile", None):
         import yaml
 
         with open(args.configfile) as handle:
             config = yaml.safe_load(handle) or {}
         defaults.update(
-            {
-                key: config[name]
-                for key, name in (
-                    ("sheet", "sheet"),
-                    ("results", "results"),
-                    ("labels", "label_store"),
-                )
-                if config.get(name)
-            }
+            {key: config[name] for key, (_, name) in _WORKFLOW_PATHS.items() if config.get(name)}
         )
     for key, value in defaults.items():
         if getattr(args, key, "unset") is None:
@@ -567,9 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = al_sub.add_parser(
         "status", help="rounds, batches, review progress, Dice, correction burden"
     )
-    status.add_argument("--configfile", help="workflow config: its results and label_store")
-    status.add_argument("--results", help="default: results")
-    status.add_argument("--labels", help="default: labels")
+    _workflow_path_args(status, "results", "labels")
     status.set_defaults(func=_cmd_al_status)
     imp = al_sub.add_parser("import", help="import reviewed labels of a round's batch")
     package = imp.add_mutually_exclusive_group(required=True)
@@ -578,10 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     package.add_argument("--review-dir", help="any review package folder")
     imp.add_argument("--stage", choices=["refined", "confirmed"], required=True)
     imp.add_argument("--reviewer", required=True)
-    imp.add_argument("--configfile", help="workflow config: its sheet, results, label_store")
-    imp.add_argument("--sheet", help="default: demo/studies.tsv")
-    imp.add_argument("--results", help="default: results")
-    imp.add_argument("--labels", help="default: labels")
+    _workflow_path_args(imp, "sheet", "results", "labels")
     imp.set_defaults(func=_cmd_al_import)
     override = al_sub.add_parser(
         "override", help="replace a confirmed label by a new confirmed version (with a reason)"
@@ -590,19 +595,14 @@ def build_parser() -> argparse.ArgumentParser:
     override.add_argument("--label", required=True, help="NIfTI on the study's native T1c grid")
     override.add_argument("--reviewer", required=True)
     override.add_argument("--reason", required=True)
-    override.add_argument("--configfile", help="workflow config: its sheet and label_store")
-    override.add_argument("--sheet", help="default: demo/studies.tsv")
-    override.add_argument("--labels", help="default: labels")
+    _workflow_path_args(override, "sheet", "labels")
     override.set_defaults(func=_cmd_al_override)
 
     review = sub.add_parser("review", help="the review web server and its accounts")
     review_sub = review.add_subparsers(dest="review_command", required=True)
 
     def paths(p):
-        p.add_argument("--configfile", help="workflow config: its sheet, results, label_store")
-        p.add_argument("--sheet", help="default: demo/studies.tsv (used when it exists)")
-        p.add_argument("--results", help="default: results")
-        p.add_argument("--labels", help="default: labels")
+        _workflow_path_args(p, "sheet", "results", "labels", note={"sheet": "used when it exists"})
         p.add_argument("--round", type=int, help="serve this round's batch (default: newest)")
 
     serve = review_sub.add_parser("serve", help="serve the current round's batch and QA sample")

@@ -69,6 +69,8 @@ from metsflow.settings import TrainSettings
 
 log = logging.getLogger(__name__)
 
+# Columns of the training log (TSV) train_model writes.
+LOG_COLUMNS = ["iteration", "loss", "lr", "val_dice", "seconds"]
 RESUME_FORMAT = "metsflow-resume"
 RESUME_FORMAT_VERSION = 1
 
@@ -698,9 +700,7 @@ def train_model(
     meta["arch"] = spec["arch"]
     save_checkpoint(out_path, network, meta)
     if log_path is not None:
-        write_table(
-            log_path, pd.DataFrame(rows, columns=["iteration", "loss", "lr", "val_dice", "seconds"])
-        )
+        write_table(log_path, pd.DataFrame(rows, columns=LOG_COLUMNS))
     state_file.unlink(missing_ok=True)
     return {
         "final_loss": final_loss,

@@ -175,8 +175,8 @@ def confirmed_round(tmp_path):
     return results, store
 
 
-def test_pipeline_step_writes_per_study_table(confirmed_round):
-    results, store = confirmed_round
+def _measure_round_1(results, store):
+    """The correction_burden job of round 1 of ``confirmed_round``; its table's path."""
     out = results / "rounds/round_1" / BURDEN_NAME
     run_correction_burden(
         1,
@@ -185,6 +185,12 @@ def test_pipeline_step_writes_per_study_table(confirmed_round):
         str(store.root),
         str(out),
     )
+    return out
+
+
+def test_pipeline_step_writes_per_study_table(confirmed_round):
+    results, store = confirmed_round
+    out = _measure_round_1(results, store)
     table = read_burden_tables([out])
     assert list(table.columns) == BURDEN_COLUMNS
     table = table.set_index("study_id")
@@ -218,14 +224,7 @@ def test_status_shows_the_burden_next_to_the_review_time(confirmed_round, capsys
     assert "correction burden: not measured yet" in text
     assert text.splitlines()[3] == "total: 3 studies selected, 3 confirmed, 0 awaiting review"
 
-    out = results / "rounds/round_1" / BURDEN_NAME
-    run_correction_burden(
-        1,
-        str(results / "rounds/round_1/annotations.tsv"),
-        str(results / "rounds/round_1/review"),
-        str(store.root),
-        str(out),
-    )
+    out = _measure_round_1(results, store)
     frame = round_status(results, store).set_index("round")
     assert frame.loc[1, "n_studies"] == 2  # S3 has no pre-segmentation to compare with
     assert frame.loc[1, "voxels_changed_median"] == 74  # median of 0 and 148
@@ -267,13 +266,7 @@ def test_status_shows_the_burden_next_to_the_review_time(confirmed_round, capsys
         record.update(review_seconds=30, via="web")
     history.chmod(0o644)
     history.write_text("".join(json.dumps(r) + "\n" for r in records))
-    run_correction_burden(
-        1,
-        str(results / "rounds/round_1/annotations.tsv"),
-        str(results / "rounds/round_1/review"),
-        str(store.root),
-        str(out),
-    )
+    _measure_round_1(results, store)
     frame = round_status(results, store).set_index("round")
     assert frame.loc[1, "review_seconds_median"] == 60 and frame.loc[1, "n_timed"] == 1
     assert read_burden_tables([out]).set_index("study_id").loc["S2", "via"] == "web"
@@ -283,14 +276,7 @@ def test_report_figure_and_table(tmp_path, confirmed_round):
     from metsflow.figures import plot_correction_burden
 
     results, store = confirmed_round
-    out = results / "rounds/round_1" / BURDEN_NAME
-    run_correction_burden(
-        1,
-        str(results / "rounds/round_1/annotations.tsv"),
-        str(results / "rounds/round_1/review"),
-        str(store.root),
-        str(out),
-    )
+    out = _measure_round_1(results, store)
     plot_correction_burden(read_burden_tables([out]), tmp_path / "burden.png")
     assert (tmp_path / "burden.png").stat().st_size > 5_000
     # No confirmed batch yet (round 0 only): the figure says so instead of failing.
@@ -305,13 +291,7 @@ def test_report_rounds_table_and_figure(tmp_path, confirmed_round):
 
     results, store = confirmed_round
     rounds_dir = results / "rounds"
-    run_correction_burden(
-        1,
-        str(rounds_dir / "round_1/annotations.tsv"),
-        str(rounds_dir / "round_1/review"),
-        str(store.root),
-        str(rounds_dir / "round_1" / BURDEN_NAME),
-    )
+    _measure_round_1(results, store)
     io.write_table(rounds_dir / "round_2" / BURDEN_NAME, pd.DataFrame(columns=BURDEN_COLUMNS))
     io.write_table(rounds_dir / "round_2/selection.tsv", pd.DataFrame(columns=["study_id"]))
     summaries, per_study = [], []

@@ -88,12 +88,34 @@ class TrainingInputs:
         train_items, val_items = build_items(plan, ok, self.prep_root, self.reg_root, confirmed)
         return plan, train_items, val_items, len(confirmed)
 
+    def train_model(
+        self,
+        train_items: list[dict],
+        val_items: list[dict],
+        params: dict,
+        out_model: str,
+        out_log: str,
+        init_checkpoint: str | None,
+    ) -> dict:
+        """``metsflow.train.train_model`` on the device of this job's ``train`` settings."""
+        from metsflow.train import train_model
+
+        return train_model(
+            train_items,
+            val_items,
+            params,
+            out_model,
+            init_checkpoint=init_checkpoint,
+            log_path=out_log,
+            device=self.train.get("device", "auto"),
+        )
+
 
 def run_train_round(job: TrainingInputs, model: dict, spacing: list[float]) -> dict:
     """Stage-1 fold ``job.fold`` of round ``job.round_index`` into ``Layout.model`` /
     ``train_log`` / ``train_summary`` of that round and fold (rule train_round's outputs)."""
     from metsflow.splits import fold_split
-    from metsflow.train import confirmed_study_ids, train_model, training_params
+    from metsflow.train import LOG_COLUMNS, confirmed_study_ids, training_params
 
     init_checkpoint, fold, folds = job.init_checkpoint, job.fold, job.folds
     out_model = job.layout.model(job.round_index, fold)
@@ -137,19 +159,11 @@ def run_train_round(job: TrainingInputs, model: dict, spacing: list[float]) -> d
         )
         with atomic_path(out_model) as tmp:
             shutil.copyfile(init_checkpoint, tmp)
-        write_table(
-            out_log, pd.DataFrame(columns=["iteration", "loss", "lr", "val_dice", "seconds"])
-        )
+        write_table(out_log, pd.DataFrame(columns=LOG_COLUMNS))
         result = {"stopped": True}
     else:
-        result = train_model(
-            train_items,
-            val_items,
-            params,
-            out_model,
-            init_checkpoint=init_checkpoint,
-            log_path=out_log,
-            device=train.get("device", "auto"),
+        result = job.train_model(
+            train_items, val_items, params, out_model, out_log, init_checkpoint
         )
     summary = {
         **result,
@@ -170,7 +184,7 @@ def run_train_reseg(job: TrainingInputs, model: dict, spacing: list[float]) -> d
 
     Training priors are fictitious (made from each study's label); validation uses the plan's
     validation follow-ups with their real propagated prior."""
-    from metsflow.train import reseg_params, train_model
+    from metsflow.train import reseg_params
 
     init_checkpoint = job.init_checkpoint
     out_model = job.layout.reseg_model(job.round_index)
@@ -189,15 +203,7 @@ def run_train_reseg(job: TrainingInputs, model: dict, spacing: list[float]) -> d
         len(val_items),
         params["channels"],
     )
-    result = train_model(
-        train_items,
-        val_items,
-        params,
-        out_model,
-        init_checkpoint=init_checkpoint,
-        log_path=out_log,
-        device=job.train.get("device", "auto"),
-    )
+    result = job.train_model(train_items, val_items, params, out_model, out_log, init_checkpoint)
     return {**result, "round": job.round_index, "n_train": len(train_items)}
 
 
