@@ -89,9 +89,19 @@ def load_ensemble(
     return networks, metas[0]
 
 
-# Speed levers (issue 14), each measured by benchmarks/bench_inference.py against MONAI's plain
-# sliding_window_inference on the same model and studies (benchmarks/results/
-# bench_inference_levers_*.txt, 2 shared CPU cores). Settings (config ``infer:``):
+# Speed levers (issue 14), each measured by benchmarks/bench_inference.py against a naive MONAI
+# loop (model loaded once, per study: read, sliding_window_inference, argmax, write) on the same
+# model and studies (benchmarks/results/bench_inference_levers_cpu.txt, 2 shared CPU cores).
+# Settings (config ``infer:``):
+#   compile         torch.compile (inductor) of each network, shared by the fold ensemble (the
+#                   folds have one architecture, so dynamo compiles it once: 59 s cold, 4 s for
+#                   a second fold). Fuses instance norm + leaky ReLU, which took 22% of the demo
+#                   DynUNet's eager CPU time. "auto" = on for a CPU shard of at least
+#                   COMPILE_MIN_STUDIES studies (a cold compile costs several studies' compute;
+#                   inductor's cache makes the next job's compile cheap); off on CUDA (not
+#                   measured there yet). Only full ``sw_batch_size`` batches go through the
+#                   compiled network (one static shape, no recompiles); a build failure (no C++
+#                   compiler on the node) falls back to eager with a warning.
 #   amp             reduced precision: float16 autocast on CUDA, bfloat16 on CPU. "auto" = CUDA
 #                   only: on the Xeon (AMX) bf16 took the cohort network from 48.2 to 20.9 s per
 #                   study and the demo one 1.74x faster (a tiny 8/16/32 net 2x slower), but its
@@ -108,23 +118,39 @@ def load_ensemble(
 #                   threads while the current one computes (``overlapped``).
 #   inference_mode  torch.inference_mode instead of torch.no_grad (no version counters or view
 #                   tracking on the tensors).
-LEVERS = ("amp", "channels_last", "skip_outside_brain", "prefetch", "inference_mode")
+LEVERS = ("amp", "channels_last", "skip_outside_brain", "prefetch", "inference_mode", "compile")
+COMPILE_MIN_STUDIES = 8
 
 
-def lever_settings(params: dict, device: torch.device) -> dict[str, bool]:
-    """The levers of ``params`` resolved for ``device`` ("auto" -> on for CUDA only)."""
+def lever_settings(
+    params: dict, device: torch.device, studies: int | None = None
+) -> dict[str, bool]:
+    """The levers of ``params`` resolved for ``device`` ("auto" -> on for CUDA only; for
+    ``compile``: on for CPU when ``studies``, the number the loaded networks will segment, is at
+    least COMPILE_MIN_STUDIES; unknown counts as few)."""
     defaults = {
         "amp": "auto",
         "channels_last": "auto",
         "skip_outside_brain": True,
         "prefetch": True,
         "inference_mode": True,
+        "compile": "auto",
     }
     resolved = {}
     for key in LEVERS:
         value = params.get(key, defaults[key])
-        resolved[key] = device.type == "cuda" if value == "auto" else bool(value)
+        if value == "auto" and key == "compile":
+            many = studies is not None and studies >= COMPILE_MIN_STUDIES
+            resolved[key] = device.type == "cpu" and many
+        else:
+            resolved[key] = device.type == "cuda" if value == "auto" else bool(value)
     return resolved
+
+
+def resolve_levers(params: dict, device: torch.device, studies: int) -> dict:
+    """``params`` with its levers resolved for a job that segments ``studies`` studies with the
+    same loaded networks (what ``compile: auto`` needs to know)."""
+    return {**params, **lever_settings(params, device, studies)}
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -132,6 +158,28 @@ def _autocast(device: torch.device, enabled: bool):
         return contextlib.nullcontext()
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype)
+
+
+_COMPILED = "_metsflow_compiled"  # attribute of a network: its compiled module, or None after a
+# failed build (then eager for good); set past nn.Module's registration so that the state dict and
+# .to() are untouched and the pair is freed with the network.
+_FAILED = object()
+
+
+def _forward(network: nn.Module, windows: torch.Tensor, compiled: bool) -> torch.Tensor:
+    """``network(windows)``, through its torch.compile'd module when ``compiled``."""
+    module = network.__dict__.get(_COMPILED) if compiled else _FAILED
+    if module is _FAILED:
+        return network(windows)
+    if module is None:
+        module = torch.compile(network, dynamic=False)
+        object.__setattr__(network, _COMPILED, module)
+    try:
+        return module(windows)
+    except Exception as exc:  # inductor could not build (e.g. no C++ compiler on the node)
+        log.warning("torch.compile failed (%s: %s); running eager", type(exc).__name__, exc)
+        object.__setattr__(network, _COMPILED, _FAILED)
+        return network(windows)
 
 
 @functools.cache
@@ -165,10 +213,19 @@ class _EnsembleWindows:
     a brain voxel in ``brain`` (same flips and grid as the input) get zeros, not a forward pass.
     """
 
-    def __init__(self, networks, brain: torch.Tensor | None, channels_last: bool):
+    def __init__(
+        self,
+        networks,
+        brain: torch.Tensor | None,
+        channels_last: bool,
+        compiled_batch: int | None = None,
+    ):
         self.networks = networks
         self.brain = brain
         self.channels_last = channels_last
+        # Batches of exactly this many windows run through the compiled networks (one static
+        # shape); the last, partial batch of a study runs eager.
+        self.compiled_batch = compiled_batch
         self.windows = 0
         self.skipped = 0
         self.classes: int | None = None
@@ -188,7 +245,8 @@ class _EnsembleWindows:
             run = windows[:1] if self.classes is None else run
         outputs = []
         for network in self.networks:
-            logits = network(run).float() if len(run) else None
+            compiled = len(run) == self.compiled_batch
+            logits = _forward(network, run, compiled).float() if len(run) else None
             if logits is not None:
                 self.classes = logits.shape[1]
             if keep is not None and not keep.all():
@@ -227,6 +285,7 @@ def ensemble_predict(
     if "patch_size" not in params:
         raise ValueError("sliding_window_predict needs params['patch_size'] (the roi size)")
     levers = lever_settings(params, device)
+    sw_batch = int(params.get("sw_batch_size", DEFAULT_SW_BATCH_SIZE))
     roi = tuple(int(p) for p in params["patch_size"])
     flips: list[tuple[int, ...]] = [()]
     if params.get("tta", False):
@@ -249,11 +308,13 @@ def ensemble_predict(
             mask = None
             if brain_t is not None:
                 mask = torch.flip(brain_t, axes)[0, 0] if axes else brain_t[0, 0]
-            predictor = _EnsembleWindows(networks, mask, levers["channels_last"])
+            predictor = _EnsembleWindows(
+                networks, mask, levers["channels_last"], sw_batch if levers["compile"] else None
+            )
             logits = sliding_window_inference(
                 inp,
                 roi_size=roi,
-                sw_batch_size=int(params.get("sw_batch_size", DEFAULT_SW_BATCH_SIZE)),
+                sw_batch_size=sw_batch,
                 predictor=predictor,
                 overlap=float(params.get("overlap", DEFAULT_OVERLAP)),
                 mode="gaussian",
@@ -494,6 +555,7 @@ def predict_items(
         networks, meta = load_ensemble(
             checkpoints, params.get("channels"), device, params.get("label_mode")
         )
+    params = resolve_levers(params, device, len(items))
     rows = []
     for item, result, exc in overlapped(
         items,
@@ -502,7 +564,7 @@ def predict_items(
             networks, meta, item, out_root, params, device, inp=inp
         ),
         write=lambda result: write_outputs(result[1]),
-        enabled=lever_settings(params, device)["prefetch"],
+        enabled=params["prefetch"],
     ):
         study_id = str(item["study_id"])
         if exc is not None:

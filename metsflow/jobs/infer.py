@@ -60,9 +60,9 @@ def run_infer_shard(
     when this round's models are byte-identical to those (a round after the stop criterion keeps
     its model), a study's previous outputs are copied instead of segmenting it again."""
     from metsflow.infer import (
-        lever_settings,
         load_ensemble,
         overlapped,
+        resolve_levers,
         segment_study,
         write_outputs,
     )
@@ -132,13 +132,14 @@ def run_infer_shard(
         return {**row, "prep_dir": item["prep_dir"]}, files
 
     # The next study is read and the previous one written while this one computes
-    # (infer.prefetch; metsflow.infer.overlapped).
+    # (infer.prefetch; metsflow.infer.overlapped); compile: auto needs the shard's size.
+    settings = resolve_levers(settings, device, len(items))
     for item, result, exc in overlapped(
         items,
         load=lambda item: load_study_input(item, meta["channels"]),
         compute=compute,
         write=write,
-        enabled=lever_settings(settings, device)["prefetch"],
+        enabled=settings["prefetch"],
     ):
         study_id = item["study_id"]
         base = {k: item[k] for k in ("study_id", "patient_id", "role")}
