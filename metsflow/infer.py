@@ -91,35 +91,40 @@ def load_ensemble(
 
 # Speed levers (issue 14), each measured by benchmarks/bench_inference.py against a naive MONAI
 # loop (model loaded once, per study: read, sliding_window_inference, argmax, write) on the same
-# model and studies (benchmarks/results/bench_inference_levers_cpu.txt, 2 shared CPU cores).
-# Settings (config ``infer:``):
+# model and studies (benchmarks/results/bench_inference_levers_cpu.txt: demo DynUNet, 6 studies
+# at 2 mm, 2 CPU cores at load average 10-13; medians of 3 interleaved repeats; CPU seconds are
+# the steadier figure there). Settings (config ``infer:``):
 #   compile         torch.compile (inductor) of each network, shared by the fold ensemble (the
 #                   folds have one architecture, so dynamo compiles it once: 59 s cold, 4 s for
-#                   a second fold). Fuses instance norm + leaky ReLU, which took 22% of the demo
-#                   DynUNet's eager CPU time. "auto" = on for a CPU shard of at least
-#                   COMPILE_MIN_STUDIES studies (a cold compile costs several studies' compute;
-#                   inductor's cache makes the next job's compile cheap); off on CUDA (not
-#                   measured there yet). Only full ``sw_batch_size`` batches go through the
-#                   compiled network (one static shape, no recompiles); a build failure (no C++
-#                   compiler on the node) falls back to eager with a warning.
+#                   a second fold). Fuses instance norm + leaky ReLU (22% of the eager CPU time):
+#                   31.8 -> 27.7 CPU s (1.15x), and with channels-last 3D 25.5 CPU s (1.25x; wall
+#                   1.37x), equal labels. A cold compile cost 55-117 s there, more than the
+#                   demo's shard of 12 studies saves (0.60-0.94x counted in) but paid back over
+#                   a cohort shard of 64 (1.26x counted in): "auto" = on for a CPU job of at
+#                   least COMPILE_MIN_STUDIES studies; off on CUDA (not measured there yet). Only
+#                   full ``sw_batch_size`` batches go through the compiled network (one static
+#                   shape, no recompiles); a failed build (no C++ compiler on the node) falls
+#                   back to eager with a warning.
+#   channels_last   channels-last 3D memory format. "auto" = on for CUDA, and on CPU together
+#                   with compile (1.09x CPU over compile alone); eager fp32 on CPU gained nothing
+#                   (1.11x to 0.79x of the row before, within the noise).
 #   amp             reduced precision: float16 autocast on CUDA, bfloat16 on CPU. "auto" = CUDA
-#                   only: on the Xeon (AMX) bf16 took the cohort network from 48.2 to 20.9 s per
-#                   study and the demo one 1.74x faster (a tiny 8/16/32 net 2x slower), but its
+#                   only: on CPU bf16 is 1.77x naive (CPU s) with compile + channels-last, but its
 #                   labels differ from fp32 beyond the 0.999 Dice bound (lowest per-label Dice
-#                   0.9875 with a trained model, 0.990 untrained), so it is opt-in there.
-#   channels_last   channels-last 3D memory format. "auto" = CUDA only: no gain on that CPU in
-#                   fp32 (1.11x to 0.79x of the row before, within the noise).
+#                   0.9903 untrained, 0.9875 with a trained model), so it is opt-in there.
 #   skip_outside_brain  windows that hold no brain voxel are not run (their voxels are zeroed
 #                   anyway, so outputs inside the brain are unchanged: a brain voxel's Gaussian
 #                   blend only has windows that contain it). On brain-cropped volumes few windows
-#                   qualify (MNI brain at 1 mm: 3 of 150 48^3 windows, none of 96^3); it pays on
-#                   uncropped or skull-stripped-but-uncropped inputs.
+#                   qualify (demo 2 mm: 0 of 12; MNI brain at 1 mm: 3 of 150 48^3 windows, none
+#                   of 96^3); it pays on uncropped or skull-stripped-but-uncropped inputs.
 #   prefetch        read/decompress the next study and write the previous one in background
-#                   threads while the current one computes (``overlapped``).
+#                   threads while the current one computes (``overlapped``). I/O is ~0.3 s of a
+#                   demo study's ~5 s CPU compute, and on 2 busy cores the threads compete with
+#                   compute: within the noise on CPU; it is meant for GPU jobs.
 #   inference_mode  torch.inference_mode instead of torch.no_grad (no version counters or view
-#                   tracking on the tensors).
+#                   tracking on the tensors): within the noise (+3% CPU).
 LEVERS = ("amp", "channels_last", "skip_outside_brain", "prefetch", "inference_mode", "compile")
-COMPILE_MIN_STUDIES = 8
+COMPILE_MIN_STUDIES = 32
 
 
 def lever_settings(
@@ -127,7 +132,7 @@ def lever_settings(
 ) -> dict[str, bool]:
     """The levers of ``params`` resolved for ``device`` ("auto" -> on for CUDA only; for
     ``compile``: on for CPU when ``studies``, the number the loaded networks will segment, is at
-    least COMPILE_MIN_STUDIES; unknown counts as few)."""
+    least COMPILE_MIN_STUDIES, unknown counting as few; ``channels_last`` also on with it)."""
     defaults = {
         "amp": "auto",
         "channels_last": "auto",
@@ -137,14 +142,16 @@ def lever_settings(
         "compile": "auto",
     }
     resolved = {}
-    for key in LEVERS:
+    for key in ("compile", *(k for k in LEVERS if k != "compile")):
         value = params.get(key, defaults[key])
         if value == "auto" and key == "compile":
             many = studies is not None and studies >= COMPILE_MIN_STUDIES
             resolved[key] = device.type == "cpu" and many
+        elif value == "auto" and key == "channels_last":
+            resolved[key] = device.type == "cuda" or resolved["compile"]
         else:
             resolved[key] = device.type == "cuda" if value == "auto" else bool(value)
-    return resolved
+    return {key: resolved[key] for key in LEVERS}
 
 
 def resolve_levers(params: dict, device: torch.device, studies: int) -> dict:

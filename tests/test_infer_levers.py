@@ -62,6 +62,10 @@ def test_auto_levers_are_on_for_cuda_only_and_compile_for_large_cpu_shards():
     assert not lever_settings({}, cuda, 1000)["compile"]
     assert not lever_settings({"compile": False}, cpu, 1000)["compile"]
     assert lever_settings({"compile": True}, cpu, 1)["compile"]
+    # channels-last: on CPU only with compile (it gained nothing in eager fp32)
+    assert lever_settings({}, cpu, COMPILE_MIN_STUDIES)["channels_last"]
+    assert not lever_settings({"compile": False}, cpu, 1000)["channels_last"]
+    assert not lever_settings({"channels_last": False}, cpu, 1000)["channels_last"]
     resolved = resolve_levers({"overlap": 0.5}, cpu, COMPILE_MIN_STUDIES)
     assert resolved["overlap"] == 0.5 and resolved["compile"] is True
     assert lever_settings(resolved, cpu)["compile"]  # stays resolved downstream
