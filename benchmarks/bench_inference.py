@@ -2,16 +2,20 @@
 
 Section ``levers`` (default): the same studies, the same checkpoint, in one run, on one device:
 
-- naive:     per study, the model loaded from the checkpoint, the four channels read,
-             ``monai.inferers.sliding_window_inference`` (same roi/overlap/sw_batch, Gaussian
-             blending) under ``torch.no_grad``, softmax, argmax, prediction and foreground
-             probability written: the hand-rolled one-study-at-a-time loop.
+- naive:     a competent hand-written MONAI loop: the model loaded once, per study the four
+             channels and the brain mask read with nibabel, ``sliding_window_inference`` (same
+             roi/overlap/sw_batch, Gaussian blending) under ``torch.no_grad``, softmax, argmax,
+             zero outside the brain, prediction and foreground probability written.
 - metsflow:  ``metsflow.infer.predict_items`` (the code ``infer_shard`` runs), first with every
-             lever off, then adding one lever at a time (``metsflow.infer.LEVERS``): each lever's
-             share is the seconds it saved over the previous row. Reduced precision and
-             channels-last are measured on top and reported with their Dice, since equal output
-             (voxel Dice >= 0.999 per study and label against naive) decides whether they may be
-             on by default.
+             lever off, then adding one equal-output lever at a time (``metsflow.infer.LEVERS``):
+             each lever's share is the seconds its row saved over the previous row (medians).
+             Channels-last and reduced precision are measured on top and reported with their
+             Dice, since equal output (voxel Dice >= 0.999 per study and label against naive)
+             decides whether they may be on by default.
+Each path has its own copy of the model, loaded before timing and warmed up on one study (a
+compiling path's warm-up is its cold compile, printed and amortized over the config shard
+sizes); the paths are interleaved per repeat, order reversed every other repeat, and the median
+of the repeats is reported with the spread and each repeat's figures, next to the load average.
 
 Section ``throughput`` (``--device cuda`` runs it by default): studies per device-hour of
 ``predict_items`` for one model and the 5-fold ensemble, with and without TTA and AMP, at a
@@ -49,14 +53,19 @@ from metsflow.runtime import select_device, set_threads
 
 REPO = Path(__file__).resolve().parents[1]
 CHANNELS = ["t1c", "t1", "t2", "flair"]
-OFF = {"amp": False, "channels_last": False, "skip_outside_brain": False, "prefetch": False}
-OFF["inference_mode"] = False
-# Cumulative rows of the levers section: (title, levers switched on).
-EQUAL_OUTPUT_LEVERS = ("inference_mode", "skip_outside_brain", "prefetch")
+OFF = {
+    "amp": False,
+    "channels_last": False,
+    "skip_outside_brain": False,
+    "prefetch": False,
+    "inference_mode": False,
+    "compile": False,
+}
+# Cumulative rows of the levers section: one equal-output lever more per row.
+EQUAL_OUTPUT_LEVERS = ("inference_mode", "skip_outside_brain", "prefetch", "compile")
 PRECISION_ROWS = (
-    ("+ bf16/fp16 autocast", {"amp": True}),
     ("+ channels-last 3D", {"channels_last": True}),
-    ("+ autocast + channels-last", {"amp": True, "channels_last": True}),
+    ("+ bf16/fp16 autocast", {"amp": True}),
 )
 
 
@@ -113,6 +122,7 @@ def make_checkpoints(root: Path, config: dict, n: int) -> list[Path]:
 
 
 def run_metsflow(checkpoints, items, out: Path, params: dict, device) -> float:
+    """``predict_items`` over ``items``; ``checkpoints``: paths or ``(networks, meta)``."""
     from metsflow.infer import predict_items
 
     start = time.perf_counter()
@@ -122,14 +132,17 @@ def run_metsflow(checkpoints, items, out: Path, params: dict, device) -> float:
     return seconds
 
 
-def run_naive(checkpoint: Path, items, out: Path, params: dict, device) -> float:
+def run_naive(loaded, items, out: Path, params: dict, device) -> float:
+    """The hand-written MONAI loop: model loaded once (``loaded``), per study nibabel read,
+    ``sliding_window_inference`` (same roi/overlap/Gaussian mode/sw_batch) under no_grad,
+    softmax, argmax, zero outside the brain, prediction (uint8) and foreground probability
+    (float32) written as NIfTI."""
     import nibabel as nib
     from monai.inferers import sliding_window_inference
 
+    network, meta = loaded
     start = time.perf_counter()
     for item in items:
-        network, meta = load_checkpoint(checkpoint, map_location="cpu")
-        network = network.to(device).eval()
         prep = Path(item["prep_dir"])
         ref = nib.load(prep / "t1c.nii.gz")
         image = np.stack(
@@ -173,6 +186,30 @@ def min_dice(out: Path, reference: Path, items) -> float:
     return worst
 
 
+def window_counts(shape, brain: np.ndarray, roi, overlap: float) -> tuple[int, int]:
+    """(windows MONAI's sliding window cuts from ``shape``, those without a brain voxel)."""
+    from monai.data.utils import dense_patch_slices, get_valid_patch_size
+    from monai.inferers.utils import _get_scan_interval
+
+    roi = get_valid_patch_size(shape, roi)
+    slices = dense_patch_slices(shape, roi, _get_scan_interval(shape, roi, 3, (overlap,) * 3))
+    return len(slices), sum(not brain[s].any() for s in slices)
+
+
+def levers_rows() -> list[tuple[str, dict | None]]:
+    """(title, levers) rows: naive, all off, then one equal-output lever more per row, then
+    reduced precision on top (reported with its Dice, not a default on CPU)."""
+    rows: list[tuple[str, dict | None]] = [("naive MONAI loop (model loaded once)", None)]
+    levers = dict(OFF)
+    rows.append(("metsflow predict_items, levers off", dict(levers)))
+    for lever in EQUAL_OUTPUT_LEVERS:
+        levers[lever] = True
+        rows.append((f"+ {lever}", dict(levers)))
+    for title, extra in PRECISION_ROWS:
+        rows.append((f"{title} (on top)", {**levers, **extra}))
+    return rows
+
+
 def levers_section(args, config, tmp: Path, device) -> None:
     infer = config["infer"]
     params = {"overlap": infer["overlap"], "sw_batch_size": infer.get("sw_batch_size", 4)}
@@ -191,71 +228,124 @@ def levers_section(args, config, tmp: Path, device) -> None:
         brain = np.asarray(nib_load(Path(items[0]["prep_dir"]) / "brain_mask.nii.gz")) > 0
         spacing = float(meta["spacing"][0])
     patch = config["model"]["patch_size"]
+    windows, outside = window_counts(brain.shape, brain, patch, params["overlap"])
     print(
-        f"inference, {len(items)} studies of {brain.shape} voxels ({spacing:g} mm, brain "
-        f"{brain.mean():.0%}), {args.config} model (filters {config['model']['filters']}, patch "
-        f"{patch}, overlap {params['overlap']}, sw_batch {params['sw_batch_size']}), device "
-        f"{device_name(device)}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}"
+        f"inference, {len(items)} studies of {brain.shape} voxels ({spacing:g} mm, cropped to the "
+        f"brain + margin as metsflow.preprocess does, brain {brain.mean():.0%}, {windows} windows "
+        f"of which {outside} hold no brain voxel), {args.config} model (filters "
+        f"{config['model']['filters']}, patch {patch}, overlap {params['overlap']}, sw_batch "
+        f"{params['sw_batch_size']}), device {device_name(device)}, {args.threads} threads, "
+        f"torch {torch.__version__}"
     )
-    run_metsflow([checkpoint], items[:1], tmp / "warm", {**params, **OFF}, device)  # warm-up
-    # (title, levers) rows: naive, all off, then one equal-output lever more per row, then the
-    # precision levers on top of those.
-    configs: list[tuple[str, dict | None]] = [("naive MONAI sliding window", None)]
-    levers = dict(OFF)
-    configs.append(("metsflow, levers off (model loaded once)", dict(levers)))
-    for lever in EQUAL_OUTPUT_LEVERS:
-        levers[lever] = True
-        configs.append((f"+ {lever}", dict(levers)))
-    for title, extra in PRECISION_ROWS:
-        configs.append((f"{title} (on top)", {**levers, **extra}))
-    # Interleaved repeats, fastest kept: on a shared machine the neighbours' load moves every
-    # wall figure; the minimum is the closest to the code's own cost. CPU seconds (all threads of
-    # this process) are the neighbour-proof measure of the compute levers; prefetch only
-    # overlaps work, so it shows in wall seconds alone.
-    wall = {title: float("inf") for title, _ in configs}
-    cpu = dict(wall)
-    for _ in range(args.repeats):
-        for index, (title, config) in enumerate(configs):
+    print(
+        "  naive = a competent hand-written MONAI loop: model loaded once, per study nibabel read "
+        "of the 4 channels + brain mask,\n  sliding_window_inference (same roi/overlap/gaussian/"
+        "sw_batch) under no_grad, softmax, argmax, zero outside the brain, pred (uint8) and\n"
+        "  fg_prob (float32) written as .nii.gz. metsflow rows: predict_items (the code "
+        "infer_shard runs; also scores uncertainty),\n  each path with its own copy of the model "
+        "loaded once before timing. Paths interleaved per repeat (order reversed every other\n"
+        "  repeat); median of the repeats, spread = (max - min) / median; CPU s = this process "
+        "and its children."
+    )
+    rows = levers_rows()
+    loaded = {}
+    for title, levers in rows:
+        network, meta = load_checkpoint(checkpoint, map_location="cpu")
+        network = network.to(device).eval()
+        loaded[title] = (network, meta) if levers is None else ([network], meta)
+    # Warm-up: one study per path, untimed; a compiling path's first call builds its kernels
+    # from an empty inductor cache (cold, as on a fresh node): that is the compile cost.
+    compile_cost = {}
+    for title, levers in rows:
+        before = time.perf_counter()
+        if levers is None:
+            run_naive(loaded[title], items[:1], tmp / "warm", params, device)
+        else:
+            run_metsflow(loaded[title], items[:1], tmp / "warm", {**params, **levers}, device)
+        if levers and levers.get("compile"):
+            compile_cost[title] = time.perf_counter() - before
+    wall = {title: [] for title, _ in rows}
+    cpu = {title: [] for title, _ in rows}
+    loads = []
+    for repeat in range(args.repeats):
+        loads.append(os.getloadavg()[0])
+        order = list(enumerate(rows))
+        for index, (title, levers) in order if repeat % 2 == 0 else order[::-1]:
             out = tmp / f"c{index}"
             before = cpu_seconds()
-            if config is None:
-                taken = run_naive(checkpoint, items, out, params, device)
+            if levers is None:
+                taken = run_naive(loaded[title], items, out, params, device)
             else:
-                taken = run_metsflow([checkpoint], items, out, {**params, **config}, device)
-            wall[title] = min(wall[title], taken)
-            cpu[title] = min(cpu[title], cpu_seconds() - before)
+                taken = run_metsflow(loaded[title], items, out, {**params, **levers}, device)
+            wall[title].append(taken)
+            cpu[title].append(cpu_seconds() - before)
+    loads.append(os.getloadavg()[0])
     n = len(items)
-    naive = configs[0][0]
+    naive = rows[0][0]
+    med_wall = {t: float(np.median(v)) for t, v in wall.items()}
+    med_cpu = {t: float(np.median(v)) for t, v in cpu.items()}
     print(
-        f"  {'path':<44} {'wall s':>7} {'studies/h':>10} {'vs naive':>9} {'CPU s':>7} "
-        f"{'vs naive':>9} {'min Dice':>9}"
+        f"  {args.repeats} repeats; load average (1 min) at each repeat's start and at the end: "
+        + ", ".join(f"{x:.1f}" for x in loads)
     )
-    for index, (title, _) in enumerate(configs):
+    print(
+        f"  {'path':<40} {'wall s':>7} {'spread':>7} {'s/study':>8} {'vs naive':>9} {'CPU s':>7} "
+        f"{'spread':>7} {'vs naive':>9} {'min Dice':>9}"
+    )
+    for index, (title, _) in enumerate(rows):
         dice = min_dice(tmp / f"c{index}", tmp / "c0", items)
+        spread_wall = (max(wall[title]) - min(wall[title])) / med_wall[title]
+        spread_cpu = (max(cpu[title]) - min(cpu[title])) / med_cpu[title]
         print(
-            f"  {title:<44} {wall[title]:7.1f} {n / wall[title] * 3600:10.0f} "
-            f"{wall[naive] / wall[title]:8.2f}x {cpu[title]:7.1f} {cpu[naive] / cpu[title]:8.2f}x "
-            f"{dice:9.4f}"
+            f"  {title:<40} {med_wall[title]:7.1f} {spread_wall:7.0%} {med_wall[title] / n:8.2f} "
+            f"{med_wall[naive] / med_wall[title]:8.2f}x {med_cpu[title]:7.1f} {spread_cpu:7.0%} "
+            f"{med_cpu[naive] / med_cpu[title]:8.2f}x {dice:9.4f}"
         )
-    equal = configs[1 : 2 + len(EQUAL_OUTPUT_LEVERS)]
+    print("  per repeat, wall s (CPU s) by path:")
+    for title, _ in rows:
+        print(
+            f"    {title:<40} "
+            + "  ".join(
+                f"{w:6.1f} ({c:5.1f})" for w, c in zip(wall[title], cpu[title], strict=True)
+            )
+        )
+    equal = rows[1 : 2 + len(EQUAL_OUTPUT_LEVERS)]
     last = equal[-1][0]
     print(
-        f"  equal-output levers together (the CPU default): {wall[naive] / wall[last]:.2f}x naive "
-        f"wall, {cpu[naive] / cpu[last]:.2f}x CPU. Each step's saving, as a share of naive's:"
+        f"  equal-output levers together: {med_wall[naive] / med_wall[last]:.2f}x naive wall, "
+        f"{med_cpu[naive] / med_cpu[last]:.2f}x CPU (compile excluded). Each step's saving "
+        "(median minus median), as a share of naive's:"
     )
     previous = naive
     for title, _ in equal:
-        saved_wall, saved_cpu = wall[previous] - wall[title], cpu[previous] - cpu[title]
+        saved_wall, saved_cpu = (
+            med_wall[previous] - med_wall[title],
+            med_cpu[previous] - med_cpu[title],
+        )
         print(
-            f"    {title:<44} wall {saved_wall:+7.1f} s {saved_wall / wall[naive]:+6.1%}   "
-            f"CPU {saved_cpu:+7.1f} s {saved_cpu / cpu[naive]:+6.1%}"
+            f"    {title:<40} wall {saved_wall:+7.1f} s {saved_wall / med_wall[naive]:+6.1%}   "
+            f"CPU {saved_cpu:+7.1f} s {saved_cpu / med_cpu[naive]:+6.1%}"
         )
         previous = title
+    naive_study = med_wall[naive] / n
+    for title, seconds in compile_cost.items():
+        ours_study = med_wall[title] / n
+        cost = seconds - ours_study  # the warm-up study's own compute is not compile time
+        shards = {"demo": 12, "cohort": 64}
+        amortized = ", ".join(
+            f"{naive_study * k / (cost + ours_study * k):.2f}x over a {name} shard of {k}"
+            for name, k in shards.items()
+        )
+        print(
+            f"  {title.strip('+ ')}: cold compile {cost:.0f} s wall (empty inductor cache); "
+            f"counted in: {amortized} (sharding.gpu_shard_size)"
+        )
 
 
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime + children.ru_utime + children.ru_stime
 
 
 def throughput_section(args, config, tmp: Path, device) -> None:
@@ -321,6 +411,9 @@ def main() -> int:
     if args.spacing:
         config["preprocess"]["spacing"] = [args.spacing] * 3
     with tempfile.TemporaryDirectory(prefix="bench_inference_") as tmp:
+        # An empty inductor cache: the compile cost printed is a fresh node's (cold), not this
+        # machine's earlier runs'.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")
         if "levers" in sections:
             levers_section(args, config, Path(tmp), device)
         if "throughput" in sections:

@@ -91,36 +91,68 @@ def load_ensemble(
     return networks, metas[0]
 
 
-# Speed levers (issue 14), each measured by benchmarks/bench_inference.py against MONAI's plain
-# sliding_window_inference on the same model and studies (benchmarks/results/
-# bench_inference_levers_*.txt, 2 shared CPU cores). Settings (config ``infer:``):
+# Speed levers (issue 14), each measured by benchmarks/bench_inference.py against a naive MONAI
+# loop (model loaded once, per study: read, sliding_window_inference, argmax, write) on the same
+# model and studies (benchmarks/results/bench_inference_levers_cpu.txt: demo DynUNet, 6 studies
+# at 2 mm, 2 CPU cores at load average 10-13; medians of 3 interleaved repeats; CPU seconds are
+# the steadier figure there). Settings (config ``infer:``):
+#   compile         torch.compile (inductor) of each network, shared by the fold ensemble (the
+#                   folds have one architecture, so dynamo compiles it once: 59 s cold, 4 s for
+#                   a second fold). Fuses instance norm + leaky ReLU (22% of the eager CPU time):
+#                   31.8 -> 27.7 CPU s (1.15x), and with channels-last 3D 25.5 CPU s (1.25x; wall
+#                   1.37x), equal labels. A cold compile cost 55-117 s there, more than the
+#                   demo's shard of 12 studies saves (0.60-0.94x counted in) but paid back over
+#                   a cohort shard of 64 (1.26x counted in): "auto" = on for a CPU job of at
+#                   least COMPILE_MIN_STUDIES studies; off on CUDA (not measured there yet). Only
+#                   full ``sw_batch_size`` batches go through the compiled network (one static
+#                   shape, no recompiles); a failed build (no C++ compiler on the node) falls
+#                   back to eager with a warning.
+#   channels_last   channels-last 3D memory format. "auto" = on for CUDA, and on CPU together
+#                   with compile (1.09x CPU over compile alone); eager fp32 on CPU gained nothing
+#                   (1.11x to 0.79x of the row before, within the noise).
 #   amp             reduced precision: float16 autocast on CUDA, bfloat16 on CPU. "auto" = CUDA
-#                   only: on the Xeon (AMX) bf16 took the cohort network from 48.2 to 20.9 s per
-#                   study and the demo one 1.74x faster (a tiny 8/16/32 net 2x slower), but its
+#                   only: on CPU bf16 is 1.77x naive (CPU s) with compile + channels-last, but its
 #                   labels differ from fp32 beyond the 0.999 Dice bound (lowest per-label Dice
-#                   0.9875 with a trained model, 0.990 untrained), so it is opt-in there.
-#   channels_last   channels-last 3D memory format. "auto" = CUDA only: no gain on that CPU in
-#                   fp32 (1.11x to 0.79x of the row before, within the noise).
+#                   0.9903 untrained, 0.9875 with a trained model), so it is opt-in there.
 #   skip_outside_brain  windows that hold no brain voxel are not run (their voxels are zeroed
 #                   anyway, so outputs inside the brain are unchanged: a brain voxel's Gaussian
 #                   blend only has windows that contain it). On brain-cropped volumes few windows
-#                   qualify (MNI brain at 1 mm: 3 of 150 48^3 windows, none of 96^3); it pays on
-#                   uncropped or skull-stripped-but-uncropped inputs.
+#                   qualify (demo 2 mm: 0 of 12; MNI brain at 1 mm: 3 of 150 48^3 windows, none
+#                   of 96^3); it pays on uncropped or skull-stripped-but-uncropped inputs.
 #   prefetch        read/decompress the next study and write the previous one in background
-#                   threads while the current one computes (``overlapped``).
+#                   threads while the current one computes (``overlapped``). I/O is ~0.3 s of a
+#                   demo study's ~5 s CPU compute, and on 2 busy cores the threads compete with
+#                   compute: within the noise on CPU; it is meant for GPU jobs.
 #   inference_mode  torch.inference_mode instead of torch.no_grad (no version counters or view
-#                   tracking on the tensors).
-LEVERS = ("amp", "channels_last", "skip_outside_brain", "prefetch", "inference_mode")
+#                   tracking on the tensors): within the noise (+3% CPU).
+LEVERS = ("amp", "channels_last", "skip_outside_brain", "prefetch", "inference_mode", "compile")
+COMPILE_MIN_STUDIES = 32
 
 
-def lever_settings(params: dict, device: torch.device) -> dict[str, bool]:
-    """The levers of ``params`` resolved for ``device`` ("auto" -> on for CUDA only)."""
-    defaults = {**InferSettings().as_dict(), "inference_mode": True}
+def lever_settings(
+    params: dict, device: torch.device, studies: int | None = None
+) -> dict[str, bool]:
+    """The levers of ``params`` resolved for ``device`` ("auto" -> on for CUDA only; for
+    ``compile``: on for CPU when ``studies``, the number the loaded networks will segment, is at
+    least COMPILE_MIN_STUDIES, unknown counting as few; ``channels_last`` also on with it)."""
+    defaults = InferSettings().as_dict()
     resolved = {}
-    for key in LEVERS:
+    for key in ("compile", *(k for k in LEVERS if k != "compile")):
         value = params.get(key, defaults[key])
-        resolved[key] = device.type == "cuda" if value == "auto" else bool(value)
-    return resolved
+        if value == "auto" and key == "compile":
+            many = studies is not None and studies >= COMPILE_MIN_STUDIES
+            resolved[key] = device.type == "cpu" and many
+        elif value == "auto" and key == "channels_last":
+            resolved[key] = device.type == "cuda" or resolved["compile"]
+        else:
+            resolved[key] = device.type == "cuda" if value == "auto" else bool(value)
+    return {key: resolved[key] for key in LEVERS}
+
+
+def resolve_levers(params: dict, device: torch.device, studies: int) -> dict:
+    """``params`` with its levers resolved for a job that segments ``studies`` studies with the
+    same loaded networks (what ``compile: auto`` needs to know)."""
+    return {**params, **lever_settings(params, device, studies)}
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -128,6 +160,28 @@ def _autocast(device: torch.device, enabled: bool):
         return contextlib.nullcontext()
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype)
+
+
+_COMPILED = "_metsflow_compiled"  # attribute of a network: its compiled module, or None after a
+# failed build (then eager for good); set past nn.Module's registration so that the state dict and
+# .to() are untouched and the pair is freed with the network.
+_FAILED = object()
+
+
+def _forward(network: nn.Module, windows: torch.Tensor, compiled: bool) -> torch.Tensor:
+    """``network(windows)``, through its torch.compile'd module when ``compiled``."""
+    module = network.__dict__.get(_COMPILED) if compiled else _FAILED
+    if module is _FAILED:
+        return network(windows)
+    if module is None:
+        module = torch.compile(network, dynamic=False)
+        object.__setattr__(network, _COMPILED, module)
+    try:
+        return module(windows)
+    except Exception as exc:  # inductor could not build (e.g. no C++ compiler on the node)
+        log.warning("torch.compile failed (%s: %s); running eager", type(exc).__name__, exc)
+        object.__setattr__(network, _COMPILED, _FAILED)
+        return network(windows)
 
 
 @functools.cache
@@ -161,10 +215,19 @@ class _EnsembleWindows:
     a brain voxel in ``brain`` (same flips and grid as the input) get zeros, not a forward pass.
     """
 
-    def __init__(self, networks, brain: torch.Tensor | None, channels_last: bool):
+    def __init__(
+        self,
+        networks,
+        brain: torch.Tensor | None,
+        channels_last: bool,
+        compiled_batch: int | None = None,
+    ):
         self.networks = networks
         self.brain = brain
         self.channels_last = channels_last
+        # Batches of exactly this many windows run through the compiled networks (one static
+        # shape); the last, partial batch of a study runs eager.
+        self.compiled_batch = compiled_batch
         self.windows = 0
         self.skipped = 0
         self.classes: int | None = None
@@ -184,7 +247,8 @@ class _EnsembleWindows:
             run = windows[:1] if self.classes is None else run
         outputs = []
         for network in self.networks:
-            logits = network(run).float() if len(run) else None
+            compiled = len(run) == self.compiled_batch
+            logits = _forward(network, run, compiled).float() if len(run) else None
             if logits is not None:
                 self.classes = logits.shape[1]
             if keep is not None and not keep.all():
@@ -223,6 +287,7 @@ def ensemble_predict(
     if "patch_size" not in params:
         raise ValueError("sliding_window_predict needs params['patch_size'] (the roi size)")
     levers = lever_settings(params, device)
+    sw_batch = int(params.get("sw_batch_size", DEFAULT_SW_BATCH_SIZE))
     roi = tuple(int(p) for p in params["patch_size"])
     flips: list[tuple[int, ...]] = [()]
     if params.get("tta", False):
@@ -245,11 +310,13 @@ def ensemble_predict(
             mask = None
             if brain_t is not None:
                 mask = torch.flip(brain_t, axes)[0, 0] if axes else brain_t[0, 0]
-            predictor = _EnsembleWindows(networks, mask, levers["channels_last"])
+            predictor = _EnsembleWindows(
+                networks, mask, levers["channels_last"], sw_batch if levers["compile"] else None
+            )
             logits = sliding_window_inference(
                 inp,
                 roi_size=roi,
-                sw_batch_size=int(params.get("sw_batch_size", DEFAULT_SW_BATCH_SIZE)),
+                sw_batch_size=sw_batch,
                 predictor=predictor,
                 overlap=float(params.get("overlap", DEFAULT_OVERLAP)),
                 mode="gaussian",
@@ -490,6 +557,7 @@ def predict_items(
         networks, meta = load_ensemble(
             checkpoints, params.get("channels"), device, params.get("label_mode")
         )
+    params = resolve_levers(params, device, len(items))
     rows = []
     for item, result, exc in overlapped(
         items,
@@ -498,7 +566,7 @@ def predict_items(
             networks, meta, item, out_root, params, device, inp=inp
         ),
         write=lambda result: write_outputs(result[1]),
-        enabled=lever_settings(params, device)["prefetch"],
+        enabled=params["prefetch"],
     ):
         study_id = str(item["study_id"])
         if exc is not None:

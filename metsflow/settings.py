@@ -179,11 +179,15 @@ class InferSettings(_Section):
     tta: bool = False  # flip test-time augmentation
     device: str = "auto"
     # Speed levers (metsflow.infer.lever_settings): "auto" = on for CUDA only (measured slower
-    # or not equal on CPU, benchmarks/bench_inference.py).
+    # or not equal on CPU, benchmarks/bench_inference.py); compile "auto" = on for CPU jobs of
+    # >= metsflow.infer.COMPILE_MIN_STUDIES studies (a cold compile took 55-117 s on 2 cores,
+    # more than a 12-study demo shard saves; CPU 1.25x naive with channels-last).
     amp: str | bool = "auto"
     channels_last: str | bool = "auto"
+    compile: str | bool = "auto"
     skip_outside_brain: bool = True
     prefetch: bool = True
+    inference_mode: bool = True
 
     def as_params(self) -> dict[str, Any]:
         return self.as_dict()

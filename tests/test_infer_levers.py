@@ -1,18 +1,24 @@
-"""Inference speed levers (metsflow.infer): equal output, error handling of the overlap."""
+"""Inference speed levers (metsflow.infer): each lever's output equals the plain path's, error
+handling of the overlap and of a failed compile."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
 from test_infer import make_checkpoint
 from test_models import make_prep_study
 
+from metsflow import infer
 from metsflow.infer import (
+    COMPILE_MIN_STUDIES,
     ensemble_predict,
     lever_settings,
     load_ensemble,
     overlapped,
     predict_items,
+    resolve_levers,
 )
 
 
@@ -38,7 +44,7 @@ def test_overlapped_keeps_order_and_reports_each_failure_against_its_item(enable
     assert list(overlapped([], load, lambda i, x: x, write, enabled=enabled)) == []
 
 
-def test_auto_levers_are_on_for_cuda_only():
+def test_auto_levers_are_on_for_cuda_only_and_compile_for_large_cpu_shards():
     cpu = lever_settings({}, torch.device("cpu"))
     assert cpu == {
         "amp": False,
@@ -46,9 +52,23 @@ def test_auto_levers_are_on_for_cuda_only():
         "skip_outside_brain": True,
         "prefetch": True,
         "inference_mode": True,
+        "compile": False,  # the number of studies is unknown: counted as few
     }
     assert lever_settings({"amp": "auto", "channels_last": "auto"}, torch.device("cuda"))["amp"]
     assert lever_settings({"amp": True}, torch.device("cpu"))["amp"]
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert lever_settings({}, cpu, COMPILE_MIN_STUDIES)["compile"]
+    assert not lever_settings({}, cpu, COMPILE_MIN_STUDIES - 1)["compile"]
+    assert not lever_settings({}, cuda, 1000)["compile"]
+    assert not lever_settings({"compile": False}, cpu, 1000)["compile"]
+    assert lever_settings({"compile": True}, cpu, 1)["compile"]
+    # channels-last: on CPU only with compile (it gained nothing in eager fp32)
+    assert lever_settings({}, cpu, COMPILE_MIN_STUDIES)["channels_last"]
+    assert not lever_settings({"compile": False}, cpu, 1000)["channels_last"]
+    assert not lever_settings({"channels_last": False}, cpu, 1000)["channels_last"]
+    resolved = resolve_levers({"overlap": 0.5}, cpu, COMPILE_MIN_STUDIES)
+    assert resolved["overlap"] == 0.5 and resolved["compile"] is True
+    assert lever_settings(resolved, cpu)["compile"]  # stays resolved downstream
 
 
 def test_skipping_windows_outside_the_brain_leaves_brain_voxels_unchanged(tmp_path):
@@ -80,3 +100,63 @@ def test_levers_on_and_off_give_the_same_labels(tmp_path):
         assert a["study_id"] == b["study_id"]
         assert a["lesion_count"] == b["lesion_count"]
         assert a["uncertainty_entropy"] == pytest.approx(b["uncertainty_entropy"], abs=1e-5)
+
+
+def _two_networks(tmp_path):
+    return load_ensemble(
+        [make_checkpoint(tmp_path / "a.pt", 0), make_checkpoint(tmp_path / "b.pt", 1)],
+        device="cpu",
+    )[0]
+
+
+def _plain_and_lever(nets, lever: dict, **extra):
+    torch.manual_seed(0)
+    image = torch.randn(2, 40, 36, 20)
+    # 3 x 3 x 1 windows of 16^3 at overlap 0.25 and sw_batch 2: full batches and a partial one
+    params = {"patch_size": [16] * 3, "overlap": 0.25, "sw_batch_size": 2, **extra}
+    off = dict.fromkeys(infer.LEVERS, False)
+    plain = ensemble_predict(nets, image, {**params, **off})
+    with_lever = ensemble_predict(nets, image, {**params, **off, **lever})
+    return plain, with_lever
+
+
+@pytest.mark.parametrize("lever", ["inference_mode", "channels_last"])
+def test_each_fp32_lever_gives_the_plain_probabilities(tmp_path, lever):
+    (plain, plain_entropy), (ours, ours_entropy) = _plain_and_lever(
+        _two_networks(tmp_path), {lever: True}, tta=True
+    )
+    torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours_entropy, plain_entropy, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_networks_give_the_plain_probabilities(tmp_path):
+    # a real inductor build (~1 min cold on 2 cores): slow-marked
+    nets = _two_networks(tmp_path)
+    (plain, plain_entropy), (ours, ours_entropy) = _plain_and_lever(nets, {"compile": True})
+    torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours_entropy, plain_entropy, rtol=1e-4, atol=1e-5)
+    assert all(infer._COMPILED in net.__dict__ for net in nets)
+    assert all(k.startswith("_metsflow") is False for k in nets[0].state_dict())
+
+
+def test_a_failed_compile_falls_back_to_eager_with_equal_output(tmp_path, monkeypatch, caplog):
+    calls = []
+
+    def broken_compile(network, **kwargs):
+        def run(windows):
+            calls.append(len(windows))
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    nets = _two_networks(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="metsflow.infer"):
+        (plain, _), (ours, _) = _plain_and_lever(nets, {"compile": True})
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+    # one failed attempt per network (full batches of 2 only), then eager for good
+    assert calls == [2, 2]
+    assert "torch.compile failed" in caplog.text
+    for net in nets:
+        net.__dict__.pop(infer._COMPILED)

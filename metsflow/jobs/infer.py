@@ -81,9 +81,9 @@ def run_infer_shard(layout: Layout, settings: InferSettings, shard: InferShard) 
     """Segment ``shard.studies`` with round ``shard.round_index``'s models into
     ``layout.prediction_dir``; one manifest row per study."""
     from metsflow.infer import (
-        lever_settings,
         load_ensemble,
         overlapped,
+        resolve_levers,
         segment_study,
         write_outputs,
     )
@@ -155,13 +155,14 @@ def run_infer_shard(layout: Layout, settings: InferSettings, shard: InferShard) 
         return {**row, "prep_dir": item["prep_dir"]}, files
 
     # The next study is read and the previous one written while this one computes
-    # (infer.prefetch; metsflow.infer.overlapped).
+    # (infer.prefetch; metsflow.infer.overlapped); compile: auto needs the shard's size.
+    params = resolve_levers(params, device, len(items))
     for item, result, exc in overlapped(
         items,
         load=lambda item: load_study_input(item, meta["channels"]),
         compute=compute,
         write=write,
-        enabled=lever_settings(params, device)["prefetch"],
+        enabled=params["prefetch"],
     ):
         study_id = item["study_id"]
         base = {k: item[k] for k in ("study_id", "patient_id", "role")}
