@@ -13,6 +13,23 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Files in the order they start: test.sh runs the suite on 2 pytest-xdist workers that take
+# whole files (`--dist loadfile`) in collection order, so the longest go first and the short
+# ones fill in behind them; the SLURM run, which mostly waits on scheduling and status polls,
+# then overlaps the computing ones instead of running alone at the end.
+LONGEST_FIRST = (
+    "test_slurm.py",
+    "test_workflow.py",
+    "test_subset_resume.py",
+    "test_rounds.py",
+    "test_faults.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+
 
 def run_snakemake(args: list[str], timeout: int = 1200, check: bool = True):
     """Run snakemake from the checkout (as the README does) with this interpreter's install."""
