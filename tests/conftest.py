@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -12,6 +13,25 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Files in the order they start: test.sh runs the suite on 2 pytest-xdist workers that take
+# whole files (`--dist loadfile`) in collection order, so the longest go first and the short
+# ones fill in behind them; the SLURM run, which mostly waits on scheduling and status polls,
+# then overlaps the computing ones instead of running alone at the end.
+LONGEST_FIRST = (
+    "test_slurm.py",
+    "test_workflow.py",
+    "test_subset_resume.py",
+    "test_rounds.py",
+    "test_faults.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # one process: keep the file order (fast files first for `pytest -x`)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
 
 
 def run_snakemake(args: list[str], timeout: int = 1200, check: bool = True):
