@@ -3,10 +3,10 @@
 # pure function of the sheet and config. Every results path comes from LAYOUT (metsflow.layout).
 import dataclasses
 import functools
-import hashlib
 import os
 import sys
 
+from metsflow.io import file_sha256
 from metsflow.layout import Layout, round_name
 from metsflow.plan import round_inference_plan
 from metsflow.preflight import RunError, prepare_run
@@ -29,7 +29,7 @@ ROUNDS = list(range(SETTINGS.active_learning.rounds + 1))
 COHORT = _RUN.cohort
 PLAN = _RUN.plan
 PLAN_SETTINGS = _RUN.plan_settings
-SHEET_SHA256 = hashlib.sha256(open(config["sheet"], "rb").read()).hexdigest()
+SHEET_SHA256 = file_sha256(config["sheet"])
 # A subset run keeps the full-cohort plan (so shard ids and roles do not move) and only targets
 # the shards that hold the chosen studies.
 TARGET = _RUN.target
