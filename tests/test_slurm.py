@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import REPO, make_tiny_cohort
 
 from metsflow.cohort import read_sheet
 from metsflow.plan import PlanSettings, build_plan, round_inference_plan
@@ -61,23 +61,12 @@ def test_demo_pipeline_runs_through_the_slurm_profile(tmp_path, tiny_config, slu
     every non-local job goes through sbatch, the GPU rules get a GPU, and the shard rules go in
     as job arrays (`slurm-array-jobs`). One run covers both: two separate runs doubled the
     suite's SLURM time (533 s for the pair)."""
-    from metsflow.phantom import make_demo_cohort
 
     demo = tmp_path / "demo"
     # Three patients (seed, validation, one more) with two time points, one patient per CPU
     # shard and per GPU shard: three preprocessing shards and two inference shards, so
     # `preprocess_shard` and `infer_shard` each go in as one `sbatch --array` of several tasks.
-    # Native 2x2x3 mm (as the tiny run): a quarter of the demo's voxels to make and to read,
-    # 5.5 instead of 21 CPU-s for the phantoms alone.
-    make_demo_cohort(
-        demo,
-        n_patients=3,
-        n_timepoints=2,
-        native_spacing=(2.0, 2.0, 3.0),
-        model_spacing=4.0,
-        labelled_patients=2,
-        seed=0,
-    )
+    make_tiny_cohort(demo, n_patients=3, labelled_patients=2)  # as the tiny run, smaller
     # Round 0 only: every rule kind incl. the GPU rules, fewer scheduling waves.
     # Skull-stripped phantoms: nonzero brain mask, no co-registration (ANTs is not under test).
     config = tiny_config(

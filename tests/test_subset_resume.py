@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_snakemake
+from conftest import make_tiny_cohort, run_snakemake
 
 
 def output_mtimes(results: Path, stages=("preprocessed", "registered")) -> dict[str, int]:
@@ -27,20 +27,9 @@ def study_of(relative: str) -> str:
 
 @pytest.mark.slow
 def test_subset_rerun_touches_only_the_chosen_studies(tmp_path, tiny_config):
-    from metsflow.phantom import make_demo_cohort
 
     demo = tmp_path / "demo"
-    # Native 2x2x3 mm (as the tiny run): a quarter of the demo's voxels to make and to read,
-    # 5.5 instead of 21 CPU-s for the phantoms alone.
-    make_demo_cohort(
-        demo,
-        n_patients=3,
-        n_timepoints=2,
-        native_spacing=(2.0, 2.0, 3.0),
-        model_spacing=4.0,
-        labelled_patients=2,
-        seed=0,
-    )
+    make_tiny_cohort(demo, n_patients=3, labelled_patients=2)  # as the tiny run, smaller
     # CPU shards of 4 studies: s0000 = P001 + P002, s0001 = P003.
     # Skull-stripped phantoms: a nonzero brain mask and no co-registration keep each study to
     # seconds (the subset logic does not depend on the preprocessing method).
