@@ -126,20 +126,20 @@ class TinyRun:
     labels: Path
 
 
-def make_tiny_cohort(demo: Path, n_patients: int, labelled_patients: int) -> dict:
+def make_tiny_cohort(demo: Path, n_patients: int, labelled_patients: int, **options) -> dict:
     """The pipeline tests' phantom cohort: 2 time points at native 2x2x3 mm (instead of the
     demo's 1x1x3). Separate grids per sequence, skull and the atlas mask are all still
-    exercised, at a quarter of the voxels: 5.5 instead of 21 CPU-s for 3 patients."""
+    exercised, at a quarter of the voxels: 5.5 instead of 21 CPU-s for 3 patients.
+    ``options`` go to make_demo_cohort (e.g. ``skull=False``)."""
     from metsflow.phantom import make_demo_cohort
 
+    settings = {"n_timepoints": 2, "native_spacing": (2.0, 2.0, 3.0), "model_spacing": 4.0}
     return make_demo_cohort(
         demo,
         n_patients=n_patients,
-        n_timepoints=2,
-        native_spacing=(2.0, 2.0, 3.0),
-        model_spacing=4.0,
         labelled_patients=labelled_patients,
         seed=0,
+        **{**settings, **options},
     )
 
 

@@ -66,9 +66,10 @@ def test_demo_pipeline_runs_through_the_slurm_profile(tmp_path, tiny_config, slu
     # Three patients (seed, validation, one more) with two time points, one patient per CPU
     # shard and per GPU shard: three preprocessing shards and two inference shards, so
     # `preprocess_shard` and `infer_shard` each go in as one `sbatch --array` of several tasks.
-    make_tiny_cohort(demo, n_patients=3, labelled_patients=2)  # as the tiny run, smaller
+    # Skull-stripped phantoms on one grid: nonzero brain mask, no co-registration (ANTs is not
+    # under test). With the skull, "nonzero" kept the whole head (36 CPU-s per registration).
+    make_tiny_cohort(demo, n_patients=3, labelled_patients=2, skull=False, separate_grids=False)
     # Round 0 only: every rule kind incl. the GPU rules, fewer scheduling waves.
-    # Skull-stripped phantoms: nonzero brain mask, no co-registration (ANTs is not under test).
     config = tiny_config(
         demo,
         sharding={"cpu_shard_size": 2, "gpu_shard_size": 2},
