@@ -76,6 +76,25 @@ def test_short_training_lowers_loss(studies, tmp_path):
     assert not train.resume_path(out).exists()
 
 
+def test_val_interval_zero_trains_without_validating(studies, tmp_path, monkeypatch):
+    def no_validation(*args, **kwargs):
+        raise AssertionError("validated although val_interval is 0")
+
+    monkeypatch.setattr(train, "validate", no_validation)
+    out, log_path = tmp_path / "model.pt", tmp_path / "train_log.tsv"
+    params = fast_params(iterations=4, log_interval=2, val_interval=0)
+    result = train.train_model(
+        studies[:3], studies[3:], params, out, log_path=log_path, device="cpu"
+    )
+
+    log = pd.read_csv(log_path, sep="\t")
+    assert log["iteration"].tolist() == [2, 4] and log["val_dice"].isna().all()
+    assert np.isnan(result["best_val_dice"]) and result["iterations"] == 4
+    # The held-out studies are still recorded with the model (evaluate_round scores them).
+    _, meta = load_checkpoint(out, params["channels"], "multiclass")
+    assert meta["validation_study_ids"] == ["S3"]
+
+
 def test_same_seed_gives_same_weights(studies, tmp_path):
     params = fast_params(iterations=3, **ALL_AUGMENTATIONS)
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
