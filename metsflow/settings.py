@@ -37,6 +37,18 @@ class _Section:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The fields that have a default, with it (a section with required keys cannot be
+        built empty)."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.default_factory is not dataclasses.MISSING:
+                values[f.name] = f.default_factory()
+            elif f.default is not dataclasses.MISSING:
+                values[f.name] = f.default
+        return values
+
 
 @dataclass(frozen=True)
 class BrainMaskSettings(_Section):
@@ -122,6 +134,26 @@ class RegisterSettings(_Section):
     # QC: below these the pair is flagged in qc.json (not silently accepted).
     qc_min_ncc: float = 0.6
     qc_min_mask_dice: float = 0.9
+
+
+@dataclass(frozen=True)
+class ModelSettings(_Section):
+    """The ``model`` section: the stage-1 network (``metsflow.models.MODEL_DEFAULTS`` is
+    ``defaults()``); ``channels`` and ``patch_size`` have no default."""
+
+    channels: list  # of metsflow.models.CHANNELS, in channel-axis order
+    patch_size: list  # voxels, 3 values
+    arch: str = "dynunet"  # dynunet | segresnet
+    label_mode: str = "multiclass"  # multiclass | whole
+    # DynUNet filters per resolution level (nnU-Net's 3D full-resolution widths); the patch
+    # size may support fewer levels (metsflow.models.dynunet_plan).
+    filters: list = field(default_factory=lambda: [32, 64, 128, 256, 320, 320])
+    loss: str = "dice_ce"  # dice_ce | tversky_bce
+    # multiclass only: weight of the nested-region Dice (metsflow.models.NestedRegionDiceLoss)
+    region_loss_weight: float = 1.0
+    init_filters: int = 32  # segresnet width
+    dropout: float | None = None
+    res_block: bool = False  # residual DynUNet blocks
 
 
 @dataclass(frozen=True)
@@ -272,6 +304,7 @@ class ThreadsSettings(_Section):
 class Settings:
     """Every section, built once from the validated config (``Settings.from_config``)."""
 
+    model: ModelSettings
     preprocess: PreprocessSettings
     register: RegisterSettings
     infer: InferSettings
@@ -283,6 +316,7 @@ class Settings:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Settings:
         return cls(
+            model=ModelSettings.from_dict(config.get("model")),
             preprocess=PreprocessSettings.from_dict(config.get("preprocess")),
             register=RegisterSettings.from_dict(config.get("register")),
             infer=InferSettings.from_dict(config.get("infer")),
