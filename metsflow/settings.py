@@ -280,6 +280,10 @@ class ActiveLearningSettings(_Section):
         keys = ("batch_size", "strategy", "per_patient_max", "dice_threshold")
         return {key: getattr(self, key) for key in keys}
 
+    def annotation(self) -> dict[str, Any]:
+        """What rule collect_annotations reads."""
+        return {"annotator": self.annotator}
+
 
 @dataclass(frozen=True)
 class ExportSettings(_Section):
