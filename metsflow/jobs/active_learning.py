@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,28 +123,43 @@ def _study_index(records: list[dict]) -> dict[str, Study]:
     return {r["study_id"]: Study.from_record(r) for r in records}
 
 
-def run_export_review(
-    layout: Layout,
-    round_index: int,
-    model_round: int,
-    selection_path: str,
-    studies: list[dict],
-    model: str,
-    out_dir: str,
-) -> None:
-    """Export a batch for review with round ``model_round``'s predictions as the
+@dataclass(frozen=True)
+class ReviewExport:
+    """What one export_review job reads and writes (rule export_review): round
+    ``round_index``'s batch, pre-segmented by the model of round ``round_index - 1``."""
+
+    round_index: int
+    selection: str
+    studies: list[dict]
+    model: str
+    out_dir: str
+
+    @classmethod
+    def from_snakemake(cls, smk) -> ReviewExport:
+        return cls(
+            round_index=int(smk.wildcards.round),
+            selection=smk.input.selection,
+            studies=list(smk.params.studies),
+            model=smk.params.model,
+            out_dir=os.path.dirname(smk.output.manifest),
+        )
+
+
+def run_export_review(layout: Layout, job: ReviewExport) -> None:
+    """Export a batch for review with the previous round's predictions as the
     pre-segmentation."""
     from metsflow.active_learning.review import export_batch
 
-    index = _study_index(studies)
-    selection = pd.read_csv(selection_path, sep="\t", dtype={"study_id": str})
+    model_round = job.round_index - 1
+    index = _study_index(job.studies)
+    selection = pd.read_csv(job.selection, sep="\t", dtype={"study_id": str})
     export_batch(
         selection,
         images_for=lambda s: {k: v for k, v in index[s].images.items() if v is not None},
         presegmentation_for=lambda s: layout.study_prediction(model_round, s),
-        out_dir=out_dir,
-        round_index=round_index,
-        model_id=model,
+        out_dir=job.out_dir,
+        round_index=job.round_index,
+        model_id=job.model,
         patient_for=lambda s: index[s].patient_id,
     )
 
@@ -262,33 +278,51 @@ def run_correction_burden(
     return table
 
 
-def run_final_labels(
-    layout: Layout,
-    final_round: int,
-    plan_path: str,
-    prediction_manifests: list[str],
-    label_store: str,
-    sample_size: int,
-    seed: int,
-) -> pd.DataFrame:
+@dataclass(frozen=True)
+class FinalLabelInputs:
+    """What the final_labels job reads (rule final_labels; it writes ``Layout.final_labels``
+    and ``Layout.qa_sample``): the QA sample of ``sample_size`` studies is drawn with
+    ``seed``."""
+
+    final_round: int
+    plan: str
+    prediction_manifests: list[str]
+    label_store: str
+    sample_size: int
+    seed: int
+
+    @classmethod
+    def from_snakemake(cls, smk) -> FinalLabelInputs:
+        return cls(
+            final_round=int(smk.params.final_round),
+            plan=smk.input.plan,
+            prediction_manifests=list(smk.input.predictions),
+            label_store=smk.params.label_store,
+            sample_size=int(smk.params.sample_size),
+            seed=int(smk.params.seed),
+        )
+
+
+def run_final_labels(layout: Layout, job: FinalLabelInputs) -> pd.DataFrame:
     """The label every pool study ends the loop with, and a QA sample of the model-labelled ones
     (``metsflow.active_learning.final``)."""
     from metsflow.active_learning.final import final_label_table, qa_sample
     from metsflow.active_learning.labelstore import LabelStore
 
-    plan = pd.read_csv(plan_path, sep="\t", dtype=str, keep_default_na=False)
-    predictions = read_manifests(prediction_manifests)
+    final_round = job.final_round
+    plan = pd.read_csv(job.plan, sep="\t", dtype=str, keep_default_na=False)
+    predictions = read_manifests(job.prediction_manifests)
     labels = final_label_table(
         plan[plan.role == "pool"],
         set(predictions.loc[predictions.status == "ok", "study_id"].astype(str)),
-        LabelStore(label_store, create=False).all_confirmed(),
+        LabelStore(job.label_store, create=False).all_confirmed(),
         lambda study_id: layout.study_prediction(final_round, study_id),
         layout.model(final_round),
         final_round,
     )
     write_table(layout.final_labels, labels)
 
-    sample = qa_sample(labels, sample_size, seed)
+    sample = qa_sample(labels, job.sample_size, job.seed)
     write_table(layout.qa_sample, sample)
     counts = labels.source.value_counts().to_dict()
     log.info(
