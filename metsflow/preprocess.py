@@ -123,14 +123,7 @@ def crop_box(mask: np.ndarray, spacing: np.ndarray, margin_mm: float) -> tuple[l
 def _settings(params: PreprocessSettings | Mapping[str, Any] | None) -> PreprocessSettings:
     """``params`` (a settings object, or a dict of overrides of the defaults) checked, with
     the spacing as floats."""
-    if not isinstance(params, PreprocessSettings):
-        params = dict(params or {})
-        unknown = sorted(set(params) - set(DEFAULTS))
-        if unknown:
-            raise ValueError(
-                f"unknown preprocessing parameters {unknown}; known: {sorted(DEFAULTS)}"
-            )
-        params = PreprocessSettings.from_dict(params)
+    params = PreprocessSettings.from_dict(params, "preprocessing parameters")
     spacing = params.spacing
     if len(spacing) != 3 or min(float(s) for s in spacing) <= 0:
         raise ValueError(f"spacing must be 3 positive numbers (mm), got {spacing!r}")

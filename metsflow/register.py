@@ -57,15 +57,7 @@ OUTPUT_FILES = ("affine.mat", "warp.nii.gz", "inverse_warp.nii.gz")
 
 def _settings(params: RegisterSettings | Mapping[str, Any] | None) -> RegisterSettings:
     """``params`` (a settings object, or a dict of overrides of the defaults) checked."""
-    if not isinstance(params, RegisterSettings):
-        params = dict(params or {})
-        unknown = sorted(set(params) - set(DEFAULTS))
-        if unknown:
-            raise ValueError(
-                f"unknown registration parameters {unknown}; known: {sorted(DEFAULTS)}"
-            )
-        params = RegisterSettings.from_dict(params)
-    s = params
+    s = RegisterSettings.from_dict(params, "registration parameters")
     levels = {len(v) for v in (s.reg_iterations, s.levels_mm, s.smoothing_mm)}
     aff_levels = {len(v) for v in (s.aff_iterations, s.aff_levels_mm, s.aff_smoothing_mm)}
     if len(levels) != 1 or len(aff_levels) != 1:

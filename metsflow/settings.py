@@ -26,12 +26,18 @@ class _Section:
     """``from_dict`` (unknown keys refused) and ``as_dict`` for a settings dataclass."""
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None):
+    def from_dict(cls, values: Mapping[str, Any] | _Section | None, what: str | None = None):
+        """``values`` (overrides of the defaults; an instance is returned as it is). An unknown
+        key raises ``ValueError`` listing the known ones; ``what`` names them in the message
+        ("registration parameters"; default "<class>: ... keys")."""
+        if isinstance(values, cls):
+            return values
         values = dict(values or {})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown keys {unknown}; known: {sorted(names)}")
+            prefix = f"unknown {what}" if what else f"{cls.__name__}: unknown keys"
+            raise ValueError(f"{prefix} {unknown}; known: {sorted(names)}")
         return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:

@@ -412,7 +412,7 @@ def test_flatten_and_summarise():
 # ---------------------------------------------------------------- command line
 
 
-def test_cli_evaluate_prints_one_strict_json_object_per_group(tmp_path, capsys):
+def test_cli_evaluate_prints_one_strict_json_object_per_group(tmp_path, capsys, monkeypatch):
     from metsflow.cli import main
 
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -452,26 +452,15 @@ def test_cli_evaluate_prints_one_strict_json_object_per_group(tmp_path, capsys):
     assert main([*argv, "--convention", "brats"]) == 0
     assert {"ET", "TC", "WT"} <= set(json.loads(capsys.readouterr().out))
 
-
-def test_cli_defaults_are_the_librarys(tmp_path, capsys, monkeypatch):
-    """No --iou-threshold: metrics.DEFAULT_IOU_THRESHOLD (EvaluateSettings) decides; a bad
-    --alternative stops at parsing with the choices of metsflow.stats."""
-    from metsflow.cli import main
-
-    ref = box((12, 12, 12), (2, 6), (2, 6), (2, 6), value=ENHANCING)
-    pred = box((12, 12, 12), (2, 6), (2, 6), (4, 8), value=ENHANCING)  # IoU 1/3
-    for name, arr in (("pred", pred), ("ref", ref)):
-        io.save_nifti(tmp_path / f"{name}.nii.gz", arr, np.eye(4), dtype=np.uint8)
-    argv = [
-        "evaluate",
-        "--pred",
-        str(tmp_path / "pred.nii.gz"),
-        "--ref",
-        str(tmp_path / "ref.nii.gz"),
-    ]
+    # Without --iou-threshold the library's default (EvaluateSettings.iou_threshold) decides.
     monkeypatch.setattr(metrics, "DEFAULT_IOU_THRESHOLD", 0.4)
     assert main(argv) == 0
-    assert json.loads(capsys.readouterr().out)["whole_lesion"]["lesion_tp"] == 0
+    assert json.loads(capsys.readouterr().out)["whole_lesion"]["lesion_tp"] == 0  # IoU 1/3
+
+
+def test_cli_alternative_is_checked_against_the_stats_module(capsys):
+    from metsflow.cli import main
+
     with pytest.raises(SystemExit):
         main(["stats", "compare", "a.tsv", "b.tsv", "--alternative", "bigger"])
     assert "use one of greater, less, two-sided" in capsys.readouterr().err
