@@ -125,10 +125,12 @@ def _study_index(records: list[dict]) -> dict[str, Study]:
 
 @dataclass(frozen=True)
 class ReviewExport:
-    """What one export_review job reads and writes (rule export_review): round
-    ``round_index``'s batch, pre-segmented by the model of round ``round_index - 1``."""
+    """What one review export reads and writes: ``selection``'s studies, pre-segmented by the
+    predictions of round ``model_round`` (rule export_review: round r's batch and the model of
+    round r - 1; rule export_final_qa: the QA sample and the final model)."""
 
     round_index: int
+    model_round: int
     selection: str
     studies: list[dict]
     model: str
@@ -136,27 +138,41 @@ class ReviewExport:
 
     @classmethod
     def from_snakemake(cls, smk) -> ReviewExport:
+        """Rule export_review."""
+        round_index = int(smk.wildcards.round)
         return cls(
-            round_index=int(smk.wildcards.round),
+            round_index=round_index,
+            model_round=round_index - 1,
             selection=smk.input.selection,
             studies=list(smk.params.studies),
             model=smk.params.model,
             out_dir=os.path.dirname(smk.output.manifest),
         )
 
+    @classmethod
+    def final_qa_from_snakemake(cls, smk) -> ReviewExport:
+        """Rule export_final_qa."""
+        return cls(
+            round_index=int(smk.params.round_index),
+            model_round=int(smk.params.round_index),
+            selection=smk.input.selection,
+            studies=list(smk.params.studies),
+            model=smk.input.model,
+            out_dir=os.path.dirname(smk.output.manifest),
+        )
+
 
 def run_export_review(layout: Layout, job: ReviewExport) -> None:
-    """Export a batch for review with the previous round's predictions as the
+    """Export a batch for review with round ``job.model_round``'s predictions as the
     pre-segmentation."""
     from metsflow.active_learning.review import export_batch
 
-    model_round = job.round_index - 1
     index = _study_index(job.studies)
     selection = pd.read_csv(job.selection, sep="\t", dtype={"study_id": str})
     export_batch(
         selection,
         images_for=lambda s: {k: v for k, v in index[s].images.items() if v is not None},
-        presegmentation_for=lambda s: layout.study_prediction(model_round, s),
+        presegmentation_for=lambda s: layout.study_prediction(job.model_round, s),
         out_dir=job.out_dir,
         round_index=job.round_index,
         model_id=job.model,
