@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,16 @@ from metsflow.settings import BrainMaskSettings
 MASK_DEFAULTS: dict[str, Any] = BrainMaskSettings().as_dict()
 
 
+def mask_settings(params: BrainMaskSettings | Mapping[str, Any]) -> BrainMaskSettings:
+    """The mask knobs of ``params``: a settings object (``PreprocessSettings`` is one) or a
+    dict such as ``preprocess.DEFAULTS`` (its other keys ignored; a missing knob = default)."""
+    if isinstance(params, BrainMaskSettings):
+        return params
+    return BrainMaskSettings.from_dict({k: v for k, v in params.items() if k in MASK_DEFAULTS})
+
+
 def detect_skull_stripped(
-    data: np.ndarray, voxel_volume_ml: float, params: dict[str, Any]
+    data: np.ndarray, voxel_volume_ml: float, params: BrainMaskSettings | Mapping[str, Any]
 ) -> tuple[bool, dict[str, float]]:
     """Decide whether ``data`` (native T1c) is already skull-stripped.
 
@@ -50,13 +58,14 @@ def detect_skull_stripped(
     the air, so exact repeats of the minimum are rare; a zero-filled unstripped head is caught
     by the volume limit. Returns the decision and the numbers behind it (for geometry.json).
     """
+    s = mask_settings(params)
     background_value = float(data.min())
     background = data == background_value
     background_fraction = float(background.mean())
     support_ml = float((~background).sum() * voxel_volume_ml)
     stripped = bool(
-        background_fraction >= params["stripped_min_background_fraction"]
-        and 0.0 < support_ml <= params["stripped_max_volume_ml"]
+        background_fraction >= s.stripped_min_background_fraction
+        and 0.0 < support_ml <= s.stripped_max_volume_ml
     )
     return stripped, {
         "background_value": background_value,
@@ -113,7 +122,7 @@ def nifti_to_ants(img: nib.Nifti1Image, dtype=np.float32) -> ants.ANTsImage:
 def atlas_brain_mask(
     t1c: ants.ANTsImage,
     target: ants.ANTsImage,
-    params: dict[str, Any],
+    params: BrainMaskSettings | Mapping[str, Any],
     outprefix: str,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Atlas brain mask of ``t1c`` on the grid of ``target`` (boolean array).
@@ -124,7 +133,8 @@ def atlas_brain_mask(
     ``outprefix`` must point into a temporary folder the caller removes (ANTs writes the
     transform there).
     """
-    resolution = float(params["atlas_resolution_mm"])
+    s = mask_settings(params)
+    resolution = float(s.atlas_resolution_mm)
     template, mni_mask = _mni_atlas(resolution)
     # Gaussian pre-smoothing (sigma ~ half the new spacing, in mm) avoids aliasing when a
     # sub-mm T1c is subsampled to the working resolution.
@@ -132,39 +142,39 @@ def atlas_brain_mask(
     fixed = ants.resample_image(smoothed, (resolution,) * 3, use_voxels=False, interp_type=0)
     fixed = ants.iMath(fixed, "Normalize")
     moving = ants.iMath(template, "Normalize")
-    rough = rough_brain_mask(fixed, float(params["rough_erosion_mm"]))
+    rough = rough_brain_mask(fixed, float(s.rough_erosion_mm))
     info: dict[str, Any] = {
         "atlas_resolution_mm": resolution,
         "rough_brain_ml": round(float(rough.sum()) * resolution**3 / 1000.0, 1),
     }
     fixed_mask = fixed.new_image_like(
-        dilate_mm_ball(
-            rough, np.full(3, resolution), float(params["atlas_metric_margin_mm"])
-        ).astype(np.float32)
+        dilate_mm_ball(rough, np.full(3, resolution), float(s.atlas_metric_margin_mm)).astype(
+            np.float32
+        )
     )
     template_mask = ants.resample_image_to_target(mni_mask, template, interp_type="genericLabel")
     moving_mask = template_mask.new_image_like(
         dilate_mm_ball(
             template_mask.numpy() > 0.5,
             np.asarray(template_mask.spacing, dtype=float),
-            float(params["atlas_metric_margin_mm"]),
+            float(s.atlas_metric_margin_mm),
         ).astype(np.float32)
     )
     initial = _centroid_translation(fixed.new_image_like(rough.astype(np.float32)), template_mask)
     ants.write_transform(initial, outprefix + "initial.mat")
-    with ants_random_seed(params.get("random_seed")):
+    with ants_random_seed(s.random_seed):
         reg = ants.registration(
             fixed=fixed,
             moving=moving,
-            type_of_transform=params["atlas_transform"],
+            type_of_transform=s.atlas_transform,
             initial_transform=[outprefix + "initial.mat"],
             outprefix=outprefix,
             mask=fixed_mask,
             moving_mask=moving_mask,
             aff_metric="mattes",
-            aff_iterations=tuple(params["atlas_iterations"]),
-            aff_shrink_factors=tuple(params["atlas_shrink_factors"]),
-            aff_smoothing_sigmas=tuple(params["atlas_smoothing_sigmas"]),
+            aff_iterations=tuple(s.atlas_iterations),
+            aff_shrink_factors=tuple(s.atlas_shrink_factors),
+            aff_smoothing_sigmas=tuple(s.atlas_smoothing_sigmas),
         )
     warped = ants.apply_transforms(
         fixed=target,
@@ -173,7 +183,7 @@ def atlas_brain_mask(
         interpolator="genericLabel",
     )
     mask = warped.numpy() > 0.5
-    dilate_mm = float(params["atlas_mask_dilate_mm"])
+    dilate_mm = float(s.atlas_mask_dilate_mm)
     if dilate_mm > 0 and mask.any():
         mask = dilate_mm_ball(mask, np.asarray(target.spacing, dtype=float), dilate_mm)
     info["atlas_dilate_mm"] = dilate_mm

@@ -115,13 +115,13 @@ def _json_number(value):
 
 
 def _cmd_evaluate(args) -> int:
-    from metsflow.metrics import evaluate_files
+    from metsflow.metrics import DEFAULT_IOU_THRESHOLD, evaluate_files
 
     result = evaluate_files(
         args.pred,
         args.ref,
         convention=args.convention,
-        iou_threshold=args.iou_threshold,
+        iou_threshold=DEFAULT_IOU_THRESHOLD if args.iou_threshold is None else args.iou_threshold,
         nsd_rate=args.ndsc_rate,
     )
     # Strict JSON: a metric that is undefined here (nDSC without a cohort rate) is null, not NaN.
@@ -135,6 +135,15 @@ def _cmd_evaluate(args) -> int:
         write_text(args.json, text + "\n")
     print(text)
     return 0
+
+
+def _alternative(value: str) -> str:
+    """``--alternative``: one of ``metsflow.stats.ALTERNATIVES`` (checked while parsing)."""
+    from metsflow.stats import ALTERNATIVES
+
+    if value not in ALTERNATIVES:
+        raise argparse.ArgumentTypeError(f"{value!r}: use one of {', '.join(ALTERNATIVES)}")
+    return value
 
 
 def _cmd_stats_compare(args) -> int:
@@ -509,7 +518,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pred", required=True)
     evaluate.add_argument("--ref", required=True)
     evaluate.add_argument("--convention", choices=["internal", "brats"], default="internal")
-    evaluate.add_argument("--iou-threshold", type=float, default=0.25)
+    # The defaults are the library's (metsflow.settings.EvaluateSettings, metsflow.stats), read
+    # when the command runs: importing them here would add ~0.8 s to every command (numpy,
+    # nibabel, scipy).
+    evaluate.add_argument(
+        "--iou-threshold",
+        type=float,
+        help="lesions match when their IoU is greater than this (default: the workflow's "
+        "evaluate.iou_threshold default)",
+    )
     evaluate.add_argument(
         "--ndsc-rate",
         type=float,
@@ -530,8 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--group", action="append", help="repeatable; default whole_lesion, ...")
     compare.add_argument(
         "--alternative",
-        choices=["greater", "less", "two-sided"],
-        help="default: a greater, except less for HD95",
+        type=_alternative,
+        help="greater | less | two-sided (a vs b); default per metric: less where lower is "
+        "better (metsflow.metrics.LOWER_IS_BETTER: hd95, FP/FN counts), else greater",
     )
     compare.add_argument("--out", help="also write the full table (TSV)")
     compare.set_defaults(func=_cmd_stats_compare)

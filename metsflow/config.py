@@ -5,8 +5,8 @@ set; every section is closed (``additionalProperties: false``), so a typo such a
 ``train.learing_rate`` stops the run at start-up, naming the key, the section and the nearest
 valid name, instead of being silently ignored for a night of cluster time.
 
-A section whose knobs are a settings dataclass of ``metsflow.settings`` (preprocess, register,
-train, train.stage2) names it in ``x-keys-from``; its fields are the section's keys, so the
+A section whose knobs are a settings dataclass of ``metsflow.settings`` (model, preprocess,
+register, train, train.stage2) names it in ``x-keys-from``; its fields are the section's keys, so the
 dataclass stays the one owner of the knobs and their defaults (the modules' ``DEFAULTS`` dicts
 derive from it). ``metsflow.settings`` imports nothing heavy: reading ``metsflow.train`` itself
 would pull in torch and MONAI, 5.6 s added to every dry run on the 2-core test machine

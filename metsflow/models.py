@@ -34,6 +34,7 @@ from torch import nn
 from metsflow import __version__ as METSFLOW_VERSION
 from metsflow import labels as lab
 from metsflow.io import StudyError, atomic_path, load_nifti
+from metsflow.settings import ModelSettings, PreprocessSettings
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,11 @@ CHANNELS = (*SEQUENCES, PRIOR)
 LABEL_MODES = {"multiclass": 4, "whole": 2}
 ARCHS = ("dynunet", "segresnet")
 LOSSES = ("dice_ce", "tversky_bce")
+
+# The model section's defaults are owned by metsflow.settings.ModelSettings; the grid spacing's
+# by PreprocessSettings.
+MODEL_DEFAULTS: dict[str, Any] = ModelSettings.defaults()
+DEFAULT_SPACING = tuple(PreprocessSettings().spacing)
 
 CHECKPOINT_FORMAT = "metsflow-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -124,20 +130,26 @@ def dynunet_plan(
     return kernels, strides
 
 
+def model_params(params: dict) -> dict:
+    """``params`` completed with the ``model`` section's defaults (a ``None`` value = default)."""
+    return {**MODEL_DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+
+
 def network_spec(params: dict) -> dict:
     """The exact network constructor arguments (plain types) for ``params``.
 
     Keys read: ``arch`` (dynunet|segresnet), ``channels``, ``label_mode``, ``patch_size``,
-    ``spacing`` (default 1 mm), ``filters`` (dynunet; default nnU-Net's 32..320),
-    ``init_filters`` (segresnet; default 32), ``dropout`` (default none).
+    ``spacing`` (``DEFAULT_SPACING``), ``filters`` (dynunet), ``init_filters`` (segresnet),
+    ``dropout``, ``res_block``; a missing key takes its ``MODEL_DEFAULTS`` value.
     """
-    arch = params.get("arch", "dynunet")
+    params = model_params(params)
+    arch = params["arch"]
     in_channels = len(check_channels(params["channels"]))
     out_channels = num_classes(params["label_mode"])
     patch = _triple(params["patch_size"], "patch_size", int)
     if arch == "dynunet":
-        spacing = _triple(params.get("spacing", (1.0, 1.0, 1.0)), "spacing")
-        filters = [int(f) for f in params.get("filters") or (32, 64, 128, 256, 320, 320)]
+        spacing = _triple(params.get("spacing", DEFAULT_SPACING), "spacing")
+        filters = [int(f) for f in params["filters"]]
         kernels, strides = dynunet_plan(patch, spacing, max_levels=len(filters))
         if len(strides) < len(filters):
             log.info(
@@ -155,21 +167,21 @@ def network_spec(params: dict) -> dict:
             "strides": strides,
             "upsample_kernel_size": strides[1:],
             "filters": filters[: len(strides)],
-            "dropout": params.get("dropout"),
+            "dropout": params["dropout"],
             # Deep supervision is off: it changes the training output to a stacked tensor and
             # needs per-scale targets; on the small patches used here it buys little.
             "deep_supervision": False,
-            "res_block": bool(params.get("res_block", False)),
+            "res_block": bool(params["res_block"]),
         }
     elif arch == "segresnet":
         kwargs = {
             "spatial_dims": 3,
             "in_channels": in_channels,
             "out_channels": out_channels,
-            "init_filters": int(params.get("init_filters", 32)),
+            "init_filters": int(params["init_filters"]),
             "blocks_down": [1, 2, 2, 4],
             "blocks_up": [1, 1, 1],
-            "dropout_prob": params.get("dropout"),
+            "dropout_prob": params["dropout"],
         }
         # SegResNet downsamples 3 times.
         if any(p % 8 for p in patch):
@@ -277,7 +289,8 @@ def build_loss(params: dict) -> nn.Module:
     batch Dice as nnU-Net does, so patches without lesion do not give a degenerate Dice);
     ``tversky_bce``: ``TverskyBCELoss``. Called as ``loss(logits, target)`` with target
     ``(B, 1, X, Y, Z)`` holding class indices (see ``encode_target``)."""
-    name = params.get("loss", "dice_ce")
+    params = model_params(params)
+    name = params["loss"]
     if name == "dice_ce":
         from monai.losses import DiceCELoss
 
@@ -286,8 +299,8 @@ def build_loss(params: dict) -> nn.Module:
         base = TverskyBCELoss()
     else:
         raise ValueError(f"unknown loss {name!r}; use one of {list(LOSSES)}")
-    weight = float(params.get("region_loss_weight", 1.0))
-    regions = nested_regions(params.get("label_mode", "multiclass"))
+    weight = float(params["region_loss_weight"])
+    regions = nested_regions(params["label_mode"])
     if weight == 0 or not regions:
         return base
     return NestedRegionDiceLoss(base, regions, weight)
@@ -403,15 +416,16 @@ def checkpoint_meta(params: dict, **extra: Any) -> dict:
     """Metadata describing a network trained with ``params`` (plain types only)."""
     import monai
 
+    model = model_params(params)
     meta = {
-        "network": network_spec(params),
-        "arch": params.get("arch", "dynunet"),
-        "channels": check_channels(params["channels"]),
-        "label_mode": params["label_mode"],
+        "network": network_spec(model),
+        "arch": model["arch"],
+        "channels": check_channels(model["channels"]),
+        "label_mode": model["label_mode"],
         "label_convention": "internal",
-        "num_classes": num_classes(params["label_mode"]),
-        "patch_size": _triple(params["patch_size"], "patch_size", int),
-        "spacing": _triple(params.get("spacing", (1.0, 1.0, 1.0)), "spacing"),
+        "num_classes": num_classes(model["label_mode"]),
+        "patch_size": _triple(model["patch_size"], "patch_size", int),
+        "spacing": _triple(model.get("spacing", DEFAULT_SPACING), "spacing"),
         "normalisation": NORMALISATION,
         "versions": {
             "metsflow": METSFLOW_VERSION,

@@ -9,7 +9,7 @@ Grid convention (the only one used in metsflow)
   (nibabel / MONAI convention; ITK's physical point is the same point).
 * The native T1c is reoriented to the closest RAS axis order (``nib.as_closest_canonical``:
   a permutation/flip only, so obliquity is kept and no voxel is interpolated).
-* The target grid has the RAS T1c's axis directions and ``params["spacing"]``. It keeps the
+* The target grid has the RAS T1c's axis directions and the ``spacing`` setting. It keeps the
   outer corner of the native voxel (0,0,0) - the point ``A_ras @ (-0.5,-0.5,-0.5)`` - and
   covers the native physical extent: along axis ``k``, ``n'_k = round(n_k s_k / s'_k)``
   voxels, so native index ``i`` and target index ``j`` of the same world point satisfy
@@ -32,10 +32,12 @@ ANTs writes its transforms under a per-job temporary folder (inside ``workdir`` 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -118,17 +120,15 @@ def crop_box(mask: np.ndarray, spacing: np.ndarray, margin_mm: float) -> tuple[l
 # --------------------------------------------------------------------------------------------
 # Steps
 # --------------------------------------------------------------------------------------------
-def _merge_params(params: dict[str, Any] | None) -> dict[str, Any]:
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown preprocessing parameters {unknown}; known: {sorted(DEFAULTS)}")
-    merged = {**DEFAULTS, **params}
-    spacing = merged["spacing"]
+def _settings(params: PreprocessSettings | Mapping[str, Any] | None) -> PreprocessSettings:
+    """``params`` (a settings object, or a dict of overrides of the defaults) checked, with
+    the spacing as floats."""
+    params = PreprocessSettings.from_dict(params, "preprocessing parameters")
+    spacing = params.spacing
     if len(spacing) != 3 or min(float(s) for s in spacing) <= 0:
         raise ValueError(f"spacing must be 3 positive numbers (mm), got {spacing!r}")
-    merged["spacing"] = [float(s) for s in spacing]
-    method = merged["brain_mask"]
+    settings = dataclasses.replace(params, spacing=[float(s) for s in spacing])
+    method = settings.brain_mask
     if method not in MASK_METHODS and "{study_id}" not in str(method):
         raise ValueError(
             f"brain_mask must be one of {MASK_METHODS} or a path template with '{{study_id}}', "
@@ -136,11 +136,11 @@ def _merge_params(params: dict[str, Any] | None) -> dict[str, Any]:
         )
     for stage in ("atlas", "coreg"):
         keys = [f"{stage}_iterations", f"{stage}_shrink_factors", f"{stage}_smoothing_sigmas"]
-        if len({len(merged[k]) for k in keys}) != 1:
+        if len({len(getattr(settings, k)) for k in keys}) != 1:
             raise ValueError(f"{', '.join(keys)} need one entry per level")
-    if merged["coregister"] not in ("rigid", "none"):
-        raise ValueError(f"coregister must be 'rigid' or 'none', got {merged['coregister']!r}")
-    return merged
+    if settings.coregister not in ("rigid", "none"):
+        raise ValueError(f"coregister must be 'rigid' or 'none', got {settings.coregister!r}")
+    return settings
 
 
 def _load_inputs(
@@ -162,7 +162,7 @@ def _load_inputs(
 
 
 def _rigid_coregister(
-    fixed: ants.ANTsImage, moving: ants.ANTsImage, params: dict[str, Any], outprefix: str
+    fixed: ants.ANTsImage, moving: ants.ANTsImage, settings: PreprocessSettings, outprefix: str
 ) -> str:
     """Rigid ANTs registration of ``moving`` to ``fixed``; returns the .mat path.
 
@@ -173,8 +173,8 @@ def _rigid_coregister(
     Sequences of one session share scanner coordinates, so the search starts from identity:
     a centre-of-mass start would be pulled off by differences in field of view and contrast.
     """
-    moving = _working_resolution(moving, float(params["coreg_resolution_mm"]))
-    with brainmask.ants_random_seed(params.get("random_seed")):
+    moving = _working_resolution(moving, float(settings.coreg_resolution_mm))
+    with brainmask.ants_random_seed(settings.random_seed):
         reg = ants.registration(
             fixed=fixed,
             moving=moving,
@@ -182,9 +182,9 @@ def _rigid_coregister(
             initial_transform=["Identity"],
             outprefix=outprefix,
             aff_metric="mattes",
-            aff_iterations=tuple(params["coreg_iterations"]),
-            aff_shrink_factors=tuple(params["coreg_shrink_factors"]),
-            aff_smoothing_sigmas=tuple(params["coreg_smoothing_sigmas"]),
+            aff_iterations=tuple(settings.coreg_iterations),
+            aff_shrink_factors=tuple(settings.coreg_shrink_factors),
+            aff_smoothing_sigmas=tuple(settings.coreg_smoothing_sigmas),
         )
     return reg["fwdtransforms"][0]
 
@@ -246,20 +246,20 @@ def _brain_mask(
     t1c_native: nib.Nifti1Image,
     t1c_ants: ants.ANTsImage,
     target: ants.ANTsImage,
-    params: dict[str, Any],
+    settings: PreprocessSettings,
     tmp: Path,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Brain mask on the target grid and a record of how it was made."""
     data = np.asarray(t1c_native.dataobj)
     voxel_ml = float(np.prod(t1c_native.header.get_zooms()[:3])) / 1000.0
-    stripped, detection = brainmask.detect_skull_stripped(data, voxel_ml, params)
+    stripped, detection = brainmask.detect_skull_stripped(data, voxel_ml, settings)
     info: dict[str, Any] = {"skull_stripped": stripped, "skull_strip_detection": detection}
     if method == "auto":
         method = "nonzero" if stripped else "atlas"
     info["mask_method"] = method
     if method == "atlas":
         mask, atlas_info = brainmask.atlas_brain_mask(
-            t1c_ants, target, params, outprefix=str(tmp / "atlas_")
+            t1c_ants, target, settings, outprefix=str(tmp / "atlas_")
         )
         info.update(atlas_info)
         return mask, info
@@ -308,13 +308,13 @@ def _load_label(
 def preprocess_study(
     study,
     out_dir: str | Path,
-    params: dict[str, Any] | None = None,
+    params: PreprocessSettings | Mapping[str, Any] | None = None,
     threads: int = 1,
     workdir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Preprocess one study into ``out_dir`` (see module docstring); returns geometry.json's dict."""
     set_threads(threads)
-    params = _merge_params(params)
+    settings = _settings(params)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     study_id = study.study_id
@@ -327,15 +327,15 @@ def preprocess_study(
         seconds[step] = round(now - clock, 3)
         clock = now
 
-    native, paths = _load_inputs(study, params["max_image_mb"])
+    native, paths = _load_inputs(study, settings.max_image_mb)
     label_img = convention = None
     if getattr(study, "label", None) is not None:
-        label_img, convention = _load_label(study, native["t1c"], params["max_image_mb"])
+        label_img, convention = _load_label(study, native["t1c"], settings.max_image_mb)
         paths["label"] = str(study.label)
     t1c_native = native["t1c"]
     ras = {name: nib.as_closest_canonical(img) for name, img in native.items()}
     ants_images = {name: _to_ants(img, study_id, name, paths[name]) for name, img in ras.items()}
-    spacing = np.asarray(params["spacing"], dtype=float)
+    spacing = np.asarray(settings.spacing, dtype=float)
     grid_affine, grid_shape = target_grid(ras["t1c"].affine, ras["t1c"].shape, spacing)
     target = _empty_ants_grid(grid_affine, grid_shape)
     lap("load")
@@ -345,12 +345,12 @@ def preprocess_study(
         transforms: dict[str, str] = {}
         coregistration: dict[str, dict[str, Any]] = {}
         moving = [name for name in MOVING_SEQUENCES if name in ants_images]
-        if params["coregister"] == "rigid" and moving:
+        if settings.coregister == "rigid" and moving:
             centre = _ants_centre(ants_images["t1c"])
-            fixed = _working_resolution(ants_images["t1c"], float(params["coreg_resolution_mm"]))
+            fixed = _working_resolution(ants_images["t1c"], float(settings.coreg_resolution_mm))
             for name in moving:
                 transforms[name] = _rigid_coregister(
-                    fixed, ants_images[name], params, str(tmp / f"{name}_")
+                    fixed, ants_images[name], settings, str(tmp / f"{name}_")
                 )
                 coregistration[name] = {
                     "transform": f"transforms/{name}_to_t1c.mat",
@@ -363,18 +363,18 @@ def preprocess_study(
         # cubic B-spline resampling is the costliest per-voxel step at 1 mm).
         mask, mask_info = _brain_mask(
             study,
-            params["brain_mask"],
+            settings.brain_mask,
             t1c_native,
             ants_images["t1c"],
             target,
-            params,
+            settings,
             tmp,
         )
         if not mask.any():
             raise StudyError(
                 study_id, f"brain mask ({mask_info['mask_method']}) is empty", paths["t1c"]
             )
-        start, stop = crop_box(mask, spacing, params["crop_margin_mm"])
+        start, stop = crop_box(mask, spacing, settings.crop_margin_mm)
         box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
         final_affine = grid_affine.copy()
         final_affine[:3, 3] = grid_affine[:3, :3] @ np.asarray(start, float) + grid_affine[:3, 3]
@@ -396,7 +396,7 @@ def preprocess_study(
         normalised, zstats = {}, {}
         for name, data in resampled.items():
             normalised[name], zstats[name] = _zscore(
-                data, mask, params["zscore_clip"], study_id, name
+                data, mask, settings.zscore_clip, study_id, name
             )
         lap("normalise")
 
@@ -445,7 +445,7 @@ def preprocess_study(
         "target": {"affine": grid_affine.tolist(), "shape": list(grid_shape)},
         "crop": {"start": start, "stop": stop},
         "final": {"affine": final_affine.tolist(), "shape": final_shape},
-        "spacing": params["spacing"],
+        "spacing": settings.spacing,
         "sequences_present": [s for s in SEQUENCES if s in native],
         "sequences_missing": [s for s in SEQUENCES if s not in native],
         "coregistration": coregistration,
@@ -454,7 +454,7 @@ def preprocess_study(
         "zscore": zstats,
         "label": label_info,
         "seconds": seconds,
-        "params": params,
+        "params": settings.as_dict(),
     }
     write_json(out_dir / "geometry.json", geometry)
     return geometry

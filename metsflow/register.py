@@ -36,6 +36,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,23 +55,20 @@ DEFAULTS: dict[str, Any] = RegisterSettings().as_dict()
 OUTPUT_FILES = ("affine.mat", "warp.nii.gz", "inverse_warp.nii.gz")
 
 
-def _merge_params(params: dict[str, Any] | None) -> dict[str, Any]:
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown registration parameters {unknown}; known: {sorted(DEFAULTS)}")
-    merged = {**DEFAULTS, **params}
-    levels = {len(merged[k]) for k in ("reg_iterations", "levels_mm", "smoothing_mm")}
-    aff_levels = {len(merged[k]) for k in ("aff_iterations", "aff_levels_mm", "aff_smoothing_mm")}
+def _settings(params: RegisterSettings | Mapping[str, Any] | None) -> RegisterSettings:
+    """``params`` (a settings object, or a dict of overrides of the defaults) checked."""
+    s = RegisterSettings.from_dict(params, "registration parameters")
+    levels = {len(v) for v in (s.reg_iterations, s.levels_mm, s.smoothing_mm)}
+    aff_levels = {len(v) for v in (s.aff_iterations, s.aff_levels_mm, s.aff_smoothing_mm)}
     if len(levels) != 1 or len(aff_levels) != 1:
         raise ValueError("iterations, levels (mm) and smoothing (mm) need one entry per level")
     for key in ("levels_mm", "aff_levels_mm"):
-        values = [float(v) for v in merged[key]]
+        values = [float(v) for v in getattr(s, key)]
         if min(values) <= 0 or values != sorted(values, reverse=True):
-            raise ValueError(f"{key} must be positive and coarse to fine, got {merged[key]!r}")
-    if merged["syn_metric"] not in ("CC", "Mattes", "MeanSquares"):
-        raise ValueError(f"syn_metric must be CC, Mattes or MeanSquares: {merged['syn_metric']!r}")
-    return merged
+            raise ValueError(f"{key} must be positive and coarse to fine, got {getattr(s, key)!r}")
+    if s.syn_metric not in ("CC", "Mattes", "MeanSquares"):
+        raise ValueError(f"syn_metric must be CC, Mattes or MeanSquares: {s.syn_metric!r}")
+    return s
 
 
 def _x(values) -> str:
@@ -106,14 +104,14 @@ def pyramid(
     }
 
 
-def _metric(name: str, fixed: str, moving: str, params: dict[str, Any], stage: str) -> str:
+def _metric(name: str, fixed: str, moving: str, s: RegisterSettings, stage: str) -> str:
     if name == "CC":
-        return f"CC[{fixed},{moving},1,{int(params['cc_radius'])}]"
+        return f"CC[{fixed},{moving},1,{int(s.cc_radius)}]"
     if name == "MeanSquares":
         return f"MeanSquares[{fixed},{moving},1,0]"
-    bins = params["aff_bins"] if stage == "aff" else params["syn_bins"]
+    bins = s.aff_bins if stage == "aff" else s.syn_bins
     if stage == "aff":
-        return f"Mattes[{fixed},{moving},1,{bins},Regular,{params['aff_sampling_rate']}]"
+        return f"Mattes[{fixed},{moving},1,{bins},Regular,{s.aff_sampling_rate}]"
     return f"Mattes[{fixed},{moving},1,{bins}]"
 
 
@@ -123,38 +121,37 @@ def ants_command(
     fixed_mask: str,
     moving_mask: str,
     outprefix: str,
-    params: dict,
+    params: RegisterSettings | Mapping[str, Any],
     spacing_mm: float,
 ) -> list[str]:
     """antsRegistration arguments: mask-centroid start, affine stage, SyN stage.
 
     ``spacing_mm`` is the (finest) voxel size of the fixed grid, which sets the shrink factors.
     """
+    s = _settings(params)
     masks = f"[{fixed_mask},{moving_mask}]"
-    aff = pyramid(
-        params["aff_levels_mm"], params["aff_iterations"], params["aff_smoothing_mm"], spacing_mm
-    )
-    syn = pyramid(params["levels_mm"], params["reg_iterations"], params["smoothing_mm"], spacing_mm)
-    convergence = f"{params['convergence_threshold']},{params['convergence_window']}"
+    aff = pyramid(s.aff_levels_mm, s.aff_iterations, s.aff_smoothing_mm, spacing_mm)
+    syn = pyramid(s.levels_mm, s.reg_iterations, s.smoothing_mm, spacing_mm)
+    convergence = f"{s.convergence_threshold},{s.convergence_window}"
     return [
         "--dimensionality", "3",
         "--float", "1",
         "--collapse-output-transforms", "1",
-        "--random-seed", str(int(params["random_seed"])),
+        "--random-seed", str(int(s.random_seed)),
         "--output", outprefix,
         "--interpolation", "Linear",
         "--use-histogram-matching", "0",
         # z-scored images have negative values: centre on the brain masks, not on intensity.
         "--initial-moving-transform", f"[{fixed_mask},{moving_mask},1]",
-        "--transform", f"{params['aff_transform']}[{params['aff_gradient_step']}]",
-        "--metric", _metric(params["aff_metric"], fixed, moving, params, "aff"),
+        "--transform", f"{s.aff_transform}[{s.aff_gradient_step}]",
+        "--metric", _metric(s.aff_metric, fixed, moving, s, "aff"),
         "--convergence", f"[{_x(aff['iterations'])},{convergence}]",
         "--shrink-factors", _x(aff["shrink_factors"]),
         "--smoothing-sigmas", _x(aff["smoothing_mm"]) + "mm",
         "--masks", masks,
         "--transform",
-        f"SyN[{params['syn_gradient_step']},{params['syn_flow_sigma']},{params['syn_total_sigma']}]",
-        "--metric", _metric(params["syn_metric"], fixed, moving, params, "syn"),
+        f"SyN[{s.syn_gradient_step},{s.syn_flow_sigma},{s.syn_total_sigma}]",
+        "--metric", _metric(s.syn_metric, fixed, moving, s, "syn"),
         "--convergence", f"[{_x(syn['iterations'])},{convergence}]",
         "--shrink-factors", _x(syn["shrink_factors"]),
         "--smoothing-sigmas", _x(syn["smoothing_mm"]) + "mm",
@@ -189,12 +186,12 @@ def register_followup(
     followup_dir: str | Path,
     previous_dir: str | Path,
     out_dir: str | Path,
-    params: dict[str, Any] | None = None,
+    params: RegisterSettings | Mapping[str, Any] | None = None,
     threads: int = 1,
 ) -> dict[str, Any]:
     """Register the follow-up (moving) to the previous study (fixed); returns the QC dict."""
     set_threads(threads)
-    params = _merge_params(params)
+    s = _settings(params)
     followup_dir, previous_dir, out_dir = Path(followup_dir), Path(previous_dir), Path(out_dir)
     study_id = followup_dir.name
     start = time.perf_counter()
@@ -213,7 +210,7 @@ def register_followup(
             ("moving", moving_mask, moving_img),
         ):
             spacing = np.asarray(img.header.get_zooms()[:3], dtype=float)
-            dilated = dilate_mm_ball(mask, spacing, max(0.0, float(params["mask_dilate_mm"])))
+            dilated = dilate_mm_ball(mask, spacing, max(0.0, float(s.mask_dilate_mm)))
             mask_files[role] = tmp / f"{role}_mask.nii.gz"
             save_nifti(mask_files[role], dilated, img.affine, dtype=np.uint8)
         outprefix = str(tmp / "reg_")
@@ -224,7 +221,7 @@ def register_followup(
             str(mask_files["fixed"]),
             str(mask_files["moving"]),
             outprefix,
-            params,
+            s,
             spacing_mm,
         )
         exit_code = ants.internal.get_lib_fn("antsRegistration")(args)
@@ -246,7 +243,7 @@ def register_followup(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    qc = _quality(fixed_img, moving_img, fixed_mask, moving_mask, out_dir, params)
+    qc = _quality(fixed_img, moving_img, fixed_mask, moving_mask, out_dir, s)
     qc.update(
         followup=study_id,
         previous=previous_dir.name,
@@ -257,16 +254,14 @@ def register_followup(
         spacing_mm=spacing_mm,
         schedule={
             "affine": pyramid(
-                params["aff_levels_mm"],
-                params["aff_iterations"],
-                params["aff_smoothing_mm"],
+                s.aff_levels_mm,
+                s.aff_iterations,
+                s.aff_smoothing_mm,
                 spacing_mm,
             ),
-            "syn": pyramid(
-                params["levels_mm"], params["reg_iterations"], params["smoothing_mm"], spacing_mm
-            ),
+            "syn": pyramid(s.levels_mm, s.reg_iterations, s.smoothing_mm, spacing_mm),
         },
-        params=params,
+        params=s.as_dict(),
     )
     write_json(out_dir / "qc.json", qc)
     return qc
@@ -278,7 +273,7 @@ def _quality(
     fixed_mask: np.ndarray,
     moving_mask: np.ndarray,
     reg_dir: Path,
-    params: dict[str, Any],
+    s: RegisterSettings,
 ) -> dict[str, Any]:
     """NCC and brain-mask Dice before (scanner space) and after registration, Jacobian range."""
     fixed = nifti_to_ants(fixed_img)
@@ -306,7 +301,7 @@ def _quality(
         "jacobian_min": round(float(jac.min()), 4),
         "jacobian_max": round(float(jac.max()), 4),
     }
-    reasons = qc_flags(qc, params)
+    reasons = qc_flags(qc, s)
     qc["flag"] = bool(reasons)
     qc["flag_reasons"] = reasons
     return qc
@@ -344,15 +339,15 @@ def qc_columns(qc_path: Path) -> dict:
     }
 
 
-def qc_flags(qc: dict[str, float], params: dict[str, Any]) -> list[str]:
+def qc_flags(qc: dict[str, float], params: RegisterSettings | Mapping[str, Any]) -> list[str]:
     """Reasons to flag a registration for review (empty list = passes QC)."""
+    s = _settings(params)
     reasons = []
-    if qc["ncc_after"] < params["qc_min_ncc"]:
-        reasons.append(f"NCC after registration {qc['ncc_after']} < {params['qc_min_ncc']}")
-    if qc["mask_dice_after"] < params["qc_min_mask_dice"]:
+    if qc["ncc_after"] < s.qc_min_ncc:
+        reasons.append(f"NCC after registration {qc['ncc_after']} < {s.qc_min_ncc}")
+    if qc["mask_dice_after"] < s.qc_min_mask_dice:
         reasons.append(
-            f"brain-mask Dice after registration {qc['mask_dice_after']} < "
-            f"{params['qc_min_mask_dice']}"
+            f"brain-mask Dice after registration {qc['mask_dice_after']} < {s.qc_min_mask_dice}"
         )
     if qc["ncc_after"] < qc["ncc_before"]:
         reasons.append("registration lowered NCC")

@@ -26,16 +26,34 @@ class _Section:
     """``from_dict`` (unknown keys refused) and ``as_dict`` for a settings dataclass."""
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None):
+    def from_dict(cls, values: Mapping[str, Any] | _Section | None, what: str | None = None):
+        """``values`` (overrides of the defaults; an instance is returned as it is). An unknown
+        key raises ``ValueError`` listing the known ones; ``what`` names them in the message
+        ("registration parameters"; default "<class>: ... keys")."""
+        if isinstance(values, cls):
+            return values
         values = dict(values or {})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown keys {unknown}; known: {sorted(names)}")
+            prefix = f"unknown {what}" if what else f"{cls.__name__}: unknown keys"
+            raise ValueError(f"{prefix} {unknown}; known: {sorted(names)}")
         return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The fields that have a default, with it (a section with required keys cannot be
+        built empty)."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.default_factory is not dataclasses.MISSING:
+                values[f.name] = f.default_factory()
+            elif f.default is not dataclasses.MISSING:
+                values[f.name] = f.default
+        return values
 
 
 @dataclass(frozen=True)
@@ -122,6 +140,26 @@ class RegisterSettings(_Section):
     # QC: below these the pair is flagged in qc.json (not silently accepted).
     qc_min_ncc: float = 0.6
     qc_min_mask_dice: float = 0.9
+
+
+@dataclass(frozen=True)
+class ModelSettings(_Section):
+    """The ``model`` section: the stage-1 network (``metsflow.models.MODEL_DEFAULTS`` is
+    ``defaults()``); ``channels`` and ``patch_size`` have no default."""
+
+    channels: list  # of metsflow.models.CHANNELS, in channel-axis order
+    patch_size: list  # voxels, 3 values
+    arch: str = "dynunet"  # dynunet | segresnet
+    label_mode: str = "multiclass"  # multiclass | whole
+    # DynUNet filters per resolution level (nnU-Net's 3D full-resolution widths); the patch
+    # size may support fewer levels (metsflow.models.dynunet_plan).
+    filters: list = field(default_factory=lambda: [32, 64, 128, 256, 320, 320])
+    loss: str = "dice_ce"  # dice_ce | tversky_bce
+    # multiclass only: weight of the nested-region Dice (metsflow.models.NestedRegionDiceLoss)
+    region_loss_weight: float = 1.0
+    init_filters: int = 32  # segresnet width
+    dropout: float | None = None
+    res_block: bool = False  # residual DynUNet blocks
 
 
 @dataclass(frozen=True)
@@ -248,6 +286,10 @@ class ActiveLearningSettings(_Section):
         keys = ("batch_size", "strategy", "per_patient_max", "dice_threshold")
         return {key: getattr(self, key) for key in keys}
 
+    def annotation(self) -> dict[str, Any]:
+        """What rule collect_annotations reads."""
+        return {"annotator": self.annotator}
+
 
 @dataclass(frozen=True)
 class ExportSettings(_Section):
@@ -272,6 +314,7 @@ class ThreadsSettings(_Section):
 class Settings:
     """Every section, built once from the validated config (``Settings.from_config``)."""
 
+    model: ModelSettings
     preprocess: PreprocessSettings
     register: RegisterSettings
     infer: InferSettings
@@ -283,6 +326,7 @@ class Settings:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Settings:
         return cls(
+            model=ModelSettings.from_dict(config.get("model")),
             preprocess=PreprocessSettings.from_dict(config.get("preprocess")),
             register=RegisterSettings.from_dict(config.get("register")),
             infer=InferSettings.from_dict(config.get("infer")),

@@ -108,7 +108,7 @@ rule collect_annotations:
         mem_mb=2000,
         runtime=30,
     params:
-        annotator=SETTINGS.active_learning.annotator,
+        settings=SETTINGS.active_learning.annotation(),
         oracle_sheet=config.get("oracle_sheet", ""),
         label_store=config["label_store"],
         studies=lambda wc: [study_record(s) for s in COHORT.studies],

@@ -22,7 +22,7 @@ rule train_round:
         runtime=240,
         gpu=1,
     params:
-        model=config["model"],
+        model=SETTINGS.model.as_dict(),
         # Each job gets the training keys it reads: a stage-2 or re-seg setting must not
         # retrain stage 1 (nor the other way round).
         train=train_settings(drop=("stage2", "reseg")),
@@ -94,7 +94,7 @@ rule train_reseg:
         runtime=240,
         gpu=1,
     params:
-        model=config["model"],
+        model=SETTINGS.model.as_dict(),
         train=train_settings(drop=("stage2",)),
         spacing=list(SETTINGS.preprocess.spacing),
         seed=config["seed"],

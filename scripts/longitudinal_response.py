@@ -1,7 +1,7 @@
 """Snakemake entry point: lesion tracking and volumetric response from one round's predictions."""
 
 from metsflow.jobs.logs import job_logging
-from metsflow.jobs.longitudinal import run_longitudinal
+from metsflow.jobs.longitudinal import LongitudinalInputs, run_longitudinal
 from metsflow.layout import Layout
 from metsflow.longitudinal import ResponseThresholds
 
@@ -9,10 +9,5 @@ with job_logging(snakemake.log[0]):
     run_longitudinal(
         Layout.from_config(snakemake.config),
         ResponseThresholds.from_config(snakemake.params.settings),
-        round_index=int(snakemake.wildcards.round),
-        plan_path=snakemake.input.plan,
-        prediction_manifests=list(snakemake.input.predictions),
-        registration_manifests=list(snakemake.input.registered),
-        out_lesions=snakemake.output.lesions,
-        out_response=snakemake.output.response,
+        LongitudinalInputs.from_snakemake(snakemake),
     )

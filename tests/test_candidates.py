@@ -8,7 +8,11 @@ import pandas as pd
 import pytest
 from test_plan import write_sheet
 
-from metsflow.jobs.active_learning import run_round_candidates, run_select_batch
+from metsflow.jobs.active_learning import (
+    BatchSelection,
+    run_round_candidates,
+    run_select_batch,
+)
 from metsflow.plan import (
     PlanSettings,
     build_plan,
@@ -80,13 +84,15 @@ def test_candidates_are_recorded_and_selection_stays_inside_them(tmp_path, plan)
         ActiveLearningSettings(
             batch_size=20, strategy="random", dice_threshold=0.9, per_patient_max=None
         ),
-        round_index=1,
-        prediction_manifests=[str(manifest)],
-        previous_selections=[],
-        previous_evaluation=str(evaluation),
-        seed=0,
-        label_store=str(tmp_path / "labels"),
-        out_selection=str(tmp_path / "selection.tsv"),
-        candidates_path=str(out),
+        BatchSelection(
+            round_index=1,
+            prediction_manifests=[str(manifest)],
+            previous_selections=[],
+            previous_evaluation=str(evaluation),
+            seed=0,
+            label_store=str(tmp_path / "labels"),
+            selection=str(tmp_path / "selection.tsv"),
+            candidates=str(out),
+        ),
     )
     assert set(batch.study_id) == set(written.study_id)

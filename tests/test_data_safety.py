@@ -22,8 +22,9 @@ from metsflow import io, models
 from metsflow.active_learning import labelstore
 from metsflow.active_learning.labelstore import LabelImportError, LabelStore
 from metsflow.cohort import SheetError, read_sheet
-from metsflow.jobs.active_learning import run_collect_annotations
+from metsflow.jobs.active_learning import BatchAnnotation, run_collect_annotations
 from metsflow.layout import Layout
+from metsflow.settings import ActiveLearningSettings
 
 SHAPE = (12, 14, 10)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -110,14 +111,16 @@ def test_rerun_of_a_round_leaves_confirmed_labels_untouched(confirmed, tmp_path)
     for attempt in range(2):
         table = run_collect_annotations(
             Layout(tmp_path / "results"),
-            round_index=1,
-            selection_path=str(selection),
-            annotator="simulated",
-            oracle_sheet=str(oracle),
-            label_store=str(store.root),
-            studies=[record],
-            model="round_0/model.pt",
-            out_annotations=str(tmp_path / f"annotations{attempt}.tsv"),
+            ActiveLearningSettings(annotator="simulated"),
+            BatchAnnotation(
+                round_index=1,
+                selection=str(selection),
+                oracle_sheet=str(oracle),
+                label_store=str(store.root),
+                studies=[record],
+                model="round_0/model.pt",
+                annotations=str(tmp_path / f"annotations{attempt}.tsv"),
+            ),
         )
         assert list(table.label) == [str(path)]
     _unchanged(store, path, sha)

@@ -175,7 +175,12 @@ def _table(path: Path, rows: list[dict]) -> str:
 def test_export_jobs_track_lesions_and_write_seg_for_dicom_studies(converted, tmp_path):
     """The job bodies: DICOM SEG only where the T1c came from DICOM; tracked lesion ids over a
     patient's registration chain, a new series (prefixed ids) where the chain breaks."""
-    from metsflow.jobs.export import final_studies, run_export_dicom_seg, track_final_labels
+    from metsflow.jobs.export import (
+        FinalExport,
+        final_studies,
+        run_export_dicom_seg,
+        track_final_labels,
+    )
     from metsflow.longitudinal import identity_warp
 
     t1c, label, _ = converted
@@ -263,7 +268,7 @@ def test_export_jobs_track_lesions_and_write_seg_for_dicom_studies(converted, tm
 
     out = Path(layout.dicom_seg_dir)
     manifest = run_export_dicom_seg(
-        layout, labels_path, plan_path, records, 1, layout.dicom_seg_manifest
+        layout, FinalExport(labels_path, plan_path, records, 1, layout.dicom_seg_manifest)
     )
     status = dict(zip(manifest.study_id, manifest.status, strict=True))
     assert status == {
@@ -280,7 +285,7 @@ def test_run_export_bids_tracks_through_the_registration(tmp_path):
     from test_longitudinal import _identity_registration
 
     from metsflow.io import save_nifti
-    from metsflow.jobs.export import run_export_bids
+    from metsflow.jobs.export import FinalExport, run_export_bids
 
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     layout = Layout(tmp_path)
@@ -336,13 +341,15 @@ def test_run_export_bids_tracks_through_the_registration(tmp_path):
     manifest = run_export_bids(
         layout,
         ResponseThresholds(),
-        final_labels=_table(tmp_path / "labels.tsv", finals),
-        plan_path=plan,
-        studies=records,
-        registration_manifests=[registered],
-        model_round=2,
-        out_root=str(out),
-        out_manifest=str(tmp_path / "bids_export.tsv"),
+        FinalExport(
+            final_labels=_table(tmp_path / "labels.tsv", finals),
+            plan=plan,
+            studies=records,
+            model_round=2,
+            manifest=str(tmp_path / "bids_export.tsv"),
+            registration_manifests=[registered],
+            out_root=str(out),
+        ),
     )
     assert manifest.status.tolist() == ["ok", "ok"]
     table = pd.read_csv(out / lesions_path("P1", "b"), sep="\t")

@@ -209,7 +209,7 @@ def _identity_registration(reg_dir, grid_img):
 
 def test_run_longitudinal_tracks_predictions_and_references_through_the_registration(tmp_path):
     from metsflow.io import save_nifti
-    from metsflow.jobs.longitudinal import run_longitudinal
+    from metsflow.jobs.longitudinal import LongitudinalInputs, run_longitudinal
     from metsflow.labels import EDEMA, ENHANCING
     from metsflow.layout import Layout
     from metsflow.longitudinal import ResponseThresholds
@@ -256,12 +256,14 @@ def test_run_longitudinal_tracks_predictions_and_references_through_the_registra
     lesions, response = run_longitudinal(
         layout,
         ResponseThresholds.from_config({"new_lesion_min_mm3": 65.0}),
-        round_index=2,
-        plan_path=str(tmp_path / "plan.tsv"),
-        prediction_manifests=[str(tmp_path / "pred.tsv")],
-        registration_manifests=[str(tmp_path / "reg.tsv")],
-        out_lesions=str(tmp_path / "out" / "lesions.tsv"),
-        out_response=str(tmp_path / "out" / "response.tsv"),
+        LongitudinalInputs(
+            round_index=2,
+            plan=str(tmp_path / "plan.tsv"),
+            prediction_manifests=[str(tmp_path / "pred.tsv")],
+            registration_manifests=[str(tmp_path / "reg.tsv")],
+            lesions=str(tmp_path / "out" / "lesions.tsv"),
+            response=str(tmp_path / "out" / "response.tsv"),
+        ),
     )
     written = pd.read_csv(tmp_path / "out" / "response.tsv", sep="\t")
     assert len(written) == len(response)

@@ -412,7 +412,7 @@ def test_flatten_and_summarise():
 # ---------------------------------------------------------------- command line
 
 
-def test_cli_evaluate_prints_one_strict_json_object_per_group(tmp_path, capsys):
+def test_cli_evaluate_prints_one_strict_json_object_per_group(tmp_path, capsys, monkeypatch):
     from metsflow.cli import main
 
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -452,6 +452,19 @@ def test_cli_evaluate_prints_one_strict_json_object_per_group(tmp_path, capsys):
     assert main([*argv, "--convention", "brats"]) == 0
     assert {"ET", "TC", "WT"} <= set(json.loads(capsys.readouterr().out))
 
+    # Without --iou-threshold the library's default (EvaluateSettings.iou_threshold) decides.
+    monkeypatch.setattr(metrics, "DEFAULT_IOU_THRESHOLD", 0.4)
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["whole_lesion"]["lesion_tp"] == 0  # IoU 1/3
+
+
+def test_cli_alternative_is_checked_against_the_stats_module(capsys):
+    from metsflow.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["stats", "compare", "a.tsv", "b.tsv", "--alternative", "bigger"])
+    assert "use one of greater, less, two-sided" in capsys.readouterr().err
+
 
 def test_cli_evaluate_names_the_bad_file(tmp_path, capsys):
     from metsflow.cli import main
@@ -460,3 +473,59 @@ def test_cli_evaluate_names_the_bad_file(tmp_path, capsys):
     missing = tmp_path / "missing.nii.gz"
     assert main(["evaluate", "--pred", str(missing), "--ref", str(tmp_path / "ref.nii.gz")]) == 2
     assert "missing.nii.gz" in capsys.readouterr().err
+
+
+def test_evaluate_round_skips_unpredicted_studies_and_scores_lesions_by_fg_prob(tmp_path):
+    """metsflow.evaluate: labelled studies only; a failed prediction is listed as skipped;
+    FP per patient and the FROC count every evaluated patient."""
+    from metsflow.cohort import Study
+    from metsflow.evaluate import evaluate_round
+    from metsflow.settings import EvaluateSettings
+
+    shape, affine = (20, 20, 20), np.eye(4)
+    lesion_a, lesion_b, false_b = (
+        ((2, 5), (2, 5), (2, 5)),
+        ((12, 15),) * 3,
+        ((2, 5), (12, 15), (2, 5)),
+    )
+    arrays = {
+        "A": (box(shape, *lesion_a), box(shape, *lesion_a), {lesion_a: 0.9}),
+        # B: one of its two lesions found, plus one false positive (lower probability)
+        "B": (
+            box(shape, *lesion_a, out=box(shape, *lesion_b)),
+            box(shape, *lesion_b, out=box(shape, *false_b)),
+            {lesion_b: 0.8, false_b: 0.6},
+        ),
+    }
+    studies = []
+    for k, name in enumerate(("A", "B", "C", "D")):
+        label = None
+        if name in arrays:
+            ref, pred, probs = arrays[name]
+            label = tmp_path / f"{name}_ref.nii.gz"
+            io.save_nifti(label, ref, affine, dtype=np.uint8)
+            io.save_nifti(tmp_path / f"{name}_pred.nii.gz", pred, affine, dtype=np.uint8)
+            prob = np.zeros(shape, np.float32)
+            for ranges, value in probs.items():
+                box(shape, *ranges, value=value, out=prob)
+            io.save_nifti(tmp_path / f"{name}_fg.nii.gz", prob, affine)
+        elif name == "D":  # labelled, but its inference failed
+            label = tmp_path / "A_ref.nii.gz"
+        studies.append(Study(f"P{k}", name, "0", 0, None, tmp_path / "t1c.nii.gz", label=label))
+
+    result = evaluate_round(
+        3,
+        studies,
+        {"A", "B", "C"},
+        lambda s: tmp_path / f"{s}_pred.nii.gz",
+        lambda s: tmp_path / f"{s}_fg.nii.gz",
+        EvaluateSettings(),
+    )
+    assert result.summary["skipped"] == ["D"] and result.summary["n_validation"] == 2
+    headline = result.per_study[result.per_study.group == metrics.HEADLINE_GROUP]
+    assert dict(zip(headline.study_id, headline.dice, strict=True))["A"] == pytest.approx(1.0)
+    assert result.lesions.detected.sum() == 2 and len(result.lesions) == 3
+    assert result.summary["fp_per_patient"] == pytest.approx(0.5)
+    assert set(result.tables()) == {"per_study", "lesions", "detection_by_size", "froc"}
+    assert result.froc.sensitivity.max() == pytest.approx(2 / 3)
+    assert result.froc.threshold.max() == pytest.approx(0.9)

@@ -327,3 +327,20 @@ def test_region_dice_rewards_lesion_in_the_right_region():
     assert extra_right < 1e-3
     # Binary mode has a single lesion class: no region term.
     assert not isinstance(build_loss({"label_mode": "whole"}), NestedRegionDiceLoss)
+
+
+def test_model_section_defaults_and_keys_come_from_model_settings():
+    from metsflow import config
+    from metsflow.models import MODEL_DEFAULTS, network_spec
+    from metsflow.settings import ModelSettings
+
+    assert ModelSettings.defaults() == MODEL_DEFAULTS
+    assert "channels" not in MODEL_DEFAULTS and "patch_size" not in MODEL_DEFAULTS
+    # The schema's closed key list of ``model`` is the dataclass fields.
+    schema_keys = set(config._schema()["properties"]["model"]["properties"])
+    assert schema_keys == {f for f in ModelSettings.__dataclass_fields__}
+    # A spec from the required keys alone equals one with every default spelled out.
+    minimal = {"channels": ["t1c"], "patch_size": [32, 32, 32]}
+    explicit = ModelSettings.from_dict(minimal).as_dict()
+    assert network_spec(minimal) == network_spec(explicit)
+    assert network_spec(minimal)["kwargs"]["filters"][0] == MODEL_DEFAULTS["filters"][0]

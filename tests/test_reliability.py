@@ -24,10 +24,11 @@ from metsflow.active_learning.labelstore import LabelStore
 from metsflow.active_learning.review import export_batch, import_batch, read_manifest
 from metsflow.active_learning.status import round_status
 from metsflow.cohort import SheetError, Study, check_cohort, read_sheet
-from metsflow.jobs.active_learning import run_collect_annotations
+from metsflow.jobs.active_learning import BatchAnnotation, run_collect_annotations
 from metsflow.jobs.manifest import read_manifests, run_study, write_manifest
 from metsflow.layout import Layout
 from metsflow.metrics import evaluate_files
+from metsflow.settings import ActiveLearningSettings
 
 SHAPE = (12, 12, 10)
 AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])
@@ -340,14 +341,16 @@ def test_brats_oracle_is_converted_and_the_package_shows_the_store(package, tmp_
     ]
     table = run_collect_annotations(
         Layout(tmp_path / "results"),
-        1,
-        str(review.parent / "selection.tsv"),
-        "simulated",
-        str(oracle),
-        str(tmp_path / "labels"),
-        studies,
-        "model_r0",
-        str(review.parent / "annotations.tsv"),
+        ActiveLearningSettings(annotator="simulated"),
+        BatchAnnotation(
+            1,
+            str(review.parent / "selection.tsv"),
+            str(oracle),
+            str(tmp_path / "labels"),
+            studies,
+            "model_r0",
+            str(review.parent / "annotations.tsv"),
+        ),
     )  # before: ValueError "labels must be in the internal convention"
     store = LabelStore(tmp_path / "labels", create=False)
     for study in table.study_id:

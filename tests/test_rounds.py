@@ -65,17 +65,19 @@ def _pool_fixture(tmp_path):
 
 
 def _final_labels(tmp_path, seed: int, tag: str, sample_size: int = 2):
-    from metsflow.jobs.active_learning import run_final_labels
+    from metsflow.jobs.active_learning import FinalLabelInputs, run_final_labels
     from metsflow.layout import Layout
 
     labels = run_final_labels(
         Layout(tmp_path / "results"),
-        final_round=3,
-        plan_path=str(tmp_path / "plan.tsv"),
-        prediction_manifests=[str(tmp_path / "g0000.tsv")],
-        label_store=str(tmp_path / "labels"),
-        sample_size=sample_size,
-        seed=seed,
+        FinalLabelInputs(
+            final_round=3,
+            plan=str(tmp_path / "plan.tsv"),
+            prediction_manifests=[str(tmp_path / "g0000.tsv")],
+            label_store=str(tmp_path / "labels"),
+            sample_size=sample_size,
+            seed=seed,
+        ),
     )
     sample = pd.read_csv(Layout(tmp_path / "results").qa_sample, sep="\t", dtype=str)
     return labels, sample

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -17,54 +19,73 @@ from metsflow.settings import ActiveLearningSettings
 log = logging.getLogger(__name__)
 
 
-def run_select_batch(
-    settings: ActiveLearningSettings,
-    round_index: int,
-    prediction_manifests: list[str],
-    previous_selections: list[str],
-    previous_evaluation: str,
-    seed: int,
-    label_store: str,
-    out_selection: str,
-    candidates_path: str | None = None,
-) -> pd.DataFrame:
-    """Pick round ``round_index``'s batch from the pool predictions of the previous model.
+@dataclass(frozen=True)
+class BatchSelection:
+    """What one select_batch job reads and writes (checkpoint select_batch).
+
+    ``candidates``: the round's recorded candidates (``run_round_candidates``); only those are
+    eligible, even if a reused prediction manifest lists other pool studies.
+    """
+
+    round_index: int
+    prediction_manifests: list[str]
+    previous_selections: list[str]
+    previous_evaluation: str
+    seed: int
+    label_store: str
+    selection: str
+    candidates: str | None = None
+
+    @classmethod
+    def from_snakemake(cls, smk) -> BatchSelection:
+        return cls(
+            round_index=int(smk.wildcards.round),
+            prediction_manifests=list(smk.input.predictions),
+            previous_selections=list(smk.input.previous),
+            previous_evaluation=smk.input.evaluation,
+            seed=int(smk.params.seed),
+            label_store=smk.params.label_store,
+            selection=smk.output.selection,
+            candidates=smk.input.candidates,
+        )
+
+
+def run_select_batch(settings: ActiveLearningSettings, job: BatchSelection) -> pd.DataFrame:
+    """Pick round ``job.round_index``'s batch from the pool predictions of the previous model.
 
     Stops (an empty batch) once the previous round's validation Dice reaches the threshold.
-    ``candidates_path``: the round's recorded candidates (``run_round_candidates``); only those
-    are eligible, even if a reused prediction manifest lists other pool studies.
     """
     from metsflow.active_learning.labelstore import LabelStore
 
-    evaluation = read_json(previous_evaluation)
+    evaluation = read_json(job.previous_evaluation)
     dice = evaluation.get("mean_dice")
     if dice is not None and dice >= settings.dice_threshold:
         log.info(
             "round %d: validation Dice %.3f >= threshold %.3f: no new batch",
-            round_index,
+            job.round_index,
             dice,
             settings.dice_threshold,
         )
-        write_table(out_selection, pd.DataFrame(columns=SELECTION_COLUMNS))
+        write_table(job.selection, pd.DataFrame(columns=SELECTION_COLUMNS))
         return pd.DataFrame(columns=SELECTION_COLUMNS)
-    candidates = read_manifests(prediction_manifests)
+    candidates = read_manifests(job.prediction_manifests)
     candidates = candidates[(candidates.status == "ok") & (candidates.role == "pool")]
-    if candidates_path:
-        recorded = pd.read_csv(candidates_path, sep="\t", dtype={"study_id": str}).study_id
+    if job.candidates:
+        recorded = pd.read_csv(job.candidates, sep="\t", dtype={"study_id": str}).study_id
         candidates = candidates[candidates.study_id.isin(set(recorded))]
-    exclude = set(LabelStore(label_store).all_confirmed())
-    for path in previous_selections:
+    exclude = set(LabelStore(job.label_store).all_confirmed())
+    for path in job.previous_selections:
         exclude |= set(pd.read_csv(path, sep="\t", dtype=str).study_id)
     batch = select_batch(
         candidates,
         n=int(settings.batch_size),
         strategy=settings.strategy,
-        seed=seed + round_index,
+        seed=job.seed + job.round_index,
         exclude=exclude,
         per_patient_max=settings.per_patient_max,
     )
-    write_table(out_selection, batch)
-    log.info("round %d: selected %d studies (%s)", round_index, len(batch), settings.strategy)
+    write_table(job.selection, batch)
+    log.info("round %d: selected %d studies (%s)", job.round_index, len(batch), settings.strategy)
     return batch
 
 
@@ -102,44 +123,97 @@ def _study_index(records: list[dict]) -> dict[str, Study]:
     return {r["study_id"]: Study.from_record(r) for r in records}
 
 
-def run_export_review(
-    layout: Layout,
-    round_index: int,
-    model_round: int,
-    selection_path: str,
-    studies: list[dict],
-    model: str,
-    out_dir: str,
-) -> None:
-    """Export a batch for review with round ``model_round``'s predictions as the
+@dataclass(frozen=True)
+class ReviewExport:
+    """What one review export reads and writes: ``selection``'s studies, pre-segmented by the
+    predictions of round ``model_round`` (rule export_review: round r's batch and the model of
+    round r - 1; rule export_final_qa: the QA sample and the final model)."""
+
+    round_index: int
+    model_round: int
+    selection: str
+    studies: list[dict]
+    model: str
+    out_dir: str
+
+    @classmethod
+    def from_snakemake(cls, smk) -> ReviewExport:
+        """Rule export_review."""
+        round_index = int(smk.wildcards.round)
+        return cls(
+            round_index=round_index,
+            model_round=round_index - 1,
+            selection=smk.input.selection,
+            studies=list(smk.params.studies),
+            model=smk.params.model,
+            out_dir=os.path.dirname(smk.output.manifest),
+        )
+
+    @classmethod
+    def final_qa_from_snakemake(cls, smk) -> ReviewExport:
+        """Rule export_final_qa."""
+        return cls(
+            round_index=int(smk.params.round_index),
+            model_round=int(smk.params.round_index),
+            selection=smk.input.selection,
+            studies=list(smk.params.studies),
+            model=smk.input.model,
+            out_dir=os.path.dirname(smk.output.manifest),
+        )
+
+
+def run_export_review(layout: Layout, job: ReviewExport) -> None:
+    """Export a batch for review with round ``job.model_round``'s predictions as the
     pre-segmentation."""
     from metsflow.active_learning.review import export_batch
 
-    index = _study_index(studies)
-    selection = pd.read_csv(selection_path, sep="\t", dtype={"study_id": str})
+    index = _study_index(job.studies)
+    selection = pd.read_csv(job.selection, sep="\t", dtype={"study_id": str})
     export_batch(
         selection,
         images_for=lambda s: {k: v for k, v in index[s].images.items() if v is not None},
-        presegmentation_for=lambda s: layout.study_prediction(model_round, s),
-        out_dir=out_dir,
-        round_index=round_index,
-        model_id=model,
+        presegmentation_for=lambda s: layout.study_prediction(job.model_round, s),
+        out_dir=job.out_dir,
+        round_index=job.round_index,
+        model_id=job.model,
         patient_for=lambda s: index[s].patient_id,
     )
 
 
+@dataclass(frozen=True)
+class BatchAnnotation:
+    """What one collect_annotations job reads and writes (rule collect_annotations).
+
+    ``studies``: cohort records (the t1c each simulated label is resampled onto); ``model``: the
+    checkpoint whose predictions the reviewers saw (recorded as the simulated label's source).
+    """
+
+    round_index: int
+    selection: str
+    oracle_sheet: str
+    label_store: str
+    studies: list[dict]
+    model: str
+    annotations: str
+
+    @classmethod
+    def from_snakemake(cls, smk) -> BatchAnnotation:
+        return cls(
+            round_index=int(smk.wildcards.round),
+            selection=smk.input.selection,
+            oracle_sheet=smk.params.oracle_sheet,
+            label_store=smk.params.label_store,
+            studies=list(smk.params.studies),
+            model=smk.params.model,
+            annotations=smk.output.annotations,
+        )
+
+
 def run_collect_annotations(
-    layout: Layout,
-    round_index: int,
-    selection_path: str,
-    annotator: str,
-    oracle_sheet: str,
-    label_store: str,
-    studies: list[dict],
-    model: str,
-    out_annotations: str,
+    layout: Layout, settings: ActiveLearningSettings, job: BatchAnnotation
 ) -> pd.DataFrame:
-    """Confirmed labels of the round's batch, from people or the simulated annotator.
+    """Confirmed labels of the round's batch, from people or the simulated annotator
+    (``settings.annotator``).
 
     With people, the rule fails, listing the studies still waiting for confirmation, until every
     study of the batch is confirmed in the label store: a later round never trains on a batch
@@ -147,43 +221,43 @@ def run_collect_annotations(
     """
     from metsflow.active_learning.labelstore import LabelStore
 
-    index = _study_index(studies)
-    selection = pd.read_csv(selection_path, sep="\t", dtype={"study_id": str})
-    store = LabelStore(label_store, known_studies=set(index))
+    index = _study_index(job.studies)
+    selection = pd.read_csv(job.selection, sep="\t", dtype={"study_id": str})
+    store = LabelStore(job.label_store, known_studies=set(index))
     ids = list(selection.study_id)
-    if annotator == "simulated":
+    if settings.annotator == "simulated":
         from metsflow.active_learning.annotator import simulate_batch
         from metsflow.active_learning.review import MANIFEST_NAME, refresh_manifest_status
 
-        oracle = read_oracle(oracle_sheet)
+        oracle = read_oracle(job.oracle_sheet)
         simulate_batch(
             ids,
             oracle={s: label.path for s, label in oracle.items()},
             conventions={s: label.convention for s, label in oracle.items()},
             store=store,
-            round_index=round_index,
+            round_index=job.round_index,
             reference_for=lambda s: index[s].t1c,
-            source=model,
+            source=job.model,
         )
         # The review package shows what the store holds now, as `metsflow al status` does.
-        review_dir = Path(layout.review_dir(round_index))
+        review_dir = Path(layout.review_dir(job.round_index))
         if (review_dir / MANIFEST_NAME).is_file():
             refresh_manifest_status(review_dir, store)
     pending = [s for s in ids if store.confirmed(s) is None]
     if pending:
         raise RuntimeError(
-            f"round {round_index}: {len(pending)} of {len(ids)} studies are not confirmed yet: "
+            f"round {job.round_index}: {len(pending)} of {len(ids)} studies are not confirmed yet: "
             f"{', '.join(pending[:20])}{' ...' if len(pending) > 20 else ''}. Review the batch in "
-            f"{layout.review_dir(round_index)} (save <study>/segmentation.nii.gz) and import "
-            f"it with `metsflow al import --round {round_index} --stage refined|confirmed "
+            f"{layout.review_dir(job.round_index)} (save <study>/segmentation.nii.gz) and import "
+            f"it with `metsflow al import --round {job.round_index} --stage refined|confirmed "
             f"--reviewer NAME --configfile <your workflow config>`; only confirmed labels train. "
-            f"Then run `snakemake round_{round_index}` again."
+            f"Then run `snakemake round_{job.round_index}` again."
         )
     table = pd.DataFrame(
         [{"study_id": s, "status": "confirmed", "label": str(store.confirmed(s))} for s in ids],
         columns=["study_id", "status", "label"],
     )
-    write_table(out_annotations, table)
+    write_table(job.annotations, table)
     return table
 
 
@@ -220,33 +294,51 @@ def run_correction_burden(
     return table
 
 
-def run_final_labels(
-    layout: Layout,
-    final_round: int,
-    plan_path: str,
-    prediction_manifests: list[str],
-    label_store: str,
-    sample_size: int,
-    seed: int,
-) -> pd.DataFrame:
+@dataclass(frozen=True)
+class FinalLabelInputs:
+    """What the final_labels job reads (rule final_labels; it writes ``Layout.final_labels``
+    and ``Layout.qa_sample``): the QA sample of ``sample_size`` studies is drawn with
+    ``seed``."""
+
+    final_round: int
+    plan: str
+    prediction_manifests: list[str]
+    label_store: str
+    sample_size: int
+    seed: int
+
+    @classmethod
+    def from_snakemake(cls, smk) -> FinalLabelInputs:
+        return cls(
+            final_round=int(smk.params.final_round),
+            plan=smk.input.plan,
+            prediction_manifests=list(smk.input.predictions),
+            label_store=smk.params.label_store,
+            sample_size=int(smk.params.sample_size),
+            seed=int(smk.params.seed),
+        )
+
+
+def run_final_labels(layout: Layout, job: FinalLabelInputs) -> pd.DataFrame:
     """The label every pool study ends the loop with, and a QA sample of the model-labelled ones
     (``metsflow.active_learning.final``)."""
     from metsflow.active_learning.final import final_label_table, qa_sample
     from metsflow.active_learning.labelstore import LabelStore
 
-    plan = pd.read_csv(plan_path, sep="\t", dtype=str, keep_default_na=False)
-    predictions = read_manifests(prediction_manifests)
+    final_round = job.final_round
+    plan = pd.read_csv(job.plan, sep="\t", dtype=str, keep_default_na=False)
+    predictions = read_manifests(job.prediction_manifests)
     labels = final_label_table(
         plan[plan.role == "pool"],
         set(predictions.loc[predictions.status == "ok", "study_id"].astype(str)),
-        LabelStore(label_store, create=False).all_confirmed(),
+        LabelStore(job.label_store, create=False).all_confirmed(),
         lambda study_id: layout.study_prediction(final_round, study_id),
         layout.model(final_round),
         final_round,
     )
     write_table(layout.final_labels, labels)
 
-    sample = qa_sample(labels, sample_size, seed)
+    sample = qa_sample(labels, job.sample_size, job.seed)
     write_table(layout.qa_sample, sample)
     counts = labels.source.value_counts().to_dict()
     log.info(

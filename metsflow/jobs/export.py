@@ -15,7 +15,9 @@ are prefixed with its first study (``<study>-L<k>``), so ids never collide.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -121,41 +123,58 @@ def track_final_labels(
     return pd.concat(frames, ignore_index=True)
 
 
+@dataclass(frozen=True)
+class FinalExport:
+    """What an export job reads and writes (rules/export.smk).
+
+    ``studies``: cohort records of the pool studies (the final labels' studies);
+    ``model_round``: the round whose model labelled the studies no person confirmed;
+    ``registration_manifests`` / ``out_root``: the BIDS export's lesion tracking and dataset
+    folder (``export.bids_dir``).
+    """
+
+    final_labels: str
+    plan: str
+    studies: list[dict]
+    model_round: int
+    manifest: str
+    registration_manifests: list[str] = field(default_factory=list)
+    out_root: str = ""
+
+    @classmethod
+    def from_snakemake(cls, smk) -> FinalExport:
+        description = smk.output.get("description")
+        return cls(
+            final_labels=smk.input.labels,
+            plan=smk.input.plan,
+            studies=list(smk.params.studies),
+            model_round=int(smk.params.model_round),
+            manifest=smk.output.manifest,
+            registration_manifests=list(smk.input.get("registered", [])),
+            out_root=os.path.dirname(description) if description else "",
+        )
+
+
 def run_export_bids(
-    layout: Layout,
-    thresholds: ResponseThresholds,
-    final_labels: str,
-    plan_path: str,
-    studies: list[dict],
-    registration_manifests: list[str],
-    model_round: int,
-    out_root: str,
-    out_manifest: str,
+    layout: Layout, thresholds: ResponseThresholds, job: FinalExport
 ) -> pd.DataFrame:
-    """The final labels as a BIDS derivative dataset in ``out_root`` (export.bids_dir)."""
+    """The final labels as a BIDS derivative dataset in ``job.out_root`` (export.bids_dir)."""
     from metsflow.export import export_bids
 
-    table = final_studies(final_labels, studies, plan_path)
-    lesions = track_final_labels(table, registration_manifests, layout, thresholds)
-    manifest = export_bids(table, lesions, out_root, model_round=model_round)
-    write_table(out_manifest, manifest)
-    log.info("BIDS export to %s: %s", out_root, manifest.status.value_counts().to_dict())
+    table = final_studies(job.final_labels, job.studies, job.plan)
+    lesions = track_final_labels(table, job.registration_manifests, layout, thresholds)
+    manifest = export_bids(table, lesions, job.out_root, model_round=job.model_round)
+    write_table(job.manifest, manifest)
+    log.info("BIDS export to %s: %s", job.out_root, manifest.status.value_counts().to_dict())
     return manifest
 
 
-def run_export_dicom_seg(
-    layout: Layout,
-    final_labels: str,
-    plan_path: str,
-    studies: list[dict],
-    model_round: int,
-    out_manifest: str,
-) -> pd.DataFrame:
+def run_export_dicom_seg(layout: Layout, job: FinalExport) -> pd.DataFrame:
     """A DICOM SEG per final label of a study imported from DICOM (``metsflow.dicom``)."""
     from metsflow.dicom import dicom_source
     from metsflow.export import write_dicom_seg
 
-    table = final_studies(final_labels, studies, plan_path, bids_names=False)
+    table = final_studies(job.final_labels, job.studies, job.plan, bids_names=False)
     rows = []
     for study in table.itertuples(index=False):
         row = {"study_id": study.study_id, "status": "ok", "path": "", "problem": ""}
@@ -174,7 +193,7 @@ def run_export_dicom_seg(
                 target,
                 study.study_id,
                 manual=study.manual,
-                model_round=model_round,
+                model_round=job.model_round,
             )
         except Exception as exc:  # one failure policy per study: record it, go on
             log.warning("study %s: DICOM SEG failed: %s", study.study_id, exc)
@@ -182,7 +201,7 @@ def run_export_dicom_seg(
             continue
         rows.append({**row, "path": str(target)})
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    write_table(out_manifest, manifest)
+    write_table(job.manifest, manifest)
     log.info(
         "DICOM SEG export to %s: %s", layout.dicom_seg_dir, manifest.status.value_counts().to_dict()
     )

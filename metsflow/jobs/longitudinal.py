@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -55,27 +56,43 @@ def _segmentation_paths(
     return paths
 
 
+@dataclass(frozen=True)
+class LongitudinalInputs:
+    """What one longitudinal_response job reads and writes (rule longitudinal_response)."""
+
+    round_index: int
+    plan: str
+    prediction_manifests: list[str]
+    registration_manifests: list[str]
+    lesions: str
+    response: str
+
+    @classmethod
+    def from_snakemake(cls, smk) -> LongitudinalInputs:
+        return cls(
+            round_index=int(smk.wildcards.round),
+            plan=smk.input.plan,
+            prediction_manifests=list(smk.input.predictions),
+            registration_manifests=list(smk.input.registered),
+            lesions=smk.output.lesions,
+            response=smk.output.response,
+        )
+
+
 def run_longitudinal(
-    layout: Layout,
-    thresholds: ResponseThresholds,
-    round_index: int,
-    plan_path: str,
-    prediction_manifests: list[str],
-    registration_manifests: list[str],
-    out_lesions: str,
-    out_response: str,
+    layout: Layout, thresholds: ResponseThresholds, job: LongitudinalInputs
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Round ``round_index``'s predictions and the sheet labels, tracked per patient."""
-    plan = pd.read_csv(plan_path, sep="\t", dtype={"study_id": str, "patient_id": str})
-    predicted = read_manifests(prediction_manifests)
+    """Round ``job.round_index``'s predictions and the sheet labels, tracked per patient."""
+    plan = pd.read_csv(job.plan, sep="\t", dtype={"study_id": str, "patient_id": str})
+    predicted = read_manifests(job.prediction_manifests)
     predicted_ok = set(predicted.loc[predicted.status == "ok", "study_id"])
-    registered = read_manifests(registration_manifests)
+    registered = read_manifests(job.registration_manifests)
     registered = registered[registered.status == "ok"]
     reference_of = dict(
         zip(registered.study_id, registered.reference_study.astype(str), strict=True)
     )
     prep, reg = layout.stage_root("preprocessed"), layout.stage_root("registered")
-    paths = _segmentation_paths(plan, predicted_ok, layout, round_index)
+    paths = _segmentation_paths(plan, predicted_ok, layout, job.round_index)
 
     lesion_frames, response_frames = [], []
     with tempfile.TemporaryDirectory(prefix="metsflow_longitudinal_") as scratch:
@@ -125,8 +142,8 @@ def run_longitudinal(
             log.info("%s: %d time points tracked", source, len(tracked_points))
     lesions = _with_source_first(lesion_frames)
     response = _with_source_first(response_frames)
-    write_table(out_lesions, lesions)
-    write_table(out_response, response)
+    write_table(job.lesions, lesions)
+    write_table(job.response, response)
     return lesions, response
 
 
