@@ -188,6 +188,9 @@ class InferSettings(_Section):
     skip_outside_brain: bool = True
     prefetch: bool = True
     inference_mode: bool = True
+    # Instance norm as a channels-last reduction (metsflow.infer._ChannelsLastInstanceNorm3d);
+    # acts with channels_last only. "auto" = with it.
+    fast_norm: str | bool = "auto"
 
     def as_params(self) -> dict[str, Any]:
         return self.as_dict()
