@@ -125,6 +125,18 @@ def load_ensemble(
 #                   compute: within the noise on CPU; it is meant for GPU jobs.
 #   inference_mode  torch.inference_mode instead of torch.no_grad (no version counters or view
 #                   tracking on the tensors): within the noise (+3% CPU).
+#   fast_norm       instance norm as a reduction over the channels-last (N, voxels, C) view
+#                   (_ChannelsLastInstanceNorm3d; the output stays channels-last). Compiled, the
+#                   norm of a 4x16x48^3 batch takes 3.1 ms instead of F.instance_norm's 56 ms
+#                   (cache-hot), but in the network it is bound by memory traffic: the demo net's
+#                   forward on 12 windows 1.99 -> 1.85 CPU s with compile + channels-last (min of
+#                   5, 1.07x; at load 5: 2.41 -> 2.39), labels equal (Dice 1.0000 vs fp32 eager,
+#                   untrained and a trained demo model). "auto" = with channels_last.
+# Tried and not kept (same figures' setup, network forward on 12 windows, min of 5): inductor
+# weight freezing 2.02 -> 2.11 CPU s at sw_batch 4, 1.99 -> 1.95 at 6 (no gain, and a
+# recompile per fold); sw_batch 6 or 12 instead of 4: 1.85 -> 1.78 / 1.92 (within the noise);
+# torch.backends.mkldnn.conv.fp32_precision = "bf16" (torch 2.13, this CPU): conv3d output
+# bitwise unchanged and no faster, i.e. not applied to 3D convolutions.
 LEVERS = (
     "amp",
     "channels_last",
