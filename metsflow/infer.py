@@ -107,9 +107,10 @@ def load_ensemble(
 #                   full ``sw_batch_size`` batches go through the compiled network (one static
 #                   shape, no recompiles); a failed build (no C++ compiler on the node) falls
 #                   back to eager with a warning.
-#   channels_last   channels-last 3D memory format. "auto" = on for CUDA, and on CPU together
-#                   with compile (1.09x CPU over compile alone); eager fp32 on CPU gained nothing
-#                   (1.11x to 0.79x of the row before, within the noise).
+#   channels_last   channels-last 3D memory format. "auto" = on for CUDA and for CPU inference
+#                   jobs: on CPU with compile 1.09x CPU over compile alone, in eager with
+#                   fast_norm 1.10x (alone it gained nothing in eager: 1.01x; 1.11x to 0.79x in
+#                   the benchmark's noise).
 #   amp             reduced precision: float16 autocast on CUDA, bfloat16 on CPU. "auto" = CUDA
 #                   only: on CPU bf16 is 1.77x naive (CPU s) with compile + channels-last, but its
 #                   labels differ from fp32 beyond the 0.999 Dice bound (lowest per-label Dice
@@ -131,7 +132,10 @@ def load_ensemble(
 #                   (cache-hot), but in the network it is bound by memory traffic: the demo net's
 #                   forward on 12 windows 1.99 -> 1.85 CPU s with compile + channels-last (min of
 #                   5, 1.07x; at load 5: 2.41 -> 2.39), labels equal (Dice 1.0000 vs fp32 eager,
-#                   untrained and a trained demo model). "auto" = with channels_last.
+#                   untrained and a trained demo model). Eager (no compile, e.g. a 12-study
+#                   demo shard): channels-last + fast_norm 2.93 -> 2.66 CPU s (1.10x; 1.14x in
+#                   a second run), channels-last alone 2.90. "auto" = on CPU with
+#                   channels_last (not measured on CUDA, where cuDNN has its own norm).
 # Tried and not kept (same figures' setup, network forward on 12 windows, min of 5): inductor
 # weight freezing 2.02 -> 2.11 CPU s at sw_batch 4, 1.99 -> 1.95 at 6 (no gain, and a
 # recompile per fold); sw_batch 6 or 12 instead of 4: 1.85 -> 1.78 / 1.92 (within the noise);
@@ -154,7 +158,8 @@ def lever_settings(
 ) -> dict[str, bool]:
     """The levers of ``params`` resolved for ``device`` ("auto" -> on for CUDA only; for
     ``compile``: on for CPU when ``studies``, the number the loaded networks will segment, is at
-    least COMPILE_MIN_STUDIES, unknown counting as few; ``channels_last`` also on with it)."""
+    least COMPILE_MIN_STUDIES, unknown counting as few; ``channels_last``: on for CUDA, and on
+    CPU for an inference job (``studies`` given); ``fast_norm``: on for CPU with channels_last)."""
     defaults = InferSettings().as_dict()
     resolved = {}
     for key in ("compile", *(k for k in LEVERS if k != "compile")):
@@ -163,9 +168,11 @@ def lever_settings(
             many = studies is not None and studies >= COMPILE_MIN_STUDIES
             resolved[key] = device.type == "cpu" and many
         elif value == "auto" and key == "channels_last":
-            resolved[key] = device.type == "cuda" or resolved["compile"]
+            # CPU: inference jobs only (they pass ``studies``); training's validation passes
+            # none, and .to() would convert the network being trained in place.
+            resolved[key] = device.type == "cuda" or studies is not None
         elif value == "auto" and key == "fast_norm":
-            resolved[key] = resolved["channels_last"]
+            resolved[key] = device.type == "cpu" and resolved["channels_last"]
         else:
             resolved[key] = device.type == "cuda" if value == "auto" else bool(value)
     return {key: resolved[key] for key in LEVERS}

@@ -48,7 +48,7 @@ def test_auto_levers_are_on_for_cuda_only_and_compile_for_large_cpu_shards():
     cpu = lever_settings({}, torch.device("cpu"))
     assert cpu == {
         "amp": False,
-        "channels_last": False,
+        "channels_last": False,  # no study count: not an inference job (training validation)
         "skip_outside_brain": True,
         "prefetch": True,
         "inference_mode": True,
@@ -63,13 +63,14 @@ def test_auto_levers_are_on_for_cuda_only_and_compile_for_large_cpu_shards():
     assert not lever_settings({}, cuda, 1000)["compile"]
     assert not lever_settings({"compile": False}, cpu, 1000)["compile"]
     assert lever_settings({"compile": True}, cpu, 1)["compile"]
-    # channels-last: on CPU only with compile (it gained nothing in eager fp32)
-    assert lever_settings({}, cpu, COMPILE_MIN_STUDIES)["channels_last"]
-    assert not lever_settings({"compile": False}, cpu, 1000)["channels_last"]
+    # channels-last: on for CPU inference jobs (with compile, or eager with fast_norm)
+    assert lever_settings({"compile": False}, cpu, 1)["channels_last"]
+    assert lever_settings({"compile": False}, cpu, 1)["fast_norm"]
+    assert lever_settings({}, cuda)["channels_last"]
     assert not lever_settings({"channels_last": False}, cpu, 1000)["channels_last"]
-    # fast_norm: with channels-last (it acts on channels-last inputs only)
+    # fast_norm: on CPU with channels-last (it acts on channels-last inputs only)
     assert lever_settings({}, cpu, COMPILE_MIN_STUDIES)["fast_norm"]
-    assert lever_settings({"amp": "auto"}, cuda)["fast_norm"]
+    assert not lever_settings({}, cuda)["fast_norm"]
     assert not lever_settings({"channels_last": False}, cpu, 1000)["fast_norm"]
     assert not lever_settings({"fast_norm": False}, cpu, 1000)["fast_norm"]
     resolved = resolve_levers({"overlap": 0.5}, cpu, COMPILE_MIN_STUDIES)
