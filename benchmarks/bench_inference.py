@@ -8,7 +8,8 @@ Section ``levers`` (default): the same studies, the same checkpoint, in one run,
              zero outside the brain, prediction and foreground probability written.
 - metsflow:  ``metsflow.infer.predict_items`` (the code ``infer_shard`` runs), first with every
              lever off, then adding one equal-output lever at a time (``metsflow.infer.LEVERS``):
-             each lever's share is the seconds its row saved over the previous row (medians).
+             each lever's share is the seconds its row saved over the previous row (medians);
+             a last row has them all but compile (what a small CPU shard runs).
              Reduced precision is measured on top and reported with its Dice, since equal
              output (voxel Dice >= 0.999 per study and label against naive) decides whether a
              lever may be on by default.
@@ -213,6 +214,8 @@ def levers_rows() -> list[tuple[str, dict | None]]:
         rows.append((f"+ {lever}", dict(levers)))
     for title, extra in PRECISION_ROWS:
         rows.append((f"{title} (on top)", {**levers, **extra}))
+    # What "auto" runs on a CPU shard below COMPILE_MIN_STUDIES (the demo's 12): eager.
+    rows.append(("equal-output levers, compile off (eager)", {**levers, "compile": False}))
     return rows
 
 
