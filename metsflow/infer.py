@@ -134,7 +134,9 @@ def load_ensemble(
 #                   5, 1.07x; at load 5: 2.41 -> 2.39), labels equal (Dice 1.0000 vs fp32 eager,
 #                   untrained and a trained demo model). Eager (no compile, e.g. a 12-study
 #                   demo shard): channels-last + fast_norm 2.93 -> 2.66 CPU s (1.10x; 1.14x in
-#                   a second run), channels-last alone 2.90. "auto" = on CPU with
+#                   a second run), channels-last alone 2.90; a trained demo model on 3 real
+#                   studies (ensemble_predict, median of 3, load 6): 20.1 -> 17.7 CPU s
+#                   (1.14x; channels-last alone 1.12x), Dice 1.0000. "auto" = on CPU with
 #                   channels_last (not measured on CUDA, where cuDNN has its own norm).
 # Tried and not kept (same figures' setup, network forward on 12 windows, min of 5): inductor
 # weight freezing 2.02 -> 2.11 CPU s at sw_batch 4, 1.99 -> 1.95 at 6 (no gain, and a
