@@ -107,9 +107,10 @@ def load_ensemble(
 #                   full ``sw_batch_size`` batches go through the compiled network (one static
 #                   shape, no recompiles); a failed build (no C++ compiler on the node) falls
 #                   back to eager with a warning.
-#   channels_last   channels-last 3D memory format. "auto" = on for CUDA, and on CPU together
-#                   with compile (1.09x CPU over compile alone); eager fp32 on CPU gained nothing
-#                   (1.11x to 0.79x of the row before, within the noise).
+#   channels_last   channels-last 3D memory format. "auto" = on for CUDA and for CPU inference
+#                   jobs: on CPU with compile 1.09x CPU over compile alone, in eager with
+#                   fast_norm 1.10x (alone it gained nothing in eager: 1.01x; 1.11x to 0.79x in
+#                   the benchmark's noise).
 #   amp             reduced precision: float16 autocast on CUDA, bfloat16 on CPU. "auto" = CUDA
 #                   only: on CPU bf16 is 1.77x naive (CPU s) with compile + channels-last, but its
 #                   labels differ from fp32 beyond the 0.999 Dice bound (lowest per-label Dice
@@ -125,7 +126,32 @@ def load_ensemble(
 #                   compute: within the noise on CPU; it is meant for GPU jobs.
 #   inference_mode  torch.inference_mode instead of torch.no_grad (no version counters or view
 #                   tracking on the tensors): within the noise (+3% CPU).
-LEVERS = ("amp", "channels_last", "skip_outside_brain", "prefetch", "inference_mode", "compile")
+#   fast_norm       instance norm as a reduction over the channels-last (N, voxels, C) view
+#                   (_ChannelsLastInstanceNorm3d; the output stays channels-last). Compiled, the
+#                   norm of a 4x16x48^3 batch takes 3.1 ms instead of F.instance_norm's 56 ms
+#                   (cache-hot), but in the network it is bound by memory traffic: the demo net's
+#                   forward on 12 windows 1.99 -> 1.85 CPU s with compile + channels-last (min of
+#                   5, 1.07x; at load 5: 2.41 -> 2.39), labels equal (Dice 1.0000 vs fp32 eager,
+#                   untrained and a trained demo model). Eager (no compile, e.g. a 12-study
+#                   demo shard): channels-last + fast_norm 2.93 -> 2.66 CPU s (1.10x; 1.14x in
+#                   a second run), channels-last alone 2.90; a trained demo model on 3 real
+#                   studies (ensemble_predict, median of 3, load 6): 20.1 -> 17.7 CPU s
+#                   (1.14x; channels-last alone 1.12x), Dice 1.0000. "auto" = on CPU with
+#                   channels_last (not measured on CUDA, where cuDNN has its own norm).
+# Tried and not kept (same figures' setup, network forward on 12 windows, min of 5): inductor
+# weight freezing 2.02 -> 2.11 CPU s at sw_batch 4, 1.99 -> 1.95 at 6 (no gain, and a
+# recompile per fold); sw_batch 6 or 12 instead of 4: 1.85 -> 1.78 / 1.92 (within the noise);
+# torch.backends.mkldnn.conv.fp32_precision = "bf16" (torch 2.13, this CPU): conv3d output
+# bitwise unchanged and no faster, i.e. not applied to 3D convolutions.
+LEVERS = (
+    "amp",
+    "channels_last",
+    "skip_outside_brain",
+    "prefetch",
+    "inference_mode",
+    "compile",
+    "fast_norm",
+)
 COMPILE_MIN_STUDIES = 32
 
 
@@ -134,7 +160,8 @@ def lever_settings(
 ) -> dict[str, bool]:
     """The levers of ``params`` resolved for ``device`` ("auto" -> on for CUDA only; for
     ``compile``: on for CPU when ``studies``, the number the loaded networks will segment, is at
-    least COMPILE_MIN_STUDIES, unknown counting as few; ``channels_last`` also on with it)."""
+    least COMPILE_MIN_STUDIES, unknown counting as few; ``channels_last``: on for CUDA, and on
+    CPU for an inference job (``studies`` given); ``fast_norm``: on for CPU with channels_last)."""
     defaults = InferSettings().as_dict()
     resolved = {}
     for key in ("compile", *(k for k in LEVERS if k != "compile")):
@@ -143,7 +170,11 @@ def lever_settings(
             many = studies is not None and studies >= COMPILE_MIN_STUDIES
             resolved[key] = device.type == "cpu" and many
         elif value == "auto" and key == "channels_last":
-            resolved[key] = device.type == "cuda" or resolved["compile"]
+            # CPU: inference jobs only (they pass ``studies``); training's validation passes
+            # none, and .to() would convert the network being trained in place.
+            resolved[key] = device.type == "cuda" or studies is not None
+        elif value == "auto" and key == "fast_norm":
+            resolved[key] = device.type == "cpu" and resolved["channels_last"]
         else:
             resolved[key] = device.type == "cuda" if value == "auto" else bool(value)
     return {key: resolved[key] for key in LEVERS}
@@ -153,6 +184,39 @@ def resolve_levers(params: dict, device: torch.device, studies: int) -> dict:
     """``params`` with its levers resolved for a job that segments ``studies`` studies with the
     same loaded networks (what ``compile: auto`` needs to know)."""
     return {**params, **lever_settings(params, device, studies)}
+
+
+class _ChannelsLastInstanceNorm3d(nn.InstanceNorm3d):
+    """``nn.InstanceNorm3d`` (same parameters and state dict) computed, for a channels-last 3D
+    input without autograd, as a reduction over its ``(N, voxels, C)`` view, whose channels are
+    the contiguous inner axis: one variance/mean pass and one affine pass, the output stays
+    channels-last. Inductor builds plain loops of it (3.1 ms for a 4x16x48^3 batch) where
+    ``F.instance_norm`` gave 56 ms compiled, 74 ms eager, and a channels-first output that the
+    next convolution copied back (the fast_norm lever's figures). Equal up to float rounding
+    (max 1.4e-6 on that batch); any other input goes through ``nn.InstanceNorm3d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cl = x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+        if not cl or torch.is_grad_enabled() or self.track_running_stats:
+            return super().forward(x)
+        n, c = x.shape[:2]
+        voxels = x.permute(0, 2, 3, 4, 1).reshape(n, -1, c)
+        var, mean = torch.var_mean(voxels, dim=1, keepdim=True, correction=0)
+        scale = torch.rsqrt(var + self.eps)
+        shift = -mean * scale
+        if self.affine:
+            scale, shift = scale * self.weight, shift * self.weight + self.bias
+        out = torch.addcmul(shift, voxels, scale)
+        return out.view(n, *x.shape[2:], c).permute(0, 4, 1, 2, 3)
+
+
+def _fast_norm(network: nn.Module) -> nn.Module:
+    """``network`` with its ``nn.InstanceNorm3d`` modules switched, in place, to
+    ``_ChannelsLastInstanceNorm3d`` (same parameters, so the state dict is unchanged)."""
+    for module in network.modules():
+        if type(module) is nn.InstanceNorm3d:
+            module.__class__ = _ChannelsLastInstanceNorm3d
+    return network
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -300,6 +364,8 @@ def ensemble_predict(
     brain_t = torch.as_tensor(np.asarray(brain, dtype=bool))[None, None] if skip else None
     if levers["channels_last"]:
         networks = [n.to(memory_format=torch.channels_last_3d) for n in networks]
+    if levers["fast_norm"]:
+        networks = [_fast_norm(n) for n in networks]
     for network in networks:
         network.eval()
     sums: list[torch.Tensor | None] = [None] * len(networks)

@@ -48,11 +48,12 @@ def test_auto_levers_are_on_for_cuda_only_and_compile_for_large_cpu_shards():
     cpu = lever_settings({}, torch.device("cpu"))
     assert cpu == {
         "amp": False,
-        "channels_last": False,
+        "channels_last": False,  # no study count: not an inference job (training validation)
         "skip_outside_brain": True,
         "prefetch": True,
         "inference_mode": True,
         "compile": False,  # the number of studies is unknown: counted as few
+        "fast_norm": False,  # follows channels_last
     }
     assert lever_settings({"amp": "auto", "channels_last": "auto"}, torch.device("cuda"))["amp"]
     assert lever_settings({"amp": True}, torch.device("cpu"))["amp"]
@@ -62,10 +63,16 @@ def test_auto_levers_are_on_for_cuda_only_and_compile_for_large_cpu_shards():
     assert not lever_settings({}, cuda, 1000)["compile"]
     assert not lever_settings({"compile": False}, cpu, 1000)["compile"]
     assert lever_settings({"compile": True}, cpu, 1)["compile"]
-    # channels-last: on CPU only with compile (it gained nothing in eager fp32)
-    assert lever_settings({}, cpu, COMPILE_MIN_STUDIES)["channels_last"]
-    assert not lever_settings({"compile": False}, cpu, 1000)["channels_last"]
+    # channels-last: on for CPU inference jobs (with compile, or eager with fast_norm)
+    assert lever_settings({"compile": False}, cpu, 1)["channels_last"]
+    assert lever_settings({"compile": False}, cpu, 1)["fast_norm"]
+    assert lever_settings({}, cuda)["channels_last"]
     assert not lever_settings({"channels_last": False}, cpu, 1000)["channels_last"]
+    # fast_norm: on CPU with channels-last (it acts on channels-last inputs only)
+    assert lever_settings({}, cpu, COMPILE_MIN_STUDIES)["fast_norm"]
+    assert not lever_settings({}, cuda)["fast_norm"]
+    assert not lever_settings({"channels_last": False}, cpu, 1000)["fast_norm"]
+    assert not lever_settings({"fast_norm": False}, cpu, 1000)["fast_norm"]
     resolved = resolve_levers({"overlap": 0.5}, cpu, COMPILE_MIN_STUDIES)
     assert resolved["overlap"] == 0.5 and resolved["compile"] is True
     assert lever_settings(resolved, cpu)["compile"]  # stays resolved downstream
@@ -129,11 +136,35 @@ def test_each_fp32_lever_gives_the_plain_probabilities(tmp_path, lever):
     torch.testing.assert_close(ours_entropy, plain_entropy, rtol=1e-4, atol=1e-5)
 
 
+def test_fast_norm_gives_the_plain_probabilities_and_keeps_the_state_dict(tmp_path):
+    nets = _two_networks(tmp_path)
+    before = {k: v.clone() for k, v in nets[0].state_dict().items()}
+    (plain, plain_entropy), (ours, ours_entropy) = _plain_and_lever(
+        nets, {"channels_last": True, "fast_norm": True}, tta=True
+    )
+    torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours_entropy, plain_entropy, rtol=1e-4, atol=1e-5)
+    norms = [m for m in nets[0].modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    assert norms and all(type(m) is infer._ChannelsLastInstanceNorm3d for m in norms)
+    after = nets[0].state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    # with autograd (training) the switched modules are nn.InstanceNorm3d's own forward
+    x = torch.randn(2, norms[0].num_features, 6, 5, 4).to(memory_format=torch.channels_last_3d)
+    x.requires_grad_(True)
+    norms[0](x).sum().backward()
+    assert x.grad is not None
+
+
 @pytest.mark.slow
-def test_compiled_networks_give_the_plain_probabilities(tmp_path):
+@pytest.mark.parametrize(
+    "levers",
+    [{"compile": True}, {"compile": True, "channels_last": True, "fast_norm": True}],
+)
+def test_compiled_networks_give_the_plain_probabilities(tmp_path, levers):
     # a real inductor build (~1 min cold on 2 cores): slow-marked
     nets = _two_networks(tmp_path)
-    (plain, plain_entropy), (ours, ours_entropy) = _plain_and_lever(nets, {"compile": True})
+    (plain, plain_entropy), (ours, ours_entropy) = _plain_and_lever(nets, levers)
     torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours_entropy, plain_entropy, rtol=1e-4, atol=1e-5)
     assert all(infer._COMPILED in net.__dict__ for net in nets)
