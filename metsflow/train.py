@@ -597,7 +597,8 @@ def train_model(
     # val_interval 0: no validation while training (the final weights are what is saved either
     # way; evaluate_round scores the model). Saves the validation cache and 12 s per validation
     # of the CPU demo.
-    if val_items and int(params["val_interval"]) > 0:
+    val_interval = int(params["val_interval"])
+    if val_items and val_interval > 0:
         from monai.data import CacheDataset
 
         val_cache = CacheDataset(
@@ -629,7 +630,6 @@ def train_model(
         _set_rng_states(state["rng"])
 
     log_interval = int(params["log_interval"])
-    val_interval = int(params["val_interval"])
     checkpoint_interval = int(params["checkpoint_interval"])
     t0 = time.perf_counter() - elapsed
     recent: list[float] = []
