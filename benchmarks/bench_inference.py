@@ -13,8 +13,9 @@ Section ``levers`` (default): the same studies, the same checkpoint, in one run,
              Reduced precision is measured on top and reported with its Dice, since equal
              output (voxel Dice >= 0.999 per study and label against naive) decides whether a
              lever may be on by default.
-Each path has its own copy of the model, loaded before timing and warmed up on one study (a
-compiling path's warm-up is its cold compile, printed and amortized over the config shard
+Each path runs in a process of its own, as a job would (process-wide state such as the
+``heap_reuse`` lever's malloc settings stays with its path), with its own copy of the model,
+loaded before timing and warmed up on one study (a compiling path's warm-up is its cold compile, printed and amortized over the config shard
 sizes); the paths are interleaved per repeat, order reversed every other repeat, and the median
 of the repeats is reported with the spread and each repeat's figures, next to the load average.
 
@@ -62,6 +63,7 @@ OFF = {
     "inference_mode": False,
     "compile": False,
     "fast_norm": False,
+    "heap_reuse": False,
 }
 # Cumulative rows of the levers section: one equal-output lever more per row (fast_norm acts on
 # channels-last inputs only, so it comes after channels_last).
@@ -72,6 +74,7 @@ EQUAL_OUTPUT_LEVERS = (
     "compile",
     "channels_last",
     "fast_norm",
+    "heap_reuse",
 )
 PRECISION_ROWS = (("+ bf16/fp16 autocast", {"amp": True}),)
 
@@ -253,41 +256,39 @@ def levers_section(args, config, tmp: Path, device) -> None:
         "  fg_prob (float32) written as .nii.gz. metsflow rows: predict_items (the code "
         "infer_shard runs; also scores uncertainty),\n  each path with its own copy of the model "
         "loaded once before timing. Paths interleaved per repeat (order reversed every other\n"
-        "  repeat); median of the repeats, spread = (max - min) / median; CPU s = this process "
-        "and its children."
+        "  repeat); median of the repeats, spread = (max - min) / median. Each path runs in a "
+        "process of its own (as a job\n  would): CPU s = that process, peak MiB = its peak "
+        "resident memory."
     )
     rows = levers_rows()
-    loaded = {}
-    for title, levers in rows:
-        network, meta = load_checkpoint(checkpoint, map_location="cpu")
-        network = network.to(device).eval()
-        loaded[title] = (network, meta) if levers is None else ([network], meta)
+    # One process per path, as each would be a job of its own: process-wide state (the
+    # heap_reuse lever's malloc settings, inductor's kernels, the allocator's free lists) stays
+    # with its path; idle workers wait on their pipe.
+    # Each with an inductor cache of its own: every compiling row's warm-up is a cold compile.
+    workers = [
+        PathWorker(title, levers, checkpoint, params, device, args.threads, tmp / f"inductor{i}")
+        for i, (title, levers) in enumerate(rows)
+    ]
     # Warm-up: one study per path, untimed; a compiling path's first call builds its kernels
     # from an empty inductor cache (cold, as on a fresh node): that is the compile cost.
     compile_cost = {}
-    for title, levers in rows:
-        before = time.perf_counter()
-        if levers is None:
-            run_naive(loaded[title], items[:1], tmp / "warm", params, device)
-        else:
-            run_metsflow(loaded[title], items[:1], tmp / "warm", {**params, **levers}, device)
+    for (title, levers), worker in zip(rows, workers, strict=True):
+        seconds, _, _ = worker.run(items[:1], tmp / "warm")
         if levers and levers.get("compile"):
-            compile_cost[title] = time.perf_counter() - before
+            compile_cost[title] = seconds
     wall = {title: [] for title, _ in rows}
     cpu = {title: [] for title, _ in rows}
+    peak = {}
     loads = []
     for repeat in range(args.repeats):
         loads.append(os.getloadavg()[0])
-        order = list(enumerate(rows))
-        for index, (title, levers) in order if repeat % 2 == 0 else order[::-1]:
-            out = tmp / f"c{index}"
-            before = cpu_seconds()
-            if levers is None:
-                taken = run_naive(loaded[title], items, out, params, device)
-            else:
-                taken = run_metsflow(loaded[title], items, out, {**params, **levers}, device)
+        order = list(enumerate(zip(rows, workers, strict=True)))
+        for index, ((title, _), worker) in order if repeat % 2 == 0 else order[::-1]:
+            taken, cpu_taken, peak[title] = worker.run(items, tmp / f"c{index}")
             wall[title].append(taken)
-            cpu[title].append(cpu_seconds() - before)
+            cpu[title].append(cpu_taken)
+    for worker in workers:
+        worker.close()
     loads.append(os.getloadavg()[0])
     n = len(items)
     naive = rows[0][0]
@@ -299,7 +300,7 @@ def levers_section(args, config, tmp: Path, device) -> None:
     )
     print(
         f"  {'path':<40} {'wall s':>7} {'spread':>7} {'s/study':>8} {'vs naive':>9} {'CPU s':>7} "
-        f"{'spread':>7} {'vs naive':>9} {'min Dice':>9}"
+        f"{'spread':>7} {'vs naive':>9} {'min Dice':>9} {'peak MiB':>9}"
     )
     for index, (title, _) in enumerate(rows):
         dice = min_dice(tmp / f"c{index}", tmp / "c0", items)
@@ -308,7 +309,7 @@ def levers_section(args, config, tmp: Path, device) -> None:
         print(
             f"  {title:<40} {med_wall[title]:7.1f} {spread_wall:7.0%} {med_wall[title] / n:8.2f} "
             f"{med_wall[naive] / med_wall[title]:8.2f}x {med_cpu[title]:7.1f} {spread_cpu:7.0%} "
-            f"{med_cpu[naive] / med_cpu[title]:8.2f}x {dice:9.4f}"
+            f"{med_cpu[naive] / med_cpu[title]:8.2f}x {dice:9.4f} {peak[title]:9.0f}"
         )
     print("  per repeat, wall s (CPU s) by path:")
     for title, _ in rows:
@@ -349,6 +350,57 @@ def levers_section(args, config, tmp: Path, device) -> None:
             f"  {title.strip('+ ')}: cold compile {cost:.0f} s wall (empty inductor cache); "
             f"counted in: {amortized} (sharding.gpu_shard_size)"
         )
+
+
+class PathWorker:
+    """One levers-section path in a process of its own (spawned): loads the checkpoint once,
+    then segments the studies it is sent (``run``) and answers with its wall s, CPU s and peak
+    resident MiB."""
+
+    def __init__(self, title, levers, checkpoint, params, device, threads, inductor_cache):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(
+            target=_path_worker,
+            args=(child, levers, str(checkpoint), params, str(device), threads, inductor_cache),
+            name=f"bench {title}",
+        )
+        self.process.start()
+
+    def run(self, items, out: Path) -> tuple[float, float, float]:
+        self.conn.send((items, out))
+        answer = self.conn.recv()
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join()
+
+
+def _path_worker(conn, levers, checkpoint, params, device, threads, inductor_cache) -> None:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache)  # read at each compile
+    set_threads(threads)
+    device = select_device(device)
+    network, meta = load_checkpoint(checkpoint, map_location="cpu")
+    network = network.to(device).eval()
+    loaded = (network, meta) if levers is None else ([network], meta)
+    while (task := conn.recv()) is not None:
+        items, out = task
+        before = cpu_seconds()
+        try:
+            if levers is None:
+                taken = run_naive(loaded, items, out, params, device)
+            else:
+                taken = run_metsflow(loaded, items, out, {**params, **levers}, device)
+        except Exception as exc:  # the parent raises it
+            conn.send(exc)
+            continue
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        conn.send((taken, cpu_seconds() - before, peak_mib))
 
 
 def cpu_seconds() -> float:

@@ -33,7 +33,6 @@ from typing import Any
 import cc3d
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import nn
 
 from metsflow import labels as lab
@@ -44,7 +43,7 @@ from metsflow.models import (
     load_checkpoint,
     load_study_input,
 )
-from metsflow.runtime import select_device
+from metsflow.runtime import reuse_freed_memory, select_device
 from metsflow.settings import InferSettings
 
 log = logging.getLogger(__name__)
@@ -93,14 +92,17 @@ def load_ensemble(
 
 # Speed levers (issue 14), each measured by benchmarks/bench_inference.py against a naive MONAI
 # loop (model loaded once, per study: read, sliding_window_inference, argmax, write) on the same
-# model and studies (benchmarks/results/bench_inference_levers_cpu.txt: demo DynUNet, 6 studies
-# at 2 mm, 2 CPU cores at load average 10-13; medians of 3 interleaved repeats; CPU seconds are
-# the steadier figure there). Settings (config ``infer:``):
+# model and studies, each path in a process of its own (benchmarks/results/
+# bench_inference_levers_cpu.txt: demo DynUNet, 6 studies at 2 mm, 2 idle CPU cores, medians of
+# 3 interleaved repeats): all equal-output levers 1.66x wall / 1.65x CPU, Dice 1.0000; shares of
+# naive's CPU s: channels_last 17.0%, compile 10.3%, heap_reuse 9.8%, fast_norm 4.0%, the rest
+# within +-2%. Figures below not from that file are from earlier runs (same setup unless said).
+# Settings (config ``infer:``):
 #   compile         torch.compile (inductor) of each network, shared by the fold ensemble (the
 #                   folds have one architecture, so dynamo compiles it once: 59 s cold, 4 s for
 #                   a second fold). Fuses instance norm + leaky ReLU (22% of the eager CPU time):
 #                   31.8 -> 27.7 CPU s (1.15x), and with channels-last 3D 25.5 CPU s (1.25x; wall
-#                   1.37x), equal labels. A cold compile cost 55-117 s there, more than the
+#                   1.37x), equal labels. At load 10-13 a cold compile cost 55-117 s, more than the
 #                   demo's shard of 12 studies saves (0.60-0.94x counted in) but paid back over
 #                   a cohort shard of 64 (1.26x counted in): "auto" = on for a CPU job of at
 #                   least COMPILE_MIN_STUDIES studies; off on CUDA (not measured there yet). Only
@@ -138,6 +140,11 @@ def load_ensemble(
 #                   studies (ensemble_predict, median of 3, load 6): 20.1 -> 17.7 CPU s
 #                   (1.14x; channels-last alone 1.12x), Dice 1.0000. "auto" = on CPU with
 #                   channels_last (not measured on CUDA, where cuDNN has its own norm).
+#   heap_reuse      glibc malloc keeps freed blocks for reuse instead of unmapping them
+#                   (metsflow.runtime.reuse_freed_memory, process-wide): every forward pass
+#                   otherwise page-faults its activations in afresh (0.27-0.29 -> 0.24-0.25 s per
+#                   4-window forward of the demo net, compiled + channels-last; figures there).
+#                   "auto" = on for inference jobs (``studies`` given), on any device.
 # Tried and not kept (same figures' setup, network forward on 12 windows, min of 5): inductor
 # weight freezing 2.02 -> 2.11 CPU s at sw_batch 4, 1.99 -> 1.95 at 6 (no gain, and a
 # recompile per fold); sw_batch 6 or 12 instead of 4: 1.85 -> 1.78 / 1.92 (within the noise);
@@ -151,7 +158,12 @@ LEVERS = (
     "inference_mode",
     "compile",
     "fast_norm",
+    "heap_reuse",
 )
+# Cold compile 15-17 s wall on 2 idle cores with an empty inductor cache, 4 s with the node's
+# cache warm from an earlier job (same graph); compiled 0.92 s/study against 1.18 eager (the
+# levers file): break-even ~62 studies cold, ~15 warm. A node's /tmp inductor cache usually is
+# warm after its first shard, so the threshold sits between the two.
 COMPILE_MIN_STUDIES = 32
 
 
@@ -161,7 +173,8 @@ def lever_settings(
     """The levers of ``params`` resolved for ``device`` ("auto" -> on for CUDA only; for
     ``compile``: on for CPU when ``studies``, the number the loaded networks will segment, is at
     least COMPILE_MIN_STUDIES, unknown counting as few; ``channels_last``: on for CUDA, and on
-    CPU for an inference job (``studies`` given); ``fast_norm``: on for CPU with channels_last)."""
+    CPU for an inference job (``studies`` given); ``fast_norm``: on for CPU with channels_last;
+    ``heap_reuse``: on for an inference job)."""
     defaults = InferSettings().as_dict()
     resolved = {}
     for key in ("compile", *(k for k in LEVERS if k != "compile")):
@@ -175,6 +188,8 @@ def lever_settings(
             resolved[key] = device.type == "cuda" or studies is not None
         elif value == "auto" and key == "fast_norm":
             resolved[key] = device.type == "cpu" and resolved["channels_last"]
+        elif value == "auto" and key == "heap_reuse":
+            resolved[key] = studies is not None  # process-wide: a job's, not a trainer's
         else:
             resolved[key] = device.type == "cuda" if value == "auto" else bool(value)
     return {key: resolved[key] for key in LEVERS}
@@ -182,8 +197,12 @@ def lever_settings(
 
 def resolve_levers(params: dict, device: torch.device, studies: int) -> dict:
     """``params`` with its levers resolved for a job that segments ``studies`` studies with the
-    same loaded networks (what ``compile: auto`` needs to know)."""
-    return {**params, **lever_settings(params, device, studies)}
+    same loaded networks (what ``compile: auto`` needs to know); switches the process-wide
+    ``heap_reuse`` lever on when it resolves on (inference jobs call this once, first)."""
+    resolved = {**params, **lever_settings(params, device, studies)}
+    if resolved["heap_reuse"]:
+        reuse_freed_memory()
+    return resolved
 
 
 class _ChannelsLastInstanceNorm3d(nn.InstanceNorm3d):
@@ -420,9 +439,10 @@ def uncertainty_scores(
     entropy = normalised_entropy(probs)
     lesion = lab.whole_lesion(pred)
     components, count = cc3d.connected_components(lesion, connectivity=26, return_N=True)
-    per_lesion = (
-        ndimage.maximum(entropy, components, index=np.arange(1, count + 1)) if count else []
-    )
+    # Per-component maximum over the lesion voxels only: ndimage.maximum sorted the whole
+    # volume by label (66 ms for a 2 mm demo study, 8 ms this way; same values).
+    per_lesion = np.zeros(count, dtype=np.float32)
+    np.maximum.at(per_lesion, components[lesion] - 1, entropy[lesion])
     return {
         "uncertainty_entropy": float(entropy[brain].mean()),
         "uncertainty_lesion": float(entropy[lesion].mean()) if lesion.any() else 0.0,

@@ -216,10 +216,11 @@ class InferSettings(_Section):
     sw_batch_size: int = 4
     tta: bool = False  # flip test-time augmentation
     device: str = "auto"
-    # Speed levers (metsflow.infer.lever_settings): "auto" = on for CUDA only (measured slower
-    # or not equal on CPU, benchmarks/bench_inference.py); compile "auto" = on for CPU jobs of
-    # >= metsflow.infer.COMPILE_MIN_STUDIES studies (a cold compile took 55-117 s on 2 cores,
-    # more than a 12-study demo shard saves; CPU 1.25x naive with channels-last).
+    # Speed levers (metsflow.infer.lever_settings; why and the measured figures: the comment
+    # above metsflow.infer.LEVERS). "auto" resolves per device and job: amp on CUDA only (bf16
+    # labels on CPU differ beyond Dice 0.999), channels_last on CUDA and CPU inference jobs,
+    # compile for CPU jobs of >= metsflow.infer.COMPILE_MIN_STUDIES studies (a cold compile has
+    # to pay back). All equal-output levers: 1.66x a naive MONAI loop on 2 CPU cores.
     amp: str | bool = "auto"
     channels_last: str | bool = "auto"
     compile: str | bool = "auto"
@@ -231,6 +232,9 @@ class InferSettings(_Section):
     # channels-last, equal labels; acts on channels-last inputs only: "auto" = CPU with
     # channels_last (whose "auto" is on for CUDA and for CPU inference jobs).
     fast_norm: str | bool = "auto"
+    # glibc malloc keeps freed blocks (metsflow.runtime.reuse_freed_memory): no page faults
+    # on every forward pass's activations; "auto" = on for inference jobs, any device.
+    heap_reuse: str | bool = "auto"
 
     def as_params(self) -> dict[str, Any]:
         return self.as_dict()

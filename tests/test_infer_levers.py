@@ -4,9 +4,12 @@ handling of the overlap and of a failed compile."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import REPO
 from test_infer import make_checkpoint
 from test_models import make_prep_study
 
@@ -54,6 +57,7 @@ def test_auto_levers_are_on_for_cuda_only_and_compile_for_large_cpu_shards():
         "inference_mode": True,
         "compile": False,  # the number of studies is unknown: counted as few
         "fast_norm": False,  # follows channels_last
+        "heap_reuse": False,  # process-wide: inference jobs only
     }
     assert lever_settings({"amp": "auto", "channels_last": "auto"}, torch.device("cuda"))["amp"]
     assert lever_settings({"amp": True}, torch.device("cpu"))["amp"]
@@ -73,6 +77,8 @@ def test_auto_levers_are_on_for_cuda_only_and_compile_for_large_cpu_shards():
     assert not lever_settings({}, cuda)["fast_norm"]
     assert not lever_settings({"channels_last": False}, cpu, 1000)["fast_norm"]
     assert not lever_settings({"fast_norm": False}, cpu, 1000)["fast_norm"]
+    assert lever_settings({}, cuda, 1)["heap_reuse"] and lever_settings({}, cpu, 1)["heap_reuse"]
+    assert not lever_settings({"heap_reuse": False}, cpu, 1)["heap_reuse"]
     resolved = resolve_levers({"overlap": 0.5}, cpu, COMPILE_MIN_STUDIES)
     assert resolved["overlap"] == 0.5 and resolved["compile"] is True
     assert lever_settings(resolved, cpu)["compile"]  # stays resolved downstream
@@ -191,3 +197,37 @@ def test_a_failed_compile_falls_back_to_eager_with_equal_output(tmp_path, monkey
     assert "torch.compile failed" in caplog.text
     for net in nets:
         net.__dict__.pop(infer._COMPILED)
+
+
+_KEPT = """
+import os, sys
+import numpy as np
+if sys.argv[1] == "on":
+    from metsflow.runtime import reuse_freed_memory
+    assert reuse_freed_memory()
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = rss()
+np.ones(1 << 24, dtype=np.float32)  # 64 MiB, touched and freed
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc")
+def test_heap_reuse_keeps_a_freed_buffer_mapped_for_the_next_one():
+    """Without the lever a freed 64 MiB buffer is unmapped (the next forward pass faults its
+    pages in again); with it the block stays in the process for reuse."""
+    kept = {
+        mode: int(
+            subprocess.run(
+                [sys.executable, "-c", _KEPT, mode],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=REPO,
+            ).stdout
+        )
+        for mode in ("off", "on")
+    }
+    assert kept["off"] < 8 << 20, kept
+    assert kept["on"] > 60 << 20, kept

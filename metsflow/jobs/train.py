@@ -25,7 +25,7 @@ import pandas as pd
 from metsflow.io import atomic_path, write_json, write_table
 from metsflow.jobs.manifest import read_manifests
 from metsflow.layout import Layout
-from metsflow.runtime import set_threads
+from metsflow.runtime import reuse_freed_memory, set_threads
 from metsflow.settings import InferSettings
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,15 @@ class TrainingInputs:
         )
 
 
+def _start_job(threads: int) -> None:
+    """The training job's threads, and glibc malloc keeping freed blocks (the inference jobs'
+    ``heap_reuse`` lever): a demo training step (batch 2 of 48^3, forward + backward + AdamW,
+    2 cores) 0.54-0.56 -> 0.49-0.50 s median, the activations no longer page-faulted in afresh
+    on every step."""
+    set_threads(threads)
+    reuse_freed_memory()
+
+
 def run_train_round(job: TrainingInputs, model: dict, spacing: list[float]) -> dict:
     """Stage-1 fold ``job.fold`` of round ``job.round_index`` into ``Layout.model`` /
     ``train_log`` / ``train_summary`` of that round and fold (rule train_round's outputs)."""
@@ -122,7 +131,7 @@ def run_train_round(job: TrainingInputs, model: dict, spacing: list[float]) -> d
     out_log = job.layout.train_log(job.round_index, fold)
     out_summary = job.layout.train_summary(job.round_index, fold)
 
-    set_threads(job.threads)
+    _start_job(job.threads)
     round_index, train, seed = job.round_index, job.train, job.seed
     plan, train_items, val_items, n_confirmed = job.labelled_items(
         Path(out_model).parent / "train_labels"
@@ -190,7 +199,7 @@ def run_train_reseg(job: TrainingInputs, model: dict, spacing: list[float]) -> d
     out_model = job.layout.reseg_model(job.round_index)
     out_log = job.layout.reseg_train_log(job.round_index)
 
-    set_threads(job.threads)
+    _start_job(job.threads)
     _, train_items, val_items, _ = job.labelled_items(Path(out_model).parent / "train_labels_reseg")
     if not train_items:
         raise RuntimeError(f"round {job.round_index}: no labelled study to train re-seg on")
@@ -223,7 +232,7 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
 
     out_model = job.layout.stage2_model(job.round_index)
     out_summary = job.layout.stage2_summary(job.round_index)
-    set_threads(job.threads)
+    _start_job(job.threads)
     torch.manual_seed(job.seed)
     params = {**(job.train.get("stage2") or {}), "seed": job.seed + job.round_index}
     params.pop("enabled", None)
