@@ -14,7 +14,9 @@ predictions) is computed once and copied, so both strategies start from identica
 
 With ``--candidates N`` the two arms use the same strategy and budget instead: selecting from the
 whole pool (``candidates: all``) against selecting from a seeded N-study candidate subset that
-the round's model segmented (``active_learning.candidates: N``, issue 14).
+the round's model segmented (``active_learning.candidates: N``, issue 14). With ``--seeds S ...``
+the run is replicated per seed (phantom, round-0 model, draws; ``OUT/seed_<s>``) and the paired
+difference is summarised across seeds with a 95% CI: one seed alone is noise-level evidence.
 """
 
 from __future__ import annotations
@@ -151,14 +153,62 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="replicate over these seeds (phantom, round-0 model, draws): one run each in "
+        "OUT/seed_<s>, then the compared-minus-baseline difference across seeds with a 95%% CI",
+    )
+    parser.add_argument(
         "--candidates", type=int, help="compare a candidate subset of this size to the whole pool"
     )
     args = parser.parse_args()
+    seeds = args.seeds or [args.seed]
+    differences = {}
+    for seed in seeds:
+        work = Path(args.out).resolve() / (f"seed_{seed}" if args.seeds else "")
+        differences[seed] = run_seed(argparse.Namespace(**{**vars(args), "seed": seed}), work)
+    if args.seeds:
+        print_across_seeds(differences, args.rounds)
 
+
+def print_across_seeds(differences: dict[int, pd.DataFrame], rounds: int) -> None:
+    """Per round and over rounds 1..K: mean of the per-seed differences (compared minus
+    baseline, paired within a seed), its 95% t interval and a one-sample t-test against 0."""
+    from scipy import stats
+
+    table = pd.concat(differences, names=["seed"]).reset_index()
+    columns = [c for c in table.columns if "_minus_" in c]
+    later = table[table["round"] > 0]
+    rows = [(f"round {r}", later[later["round"] == r]) for r in range(1, rounds + 1)]
+    rows.append((f"mean of rounds 1..{rounds}", later.groupby("seed")[columns].mean()))
+    print(
+        f"\nacross {len(differences)} seeds ({', '.join(map(str, differences))}): mean "
+        "difference [95% CI], p (t-test against 0), seeds where compared >= baseline"
+    )
+    for title, part in rows:
+        cells = []
+        for column in columns:
+            values = part[column].to_numpy(dtype=float)
+            mean, sem = values.mean(), stats.sem(values)
+            if values.max() - values.min() > 1e-9:
+                low, high = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=sem)
+                p = f"{stats.ttest_1samp(values, 0.0).pvalue:.2f}"
+            else:  # every seed gave the same difference (e.g. the arms chose alike)
+                low, high, p = mean, mean, "n/a"
+            cells.append(
+                f"{column} {mean:+.3f} [{low:+.3f}, {high:+.3f}] p={p} "
+                f"{int((values >= 0).sum())}/{len(values)}"
+            )
+        print(f"  {title:<18} " + "   ".join(cells))
+
+
+def run_seed(args, work: Path) -> pd.DataFrame:
+    """One replicate (``args.seed``) in ``work``: both arms, printed; returns the per-round
+    compared-minus-baseline differences."""
     from metsflow.active_learning.curves import plot_learning_curves
     from metsflow.phantom import make_demo_cohort
 
-    work = Path(args.out).resolve()
     demo = work / "demo"
     if not (demo / "oracle.tsv").exists():  # an interrupted benchmark resumes where it was
         shutil.rmtree(work, ignore_errors=True)
@@ -260,6 +310,7 @@ def main() -> None:
     plot_learning_curves(table, png, metric="mean_dice")
     plot_learning_curves(table, work / "lesion_f1_vs_labelled.png", metric="mean_lesion_f1")
     print(f"curves: {work / 'curves.tsv'}; plots: {png}, {work / 'lesion_f1_vs_labelled.png'}")
+    return delta
 
 
 if __name__ == "__main__":

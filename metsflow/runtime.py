@@ -40,8 +40,9 @@ def set_threads(threads: int) -> None:
 # channels-last) page-faulted 390-560k times and took 0.27-0.29 s; with both set 186k faults,
 # 0.24-0.25 s (1.10-1.17x; eager 0.38-0.41 -> 0.35 s). Setting only the trim threshold was worse
 # (0.33 s: it also switches the dynamic mmap threshold off), a 32 MiB cap in between (0.25 s,
-# 312k faults; the 56 MiB activations of a 32-channel 48^3 batch still mmap). 1 GiB is far below
-# any job's memory request and never raises the peak: memory kept is memory the job just held.
+# 312k faults; the 56 MiB activations of a 32-channel 48^3 batch still mmap). Memory kept is
+# memory the job held a moment before, so the peak barely moves: peak RSS of the inference
+# benchmark's path 834 -> 878 MiB (untrained demo net), 867 -> 857 MiB (trained).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _HEAP_KEEP_BYTES = 1 << 30
 
