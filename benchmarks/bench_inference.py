@@ -14,10 +14,11 @@ Section ``levers`` (default): the same studies, the same checkpoint, in one run,
              output (voxel Dice >= 0.999 per study and label against naive) decides whether a
              lever may be on by default.
 Each path runs in a process of its own, as a job would (process-wide state such as the
-``heap_reuse`` lever's malloc settings stays with its path), with its own copy of the model,
-loaded before timing and warmed up on one study (a compiling path's warm-up is its cold compile, printed and amortized over the config shard
-sizes); the paths are interleaved per repeat, order reversed every other repeat, and the median
-of the repeats is reported with the spread and each repeat's figures, next to the load average.
+``heap_reuse`` lever's malloc settings stays with its path), with its own copy of the model and
+its own empty inductor cache, loaded before timing and warmed up on one study (a compiling
+path's warm-up is its cold compile, printed and amortized over the config shard sizes); the
+paths are interleaved per repeat, order reversed every other repeat, and the median of the
+repeats is reported with the spread and each repeat's figures, next to the load average.
 
 Section ``throughput`` (``--device cuda`` runs it by default): studies per device-hour of
 ``predict_items`` for one model and the 5-fold ensemble, with and without TTA and AMP, at a

@@ -4,6 +4,7 @@ handling of the overlap and of a failed compile."""
 from __future__ import annotations
 
 import logging
+import platform
 import subprocess
 import sys
 
@@ -213,7 +214,7 @@ print(rss() - before)
 """
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc")
 def test_heap_reuse_keeps_a_freed_buffer_mapped_for_the_next_one():
     """Without the lever a freed 64 MiB buffer is unmapped (the next forward pass faults its
     pages in again); with it the block stays in the process for reuse."""
