@@ -207,7 +207,7 @@ def run_seed(args, work: Path) -> pd.DataFrame:
     """One replicate (``args.seed``) in ``work``: both arms, printed; returns the per-round
     compared-minus-baseline differences."""
     from metsflow.active_learning.curves import plot_learning_curves
-    from metsflow.phantom import make_demo_cohort
+    from metsflow.cohort.phantom import make_demo_cohort
 
     demo = work / "demo"
     if not (demo / "oracle.tsv").exists():  # an interrupted benchmark resumes where it was

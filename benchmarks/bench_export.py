@@ -5,9 +5,9 @@ per-study cost that decides whether that is enough at cohort scale. A synthetic 
 ``--slices`` slices of ``--matrix`` pixels (pydicom, written here) is converted with dcm2niix
 (the import step, measured too), a label with three classes is written on its grid, then:
 
-- dicom_seg:  ``metsflow.export.write_dicom_seg`` (read the source series, sample the label at
+- dicom_seg:  ``metsflow.cohort.export.write_dicom_seg`` (read the source series, sample the label at
               every source pixel, highdicom Segmentation, write), then the highdicom read-back;
-- bids_dseg:  ``metsflow.export.export_bids`` for the one study (label checks, dseg + sidecar,
+- bids_dseg:  ``metsflow.cohort.export.export_bids`` for the one study (label checks, dseg + sidecar,
               lesion table), the dataset files included.
 
 The baseline in the same run is a plain ``nibabel`` load + save of the label (what any export
@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from _dicom_series import write_series  # noqa: E402
 
-from metsflow.dicom import dicom_source, import_dicom  # noqa: E402
-from metsflow.export import export_bids, read_dicom_seg, write_dicom_seg  # noqa: E402
+from metsflow.cohort.dicom import dicom_source, import_dicom  # noqa: E402
+from metsflow.cohort.export import export_bids, read_dicom_seg, write_dicom_seg  # noqa: E402
 
 
 def _best(fn, repeats: int) -> float:

@@ -6,8 +6,8 @@ Section ``levers`` (default): the same studies, the same checkpoint, in one run,
              channels and the brain mask read with nibabel, ``sliding_window_inference`` (same
              roi/overlap/sw_batch, Gaussian blending) under ``torch.no_grad``, softmax, argmax,
              zero outside the brain, prediction and foreground probability written.
-- metsflow:  ``metsflow.infer.predict_items`` (the code ``infer_shard`` runs), first with every
-             lever off, then adding one equal-output lever at a time (``metsflow.infer.LEVERS``):
+- metsflow:  ``metsflow.models.infer.predict_items`` (the code ``infer_shard`` runs), first with every
+             lever off, then adding one equal-output lever at a time (``metsflow.models.infer.LEVERS``):
              each lever's share is the seconds its row saved over the previous row (medians);
              a last row has them all but compile (what a small CPU shard runs).
              Reduced precision is measured on top and reported with its Dice, since equal
@@ -50,9 +50,14 @@ import numpy as np
 import torch
 import yaml
 
-from metsflow.io import save_nifti
-from metsflow.models import build_network, checkpoint_meta, load_checkpoint, save_checkpoint
-from metsflow.runtime import select_device, set_threads
+from metsflow.core.io import save_nifti
+from metsflow.core.runtime import select_device, set_threads
+from metsflow.models.networks import (
+    build_network,
+    checkpoint_meta,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CHANNELS = ["t1c", "t1", "t2", "flair"]
@@ -90,11 +95,11 @@ def load_config(name: str) -> dict:
 
 
 def brain_mask(spacing: float, margin_mm: float) -> np.ndarray:
-    """MNI152 brain mask at ``spacing`` mm, cropped like metsflow.preprocess does."""
+    """MNI152 brain mask at ``spacing`` mm, cropped like metsflow.imaging.preprocess does."""
     from nilearn.datasets import load_mni152_brain_mask
     from scipy import ndimage
 
-    from metsflow.preprocess import crop_box
+    from metsflow.imaging.preprocess import crop_box
 
     mask = np.asarray(load_mni152_brain_mask(resolution=1).dataobj) > 0
     mask = ndimage.zoom(mask.astype(np.uint8), 1.0 / spacing, order=0) > 0
@@ -134,7 +139,7 @@ def make_checkpoints(root: Path, config: dict, n: int) -> list[Path]:
 
 def run_metsflow(checkpoints, items, out: Path, params: dict, device) -> float:
     """``predict_items`` over ``items``; ``checkpoints``: paths or ``(networks, meta)``."""
-    from metsflow.infer import predict_items
+    from metsflow.models.infer import predict_items
 
     start = time.perf_counter()
     rows = predict_items(checkpoints, items, out, params, device=device)
@@ -184,7 +189,7 @@ def run_naive(loaded, items, out: Path, params: dict, device) -> float:
 
 def min_dice(out: Path, reference: Path, items) -> float:
     """Lowest voxel Dice over studies and labels (present in either) against ``reference``
-    (multiclass: class index = internal label, ``metsflow.models.decode_classes``)."""
+    (multiclass: class index = internal label, ``metsflow.models.networks.decode_classes``)."""
     import nibabel as nib
 
     worst = 1.0
@@ -244,7 +249,7 @@ def levers_section(args, config, tmp: Path, device) -> None:
     windows, outside = window_counts(brain.shape, brain, patch, params["overlap"])
     print(
         f"inference, {len(items)} studies of {brain.shape} voxels ({spacing:g} mm, cropped to the "
-        f"brain + margin as metsflow.preprocess does, brain {brain.mean():.0%}, {windows} windows "
+        f"brain + margin as metsflow.imaging.preprocess does, brain {brain.mean():.0%}, {windows} windows "
         f"of which {outside} hold no brain voxel), {args.config} model (filters "
         f"{config['model']['filters']}, patch {patch}, overlap {params['overlap']}, sw_batch "
         f"{params['sw_batch_size']}), device {device_name(device)}, {args.threads} threads, "

@@ -9,7 +9,7 @@ Prints one table with
   3. fine-tuning from a checkpoint pretrained on other patients vs training from scratch, at
      an equal number of iterations: held-out whole-lesion DSC.
 
-The cohort comes from ``metsflow.phantom.make_demo_cohort`` with every sequence on the T1c grid
+The cohort comes from ``metsflow.cohort.phantom.make_demo_cohort`` with every sequence on the T1c grid
 (``separate_grids=False``), so "preprocessing" here is z-scoring inside the brain mask; the
 prior of a follow-up is the previous study's label propagated with the phantom's *true*
 follow-up -> previous correspondence (ideal registration), so re-seg is measured without
@@ -35,15 +35,15 @@ import pandas as pd
 import torch
 from scipy import ndimage
 
-from metsflow import labels as lab
-from metsflow import phantom
-from metsflow.cascade import filter_prediction, load_stage2, study_candidates, train_stage2
-from metsflow.infer import foreground_probability, load_ensemble, stage1_probabilities
-from metsflow.io import save_nifti
-from metsflow.metrics import dice, match_lesions
-from metsflow.models import load_study_input
-from metsflow.priors import merge_followup
-from metsflow.train import train_model
+from metsflow.cohort import phantom
+from metsflow.core import labels as lab
+from metsflow.core.io import save_nifti
+from metsflow.evaluation.metrics import dice, match_lesions
+from metsflow.imaging.priors import merge_followup
+from metsflow.models.cascade import filter_prediction, load_stage2, study_candidates, train_stage2
+from metsflow.models.infer import foreground_probability, load_ensemble, stage1_probabilities
+from metsflow.models.networks import load_study_input
+from metsflow.models.train import train_model
 
 IOU = 0.1  # lesion matching threshold (phantom lesions are small: a few dozen voxels)
 
@@ -317,8 +317,8 @@ def detection_row(experiment: str, variant: str, preds, refs) -> dict:
 def profile_data_pipeline(train_items: list[dict], params: dict, samples: int = 20) -> dict:
     """Seconds per training sample (cached study -> augmented patch) vs per optimisation step
     (batch of ``batch_size`` patches, forward + backward), measured in this process."""
-    from metsflow import train as tr
-    from metsflow.models import build_loss, build_network
+    from metsflow.models import train as tr
+    from metsflow.models.networks import build_loss, build_network
 
     params = tr.resolve_params(params)
     patch = [int(p) for p in params["patch_size"]]

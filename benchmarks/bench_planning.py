@@ -55,7 +55,7 @@ def dry_run(
         *overlays,  # one --configfile list: a second --configfile option would replace it
         "--config",
         f"sheet={sheet}",
-        # metsflow.cohort.synthetic_sheet's paths lie under <workdir>/cohort (an existing, empty
+        # metsflow.cohort.sheet.synthetic_sheet's paths lie under <workdir>/cohort (an existing, empty
         # folder: the data roots are checked at parse time, the files only by the jobs)
         f"data_roots=['{workdir / 'cohort'}']",
         f"results={workdir / 'results'}",
@@ -80,8 +80,8 @@ def profile_parse(sheet: Path, workdir: Path) -> None:
     """Where the parse-time seconds go: sheet reading and the plan (the Snakefile's own work)."""
     import yaml
 
-    from metsflow.cohort import read_sheet
-    from metsflow.plan import PlanSettings, build_plan
+    from metsflow.cohort.plan import PlanSettings, build_plan
+    from metsflow.cohort.sheet import read_sheet
 
     config = yaml.safe_load((REPO / "config/config.yaml").read_text())
     config.update(yaml.safe_load((REPO / "config/cohort.yaml").read_text()))
@@ -105,7 +105,7 @@ def main() -> int:
     parser.add_argument("snakemake_args", nargs="*", help="extra snakemake arguments")
     args = parser.parse_args()
 
-    from metsflow.cohort import synthetic_sheet
+    from metsflow.cohort.sheet import synthetic_sheet
 
     ok = True
     with tempfile.TemporaryDirectory(prefix="bench_planning_") as tmp:

@@ -9,7 +9,7 @@ on idle cores):
    against the phantom's ground truth (Dice, volume ratio) on phantoms WITH skull and scalp.
 2. Registration seconds per follow-up/previous pair and propagated-label Dice for the default
    schedule and for full-resolution SyN-CC (``REFERENCE``), both against the label propagated
-   through the phantom's *true* correspondence (``metsflow.phantom.map_to_previous``); also
+   through the phantom's *true* correspondence (``metsflow.cohort.phantom.map_to_previous``); also
    no registration (scanner space) as the floor. ``--quick`` skips the full-resolution run.
 3. The resampling step (native T1c -> 1 mm target, cubic B-spline) against nnU-Net v2's own
    ``resample_data_or_seg_to_shape`` on the same image, when a Python with nnunetv2 is given
@@ -34,10 +34,11 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from metsflow import brainmask, phantom, preprocess, register
-from metsflow.cohort import read_sheet
-from metsflow.io import read_json
-from metsflow.runtime import set_threads
+from metsflow.cohort import phantom
+from metsflow.cohort.sheet import read_sheet
+from metsflow.core.io import read_json
+from metsflow.core.runtime import set_threads
+from metsflow.imaging import brainmask, preprocess, register
 
 # Full-resolution SyN-CC: the reference study's metric (CC radius 4) with a last level at the
 # 1 mm grid itself; same affine stage as the default.

@@ -38,9 +38,9 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from metsflow import io
 from metsflow.active_learning.labelstore import LabelStore
 from metsflow.active_learning.review import export_batch
+from metsflow.core import io
 
 REPO = Path(__file__).resolve().parents[1]
 PASSWORD = "load-test-password"

@@ -44,17 +44,9 @@ from bench_models import (
     whole,
 )
 
-from metsflow.cascade import (
-    filter_prediction,
-    find_candidates,
-    lost_lesions,
-    score_crops,
-)
-from metsflow.figures import plot_froc
-from metsflow.infer import foreground_probability
-from metsflow.io import write_json, write_table
-from metsflow.jobs.report import run_report_froc
-from metsflow.metrics import (
+from metsflow.core.io import write_json, write_table
+from metsflow.evaluation.figures import plot_froc
+from metsflow.evaluation.metrics import (
     DEFAULT_SIZE_BINS_MM,
     choose_operating_point,
     detection_by_size,
@@ -63,7 +55,15 @@ from metsflow.metrics import (
     froc_from_tables,
     lesion_tables,
 )
-from metsflow.priors import merge_followup
+from metsflow.imaging.priors import merge_followup
+from metsflow.jobs.report import run_report_froc
+from metsflow.models.cascade import (
+    filter_prediction,
+    find_candidates,
+    lost_lesions,
+    score_crops,
+)
+from metsflow.models.infer import foreground_probability
 
 SPACING = (2.0, 2.0, 2.0)
 

@@ -16,11 +16,11 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from metsflow.layout import Layout
+from metsflow.core.layout import Layout
 
 
 def _cmd_demo_cohort(args) -> int:
-    from metsflow.phantom import make_demo_cohort
+    from metsflow.cohort.phantom import make_demo_cohort
 
     result = make_demo_cohort(
         args.out,
@@ -36,7 +36,7 @@ def _cmd_demo_cohort(args) -> int:
 
 
 def _cmd_cohort_scan(args) -> int:
-    from metsflow.scan import scan, write_sheet
+    from metsflow.cohort.scan import scan, write_sheet
 
     table, problems = scan(args.root, layout=args.layout, labels=args.labels)
     for problem in problems:
@@ -48,7 +48,7 @@ def _cmd_cohort_scan(args) -> int:
 
 def _cmd_cohort_import_dicom(args) -> int:
     """Classify and convert a DICOM export; the sheet and the report go into --out."""
-    from metsflow.dicom import REPORT_NAME, SHEET_NAME, import_dicom
+    from metsflow.cohort.dicom import REPORT_NAME, SHEET_NAME, import_dicom
 
     frame, report, problems = import_dicom(args.dicom_root, args.out, rules_path=args.rules)
     for problem in problems:
@@ -68,7 +68,7 @@ def _cmd_cohort_import_dicom(args) -> int:
 
 def _cmd_cohort_check(args) -> int:
     """Report every problem of a sheet at once, before any job runs; exit 1 if any."""
-    from metsflow.cohort import SheetError, check_cohort, read_sheet
+    from metsflow.cohort.sheet import SheetError, check_cohort, read_sheet
 
     try:
         cohort = read_sheet(
@@ -79,12 +79,12 @@ def _cmd_cohort_check(args) -> int:
     except SheetError as exc:
         print(exc, file=sys.stderr)
         return 1
-    from metsflow.io import MAX_IMAGE_MB
+    from metsflow.core.io import MAX_IMAGE_MB
 
     limit = MAX_IMAGE_MB if args.max_image_mb is None else args.max_image_mb
     problems = check_cohort(cohort, deep=args.deep, max_image_mb=limit)
     if args.out:
-        from metsflow.io import write_table
+        from metsflow.core.io import write_table
 
         write_table(args.out, problems)
     if len(problems):
@@ -100,7 +100,7 @@ def _cmd_cohort_check(args) -> int:
 
 
 def _cmd_cohort_synthetic(args) -> int:
-    from metsflow.cohort import synthetic_sheet
+    from metsflow.cohort.sheet import synthetic_sheet
 
     synthetic_sheet(args.studies, args.out, seed=args.seed)
     print(f"{args.studies} synthetic rows -> {args.out}")
@@ -115,7 +115,7 @@ def _json_number(value):
 
 
 def _cmd_evaluate(args) -> int:
-    from metsflow.metrics import DEFAULT_IOU_THRESHOLD, evaluate_files
+    from metsflow.evaluation.metrics import DEFAULT_IOU_THRESHOLD, evaluate_files
 
     result = evaluate_files(
         args.pred,
@@ -130,7 +130,7 @@ def _cmd_evaluate(args) -> int:
     }
     text = json.dumps(result, indent=2, sort_keys=True, allow_nan=False)
     if args.json:
-        from metsflow.io import write_text
+        from metsflow.core.io import write_text
 
         write_text(args.json, text + "\n")
     print(text)
@@ -138,8 +138,8 @@ def _cmd_evaluate(args) -> int:
 
 
 def _alternative(value: str) -> str:
-    """``--alternative``: one of ``metsflow.stats.ALTERNATIVES`` (checked while parsing)."""
-    from metsflow.stats import ALTERNATIVES
+    """``--alternative``: one of ``metsflow.evaluation.stats.ALTERNATIVES`` (checked while parsing)."""
+    from metsflow.evaluation.stats import ALTERNATIVES
 
     if value not in ALTERNATIVES:
         raise argparse.ArgumentTypeError(f"{value!r}: use one of {', '.join(ALTERNATIVES)}")
@@ -150,7 +150,7 @@ def _cmd_stats_compare(args) -> int:
     """Paired statistics of two per-study tables (a = first, b = second) on shared studies."""
     import pandas as pd
 
-    from metsflow.stats import COMPARE_GROUPS, COMPARE_METRICS, compare_per_study
+    from metsflow.evaluation.stats import COMPARE_GROUPS, COMPARE_METRICS, compare_per_study
 
     tables = [pd.read_csv(p, sep="\t", dtype={"study_id": str}) for p in (args.a, args.b)]
     table = compare_per_study(
@@ -163,7 +163,7 @@ def _cmd_stats_compare(args) -> int:
         print("no studies, groups or metrics in common: nothing to compare", file=sys.stderr)
         return 1
     if args.out:
-        from metsflow.io import write_table
+        from metsflow.core.io import write_table
 
         write_table(args.out, table)
     columns = ["group", "metric", "n", "mean_a", "mean_b", "mean_diff", "ci95_low", "ci95_high"]
@@ -235,7 +235,7 @@ def _cmd_al_import(args) -> int:
     """Import a reviewed batch into the label store; print what was imported or rejected."""
     from metsflow.active_learning.labelstore import LabelStore
     from metsflow.active_learning.review import import_batch
-    from metsflow.cohort import read_sheet
+    from metsflow.cohort.sheet import read_sheet
 
     _workflow_paths(args)
     cohort = read_sheet(args.sheet)
@@ -263,7 +263,7 @@ def _cmd_al_import(args) -> int:
 def _cmd_al_override(args) -> int:
     """Replace one study's confirmed label with a new, versioned confirmed label (with reason)."""
     from metsflow.active_learning.labelstore import LabelStore
-    from metsflow.cohort import read_sheet
+    from metsflow.cohort.sheet import read_sheet
 
     _workflow_paths(args)
     cohort = read_sheet(args.sheet)
@@ -360,7 +360,7 @@ def _cmd_review_assign(args) -> int:
 
 
 def _cmd_review_export_times(args) -> int:
-    from metsflow.io import write_text
+    from metsflow.core.io import write_text
     from metsflow.review_server.app import ReviewApp, review_times_tsv
 
     text = review_times_tsv(ReviewApp(_review_config(args)))
@@ -389,7 +389,7 @@ def _cmd_cost(args) -> int:
     """Estimate the full cohort's core-hours, GPU-hours and makespan from a run's benchmarks."""
     import dataclasses
 
-    from metsflow.costmodel import BenchmarkError, CohortShape, estimate, read_run
+    from metsflow.cohort.costmodel import BenchmarkError, CohortShape, estimate, read_run
 
     shape = CohortShape(
         studies=args.studies,
@@ -420,13 +420,13 @@ def _cmd_cost(args) -> int:
     result = estimate(bench, shape)
     print(result.render())
     if shape.candidates is not None:
-        from metsflow.costmodel import render_comparison
+        from metsflow.cohort.costmodel import render_comparison
 
         before = estimate(bench, dataclasses.replace(shape, candidates=None))
         print()
         print(render_comparison(before, result))
     if args.out:
-        from metsflow.io import write_table
+        from metsflow.core.io import write_table
 
         write_table(args.out, result.table())
     return 0
@@ -504,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-image-mb",
         type=float,
         help="with --deep: refuse headers claiming more voxel data (MiB; default as the "
-        "pipeline's preprocess.max_image_mb, metsflow.io.MAX_IMAGE_MB)",
+        "pipeline's preprocess.max_image_mb, metsflow.core.io.MAX_IMAGE_MB)",
     )
     check.add_argument("--out", help="write the problems table (TSV)")
     check.set_defaults(func=_cmd_cohort_check)
@@ -518,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pred", required=True)
     evaluate.add_argument("--ref", required=True)
     evaluate.add_argument("--convention", choices=["internal", "brats"], default="internal")
-    # The defaults are the library's (metsflow.settings.EvaluateSettings, metsflow.stats), read
+    # The defaults are the library's (metsflow.core.settings.EvaluateSettings, metsflow.evaluation.stats), read
     # when the command runs: importing them here would add ~0.8 s to every command (numpy,
     # nibabel, scipy).
     evaluate.add_argument(
@@ -549,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--alternative",
         type=_alternative,
         help="greater | less | two-sided (a vs b); default per metric: less where lower is "
-        "better (metsflow.metrics.LOWER_IS_BETTER: hd95, FP/FN counts), else greater",
+        "better (metsflow.evaluation.metrics.LOWER_IS_BETTER: hd95, FP/FN counts), else greater",
     )
     compare.add_argument("--out", help="also write the full table (TSV)")
     compare.set_defaults(func=_cmd_stats_compare)
@@ -659,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its errors are printed as one line (exit 2), never as a traceback
     (``-v`` shows the traceback of an unexpected error)."""
-    from metsflow.io import StudyError
+    from metsflow.core.io import StudyError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(

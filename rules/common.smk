@@ -1,16 +1,16 @@
 # Shared state and named input functions. The config, the sheet and everything else the run
-# reads are validated once, at parse time (metsflow.preflight); the plan (roles and shards) is a
-# pure function of the sheet and config. Every results path comes from LAYOUT (metsflow.layout).
+# reads are validated once, at parse time (metsflow.cohort.preflight); the plan (roles and shards) is a
+# pure function of the sheet and config. Every results path comes from LAYOUT (metsflow.core.layout).
 import dataclasses
 import functools
 import os
 import sys
 
-from metsflow.io import file_sha256
-from metsflow.layout import Layout, round_name
-from metsflow.plan import round_inference_plan
-from metsflow.preflight import RunError, prepare_run
-from metsflow.settings import Settings
+from metsflow.core.io import file_sha256
+from metsflow.core.layout import Layout, round_name
+from metsflow.cohort.plan import round_inference_plan
+from metsflow.cohort.preflight import RunError, prepare_run
+from metsflow.core.settings import Settings
 
 try:
     # Fills in the schema defaults; sheet paths must stay inside data_roots (an empty list
@@ -44,7 +44,7 @@ VALIDATION_GPU_SHARDS = sorted(
 )
 POOL_GPU_SHARDS = sorted(PLAN.loc[PLAN.role == "pool", "gpu_shard"].unique())
 SEED_SHARDS = sorted(PLAN.loc[PLAN.role == "seed", "shard"].unique())
-# Per round: the studies its models segment, by GPU shard (metsflow.plan.round_inference_plan):
+# Per round: the studies its models segment, by GPU shard (metsflow.cohort.plan.round_inference_plan):
 # with active_learning.candidates: N, rounds before the last segment the validation studies and
 # the next round's N candidates in shards of their own; the last round (and `all`) segments
 # every validation and pool study in the plan's GPU shards.

@@ -1,9 +1,9 @@
 """Snakemake entry point: gather the confirmed labels of a round's batch."""
 
+from metsflow.core.layout import Layout
+from metsflow.core.settings import ActiveLearningSettings
 from metsflow.jobs.active_learning import BatchAnnotation, run_collect_annotations
 from metsflow.jobs.logs import job_logging
-from metsflow.layout import Layout
-from metsflow.settings import ActiveLearningSettings
 
 with job_logging(snakemake.log[0]):
     run_collect_annotations(

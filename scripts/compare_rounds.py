@@ -1,8 +1,8 @@
 """Snakemake entry point: paired statistics of the final round against round 0."""
 
+from metsflow.core.settings import EvaluateSettings
 from metsflow.jobs.evaluate import run_compare_rounds
 from metsflow.jobs.logs import job_logging
-from metsflow.settings import EvaluateSettings
 
 with job_logging(snakemake.log[0]):
     run_compare_rounds(

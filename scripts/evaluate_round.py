@@ -1,9 +1,9 @@
 """Snakemake entry point: evaluate one round's model on the validation studies."""
 
+from metsflow.core.layout import Layout
+from metsflow.core.settings import EvaluateSettings
 from metsflow.jobs.evaluate import run_evaluate_round
 from metsflow.jobs.logs import job_logging
-from metsflow.layout import Layout
-from metsflow.settings import EvaluateSettings
 
 with job_logging(snakemake.log[0]):
     run_evaluate_round(

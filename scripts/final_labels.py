@@ -1,8 +1,8 @@
 """Snakemake entry point: final label of every pool study and the seeded QA sample."""
 
+from metsflow.core.layout import Layout
 from metsflow.jobs.active_learning import FinalLabelInputs, run_final_labels
 from metsflow.jobs.logs import job_logging
-from metsflow.layout import Layout
 
 with job_logging(snakemake.log[0]):
     run_final_labels(

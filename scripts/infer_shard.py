@@ -1,9 +1,9 @@
 """Snakemake entry point: segment the studies of one GPU shard with one round's model(s)."""
 
+from metsflow.core.layout import Layout
+from metsflow.core.settings import InferSettings
 from metsflow.jobs.infer import InferShard, run_infer_shard
 from metsflow.jobs.logs import job_logging
-from metsflow.layout import Layout
-from metsflow.settings import InferSettings
 
 with job_logging(snakemake.log[0]):
     run_infer_shard(

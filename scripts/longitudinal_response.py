@@ -1,9 +1,9 @@
 """Snakemake entry point: lesion tracking and volumetric response from one round's predictions."""
 
+from metsflow.core.layout import Layout
+from metsflow.evaluation.longitudinal import ResponseThresholds
 from metsflow.jobs.logs import job_logging
 from metsflow.jobs.longitudinal import LongitudinalInputs, run_longitudinal
-from metsflow.layout import Layout
-from metsflow.longitudinal import ResponseThresholds
 
 with job_logging(snakemake.log[0]):
     run_longitudinal(

@@ -1,8 +1,8 @@
 """Snakemake entry point: preprocess the studies of one CPU shard."""
 
+from metsflow.core.layout import Layout
 from metsflow.jobs.logs import job_logging
 from metsflow.jobs.preprocess import run_preprocess_shard
-from metsflow.layout import Layout
 
 with job_logging(snakemake.log[0]):
     run_preprocess_shard(

@@ -1,8 +1,8 @@
 """Snakemake entry point: register the follow-ups of one CPU shard and propagate labels."""
 
+from metsflow.core.layout import Layout
 from metsflow.jobs.logs import job_logging
 from metsflow.jobs.register import run_register_shard
-from metsflow.layout import Layout
 
 with job_logging(snakemake.log[0]):
     run_register_shard(

@@ -1,8 +1,8 @@
 """Snakemake entry point: final-round figures (distributions, volumes, overlays) for the report."""
 
+from metsflow.core.layout import Layout
 from metsflow.jobs.logs import job_logging
 from metsflow.jobs.report import FiguresReport, run_report_figures
-from metsflow.layout import Layout
 
 with job_logging(snakemake.log[0]):
     run_report_figures(

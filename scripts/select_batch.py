@@ -1,8 +1,8 @@
 """Snakemake entry point: pick the next active-learning batch."""
 
+from metsflow.core.settings import ActiveLearningSettings
 from metsflow.jobs.active_learning import BatchSelection, run_select_batch
 from metsflow.jobs.logs import job_logging
-from metsflow.settings import ActiveLearningSettings
 
 with job_logging(snakemake.log[0]):
     run_select_batch(

@@ -1,8 +1,8 @@
 """Snakemake entry point: train one round's stage-2 candidate classifier."""
 
+from metsflow.core.settings import InferSettings
 from metsflow.jobs.logs import job_logging
 from metsflow.jobs.train import TrainingInputs, run_train_stage2
-from metsflow.settings import InferSettings
 
 with job_logging(snakemake.log[0]):
     run_train_stage2(

@@ -2,7 +2,7 @@
 
 - ``dry_run_job_counts``: jobs per rule from the 'Job stats' table of ``snakemake -n`` output.
 - ``synthetic_oracle``: a placeholder oracle sheet, so the simulated annotator plans every round
-  of a synthetic cohort (``metsflow.cohort.synthetic_sheet``) without any label file.
+  of a synthetic cohort (``metsflow.cohort.sheet.synthetic_sheet``) without any label file.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from metsflow.io import write_table
+from metsflow.core.io import write_table
 
 
 def dry_run_job_counts(stdout: str) -> dict[str, int]:
@@ -35,7 +35,7 @@ def dry_run_job_counts(stdout: str) -> dict[str, int]:
 def synthetic_oracle(sheet: str | os.PathLike, out_path: str | os.PathLike) -> Path:
     """An oracle sheet answering every study of ``sheet`` with one empty placeholder label
     beside it, for dry runs with the simulated annotator (the parse-time check of
-    ``metsflow.preflight`` needs the listed files to exist; a dry run reads none)."""
+    ``metsflow.cohort.preflight`` needs the listed files to exist; a dry run reads none)."""
     out_path = Path(out_path)
     placeholder = out_path.with_name("placeholder_label.nii.gz")
     placeholder.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ LESIONS = (((32.0, -22.0, 30.0), 9.0), ((-34.0, 14.0, 12.0), 7.0))
 
 @dataclass
 class FakeStudy:
-    """Duck-typed stand-in for metsflow.cohort.Study."""
+    """Duck-typed stand-in for metsflow.cohort.sheet.Study."""
 
     patient_id: str
     study_id: str

@@ -131,7 +131,7 @@ def make_tiny_cohort(demo: Path, n_patients: int, labelled_patients: int, **opti
     demo's 1x1x3). Separate grids per sequence, skull and the atlas mask are all still
     exercised, at a quarter of the voxels: 5.5 instead of 21 CPU-s for 3 patients.
     ``options`` go to make_demo_cohort (e.g. ``skull=False``)."""
-    from metsflow.phantom import make_demo_cohort
+    from metsflow.cohort.phantom import make_demo_cohort
 
     settings = {"n_timepoints": 2, "native_spacing": (2.0, 2.0, 3.0), "model_spacing": 4.0}
     return make_demo_cohort(

@@ -5,10 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metsflow import io, labels
 from metsflow.active_learning.annotator import AnnotatorNoise, apply_noise, simulate_batch
 from metsflow.active_learning.labelstore import LabelStore
 from metsflow.active_learning.status import format_status, round_status
+from metsflow.core import io, labels
 
 AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])
 SHAPE = (16, 16, 12)

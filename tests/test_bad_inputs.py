@@ -21,12 +21,12 @@ import pandas as pd
 import pytest
 
 from metsflow import cli
-from metsflow.cohort import Study
-from metsflow.io import StudyError, load_nifti
+from metsflow.cohort.sheet import Study
+from metsflow.core.io import StudyError, load_nifti
+from metsflow.core.layout import Layout
+from metsflow.imaging.preprocess import preprocess_study
 from metsflow.jobs import register as register_job
 from metsflow.jobs.manifest import write_manifest
-from metsflow.layout import Layout
-from metsflow.preprocess import preprocess_study
 
 SHAPE = (24, 28, 22)
 SPACING = 3.0
@@ -205,7 +205,7 @@ def test_unreadable_file_is_refused_with_a_permission_problem(tmp_path):
     if setpriv is None:
         pytest.skip("running as root without util-linux setpriv: cannot drop CAP_DAC_OVERRIDE")
     code = (
-        "import sys\nfrom metsflow.io import load_nifti, StudyError\n"
+        "import sys\nfrom metsflow.core.io import load_nifti, StudyError\n"
         f"try:\n    load_nifti({str(path)!r}, 'S9', 'T1C')\n"
         "except StudyError as e:\n    print(e); sys.exit(3)\n"
     )

@@ -7,10 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from metsflow.bids import bids_entities, entity_table, scan_bids
 from metsflow.cli import main
-from metsflow.cohort import read_sheet
-from metsflow.scan import detect_layout
+from metsflow.cohort.bids import bids_entities, entity_table, scan_bids
+from metsflow.cohort.scan import detect_layout
+from metsflow.cohort.sheet import read_sheet
 
 
 def tiny_nifti(path: Path, value: int = 0) -> None:

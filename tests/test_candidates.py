@@ -8,18 +8,18 @@ import pandas as pd
 import pytest
 from test_plan import write_sheet
 
-from metsflow.jobs.active_learning import (
-    BatchSelection,
-    run_round_candidates,
-    run_select_batch,
-)
-from metsflow.plan import (
+from metsflow.cohort.plan import (
     PlanSettings,
     build_plan,
     candidate_studies,
     round_inference_plan,
 )
-from metsflow.settings import ActiveLearningSettings
+from metsflow.core.settings import ActiveLearningSettings
+from metsflow.jobs.active_learning import (
+    BatchSelection,
+    run_round_candidates,
+    run_select_batch,
+)
 
 
 @pytest.fixture

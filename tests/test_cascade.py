@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from metsflow import cascade
+from metsflow.models import cascade
 
 
 def ball(shape, centre, radius):

@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import snakemake.utils
 
-from metsflow import cohort
-from metsflow.cohort import SheetError, check_cohort, read_sheet, synthetic_sheet
+from metsflow.cohort import sheet as cohort
+from metsflow.cohort.sheet import SheetError, check_cohort, read_sheet, synthetic_sheet
 
-SCHEMA = str(Path(cohort.__file__).parent / "schemas" / "studies.schema.yaml")
+SCHEMA = str(cohort.SCHEMA_PATH)
 HEADER = ["patient_id", "study_id", "timepoint", "t1", "t1c", "t2", "flair", "label"]
 
 

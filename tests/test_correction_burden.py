@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metsflow import io
 from metsflow.active_learning.annotator import simulate_batch
 from metsflow.active_learning.burden import (
     BURDEN_COLUMNS,
@@ -22,9 +21,10 @@ from metsflow.active_learning.burden import (
     summarise_rounds,
 )
 from metsflow.active_learning.labelstore import LabelStore
-from metsflow.active_learning.review import PRESEGMENTATION_NAME
 from metsflow.active_learning.status import round_status
 from metsflow.cli import main
+from metsflow.core import io
+from metsflow.core.layout import PRESEGMENTATION_NAME
 from metsflow.jobs.active_learning import run_correction_burden
 
 SHAPE = (40, 40, 40)
@@ -273,7 +273,7 @@ def test_status_shows_the_burden_next_to_the_review_time(confirmed_round, capsys
 
 
 def test_report_figure_and_table(tmp_path, confirmed_round):
-    from metsflow.figures import plot_correction_burden
+    from metsflow.evaluation.figures import plot_correction_burden
 
     results, store = confirmed_round
     out = _measure_round_1(results, store)

@@ -9,7 +9,7 @@ import pytest
 from test_costmodel import run  # noqa: F401  (fixture: a pilot run's benchmarks and plan)
 
 from metsflow.cli import main
-from metsflow.costmodel import CohortShape, compare, estimate, read_run
+from metsflow.cohort.costmodel import CohortShape, compare, estimate, read_run
 
 
 def test_subset_rounds_cost_less_and_the_last_round_segments_everything(run):  # noqa: F811

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from metsflow.cli import main
-from metsflow.costmodel import BenchmarkError, CohortShape, estimate_from_run, fit_shard_cost
+from metsflow.cohort.costmodel import BenchmarkError, CohortShape, estimate_from_run, fit_shard_cost
 
 HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
 

@@ -18,13 +18,14 @@ import pytest
 import torch
 import yaml
 
-from metsflow import io, models
 from metsflow.active_learning import labelstore
 from metsflow.active_learning.labelstore import LabelImportError, LabelStore
-from metsflow.cohort import SheetError, read_sheet
+from metsflow.cohort.sheet import SheetError, read_sheet
+from metsflow.core import io
+from metsflow.core.layout import Layout
+from metsflow.core.settings import ActiveLearningSettings
 from metsflow.jobs.active_learning import BatchAnnotation, run_collect_annotations
-from metsflow.layout import Layout
-from metsflow.settings import ActiveLearningSettings
+from metsflow.models import networks as models
 
 SHAPE = (12, 14, 10)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -194,7 +195,7 @@ def test_sheet_paths_escaping_the_sheet_folder_are_refused_by_default(tmp_path, 
     assert config["data_roots"] == [] and config["allow_paths_outside_roots"] is False
     config["sheet"] = str(_sheet(tmp_path, t1c))
 
-    def read(config):  # as metsflow.preflight.prepare_run reads it, once, at parse time
+    def read(config):  # as metsflow.cohort.preflight.prepare_run reads it, once, at parse time
         return read_sheet(
             config["sheet"],
             data_roots=config["data_roots"],

@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metsflow import cascade, metrics, phantom
+from metsflow.cohort import phantom
+from metsflow.evaluation import metrics
+from metsflow.models import cascade
 
 # A voxel of this volume is a sphere of exactly 3 mm (10 mm) equivalent diameter.
 Z_3MM = math.pi * 27 / 6
@@ -288,9 +290,9 @@ def scored_tables():
 
 def test_round_tables_status_and_report(tmp_path):
     from metsflow.active_learning.status import detection_status
-    from metsflow.io import write_json, write_table
+    from metsflow.core.io import write_json, write_table
+    from metsflow.evaluation.metrics import detection_summary
     from metsflow.jobs.report import run_report_detection, run_report_froc
-    from metsflow.metrics import detection_summary
 
     lesions, predicted = scored_tables()
     out = detection_summary(1, lesions, predicted, PATIENT_OF, (3, 10))

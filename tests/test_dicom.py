@@ -7,8 +7,7 @@ import pytest
 from _dicom_series import SLICES, decode, write_series
 
 from metsflow.cli import main
-from metsflow.cohort import read_sheet
-from metsflow.dicom import (
+from metsflow.cohort.dicom import (
     REPORT_NAME,
     SHEET_NAME,
     Series,
@@ -17,6 +16,7 @@ from metsflow.dicom import (
     import_dicom,
     load_rules,
 )
+from metsflow.cohort.sheet import read_sheet
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from _dicom_series import COLUMNS, ROWS, SLICES, decode, write_series
 
-from metsflow.dicom import dicom_source, import_dicom
-from metsflow.export import (
+from metsflow.cohort.dicom import dicom_source, import_dicom
+from metsflow.cohort.export import (
     DSEG_TABLE,
     export_bids,
     lesions_path,
@@ -21,8 +21,8 @@ from metsflow.export import (
     read_source_series,
     write_dicom_seg,
 )
-from metsflow.layout import Layout
-from metsflow.longitudinal import ResponseThresholds, TimePoint, track_patient
+from metsflow.core.layout import Layout
+from metsflow.evaluation.longitudinal import ResponseThresholds, TimePoint, track_patient
 
 VALIDATOR = Path(sys.executable).parent / "bids-validator-deno"
 
@@ -175,13 +175,13 @@ def _table(path: Path, rows: list[dict]) -> str:
 def test_export_jobs_track_lesions_and_write_seg_for_dicom_studies(converted, tmp_path):
     """The job bodies: DICOM SEG only where the T1c came from DICOM; tracked lesion ids over a
     patient's registration chain, a new series (prefixed ids) where the chain breaks."""
+    from metsflow.evaluation.longitudinal import identity_warp
     from metsflow.jobs.export import (
         FinalExport,
         final_studies,
         run_export_dicom_seg,
         track_final_labels,
     )
-    from metsflow.longitudinal import identity_warp
 
     t1c, label, _ = converted
     grid = np.zeros((12, 12, 6), dtype=np.uint8)
@@ -284,7 +284,7 @@ def test_run_export_bids_tracks_through_the_registration(tmp_path):
     """The whole BIDS job on a small results tree with a real (identity) ANTs registration."""
     from test_longitudinal import _identity_registration
 
-    from metsflow.io import save_nifti
+    from metsflow.core.io import save_nifti
     from metsflow.jobs.export import FinalExport, run_export_bids
 
     affine = np.diag([2.0, 2.0, 2.0, 1.0])

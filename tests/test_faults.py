@@ -46,7 +46,7 @@ def broken_cohort(tmp_path_factory):
     becomes the baseline) broken."""
     import nibabel as nib
 
-    from metsflow.phantom import make_demo_cohort
+    from metsflow.cohort.phantom import make_demo_cohort
 
     demo = tmp_path_factory.mktemp("broken_demo")
     make_demo_cohort(
@@ -251,7 +251,7 @@ _TRAIN_UNTIL_SIGKILL = """
 import json, os, signal, sys
 sys.path.insert(0, {tests!r})
 from test_train import fast_params, ALL_AUGMENTATIONS
-from metsflow import train
+from metsflow.models import train
 
 studies = json.loads({studies!r})
 params = fast_params(iterations=6, checkpoint_interval=3, val_interval=3, **ALL_AUGMENTATIONS)
@@ -274,7 +274,7 @@ def test_training_killed_mid_epoch_by_sigkill_resumes_from_its_checkpoint(tmp_pa
     from test_models import make_prep_study
     from test_train import ALL_AUGMENTATIONS, assert_same_weights, fast_params, weights
 
-    from metsflow import train
+    from metsflow.models import train
 
     root = tmp_path / "prep"
     root.mkdir()

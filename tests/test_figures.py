@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metsflow import figures, metrics
+from metsflow.evaluation import figures, metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -12,15 +12,15 @@ from test_infer import make_checkpoint
 from test_models import AFFINE, make_prep_study, tiny_params
 from test_train import ALL_AUGMENTATIONS
 
-from metsflow import labels as lab
-from metsflow import train
-from metsflow.cascade import build_classifier, network_spec, resolve_params, save_stage2
-from metsflow.infer import predict_items, predict_study
-from metsflow.io import save_nifti
-from metsflow.postprocess import CascadePostProcess
-from metsflow.priors import RandFictitiousPriord
-from metsflow.splits import fold_split
-from metsflow.train import reseg_params
+from metsflow.cohort.splits import fold_split
+from metsflow.core import labels as lab
+from metsflow.core.io import save_nifti
+from metsflow.imaging.priors import RandFictitiousPriord
+from metsflow.models import train
+from metsflow.models.cascade import build_classifier, network_spec, resolve_params, save_stage2
+from metsflow.models.infer import predict_items, predict_study
+from metsflow.models.postprocess import CascadePostProcess
+from metsflow.models.train import reseg_params
 
 
 def test_reseg_samples_carry_a_fictitious_prior_near_the_label(tmp_path):
@@ -106,7 +106,7 @@ def test_cascade_hook_filters_and_merges_followups(tmp_path):
     hook = CascadePostProcess.from_checkpoints(
         ["t1c", "flair"], str(tmp_path / "s2.pt"), [str(reseg)], settings, device
     )
-    from metsflow.infer import load_ensemble
+    from metsflow.models.infer import load_ensemble
 
     networks, meta = load_ensemble([stage1], device=device)
     row_base = predict_study(networks, meta, base, tmp_path / "out", settings, device, hook)

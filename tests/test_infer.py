@@ -13,16 +13,16 @@ import pytest
 import torch
 from test_models import AFFINE, SHAPE, make_prep_study, tiny_params
 
-from metsflow import labels as lab
-from metsflow.infer import (
+from metsflow.core import labels as lab
+from metsflow.core.io import StudyError, save_nifti
+from metsflow.models.infer import (
     load_ensemble,
     normalised_entropy,
     predict_items,
     sliding_window_predict,
     uncertainty_scores,
 )
-from metsflow.io import StudyError, save_nifti
-from metsflow.models import build_network, checkpoint_meta, save_checkpoint
+from metsflow.models.networks import build_network, checkpoint_meta, save_checkpoint
 
 
 def make_checkpoint(path: Path, seed: int, **overrides) -> Path:
@@ -161,9 +161,9 @@ def test_failing_study_is_named_and_others_go_on(tmp_path):
 def test_unchanged_models_reuse_previous_predictions(tmp_path):
     """A round that kept the previous round's models (stop criterion) copies its predictions;
     any changed model byte, or missing previous outputs, means segmenting again."""
+    from metsflow.core.layout import Layout
     from metsflow.jobs.infer import _copy_study_outputs, _reusable_predictions
     from metsflow.jobs.manifest import write_manifest
-    from metsflow.layout import Layout
 
     layout = Layout(tmp_path / "results")
     old_root, new_root = Path(layout.prediction_root(0)), Path(layout.prediction_root(1))
@@ -197,7 +197,7 @@ def test_unchanged_models_reuse_previous_predictions(tmp_path):
 def test_fold_ensemble_reports_disagreement_single_model_does_not(tmp_path):
     """Disagreement = entropy of the mean - mean member entropy (mutual information): zero for
     identical members, positive for different ones, absent for a single model."""
-    from metsflow.infer import ensemble_predict
+    from metsflow.models.infer import ensemble_predict
 
     items = [make_prep_study(tmp_path / "prep", "S0", seed=0)]
     a, b = make_checkpoint(tmp_path / "a.pt", 0), make_checkpoint(tmp_path / "b.pt", 1)

@@ -1,4 +1,4 @@
-"""Inference speed levers (metsflow.infer): each lever's output equals the plain path's, error
+"""Inference speed levers (metsflow.models.infer): each lever's output equals the plain path's, error
 handling of the overlap and of a failed compile."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from conftest import REPO
 from test_infer import make_checkpoint
 from test_models import make_prep_study
 
-from metsflow import infer
-from metsflow.infer import (
+from metsflow.models import infer
+from metsflow.models.infer import (
     COMPILE_MIN_STUDIES,
     ensemble_predict,
     lever_settings,
@@ -190,7 +190,7 @@ def test_a_failed_compile_falls_back_to_eager_with_equal_output(tmp_path, monkey
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     nets = _two_networks(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="metsflow.infer"):
+    with caplog.at_level(logging.WARNING, logger="metsflow.models.infer"):
         (plain, _), (ours, _) = _plain_and_lever(nets, {"compile": True})
     torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
     # one failed attempt per network (full batches of 2 only), then eager for good
@@ -204,7 +204,7 @@ _KEPT = """
 import os, sys
 import numpy as np
 if sys.argv[1] == "on":
-    from metsflow.runtime import reuse_freed_memory
+    from metsflow.core.runtime import reuse_freed_memory
     assert reuse_freed_memory()
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

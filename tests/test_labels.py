@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from metsflow import labels
+from metsflow.core import labels
 
 
 def brats_map() -> np.ndarray:

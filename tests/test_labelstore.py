@@ -6,10 +6,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from metsflow import io
 from metsflow.active_learning import labelstore
 from metsflow.active_learning.labelstore import LabelImportError, LabelStore
-from metsflow.io import LabelStoreWriteError, guard_not_in_store
+from metsflow.core import io
+from metsflow.core.io import LabelStoreWriteError, guard_not_in_store
 
 AFFINE = np.array(
     [[1.0, 0, 0, -4.0], [0, 1.0, 0, -5.0], [0, 0, 1.2, 3.0], [0, 0, 0, 1]], dtype=float

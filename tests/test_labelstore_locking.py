@@ -6,12 +6,12 @@ import time
 import numpy as np
 import pytest
 
-from metsflow import io
 from metsflow.active_learning.labelstore import (
     LabelImportError,
     LabelStore,
     StaleLabelError,
 )
+from metsflow.core import io
 
 AFFINE = np.diag([1.0, 1.0, 1.2, 1.0])
 SHAPE = (8, 8, 6)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metsflow.longitudinal import (
+from metsflow.evaluation.longitudinal import (
     BASELINE,
     COMPLETE_RESPONSE,
     NO_DISEASE,
@@ -194,7 +194,7 @@ def _identity_registration(reg_dir, grid_img):
     """Registration outputs that map the follow-up onto itself (identity affine, zero warp)."""
     import ants
 
-    from metsflow.brainmask import nifti_to_ants
+    from metsflow.imaging.brainmask import nifti_to_ants
 
     reg_dir.mkdir(parents=True)
     ants.write_transform(
@@ -208,11 +208,11 @@ def _identity_registration(reg_dir, grid_img):
 
 
 def test_run_longitudinal_tracks_predictions_and_references_through_the_registration(tmp_path):
-    from metsflow.io import save_nifti
+    from metsflow.core.io import save_nifti
+    from metsflow.core.labels import EDEMA, ENHANCING
+    from metsflow.core.layout import Layout
+    from metsflow.evaluation.longitudinal import ResponseThresholds
     from metsflow.jobs.longitudinal import LongitudinalInputs, run_longitudinal
-    from metsflow.labels import EDEMA, ENHANCING
-    from metsflow.layout import Layout
-    from metsflow.longitudinal import ResponseThresholds
 
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     layout = Layout(tmp_path)

@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metsflow import io, labels, metrics
-from metsflow.labels import ENHANCING, NECROSIS
+from metsflow.core import io, labels
+from metsflow.core.labels import ENHANCING, NECROSIS
+from metsflow.evaluation import metrics
 
 
 def box(shape, *ranges, value=1, out=None):
@@ -476,11 +477,11 @@ def test_cli_evaluate_names_the_bad_file(tmp_path, capsys):
 
 
 def test_evaluate_round_skips_unpredicted_studies_and_scores_lesions_by_fg_prob(tmp_path):
-    """metsflow.evaluate: labelled studies only; a failed prediction is listed as skipped;
+    """metsflow.evaluation.evaluate: labelled studies only; a failed prediction is listed as skipped;
     FP per patient and the FROC count every evaluated patient."""
-    from metsflow.cohort import Study
-    from metsflow.evaluate import evaluate_round
-    from metsflow.settings import EvaluateSettings
+    from metsflow.cohort.sheet import Study
+    from metsflow.core.settings import EvaluateSettings
+    from metsflow.evaluation.evaluate import evaluate_round
 
     shape, affine = (20, 20, 20), np.eye(4)
     lesion_a, lesion_b, false_b = (

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from metsflow import labels as lab
-from metsflow.io import StudyError, save_nifti
-from metsflow.models import (
+from metsflow.cohort.splits import patient_holdout, patient_kfold
+from metsflow.core import labels as lab
+from metsflow.core.io import StudyError, save_nifti
+from metsflow.models.networks import (
     NestedRegionDiceLoss,
     build_loss,
     build_network,
@@ -25,7 +26,6 @@ from metsflow.models import (
     load_study_input,
     save_checkpoint,
 )
-from metsflow.splits import patient_holdout, patient_kfold
 
 SHAPE = (40, 40, 40)
 AFFINE = np.array(
@@ -330,9 +330,9 @@ def test_region_dice_rewards_lesion_in_the_right_region():
 
 
 def test_model_section_defaults_and_keys_come_from_model_settings():
-    from metsflow import config
-    from metsflow.models import MODEL_DEFAULTS, network_spec
-    from metsflow.settings import ModelSettings
+    from metsflow.core import config
+    from metsflow.core.settings import ModelSettings
+    from metsflow.models.networks import MODEL_DEFAULTS, network_spec
 
     assert ModelSettings.defaults() == MODEL_DEFAULTS
     assert "channels" not in MODEL_DEFAULTS and "patch_size" not in MODEL_DEFAULTS

@@ -1,4 +1,4 @@
-"""Tests of the longitudinal phantom cohort (metsflow.phantom), on coarse 4 mm grids."""
+"""Tests of the longitudinal phantom cohort (metsflow.cohort.phantom), on coarse 4 mm grids."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metsflow import io, labels, phantom
-from metsflow.runtime import set_threads
+from metsflow.cohort import phantom
+from metsflow.core import io, labels
+from metsflow.core.runtime import set_threads
 
 set_threads(1)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from metsflow.cohort import read_sheet
-from metsflow.plan import PlanSettings, build_plan, choose_validation_patients, restrict
+from metsflow.cohort.plan import PlanSettings, build_plan, choose_validation_patients, restrict
+from metsflow.cohort.sheet import read_sheet
 
 
 def write_sheet(path, patients: dict[str, int], labelled: set[str]):

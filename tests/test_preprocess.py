@@ -14,10 +14,10 @@ from _synthetic_images import LESIONS, FakeStudy, noisy, oblique_affine, phantom
 from _synthetic_images import save as save_image
 from scipy import ndimage
 
-from metsflow import brainmask, preprocess
-from metsflow.io import StudyError, read_json
-from metsflow.labels import ENHANCING, NECROSIS, to_internal
-from metsflow.phantom import make_demo_cohort
+from metsflow.cohort.phantom import make_demo_cohort
+from metsflow.core.io import StudyError, read_json
+from metsflow.core.labels import ENHANCING, NECROSIS, to_internal
+from metsflow.imaging import brainmask, preprocess
 
 # Native T1c: 4 mm, oblique, voxel axes in P-L-S order (so RAS reorientation is exercised).
 AXES_PLS = np.array([[0, -1, 0], [-1, 0, 0], [0, 0, 1]])
@@ -266,7 +266,7 @@ def test_label_round_trip_exact_at_1mm(tmp_path):
 
 @pytest.fixture(scope="module")
 def skull_phantom(tmp_path_factory):
-    """metsflow.phantom head with skull, scalp and noisy air, plus its true brain mask."""
+    """metsflow.cohort.phantom head with skull, scalp and noisy air, plus its true brain mask."""
     root = tmp_path_factory.mktemp("skull_phantom")
     make_demo_cohort(
         root,

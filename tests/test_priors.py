@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from metsflow import priors
+from metsflow.imaging import priors
 
 
 def ball(shape, centre, radius):

@@ -19,9 +19,9 @@ from _synthetic_images import (
     smooth_deformation,
 )
 
-from metsflow import register
-from metsflow.brainmask import nifti_to_ants
-from metsflow.io import StudyError, read_json, save_nifti
+from metsflow.core.io import StudyError, read_json, save_nifti
+from metsflow.imaging import register
+from metsflow.imaging.brainmask import nifti_to_ants
 
 SPACING = 4.0
 PREV_SHAPE = (45, 54, 43)
@@ -186,8 +186,8 @@ def test_bad_inputs(tmp_path, pair):
 
 def test_shard_manifest_qc_columns_flag_failures(tmp_path, pair):
     """The register shard manifest carries each pair's QC, failures flagged with reasons."""
-    from metsflow.io import write_json
-    from metsflow.register import QC_COLUMNS, qc_columns
+    from metsflow.core.io import write_json
+    from metsflow.imaging.register import QC_COLUMNS, qc_columns
 
     good = qc_columns(pair["reg_dir"] / "qc.json")
     assert set(good) == set(QC_COLUMNS)

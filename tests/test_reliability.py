@@ -19,16 +19,17 @@ import pytest
 import yaml
 from conftest import REPO, run_snakemake
 
-from metsflow import cli, config, io, labels
+from metsflow import cli
 from metsflow.active_learning.labelstore import LabelStore
 from metsflow.active_learning.review import export_batch, import_batch, read_manifest
 from metsflow.active_learning.status import round_status
-from metsflow.cohort import SheetError, Study, check_cohort, read_sheet
+from metsflow.cohort.sheet import SheetError, Study, check_cohort, read_sheet
+from metsflow.core import config, io, labels
+from metsflow.core.layout import Layout
+from metsflow.core.settings import ActiveLearningSettings
+from metsflow.evaluation.metrics import evaluate_files
 from metsflow.jobs.active_learning import BatchAnnotation, run_collect_annotations
 from metsflow.jobs.manifest import read_manifests, run_study, write_manifest
-from metsflow.layout import Layout
-from metsflow.metrics import evaluate_files
-from metsflow.settings import ActiveLearningSettings
 
 SHAPE = (12, 12, 10)
 AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])
@@ -109,7 +110,7 @@ def test_evaluate_takes_the_affine_spacing_as_the_pipeline(tmp_path):
 
 
 def _cohort(studies):
-    from metsflow.cohort import Cohort
+    from metsflow.cohort.sheet import Cohort
 
     return Cohort(studies)
 
@@ -144,7 +145,7 @@ def test_memory_guard_refuses_from_the_header_before_reading_voxels(tmp_path):
 
 
 def test_memory_guard_is_a_preprocessing_setting(tmp_path):
-    from metsflow.preprocess import preprocess_study
+    from metsflow.imaging.preprocess import preprocess_study
 
     big = _claims_more_than_it_holds(tmp_path / "s" / "t1c.nii.gz")
     study = Study("P", "s", "0", 0, None, big)
@@ -482,7 +483,8 @@ def test_configs_of_the_repository_tests_and_benchmarks_validate(tiny_config, tm
 
 
 def test_module_knobs_are_taken_from_the_module_defaults():
-    from metsflow import cascade, preprocess, register, train
+    from metsflow.imaging import preprocess, register
+    from metsflow.models import cascade, train
 
     properties = config.schema()["properties"]
     assert set(preprocess.DEFAULTS) <= set(properties["preprocess"]["properties"])
@@ -604,7 +606,7 @@ def test_a_valid_setup_still_plans(tmp_path):
 
 
 def test_prepare_run_lists_setup_problems_together(tmp_path):
-    from metsflow.preflight import RunError, prepare_run
+    from metsflow.cohort.preflight import RunError, prepare_run
 
     sheet = _sheet(tmp_path / "data" / "studies.tsv", _study_rows({"P1": True, "P2": False}))
     cfg = _merge(_base_config(), {"sheet": str(sheet), "oracle_sheet": ""})

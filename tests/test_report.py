@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from conftest import run_snakemake
 
-from metsflow.longitudinal import BASELINE, RESPONSE_CATEGORIES
-from metsflow.report import best_and_worst
+from metsflow.evaluation.longitudinal import BASELINE, RESPONSE_CATEGORIES
+from metsflow.evaluation.report import best_and_worst
 
 REPORT_FIGURES = (
     "dice_per_round.png",

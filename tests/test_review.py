@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metsflow import io
 from metsflow.active_learning.labelstore import LabelStore
 from metsflow.active_learning.review import (
     MANIFEST_COLUMNS,
@@ -17,7 +16,8 @@ from metsflow.active_learning.review import (
     read_manifest,
     slicer_color_table,
 )
-from metsflow.io import LabelStoreWriteError
+from metsflow.core import io
+from metsflow.core.io import LabelStoreWriteError
 
 AFFINE = np.diag([1.0, 1.0, 1.5, 1.0])
 SHAPE = (8, 8, 6)

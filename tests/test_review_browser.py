@@ -29,9 +29,10 @@ from _synthetic_images import LESIONS, oblique_affine, phantom, sample, save
 from argon2 import PasswordHasher
 from playwright.sync_api import Page, sync_playwright
 
-from metsflow import labels
 from metsflow.active_learning.labelstore import LabelStore
-from metsflow.active_learning.review import LABEL_COLOURS, PRESEGMENTATION_NAME, export_batch
+from metsflow.active_learning.review import LABEL_COLOURS, export_batch
+from metsflow.core import labels
+from metsflow.core.layout import PRESEGMENTATION_NAME
 from metsflow.review_server import db
 from metsflow.review_server.app import NIIVUE_DIST, create_app
 from metsflow.review_server.config import ReviewConfig

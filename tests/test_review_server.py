@@ -13,9 +13,9 @@ import pytest
 from argon2 import PasswordHasher
 from starlette.testclient import TestClient
 
-from metsflow import io
 from metsflow.active_learning.labelstore import LabelStore
 from metsflow.cli import main as cli_main
+from metsflow.core import io
 from metsflow.review_server import db
 from metsflow.review_server.app import COOKIE_NAME, TSV_COLUMNS, create_app
 from metsflow.review_server.assign import balanced_assignment

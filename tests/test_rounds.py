@@ -65,8 +65,8 @@ def _pool_fixture(tmp_path):
 
 
 def _final_labels(tmp_path, seed: int, tag: str, sample_size: int = 2):
+    from metsflow.core.layout import Layout
     from metsflow.jobs.active_learning import FinalLabelInputs, run_final_labels
-    from metsflow.layout import Layout
 
     labels = run_final_labels(
         Layout(tmp_path / "results"),
@@ -84,7 +84,7 @@ def _final_labels(tmp_path, seed: int, tag: str, sample_size: int = 2):
 
 
 def test_final_labels_keep_human_labels_and_sample_model_labels_reproducibly(tmp_path):
-    from metsflow.layout import Layout
+    from metsflow.core.layout import Layout
 
     ids, _, _ = _pool_fixture(tmp_path)
     labels, sample = _final_labels(tmp_path, seed=0, tag="a")
@@ -150,7 +150,7 @@ def test_learning_curve_plot(tmp_path):
 
 @pytest.mark.slow
 def test_human_round_waits_for_confirmation_then_continues(tmp_path, tiny_config):
-    from metsflow.phantom import make_demo_cohort
+    from metsflow.cohort.phantom import make_demo_cohort
 
     demo = tmp_path / "demo"
     # One time point per patient (no longitudinal registration) and skull-free, co-registered

@@ -5,8 +5,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from metsflow.cohort import read_sheet
-from metsflow.scan import detect_layout, scan, scan_brats, scan_longitudinal, write_sheet
+from metsflow.cohort.scan import detect_layout, scan, scan_brats, scan_longitudinal, write_sheet
+from metsflow.cohort.sheet import read_sheet
 
 
 def tiny_nifti(path: Path) -> None:
@@ -54,7 +54,7 @@ def longitudinal_root(tmp_path):
 
 
 def test_scan_brats(brats_root, caplog):
-    with caplog.at_level(logging.WARNING, logger="metsflow.scan"):
+    with caplog.at_level(logging.WARNING, logger="metsflow.cohort.scan"):
         frame = scan_brats(brats_root)
     assert frame.study_id.tolist() == [
         "BraTS-MET-00001-000",

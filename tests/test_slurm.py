@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 from conftest import REPO, make_tiny_cohort
 
-from metsflow.cohort import read_sheet
-from metsflow.plan import PlanSettings, build_plan, round_inference_plan
+from metsflow.cohort.plan import PlanSettings, build_plan, round_inference_plan
+from metsflow.cohort.sheet import read_sheet
 
 SLURM_DIR = REPO / "tests" / "slurm"
 PIPELINE_LIMIT_S = 1800

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metsflow import stats
+from metsflow.evaluation import stats
 
 
 def _shifted(n=30, shift=0.05, noise=0.02, seed=0):

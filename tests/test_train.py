@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_models import make_prep_study, tiny_params
 
-from metsflow import train
-from metsflow.models import load_checkpoint, read_checkpoint
+from metsflow.models import train
+from metsflow.models.networks import load_checkpoint, read_checkpoint
 
 # Every random augmentation on, so the reproducibility tests exercise their RNG streams.
 ALL_AUGMENTATIONS = {

@@ -14,7 +14,7 @@ from _dry_run import synthetic_oracle
 from conftest import run_snakemake
 from test_report import check_evaluation_outputs
 
-from metsflow.cohort import synthetic_sheet
+from metsflow.cohort.sheet import synthetic_sheet
 
 COHORT_SIZE = 11_892
 

@@ -14,7 +14,7 @@ from metsflow.active_learning.annotator import AnnotatorNoise, simulate_batch
 from metsflow.active_learning.labelstore import LabelImportError, LabelStore
 from metsflow.active_learning.review import export_batch, import_batch
 from metsflow.active_learning.status import format_status, round_status
-from metsflow.io import LabelStoreWriteError, guard_not_in_store
+from metsflow.core.io import LabelStoreWriteError, guard_not_in_store
 
 __all__ = [
     "STRATEGIES",

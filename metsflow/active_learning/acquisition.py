@@ -4,7 +4,7 @@ Input is the per-study table written by inference with model r-1 over the unlabe
 ``study_id, patient_id, uncertainty_entropy, uncertainty_lesion, lesion_count,
 lesion_volume_mm3, lesion_entropies`` (``lesion_entropies`` is a JSON list of per-lesion
 maximum entropies, ``"[]"`` when no lesion was predicted) and, when a fold ensemble was run,
-``uncertainty_disagreement`` (the members' mutual information, ``metsflow.infer``).
+``uncertainty_disagreement`` (the members' mutual information, ``metsflow.models.infer``).
 
 Every strategy maps the candidate table to one score per study, higher meaning "more worth
 a human's time". Ranking, exclusion, the per-patient cap and tie-breaking are shared, so a new

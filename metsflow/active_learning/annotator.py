@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from metsflow import io, labels
 from metsflow.active_learning.labelstore import LabelImportError, LabelStore
 from metsflow.active_learning.review import Provider, provide
+from metsflow.core import io, labels
 
 TRAINEE = "sim-trainee"
 VIA = "simulated"  # history field: how the label arrived (files | web | simulated)

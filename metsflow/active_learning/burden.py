@@ -18,7 +18,7 @@ Per study (``BURDEN_COLUMNS``):
 - Lesions are the 26-connected components of the tumour core (enhancing + necrosis,
   ``labels.INTERNAL_GROUPS["whole_lesion"]``), the lesions of the evaluation's lesion-wise F1;
   edema is left out because it merges neighbouring metastases into one component. They are
-  matched one-to-one with ``metsflow.metrics.match_lesions`` (Hungarian, IoU > 0.25), the
+  matched one-to-one with ``metsflow.evaluation.metrics.match_lesions`` (Hungarian, IoU > 0.25), the
   pre-segmentation as the prediction. ``lesions_added``: confirmed lesions with no match (the
   model missed them); ``lesions_removed``: pre-segmented lesions with no match (false
   positives deleted); ``lesions_resized``: matched pairs whose volume changed by more than
@@ -44,11 +44,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from metsflow import io, labels
 from metsflow.active_learning.labelstore import AFFINE_TOLERANCE_MM
-from metsflow.layout import BURDEN_NAME  # noqa: F401 (the table's name, owned by the layout)
+from metsflow.core import io, labels
+from metsflow.core.layout import (
+    BURDEN_NAME,  # noqa: F401 (the table's name, owned by the layout)
+    PRESEGMENTATION_NAME,
+)
 
-# metsflow.metrics (scipy.stats, cc3d) is imported where it is used: the metrics import adds
+# metsflow.evaluation.metrics (scipy.stats, cc3d) is imported where it is used: the metrics import adds
 # 0.4 s to every process that imports this module.
 
 # A matched lesion is "resized" when its volume changed by more than 20% of the pre-segmented
@@ -120,7 +123,7 @@ def label_burden(
 
     ``iou_threshold``: lesion matching threshold, default ``metrics.DEFAULT_IOU_THRESHOLD``.
     """
-    from metsflow.metrics import DEFAULT_IOU_THRESHOLD, match_lesions
+    from metsflow.evaluation.metrics import DEFAULT_IOU_THRESHOLD, match_lesions
 
     pre = np.asarray(presegmentation)
     final = np.asarray(confirmed)
@@ -243,7 +246,6 @@ def round_burden(
     ``LabelStore`` (for provenance). A study that cannot be compared (a missing or unreadable
     file) gets its ``problem`` and empty figures; the other studies go on.
     """
-    from metsflow.active_learning.review import PRESEGMENTATION_NAME
 
     rows = []
     for study_id, label in zip(annotations["study_id"], annotations["label"], strict=True):

@@ -6,7 +6,7 @@ import os
 
 import pandas as pd
 
-from metsflow.figures import _new_figure, _require, _save
+from metsflow.evaluation.figures import _new_figure, _require, _save
 
 CURVE_COLUMNS = ["strategy", "round", "n_labelled", "mean_dice", "mean_lesion_f1"]
 

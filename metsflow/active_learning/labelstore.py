@@ -56,7 +56,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from metsflow import io
+from metsflow.core import io
 
 STAGES = ("refined", "confirmed")
 MARKER_NAME = io.LABEL_STORE_MARKER

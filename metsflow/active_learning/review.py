@@ -37,7 +37,6 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from metsflow import io, labels
 from metsflow.active_learning.burden import file_burden
 from metsflow.active_learning.labelstore import (
     AFFINE_TOLERANCE_MM,
@@ -46,12 +45,12 @@ from metsflow.active_learning.labelstore import (
     LabelImportError,
     LabelStore,
 )
-from metsflow.io import guard_not_in_store
-from metsflow.layout import PRED, PRED_NATIVE
-from metsflow.layout import REVIEW_MANIFEST_NAME as MANIFEST_NAME
+from metsflow.core import io, labels
+from metsflow.core.io import guard_not_in_store
+from metsflow.core.layout import PRED, PRED_NATIVE, PRESEGMENTATION_NAME
+from metsflow.core.layout import REVIEW_MANIFEST_NAME as MANIFEST_NAME
 
 IMAGE_NAME = "image_{sequence}.nii.gz"
-PRESEGMENTATION_NAME = "presegmentation.nii.gz"
 SEGMENTATION_NAME = "segmentation.nii.gz"
 ITKSNAP_LABELS_NAME = "labels.txt"
 SLICER_COLORTABLE_NAME = "metsflow.ctbl"

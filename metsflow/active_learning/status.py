@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from metsflow import io
 from metsflow.active_learning.burden import (
     BURDEN_NAME,
     SUMMARY_COLUMNS,
@@ -34,7 +33,8 @@ from metsflow.active_learning.burden import (
     summarise_rounds,
 )
 from metsflow.active_learning.labelstore import LabelStore
-from metsflow.layout import Layout
+from metsflow.core import io
+from metsflow.core.layout import Layout
 
 STATUS_COLUMNS = [
     "round",

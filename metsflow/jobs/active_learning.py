@@ -10,11 +10,11 @@ from pathlib import Path
 import pandas as pd
 
 from metsflow.active_learning.acquisition import SELECTION_COLUMNS, select_batch
-from metsflow.cohort import Study
-from metsflow.io import read_json, write_table
+from metsflow.cohort.sheet import Study
+from metsflow.core.io import read_json, write_table
+from metsflow.core.layout import Layout
+from metsflow.core.settings import ActiveLearningSettings
 from metsflow.jobs.manifest import read_manifests
-from metsflow.layout import Layout
-from metsflow.settings import ActiveLearningSettings
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,9 @@ def run_round_candidates(
     selection_round: int, plan_path: str, candidates: int | str, seed: int, out_candidates: str
 ) -> pd.DataFrame:
     """Write the pool studies round ``selection_round`` selects from, with the setting and the
-    seed that drew them (``metsflow.plan.candidate_studies``; the same function decides, at
+    seed that drew them (``metsflow.cohort.plan.candidate_studies``; the same function decides, at
     planning, which studies the previous round's models segment)."""
-    from metsflow.plan import candidate_seed, candidate_studies
+    from metsflow.cohort.plan import candidate_seed, candidate_studies
 
     plan = pd.read_csv(plan_path, sep="\t", dtype=str, keep_default_na=False)
     chosen = candidate_studies(plan, candidates, seed, selection_round)
@@ -348,9 +348,9 @@ def run_final_labels(layout: Layout, job: FinalLabelInputs) -> pd.DataFrame:
 
 
 def read_oracle(oracle_sheet: str) -> dict:
-    """Study id -> ``metsflow.preflight.OracleLabel`` (path, convention) of the simulated
+    """Study id -> ``metsflow.cohort.preflight.OracleLabel`` (path, convention) of the simulated
     annotator's ground truth; the workflow checked the sheet at parse time."""
-    from metsflow.preflight import read_oracle as read_checked
+    from metsflow.cohort.preflight import read_oracle as read_checked
 
     if not oracle_sheet:
         raise ValueError("active_learning.annotator is 'simulated' but no oracle_sheet is set")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pandas as pd
 
-from metsflow.io import write_table
+from metsflow.core.io import write_table
 from metsflow.jobs.manifest import read_manifests
 
 
 def write_plan(plan: pd.DataFrame, out_path: str) -> pd.DataFrame:
     """Write the plan the workflow planned with (computed once, at parse time, by
-    ``metsflow.preflight.prepare_run``), not a second computation of it."""
+    ``metsflow.cohort.preflight.prepare_run``), not a second computation of it."""
     write_table(out_path, plan)
     return plan
 

@@ -1,5 +1,5 @@
-"""Evaluate one round's predictions on the fixed validation studies (``metsflow.evaluate``) and
-compare rounds (``metsflow.stats``)."""
+"""Evaluate one round's predictions on the fixed validation studies (``metsflow.evaluation.evaluate``) and
+compare rounds (``metsflow.evaluation.stats``)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from metsflow.cohort import Study
-from metsflow.io import read_json, write_json, write_table
+from metsflow.cohort.sheet import Study
+from metsflow.core.io import read_json, write_json, write_table
+from metsflow.core.layout import FG_PROB, Layout
+from metsflow.core.settings import EvaluateSettings
 from metsflow.jobs.manifest import read_manifests
-from metsflow.layout import FG_PROB, Layout
-from metsflow.settings import EvaluateSettings
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +24,10 @@ def run_evaluate_round(
     studies: list[dict],
     prediction_manifests: list[str],
 ) -> dict:
-    """``metsflow.evaluate.evaluate_round`` of round ``round_index``'s predictions of
+    """``metsflow.evaluation.evaluate.evaluate_round`` of round ``round_index``'s predictions of
     ``studies`` (validation records), written to ``layout.evaluation_table`` /
     ``evaluation_summary`` (rule evaluate_round's outputs, built by the same methods)."""
-    from metsflow.evaluate import evaluate_round
+    from metsflow.evaluation.evaluate import evaluate_round
 
     predicted = read_manifests(prediction_manifests)
     result = evaluate_round(
@@ -60,7 +60,7 @@ def run_compare_rounds(
     """Round ``round_new`` (a) against ``round_old`` (b) on the validation studies."""
     new = pd.read_csv(per_study_new, sep="\t", dtype={"study_id": str})
     old = pd.read_csv(per_study_old, sep="\t", dtype={"study_id": str})
-    from metsflow.stats import COMPARE_GROUPS, COMPARE_METRICS, compare_per_study
+    from metsflow.evaluation.stats import COMPARE_GROUPS, COMPARE_METRICS, compare_per_study
 
     table = compare_per_study(
         new,

@@ -24,18 +24,18 @@ import nibabel as nib
 import pandas as pd
 
 from metsflow.active_learning.final import HUMAN_CONFIRMED
-from metsflow.bids import entity_table
-from metsflow.cohort import Study
-from metsflow.io import write_table
-from metsflow.jobs.manifest import read_manifests
-from metsflow.layout import T1C, Layout
-from metsflow.longitudinal import (
+from metsflow.cohort.bids import entity_table
+from metsflow.cohort.sheet import Study
+from metsflow.core.io import write_table
+from metsflow.core.layout import T1C, Layout
+from metsflow.evaluation.longitudinal import (
     ResponseThresholds,
     TimePoint,
     registered_chains,
     track_patient,
 )
-from metsflow.register import lesion_id_warp
+from metsflow.imaging.register import lesion_id_warp
+from metsflow.jobs.manifest import read_manifests
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def track_final_labels(
     warp_factory=lesion_id_warp,
 ) -> pd.DataFrame:
     """Tracked enhancing lesions of the final labels (``track_patient`` rows + ``label``)."""
-    from metsflow.preprocess import label_to_grid
+    from metsflow.imaging.preprocess import label_to_grid
 
     registered = read_manifests(registration_manifests)
     registered = registered[registered.status == "ok"]
@@ -159,7 +159,7 @@ def run_export_bids(
     layout: Layout, thresholds: ResponseThresholds, job: FinalExport
 ) -> pd.DataFrame:
     """The final labels as a BIDS derivative dataset in ``job.out_root`` (export.bids_dir)."""
-    from metsflow.export import export_bids
+    from metsflow.cohort.export import export_bids
 
     table = final_studies(job.final_labels, job.studies, job.plan)
     lesions = track_final_labels(table, job.registration_manifests, layout, thresholds)
@@ -170,9 +170,9 @@ def run_export_bids(
 
 
 def run_export_dicom_seg(layout: Layout, job: FinalExport) -> pd.DataFrame:
-    """A DICOM SEG per final label of a study imported from DICOM (``metsflow.dicom``)."""
-    from metsflow.dicom import dicom_source
-    from metsflow.export import write_dicom_seg
+    """A DICOM SEG per final label of a study imported from DICOM (``metsflow.cohort.dicom``)."""
+    from metsflow.cohort.dicom import dicom_source
+    from metsflow.cohort.export import write_dicom_seg
 
     table = final_studies(job.final_labels, job.studies, job.plan, bids_names=False)
     rows = []

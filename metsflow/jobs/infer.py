@@ -4,7 +4,7 @@ The models are loaded once per job (a shard of tens of studies), then every stud
 on its preprocessed grid and mapped back to its native T1c grid. Stage 1 is the round's model,
 or the ensemble of its fold models; when the round trained them, stage 2 filters the stage-1
 lesions and, on follow-ups with a propagated prior, the re-segmentation model's tracked lesions
-are merged with the cascade's new lesions (``metsflow.postprocess``).
+are merged with the cascade's new lesions (``metsflow.models.postprocess``).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from metsflow.io import StudyError, save_nifti
+from metsflow.core.io import StudyError, save_nifti
+from metsflow.core.layout import PRED_NATIVE, Layout
+from metsflow.core.runtime import select_device, set_threads
+from metsflow.core.settings import InferSettings
 from metsflow.jobs.manifest import read_manifests, write_manifest
-from metsflow.layout import PRED_NATIVE, Layout
-from metsflow.runtime import select_device, set_threads
-from metsflow.settings import InferSettings
 
 log = logging.getLogger(__name__)
 
@@ -80,18 +80,18 @@ class InferShard:
 def run_infer_shard(layout: Layout, settings: InferSettings, shard: InferShard) -> list[dict]:
     """Segment ``shard.studies`` with round ``shard.round_index``'s models into
     ``layout.prediction_dir``; one manifest row per study."""
-    from metsflow.infer import (
+    from metsflow.imaging.preprocess import to_native
+    from metsflow.models.infer import (
         load_ensemble,
         overlapped,
         resolve_levers,
         segment_study,
         write_outputs,
     )
-    from metsflow.models import load_study_input
-    from metsflow.postprocess import CascadePostProcess
-    from metsflow.preprocess import to_native
+    from metsflow.models.networks import load_study_input
+    from metsflow.models.postprocess import CascadePostProcess
 
-    params = settings.as_params()  # what metsflow.infer and metsflow.postprocess read
+    params = settings.as_params()  # what metsflow.models.infer and metsflow.models.postprocess read
     out_root = layout.prediction_root(shard.round_index)
     set_threads(shard.threads)
     device = select_device(settings.device)
@@ -155,7 +155,7 @@ def run_infer_shard(layout: Layout, settings: InferSettings, shard: InferShard) 
         return {**row, "prep_dir": item["prep_dir"]}, files
 
     # The next study is read and the previous one written while this one computes
-    # (infer.prefetch; metsflow.infer.overlapped); compile: auto needs the shard's size.
+    # (infer.prefetch; metsflow.models.infer.overlapped); compile: auto needs the shard's size.
     params = resolve_levers(params, device, len(items))
     for item, result, exc in overlapped(
         items,

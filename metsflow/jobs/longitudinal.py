@@ -2,7 +2,7 @@
 
 Works on the preprocessed grid, where registration and label propagation live: follow-up ``t``
 was registered to its reference study (``reference_study`` in the registration manifest), and
-the reference's lesion-id map is warped with ``metsflow.register.propagate_label``, the same
+the reference's lesion-id map is warped with ``metsflow.imaging.register.propagate_label``, the same
 transforms that make the priors. Volumes are therefore in mm^3 of the preprocessed grid
 (resampled to ``preprocess.spacing``; partial-volume differences to the native grid are small
 against the response thresholds).
@@ -26,17 +26,17 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from metsflow.io import write_table
-from metsflow.jobs.manifest import read_manifests
-from metsflow.layout import LABEL, PRED, Layout
-from metsflow.longitudinal import (
+from metsflow.core.io import write_table
+from metsflow.core.layout import LABEL, PRED, Layout
+from metsflow.evaluation.longitudinal import (
     ResponseThresholds,
     TimePoint,
     first_registered_series,
     response_table,
     track_patient,
 )
-from metsflow.register import lesion_id_warp
+from metsflow.imaging.register import lesion_id_warp
+from metsflow.jobs.manifest import read_manifests
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from metsflow import __version__
-from metsflow.io import StudyError, read_json, write_json, write_table
+from metsflow.core.io import StudyError, read_json, write_json, write_table
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,14 @@
-"""Preprocess the studies of one CPU shard (see metsflow.preprocess for the per-study steps)."""
+"""Preprocess the studies of one CPU shard (see metsflow.imaging.preprocess for the per-study steps)."""
 
 from __future__ import annotations
 
 import logging
 
-from metsflow.cohort import Study
+from metsflow.cohort.sheet import Study
+from metsflow.core.layout import Layout
+from metsflow.core.runtime import set_threads
+from metsflow.imaging.preprocess import preprocess_study
 from metsflow.jobs.manifest import FILE_COLUMN, fingerprint, run_study, write_manifest
-from metsflow.layout import Layout
-from metsflow.preprocess import preprocess_study
-from metsflow.runtime import set_threads
 
 log = logging.getLogger(__name__)
 

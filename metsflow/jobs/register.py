@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import logging
 
+from metsflow.core.layout import LABEL, PRIOR, Layout
+from metsflow.core.runtime import set_threads
+from metsflow.imaging.register import QC_COLUMNS, propagate_label, qc_columns, register_followup
 from metsflow.jobs.manifest import (
     FILE_COLUMN,
     fingerprint,
@@ -18,9 +21,6 @@ from metsflow.jobs.manifest import (
     run_study,
     write_manifest,
 )
-from metsflow.layout import LABEL, PRIOR, Layout
-from metsflow.register import QC_COLUMNS, propagate_label, qc_columns, register_followup
-from metsflow.runtime import set_threads
 
 log = logging.getLogger(__name__)
 

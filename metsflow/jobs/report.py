@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from metsflow.io import read_json, write_table
-from metsflow.layout import Layout
-from metsflow.metrics import HEADLINE_GROUP
-from metsflow.report import (
+from metsflow.core.io import read_json, write_table
+from metsflow.core.layout import Layout
+from metsflow.evaluation.metrics import HEADLINE_GROUP
+from metsflow.evaluation.report import (
     best_and_worst,
     cohort_table,
     detection_table,
@@ -61,7 +61,7 @@ def run_report_rounds(job: RoundsReport) -> pd.DataFrame:
     """The rounds table and Dice plot, the correction-burden summary and plot, the cohort
     summary."""
     from metsflow.active_learning.burden import read_burden_tables, summarise_rounds
-    from metsflow.figures import plot_correction_burden, plot_metric_by_round
+    from metsflow.evaluation.figures import plot_correction_burden, plot_metric_by_round
 
     summaries_read = [read_json(path) for path in job.summaries]
     batch_sizes = {
@@ -92,9 +92,9 @@ def _overlay_for(study_record: dict, prediction: Path, out_png: str, title_metri
     import nibabel as nib
     import numpy as np
 
-    from metsflow.cohort import Study
-    from metsflow.figures import overlay_png
-    from metsflow.labels import to_internal
+    from metsflow.cohort.sheet import Study
+    from metsflow.core.labels import to_internal
+    from metsflow.evaluation.figures import overlay_png
 
     study = Study.from_record(study_record)
     image = nib.load(str(study.t1c))
@@ -145,7 +145,7 @@ class FiguresReport:
 def run_report_figures(layout: Layout, job: FiguresReport) -> dict[str, str]:
     """Figures of the final round (the last in ``job.per_study``) and across rounds; returns the
     overlay study ids (overlays of the final round's predictions)."""
-    from metsflow.figures import (
+    from metsflow.evaluation.figures import (
         plot_metric_by_round,
         plot_metric_distributions,
         plot_volume_trajectories,
@@ -208,7 +208,7 @@ def run_report_froc(
 ) -> None:
     """FROC figure of one round: the validation predictions ranked by stage-1 foreground
     probability, and with stage 2 its validation FROC and chosen operating point."""
-    from metsflow.figures import plot_froc
+    from metsflow.evaluation.figures import plot_froc
 
     curves, points, limit = froc_curves(
         pd.read_csv(froc_table, sep="\t"), read_json(stage2_summary) if stage2_summary else None

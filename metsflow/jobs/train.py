@@ -6,7 +6,7 @@ Per round up to three kinds of model are trained (``train:`` config):
   the labelled studies of the other folds and validates on its own, the k models form the
   inference ensemble);
 * stage 2 (``stage2.enabled``), the candidate classifier of the cascade, on the round's stage-1
-  ensemble's candidates (``metsflow.cascade``);
+  ensemble's candidates (``metsflow.models.cascade``);
 * re-segmentation (``reseg.enabled``), a segmentation network with the ``prior`` channel trained
   with fictitious priors and validated on follow-ups with their real propagated prior.
 Each is fine-tuned in round r from its round r-1 version.
@@ -22,11 +22,11 @@ from pathlib import Path
 import nibabel as nib
 import pandas as pd
 
-from metsflow.io import atomic_path, write_json, write_table
+from metsflow.core.io import atomic_path, write_json, write_table
+from metsflow.core.layout import Layout
+from metsflow.core.runtime import reuse_freed_memory, set_threads
+from metsflow.core.settings import InferSettings
 from metsflow.jobs.manifest import read_manifests
-from metsflow.layout import Layout
-from metsflow.runtime import reuse_freed_memory, set_threads
-from metsflow.settings import InferSettings
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class TrainingInputs:
         """(plan, training items, validation items, number of human-confirmed labels).
 
         Confirmed labels are resampled onto the preprocessed grids under ``label_dir``."""
-        from metsflow.train import build_items, confirmed_labels_on_prep_grid
+        from metsflow.models.train import build_items, confirmed_labels_on_prep_grid
 
         plan = pd.read_csv(self.plan_path, sep="\t", dtype=str, keep_default_na=False)
         ok = set(read_manifests(self.preprocess_manifests).query("status == 'ok'").study_id)
@@ -97,8 +97,8 @@ class TrainingInputs:
         out_log: str,
         init_checkpoint: str | None,
     ) -> dict:
-        """``metsflow.train.train_model`` on the device of this job's ``train`` settings."""
-        from metsflow.train import train_model
+        """``metsflow.models.train.train_model`` on the device of this job's ``train`` settings."""
+        from metsflow.models.train import train_model
 
         return train_model(
             train_items,
@@ -123,8 +123,8 @@ def _start_job(threads: int) -> None:
 def run_train_round(job: TrainingInputs, model: dict, spacing: list[float]) -> dict:
     """Stage-1 fold ``job.fold`` of round ``job.round_index`` into ``Layout.model`` /
     ``train_log`` / ``train_summary`` of that round and fold (rule train_round's outputs)."""
-    from metsflow.splits import fold_split
-    from metsflow.train import LOG_COLUMNS, confirmed_study_ids, training_params
+    from metsflow.cohort.splits import fold_split
+    from metsflow.models.train import LOG_COLUMNS, confirmed_study_ids, training_params
 
     init_checkpoint, fold, folds = job.init_checkpoint, job.fold, job.folds
     out_model = job.layout.model(job.round_index, fold)
@@ -193,7 +193,7 @@ def run_train_reseg(job: TrainingInputs, model: dict, spacing: list[float]) -> d
 
     Training priors are fictitious (made from each study's label); validation uses the plan's
     validation follow-ups with their real propagated prior."""
-    from metsflow.train import reseg_params
+    from metsflow.models.train import reseg_params
 
     init_checkpoint = job.init_checkpoint
     out_model = job.layout.reseg_model(job.round_index)
@@ -221,14 +221,14 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
     (``stage1_models``), into ``Layout.stage2_model`` / ``stage2_summary``.
 
     Training candidates come from the labelled training studies, the operating point from the
-    plan's validation studies (``metsflow.cascade``)."""
+    plan's validation studies (``metsflow.models.cascade``)."""
     import torch
 
-    from metsflow import labels as lab
-    from metsflow.cascade import study_candidates, train_stage2
-    from metsflow.infer import foreground_probability, load_ensemble, stage1_probabilities
-    from metsflow.models import load_study_input
-    from metsflow.runtime import select_device
+    from metsflow.core import labels as lab
+    from metsflow.core.runtime import select_device
+    from metsflow.models.cascade import study_candidates, train_stage2
+    from metsflow.models.infer import foreground_probability, load_ensemble, stage1_probabilities
+    from metsflow.models.networks import load_study_input
 
     out_model = job.layout.stage2_model(job.round_index)
     out_summary = job.layout.stage2_summary(job.round_index)

@@ -56,7 +56,7 @@ from starlette.staticfiles import StaticFiles
 
 from metsflow.active_learning.labelstore import LabelImportError, LabelStore, StaleLabelError
 from metsflow.active_learning.review import LABEL_COLOURS, edit_summary
-from metsflow.labels import INTERNAL_NAMES
+from metsflow.core.labels import INTERNAL_NAMES
 from metsflow.review_server import db
 from metsflow.review_server.assign import balanced_assignment
 from metsflow.review_server.catalog import FINAL_BATCH, Catalog, StudyEntry, lesions

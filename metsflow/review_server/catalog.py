@@ -8,7 +8,7 @@ which files may be served for it" -- a study id that is not a manifest row is un
 no request can name a file outside the batch.
 
 Lesion list (``lesions``): every 26-connected component of the pre-segmentation's labels > 0
-(the connectivity ``metsflow.metrics`` counts lesions with), largest first, with its dominant
+(the connectivity ``metsflow.evaluation.metrics`` counts lesions with), largest first, with its dominant
 label, volume and centroid. The model's uncertain lesions are flagged:
 
 - when the inference wrote ``fg_prob.nii.gz`` for the study (foreground probability on the
@@ -38,10 +38,9 @@ import numpy as np
 from metsflow.active_learning.review import (
     IMAGE_NAME,
     MANIFEST_NAME,
-    PRESEGMENTATION_NAME,
     read_manifest,
 )
-from metsflow.layout import FG_PROB, Layout
+from metsflow.core.layout import FG_PROB, PRESEGMENTATION_NAME, Layout
 
 UNCERTAIN_ENTROPY = 0.5
 SMALL_LESION_ML = 0.1

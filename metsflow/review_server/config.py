@@ -36,7 +36,7 @@ class ReviewConfig:
         if self.sheet is None:
             return None
         if self._cohort is None:
-            from metsflow.cohort import read_sheet
+            from metsflow.cohort.sheet import read_sheet
 
             self._cohort = read_sheet(self.sheet)
         return self._cohort

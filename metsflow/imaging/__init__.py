@@ -1,0 +1,1 @@
+"""Imaging: per-study preprocessing, brain masks, registration to the previous time point and label priors."""

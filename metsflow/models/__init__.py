@@ -1,0 +1,1 @@
+"""Models: networks, training, inference, the cascade's second stage and post-processing."""

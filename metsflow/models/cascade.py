@@ -1,0 +1,543 @@
+"""Stage 2 of the detection cascade: score each stage-1 candidate lesion, drop the unlikely ones.
+
+Stage 1 (the segmentation network) is tuned for sensitivity and so proposes false positives
+(vessels, choroid plexus, dural enhancement). Stage 2 looks at one candidate at a time: a
+candidate is a 26-connected component of the stage-1 whole lesion (enhancing + necrosis); its
+input is a fixed-size crop (``crop_size`` voxels) centred on the component's centroid with the
+stage-1 input channels, the candidate's mask and the stage-1 foreground probability. A small
+MONAI ``Classifier`` returns one logit: is this a real lesion?
+
+Training candidates come from stage-1 predictions on the training studies (thresholded low, at
+``proposal_threshold``, to collect hard negatives) plus every reference lesion (so positives
+exist even where stage 1 misses); a candidate is positive when it overlaps a reference lesion.
+The operating point is chosen on validation studies from the FROC of the stage-1 candidates'
+stage-2 scores (lesion sensitivity = reference lesions hit by a kept candidate / all reference
+lesions, against false positives per validation patient; ``metsflow.evaluation.metrics.froc``) by one of
+two clinical rules (``operating_rule``):
+
+- ``max_fp_per_patient`` (default, 1.0): the highest sensitivity with at most that many false
+  positives per patient -- what a reader tolerates. On the phantom benchmark the old
+  sensitivity-only rule dropped stage 2's FP/patient to 0 while losing two real lesions;
+- ``target_sensitivity``: the highest threshold whose sensitivity is still at least
+  ``target_sensitivity`` (or stage 1's own sensitivity, if that is lower).
+
+Threshold, rule, the validation FROC, the figures before/after filtering and the validation
+lesions the chosen point loses (study, lesion, equivalent diameter) are stored in the stage-2
+checkpoint, which loads with ``torch.load(weights_only=True)`` like every metsflow checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cc3d
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from metsflow.core import labels as lab
+from metsflow.core.io import atomic_path
+from metsflow.core.settings import Stage2Settings
+from metsflow.evaluation import metrics
+from metsflow.models.networks import check_channels, plain
+
+log = logging.getLogger(__name__)
+
+STAGE2_FORMAT = "metsflow-stage2"
+STAGE2_FORMAT_VERSION = 1
+
+# The knobs and their defaults are owned by metsflow.core.settings.Stage2Settings.
+DEFAULTS: dict[str, Any] = Stage2Settings().as_dict()
+
+
+@dataclass
+class Candidate:
+    """One candidate lesion of one study."""
+
+    study_id: str
+    index: int  # component label in the study's candidate map (1..n)
+    centroid: tuple[int, int, int]
+    voxels: int
+    max_prob: float
+    is_lesion: bool | None = None  # overlaps a reference lesion (None: no reference)
+    score: float = math.nan
+
+
+def resolve_params(params: dict | None) -> dict:
+    full = {**DEFAULTS, **{k: v for k, v in (params or {}).items() if v is not None}}
+    full["crop_size"] = [int(v) for v in np.broadcast_to(full["crop_size"], 3)]
+    if any(c % 8 for c in full["crop_size"]):
+        raise ValueError(f"stage-2 crop_size must be multiples of 8, got {full['crop_size']}")
+    if not 0 < float(full["target_sensitivity"]) <= 1:
+        raise ValueError(f"target_sensitivity must be in (0, 1], got {full['target_sensitivity']}")
+    if full["operating_rule"] not in metrics.OPERATING_RULES:
+        raise ValueError(
+            f"operating_rule must be one of {list(metrics.OPERATING_RULES)}, got "
+            f"{full['operating_rule']!r}"
+        )
+    if not float(full["max_fp_per_patient"]) >= 0:
+        raise ValueError(f"max_fp_per_patient must be >= 0, got {full['max_fp_per_patient']}")
+    return full
+
+
+# --------------------------------------------------------------------------------------------
+# candidates and crops
+# --------------------------------------------------------------------------------------------
+def find_candidates(
+    lesion: np.ndarray, fg_prob: np.ndarray, study_id: str, reference: np.ndarray | None = None
+) -> tuple[np.ndarray, list[Candidate]]:
+    """Components of the boolean ``lesion`` map -> ``(component map, candidates)``.
+
+    ``reference`` (boolean whole lesion), when given, marks each candidate ``is_lesion``."""
+    components, count = cc3d.connected_components(
+        np.asarray(lesion, dtype=np.uint8), connectivity=26, return_N=True
+    )
+    if not count:
+        return components, []
+    index = np.arange(1, count + 1)
+    centroids = ndimage.center_of_mass(np.ones_like(components), components, index)
+    sizes = ndimage.sum_labels(np.ones_like(components), components, index)
+    maxima = ndimage.maximum(fg_prob, components, index)
+    hits = (
+        ndimage.maximum(np.asarray(reference, dtype=np.uint8), components, index)
+        if reference is not None
+        else [None] * count
+    )
+    candidates = [
+        Candidate(
+            study_id=study_id,
+            index=int(i),
+            centroid=tuple(int(round(c)) for c in centroid),
+            voxels=int(size),
+            max_prob=float(peak),
+            is_lesion=None if hit is None else bool(hit),
+        )
+        for i, centroid, size, peak, hit in zip(index, centroids, sizes, maxima, hits, strict=True)
+    ]
+    return components, candidates
+
+
+def crop_at(volume: np.ndarray, centre: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """``size`` crop of a channels-first ``volume`` centred at ``centre``, zero outside."""
+    out = np.zeros((volume.shape[0], *size), dtype=np.float32)
+    src, dst = [], []
+    for c, s, n in zip(centre, size, volume.shape[1:], strict=True):
+        start = int(c) - s // 2
+        lo, hi = max(0, start), min(n, start + s)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - start, hi - start))
+    out[(slice(None), *dst)] = volume[(slice(None), *src)]
+    return out
+
+
+def candidate_crops(
+    image: np.ndarray,
+    fg_prob: np.ndarray,
+    components: np.ndarray,
+    candidates: Sequence[Candidate],
+    crop_size: Sequence[int],
+) -> np.ndarray:
+    """Stage-2 inputs ``(N, C + 2, *crop_size)``: image channels, candidate mask, fg prob."""
+    crops = np.zeros((len(candidates), image.shape[0] + 2, *crop_size), dtype=np.float32)
+    for n, cand in enumerate(candidates):
+        crops[n, : image.shape[0]] = crop_at(image, cand.centroid, crop_size)
+        # Crop first, then compare: cost per candidate is the crop, not the volume.
+        crops[n, -2] = crop_at(components[None], cand.centroid, crop_size)[0] == cand.index
+        crops[n, -1] = crop_at(fg_prob[None], cand.centroid, crop_size)[0]
+    return crops
+
+
+# --------------------------------------------------------------------------------------------
+# network and checkpoint
+# --------------------------------------------------------------------------------------------
+def network_spec(channels: Sequence[str], params: dict) -> dict:
+    filters = [int(f) for f in params["filters"]]
+    return {
+        "in_shape": [len(check_channels(channels)) + 2, *params["crop_size"]],
+        "classes": 1,
+        "channels": filters,
+        "strides": [2] * len(filters),
+        "num_res_units": 1,
+    }
+
+
+def build_classifier(spec: dict) -> nn.Module:
+    from monai.networks.nets import Classifier
+
+    return Classifier(**spec)
+
+
+def save_stage2(path: str | os.PathLike, network: nn.Module, meta: dict) -> None:
+    payload = {
+        "format": STAGE2_FORMAT,
+        "format_version": STAGE2_FORMAT_VERSION,
+        "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+        "meta": plain(meta),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_stage2(
+    path: str | os.PathLike, expect_channels: Sequence[str] | None = None
+) -> tuple[nn.Module, dict]:
+    """Load a stage-2 checkpoint safely; refuse one for other channels or another format."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"stage-2 checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a stage-2 checkpoint (unreadable: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != STAGE2_FORMAT:
+        raise ValueError(f"{path} is not a stage-2 checkpoint (no {STAGE2_FORMAT!r} tag)")
+    if payload.get("format_version") != STAGE2_FORMAT_VERSION:
+        raise ValueError(f"{path}: stage-2 format version {payload.get('format_version')}")
+    meta = payload["meta"]
+    if expect_channels is not None and list(meta["channels"]) != list(expect_channels):
+        raise ValueError(
+            f"stage-2 checkpoint {path} reads channels {meta['channels']}, but the stage-1 "
+            f"model reads {list(expect_channels)}"
+        )
+    network = build_classifier(meta["network"])
+    network.load_state_dict(payload["state_dict"])
+    return network.eval(), meta
+
+
+# --------------------------------------------------------------------------------------------
+# scoring, operating point, filtering
+# --------------------------------------------------------------------------------------------
+def score_crops(network: nn.Module, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Lesion probability of each crop."""
+    if not len(crops):
+        return np.zeros(0, dtype=np.float32)
+    network.eval()
+    device = next(network.parameters()).device
+    scores = []
+    with torch.inference_mode():
+        for start in range(0, len(crops), batch_size):
+            batch = torch.from_numpy(crops[start : start + batch_size]).to(device)
+            scores.append(torch.sigmoid(network(batch).float()).flatten().cpu().numpy())
+    return np.concatenate(scores)
+
+
+def choose_threshold(
+    scores: np.ndarray,
+    hits: Sequence[Sequence],
+    n_reference: int,
+    *,
+    n_patients: int = 1,
+    rule: str = DEFAULTS["operating_rule"],
+    max_fp_per_patient: float = DEFAULTS["max_fp_per_patient"],
+    target_sensitivity: float = DEFAULTS["target_sensitivity"],
+) -> dict:
+    """Stage-2 threshold on validation candidates by ``rule`` (module docstring).
+
+    ``hits[i]``: ids of the reference lesions candidate ``i`` overlaps (empty: false positive);
+    a reference lesion is detected when any kept candidate (score >= threshold) hits it.
+    Returns the threshold, the rule and its parameters, whether the rule could be met, the
+    validation FROC (``froc``: records, highest threshold first) and sensitivity / FDR / false
+    positives per patient before (every candidate kept) and after."""
+    scores = np.asarray(scores, dtype=float)
+    n_patients = max(int(n_patients), 1)
+    curve = metrics.froc(scores, hits, n_reference, n_patients)
+    point = metrics.choose_operating_point(
+        curve, rule, max_fp_per_patient=max_fp_per_patient, target_sensitivity=target_sensitivity
+    )
+
+    def figures(threshold: float) -> tuple[float, float, float]:
+        keep = scores >= threshold
+        found = {r for k, h in zip(keep, hits, strict=True) if k for r in h}
+        kept = int(keep.sum())
+        false = sum(1 for k, h in zip(keep, hits, strict=True) if k and not h)
+        sensitivity = len(found) / n_reference if n_reference else math.nan
+        return sensitivity, (false / kept if kept else 0.0), false / n_patients
+
+    base_sens, base_fdr, base_fp = figures(-math.inf)
+    sens, fdr, fp = figures(point["threshold"])
+    return {
+        "threshold": point["threshold"],
+        "operating_rule": rule,
+        "max_fp_per_patient": float(max_fp_per_patient),
+        "target_sensitivity": float(target_sensitivity),
+        "rule_met": point["rule_met"],
+        "sensitivity_before": base_sens,
+        "fdr_before": base_fdr,
+        "fp_per_patient_before": base_fp,
+        "sensitivity_after": sens,
+        "fdr_after": fdr,
+        "fp_per_patient_after": fp,
+        "n_candidates": len(scores),
+        "n_reference_lesions": int(n_reference),
+        "n_patients": n_patients,
+        "froc": curve.to_dict("records"),
+    }
+
+
+def lost_lesions(
+    scores: np.ndarray, hits: Sequence[Sequence], threshold: float, diameters: dict
+) -> list[dict]:
+    """Reference lesions a stage-1 candidate found but no candidate kept at ``threshold`` keeps.
+
+    ``hits`` ids are ``(study_id, lesion_id)``; ``diameters`` maps them to the equivalent
+    diameter (mm). Rows ``{study_id, lesion_id, diameter_mm, size_bin, best_score}``, by
+    study and lesion (size bins: ``metrics.DEFAULT_SIZE_BINS_MM``)."""
+    best: dict = {}
+    for score, hit in zip(np.asarray(scores, dtype=float).tolist(), hits, strict=True):
+        for ref in hit:
+            best[ref] = max(best.get(ref, -math.inf), score)
+    labels = metrics.size_bin_labels(metrics.DEFAULT_SIZE_BINS_MM)
+    rows = []
+    for (study_id, lesion), score in sorted(best.items()):
+        if score >= threshold:
+            continue
+        diameter = float(diameters.get((study_id, lesion), math.nan))
+        size_bin = (
+            labels[int(metrics.size_bin_index(diameter, metrics.DEFAULT_SIZE_BINS_MM))]
+            if math.isfinite(diameter)
+            else ""
+        )
+        rows.append(
+            {
+                "study_id": study_id,
+                "lesion_id": int(lesion),
+                "diameter_mm": diameter,
+                "size_bin": size_bin,
+                "best_score": float(score),
+            }
+        )
+    return rows
+
+
+def filter_prediction(
+    pred: np.ndarray,
+    image: np.ndarray,
+    fg_prob: np.ndarray,
+    network: nn.Module,
+    meta: dict,
+    study_id: str = "",
+) -> tuple[np.ndarray, list[Candidate]]:
+    """Remove stage-1 lesions whose stage-2 score is below ``meta["threshold"]``.
+
+    A removed lesion's enhancing/necrosis voxels become background, and so does the edema whose
+    nearest lesion voxel belongs to it (edema of a kept neighbour stays). Returns the filtered
+    internal labels and the scored candidates."""
+    lesion = lab.whole_lesion(pred)
+    components, candidates = find_candidates(lesion, fg_prob, study_id)
+    if not candidates:
+        return np.asarray(pred, dtype=np.uint8).copy(), candidates
+    crops = candidate_crops(image, fg_prob, components, candidates, meta["params"]["crop_size"])
+    scores = score_crops(network, crops)
+    for cand, score in zip(candidates, scores, strict=True):
+        cand.score = float(score)
+    dropped = [c.index for c in candidates if c.score < float(meta["threshold"])]
+    return remove_components(pred, components, dropped), candidates
+
+
+def remove_components(
+    pred: np.ndarray, components: np.ndarray, dropped: Sequence[int]
+) -> np.ndarray:
+    """``pred`` without the lesion components ``dropped`` and the edema nearest to them."""
+    out = np.asarray(pred, dtype=np.uint8).copy()
+    if not len(dropped):
+        return out
+    out[np.isin(components, dropped)] = lab.BACKGROUND
+    edema = out == lab.EDEMA
+    if edema.any():
+        # Owner of each voxel = the component of its nearest lesion voxel.
+        _, nearest = ndimage.distance_transform_edt(components == 0, return_indices=True)
+        owner = components[tuple(nearest)]
+        out[edema & np.isin(owner, dropped)] = lab.BACKGROUND
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------
+@dataclass
+class StudyCandidates:
+    """Stage-2 inputs of one study: crops, per-candidate reference hits, reference count."""
+
+    crops: np.ndarray
+    labels: np.ndarray  # 1.0 lesion, 0.0 false positive
+    hits: list[list[int]]
+    n_reference: int
+    sources: list[str]  # "stage1" or "reference"
+    study_id: str = ""
+    patient_id: str = ""  # FP per patient on validation ("" -> the study is its own patient)
+    ref_diameters_mm: list[float] | None = None  # equivalent diameter of reference lesion i+1
+
+
+def study_candidates(
+    study_id: str,
+    image: np.ndarray,
+    fg_prob: np.ndarray,
+    reference: np.ndarray,
+    params: dict,
+    add_reference: bool,
+    patient_id: str = "",
+    spacing: Sequence[float] | None = None,
+) -> StudyCandidates:
+    """Candidates of one study: stage-1 components at ``proposal_threshold`` (+ the reference
+    lesions themselves with ``add_reference``, for training). ``patient_id`` and ``spacing``
+    (mm) feed the validation FROC and the list of lesions the operating point loses."""
+    params = resolve_params(params)
+    reference = np.asarray(reference, dtype=bool)
+    ref_cc, n_ref = cc3d.connected_components(
+        reference.astype(np.uint8), connectivity=26, return_N=True
+    )
+    proposal = fg_prob >= float(params["proposal_threshold"])
+    components, cands = find_candidates(proposal, fg_prob, study_id, reference)
+    if len(cands) > int(params["max_candidates"]):
+        # A badly trained stage 1 can propose thousands of specks: keep the most confident.
+        cands = sorted(cands, key=lambda c: -c.max_prob)[: int(params["max_candidates"])]
+    crops = candidate_crops(image, fg_prob, components, cands, params["crop_size"])
+    both = (components > 0) & (ref_cc > 0)
+    pairs = np.unique(np.stack([components[both], ref_cc[both]]), axis=1)
+    hit_of: dict[int, list[int]] = {}
+    for comp, ref in pairs.T:
+        hit_of.setdefault(int(comp), []).append(int(ref))
+    hits = [sorted(hit_of.get(c.index, [])) for c in cands]
+    sources = ["stage1"] * len(cands)
+    if add_reference and n_ref:
+        ref_comp, ref_cands = find_candidates(reference, fg_prob, study_id, reference)
+        crops = np.concatenate(
+            [crops, candidate_crops(image, fg_prob, ref_comp, ref_cands, params["crop_size"])]
+        )
+        hits += [[c.index] for c in ref_cands]
+        sources += ["reference"] * len(ref_cands)
+    labels = np.array([1.0 if h else 0.0 for h in hits], dtype=np.float32)
+    diameters = None
+    if spacing is not None:
+        sizes = np.bincount(ref_cc.ravel(), minlength=n_ref + 1)[1 : n_ref + 1]
+        voxel_mm3 = float(np.prod(np.asarray(spacing, dtype=float)))
+        diameters = metrics.equivalent_diameter_mm(sizes * voxel_mm3).tolist()
+    return StudyCandidates(
+        crops, labels, hits, int(n_ref), sources, study_id, patient_id, diameters
+    )
+
+
+def train_stage2(
+    train: Sequence[StudyCandidates],
+    val: Sequence[StudyCandidates],
+    channels: Sequence[str],
+    params: dict,
+    out_path: str | os.PathLike,
+    stage1_checkpoint: str | None = None,
+) -> dict:
+    """Train the candidate classifier, choose its threshold on ``val``, write the checkpoint.
+
+    Balanced mini-batches (half lesion, half false-positive candidates when both exist), random
+    mirroring, Adam. Deterministic for a seed on CPU. Returns the checkpoint's meta."""
+    from metsflow.core.runtime import seed_everything
+
+    params = resolve_params(params)
+    seed_everything(int(params["seed"]))
+    crops = np.concatenate([s.crops for s in train]) if train else np.zeros((0,))
+    labels = np.concatenate([s.labels for s in train]) if train else np.zeros(0)
+    if not len(labels) or labels.min() == labels.max():
+        raise ValueError(
+            f"stage 2 needs lesion and false-positive candidates to learn from; got "
+            f"{int(labels.sum())} lesion and {int((1 - labels).sum())} false-positive candidates"
+        )
+    spec = network_spec(channels, params)
+    network = build_classifier(spec).train()
+    optimizer = torch.optim.Adam(
+        network.parameters(),
+        lr=float(params["learning_rate"]),
+        weight_decay=float(params["weight_decay"]),
+    )
+    loss_fn = nn.BCEWithLogitsLoss()
+    rng = np.random.default_rng(int(params["seed"]))
+    positives, negatives = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    half = int(params["batch_size"]) // 2
+    start, losses = time.perf_counter(), []
+    for iteration in range(1, int(params["iterations"]) + 1):
+        index = np.concatenate([rng.choice(positives, half), rng.choice(negatives, half)])
+        batch = crops[index].copy()
+        for axis in range(2, 5):
+            flip = rng.random(len(batch)) < 0.5
+            batch[flip] = np.flip(batch[flip], axis=axis)
+        logits = network(torch.from_numpy(np.ascontiguousarray(batch))).flatten()
+        loss = loss_fn(logits, torch.from_numpy(labels[index]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if iteration % 50 == 0 or iteration == int(params["iterations"]):
+            log.info(
+                "stage 2 iteration %d/%d loss %.4f (%.0f s)",
+                iteration,
+                params["iterations"],
+                float(np.mean(losses[-50:])),
+                time.perf_counter() - start,
+            )
+
+    # Operating point on validation stage-1 candidates only (reference lesions are not
+    # candidates at inference time).
+    val_scores, val_hits, n_ref, patients, diameters = [], [], 0, set(), {}
+    for number, study in enumerate(val):
+        stage1 = [i for i, s in enumerate(study.sources) if s == "stage1"]
+        val_scores.append(score_crops(network, study.crops[stage1]))
+        # Reference ids are per study: make them unique across studies.
+        key = study.study_id or f"study_{number}"
+        val_hits += [[(key, r) for r in study.hits[i]] for i in stage1]
+        n_ref += study.n_reference
+        patients.add(study.patient_id or key)
+        for lesion, diameter in enumerate(study.ref_diameters_mm or [], start=1):
+            diameters[(key, lesion)] = diameter
+    scores = np.concatenate(val_scores) if val_scores else np.zeros(0)
+    operating = choose_threshold(
+        scores,
+        val_hits,
+        n_ref,
+        n_patients=len(patients),
+        rule=params["operating_rule"],
+        max_fp_per_patient=float(params["max_fp_per_patient"]),
+        target_sensitivity=float(params["target_sensitivity"]),
+    )
+    operating["lost_lesions"] = lost_lesions(scores, val_hits, operating["threshold"], diameters)
+    if not n_ref:
+        log.warning("stage 2: no validation lesions; threshold 0 keeps every candidate")
+    elif not operating["rule_met"]:
+        log.warning(
+            "stage 2: the %s rule cannot be met on validation; using threshold %.3f "
+            "(sensitivity %.3f, %.2f FP/patient)",
+            params["operating_rule"],
+            operating["threshold"],
+            operating["sensitivity_after"],
+            operating["fp_per_patient_after"],
+        )
+    meta = {
+        "network": spec,
+        "channels": list(channels),
+        "params": params,
+        "stage1_checkpoint": stage1_checkpoint,
+        "final_loss": float(np.mean(losses[-50:])),
+        **operating,
+    }
+    save_stage2(out_path, network, meta)
+    log.info(
+        "stage 2 threshold %.3f (%s): validation lesion sensitivity %.3f -> %.3f, FP/patient "
+        "%.2f -> %.2f, FDR %.3f -> %.3f, %d lesion(s) lost",
+        operating["threshold"],
+        operating["operating_rule"],
+        operating["sensitivity_before"],
+        operating["sensitivity_after"],
+        operating["fp_per_patient_before"],
+        operating["fp_per_patient_after"],
+        operating["fdr_before"],
+        operating["fdr_after"],
+        len(operating["lost_lesions"]),
+    )
+    return plain(meta)

@@ -1,0 +1,516 @@
+"""Segmentation networks, losses, the network input contract and checkpoints.
+
+Input channels (``params["channels"]``, in this order on the channel axis):
+    ``t1c``, ``t1``, ``t2``, ``flair``  preprocessed sequences from the study's ``prep_dir``
+                                        (z-scored inside the brain); a sequence the study lacks is
+                                        an all-zero channel, i.e. "average intensity" after z-scoring.
+    ``prior``                           binary whole-lesion prior of a follow-up: 1 where the
+                                        propagated previous-study label is enhancing (1) or
+                                        necrosis (3), 0 elsewhere; all zeros when there is no prior.
+
+Label modes (the network's output classes):
+    ``multiclass``  4 outputs: internal labels 0 background, 1 enhancing, 2 edema, 3 necrosis.
+    ``whole``       2 outputs: 0 background (edema included), 1 whole lesion (enhancing + necrosis).
+
+A checkpoint is a ``torch.save`` of ``{"format", "format_version", "state_dict", "meta"}`` whose
+metadata holds plain Python types only, so it loads with ``torch.load(weights_only=True)`` (no
+arbitrary code runs when reading a checkpoint someone handed over). ``meta["network"]`` is the
+exact constructor spec, so loading never re-derives the architecture from defaults that may have
+changed since training.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from metsflow import __version__ as METSFLOW_VERSION
+from metsflow.core import labels as lab
+from metsflow.core.io import StudyError, atomic_path, load_nifti
+from metsflow.core.settings import ModelSettings, PreprocessSettings
+
+log = logging.getLogger(__name__)
+
+SEQUENCES = ("t1c", "t1", "t2", "flair")
+PRIOR = "prior"
+CHANNELS = (*SEQUENCES, PRIOR)
+LABEL_MODES = {"multiclass": 4, "whole": 2}
+ARCHS = ("dynunet", "segresnet")
+LOSSES = ("dice_ce", "tversky_bce")
+
+# The model section's defaults are owned by metsflow.core.settings.ModelSettings; the grid spacing's
+# by PreprocessSettings.
+MODEL_DEFAULTS: dict[str, Any] = ModelSettings.defaults()
+DEFAULT_SPACING = tuple(PreprocessSettings().spacing)
+
+CHECKPOINT_FORMAT = "metsflow-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+NORMALISATION = "zscore-brain"
+
+# nnU-Net stops downsampling an axis once its feature map would drop below this many voxels.
+_MIN_FEATURE_SIZE = 4
+# Tversky weights: beta > alpha penalises false negatives more, which favours recall of the many
+# small metastases (a missed lesion costs more clinically than a few false-positive voxels).
+TVERSKY_ALPHA = 0.3
+TVERSKY_BETA = 0.7
+BCE_POS_WEIGHT = 10.0
+
+
+# --------------------------------------------------------------------------------------------
+# parameters
+# --------------------------------------------------------------------------------------------
+def check_channels(channels: Sequence[str]) -> list[str]:
+    channels = list(channels)
+    unknown = [c for c in channels if c not in CHANNELS]
+    if unknown or not channels or len(set(channels)) != len(channels):
+        raise ValueError(
+            f"model channels {channels} invalid: use unique names from {list(CHANNELS)}"
+        )
+    return channels
+
+
+def num_classes(label_mode: str) -> int:
+    if label_mode not in LABEL_MODES:
+        raise ValueError(f"unknown label_mode {label_mode!r}; use one of {list(LABEL_MODES)}")
+    return LABEL_MODES[label_mode]
+
+
+def _triple(value: Any, name: str, cast=float) -> list:
+    values = [value] * 3 if np.isscalar(value) else list(value)
+    if len(values) != 3:
+        raise ValueError(f"{name} must have 3 values, got {value!r}")
+    return [cast(v) for v in values]
+
+
+# --------------------------------------------------------------------------------------------
+# networks
+# --------------------------------------------------------------------------------------------
+def dynunet_plan(
+    patch_size: Sequence[int], spacing: Sequence[float], max_levels: int | None = None
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Kernel sizes and strides per resolution level, following nnU-Net's planning.
+
+    An axis is downsampled (stride 2) while its feature map stays >= 4 voxels and its spacing is
+    at most twice the finest spacing (anisotropic axes wait until the others catch up); an axis
+    much coarser than the finest gets a 1-wide kernel until then. The first level has stride 1.
+    ``max_levels`` truncates the plan (the number of filters sets the depth).
+    """
+    sizes = [float(s) for s in patch_size]
+    spacings = [float(s) for s in spacing]
+    kernels: list[list[int]] = []
+    strides: list[list[int]] = [[1, 1, 1]]
+    while max_levels is None or len(strides) < max_levels:
+        ratios = [sp / min(spacings) for sp in spacings]
+        stride = [
+            2 if ratio <= 2 and size >= 2 * _MIN_FEATURE_SIZE else 1
+            for ratio, size in zip(ratios, sizes, strict=True)
+        ]
+        if all(s == 1 for s in stride):
+            break
+        kernels.append([3 if ratio <= 2 else 1 for ratio in ratios])
+        sizes = [size / s for size, s in zip(sizes, stride, strict=True)]
+        spacings = [sp * s for sp, s in zip(spacings, stride, strict=True)]
+        strides.append(stride)
+    # The last level's kernel is always isotropic 3 (the spacing has equalised by then).
+    kernels.append([3, 3, 3])
+    total = np.prod(np.asarray(strides), axis=0)
+    bad = [int(p) for p, t in zip(patch_size, total, strict=True) if p % t]
+    if bad:
+        raise ValueError(
+            f"patch size {list(patch_size)} is not divisible by the network's total stride "
+            f"{total.tolist()}; choose a patch size that is a multiple of it"
+        )
+    return kernels, strides
+
+
+def model_params(params: dict) -> dict:
+    """``params`` completed with the ``model`` section's defaults (a ``None`` value = default)."""
+    return {**MODEL_DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+
+
+def network_spec(params: dict) -> dict:
+    """The exact network constructor arguments (plain types) for ``params``.
+
+    Keys read: ``arch`` (dynunet|segresnet), ``channels``, ``label_mode``, ``patch_size``,
+    ``spacing`` (``DEFAULT_SPACING``), ``filters`` (dynunet), ``init_filters`` (segresnet),
+    ``dropout``, ``res_block``; a missing key takes its ``MODEL_DEFAULTS`` value.
+    """
+    params = model_params(params)
+    arch = params["arch"]
+    in_channels = len(check_channels(params["channels"]))
+    out_channels = num_classes(params["label_mode"])
+    patch = _triple(params["patch_size"], "patch_size", int)
+    if arch == "dynunet":
+        spacing = _triple(params.get("spacing", DEFAULT_SPACING), "spacing")
+        filters = [int(f) for f in params["filters"]]
+        kernels, strides = dynunet_plan(patch, spacing, max_levels=len(filters))
+        if len(strides) < len(filters):
+            log.info(
+                "patch %s supports %d resolution levels: using filters %s of %s",
+                patch,
+                len(strides),
+                filters[: len(strides)],
+                filters,
+            )
+        kwargs = {
+            "spatial_dims": 3,
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "kernel_size": kernels,
+            "strides": strides,
+            "upsample_kernel_size": strides[1:],
+            "filters": filters[: len(strides)],
+            "dropout": params["dropout"],
+            # Deep supervision is off: it changes the training output to a stacked tensor and
+            # needs per-scale targets; on the small patches used here it buys little.
+            "deep_supervision": False,
+            "res_block": bool(params["res_block"]),
+        }
+    elif arch == "segresnet":
+        kwargs = {
+            "spatial_dims": 3,
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "init_filters": int(params["init_filters"]),
+            "blocks_down": [1, 2, 2, 4],
+            "blocks_up": [1, 1, 1],
+            "dropout_prob": params["dropout"],
+        }
+        # SegResNet downsamples 3 times.
+        if any(p % 8 for p in patch):
+            raise ValueError(f"segresnet needs a patch size divisible by 8, got {patch}")
+    else:
+        raise ValueError(f"unknown arch {arch!r}; use one of {list(ARCHS)}")
+    return {"arch": arch, "kwargs": kwargs}
+
+
+def network_from_spec(spec: dict) -> nn.Module:
+    from monai.networks.nets import DynUNet, SegResNet
+
+    kwargs = dict(spec["kwargs"])
+    if spec["arch"] == "dynunet":
+        return DynUNet(**kwargs)
+    if spec["arch"] == "segresnet":
+        kwargs["blocks_down"] = tuple(kwargs["blocks_down"])
+        kwargs["blocks_up"] = tuple(kwargs["blocks_up"])
+        return SegResNet(**kwargs)
+    raise ValueError(f"unknown arch {spec['arch']!r}; use one of {list(ARCHS)}")
+
+
+def build_network(params: dict) -> nn.Module:
+    """MONAI DynUNet (nnU-Net-like) or SegResNet for ``params`` (see ``network_spec``)."""
+    return network_from_spec(network_spec(params))
+
+
+# --------------------------------------------------------------------------------------------
+# losses
+# --------------------------------------------------------------------------------------------
+class TverskyBCELoss(nn.Module):
+    """Tversky (alpha 0.3, beta 0.7) + foreground BCE (pos_weight 10), weighted 1:1.
+
+    Multi-class output: the Tversky term is MONAI's TverskyLoss on the softmax, one-hot target,
+    background excluded, averaged over the foreground classes. The BCE term scores the
+    *foreground vs background* decision: its logit is the log-odds of 1 - p(background) under the
+    same softmax, ``logsumexp(foreground logits) - background logit``, against ``target > 0``.
+    For two classes this is exactly the lesion logit minus the background logit. pos_weight 10
+    counters the ~1000:1 background:lesion voxel imbalance of brain metastases.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from monai.losses import TverskyLoss
+
+        self.tversky = TverskyLoss(
+            include_background=False,
+            to_onehot_y=True,
+            softmax=True,
+            alpha=TVERSKY_ALPHA,
+            beta=TVERSKY_BETA,
+            batch=True,
+        )
+        self.bce = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(BCE_POS_WEIGHT))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        fg_logit = torch.logsumexp(logits[:, 1:], dim=1, keepdim=True) - logits[:, :1]
+        fg_target = (target > 0).to(fg_logit.dtype)
+        return self.tversky(logits, target) + self.bce(fg_logit, fg_target)
+
+
+class NestedRegionDiceLoss(nn.Module):
+    """``base(logits, target)`` plus a soft Dice on nested label *regions* of the same softmax.
+
+    A region's probability is the sum of its classes' softmax probabilities: the whole lesion
+    (enhancing + necrosis) and the whole abnormality (+ edema). Why: with per-class terms only,
+    a multi-class network first finds the lesion blob and parks all of it in one class (here
+    edema, whose outline is the largest); leaving that partial optimum takes hundreds of
+    iterations more (on the CPU demo: validation lesion Dice 0.00 at 400 iterations, 0.28 at
+    500). The region terms reward "lesion vs not" directly, as nnU-Net's region training does
+    for the nested BraTS labels, while the output stays one softmax over the three labels.
+    Batch Dice over the whole batch, as for the class terms."""
+
+    def __init__(self, base: nn.Module, regions: Sequence[Sequence[int]], weight: float = 1.0):
+        super().__init__()
+        self.base = base
+        self.regions = [tuple(int(c) for c in r) for r in regions]
+        self.weight = float(weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.base(logits, target)
+        if not self.regions or self.weight == 0:
+            return loss
+        probs = torch.softmax(logits, dim=1)
+        reduce = [0, *range(2, logits.ndim)]
+        terms = []
+        for region in self.regions:
+            p = probs[:, list(region)].sum(1, keepdim=True)
+            t = torch.isin(target, torch.tensor(region, device=target.device)).to(p.dtype)
+            intersection = (p * t).sum(reduce)
+            denominator = p.sum(reduce) + t.sum(reduce)
+            terms.append(1 - (2 * intersection + 1e-5) / (denominator + 1e-5))
+        return loss + self.weight * torch.stack(terms).mean()
+
+
+def nested_regions(label_mode: str) -> list[tuple[int, ...]]:
+    """Nested regions of ``label_mode``'s classes (none when there is one lesion class)."""
+    if num_classes(label_mode) == 2:
+        return []
+    return [lab.INTERNAL_GROUPS["whole_lesion"], (lab.ENHANCING, lab.EDEMA, lab.NECROSIS)]
+
+
+def build_loss(params: dict) -> nn.Module:
+    """``dice_ce``: MONAI DiceCELoss (softmax, one-hot target, Dice over foreground classes with
+    batch Dice as nnU-Net does, so patches without lesion do not give a degenerate Dice);
+    ``tversky_bce``: ``TverskyBCELoss``. Called as ``loss(logits, target)`` with target
+    ``(B, 1, X, Y, Z)`` holding class indices (see ``encode_target``)."""
+    params = model_params(params)
+    name = params["loss"]
+    if name == "dice_ce":
+        from monai.losses import DiceCELoss
+
+        base = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+    elif name == "tversky_bce":
+        base = TverskyBCELoss()
+    else:
+        raise ValueError(f"unknown loss {name!r}; use one of {list(LOSSES)}")
+    weight = float(params["region_loss_weight"])
+    regions = nested_regions(params["label_mode"])
+    if weight == 0 or not regions:
+        return base
+    return NestedRegionDiceLoss(base, regions, weight)
+
+
+# --------------------------------------------------------------------------------------------
+# labels <-> classes
+# --------------------------------------------------------------------------------------------
+def encode_target(label: np.ndarray, label_mode: str) -> np.ndarray:
+    """Internal labels -> class indices of ``label_mode`` (uint8)."""
+    num_classes(label_mode)
+    if label_mode == "whole":
+        return lab.whole_lesion(label).astype(np.uint8)
+    return np.asarray(label, dtype=np.uint8)
+
+
+def decode_classes(classes: np.ndarray, label_mode: str) -> np.ndarray:
+    """Class indices -> internal labels (uint8); ``whole`` gives 1 for lesion."""
+    num_classes(label_mode)
+    # Both modes already use internal values: "whole" class 1 is written as label 1.
+    return np.asarray(classes, dtype=np.uint8)
+
+
+def lesion_class_indices(label_mode: str) -> tuple[int, ...]:
+    """Output classes that make up the whole lesion (enhancing + necrosis)."""
+    return (1,) if num_classes(label_mode) == 2 else lab.INTERNAL_GROUPS["whole_lesion"]
+
+
+# --------------------------------------------------------------------------------------------
+# reading a study's network input
+# --------------------------------------------------------------------------------------------
+def load_study_input(
+    item: dict, channels: Sequence[str], with_label: bool = False
+) -> dict[str, Any]:
+    """Read one study's network input from its ``prep_dir``.
+
+    Returns ``image`` (float32, channels-first), ``brain`` (bool), ``affine`` and ``header`` of
+    ``t1c.nii.gz`` (the grid every output is written on) and, with ``with_label``, ``label``
+    (uint8 internal labels). Raises ``StudyError`` naming the study for any bad input.
+    """
+    study_id = str(item["study_id"])
+    prep = Path(item["prep_dir"])
+    ref = load_nifti(prep / "t1c.nii.gz", study_id, "t1c")
+    shape = ref.shape
+
+    def on_grid(path: Path, what: str) -> np.ndarray:
+        img = ref if what == "t1c" else load_nifti(path, study_id, what)
+        if img.shape != shape or not np.allclose(img.affine, ref.affine, atol=1e-3):
+            raise StudyError(
+                study_id, f"{what} is not on the t1c grid ({img.shape} vs {shape})", path
+            )
+        return np.asanyarray(img.dataobj)
+
+    image = np.zeros((len(channels), *shape), dtype=np.float32)
+    for index, name in enumerate(check_channels(channels)):
+        if name == PRIOR:
+            prior = item.get("prior")
+            if prior:
+                image[index] = lab.whole_lesion(
+                    _checked_labels(on_grid(Path(prior), "prior"), study_id, prior)
+                )
+        elif (prep / f"{name}.nii.gz").exists() or name == "t1c":
+            image[index] = on_grid(prep / f"{name}.nii.gz", name)
+        # else: the study lacks this sequence -> zero channel (documented in the module docstring)
+
+    mask_path = prep / "brain_mask.nii.gz"
+    if mask_path.exists():
+        brain = on_grid(mask_path, "brain mask") > 0
+    else:
+        log.warning("study %s has no brain_mask.nii.gz: using the whole volume", study_id)
+        brain = np.ones(shape, dtype=bool)
+    out = {"image": image, "brain": brain, "affine": ref.affine, "header": ref.header}
+    if with_label:
+        path = item.get("label") or prep / "label.nii.gz"
+        out["label"] = _checked_labels(on_grid(Path(path), "label"), study_id, path)
+    return out
+
+
+def _checked_labels(data: np.ndarray, study_id: str, path) -> np.ndarray:
+    values = np.unique(data)
+    if np.any(values != np.round(values)) or values.min() < 0 or values.max() > lab.NECROSIS:
+        raise StudyError(
+            study_id, f"label values {values[:10].tolist()} are not internal labels 0-3", path
+        )
+    return data.astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------------
+def plain(obj: Any) -> Any:
+    """Convert ``obj`` to the plain types ``torch.load(weights_only=True)`` accepts."""
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, os.PathLike):
+        return str(obj)
+    # Subclasses (torch's TorchVersion is a str) are not on the safe loader's allow-list.
+    for kind in (bool, int, float, str):
+        if isinstance(obj, kind):
+            return kind(obj)
+    if obj is None:
+        return None
+    raise TypeError(f"checkpoint metadata must be plain data, got {type(obj).__name__}")
+
+
+def checkpoint_meta(params: dict, **extra: Any) -> dict:
+    """Metadata describing a network trained with ``params`` (plain types only)."""
+    import monai
+
+    model = model_params(params)
+    meta = {
+        "network": network_spec(model),
+        "arch": model["arch"],
+        "channels": check_channels(model["channels"]),
+        "label_mode": model["label_mode"],
+        "label_convention": "internal",
+        "num_classes": num_classes(model["label_mode"]),
+        "patch_size": _triple(model["patch_size"], "patch_size", int),
+        "spacing": _triple(model.get("spacing", DEFAULT_SPACING), "spacing"),
+        "normalisation": NORMALISATION,
+        "versions": {
+            "metsflow": METSFLOW_VERSION,
+            "torch": torch.__version__,
+            "monai": monai.__version__,
+        },
+        "params": params,
+    }
+    meta.update(extra)
+    return plain(meta)
+
+
+_REQUIRED_META = ("network", "channels", "label_mode", "num_classes", "patch_size", "spacing")
+
+
+def save_checkpoint(path: str | os.PathLike, network: nn.Module, meta: dict) -> None:
+    """Write ``network``'s weights and ``meta`` (see ``checkpoint_meta``) atomically."""
+    missing = [k for k in _REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint meta lacks {missing}; build it with checkpoint_meta()")
+    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "state_dict": state,
+        "meta": plain(meta),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint file safely (``weights_only=True``) and check it is a metsflow one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises unpickling/zip errors of several types
+        raise ValueError(f"{path} is not a metsflow checkpoint (unreadable: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a metsflow checkpoint (no {CHECKPOINT_FORMAT!r} tag)")
+    if payload.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: checkpoint format version {payload.get('format_version')} is not "
+            f"supported (this metsflow reads version {CHECKPOINT_FORMAT_VERSION})"
+        )
+    return payload
+
+
+def check_meta(
+    meta: dict,
+    expect_channels: Sequence[str] | None,
+    expect_label_mode: str | None,
+    source: Any = "checkpoint",
+) -> None:
+    """Raise ValueError if ``meta`` does not match the caller's channels / label mode."""
+    if expect_channels is not None and list(meta["channels"]) != list(expect_channels):
+        raise ValueError(
+            f"{source} was trained on channels {meta['channels']}, but channels "
+            f"{list(expect_channels)} were asked for (order matters)"
+        )
+    if expect_label_mode is not None and meta["label_mode"] != expect_label_mode:
+        raise ValueError(
+            f"{source} predicts label_mode {meta['label_mode']!r}, but "
+            f"{expect_label_mode!r} was asked for"
+        )
+    if meta.get("label_convention", "internal") != "internal":
+        raise ValueError(f"{source} uses label convention {meta['label_convention']!r}")
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    expect_channels: Sequence[str] | None = None,
+    expect_label_mode: str | None = None,
+    map_location: Any = "cpu",
+) -> tuple[nn.Module, dict]:
+    """Rebuild the network from a checkpoint (eval mode) and return ``(network, meta)``."""
+    payload = read_checkpoint(path, map_location)
+    meta = payload["meta"]
+    missing = [k for k in _REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"{path} is not a metsflow checkpoint (meta lacks {missing})")
+    check_meta(meta, expect_channels, expect_label_mode, source=f"checkpoint {path}")
+    network = network_from_spec(meta["network"])
+    network.load_state_dict(payload["state_dict"])
+    network.eval()
+    return network, meta
