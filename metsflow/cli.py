@@ -19,6 +19,42 @@ from pathlib import Path
 from metsflow.core.layout import Layout
 
 
+def _bounded(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse ``type`` for a number in a range: every numeric argument uses one, so an
+    out-of-range, NaN or infinite value is refused while parsing (``evaluate --iou-threshold
+    5`` gave lesion F1 0 and ``-1`` F1 1; ``--max-image-mb nan`` turned the memory guard off)."""
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+    span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        too_low = low is not None and (value < low or (low_open and value == low))
+        too_high = high is not None and (value > high or (high_open and value == high))
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"{text} is outside {span}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_COUNT = _bounded(int, 1)  # studies, patients, GPUs, cores, shard sizes, workers
+_INDEX = _bounded(int, 0)  # seeds, rounds
+_POSITIVE = _bounded(float, 0, low_open=True)  # mm, MiB, scales
+_FRACTION = _bounded(float, 0, 1, low_open=True)  # shares of a cohort: (0, 1]
+
+
+def _candidates(text: str) -> str:
+    """``--candidates``: ``all`` or a whole number of at least 1."""
+    return text if text == "all" else str(_COUNT(text))
+
+
 def _cmd_demo_cohort(args) -> int:
     from metsflow.cohort.phantom import make_demo_cohort
 
@@ -197,8 +233,16 @@ def _workflow_paths(args) -> None:
     if getattr(args, "configfile", None):
         import yaml
 
-        with open(args.configfile) as handle:
-            config = yaml.safe_load(handle) or {}
+        try:
+            with open(args.configfile) as handle:
+                config = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"workflow config {args.configfile}: not valid YAML ({exc})") from None
+        if not isinstance(config, dict):
+            raise ValueError(
+                f"workflow config {args.configfile}: expected a mapping of settings "
+                f"(key: value), got a YAML {type(config).__name__}"
+            )
         defaults.update(
             {key: config[name] for key, (_, name) in _WORKFLOW_PATHS.items() if config.get(name)}
         )
@@ -458,13 +502,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo-cohort", help="write the longitudinal phantom demo cohort")
     demo.add_argument("--out", default="demo")
-    demo.add_argument("--patients", type=int, default=8)
-    demo.add_argument("--timepoints", type=int, default=3)
-    demo.add_argument("--labelled-patients", type=int, default=4)
-    demo.add_argument("--phantom-spacing", type=float, default=2.0, help="mm")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--patients", type=_COUNT, default=8)
+    demo.add_argument("--timepoints", type=_COUNT, default=3)
+    demo.add_argument("--labelled-patients", type=_INDEX, default=4)
+    demo.add_argument("--phantom-spacing", type=_POSITIVE, default=2.0, help="mm")
+    demo.add_argument("--seed", type=_INDEX, default=0)
     demo.add_argument(
-        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes (same output)"
+        "--workers",
+        type=_COUNT,
+        default=min(4, os.cpu_count() or 1),
+        help="processes (same output)",
     )
     demo.set_defaults(func=_cmd_demo_cohort)
 
@@ -502,16 +549,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument(
         "--max-image-mb",
-        type=float,
+        type=_POSITIVE,
         help="with --deep: refuse headers claiming more voxel data (MiB; default as the "
         "pipeline's preprocess.max_image_mb, metsflow.core.io.MAX_IMAGE_MB)",
     )
     check.add_argument("--out", help="write the problems table (TSV)")
     check.set_defaults(func=_cmd_cohort_check)
     synth = cohort_sub.add_parser("synthetic", help="a paths-only sheet for planning benchmarks")
-    synth.add_argument("studies", type=int)
+    synth.add_argument("studies", type=_INDEX)
     synth.add_argument("--out", required=True)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=_INDEX, default=0)
     synth.set_defaults(func=_cmd_cohort_synthetic)
 
     evaluate = sub.add_parser("evaluate", help="metrics of one prediction against a reference")
@@ -523,13 +570,14 @@ def build_parser() -> argparse.ArgumentParser:
     # nibabel, scipy).
     evaluate.add_argument(
         "--iou-threshold",
-        type=float,
+        # IoU > t matches: t = 1 could never match, t < 0 would match disjoint lesions
+        type=_bounded(float, 0, 1, high_open=True),
         help="lesions match when their IoU is greater than this (default: the workflow's "
         "evaluate.iou_threshold default)",
     )
     evaluate.add_argument(
         "--ndsc-rate",
-        type=float,
+        type=_bounded(float, 0, 1, low_open=True, high_open=True),
         help="positive-class rate r of the normalised Dice (Raina et al. 2023), e.g. the cohort "
         "mean; without it ndsc is null",
     )
@@ -561,17 +609,19 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument(
         "--plan", help="the run's plan table (default: <benchmarks>/../plan/cohort.tsv)"
     )
-    cost.add_argument("--studies", type=int, default=11_892)
-    cost.add_argument("--gpus", type=int, default=8)
-    cost.add_argument("--cores", type=int, default=512, help="CPU cores for the CPU stages")
-    cost.add_argument("--cpu-shard-size", type=int, default=16)
-    cost.add_argument("--gpu-shard-size", type=int, default=64)
-    cost.add_argument("--rounds", type=int, default=5, help="active-learning rounds after round 0")
+    cost.add_argument("--studies", type=_COUNT, default=11_892)
+    cost.add_argument("--gpus", type=_COUNT, default=8)
+    cost.add_argument("--cores", type=_COUNT, default=512, help="CPU cores for the CPU stages")
+    cost.add_argument("--cpu-shard-size", type=_COUNT, default=16)
+    cost.add_argument("--gpu-shard-size", type=_COUNT, default=64)
     cost.add_argument(
-        "--infer-fraction", type=float, default=1.0, help="share of studies segmented per round"
+        "--rounds", type=_INDEX, default=5, help="active-learning rounds after round 0"
     )
     cost.add_argument(
-        "--train-scale", type=float, default=1.0, help="cohort / run training iterations"
+        "--infer-fraction", type=_FRACTION, default=1.0, help="share of studies segmented per round"
+    )
+    cost.add_argument(
+        "--train-scale", type=_POSITIVE, default=1.0, help="cohort / run training iterations"
     )
     cost.add_argument(
         "--configfile",
@@ -579,11 +629,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cost.add_argument(
         "--candidates",
+        type=_candidates,
         help="active_learning.candidates (N or all); with N, also the table against all",
     )
     cost.add_argument(
         "--validation-fraction",
-        type=float,
+        type=_bounded(float, 0, 1, high_open=True),
         default=0.1,
         help="share of studies in validation (segmented every round)",
     )
@@ -599,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=_cmd_al_status)
     imp = al_sub.add_parser("import", help="import reviewed labels of a round's batch")
     package = imp.add_mutually_exclusive_group(required=True)
-    package.add_argument("--round", type=int, help="the batch of this round")
+    package.add_argument("--round", type=_INDEX, help="the batch of this round")
     package.add_argument("--final", action="store_true", help="the final model's QA sample")
     package.add_argument("--review-dir", help="any review package folder")
     imp.add_argument("--stage", choices=["refined", "confirmed"], required=True)

@@ -89,8 +89,38 @@ rule export_review:
         "../scripts/export_review.py"
 
 
+# The simulated annotator's labels, read in full before any round needs one: no input and the
+# highest priority, so it is among the first jobs of a run, and a bad oracle label (value 4, a
+# text file) stops the run then, not in round 1 after hours of preprocessing and training.
+rule check_oracle:
+    output:
+        table=LAYOUT.oracle_check,
+    log:
+        LAYOUT.log("active_learning/check_oracle"),
+    benchmark:
+        LAYOUT.benchmark("active_learning/check_oracle")
+    priority: 100
+    conda:
+        "../envs/imaging.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        oracle_sheet=config.get("oracle_sheet", ""),
+    script:
+        "../scripts/check_oracle.py"
+
+
 rule collect_annotations:
     input:
+        unpack(
+            lambda wc: (
+                {"oracle": LAYOUT.oracle_check}
+                if SETTINGS.active_learning.annotator == "simulated"
+                else {}
+            )
+        ),
         selection=LAYOUT.selection("{round}"),
         review=LAYOUT.review_manifest("{round}"),
     output:

@@ -271,7 +271,7 @@ def _export_study(
         sha = io.file_sha256(staging / PRESEGMENTATION_NAME)
         os.rename(staging, out_dir / study_id)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        io.remove_path(staging, ignore_errors=True)
         raise
     return other_names, sha
 

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from metsflow.cohort.plan import PlanSettings, build_plan, restrict
@@ -93,8 +94,30 @@ def read_oracle(oracle_sheet: str | os.PathLike) -> tuple[dict[str, OracleLabel]
         if not os.access(file, os.R_OK):
             problems.append(f"{where} row {row} (study {study_id}): label file {file} unreadable")
             continue
+        # The header only (~1 ms a file, no voxel decompressed): a text file or a 4D image is
+        # found now, not by round 1; the values are checked by the check_oracle job.
+        try:
+            io.open_nifti(file, study_id, "oracle label")
+        except io.StudyError as exc:
+            problems.append(f"{where} row {row} (study {study_id}): {file}: {exc.problem}")
+            continue
         oracle[study_id] = OracleLabel(file, convention)
     return oracle, problems
+
+
+def oracle_value_problems(oracle: dict[str, OracleLabel]) -> list[str]:
+    """Every oracle label whose voxels are not values of its convention (value 4, 0.5, NaN):
+    the check_oracle job reads them all before any round needs one."""
+    problems = []
+    for study_id, label in oracle.items():
+        try:
+            data = np.asanyarray(io.load_nifti(label.path, study_id, "oracle label").dataobj)
+            labels.to_internal(data, label.convention)
+        except io.StudyError as exc:
+            problems.append(f"oracle label {label.path} (study {study_id}): {exc.problem}")
+        except ValueError as exc:
+            problems.append(f"oracle label {label.path} (study {study_id}): {exc}")
+    return problems
 
 
 def _writable_folder(path: str, what: str, key: str) -> list[str]:

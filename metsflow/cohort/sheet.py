@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from metsflow.core import io, labels
+from metsflow.core import ids, io, labels
 from metsflow.core.config import SCHEMA_DIR
 
 SCHEMA_PATH = SCHEMA_DIR / "studies.schema.yaml"
@@ -519,6 +519,18 @@ def read_sheet(
                 for row in bad:
                     for reason in reasons:
                         problems.add(row, study_ids[row], reason)
+
+    # Beyond the schema's pattern: names the results layout uses itself (metsflow.core.ids).
+    for name in ("patient_id", "study_id"):
+        if name not in columns:
+            continue
+        for value in data.loc[valid[name], name].unique():
+            reasons = ids.id_problems(value, name.replace("_", " "))
+            if reasons:
+                bad = data.index[data[name] == value]
+                valid.loc[bad, name] = False
+                for row in bad:
+                    problems.add(row, study_ids[row], reasons[0])
 
     have_ids = all(name in data.columns for name in ("patient_id", "study_id"))
     id_ok = valid["patient_id"] & valid["study_id"] if have_ids else None

@@ -45,6 +45,27 @@ EVALUATION_SUMMARY_NAME = "summary.json"
 REVIEW_MANIFEST_NAME = "manifest.csv"
 PRESEGMENTATION_NAME = "presegmentation.nii.gz"  # per study of a review package
 
+# Names the layout itself puts beside per-study folders (a stage root holds <study>/, shards/ and
+# manifest.tsv; a review package <study>/ and manifest.csv; the label store <study>/ and its
+# marker). A study or patient id equal to one of them (compared case-insensitively: macOS and
+# Windows shares fold case) would make a study's folder the layout's own: a study called
+# ``shards`` deleted s0000.tsv (issue #25). metsflow.core.ids refuses them.
+# A folder holding this file (or below one that does) is a human label store
+# (metsflow.active_learning.labelstore); metsflow.core.io guards it.
+LABEL_STORE_MARKER = "LABELSTORE.json"
+SHARDS_DIR = "shards"
+STAGE_MANIFEST_NAME = "manifest.tsv"
+RESERVED_NAMES = frozenset(
+    {
+        SHARDS_DIR,
+        STAGE_MANIFEST_NAME,
+        REVIEW_MANIFEST_NAME,
+        LABEL_STORE_MARKER,
+        "logs",
+        "benchmarks",
+    }
+)
+
 ROUNDS_DIR = "rounds"
 ROUND_PREFIX = "round_"
 _ROUND_DIR = re.compile(rf"^{ROUND_PREFIX}(\d+)$")
@@ -89,6 +110,11 @@ class Layout:
         return self._path("plan", "cohort.tsv")
 
     @property
+    def oracle_check(self) -> str:
+        """The simulated annotator's labels, checked before any round (rule check_oracle)."""
+        return self._path("plan", "oracle_check.tsv")
+
+    @property
     def quarantine(self) -> str:
         return self._path("qc", "quarantine.tsv")
 
@@ -98,11 +124,11 @@ class Layout:
         return self._path(stage)
 
     def shard_manifest(self, stage: str, shard) -> str:
-        return self._path(stage, "shards", f"{shard}.tsv")
+        return self._path(stage, SHARDS_DIR, f"{shard}.tsv")
 
     def stage_manifest(self, stage: str) -> str:
         """The cohort-wide manifest of a stage (rule gather_manifests)."""
-        return self._path(stage, "manifest.tsv")
+        return self._path(stage, STAGE_MANIFEST_NAME)
 
     def preprocessed_dir(self, study_id: str) -> Path:
         return Path(self.stage_root("preprocessed")) / study_id
@@ -167,7 +193,7 @@ class Layout:
         return self.round_file(r, "predictions")
 
     def prediction_manifest(self, r, gpu_shard) -> str:
-        return self.round_file(r, "predictions", "shards", f"{gpu_shard}.tsv")
+        return self.round_file(r, "predictions", SHARDS_DIR, f"{gpu_shard}.tsv")
 
     def prediction_dir(self, r, study_id: str) -> Path:
         return Path(self.prediction_root(r)) / study_id

@@ -52,6 +52,7 @@ from metsflow.core.io import (
     atomic_path,
     load_nifti,
     read_json,
+    remove_path,
     save_nifti,
     write_json,
 )
@@ -404,8 +405,8 @@ def preprocess_study(
             path = out_dir / f"{name}.nii.gz"
             if name in normalised:
                 save_nifti(path, normalised[name], final_affine, dtype=np.float32)
-            elif path.exists():  # stale output of an earlier run with that sequence
-                path.unlink()
+            else:  # a stale output of an earlier run with that sequence
+                remove_path(path)
         save_nifti(out_dir / "brain_mask.nii.gz", mask, final_affine, dtype=np.uint8)
         label_info: dict[str, Any] = {"present": label is not None}
         if label is not None:
@@ -419,14 +420,14 @@ def preprocess_study(
                     label_img, final_affine, tuple(final_shape)
                 ),
             )
-        elif (out_dir / "label.nii.gz").exists():
-            (out_dir / "label.nii.gz").unlink()
+        else:
+            remove_path(out_dir / "label.nii.gz")
         for name, src in transforms.items():
             with atomic_path(out_dir / "transforms" / f"{name}_to_t1c.mat") as dst:
                 shutil.copyfile(src, dst)
         lap("write")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp, ignore_errors=True)
 
     geometry = {
         "study_id": study_id,

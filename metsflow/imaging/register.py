@@ -44,7 +44,15 @@ import ants
 import nibabel as nib
 import numpy as np
 
-from metsflow.core.io import StudyError, atomic_path, load_nifti, read_json, save_nifti, write_json
+from metsflow.core.io import (
+    StudyError,
+    atomic_path,
+    load_nifti,
+    read_json,
+    remove_path,
+    save_nifti,
+    write_json,
+)
 from metsflow.core.runtime import set_threads
 from metsflow.core.settings import RegisterSettings
 from metsflow.imaging.brainmask import dilate_mm_ball, nifti_to_ants
@@ -241,7 +249,7 @@ def register_followup(
                 shutil.copyfile(src, dst)
         registration_seconds = time.perf_counter() - start
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp, ignore_errors=True)
 
     qc = _quality(fixed_img, moving_img, fixed_mask, moving_mask, out_dir, s)
     qc.update(

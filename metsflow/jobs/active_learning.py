@@ -358,3 +358,25 @@ def read_oracle(oracle_sheet: str) -> dict:
     if problems:
         raise ValueError("; ".join(problems))
     return oracle
+
+
+def run_check_oracle(oracle_sheet: str, out: str) -> pd.DataFrame:
+    """Rule check_oracle: read every oracle label's voxels before any round needs one (the
+    workflow's parse already read their headers); raise listing every bad label, else write the
+    checked table (study_id, label, label_convention)."""
+    from metsflow.cohort.preflight import oracle_value_problems
+
+    oracle = read_oracle(oracle_sheet)
+    problems = oracle_value_problems(oracle)
+    if problems:
+        raise ValueError(
+            f"oracle_sheet {oracle_sheet}: {len(problems)} bad label(s); fix them before the "
+            "rounds run:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+    table = pd.DataFrame(
+        [(s, str(label.path), label.convention) for s, label in oracle.items()],
+        columns=["study_id", "label", "label_convention"],
+    )
+    write_table(out, table)
+    log.info("oracle_sheet %s: %d labels checked", oracle_sheet, len(table))
+    return table

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metsflow.core.io import StudyError, save_nifti
+from metsflow.core.io import StudyError, remove_path, save_nifti
 from metsflow.core.layout import PRED_NATIVE, Layout
 from metsflow.core.runtime import select_device, set_threads
 from metsflow.core.settings import InferSettings
@@ -216,7 +216,7 @@ def _copy_study_outputs(source: Path, target: Path) -> None:
             shutil.copy2(src, dst)
 
     partial = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    remove_path(partial, ignore_errors=True)
     shutil.copytree(source, partial, copy_function=link_or_copy)
-    shutil.rmtree(target, ignore_errors=True)
+    remove_path(target, ignore_errors=True)
     os.replace(partial, target)

@@ -53,10 +53,13 @@ def run_register_shard(
         previous_dir = layout.preprocessed_dir(reference)
         out_dir = layout.registered_dir(study_id)
         previous_label = previous_dir / LABEL
-        stamp = fingerprint(
-            [followup_dir / ".done.json", previous_dir / ".done.json"],
-            {"settings": settings, "reference": reference},
-        )
+
+        # computed under run_study's failure policy: an unreadable folder fails this study only
+        def stamp(followup_dir=followup_dir, previous_dir=previous_dir, reference=reference):
+            return fingerprint(
+                [followup_dir / ".done.json", previous_dir / ".done.json"],
+                {"settings": settings, "reference": reference},
+            )
 
         def work(
             followup_dir=followup_dir,

@@ -46,7 +46,7 @@ from monai.transforms import Transform
 from torch import nn
 
 from metsflow.core import labels as lab
-from metsflow.core.io import atomic_path, write_table
+from metsflow.core.io import atomic_path, remove_path, write_table
 from metsflow.core.runtime import seed_everything, select_device
 from metsflow.core.settings import TrainSettings
 from metsflow.imaging.priors import RandFictitiousPriord
@@ -704,7 +704,7 @@ def train_model(
     save_checkpoint(out_path, network, meta)
     if log_path is not None:
         write_table(log_path, pd.DataFrame(rows, columns=LOG_COLUMNS))
-    state_file.unlink(missing_ok=True)
+    remove_path(state_file)
     return {
         "final_loss": final_loss,
         "best_val_dice": best,

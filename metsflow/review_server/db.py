@@ -33,7 +33,7 @@ from pathlib import Path
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from metsflow.active_learning.labelstore import _SAFE_STUDY_ID as safe_name
+from metsflow.core.ids import SAFE_ID as safe_name
 
 ROLES = ("trainee", "neuroradiologist", "admin")
 DB_SUFFIX = ".review.sqlite3"
