@@ -75,6 +75,7 @@ def read_oracle(oracle_sheet: str | os.PathLike) -> tuple[dict[str, OracleLabel]
         return {}, [f"{where}: missing column(s) {', '.join(missing)} (has {list(table.columns)})"]
     conventions = table.get("label_convention", pd.Series("", index=table.index, dtype=str))
     oracle, problems = {}, []
+    header_problem: dict[Path, str | None] = {}  # one header read per file, however many rows
     for row, (study_id, label, convention) in enumerate(
         zip(table.study_id, table.label, conventions, strict=True), start=2
     ):
@@ -96,10 +97,14 @@ def read_oracle(oracle_sheet: str | os.PathLike) -> tuple[dict[str, OracleLabel]
             continue
         # The header only (~1 ms a file, no voxel decompressed): a text file or a 4D image is
         # found now, not by round 1; the values are checked by the check_oracle job.
-        try:
-            io.open_nifti(file, study_id, "oracle label")
-        except io.StudyError as exc:
-            problems.append(f"{where} row {row} (study {study_id}): {file}: {exc.problem}")
+        if file not in header_problem:
+            try:
+                io.open_nifti(file, study_id, "oracle label")
+                header_problem[file] = None
+            except io.StudyError as exc:
+                header_problem[file] = exc.problem
+        if header_problem[file] is not None:
+            problems.append(f"{where} row {row} (study {study_id}): {file}: {header_problem[file]}")
             continue
         oracle[study_id] = OracleLabel(file, convention)
     return oracle, problems
