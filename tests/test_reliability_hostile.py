@@ -222,7 +222,7 @@ def test_oracle_labels_are_checked_by_header_at_parse_time_and_by_value_in_their
     )
     oracle, problems = read_oracle(sheet)
     assert set(oracle) == {"S1", "S3", "S4"}
-    assert len(problems) == 1 and "S2" in problems[0] and "not a readable NIfTI" in problems[0]
+    assert len(problems) == 1 and "S2" in problems[0] and "not a NIfTI file" in problems[0]
     found = oracle_value_problems(oracle)
     assert len(found) == 1 and "S1" in found[0] and "[4]" in found[0]
     sheet.write_text("study_id\tlabel\nS1\tfour.nii.gz\nS3\tgood.nii.gz\n")
