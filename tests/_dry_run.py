@@ -2,7 +2,7 @@
 
 - ``dry_run_job_counts``: jobs per rule from the 'Job stats' table of ``snakemake -n`` output.
 - ``synthetic_oracle``: a placeholder oracle sheet, so the simulated annotator plans every round
-  of a synthetic cohort (``metsflow.cohort.sheet.synthetic_sheet``) without any label file.
+  of a synthetic cohort (``metsflow.cohort.sheet.synthetic_sheet``) with one tiny label file.
 """
 
 from __future__ import annotations

@@ -479,7 +479,13 @@ def _corrected_label(review_dir: Path, row: pd.Series) -> tuple[Path | None, str
             )
         return None, "no corrected label yet"
     if len(found) > 1:
-        arrays = [np.asanyarray(nib.load(str(p)).dataobj) for p in found]
+        # Reviewer files: the memory guard and header checks apply before any voxel is read.
+        try:
+            arrays = [
+                np.asanyarray(io.load_nifti(p, study_id, "corrected label").dataobj) for p in found
+            ]
+        except io.StudyError as exc:
+            raise LabelImportError(study_id, exc.problem, exc.path) from exc
         if any(a.shape != arrays[0].shape or not np.array_equal(a, arrays[0]) for a in arrays):
             names = ", ".join(str(p.relative_to(review_dir)) for p in found)
             raise LabelImportError(study_id, f"two different corrected labels: {names}")

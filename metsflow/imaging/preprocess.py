@@ -98,7 +98,8 @@ def _empty_ants_grid(affine: np.ndarray, shape: tuple[int, int, int]) -> ants.AN
 
 
 def _to_ants(img: nib.Nifti1Image, study_id: str, name: str, path: str) -> ants.ANTsImage:
-    """ANTs copy of an input image; ANTs refuses affines with real shear (> 0.5 deg)."""
+    """ANTs copy of an input image. A sheared affine never gets here: load_nifti refused it
+    (metsflow.core.io.MAX_SHEAR_DEG, the shear ANTs converts), as `cohort check --deep` does."""
     try:
         return brainmask.nifti_to_ants(img)
     except ValueError as exc:
