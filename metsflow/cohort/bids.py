@@ -180,7 +180,13 @@ class _Labels:
         # session None: only files without a session entity (pybids' reading of None)
         query = {"subject": subject, "session": session, "suffix": "dseg"}
         query["extension"] = _NIFTI_EXTENSIONS
-        found = [f for f in self.layout.get(**query) if f.entities.get("space") in (None, "orig")]
+        # this session's own anat folder only (as _session_files: pybids cuts odd labels short)
+        anat = self.root / f"sub-{subject}" / (f"ses-{session}" if session else "") / "anat"
+        found = [
+            f
+            for f in self.layout.get(**query)
+            if f.entities.get("space") in (None, "orig") and Path(f.path).parent == anat
+        ]
         if len(found) > 1:
             names = ", ".join(sorted(f.filename for f in found))
             report.add(
