@@ -273,8 +273,9 @@ def run(
     from argon2 import PasswordHasher
 
     from metsflow.review_server import db
-    from metsflow.review_server.app import ReviewApp, auto_assign
+    from metsflow.review_server.assign import auto_assign
     from metsflow.review_server.config import ReviewConfig
+    from metsflow.review_server.service import ReviewApp
 
     results, labels = workdir / "results", workdir / "labels"
     selection = write_review_batch(results, studies, shape, durable=not cheap_passwords)

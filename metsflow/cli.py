@@ -337,7 +337,8 @@ def _cmd_review_user_list(args) -> int:
 
 
 def _cmd_review_assign(args) -> int:
-    from metsflow.review_server.app import HTTPError, ReviewApp, assign_studies, auto_assign
+    from metsflow.review_server.assign import assign_studies, auto_assign
+    from metsflow.review_server.service import HTTPError, ReviewApp
 
     app = ReviewApp(_review_config(args))
     who = f"cli:{os.environ.get('USER', 'admin')}"
@@ -361,7 +362,8 @@ def _cmd_review_assign(args) -> int:
 
 def _cmd_review_export_times(args) -> int:
     from metsflow.core.io import write_text
-    from metsflow.review_server.app import ReviewApp, review_times_tsv
+    from metsflow.review_server.dashboard import review_times_tsv
+    from metsflow.review_server.service import ReviewApp
 
     text = review_times_tsv(ReviewApp(_review_config(args)))
     write_text(args.out, text)

@@ -34,8 +34,9 @@ from metsflow.active_learning.review import LABEL_COLOURS, export_batch
 from metsflow.core import labels
 from metsflow.core.layout import PRESEGMENTATION_NAME
 from metsflow.review_server import db
-from metsflow.review_server.app import NIIVUE_DIST, create_app
+from metsflow.review_server.app import create_app
 from metsflow.review_server.config import ReviewConfig
+from metsflow.review_server.routes import NIIVUE_DIST
 
 STUDY, PATIENT = "S01", "P01"
 FOLLOW_UP = "S02"  # the same patient's next study (same images): the queue's next item

@@ -17,9 +17,11 @@ from metsflow.active_learning.labelstore import LabelStore
 from metsflow.cli import main as cli_main
 from metsflow.core import io
 from metsflow.review_server import db
-from metsflow.review_server.app import COOKIE_NAME, TSV_COLUMNS, create_app
+from metsflow.review_server.app import create_app
 from metsflow.review_server.assign import balanced_assignment
+from metsflow.review_server.auth import COOKIE_NAME
 from metsflow.review_server.config import ReviewConfig
+from metsflow.review_server.dashboard import TSV_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location(
