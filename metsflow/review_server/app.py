@@ -23,18 +23,43 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from metsflow.review_server.auth import SameOriginWrites
 from metsflow.review_server.config import ReviewConfig
 from metsflow.review_server.routes import routes
 from metsflow.review_server.service import ReviewApp, json_response
 
+# Nothing but this server's own files runs or loads: no inline script or style, no eval, no
+# plugins, no framing, forms post only here. NiiVue's needs are named: WebGL needs no CSP
+# entry; its workers and the volumes it decodes use blob: URLs (worker-src, connect-src,
+# img-src); its colour maps and fonts come as data: images. The browser tests
+# (tests/test_review_browser.py) run under this policy and fail on any violation report.
+CSP = "; ".join(
+    (
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data: blob:",
+        "font-src 'self' data:",
+        "connect-src 'self' blob: data:",
+        "worker-src 'self' blob:",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+        "object-src 'none'",
+    )
+)
+
 
 class SecurityHeaders:
-    """Plain ASGI middleware (no request buffering): nosniff, no framing, same-origin referrer."""
+    """Plain ASGI middleware (no request buffering): nosniff, no framing, same-origin referrer,
+    and a strict Content-Security-Policy (``CSP``)."""
 
     HEADERS = {
         "X-Content-Type-Options": "nosniff",
         "X-Frame-Options": "DENY",
         "Referrer-Policy": "same-origin",
+        "Content-Security-Policy": CSP,
+        "Cross-Origin-Opener-Policy": "same-origin",
     }
 
     def __init__(self, app):
@@ -64,7 +89,10 @@ def create_app(config: ReviewConfig) -> Starlette:
 
     application = Starlette(
         routes=routes(),
-        middleware=[Middleware(SecurityHeaders)],
+        middleware=[
+            Middleware(SecurityHeaders),
+            Middleware(SameOriginWrites, secure=config.secure_cookies),
+        ],
         exception_handlers={404: not_found},
     )
     application.state.review = ReviewApp(config)

@@ -6,9 +6,15 @@
 - Every state-changing request must carry the session's CSRF token in ``X-CSRF-Token``.
 - Login throttling: ``db.LOGIN_FAILURES_ALLOWED`` failures per user name and address within
   ``db.LOGIN_WINDOW_S`` answer 429.
+- Every POST, the login included, must come from a page of this server and say what it
+  sends (``SameOriginWrites``): an ``Origin`` (else ``Referer``) whose host is the request's
+  ``Host`` (403), and a ``Content-Type`` that a cross-site HTML form cannot send (415):
+  ``application/json``, or for a label upload ``application/octet-stream``/``application/gzip``.
+  A form on another site could otherwise post ``text/plain`` JSON to /api/login and sign a
+  reviewer's browser in as another account (login CSRF: their edits then saved under that name).
 - ``api(action=...)``: session (401), CSRF (403), the role the policy allows for ``action``
-  (403), bounded JSON body; the endpoint runs in the thread pool and an ``HTTPError`` becomes
-  a JSON answer.
+  (403), a JSON POST body (415 otherwise, bounded: 413); the endpoint runs in the thread pool
+  and an ``HTTPError`` becomes a JSON answer.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -27,6 +34,9 @@ from metsflow.review_server.service import HTTPError, ReviewApp, json_response
 COOKIE_NAME = "metsflow_session"
 CSRF_HEADER = "x-csrf-token"
 MAX_JSON_BYTES = 64 * 1024
+JSON_TYPE = "application/json"
+UPLOAD_TYPES = ("application/octet-stream", "application/gzip")
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def client_ip(request: Request) -> str:
@@ -42,6 +52,61 @@ def check_csrf(request: Request, user: dict) -> None:
     sent = request.headers.get(CSRF_HEADER, "")
     if not sent or not hmac.compare_digest(sent, user["csrf_token"]):
         raise HTTPError(403, "missing or wrong CSRF token (header X-CSRF-Token)")
+
+
+def content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def require_content_type(request: Request, *allowed: str) -> None:
+    sent = content_type(request)
+    if sent not in allowed:
+        raise HTTPError(415, f"Content-Type must be {' or '.join(allowed)}, got {sent or 'none'!r}")
+
+
+def origin_problem(headers, secure: bool) -> str | None:
+    """Why a state-changing request does not come from this server's own pages (None: it
+    does): its ``Origin``, or without one its ``Referer``, must name the ``Host`` it was sent
+    to (and https when the cookies are ``Secure``). ``Origin: null`` (sandboxed frames, file
+    pages) is refused. The host, not the scheme, is compared so that a TLS proxy in front,
+    forwarding ``Host``, keeps working."""
+    host = (headers.get("host") or "").lower()
+    origin = headers.get("origin")
+    source = origin if origin is not None else headers.get("referer")
+    if not source:
+        return "a POST must carry an Origin or Referer header naming this server"
+    parts = urlsplit(source)
+    schemes = ("https",) if secure else ("http", "https")
+    if parts.scheme not in schemes or not host or parts.netloc.lower() != host:
+        return f"cross-site request refused: {source[:200]!r} is not this server ({host})"
+    return None
+
+
+class SameOriginWrites:
+    """Plain ASGI middleware: every request but GET/HEAD/OPTIONS must come from this server's
+    pages (403) with a type a cross-site form cannot send (415), before any route runs; so
+    routes added later are covered too."""
+
+    def __init__(self, app, secure: bool = False):
+        self.app, self.secure = app, secure
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] not in SAFE_METHODS:
+            request = Request(scope)
+            problem = origin_problem(request.headers, self.secure)
+            status = 403
+            if problem is None and content_type(request) not in (JSON_TYPE, *UPLOAD_TYPES):
+                status, problem = (
+                    415,
+                    (
+                        f"Content-Type must be {JSON_TYPE} (or {', '.join(UPLOAD_TYPES)} for a "
+                        f"label upload), got {content_type(request) or 'none'!r}"
+                    ),
+                )
+            if problem is not None:
+                response = json_response(status, {"detail": problem})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 async def read_json(request: Request) -> dict:
@@ -78,6 +143,8 @@ def api(action: policy.Action = policy.Action.VIEW, csrf: bool = True, json_body
                     raise HTTPError(401, "not logged in")
                 if csrf:
                     check_csrf(request, user)
+                if request.method not in SAFE_METHODS:
+                    require_content_type(request, JSON_TYPE)
                 refusal = policy.role_refusal(action, user["role"])
                 if refusal is not None:
                     raise HTTPError.refused(refusal)
@@ -98,6 +165,7 @@ def api(action: policy.Action = policy.Action.VIEW, csrf: bool = True, json_body
 async def login(request: Request) -> Response:
     app: ReviewApp = request.app.state.review
     try:
+        require_content_type(request, JSON_TYPE)
         payload = await read_json(request)
     except HTTPError as exc:
         return json_response(exc.status, {"detail": exc.detail})
@@ -105,6 +173,9 @@ async def login(request: Request) -> Response:
     password = payload.get("password")
     if not isinstance(username, str) or not isinstance(password, str):
         return json_response(400, {"detail": "username and password are required"})
+    if not policy.username_ok(username) or len(password) > policy.MAX_PASSWORD_CHARS:
+        # No account can have this name or password (policy.ACCOUNT_RULES): no lookup, no hash.
+        return json_response(401, {"detail": "wrong user name or password"})
     ip = client_ip(request)
     old_token = request.cookies.get(COOKIE_NAME)
 

@@ -13,10 +13,17 @@ The rules (tests/test_review_policy.py walks every role x status x action):
   latest refined version unchanged, or sends a study back with a comment;
 - an admin sees everything, assigns, reads the dashboard, and changes a label only by an
   override (with a reason), which is the one act allowed on a confirmed study.
+
+Accounts (``account_problems``, stated to users as ``ACCOUNT_RULES``): a user name is 1-64
+letters, digits and ``. _ -``, starting with a letter or digit (it appears in file names,
+audit rows and TSV cells, so no whitespace, control or path characters); a password has at
+least 8 characters that are not whitespace, at most 1,024 characters (argon2 hashes any
+length; the bound keeps a request small), no control characters, and is not the user name.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 
@@ -180,3 +187,47 @@ def capabilities(
         "can_override": may(Action.OVERRIDE),
         "save_stage": str(editor_stage(role)) if can_edit else None,
     }
+
+
+MAX_USERNAME_CHARS = 64
+MIN_PASSWORD_CHARS = 8  # not counting whitespace: eight spaces are no password
+MAX_PASSWORD_CHARS = 1024
+# fullmatch, not match: "$" would accept a trailing newline ("mallory\n").
+USERNAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_USERNAME_CHARS - 1}}}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+ACCOUNT_RULES = (
+    f"user names: 1-{MAX_USERNAME_CHARS} letters, digits and . _ - (first a letter or digit); "
+    f"passwords: at least {MIN_PASSWORD_CHARS} characters that are not whitespace, at most "
+    f"{MAX_PASSWORD_CHARS}, no control characters, not the user name"
+)
+
+
+def username_ok(username: object) -> bool:
+    return isinstance(username, str) and USERNAME.fullmatch(username) is not None
+
+
+def account_problems(username: object, password: object, role: object) -> list[str]:
+    """Every way the account breaks the rules (empty: fine), each in words."""
+    problems = []
+    if not username_ok(username):
+        shown = repr(username)[:40] + ("..." if len(repr(username)) > 40 else "")
+        problems.append(
+            f"user name {shown} must be 1-{MAX_USERNAME_CHARS} letters, digits and . _ - "
+            "(first a letter or digit)"
+        )
+    if role not in tuple(Role):
+        problems.append(f"role must be one of {', '.join(Role)}, got {role!r}")
+    if not isinstance(password, str):
+        problems.append("a password is required")
+        return problems
+    if len("".join(password.split())) < MIN_PASSWORD_CHARS:
+        problems.append(
+            f"password must have at least {MIN_PASSWORD_CHARS} characters that are not whitespace"
+        )
+    if len(password) > MAX_PASSWORD_CHARS:
+        problems.append(f"password must have at most {MAX_PASSWORD_CHARS} characters")
+    if _CONTROL.search(password):
+        problems.append("password must not contain control characters (newline, tab, ...)")
+    if isinstance(username, str) and password.strip().lower() == username.lower():
+        problems.append("password must not be the user name")
+    return problems

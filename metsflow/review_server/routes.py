@@ -27,7 +27,17 @@ from metsflow.active_learning.review import LABEL_COLOURS, edit_summary
 from metsflow.core.labels import INTERNAL_NAMES
 from metsflow.review_server import db, policy
 from metsflow.review_server.assign import assign_studies, auto_assign
-from metsflow.review_server.auth import api, check_csrf, client_ip, login, logout, me, session_user
+from metsflow.review_server.auth import (
+    UPLOAD_TYPES,
+    api,
+    check_csrf,
+    client_ip,
+    login,
+    logout,
+    me,
+    require_content_type,
+    session_user,
+)
 from metsflow.review_server.catalog import StudyEntry, lesions
 from metsflow.review_server.dashboard import dashboard_data, review_times_tsv
 from metsflow.review_server.policy import Action, Stage
@@ -275,6 +285,7 @@ async def _upload_endpoint(request: Request, prepare, finish) -> Response:
         if user is None:
             raise HTTPError(401, "not logged in")
         check_csrf(request, user)
+        require_content_type(request, *UPLOAD_TYPES)
         entry, context = await run_in_threadpool(prepare, app, request, user)
         shape, limit = upload_limit(app.reference(entry))
         upload = await receive_upload(request, shape, limit)
