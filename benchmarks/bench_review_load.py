@@ -176,7 +176,8 @@ def running_server(results: Path, labels: Path, port: int) -> Iterator[str]:
 def _login(url: str, username: str):
     import httpx
 
-    client = httpx.Client(base_url=url, timeout=60)
+    # The server refuses a POST without its own Origin (login CSRF): send it, as a browser does.
+    client = httpx.Client(base_url=url, timeout=60, headers={"Origin": url})
     answer = client.post("/api/login", json={"username": username, "password": PASSWORD})
     answer.raise_for_status()
     client.headers["X-CSRF-Token"] = answer.json()["csrf_token"]
@@ -207,7 +208,7 @@ def _trainee(url: str, username: str, shape, tally: Tally, start: threading.Barr
         start.wait()
         for item in queue:
             study_id = item["study_id"]
-            client.post(f"/api/studies/{study_id}/open")
+            client.post(f"/api/studies/{study_id}/open", json={})
             began = time.perf_counter()
             answer = client.post(
                 f"/api/studies/{study_id}/save",
@@ -273,8 +274,9 @@ def run(
     from argon2 import PasswordHasher
 
     from metsflow.review_server import db
-    from metsflow.review_server.app import ReviewApp, auto_assign
+    from metsflow.review_server.assign import auto_assign
     from metsflow.review_server.config import ReviewConfig
+    from metsflow.review_server.service import ReviewApp
 
     results, labels = workdir / "results", workdir / "labels"
     selection = write_review_batch(results, studies, shape, durable=not cheap_passwords)

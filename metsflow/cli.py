@@ -329,18 +329,47 @@ def _cmd_al_override(args) -> int:
     return 0
 
 
+def _bounded_int(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]; anything else is a usage error (exit 2)
+    naming the option and the range, never a traceback from deeper down."""
+    span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
 def _review_config(args):
     """Review server settings from --configfile/--results/--labels/--sheet (as ``al import``);
-    the sheet is used when it exists (labels then checked against its native T1c)."""
+    the sheet is used when it exists (labels then checked against its native T1c). A --round
+    without an exported review batch is refused, naming the rounds that have one."""
+    from metsflow.review_server.catalog import review_rounds
     from metsflow.review_server.config import ReviewConfig
 
     _workflow_paths(args)
+    round_index = getattr(args, "round", None)
+    if round_index is not None:
+        rounds = review_rounds(args.results)
+        if round_index not in rounds:
+            have = ", ".join(map(str, rounds)) or "none yet"
+            raise ValueError(
+                f"round {round_index} has no review batch in {args.results} (rounds with one: "
+                f"{have})"
+            )
     sheet = Path(args.sheet) if args.sheet and Path(args.sheet).is_file() else None
     return ReviewConfig(
         results=Path(args.results),
         label_store=Path(args.labels),
         sheet=sheet,
-        round=getattr(args, "round", None),
+        round=round_index,
         secure_cookies=getattr(args, "secure_cookies", False),
     )
 
@@ -381,7 +410,8 @@ def _cmd_review_user_list(args) -> int:
 
 
 def _cmd_review_assign(args) -> int:
-    from metsflow.review_server.app import HTTPError, ReviewApp, assign_studies, auto_assign
+    from metsflow.review_server.assign import assign_studies, auto_assign
+    from metsflow.review_server.service import HTTPError, ReviewApp
 
     app = ReviewApp(_review_config(args))
     who = f"cli:{os.environ.get('USER', 'admin')}"
@@ -405,7 +435,8 @@ def _cmd_review_assign(args) -> int:
 
 def _cmd_review_export_times(args) -> int:
     from metsflow.core.io import write_text
-    from metsflow.review_server.app import ReviewApp, review_times_tsv
+    from metsflow.review_server.dashboard import review_times_tsv
+    from metsflow.review_server.service import ReviewApp
 
     text = review_times_tsv(ReviewApp(_review_config(args)))
     write_text(args.out, text)
@@ -667,26 +698,34 @@ def build_parser() -> argparse.ArgumentParser:
     _workflow_path_args(override, "sheet", "labels")
     override.set_defaults(func=_cmd_al_override)
 
+    from metsflow.review_server.policy import ACCOUNT_RULES, Role
+
     review = sub.add_parser("review", help="the review web server and its accounts")
     review_sub = review.add_subparsers(dest="review_command", required=True)
 
     def paths(p):
         _workflow_path_args(p, "sheet", "results", "labels", note={"sheet": "used when it exists"})
-        p.add_argument("--round", type=int, help="serve this round's batch (default: newest)")
+        p.add_argument(
+            "--round", type=_bounded_int(0), help="serve this round's batch (default: newest)"
+        )
 
     serve = review_sub.add_parser("serve", help="serve the current round's batch and QA sample")
     paths(serve)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--port", type=_bounded_int(1, 65535), default=8765)
     serve.add_argument(
         "--secure-cookies", action="store_true", help="mark the session cookie Secure (HTTPS)"
     )
     serve.set_defaults(func=_cmd_review_serve)
     user = review_sub.add_parser("user", help="reviewer accounts")
     user_sub = user.add_subparsers(dest="user_command", required=True)
-    user_add = user_sub.add_parser("add", help="add an account (password: prompt or stdin)")
-    user_add.add_argument("name")
-    user_add.add_argument("--role", required=True, choices=["trainee", "neuroradiologist", "admin"])
+    user_add = user_sub.add_parser(
+        "add",
+        help="add an account (password: prompt or stdin)",
+        description=f"Add a reviewer account. {ACCOUNT_RULES}.",
+    )
+    user_add.add_argument("name", help=ACCOUNT_RULES.split("; ")[0])
+    user_add.add_argument("--role", required=True, choices=[str(role) for role in Role])
     paths(user_add)
     user_add.set_defaults(func=_cmd_review_user_add)
     user_list = user_sub.add_parser("list", help="list accounts")

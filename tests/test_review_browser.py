@@ -34,8 +34,9 @@ from metsflow.active_learning.review import LABEL_COLOURS, export_batch
 from metsflow.core import labels
 from metsflow.core.layout import PRESEGMENTATION_NAME
 from metsflow.review_server import db
-from metsflow.review_server.app import NIIVUE_DIST, create_app
+from metsflow.review_server.app import create_app
 from metsflow.review_server.config import ReviewConfig
+from metsflow.review_server.routes import NIIVUE_DIST
 
 STUDY, PATIENT = "S01", "P01"
 FOLLOW_UP = "S02"  # the same patient's next study (same images): the queue's next item
@@ -143,12 +144,29 @@ def browser():
         chromium.close()
 
 
+def wait_for(page: Page, expression: str, arg=None, timeout_ms: float = TIMEOUT_MS):
+    """Poll ``expression`` (or a function of ``arg``) until it is truthy. Not
+    ``page.wait_for_function``: that one evaluates its predicate from a string inside the page,
+    which the server's Content-Security-Policy (no 'unsafe-eval') refuses; ``page.evaluate``
+    goes through the DevTools protocol, outside the page's CSP."""
+    deadline = time.monotonic() + timeout_ms / 1000
+    while not page.evaluate(expression, arg):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{expression!r} still false after {timeout_ms / 1000:.0f} s")
+        page.wait_for_timeout(50)
+
+
 class Session:
     """One signed-in browser context with the page's JavaScript errors collected."""
 
     def __init__(self, browser, base_url: str, username: str, start: str = "/", typo=False):
         self.context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
         self.context.set_default_timeout(TIMEOUT_MS)
+        # Every Content-Security-Policy violation is a console error, so close() fails on it.
+        self.context.add_init_script(
+            "document.addEventListener('securitypolicyviolation', e => console.error("
+            "`CSP violation: ${e.violatedDirective} blocked ${e.blockedURI}`))"
+        )
         self.page: Page = self.context.new_page()
         self.errors: list[str] = []
         self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
@@ -160,8 +178,9 @@ class Session:
     def login(self, page: Page, start: str = "/", typo: bool = False):
         """Open ``start`` anonymously: the server sends the browser to the login form, which
         sends it back after signing in (with ``typo``, after one wrong password first)."""
-        page.goto(f"{self.base_url}{start}")
+        response = page.goto(f"{self.base_url}{start}")
         page.wait_for_url(lambda url: "/login?next=" in url)
+        assert "script-src 'self'" in response.headers["content-security-policy"]
         page.fill("#username", self.username)
         if typo:
             page.fill("#password", "not the password")
@@ -187,7 +206,7 @@ class Session:
         return self.page
 
     def wait_ready(self):
-        self.page.wait_for_function("document.body.dataset.ready")
+        wait_for(self.page, "document.body.dataset.ready")
         assert self.page.evaluate("document.body.dataset.ready") == "1", self.message()
 
     def message(self) -> str:
@@ -198,7 +217,8 @@ class Session:
         be of ``kind`` (ok, error, conflict)."""
         seq = self.page.evaluate("Number(document.getElementById('message').dataset.seq ?? 0)")
         self.page.click(selector)
-        self.page.wait_for_function(
+        wait_for(
+            self.page,
             """seq => { const box = document.getElementById('message');
             return Number(box.dataset.seq ?? 0) > seq && box.dataset.kind !== 'info'; }""",
             arg=seq,
@@ -272,9 +292,7 @@ def test_paint_save_confirm_in_the_browser(server, browser, tmp_path):
     admin = Session(browser, base_url, "adam")
     admin.page.wait_for_selector("#dashboard-section:not([hidden])")
     admin.page.click("#auto-assign")
-    admin.page.wait_for_function(
-        "document.getElementById('assign-result').textContent.includes('tina: 2')"
-    )
+    wait_for(admin.page, "document.getElementById('assign-result').textContent.includes('tina: 2')")
     assert "tina" in admin.page.inner_text("#queue tbody")
     admin.close()
 
@@ -383,7 +401,7 @@ def test_stale_save_reload_and_send_back(server, browser):
 
     # FLAIR is shown over the T1c (the drawing stays on the T1c grid) and back.
     trainee_page.click("button.sequence[data-sequence=flair]")
-    trainee_page.wait_for_function("window.metsflowEditor.state.background === 'flair'")
+    wait_for(trainee_page, "window.metsflowEditor.state.background === 'flair'")
     assert trainee_page.evaluate("window.metsflowEditor.nv.volumes.length") == 2
     trainee_page.click("button.sequence[data-sequence=t1c]")
 

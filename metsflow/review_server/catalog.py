@@ -58,11 +58,18 @@ def final_review_dir(results: Path) -> Path:
     return Path(Layout(results).final_review_dir)
 
 
+def review_rounds(results: str | os.PathLike) -> list[int]:
+    """The rounds with an exported review batch, in order."""
+    layout = Layout(results)
+    return sorted(
+        r for r, _ in layout.existing_rounds() if Path(layout.review_manifest(r)).is_file()
+    )
+
+
 def current_round(results: str | os.PathLike) -> int | None:
     """The newest round with an exported review batch, or None."""
-    layout = Layout(results)
-    found = [r for r, _ in layout.existing_rounds() if Path(layout.review_manifest(r)).is_file()]
-    return max(found) if found else None
+    found = review_rounds(results)
+    return found[-1] if found else None
 
 
 @dataclass(frozen=True)
