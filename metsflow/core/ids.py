@@ -36,7 +36,8 @@ def id_problems(value: object, what: str = "study id") -> list[str]:
         return [f"{what} is empty"]
     if len(value) > MAX_ID_LENGTH:
         return [f"{what} {value[:40]!r}... is {len(value)} characters (at most {MAX_ID_LENGTH})"]
-    if not SAFE_ID.match(value):
+    # fullmatch: the schema pattern ends in "$", which re.match lets a trailing newline through.
+    if not SAFE_ID.fullmatch(value):
         return [
             f"{what} {value!r} is not a safe folder name: letters, digits, '.', '_' or '-', starting "
             "with a letter or digit"
