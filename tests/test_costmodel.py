@@ -224,3 +224,27 @@ def test_model_set_of_the_cohort_config():
         20_000, 5000, 2000, 2000, 20_000, 5000
     ]  # fmt: skip
     assert models.forward_passes(followup_fraction=0.5) == pytest.approx(5.5)
+
+
+@pytest.mark.slow
+def test_every_benchmark_of_a_dry_run_is_a_layout_job_name(tmp_path, tiny_config):
+    """Every rule's benchmark (the full model set: folds, stage 2, re-seg, one AL round) is a
+    name parse_job reads back exactly, so the cost model sees every job the workflow runs."""
+    import re
+
+    from conftest import make_tiny_cohort, run_snakemake
+
+    demo = tmp_path / "demo"
+    make_tiny_cohort(demo, n_patients=3, labelled_patients=2, skull=False, separate_grids=False)
+    models = {"folds": 2, "stage2": {"enabled": True}, "reseg": {"enabled": True}}
+    config = tiny_config(demo, train=models)
+    dry = run_snakemake(["-n", "--configfile", str(config)]).stdout
+    root = re.escape(f"{tmp_path / 'results' / 'benchmarks'}/")
+    names = set(re.findall(rf"benchmark: {root}(\S+)", dry))
+    rules = set(re.findall(r"^rule (\w+):", dry, flags=re.M)) - {"all"}
+    assert len(names) >= len(rules) > 15
+    for name in names:
+        job = parse_job(name)
+        assert job is not None and f"{job}.tsv" == name, name
+    parts = {parse_job(name).part for name in names if name.startswith("train/")}
+    assert parts == {None, fold_part(1), STAGE2_PART, RESEG_PART}
