@@ -314,9 +314,9 @@ def estimate(bench: pd.DataFrame, shape: CohortShape, pilot: ModelSet | None = N
         )
     pilot = observed
     cohort = shape.models or pilot
-    followup = shape.followup_fraction
-    if followup is None:
-        followup = float(bench.attrs.get("followup_fraction", 0.0))
+    # Follow-ups among the segmented studies (re-seg passes): the pilot plan's for the pilot.
+    pilot_followup = float(bench.attrs.get("followup_fraction", 0.0))
+    followup = pilot_followup if shape.followup_fraction is None else shape.followup_fraction
 
     for stage in ("preprocess", "register", "infer"):
         rows = bench[bench.stage == stage]
@@ -329,7 +329,7 @@ def estimate(bench: pd.DataFrame, shape: CohortShape, pilot: ModelSet | None = N
             jobs = sum(math.ceil(n / shape.gpu_shard_size) for n in per_round)
             studies, shard = sum(per_round), shape.gpu_shard_size
             # Forward passes per study (members x TTA flips), and models loaded per job.
-            passes = cohort.forward_passes(followup) / pilot.forward_passes(followup)
+            passes = cohort.forward_passes(followup) / pilot.forward_passes(pilot_followup)
             loaded = _models_loaded(cohort) / _models_loaded(pilot)
             per_study, fixed = per_study * passes, fixed * loaded
             if passes != 1.0:
