@@ -464,7 +464,7 @@ def _cmd_cost(args) -> int:
     """Estimate the full cohort's core-hours, GPU-hours and makespan from a run's benchmarks."""
     import dataclasses
 
-    from metsflow.cohort.costmodel import BenchmarkError, CohortShape, estimate, read_run
+    from metsflow.cohort.costmodel import BenchmarkError, CohortShape, ModelSet, estimate, read_run
 
     shape = CohortShape(
         studies=args.studies,
@@ -476,7 +476,15 @@ def _cmd_cost(args) -> int:
         infer_fraction=args.infer_fraction,
         train_scale=args.train_scale,
         validation_fraction=args.validation_fraction,
+        followup_fraction=args.followup_fraction,
     )
+    pilot = None
+    if args.pilot_configfile:
+        try:
+            pilot = ModelSet.from_config(_read_yaml(args.pilot_configfile))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"--pilot-configfile {args.pilot_configfile}: {exc}", file=sys.stderr)
+            return 1
     if args.configfile:
         try:
             shape = _shape_from_config(shape, args.configfile)
@@ -492,12 +500,12 @@ def _cmd_cost(args) -> int:
     except BenchmarkError as exc:
         print(exc, file=sys.stderr)
         return 1
-    result = estimate(bench, shape)
+    result = estimate(bench, shape, pilot)
     print(result.render())
     if shape.candidates is not None:
         from metsflow.cohort.costmodel import render_comparison
 
-        before = estimate(bench, dataclasses.replace(shape, candidates=None))
+        before = estimate(bench, dataclasses.replace(shape, candidates=None), pilot)
         print()
         print(render_comparison(before, result))
     if args.out:
@@ -507,13 +515,23 @@ def _cmd_cost(args) -> int:
     return 0
 
 
-def _shape_from_config(shape, path: str):
-    """Shard sizes, rounds and candidates of a workflow config file (e.g. config/cohort.yaml)."""
-    import dataclasses
-
+def _read_yaml(path: str) -> dict:
     import yaml
 
     config = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(config, dict):
+        raise ValueError("not a mapping of config sections")
+    return config
+
+
+def _shape_from_config(shape, path: str):
+    """Shard sizes, rounds, candidates and the models trained and ensembled (``train``,
+    ``infer``) of a workflow config file (e.g. config/cohort.yaml)."""
+    import dataclasses
+
+    from metsflow.cohort.costmodel import ModelSet
+
+    config = _read_yaml(path)
     sharding = config.get("sharding", {})
     al = config.get("active_learning", {})
     candidates = al.get("candidates", "all")
@@ -523,6 +541,7 @@ def _shape_from_config(shape, path: str):
         gpu_shard_size=int(sharding.get("gpu_shard_size", shape.gpu_shard_size)),
         rounds=int(al.get("rounds", shape.rounds)),
         candidates=None if candidates == "all" else int(candidates),
+        models=ModelSet.from_config(config),
     )
 
 
@@ -656,7 +675,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cost.add_argument(
         "--configfile",
-        help="take shard sizes, rounds and active_learning.candidates from this workflow config",
+        help="take shard sizes, rounds, active_learning.candidates and the models trained per "
+        "round (train.folds, stage2, reseg, iterations) and ensembled (infer.tta) from this "
+        "workflow config",
+    )
+    cost.add_argument(
+        "--pilot-configfile",
+        help="the benchmarked run's config: its iterations and infer.tta, against which "
+        "--configfile's are scaled (without it: --train-scale, and no TTA in the run)",
+    )
+    cost.add_argument(
+        "--followup-fraction",
+        type=float,
+        help="share of segmented studies that are follow-ups (re-seg passes; default: the run's)",
     )
     cost.add_argument(
         "--candidates",

@@ -24,9 +24,9 @@ rule round_candidates:
     output:
         candidates=LAYOUT.candidates("{round}"),
     log:
-        LAYOUT.log("active_learning/candidates_round_{round}"),
+        LAYOUT.job("active_learning", "{round}", part="candidates").log,
     benchmark:
-        LAYOUT.benchmark("active_learning/candidates_round_{round}")
+        LAYOUT.job("active_learning", "{round}", part="candidates").benchmark
     wildcard_constraints:
         round=r"[1-9]\d*",
     localrule: True
@@ -45,9 +45,9 @@ checkpoint select_batch:
     output:
         selection=LAYOUT.selection("{round}"),
     log:
-        LAYOUT.log("active_learning/select_round_{round}"),
+        LAYOUT.job("active_learning", "{round}", part="select").log,
     benchmark:
-        LAYOUT.benchmark("active_learning/select_round_{round}")
+        LAYOUT.job("active_learning", "{round}", part="select").benchmark
     wildcard_constraints:
         round=r"[1-9]\d*",
     conda:
@@ -71,9 +71,9 @@ rule export_review:
     output:
         manifest=LAYOUT.review_manifest("{round}"),
     log:
-        LAYOUT.log("active_learning/export_round_{round}"),
+        LAYOUT.job("active_learning", "{round}", part="export").log,
     benchmark:
-        LAYOUT.benchmark("active_learning/export_round_{round}")
+        LAYOUT.job("active_learning", "{round}", part="export").benchmark
     wildcard_constraints:
         round=r"[1-9]\d*",
     conda:
@@ -126,9 +126,9 @@ rule collect_annotations:
     output:
         annotations=LAYOUT.annotations("{round}"),
     log:
-        LAYOUT.log("active_learning/annotations_round_{round}"),
+        LAYOUT.job("active_learning", "{round}", part="annotations").log,
     benchmark:
-        LAYOUT.benchmark("active_learning/annotations_round_{round}")
+        LAYOUT.job("active_learning", "{round}", part="annotations").benchmark
     wildcard_constraints:
         round=r"[1-9]\d*",
     conda:
@@ -155,9 +155,9 @@ rule correction_burden:
     output:
         table=LAYOUT.burden("{round}"),
     log:
-        LAYOUT.log("active_learning/correction_burden_round_{round}"),
+        LAYOUT.job("active_learning", "{round}", part="correction_burden").log,
     benchmark:
-        LAYOUT.benchmark("active_learning/correction_burden_round_{round}")
+        LAYOUT.job("active_learning", "{round}", part="correction_burden").benchmark
     wildcard_constraints:
         round=r"[1-9]\d*",
     conda:
@@ -179,9 +179,9 @@ rule final_labels:
         labels=LAYOUT.final_labels,
         qa_sample=LAYOUT.qa_sample,
     log:
-        LAYOUT.log("active_learning/final_labels"),
+        LAYOUT.job("active_learning", part="final_labels").log,
     benchmark:
-        LAYOUT.benchmark("active_learning/final_labels")
+        LAYOUT.job("active_learning", part="final_labels").benchmark
     conda:
         "../envs/imaging.yaml"
     threads: 1
@@ -204,9 +204,9 @@ rule export_final_qa:
     output:
         manifest=LAYOUT.final_review_manifest,
     log:
-        LAYOUT.log("active_learning/export_final_qa"),
+        LAYOUT.job("active_learning", part="export_final_qa").log,
     benchmark:
-        LAYOUT.benchmark("active_learning/export_final_qa")
+        LAYOUT.job("active_learning", part="export_final_qa").benchmark
     conda:
         "../envs/imaging.yaml"
     threads: 1

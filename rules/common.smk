@@ -7,7 +7,16 @@ import os
 import sys
 
 from metsflow.core.io import file_sha256
-from metsflow.core.layout import Layout, round_name
+from metsflow.core.layout import (
+    CPU_SHARD_PREFIX,
+    GPU_SHARD_PREFIX,
+    RESEG_PART,
+    STAGE2_PART,
+    Layout,
+    fold_part,
+    round_name,
+    shard_pattern,
+)
 from metsflow.cohort.plan import round_inference_plan
 from metsflow.cohort.preflight import RunError, prepare_run
 from metsflow.core.settings import Settings
@@ -67,8 +76,8 @@ ROUND_INFER_SHARDS = {
 
 
 wildcard_constraints:
-    shard=r"s\d{4}",
-    gpu_shard=r"g\d{4}",
+    shard=shard_pattern(CPU_SHARD_PREFIX),
+    gpu_shard=shard_pattern(GPU_SHARD_PREFIX),
     round=r"\d+",
 
 

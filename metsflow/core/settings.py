@@ -15,6 +15,7 @@ would go unnoticed; the job rebuilds the dataclass (``InferSettings.from_dict``)
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -238,6 +239,14 @@ class InferSettings(_Section):
 
     def as_params(self) -> dict[str, Any]:
         return self.as_dict()
+
+
+def tta_flips(tta: bool) -> list[tuple[int, ...]]:
+    """The flips of a (N, C, X, Y, Z) batch that inference averages over: none, or with ``tta``
+    every subset of the spatial axes (8 forward passes per member; the cost model counts them)."""
+    if not tta:
+        return [()]
+    return [c for r in range(4) for c in itertools.combinations((2, 3, 4), r)]
 
 
 @dataclass(frozen=True)

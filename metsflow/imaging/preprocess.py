@@ -57,6 +57,13 @@ from metsflow.core.io import (
     write_json,
 )
 from metsflow.core.labels import check_convention, to_internal
+from metsflow.core.layout import (
+    BRAIN_MASK,
+    GEOMETRY,
+    LABEL,
+    coregistration_transform,
+    sequence_image,
+)
 from metsflow.core.runtime import set_threads
 from metsflow.core.settings import PreprocessSettings
 from metsflow.imaging import brainmask
@@ -355,7 +362,7 @@ def preprocess_study(
                     fixed, ants_images[name], settings, str(tmp / f"{name}_")
                 )
                 coregistration[name] = {
-                    "transform": f"transforms/{name}_to_t1c.mat",
+                    "transform": coregistration_transform(name),
                     **_motion_summary(transforms[name], centre),
                 }
         lap("coregister")
@@ -403,15 +410,15 @@ def preprocess_study(
         lap("normalise")
 
         for name in SEQUENCES:
-            path = out_dir / f"{name}.nii.gz"
+            path = out_dir / sequence_image(name)
             if name in normalised:
                 save_nifti(path, normalised[name], final_affine, dtype=np.float32)
             else:  # a stale output of an earlier run with that sequence
                 remove_path(path)
-        save_nifti(out_dir / "brain_mask.nii.gz", mask, final_affine, dtype=np.uint8)
+        save_nifti(out_dir / BRAIN_MASK, mask, final_affine, dtype=np.uint8)
         label_info: dict[str, Any] = {"present": label is not None}
         if label is not None:
-            save_nifti(out_dir / "label.nii.gz", label, final_affine, dtype=np.uint8)
+            save_nifti(out_dir / LABEL, label, final_affine, dtype=np.uint8)
             foreground = label > 0
             label_info.update(
                 convention=convention,
@@ -422,9 +429,9 @@ def preprocess_study(
                 ),
             )
         else:
-            remove_path(out_dir / "label.nii.gz")
+            remove_path(out_dir / LABEL)
         for name, src in transforms.items():
-            with atomic_path(out_dir / "transforms" / f"{name}_to_t1c.mat") as dst:
+            with atomic_path(out_dir / coregistration_transform(name)) as dst:
                 shutil.copyfile(src, dst)
         lap("write")
     finally:
@@ -458,7 +465,7 @@ def preprocess_study(
         "seconds": seconds,
         "params": settings.as_dict(),
     }
-    write_json(out_dir / "geometry.json", geometry)
+    write_json(out_dir / GEOMETRY, geometry)
     return geometry
 
 
@@ -490,7 +497,7 @@ def to_native(labels: np.ndarray, prep_dir: str | Path) -> nib.Nifti1Image:
     preprocessed index), on the native T1c grid *as stored in the original file* (its axis
     order and orientation, not RAS). Native voxels outside the cropped box get 0.
     """
-    geometry = read_json(Path(prep_dir) / "geometry.json")
+    geometry = read_json(Path(prep_dir) / GEOMETRY)
     labels = np.asarray(labels)
     final_shape = tuple(geometry["final"]["shape"])
     if labels.shape != final_shape:

@@ -53,6 +53,15 @@ from metsflow.core.io import (
     save_nifti,
     write_json,
 )
+from metsflow.core.layout import (
+    AFFINE,
+    BRAIN_MASK,
+    INVERSE_WARP,
+    REGISTRATION_FILES,
+    REGISTRATION_QC,
+    T1C,
+    WARP,
+)
 from metsflow.core.runtime import set_threads
 from metsflow.core.settings import RegisterSettings
 from metsflow.imaging.brainmask import dilate_mm_ball, nifti_to_ants
@@ -60,7 +69,7 @@ from metsflow.imaging.brainmask import dilate_mm_ball, nifti_to_ants
 # The knobs and their defaults are owned by metsflow.core.settings.RegisterSettings.
 DEFAULTS: dict[str, Any] = RegisterSettings().as_dict()
 
-OUTPUT_FILES = ("affine.mat", "warp.nii.gz", "inverse_warp.nii.gz")
+OUTPUT_FILES = REGISTRATION_FILES
 
 
 def _settings(params: RegisterSettings | Mapping[str, Any] | None) -> RegisterSettings:
@@ -181,12 +190,12 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _load_prep(prep_dir: Path, study_id: str) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
-    t1c = load_nifti(prep_dir / "t1c.nii.gz", study_id, "preprocessed T1c")
-    mask = load_nifti(prep_dir / "brain_mask.nii.gz", study_id, "preprocessed brain mask")
+    t1c = load_nifti(prep_dir / T1C, study_id, "preprocessed T1c")
+    mask = load_nifti(prep_dir / BRAIN_MASK, study_id, "preprocessed brain mask")
     if mask.shape != t1c.shape or not np.allclose(mask.affine, t1c.affine, atol=1e-3):
         raise StudyError(study_id, "brain mask and T1c grids differ", prep_dir)
     if not np.asarray(mask.dataobj).any():
-        raise StudyError(study_id, "brain mask is empty", prep_dir / "brain_mask.nii.gz")
+        raise StudyError(study_id, "brain mask is empty", prep_dir / BRAIN_MASK)
     return t1c, mask
 
 
@@ -224,8 +233,8 @@ def register_followup(
         outprefix = str(tmp / "reg_")
         spacing_mm = float(min(fixed_img.header.get_zooms()[:3]))
         args = ants_command(
-            str(previous_dir / "t1c.nii.gz"),
-            str(followup_dir / "t1c.nii.gz"),
+            str(previous_dir / T1C),
+            str(followup_dir / T1C),
             str(mask_files["fixed"]),
             str(mask_files["moving"]),
             outprefix,
@@ -233,16 +242,17 @@ def register_followup(
             spacing_mm,
         )
         exit_code = ants.internal.get_lib_fn("antsRegistration")(args)
+        # antsRegistration's own output names (transform index + kind) -> the layout's.
         produced = {
-            "affine.mat": Path(outprefix + "0GenericAffine.mat"),
-            "warp.nii.gz": Path(outprefix + "1Warp.nii.gz"),
-            "inverse_warp.nii.gz": Path(outprefix + "1InverseWarp.nii.gz"),
+            AFFINE: Path(outprefix + "0GenericAffine.mat"),
+            WARP: Path(outprefix + "1Warp.nii.gz"),
+            INVERSE_WARP: Path(outprefix + "1InverseWarp.nii.gz"),
         }
         if exit_code != 0 or not all(p.exists() for p in produced.values()):
             raise StudyError(
                 study_id,
                 f"ANTs registration to {previous_dir.name} failed (exit code {exit_code})",
-                followup_dir / "t1c.nii.gz",
+                followup_dir / T1C,
             )
         for name, src in produced.items():
             with atomic_path(out_dir / name) as dst:
@@ -271,7 +281,7 @@ def register_followup(
         },
         params=s.as_dict(),
     )
-    write_json(out_dir / "qc.json", qc)
+    write_json(out_dir / REGISTRATION_QC, qc)
     return qc
 
 
@@ -289,14 +299,14 @@ def _quality(
     moving_mask_ants = nifti_to_ants(
         nib.Nifti1Image(moving_mask.astype(np.float32), moving_img.affine)
     )
-    forward = [str(reg_dir / "warp.nii.gz"), str(reg_dir / "affine.mat")]
+    forward = [str(reg_dir / WARP), str(reg_dir / AFFINE)]
     before = ants.resample_image_to_target(moving, fixed, interp_type="linear").numpy()
     after = ants.apply_transforms(fixed, moving, forward, interpolator="linear").numpy()
     mask_before = ants.resample_image_to_target(moving_mask_ants, fixed, "genericLabel").numpy()
     mask_after = ants.apply_transforms(
         fixed, moving_mask_ants, forward, interpolator="genericLabel"
     ).numpy()
-    jacobian = ants.create_jacobian_determinant_image(fixed, str(reg_dir / "warp.nii.gz"))
+    jacobian = ants.create_jacobian_determinant_image(fixed, str(reg_dir / WARP))
     # When the finest SyN level is shrunk, the field (and so its Jacobian) lives on a coarser
     # grid than the fixed image: bring it onto the fixed grid before masking.
     jacobian = ants.resample_image_to_target(jacobian, fixed, interp_type="linear")
@@ -377,7 +387,7 @@ def propagate_label(
     for name in OUTPUT_FILES:
         if not (reg_dir / name).exists():
             raise StudyError(study_id, f"registration output {name} is missing", reg_dir / name)
-    grid = load_nifti(followup_dir / "t1c.nii.gz", study_id, "preprocessed T1c")
+    grid = load_nifti(followup_dir / T1C, study_id, "preprocessed T1c")
     label = load_nifti(label_path, study_id, "previous label")
     values = np.asarray(label.dataobj)
     if np.any(values < 0) or np.any(values != np.round(values)):
@@ -385,7 +395,7 @@ def propagate_label(
     warped = ants.apply_transforms(
         fixed=nifti_to_ants(grid),
         moving=nifti_to_ants(label),
-        transformlist=[str(reg_dir / "affine.mat"), str(reg_dir / "inverse_warp.nii.gz")],
+        transformlist=[str(reg_dir / AFFINE), str(reg_dir / INVERSE_WARP)],
         whichtoinvert=[True, False],
         interpolator="genericLabel",
     )

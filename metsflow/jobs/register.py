@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from metsflow.core.layout import LABEL, PRIOR, Layout
+from metsflow.core.layout import LABEL, PRIOR, REGISTRATION_QC, Layout
 from metsflow.core.runtime import set_threads
 from metsflow.imaging.register import QC_COLUMNS, propagate_label, qc_columns, register_followup
 from metsflow.jobs.manifest import (
@@ -76,7 +76,7 @@ def run_register_shard(
         row = run_study(study_id, patient, out_dir, stamp, work)
         row["reference_study"] = reference
         if row["status"] == "ok":
-            row.update(qc_columns(out_dir / "qc.json"))
+            row.update(qc_columns(out_dir / REGISTRATION_QC))
             if row["qc_flag"]:
                 log.warning(
                     "registration of %s to %s flagged for review: %s",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import json
 import logging
 import math
@@ -37,8 +36,9 @@ from torch import nn
 
 from metsflow.core import labels as lab
 from metsflow.core.io import StudyError, save_nifti
+from metsflow.core.layout import BRAIN_MASK, FG_PROB, PRED
 from metsflow.core.runtime import reuse_freed_memory, select_device
-from metsflow.core.settings import InferSettings
+from metsflow.core.settings import InferSettings, tta_flips
 from metsflow.models.networks import (
     check_meta,
     decode_classes,
@@ -372,9 +372,7 @@ def ensemble_predict(
     levers = lever_settings(params, device)
     sw_batch = int(params.get("sw_batch_size", DEFAULT_SW_BATCH_SIZE))
     roi = tuple(int(p) for p in params["patch_size"])
-    flips: list[tuple[int, ...]] = [()]
-    if params.get("tta", False):
-        flips = [c for r in range(4) for c in itertools.combinations((2, 3, 4), r)]
+    flips = tta_flips(bool(params.get("tta", False)))
     batch = image.unsqueeze(0) if image.ndim == 4 else image
     batch = batch.to(device=device, dtype=torch.float32)
     # MONAI pads an image smaller than the roi, which moves the window coordinates: no skipping.
@@ -469,9 +467,7 @@ def stage1_probabilities(
         inp = load_study_input(item, meta["channels"])
     brain = inp["brain"]
     if not brain.any():
-        raise StudyError(
-            study_id, "brain mask is empty", Path(item["prep_dir"]) / "brain_mask.nii.gz"
-        )
+        raise StudyError(study_id, "brain mask is empty", Path(item["prep_dir"]) / BRAIN_MASK)
     sw_params = {**params, "patch_size": meta["patch_size"]}
     probs, member_entropy = ensemble_predict(
         networks, torch.from_numpy(inp["image"]), sw_params, device, brain=brain
@@ -525,8 +521,8 @@ def segment_study(
     voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
     out_dir = Path(out_root) / study_id
     files = [
-        (out_dir / "pred.nii.gz", pred.astype(np.uint8), affine, np.uint8),
-        (out_dir / "fg_prob.nii.gz", fg_prob, affine, np.float32),
+        (out_dir / PRED, pred.astype(np.uint8), affine, np.uint8),
+        (out_dir / FG_PROB, fg_prob, affine, np.float32),
     ]
     row = {"study_id": study_id, **uncertainty_scores(probs, pred, brain, voxel_mm3), **extra}
     if "member_entropy" in inp:

@@ -34,6 +34,7 @@ from torch import nn
 from metsflow import __version__ as METSFLOW_VERSION
 from metsflow.core import labels as lab
 from metsflow.core.io import StudyError, atomic_path, load_nifti
+from metsflow.core.layout import BRAIN_MASK, LABEL, T1C, sequence_image
 from metsflow.core.settings import ModelSettings, PreprocessSettings
 
 log = logging.getLogger(__name__)
@@ -343,7 +344,7 @@ def load_study_input(
     """
     study_id = str(item["study_id"])
     prep = Path(item["prep_dir"])
-    ref = load_nifti(prep / "t1c.nii.gz", study_id, "t1c")
+    ref = load_nifti(prep / T1C, study_id, "t1c")
     shape = ref.shape
 
     def on_grid(path: Path, what: str) -> np.ndarray:
@@ -362,11 +363,11 @@ def load_study_input(
                 image[index] = lab.whole_lesion(
                     _checked_labels(on_grid(Path(prior), "prior"), study_id, prior)
                 )
-        elif (prep / f"{name}.nii.gz").exists() or name == "t1c":
-            image[index] = on_grid(prep / f"{name}.nii.gz", name)
+        elif (prep / sequence_image(name)).exists() or name == "t1c":
+            image[index] = on_grid(prep / sequence_image(name), name)
         # else: the study lacks this sequence -> zero channel (documented in the module docstring)
 
-    mask_path = prep / "brain_mask.nii.gz"
+    mask_path = prep / BRAIN_MASK
     if mask_path.exists():
         brain = on_grid(mask_path, "brain mask") > 0
     else:
@@ -374,7 +375,7 @@ def load_study_input(
         brain = np.ones(shape, dtype=bool)
     out = {"image": image, "brain": brain, "affine": ref.affine, "header": ref.header}
     if with_label:
-        path = item.get("label") or prep / "label.nii.gz"
+        path = item.get("label") or prep / LABEL
         out["label"] = _checked_labels(on_grid(Path(path), "label"), study_id, path)
     return out
 

@@ -47,6 +47,8 @@ from torch import nn
 
 from metsflow.core import labels as lab
 from metsflow.core.io import atomic_path, remove_path, write_table
+from metsflow.core.layout import LABEL, T1C
+from metsflow.core.layout import PRIOR as PRIOR_IMAGE
 from metsflow.core.runtime import seed_everything, select_device
 from metsflow.core.settings import TrainSettings
 from metsflow.imaging.priors import RandFictitiousPriord
@@ -145,7 +147,7 @@ def build_items(
         if row.study_id not in ok_studies:
             continue
         prep_dir = Path(prep_root) / row.study_id
-        prior = Path(reg_root) / row.study_id / "prior.nii.gz"
+        prior = Path(reg_root) / row.study_id / PRIOR_IMAGE
         item = {
             "study_id": row.study_id,
             "prep_dir": str(prep_dir),
@@ -153,8 +155,8 @@ def build_items(
         }
         if row.study_id in extra_labels:
             train.append({**item, "label": str(extra_labels[row.study_id])})
-        elif (prep_dir / "label.nii.gz").exists() and row.role in ("seed", "validation"):
-            item["label"] = str(prep_dir / "label.nii.gz")
+        elif (prep_dir / LABEL).exists() and row.role in ("seed", "validation"):
+            item["label"] = str(prep_dir / LABEL)
             (val if row.role == "validation" else train).append(item)
     return train, val
 
@@ -181,7 +183,7 @@ def confirmed_labels_on_prep_grid(
         for row in table.itertuples():
             if row.status != "confirmed" or row.study_id not in ok:
                 continue
-            reference = Path(prep_root) / row.study_id / "t1c.nii.gz"
+            reference = Path(prep_root) / row.study_id / T1C
             target = out_dir / f"{row.study_id}.nii.gz"
             save_nifti(
                 target,

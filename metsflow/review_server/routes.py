@@ -24,6 +24,7 @@ from starlette.staticfiles import StaticFiles
 
 from metsflow.active_learning.labelstore import LabelImportError, StaleLabelError
 from metsflow.active_learning.review import LABEL_COLOURS, edit_summary
+from metsflow.core.io import remove_path
 from metsflow.core.labels import INTERNAL_NAMES
 from metsflow.review_server import db, policy
 from metsflow.review_server.assign import assign_studies, auto_assign
@@ -294,7 +295,7 @@ async def _upload_endpoint(request: Request, prepare, finish) -> Response:
         return json_response(exc.status, {"detail": exc.detail, **exc.extra})
     finally:
         if upload is not None:
-            upload.unlink(missing_ok=True)
+            remove_path(upload)
     return json_response(200, result)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 from starlette.requests import Request
 
+from metsflow.core.io import remove_path
 from metsflow.review_server.service import HTTPError
 
 # A label upload may use up to 4 bytes per voxel (float32/int32) plus the header and any
@@ -122,5 +123,5 @@ async def receive_upload(request: Request, shape: tuple[int, ...], limit: int) -
         os.rename(path, final)
         return final
     except BaseException:
-        path.unlink(missing_ok=True)
+        remove_path(path)
         raise
