@@ -96,9 +96,9 @@ rule check_oracle:
     output:
         table=LAYOUT.oracle_check,
     log:
-        LAYOUT.log("active_learning/check_oracle"),
+        LAYOUT.job("active_learning", part="check_oracle").log,
     benchmark:
-        LAYOUT.benchmark("active_learning/check_oracle")
+        LAYOUT.job("active_learning", part="check_oracle").benchmark
     priority: 100
     conda:
         "../envs/imaging.yaml"
