@@ -190,24 +190,9 @@ def test_response_table_flags_new_lesions():
 # ---------------------------------------------------------------- the job on a results tree
 
 
-def _identity_registration(reg_dir, grid_img):
-    """Registration outputs that map the follow-up onto itself (identity affine, zero warp)."""
-    import ants
-
-    from metsflow.imaging.brainmask import nifti_to_ants
-
-    reg_dir.mkdir(parents=True)
-    ants.write_transform(
-        ants.create_ants_transform(transform_type="AffineTransform", dimension=3),
-        str(reg_dir / "affine.mat"),
-    )
-    zero = nifti_to_ants(grid_img) * 0
-    field = ants.merge_channels([zero, zero, zero])
-    for name in ("warp.nii.gz", "inverse_warp.nii.gz"):
-        ants.image_write(field, str(reg_dir / name))
-
-
 def test_run_longitudinal_tracks_predictions_and_references_through_the_registration(tmp_path):
+    from _synthetic_images import identity_registration
+
     from metsflow.core.io import save_nifti
     from metsflow.core.labels import EDEMA, ENHANCING
     from metsflow.core.layout import Layout
@@ -234,7 +219,7 @@ def test_run_longitudinal_tracks_predictions_and_references_through_the_registra
         save_nifti(pred / study_id / "pred.nii.gz", labels, affine, dtype=np.uint8)
     save_nifti(prep / "P1_a" / "label.nii.gz", masks["P1_a"].astype(np.uint8), affine)
     img = nib.load(str(prep / "P1_b" / "t1c.nii.gz"))
-    _identity_registration(reg / "P1_b", img)
+    identity_registration(reg / "P1_b", img)
 
     plan = pd.DataFrame(
         {

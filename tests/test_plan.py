@@ -2,31 +2,10 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import pytest
+from _sheets import write_sheet
 
 from metsflow.cohort.plan import PlanSettings, build_plan, choose_validation_patients, restrict
-from metsflow.cohort.sheet import read_sheet
-
-
-def write_sheet(path, patients: dict[str, int], labelled: set[str]):
-    rows = []
-    for patient, n in patients.items():
-        for t in range(n):
-            rows.append(
-                {
-                    "patient_id": patient,
-                    "study_id": f"{patient}_T{t}",
-                    "timepoint": t,
-                    "t1": "",
-                    "t1c": f"{patient}/{t}/t1c.nii.gz",
-                    "t2": "",
-                    "flair": "",
-                    "label": f"{patient}/{t}/seg.nii.gz" if patient in labelled else "",
-                }
-            )
-    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
-    return read_sheet(path)
 
 
 @pytest.fixture

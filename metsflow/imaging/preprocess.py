@@ -57,11 +57,10 @@ from metsflow.core.io import (
 )
 from metsflow.core.labels import check_convention, to_internal
 from metsflow.core.runtime import set_threads
+from metsflow.core.sequences import MOVING_SEQUENCES, SEQUENCES
 from metsflow.core.settings import PreprocessSettings
 from metsflow.imaging import brainmask
 
-SEQUENCES = ("t1c", "t1", "t2", "flair")
-MOVING_SEQUENCES = ("t1", "t2", "flair")
 MASK_METHODS = ("auto", "atlas", "nonzero")
 
 # The knobs and their defaults are owned by metsflow.core.settings.PreprocessSettings.
