@@ -108,3 +108,29 @@ def test_train_stage2_writes_checkpoint_with_operating_point(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a stage-2 checkpoint"):
         cascade.load_stage2(tmp_path / "junk.pt")
+
+
+def test_mine_candidates_from_a_stage1_ensemble_adds_reference_lesions_for_training(tmp_path):
+    import nibabel as nib
+    from _tiny_models import make_checkpoint, make_prep_study
+
+    from metsflow.core import labels as lab
+    from metsflow.models.infer import load_ensemble
+
+    item = make_prep_study(tmp_path / "prep", "S0")
+    label = np.asarray(nib.load(item["label"]).dataobj)
+    _, n_lesions = lab.lesion_components(lab.whole_lesion(label))
+    networks, meta = load_ensemble([make_checkpoint(tmp_path / "m.pt", 0)], device="cpu")
+    infer = {"overlap": 0.25, "sw_batch_size": 2}
+    params = {"crop_size": [16, 16, 16], "proposal_threshold": 0.3}
+    mined = {
+        add: cascade.mine_candidates(
+            networks, meta, [item], infer, torch.device("cpu"), params, add, {"S0": "P0"}
+        )[0]
+        for add in (True, False)
+    }
+    assert mined[True].n_reference == mined[False].n_reference == n_lesions > 0
+    assert mined[True].sources.count("reference") == n_lesions
+    assert "reference" not in mined[False].sources
+    assert mined[True].patient_id == "P0" and mined[True].study_id == "S0"
+    assert len(mined[True].ref_diameters_mm) == n_lesions  # 1 mm grid: spacing from the affine

@@ -8,9 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_infer import make_checkpoint
-from test_models import AFFINE, make_prep_study, tiny_params
-from test_train import ALL_AUGMENTATIONS
+from _tiny_models import AFFINE, ALL_AUGMENTATIONS, make_checkpoint, make_prep_study, tiny_params
 
 from metsflow.cohort.splits import fold_split
 from metsflow.core import labels as lab

@@ -10,9 +10,8 @@ import sys
 
 import pytest
 import torch
+from _tiny_models import make_checkpoint, make_prep_study
 from conftest import REPO
-from test_infer import make_checkpoint
-from test_models import make_prep_study
 
 from metsflow.models import infer
 from metsflow.models.infer import (

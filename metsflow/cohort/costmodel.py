@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from metsflow.cohort.plan import read_plan
 from metsflow.core.layout import RESEG_PART, STAGE2_PART, Layout, parse_job, part_fold
 from metsflow.core.settings import InferSettings, Stage2Settings, TrainSettings, tta_flips
 
@@ -491,7 +492,7 @@ def read_run(benchmarks: str | Path, plan: str | Path | None = None) -> pd.DataF
         raise BenchmarkError(
             f"plan table {plan_path} not found: pass --plan (the run's results/plan/cohort.tsv)"
         )
-    plan_table = pd.read_csv(plan_path, sep="\t", dtype=str)
+    plan_table = read_plan(plan_path)
     for column in ("shard", "gpu_shard", "role"):
         if column not in plan_table.columns:
             raise BenchmarkError(f"plan table {plan_path}: column '{column}' missing")

@@ -14,6 +14,7 @@ Roles (per patient, so no patient is both trained on and validated on):
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -112,6 +113,20 @@ def build_plan(cohort: Cohort, settings: PlanSettings) -> pd.DataFrame:
             )
             previous = study.study_id
     return pd.DataFrame(rows)
+
+
+def read_plan(path: str | os.PathLike) -> pd.DataFrame:
+    """The plan table as ``build_plan`` made it (``Layout.plan``, written with ``write_table``).
+
+    Ids, roles and shards stay text (study "007" stays "007", an empty ``previous_study`` is ""
+    not NaN), ``order`` is an integer (so a patient's time points sort 2 before 10) and
+    ``has_label`` a boolean. The one reader of the table: every job asks it."""
+    plan = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    if "order" in plan.columns:
+        plan["order"] = plan["order"].astype(int)
+    if "has_label" in plan.columns:
+        plan["has_label"] = plan["has_label"] == "True"
+    return plan
 
 
 def restrict(plan: pd.DataFrame, studies: Iterable[str] = (), patients: Iterable[str] = ()):

@@ -33,11 +33,11 @@ import yaml
 
 from metsflow.core import ids, io, labels
 from metsflow.core.config import SCHEMA_DIR
+from metsflow.core.sequences import SHEET_ORDER
 
 SCHEMA_PATH = SCHEMA_DIR / "studies.schema.yaml"
 
-SEQUENCES = ("t1", "t1c", "t2", "flair")
-PATH_COLUMNS = (*SEQUENCES, "label")
+PATH_COLUMNS = (*SHEET_ORDER, "label")
 SHEET_COLUMNS = ("patient_id", "study_id", "timepoint", *PATH_COLUMNS, "label_convention")
 
 # A label must lie on the T1c grid: corners of the two grids may differ by at most this (mm).
@@ -92,8 +92,8 @@ class Study:
 
     @property
     def images(self) -> dict[str, Path]:
-        """The sequences this study has: name -> path, in ``SEQUENCES`` order."""
-        found = {name: getattr(self, name) for name in SEQUENCES}
+        """The sequences this study has: name -> path, in ``SHEET_ORDER``."""
+        found = {name: getattr(self, name) for name in SHEET_ORDER}
         return {name: path for name, path in found.items() if path is not None}
 
     def to_record(self) -> dict:
@@ -107,7 +107,7 @@ class Study:
     def from_record(cls, record: dict) -> Study:
         names = {f.name for f in fields(cls)}
         values = {key: value for key, value in record.items() if key in names}
-        for key in (*SEQUENCES, "label"):
+        for key in PATH_COLUMNS:
             if values.get(key):
                 values[key] = Path(values[key])
             else:

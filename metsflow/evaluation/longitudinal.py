@@ -5,8 +5,8 @@ registered to time point ``t - 1`` (``metsflow.imaging.register``), so the previ
 *lesion-id map* (every tracked lesion painted with its id) is warped into the follow-up grid with
 the same transforms that propagate labels (nearest-label interpolation keeps the ids).
 
-Tracking (``track_patient``): each connected component (cc3d, 26-connectivity) of the follow-up's
-enhancing mask takes the id of the warped previous lesion it overlaps most (at least
+Tracking (``track_patient``): each lesion (``metsflow.core.labels.lesion_components``) of the
+follow-up's enhancing mask takes the id of the warped previous lesion it overlaps most (at least
 ``min_overlap_voxels``; the warped lesions are first grown by ``margin_voxels``, a tolerance for
 registration error and partial volume that matters for lesions of a few voxels); a component
 overlapping none is a *new* lesion with a fresh id. Several
@@ -30,15 +30,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-import cc3d
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from metsflow.core.labels import ENHANCING
+from metsflow.core.labels import ENHANCING, lesion_components
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +198,7 @@ def track_patient(
     previous_volumes: dict[int, float] = {}
     for index, point in enumerate(timepoints):
         mask = np.asarray(point.enhancing) > 0
-        components, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
+        components, n = lesion_components(mask)
         if previous is None or previous_ids is None:
             matched = {c: None for c in range(1, n + 1)}
         else:
@@ -254,17 +253,68 @@ def track_patient(
         # Resolved lesions are not carried forward: only lesions present now are warped on.
         previous, previous_volumes = point, volumes
         previous_ids = _as_id_map(ids, patient_id, point.study_id)
-    columns = [
-        "patient_id",
-        "study_id",
-        "order",
-        "lesion_id",
-        "volume_mm3",
-        "status",
-        "n_components",
-        "previous_volume_mm3",
-    ]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=TRACK_COLUMNS)
+
+
+TRACK_COLUMNS = [
+    "patient_id",
+    "study_id",
+    "order",
+    "lesion_id",
+    "volume_mm3",
+    "status",
+    "n_components",
+    "previous_volume_mm3",
+]
+TIMEPOINT_COLUMNS = ["patient_id", "study_id", "order"]
+
+# load(study id) -> (internal label map, affine, voxel size in mm) on the grid it is tracked on
+Loader = Callable[[str], tuple[np.ndarray, np.ndarray, Sequence[float]]]
+# warp_for(study id -> affine, for one series' studies) -> the Warp between its time points
+WarpFactory = Callable[[dict[str, np.ndarray]], Warp]
+
+
+def track_chains(
+    series: Iterable[tuple[str, str, Sequence[str]]],
+    load: Loader,
+    order: Mapping[str, int],
+    warp_for: WarpFactory,
+    thresholds: ResponseThresholds,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Enhancing lesions tracked along each series ``(patient id, name, studies)``: the studies
+    in time order, each registered to the one before (``registered_chains`` /
+    ``first_registered_series``); a series' lesion ids are ``<name>-L<k>``, its rows carry the
+    patient id. ``order``: study -> its time-point order; ``thresholds``: matching overlap and
+    margin (in voxels of the series' finest spacing).
+
+    Returns ``(lesions, time points)``: the ``track_patient`` rows of every series
+    (``TRACK_COLUMNS``) and every tracked study (``TIMEPOINT_COLUMNS``, for
+    ``response_table``). One series' images are held at a time."""
+    frames, tracked_points = [], []
+    for patient_id, name, studies in series:
+        points, affines, spacings = [], {}, []
+        for study_id in studies:
+            labels, affine, zooms = load(study_id)
+            zooms = [float(z) for z in zooms]
+            affines[study_id] = affine
+            spacings += zooms
+            points.append(TimePoint.from_labels(study_id, order[study_id], labels, zooms))
+        tracked = track_patient(
+            name,
+            points,
+            warp_for(affines),
+            thresholds.min_overlap_voxels,
+            thresholds.margin_voxels(spacings),
+        )
+        frames.append(tracked.assign(patient_id=patient_id))
+        tracked_points += [
+            {"patient_id": patient_id, "study_id": p.study_id, "order": p.order} for p in points
+        ]
+    frames = [f for f in frames if not f.empty]
+    lesions = (
+        pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TRACK_COLUMNS)
+    )
+    return lesions, pd.DataFrame(tracked_points, columns=TIMEPOINT_COLUMNS)
 
 
 def _as_id_map(ids: np.ndarray, patient_id: str, study_id: str) -> np.ndarray:

@@ -65,11 +65,10 @@ from metsflow.core.layout import (
     sequence_image,
 )
 from metsflow.core.runtime import set_threads
+from metsflow.core.sequences import MOVING_SEQUENCES, SEQUENCES
 from metsflow.core.settings import PreprocessSettings
 from metsflow.imaging import brainmask
 
-SEQUENCES = ("t1c", "t1", "t2", "flair")
-MOVING_SEQUENCES = ("t1", "t2", "flair")
 MASK_METHODS = ("auto", "atlas", "nonzero")
 
 # The knobs and their defaults are owned by metsflow.core.settings.PreprocessSettings.

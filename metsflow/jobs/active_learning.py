@@ -10,11 +10,12 @@ from pathlib import Path
 import pandas as pd
 
 from metsflow.active_learning.acquisition import SELECTION_COLUMNS, select_batch
+from metsflow.cohort.plan import read_plan
 from metsflow.cohort.sheet import Study
 from metsflow.core.io import read_json, write_table
 from metsflow.core.layout import Layout
 from metsflow.core.settings import ActiveLearningSettings
-from metsflow.jobs.manifest import read_manifests
+from metsflow.jobs.manifest import ok_rows, ok_studies, read_manifests
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ def run_select_batch(settings: ActiveLearningSettings, job: BatchSelection) -> p
         write_table(job.selection, pd.DataFrame(columns=SELECTION_COLUMNS))
         return pd.DataFrame(columns=SELECTION_COLUMNS)
     candidates = read_manifests(job.prediction_manifests)
-    candidates = candidates[(candidates.status == "ok") & (candidates.role == "pool")]
+    candidates = ok_rows(candidates)
+    candidates = candidates[candidates.role == "pool"]
     if job.candidates:
         recorded = pd.read_csv(job.candidates, sep="\t", dtype={"study_id": str}).study_id
         candidates = candidates[candidates.study_id.isin(set(recorded))]
@@ -100,7 +102,7 @@ def run_round_candidates(
     planning, which studies the previous round's models segment)."""
     from metsflow.cohort.plan import candidate_seed, candidate_studies
 
-    plan = pd.read_csv(plan_path, sep="\t", dtype=str, keep_default_na=False)
+    plan = read_plan(plan_path)
     chosen = candidate_studies(plan, candidates, seed, selection_round)
     table = chosen[["study_id", "patient_id"]].assign(
         round=selection_round,
@@ -326,11 +328,11 @@ def run_final_labels(layout: Layout, job: FinalLabelInputs) -> pd.DataFrame:
     from metsflow.active_learning.labelstore import LabelStore
 
     final_round = job.final_round
-    plan = pd.read_csv(job.plan, sep="\t", dtype=str, keep_default_na=False)
+    plan = read_plan(job.plan)
     predictions = read_manifests(job.prediction_manifests)
     labels = final_label_table(
         plan[plan.role == "pool"],
-        set(predictions.loc[predictions.status == "ok", "study_id"].astype(str)),
+        ok_studies(predictions),
         LabelStore(job.label_store, create=False).all_confirmed(),
         lambda study_id: layout.study_prediction(final_round, study_id),
         layout.model(final_round),

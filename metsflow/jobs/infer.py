@@ -22,7 +22,7 @@ from metsflow.core.io import StudyError, remove_path, save_nifti
 from metsflow.core.layout import PRED_NATIVE, Layout
 from metsflow.core.runtime import select_device, set_threads
 from metsflow.core.settings import InferSettings
-from metsflow.jobs.manifest import read_manifests, write_manifest
+from metsflow.jobs.manifest import ok_rows, ok_studies, read_manifests, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def run_infer_shard(layout: Layout, settings: InferSettings, shard: InferShard) 
     out_root = layout.prediction_root(shard.round_index)
     set_threads(shard.threads)
     device = select_device(settings.device)
-    ok = set(read_manifests(shard.preprocess_manifests).query("status == 'ok'").study_id)
+    ok = ok_studies(read_manifests(shard.preprocess_manifests))
     previous = shard.previous
     models = [*shard.stage1_models, shard.stage2_model, *shard.reseg_models]
     reusable = _reusable_predictions(layout, previous, [m for m in models if m])
@@ -198,7 +198,7 @@ def _reusable_predictions(
         return {}
     table = read_manifests([previous["manifest"]])
     rows = {}
-    for row in table[table.status == "ok"].to_dict("records"):
+    for row in ok_rows(table).to_dict("records"):
         if layout.study_prediction(previous["round"], row["study_id"]).is_file():
             rows[row["study_id"]] = {
                 k: v for k, v in row.items() if k not in ("study_id", "patient_id", "role")

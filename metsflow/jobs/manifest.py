@@ -179,8 +179,21 @@ def read_manifests(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def ok_rows(manifests: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the studies that went through (status ok): what a later stage may read."""
+    return manifests[manifests.status == "ok"]
+
+
 def ok_studies(manifests: pd.DataFrame) -> set[str]:
-    return set(manifests.loc[manifests.status == "ok", "study_id"])
+    """The ids of ``ok_rows``."""
+    return set(ok_rows(manifests).study_id)
+
+
+def registration_references(manifests: pd.DataFrame) -> dict[str, str]:
+    """Registered study -> the study it was registered to (``reference_study``), for the
+    studies whose registration went through (``ok_rows``)."""
+    registered = ok_rows(manifests)
+    return dict(zip(registered.study_id, registered.reference_study.astype(str), strict=True))
 
 
 def gather_manifests(paths: Iterable[str | os.PathLike], out: str | os.PathLike) -> None:

@@ -17,6 +17,7 @@ from metsflow.imaging.register import QC_COLUMNS, propagate_label, qc_columns, r
 from metsflow.jobs.manifest import (
     FILE_COLUMN,
     fingerprint,
+    ok_studies,
     read_manifests,
     run_study,
     write_manifest,
@@ -36,7 +37,7 @@ def run_register_shard(
     """``studies``: plan rows of the shard (study_id, patient_id, order), in patient order."""
     set_threads(threads)
     preprocessed = read_manifests([preprocess_manifest])
-    ok = set(preprocessed.loc[preprocessed.status == "ok", "study_id"])
+    ok = ok_studies(preprocessed)
     rows = []
     last_ok_by_patient: dict[str, str] = {}
     for record in sorted(studies, key=lambda r: (r["patient_id"], int(r["order"]))):

@@ -19,14 +19,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import pandas as pd
 
+from metsflow.cohort.plan import read_plan
 from metsflow.core.io import atomic_path, write_json, write_table
 from metsflow.core.layout import Layout
 from metsflow.core.runtime import reuse_freed_memory, set_threads
 from metsflow.core.settings import InferSettings
-from metsflow.jobs.manifest import read_manifests
+from metsflow.jobs.manifest import ok_studies, read_manifests
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ class TrainingInputs:
         Confirmed labels are resampled onto the preprocessed grids under ``label_dir``."""
         from metsflow.models.train import build_items, confirmed_labels_on_prep_grid
 
-        plan = pd.read_csv(self.plan_path, sep="\t", dtype=str, keep_default_na=False)
-        ok = set(read_manifests(self.preprocess_manifests).query("status == 'ok'").study_id)
+        plan = read_plan(self.plan_path)
+        ok = ok_studies(read_manifests(self.preprocess_manifests))
         confirmed = confirmed_labels_on_prep_grid(
             self.annotation_tables, ok, self.prep_root, label_dir
         )
@@ -224,11 +224,9 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
     plan's validation studies (``metsflow.models.cascade``)."""
     import torch
 
-    from metsflow.core import labels as lab
     from metsflow.core.runtime import select_device
-    from metsflow.models.cascade import study_candidates, train_stage2
-    from metsflow.models.infer import foreground_probability, load_ensemble, stage1_probabilities
-    from metsflow.models.networks import load_study_input
+    from metsflow.models.cascade import mine_candidates, train_stage2
+    from metsflow.models.infer import load_ensemble
 
     out_model = job.layout.stage2_model(job.round_index)
     out_summary = job.layout.stage2_summary(job.round_index)
@@ -243,29 +241,14 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
     device = select_device(infer.device)
     networks, meta = load_ensemble(stage1_models, device=device)
 
-    def candidates(items: list[dict], add_reference: bool) -> list:
-        out = []
-        for item in items:
-            inp, probs, _ = stage1_probabilities(networks, meta, item, infer.as_params(), device)
-            reference = lab.whole_lesion(load_study_input(item, ["t1c"], with_label=True)["label"])
-            out.append(
-                study_candidates(
-                    item["study_id"],
-                    inp["image"],
-                    foreground_probability(probs, inp["brain"]),
-                    reference,
-                    params,
-                    add_reference,
-                    # FP per validation patient and the sizes of the lesions a threshold loses.
-                    patient_id=patient_of.get(item["study_id"], ""),
-                    spacing=nib.affines.voxel_sizes(inp["affine"]),
-                )
-            )
-        return out
+    def mine(items: list[dict], add_reference: bool) -> list:
+        return mine_candidates(
+            networks, meta, items, infer.as_params(), device, params, add_reference, patient_of
+        )
 
     stage2_meta = train_stage2(
-        candidates(train_items, True),
-        candidates(val_items, False),
+        mine(train_items, True),  # + every reference lesion, so positives exist
+        mine(val_items, False),
         meta["channels"],
         params,
         out_model,

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cc3d
+import nibabel as nib
 import numpy as np
 import torch
 from scipy import ndimage
@@ -45,6 +45,7 @@ from torch import nn
 
 from metsflow.core import labels as lab
 from metsflow.core.io import atomic_path
+from metsflow.core.sequences import REFERENCE
 from metsflow.core.settings import Stage2Settings
 from metsflow.evaluation import metrics
 from metsflow.models.networks import check_channels, plain
@@ -97,9 +98,7 @@ def find_candidates(
     """Components of the boolean ``lesion`` map -> ``(component map, candidates)``.
 
     ``reference`` (boolean whole lesion), when given, marks each candidate ``is_lesion``."""
-    components, count = cc3d.connected_components(
-        np.asarray(lesion, dtype=np.uint8), connectivity=26, return_N=True
-    )
+    components, count = lab.lesion_components(lesion)
     if not count:
         return components, []
     index = np.arange(1, count + 1)
@@ -393,9 +392,7 @@ def study_candidates(
     (mm) feed the validation FROC and the list of lesions the operating point loses."""
     params = resolve_params(params)
     reference = np.asarray(reference, dtype=bool)
-    ref_cc, n_ref = cc3d.connected_components(
-        reference.astype(np.uint8), connectivity=26, return_N=True
-    )
+    ref_cc, n_ref = lab.lesion_components(reference)
     proposal = fg_prob >= float(params["proposal_threshold"])
     components, cands = find_candidates(proposal, fg_prob, study_id, reference)
     if len(cands) > int(params["max_candidates"]):
@@ -425,6 +422,44 @@ def study_candidates(
     return StudyCandidates(
         crops, labels, hits, int(n_ref), sources, study_id, patient_id, diameters
     )
+
+
+def mine_candidates(
+    networks: Sequence[nn.Module],
+    meta: dict,
+    items: Sequence[dict],
+    infer_params: dict,
+    device: torch.device,
+    params: dict,
+    add_reference: bool,
+    patient_of: dict[str, str] | None = None,
+) -> list[StudyCandidates]:
+    """``study_candidates`` of each labelled study item (``metsflow.models.train.build_items``)
+    from the stage-1 ensemble ``networks`` (``infer.load_ensemble``; ``infer_params``: the
+    inference settings' params): its foreground probability, its whole-lesion reference.
+    ``patient_of`` (study -> patient) and the grid's spacing feed the validation FROC (false
+    positives per patient) and the sizes of the lesions a threshold loses."""
+    from metsflow.models.infer import foreground_probability, stage1_probabilities
+    from metsflow.models.networks import load_study_input
+
+    patient_of = patient_of or {}
+    out = []
+    for item in items:
+        inp, probs, _ = stage1_probabilities(networks, meta, item, infer_params, device)
+        reference = lab.whole_lesion(load_study_input(item, [REFERENCE], with_label=True)["label"])
+        out.append(
+            study_candidates(
+                item["study_id"],
+                inp["image"],
+                foreground_probability(probs, inp["brain"]),
+                reference,
+                params,
+                add_reference,
+                patient_id=patient_of.get(item["study_id"], ""),
+                spacing=nib.affines.voxel_sizes(inp["affine"]),
+            )
+        )
+    return out
 
 
 def train_stage2(

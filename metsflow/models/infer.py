@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import cc3d
 import numpy as np
 import torch
 from torch import nn
@@ -436,7 +435,7 @@ def uncertainty_scores(
     """Study-level uncertainty and lesion summary from probabilities and internal labels."""
     entropy = normalised_entropy(probs)
     lesion = lab.whole_lesion(pred)
-    components, count = cc3d.connected_components(lesion, connectivity=26, return_N=True)
+    components, count = lab.lesion_components(lesion)
     # Per-component maximum over the lesion voxels only: ndimage.maximum sorted the whole
     # volume by label (66 ms for a 2 mm demo study, 8 ms this way; same values).
     per_lesion = np.zeros(count, dtype=np.float32)

@@ -35,11 +35,11 @@ from metsflow import __version__ as METSFLOW_VERSION
 from metsflow.core import labels as lab
 from metsflow.core.io import StudyError, atomic_path, load_nifti
 from metsflow.core.layout import BRAIN_MASK, LABEL, T1C, sequence_image
+from metsflow.core.sequences import SEQUENCES
 from metsflow.core.settings import ModelSettings, PreprocessSettings
 
 log = logging.getLogger(__name__)
 
-SEQUENCES = ("t1c", "t1", "t2", "flair")
 PRIOR = "prior"
 CHANNELS = (*SEQUENCES, PRIOR)
 LABEL_MODES = {"multiclass": 4, "whole": 2}

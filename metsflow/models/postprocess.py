@@ -93,8 +93,6 @@ class CascadePostProcess:
 
 
 def _lesion_count(pred: np.ndarray) -> int:
-    import cc3d
-
     from metsflow.core import labels as lab
 
-    return int(cc3d.connected_components(lab.whole_lesion(pred), connectivity=26).max())
+    return lab.lesion_components(lab.whole_lesion(pred))[1]
