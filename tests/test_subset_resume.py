@@ -1,4 +1,4 @@
-"""Rerunning a subset of the cohort (README "Rerun a subset") leaves every other study alone."""
+"""Rerunning a subset (docs/running.md "Rerun a subset") leaves every other study alone."""
 
 from __future__ import annotations
 
