@@ -1,8 +1,8 @@
 """The ``metsflow`` command line: cohort tools, the demo cohort, evaluation, active learning, review.
 
-The pipeline itself runs through Snakemake (see README); these commands are what a user runs
-around it: build and check a sheet before any job runs, evaluate a single case, move a review
-batch in and out of the label store, and run the review web server (``metsflow review``).
+The pipeline itself runs through Snakemake (see docs/running.md); these commands are what a user
+runs around it: build and check a sheet before any job runs, evaluate a single case, move a
+review batch in and out of the label store, and run the review web server (``metsflow review``).
 """
 
 from __future__ import annotations

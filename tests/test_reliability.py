@@ -1,4 +1,4 @@
-"""Issue 17: the gaps found when the promises of README "When a study fails" were attacked.
+"""Issue 17: the gaps found when the promises of docs/running.md "When a study fails" were attacked.
 
 One test (or a few) per point of the issue; each failed before the fix. The workflow checks run
 ``snakemake -n`` (a dry run: about 2 s each, no job runs).

@@ -9,7 +9,7 @@ input function) reaches the user, and a bad oracle sheet is not found by round 1
 ``collect_annotations`` after hours of preprocessing, registration and training.
 
 What is *not* checked here, on purpose: each study's image files. A missing or broken image is
-one study's fault and is quarantined by its shard job (README "When a study fails").
+one study's fault and is quarantined by its shard job (docs/running.md "When a study fails").
 """
 
 from __future__ import annotations
