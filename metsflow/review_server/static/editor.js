@@ -7,6 +7,7 @@
 // server's grid check wants; FLAIR/T2 are overlays (resampled for display only) so drawing never
 // happens on their grids. tests/test_review_browser.py checks this with an oblique P-I-L T1c.
 import { NVImage, Niivue, SLICE_TYPE } from '/vendor/niivue/index.js';
+import { createAssists } from '/static/assists.js';
 import { api, currentUser, el, fetchBytes, formatSeconds, renderUserBar } from '/static/common.js';
 
 const studyId = decodeURIComponent(location.pathname.replace(/^\/study\//, '').replace(/\/$/, ''));
@@ -52,6 +53,9 @@ const nv = new Niivue({
 window.metsflowEditor = { nv, state };
 
 const $ = (id) => document.getElementById(id);
+// Possible lesions, lesion-level edits, the previous scan (assists.js).
+const assists = createAssists({ nv, state, $, message, api, studyUrl: (tail) => `/api/studies/${encodeURIComponent(studyId)}/${tail}` });
+window.metsflowEditor.assists = assists;
 
 // ------------------------------------------------------------------ messages
 
@@ -189,6 +193,7 @@ function renderLesions() {
       ),
     ),
   );
+  assists.decorateLesions();
 }
 
 function renderComments() {
@@ -247,6 +252,7 @@ function undo() {
 function setView(view) {
   state.view = view;
   nv.setSliceType(VIEWS[view]);
+  assists.onLocationChange(false); // the previous scan's viewer follows the view
   for (const button of document.querySelectorAll('.view')) {
     button.classList.toggle('active', button.dataset.view === view);
   }
@@ -362,7 +368,8 @@ async function save({ confirm = false } = {}) {
   try {
     const bytes = await drawingBytes();
     const query = `base_version=${state.baseVersion}${confirm ? '&confirm=1' : ''}`;
-    const result = await api('POST', `/api/studies/${encodeURIComponent(studyId)}/save?${query}`, bytes, { keepPage: true });
+    const headers = { 'X-Metsflow-Assists': JSON.stringify(assists.provenance()) };
+    const result = await api('POST', `/api/studies/${encodeURIComponent(studyId)}/save?${query}`, bytes, { keepPage: true, headers });
     state.baseVersion = result.version;
     state.dirty = false;
     await fetchStudy();
@@ -491,7 +498,7 @@ function onKey(event) {
     setView(names[(names.indexOf(state.view) + 1) % names.length]);
   } else if (key === 'j') jumpToLesion(state.lesionIndex + 1);
   else if (key === 'k') jumpToLesion(state.lesionIndex - 1);
-  else return;
+  else if (!state.ready || !assists.onKey(event)) return;
   event.preventDefault();
 }
 
@@ -522,6 +529,7 @@ function wire() {
   $('send-back').addEventListener('click', sendBack);
   $('override').addEventListener('click', override);
   $('comment-form').addEventListener('submit', postComment);
+  assists.wire();
   document.addEventListener('keydown', onKey);
   window.addEventListener('beforeunload', (event) => {
     if (state.dirty) event.preventDefault();
@@ -531,6 +539,7 @@ function wire() {
   };
   nv.onLocationChange = (location) => {
     $('location').textContent = location?.string ?? '';
+    assists.onLocationChange(state.pen < 0 && state.ready); // Navigate: a click selects a lesion
   };
 }
 
@@ -552,6 +561,11 @@ async function main() {
         el('button', { type: 'button', class: `sequence${name === 't1c' ? ' active' : ''}`, dataset: { sequence: name }, onclick: () => setBackground(name) }, SEQUENCE_LABEL[name]),
       ),
   );
+  try {
+    await assists.load();
+  } catch (exc) {
+    message(`Assists unavailable: ${exc.detail ?? exc.message}`, 'error');
+  }
   setView('multi');
   setPen(-1);
   setOpacity(Number($('opacity').value));

@@ -1,0 +1,145 @@
+"""Review assists in the browser (Playwright + Debian's chromium, as tests/test_review_browser.py):
+a trainee opens a follow-up with possible lesions and a previous scan, accepts the top
+suggestion with keys, selects the new lesion and deletes it, shows the previous T1c, saves;
+the stored version has exactly those voxel changes and the decisions in its provenance.
+
+The screenshot (suggestions, the lesion list with new / persisting / gone, the previous scan
+beside this one) goes to the test's tmp_path, or ``$METSFLOW_TEST_ARTIFACTS`` when set
+(docs/review_assists.png was made that way).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import uvicorn
+from _review_assists_data import FOLLOW_UP, PATIENT, write_assisted_batch
+from _synthetic_images import oblique_affine, phantom, sample
+from argon2 import PasswordHasher
+from test_review_browser import (  # noqa: F401  (browser: a fixture)
+    AXES,
+    PASSWORD,
+    SHAPE,
+    SPACING_MM,
+    Session,
+    _next_frames,
+    browser,
+)
+
+from metsflow.active_learning.labelstore import LabelStore
+from metsflow.core import labels
+from metsflow.review_server import db
+from metsflow.review_server.app import create_app
+from metsflow.review_server.config import ReviewConfig
+
+ARTIFACT_NAME = "review_assists.png"
+
+
+@pytest.fixture(scope="module")
+def assisted(tmp_path_factory):
+    """The oblique P-I-L phantom of test_review_browser as a follow-up with assists."""
+    root = tmp_path_factory.mktemp("assists_browser")
+    world = phantom()
+    affine = oblique_affine(SPACING_MM, (10.0, -6.0, 8.0), SHAPE, axes=AXES)
+    t1c = sample(world["t1c"], world["affine"], affine, SHAPE).astype(np.float32)
+    flair = sample(world["t2"], world["affine"], affine, SHAPE).astype(np.float32)
+    brats = sample(world["label"].astype(np.float32), world["affine"], affine, SHAPE, order=0)
+    preseg = labels.to_internal(np.rint(brats).astype(np.uint8), "brats").astype(np.uint8)
+    preseg[40, 10, 26:28] = labels.ENHANCING  # a 2-voxel lesion: new at the follow-up
+    made = write_assisted_batch(root, t1c, flair, affine, preseg)
+    template = root / "users.sqlite3"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(db, "_HASHER", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+        db.add_user(template, "tina", PASSWORD, "trainee")
+    with db.connect(template) as con:
+        for study in ("S01", FOLLOW_UP):
+            db.set_assignment(con, study, PATIENT, "round_1", "tina")
+    return {**made, "template": template, "preseg": preseg}
+
+
+@pytest.fixture
+def server(assisted, tmp_path):
+    config = ReviewConfig(results=assisted["results"], label_store=tmp_path / "labels")
+    shutil.copy(assisted["template"], config.db_path)
+    uv = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config), host="127.0.0.1", port=0, log_level="warning", lifespan="off"
+        )
+    )
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    port = uv.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", config
+    uv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_accept_a_suggestion_delete_a_lesion_and_save(server, browser, assisted, tmp_path):
+    base_url, config = server
+    trainee = Session(browser, base_url, "tina", start=f"/study/{FOLLOW_UP}")
+    page = trainee.page
+    # Possible lesions, highest stage-2 score first.
+    rows = page.locator("#suggestions li")
+    assert rows.count() == 2
+    assert "stage 2 0.41" in rows.nth(0).inner_text()
+    assert "stage 2 0.12" in rows.nth(1).inner_text()
+    # The lesion list against the previous scan: persisting lesions, the new 2-voxel one, and
+    # the one that is gone.
+    lesions = page.locator("#lesions button.lesion")
+    texts = [lesions.nth(i).inner_text() for i in range(lesions.count())]
+    assert sum("persisting" in t for t in texts) == 2 and "new" in texts[-1], texts
+    assert page.locator("#gone li").count() == 1
+    assert "confirmed label" in page.inner_text("#previous-info")
+
+    # S jumps to the top suggestion, A accepts it (as enhancing).
+    page.keyboard.press("s")
+    page.keyboard.press("a")
+    page.wait_for_selector("#suggestions li.accepted")
+    # Select the new lesion (Navigate: jumping to it puts the crosshair in it) and delete it.
+    lesions.nth(lesions.count() - 1).click()
+    page.wait_for_function("document.getElementById('selection').textContent.includes('2 voxels')")
+    page.keyboard.press("x")
+    # The previous T1c beside this one, at the same crosshair.
+    page.keyboard.press("p")
+    page.wait_for_selector("#previous-pane:not([hidden])")
+    page.click("button.lesion[data-lesion-id='1']")
+    _next_frames(page)
+    same = page.evaluate(
+        """() => { const a = window.metsflowEditor.nv; const b = window.metsflowEditor.assists.state.nvPrevious;
+        const p = a.frac2mm(a.scene.crosshairPos); const q = b.frac2mm(b.scene.crosshairPos);
+        return Math.hypot(p[0] - q[0], p[1] - q[1], p[2] - q[2]); }"""
+    )
+    assert same < 1e-3, f"the previous scan's crosshair is {same} mm away"
+    page.keyboard.press("s")  # the undecided suggestion, for the screenshot
+    _next_frames(page)
+    artifact = Path(os.environ.get("METSFLOW_TEST_ARTIFACTS", tmp_path)) / ARTIFACT_NAME
+    page.screenshot(path=str(artifact))
+    print(f"assists screenshot: {artifact}")
+
+    assert trainee.click("#save", "ok") == "Saved v1 (refined)."
+    trainee.close()
+
+    store = LabelStore(config.label_store)
+    versions = store.versions(FOLLOW_UP)
+    saved = np.asarray(nib.load(versions[-1]["path"]).dataobj)
+    before = assisted["preseg"]
+    expected = before.copy()
+    expected[assisted["suggestion_a"]] = labels.ENHANCING
+    expected[40, 10, 26:28] = 0
+    assert np.array_equal(saved, expected), np.argwhere(saved != expected)[:5]
+    record = store.history(FOLLOW_UP)[-1]
+    assert record["assists"]["suggestions"] == {"1": "accepted"}
+    assert record["assists"]["edits"]["deleted"] == 1
+    bins = record["assists"]["suggestions_by_size_bin"]
+    assert sum(b["accepted"] for b in bins.values()) == 1
