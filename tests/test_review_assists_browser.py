@@ -85,7 +85,7 @@ def server(assisted, tmp_path):
     thread.join(timeout=10)
 
 
-def test_accept_a_suggestion_delete_a_lesion_and_save(server, browser, assisted, tmp_path):
+def test_accept_a_suggestion_delete_a_lesion_and_save(server, browser, assisted, tmp_path):  # noqa: F811
     base_url, config = server
     trainee = Session(browser, base_url, "tina", start=f"/study/{FOLLOW_UP}")
     page = trainee.page
