@@ -10,12 +10,14 @@ import shutil
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 from _review_assists_data import FOLLOW_UP, write_assisted_batch
 from argon2 import PasswordHasher
 from starlette.testclient import TestClient
 
 from metsflow.active_learning.assists import quantise_probability
+from metsflow.active_learning.status import suggestion_status
 from metsflow.core import labels
 from metsflow.core.layout import (
     ASSISTS_NAME,
@@ -24,6 +26,7 @@ from metsflow.core.layout import (
     PREVIOUS_T1C_NAME,
     REVIEW_PROB_NAME,
     REVIEW_SUGGESTIONS_NAME,
+    Layout,
 )
 from metsflow.evaluation.longitudinal import match_previous
 from metsflow.models.cascade import Candidate, dropped_candidates
@@ -175,6 +178,13 @@ def test_decisions_are_kept_with_the_saved_version(client, batch):
     bins = assists["suggestions_by_size_bin"]
     assert sum(b["accepted"] for b in bins.values()) == 1
     assert sum(b["offered"] for b in bins.values()) == 2
+    # `al status` sums them per round and size bin.
+    selection = Layout(batch["results"]).selection(1)
+    pd.DataFrame({"study_id": [FOLLOW_UP, "S01"]}).to_csv(selection, sep="\t", index=False)
+    text = suggestion_status(batch["results"], config.label_store)
+    rows = [line.split() for line in text.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["1"] * len(bins)
+    assert sum(int(r[3]) for r in rows) == 1 and sum(int(r[4]) for r in rows) == 1
 
 
 def test_bad_decisions_are_refused_listing_every_problem(client, batch):

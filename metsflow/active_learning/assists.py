@@ -251,3 +251,19 @@ def previous_label_for(
     if model_prediction is not None and Path(model_prediction).is_file():
         return Path(model_prediction), "model"
     return None
+
+
+def suggestion_decisions(store, study_ids) -> dict[str, dict[str, int]]:
+    """Per size bin, summed over ``study_ids``: suggestions offered, accepted and dismissed, from
+    each study's newest saved version that carries assist decisions (its history record)."""
+    total: dict[str, dict[str, int]] = {}
+    for study_id in study_ids:
+        records = [r for r in store.history(str(study_id)) if isinstance(r.get("assists"), dict)]
+        if not records:
+            continue
+        by_bin = records[-1]["assists"].get("suggestions_by_size_bin", {})
+        for size_bin, counts in by_bin.items():
+            entry = total.setdefault(size_bin, {"offered": 0, "accepted": 0, "dismissed": 0})
+            for key in entry:
+                entry[key] += int(counts.get(key, 0))
+    return total
