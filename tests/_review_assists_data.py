@@ -54,7 +54,7 @@ def write_assisted_batch(
     """Export a round-1 batch of one patient (baseline + follow-up, same images) with assists.
 
     Follow-up: the pre-segmentation ``preseg``; two dropped candidates (a 3-voxel-radius ball,
-    stage-2 0.41, and a 1-voxel-radius one, 0.12); the previous label = ``preseg`` with its
+    stage-2 0.41, and a 1.5-voxel-radius one, 0.12); the previous label = ``preseg`` with its
     smallest lesion removed and one extra lesion (gone now). Returns the paths and the
     suggestion masks."""
     shape = preseg.shape
@@ -69,8 +69,10 @@ def write_assisted_batch(
     # each other: greedy picks of voxels far from everything placed so far.
     taken = preseg > 0
     masks = []
-    for radius in (2.5, 1.0, 2.0):
-        room = ndimage.distance_transform_edt(~taken) * (t1c > 0)
+    smooth = ndimage.gaussian_filter(t1c, 1.5)
+    inside = ndimage.binary_erosion(smooth > 0.5 * smooth.max(), iterations=3)
+    for radius in (2.5, 1.5, 2.0):
+        room = ndimage.distance_transform_edt(~taken) * inside
         centre = np.unravel_index(int(np.argmax(room)), shape)
         masks.append(sphere(shape, centre, radius) & ~taken)
         taken = taken | masks[-1]

@@ -360,7 +360,8 @@ export function createAssists({ nv, state, $, message, api, studyUrl }) {
     if (!a.nvPrevious) {
       pane.hidden = false;
       document.querySelector('.viewer').classList.add('split');
-      const other = new Niivue({ backColor: [0, 0, 0, 1], show3Dcrosshair: true, crosshairColor: [0.2, 0.9, 0.3, 0.5], dragAndDropEnabled: false, isResizeCanvas: true, logLevel: 'warn' });
+      const { backColor, show3Dcrosshair, crosshairWidth, crosshairWidthUnit, crosshairColor } = nv.opts;
+      const other = new Niivue({ backColor, show3Dcrosshair, crosshairWidth, crosshairWidthUnit, crosshairColor, dragAndDropEnabled: false, isResizeCanvas: true, logLevel: 'warn' });
       await other.attachToCanvas($('gl-previous'));
       other.addVolume(await volume('previous_t1c', { colormap: 'gray' }));
       other.setSliceType(nv.opts.sliceType);
