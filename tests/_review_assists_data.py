@@ -44,8 +44,8 @@ def _identity_registration(reg_dir: Path, grid: nib.Nifti1Image) -> None:
 
 
 def sphere(shape, centre, radius) -> np.ndarray:
-    grid = np.indices(shape).transpose(1, 2, 3, 0)
-    return np.linalg.norm(grid - np.asarray(centre), axis=-1) <= radius
+    grid = np.ogrid[tuple(slice(0, n) for n in shape)]
+    return sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2
 
 
 def write_assisted_batch(

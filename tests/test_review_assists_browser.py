@@ -10,6 +10,7 @@ beside this one) goes to the test's tmp_path, or ``$METSFLOW_TEST_ARTIFACTS`` wh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -40,19 +41,19 @@ from metsflow.review_server.app import create_app
 from metsflow.review_server.config import ReviewConfig
 
 ARTIFACT_NAME = "review_assists.png"
+CLINICAL_SHAPE = (240, 240, 155)  # 1 mm, as BraTS; the size the editor must handle
+TINY = (40, 10, 26)  # a 2-voxel lesion inside the head, far from both lesions
 
 
-@pytest.fixture(scope="module")
-def assisted(tmp_path_factory):
+def _assisted_batch(root: Path, shape, spacing_mm: float, tiny) -> dict:
     """The oblique P-I-L phantom of test_review_browser as a follow-up with assists."""
-    root = tmp_path_factory.mktemp("assists_browser")
     world = phantom()
-    affine = oblique_affine(SPACING_MM, (10.0, -6.0, 8.0), SHAPE, axes=AXES)
-    t1c = sample(world["t1c"], world["affine"], affine, SHAPE).astype(np.float32)
-    flair = sample(world["t2"], world["affine"], affine, SHAPE).astype(np.float32)
-    brats = sample(world["label"].astype(np.float32), world["affine"], affine, SHAPE, order=0)
+    affine = oblique_affine(spacing_mm, (10.0, -6.0, 8.0), shape, axes=AXES)
+    t1c = sample(world["t1c"], world["affine"], affine, shape).astype(np.float32)
+    flair = sample(world["t2"], world["affine"], affine, shape).astype(np.float32)
+    brats = sample(world["label"].astype(np.float32), world["affine"], affine, shape, order=0)
     preseg = labels.to_internal(np.rint(brats).astype(np.uint8), "brats").astype(np.uint8)
-    preseg[40, 10, 26:28] = labels.ENHANCING  # a 2-voxel lesion: new at the follow-up
+    preseg[tiny[0], tiny[1], tiny[2] : tiny[2] + 2] = labels.ENHANCING  # new at the follow-up
     made = write_assisted_batch(root, t1c, flair, affine, preseg)
     template = root / "users.sqlite3"
     with pytest.MonkeyPatch.context() as patch:
@@ -64,10 +65,15 @@ def assisted(tmp_path_factory):
     return {**made, "template": template, "preseg": preseg}
 
 
-@pytest.fixture
-def server(assisted, tmp_path):
-    config = ReviewConfig(results=assisted["results"], label_store=tmp_path / "labels")
-    shutil.copy(assisted["template"], config.db_path)
+@pytest.fixture(scope="module")
+def assisted(tmp_path_factory):
+    return _assisted_batch(tmp_path_factory.mktemp("assists_browser"), SHAPE, SPACING_MM, TINY)
+
+
+@contextlib.contextmanager
+def _serving(batch: dict, labels_dir: Path):
+    config = ReviewConfig(results=batch["results"], label_store=labels_dir)
+    shutil.copy(batch["template"], config.db_path)
     uv = uvicorn.Server(
         uvicorn.Config(
             create_app(config), host="127.0.0.1", port=0, log_level="warning", lifespan="off"
@@ -80,9 +86,17 @@ def server(assisted, tmp_path):
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
     port = uv.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", config
-    uv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}", config
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def server(assisted, tmp_path):
+    with _serving(assisted, tmp_path / "labels") as served:
+        yield served
 
 
 def test_accept_a_suggestion_delete_a_lesion_and_save(server, browser, assisted, tmp_path):  # noqa: F811
@@ -136,10 +150,35 @@ def test_accept_a_suggestion_delete_a_lesion_and_save(server, browser, assisted,
     before = assisted["preseg"]
     expected = before.copy()
     expected[assisted["suggestion_a"]] = labels.ENHANCING
-    expected[40, 10, 26:28] = 0
+    expected[TINY[0], TINY[1], TINY[2] : TINY[2] + 2] = 0
     assert np.array_equal(saved, expected), np.argwhere(saved != expected)[:5]
     record = store.history(FOLLOW_UP)[-1]
     assert record["assists"]["suggestions"] == {"1": "accepted"}
     assert record["assists"]["edits"]["deleted"] == 1
     bins = record["assists"]["suggestions_by_size_bin"]
     assert sum(b["accepted"] for b in bins.values()) == 1
+
+
+@pytest.mark.slow
+def test_clinical_size_study_loads_and_saves(browser, tmp_path):  # noqa: F811
+    """A 1 mm 240 x 240 x 155 follow-up with its assists (label, probability map, suggestions,
+    previous label) opens, takes an accepted suggestion and saves exactly. Prints the first
+    render (navigation to ready) and the save round trip; benchmarks/bench_review_load.py
+    --clinical measures saves under load."""
+    batch = _assisted_batch(tmp_path / "clinical", CLINICAL_SHAPE, 1.0, (150, 100, 60))
+    with _serving(batch, tmp_path / "labels") as (base_url, config):
+        trainee = Session(browser, base_url, "tina", start=f"/study/{FOLLOW_UP}")
+        page = trainee.page
+        first_render_s = page.evaluate("performance.now()") / 1000
+        page.keyboard.press("s")
+        page.keyboard.press("a")
+        page.wait_for_selector("#suggestions li.accepted")
+        began = page.evaluate("performance.now()")
+        assert trainee.click("#save", "ok") == "Saved v1 (refined)."
+        save_s = (page.evaluate("performance.now()") - began) / 1000
+        trainee.close()
+        print(f"clinical size: first render {first_render_s:.2f} s, save {save_s:.2f} s")
+        saved = np.asarray(nib.load(LabelStore(config.label_store).latest(FOLLOW_UP)).dataobj)
+    expected = batch["preseg"].copy()
+    expected[batch["suggestion_a"]] = labels.ENHANCING
+    assert np.array_equal(saved, expected)

@@ -195,9 +195,20 @@ def review_assist_inputs(layout: Layout, job: ReviewExport, index: dict[str, Stu
     )
     from metsflow.active_learning.labelstore import LabelStore
 
-    store = LabelStore(job.label_store) if job.label_store else None
+    store = LabelStore(job.label_store, create=False) if job.label_store else None
+    # The study each follow-up was registered to (the nearest earlier one that preprocessed),
+    # from the registration manifest; without it, the previous time point by order.
+    registered_to: dict[str, str] = {}
+    manifest = Path(layout.stage_manifest("registered"))
+    if manifest.is_file():
+        table = pd.read_csv(manifest, sep="\t", dtype=str, keep_default_na=False)
+        if "reference_study" in table.columns:
+            registered_to = dict(zip(table["study_id"], table["reference_study"], strict=True))
 
     def previous_of(study: Study) -> Study | None:
+        reference = registered_to.get(study.study_id)
+        if reference:
+            return index.get(reference)
         earlier = [
             s for s in index.values() if s.patient_id == study.patient_id and s.order < study.order
         ]
