@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -194,3 +195,34 @@ def test_bad_decisions_are_refused_listing_every_problem(client, batch):
     assert answer.status_code == 400
     detail = answer.json()["detail"]
     assert "'7': unknown id" in detail and "verdict 'maybe'" in detail and "'x'" in detail
+
+
+def test_export_job_finds_the_registered_previous_study_and_its_best_label(tmp_path):
+    """The follow-up's previous scan is the study it was registered to (registration manifest),
+    its label the confirmed one when the store has it, else the model's (marked)."""
+    from metsflow.cohort.sheet import Study
+    from metsflow.jobs.active_learning import ReviewExport, review_assist_inputs
+
+    layout = Layout(tmp_path / "results")
+    index = {
+        s: Study("P1", s, f"t{o}", o, None, tmp_path / f"{s}.nii.gz")
+        for o, s in enumerate(["A", "B", "C"])
+    }
+    reg = layout.registered_dir("C")
+    reg.mkdir(parents=True)
+    (reg / "inverse_warp.nii.gz").write_bytes(b"")
+    manifest = Path(layout.stage_manifest("registered"))
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    # B failed preprocessing: C was registered to A.
+    pd.DataFrame({"study_id": ["A", "C"], "reference_study": ["", "A"]}).to_csv(
+        manifest, sep="\t", index=False
+    )
+    prediction = layout.study_prediction(0, "A")
+    prediction.parent.mkdir(parents=True)
+    prediction.write_bytes(b"")
+    job = ReviewExport(1, 0, "", [], "m", str(tmp_path / "out"), str(tmp_path / "labels"))
+    inputs = review_assist_inputs(layout, job, index)
+    assert inputs("A").previous is None
+    previous = inputs("C").previous
+    assert previous.study_id == "A" and previous.label_source == "model"
+    assert previous.label == prediction and previous.reg_dir == reg
