@@ -108,20 +108,21 @@ function boundingBox(dims, voxels, margin) {
   ];
 }
 
-// File-order outline of a label image: label voxels with a background 6-neighbour.
+// File-order outline of a label image: label voxels with a background 6-neighbour (a voxel
+// on the volume's edge counts as outline).
 function outline(image) {
   const [, nx, ny, nz] = image.hdr.dims;
   const src = image.img;
   const out = new Uint8Array(src.length);
-  const at = (x, y, z) => (x < 0 || y < 0 || z < 0 || x >= nx || y >= ny || z >= nz ? 0 : src[x + y * nx + z * nx * ny]);
-  for (let z = 0; z < nz; z++) {
-    for (let y = 0; y < ny; y++) {
-      for (let x = 0; x < nx; x++) {
-        if (!at(x, y, z)) continue;
-        if (!at(x - 1, y, z) || !at(x + 1, y, z) || !at(x, y - 1, z) || !at(x, y + 1, z) || !at(x, y, z - 1) || !at(x, y, z + 1)) {
-          out[x + y * nx + z * nx * ny] = 1;
-        }
-      }
+  const plane = nx * ny;
+  for (let i = 0; i < src.length; i++) {
+    if (!src[i]) continue;
+    const x = i % nx;
+    const y = Math.floor(i / nx) % ny;
+    const z = Math.floor(i / plane);
+    if (x === 0 || y === 0 || z === 0 || x === nx - 1 || y === ny - 1 || z === nz - 1 ||
+      !src[i - 1] || !src[i + 1] || !src[i - nx] || !src[i + nx] || !src[i - plane] || !src[i + plane]) {
+      out[i] = 1;
     }
   }
   return out;
@@ -187,7 +188,7 @@ export function createAssists({ nv, state, $, message, api, studyUrl }) {
   function jumpTo(mm) {
     nv.scene.crosshairPos = nv.mm2frac(mm, 0, true);
     nv.createOnLocationChange();
-    nv.updateGLVolume();
+    nv.drawScene();
   }
 
   function jumpToSuggestion(index) {

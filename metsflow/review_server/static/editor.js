@@ -288,7 +288,9 @@ function jumpToLesion(index) {
   // several mm off for an oblique T1c.
   nv.scene.crosshairPos = nv.mm2frac(lesion.centroid_mm, 0, true);
   nv.createOnLocationChange();
-  nv.updateGLVolume();
+  // A crosshair move only needs a redraw: updateGLVolume re-renders every volume layer (at
+  // 1 mm with overlays, seconds in software WebGL).
+  nv.drawScene();
   for (const button of document.querySelectorAll('.lesion')) {
     button.classList.toggle('active', Number(button.dataset.lesionId) === lesion.id);
   }
@@ -561,11 +563,6 @@ async function main() {
         el('button', { type: 'button', class: `sequence${name === 't1c' ? ' active' : ''}`, dataset: { sequence: name }, onclick: () => setBackground(name) }, SEQUENCE_LABEL[name]),
       ),
   );
-  try {
-    await assists.load();
-  } catch (exc) {
-    message(`Assists unavailable: ${exc.detail ?? exc.message}`, 'error');
-  }
   setView('multi');
   setPen(-1);
   setOpacity(Number($('opacity').value));
@@ -577,6 +574,17 @@ async function main() {
   setBusy(false);
   if ((state.study.lesions ?? []).length) jumpToLesion(0);
   document.body.dataset.ready = '1';
+  document.body.dataset.readyMs = String(Math.round(performance.now())); // first render, measured
+  // The study is on screen and editable; the assists (suggestions, probability map, previous
+  // scan) follow, so they never delay the first render.
+  try {
+    await assists.load();
+    document.body.dataset.assistsMs = String(Math.round(performance.now()));
+    document.body.dataset.assists = 'ready';
+  } catch (exc) {
+    document.body.dataset.assists = 'error';
+    message(`Assists unavailable: ${exc.detail ?? exc.message}`, 'error');
+  }
 }
 
 main().catch((exc) => {
