@@ -259,6 +259,7 @@ def _cmd_al_status(args) -> int:
         format_burden,
         format_status,
         round_status,
+        suggestion_status,
     )
 
     _workflow_paths(args)
@@ -269,6 +270,7 @@ def _cmd_al_status(args) -> int:
         format_status(table) + format_burden(table) + detection + final_status(args.results, store),
         end="",
     )
+    print(suggestion_status(args.results, store), end="")
     from metsflow.review_server.db import progress_line
 
     print(progress_line(args.labels), end="")

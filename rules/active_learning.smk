@@ -85,6 +85,7 @@ rule export_review:
     params:
         studies=lambda wc: [study_record(s) for s in COHORT.studies],
         model=lambda wc: LAYOUT.model(int(wc.round) - 1),
+        label_store=config["label_store"],
     script:
         "../scripts/export_review.py"
 

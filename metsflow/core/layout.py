@@ -62,6 +62,8 @@ def coregistration_transform(sequence: str) -> str:
     """A sequence's co-registration to T1c, relative to its study's preprocessed folder."""
     return f"{TRANSFORMS_DIR}/{sequence}_to_t1c.mat"
 
+SUGGESTIONS = "suggestions.nii.gz"  # stage-1 candidates stage 2 dropped (ids 1..n), model grid
+SUGGESTIONS_TABLE = "suggestions.json"  # their stage-1/stage-2 scores and sizes, by id
 
 # Per-round files (rounds/round_<r>/).
 CANDIDATES_NAME = "candidates.tsv"
@@ -71,6 +73,14 @@ BURDEN_NAME = "correction_burden.tsv"
 EVALUATION_SUMMARY_NAME = "summary.json"
 REVIEW_MANIFEST_NAME = "manifest.csv"
 PRESEGMENTATION_NAME = "presegmentation.nii.gz"  # per study of a review package
+# Review assists, per study of a review package (metsflow.active_learning.assists), all on the
+# study's native T1c grid: the dropped candidates, the uint8-quantised foreground probability,
+# the previous time point's label and T1c warped here, and one JSON describing them.
+REVIEW_SUGGESTIONS_NAME = "suggestions.nii.gz"
+REVIEW_PROB_NAME = "fg_prob_u8.nii.gz"
+PREVIOUS_LABEL_NAME = "previous_label.nii.gz"
+PREVIOUS_T1C_NAME = "previous_t1c.nii.gz"
+ASSISTS_NAME = "assists.json"
 
 # Names the layout itself puts beside per-study folders (a stage root holds <study>/, shards/ and
 # manifest.tsv; a review package <study>/ and manifest.csv; the label store <study>/ and its

@@ -176,6 +176,26 @@ def _match_components(
     return matched
 
 
+def match_previous(
+    current: np.ndarray, previous: np.ndarray, min_overlap_voxels: int = 1, margin_voxels: int = 0
+) -> tuple[np.ndarray, dict[int, int | None], np.ndarray, list[int]]:
+    """Match the lesions of ``current`` to those of ``previous`` (boolean masks on one grid, the
+    previous one already warped here) by ``track_patient``'s rule: each current component takes
+    the previous component it overlaps most after the previous ones are grown by
+    ``margin_voxels``. Returns (current components, component -> previous component or None,
+    previous components, previous components no current one matched: *gone*)."""
+    components, n = lesion_components(np.asarray(current, dtype=np.uint8))
+    before, n_before = lesion_components(np.asarray(previous, dtype=np.uint8))
+    grown = before
+    if margin_voxels > 0 and n_before:
+        dilated = ndimage.grey_dilation(before, size=(2 * margin_voxels + 1,) * 3)
+        grown = np.where(before > 0, before, dilated)
+    matched = _match_components(components, n, grown, min_overlap_voxels)
+    kept = {lesion for lesion in matched.values() if lesion is not None}
+    gone = [lesion for lesion in range(1, n_before + 1) if lesion not in kept]
+    return components, matched, before, gone
+
+
 def track_patient(
     patient_id: str,
     timepoints: Sequence[TimePoint],

@@ -405,6 +405,29 @@ def propagate_label(
     return {str(v): int(c) for v, c in enumerate(counts) if c and v}
 
 
+def warp_previous_image(
+    image_path: str | Path, reg_dir: str | Path, followup_dir: str | Path
+) -> np.ndarray:
+    """The previous study's preprocessed image on the follow-up's preprocessed grid (linear),
+    with the same transforms as ``propagate_label``: the review editor shows it beside the
+    follow-up at the same crosshair."""
+    reg_dir, followup_dir = Path(reg_dir), Path(followup_dir)
+    study_id = followup_dir.name
+    for name in OUTPUT_FILES:
+        if not (reg_dir / name).exists():
+            raise StudyError(study_id, f"registration output {name} is missing", reg_dir / name)
+    grid = load_nifti(followup_dir / "t1c.nii.gz", study_id, "preprocessed T1c")
+    image = load_nifti(image_path, study_id, "previous image")
+    warped = ants.apply_transforms(
+        fixed=nifti_to_ants(grid),
+        moving=nifti_to_ants(image),
+        transformlist=[str(reg_dir / "affine.mat"), str(reg_dir / "inverse_warp.nii.gz")],
+        whichtoinvert=[True, False],
+        interpolator="linear",
+    )
+    return warped.numpy().astype(np.float32)
+
+
 def lesion_id_warp(
     prep_root: str | Path, reg_root: str | Path, affines: dict[str, np.ndarray], scratch: Path
 ):

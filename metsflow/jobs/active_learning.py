@@ -137,6 +137,7 @@ class ReviewExport:
     studies: list[dict]
     model: str
     out_dir: str
+    label_store: str = ""  # read only: a follow-up's previous label (review assists)
 
     @classmethod
     def from_snakemake(cls, smk) -> ReviewExport:
@@ -149,6 +150,7 @@ class ReviewExport:
             studies=list(smk.params.studies),
             model=smk.params.model,
             out_dir=os.path.dirname(smk.output.manifest),
+            label_store=str(getattr(smk.params, "label_store", "") or ""),
         )
 
     @classmethod
@@ -161,6 +163,7 @@ class ReviewExport:
             studies=list(smk.params.studies),
             model=smk.input.model,
             out_dir=os.path.dirname(smk.output.manifest),
+            label_store=str(getattr(smk.params, "label_store", "") or ""),
         )
 
 
@@ -179,7 +182,63 @@ def run_export_review(layout: Layout, job: ReviewExport) -> None:
         round_index=job.round_index,
         model_id=job.model,
         patient_for=lambda s: index[s].patient_id,
+        assists_for=review_assist_inputs(layout, job, index),
     )
+
+
+def review_assist_inputs(layout: Layout, job: ReviewExport, index: dict[str, Study]):
+    """study -> ``StudyAssistInputs``: this round's model outputs on the model grid and, for a
+    follow-up with a registration, the previous time point (its label from the label store,
+    else the model's prediction of it)."""
+    from metsflow.active_learning.assists import (
+        PreviousScan,
+        StudyAssistInputs,
+        previous_label_for,
+    )
+    from metsflow.active_learning.labelstore import LabelStore
+
+    store = LabelStore(job.label_store, create=False) if job.label_store else None
+    # The study each follow-up was registered to (the nearest earlier one that preprocessed),
+    # from the registration manifest; without it, the previous time point by order.
+    registered_to: dict[str, str] = {}
+    manifest = Path(layout.stage_manifest("registered"))
+    if manifest.is_file():
+        table = pd.read_csv(manifest, sep="\t", dtype=str, keep_default_na=False)
+        if "reference_study" in table.columns:
+            registered_to = dict(zip(table["study_id"], table["reference_study"], strict=True))
+
+    def previous_of(study: Study) -> Study | None:
+        reference = registered_to.get(study.study_id)
+        if reference:
+            return index.get(reference)
+        earlier = [
+            s for s in index.values() if s.patient_id == study.patient_id and s.order < study.order
+        ]
+        return max(earlier, key=lambda s: s.order) if earlier else None
+
+    def inputs(study_id: str) -> StudyAssistInputs:
+        previous = None
+        before = previous_of(index[study_id])
+        reg_dir = layout.registered_dir(study_id)
+        if before is not None and (reg_dir / "inverse_warp.nii.gz").is_file():
+            found = previous_label_for(
+                store, layout.study_prediction(job.model_round, before.study_id), before.study_id
+            )
+            if found is not None:
+                previous = PreviousScan(
+                    study_id=before.study_id,
+                    label=found[0],
+                    label_source=found[1],
+                    prep_dir=layout.preprocessed_dir(before.study_id),
+                    reg_dir=reg_dir,
+                )
+        return StudyAssistInputs(
+            prep_dir=layout.preprocessed_dir(study_id),
+            prediction_dir=layout.prediction_dir(job.model_round, study_id),
+            previous=previous,
+        )
+
+    return inputs
 
 
 @dataclass(frozen=True)

@@ -343,6 +343,38 @@ def filter_prediction(
     return remove_components(pred, components, dropped), candidates
 
 
+# A suggestion map is uint8 (review editor, NiiVue drawing layer): at most 255 per study, the
+# highest-scoring kept when stage 1 proposes more.
+MAX_SUGGESTIONS = 255
+
+
+def dropped_candidates(
+    components: np.ndarray, candidates: Sequence[Candidate], threshold: float
+) -> tuple[np.ndarray, list[dict]]:
+    """The candidates stage 2 dropped (score < ``threshold``), as review suggestions.
+
+    Returns a uint8 map (ids 1..n, highest stage-2 score first) and one row per id:
+    ``{id, stage1_score (max fg prob), stage2_score, voxels}``. What stage 2 discarded is what
+    a reviewer most often has to add back by hand, so it is offered, not thrown away."""
+    dropped = sorted(
+        (c for c in candidates if c.score < float(threshold)),
+        key=lambda c: (-c.score, c.index),
+    )[:MAX_SUGGESTIONS]
+    lookup = np.zeros(int(components.max()) + 1 if components.size else 1, dtype=np.uint8)
+    rows = []
+    for new_id, cand in enumerate(dropped, start=1):
+        lookup[cand.index] = new_id
+        rows.append(
+            {
+                "id": new_id,
+                "stage1_score": round(float(cand.max_prob), 4),
+                "stage2_score": round(float(cand.score), 4),
+                "voxels": int(cand.voxels),
+            }
+        )
+    return lookup[components], rows
+
+
 def remove_components(
     pred: np.ndarray, components: np.ndarray, dropped: Sequence[int]
 ) -> np.ndarray:

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from metsflow.core import labels as lab
-from metsflow.core.io import StudyError, save_nifti
-from metsflow.core.layout import BRAIN_MASK, FG_PROB, PRED
+from metsflow.core.io import StudyError, save_nifti, write_json
+from metsflow.core.layout import BRAIN_MASK, FG_PROB, PRED, SUGGESTIONS, SUGGESTIONS_TABLE
 from metsflow.core.runtime import reuse_freed_memory, select_device
 from metsflow.core.settings import InferSettings, tta_flips
 from metsflow.models.networks import (
@@ -491,7 +491,11 @@ def foreground_probability(probs: np.ndarray, brain: np.ndarray) -> np.ndarray:
 PostProcess = Callable[[dict, dict, np.ndarray, np.ndarray], tuple[np.ndarray, dict]]
 
 
-# One output file of a study: (path, array, affine, dtype).
+# Key of a postprocess's ``extra`` holding (suggestion map, rows): the stage-1 candidates stage 2
+# dropped; taken out of the row and written as SUGGESTIONS / SUGGESTIONS_TABLE.
+SUGGESTIONS_KEY = "_suggestions"
+
+# One output file of a study: (path, array, affine, dtype); dtype "json": array is a JSON object.
 OutputFile = tuple[Path, np.ndarray, np.ndarray, Any]
 
 
@@ -523,6 +527,11 @@ def segment_study(
         (out_dir / PRED, pred.astype(np.uint8), affine, np.uint8),
         (out_dir / FG_PROB, fg_prob, affine, np.float32),
     ]
+    suggestions = extra.pop(SUGGESTIONS_KEY, None)
+    if suggestions is not None:
+        suggestion_map, rows = suggestions
+        files.append((out_dir / SUGGESTIONS, suggestion_map, affine, np.uint8))
+        files.append((out_dir / SUGGESTIONS_TABLE, rows, affine, "json"))
     row = {"study_id": study_id, **uncertainty_scores(probs, pred, brain, voxel_mm3), **extra}
     if "member_entropy" in inp:
         # Fold-ensemble disagreement: mutual information = entropy of the mean - mean entropy.
@@ -534,7 +543,10 @@ def segment_study(
 
 def write_outputs(files: Sequence[OutputFile]) -> None:
     for path, data, affine, dtype in files:
-        save_nifti(path, data, affine, dtype=dtype)
+        if dtype == "json":
+            write_json(path, data)
+        else:
+            save_nifti(path, data, affine, dtype=dtype)
 
 
 def predict_study(

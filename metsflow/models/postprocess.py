@@ -21,8 +21,13 @@ import torch
 from torch import nn
 
 from metsflow.imaging.priors import merge_followup
-from metsflow.models.cascade import filter_prediction
-from metsflow.models.infer import foreground_probability, load_ensemble, stage1_probabilities
+from metsflow.models.cascade import dropped_candidates, filter_prediction
+from metsflow.models.infer import (
+    SUGGESTIONS_KEY,
+    foreground_probability,
+    load_ensemble,
+    stage1_probabilities,
+)
 from metsflow.models.networks import PRIOR
 
 log = logging.getLogger(__name__)
@@ -75,10 +80,15 @@ class CascadePostProcess:
         if self.stage2 is not None:
             network, meta = self.stage2
             fg_prob = foreground_probability(probs, inp["brain"])
+            pred_before = pred
             pred, candidates = filter_prediction(
                 pred, inp["image"], fg_prob, network, meta, str(item["study_id"])
             )
             extra["stage2_removed"] = sum(c.score < meta["threshold"] for c in candidates)
+            # For the review editor's "possible lesions"; segment_study writes them as files.
+            extra[SUGGESTIONS_KEY] = dropped_candidates(
+                _candidate_map(pred_before), candidates, meta["threshold"]
+            )
         extra["stage1_lesions"] = lesions_before
         if self.reseg is not None and item.get("prior"):
             networks, meta = self.reseg
@@ -90,6 +100,15 @@ class CascadePostProcess:
             extra["tracked_lesions"] = counts["tracked"]
             extra["new_lesions"] = counts["new"]
         return pred, extra
+
+
+def _candidate_map(pred: np.ndarray) -> np.ndarray:
+    """The stage-1 candidate components, numbered as ``find_candidates`` numbers them (the same
+    ``labels.lesion_components`` call on the same mask); recomputed rather than threaded out of
+    ``filter_prediction``, whose signature the training code shares."""
+    from metsflow.core import labels as lab
+
+    return lab.lesion_components(lab.whole_lesion(pred))[0]
 
 
 def _lesion_count(pred: np.ndarray) -> int:

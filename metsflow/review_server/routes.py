@@ -28,6 +28,7 @@ from metsflow.core.io import remove_path
 from metsflow.core.labels import INTERNAL_NAMES
 from metsflow.review_server import db, policy
 from metsflow.review_server.assign import assign_studies, auto_assign
+from metsflow.review_server.assists import ASSIST_HEADER, assist_provenance, assist_routes
 from metsflow.review_server.auth import (
     UPLOAD_TYPES,
     api,
@@ -211,6 +212,7 @@ def _write_version(
     kind: str,
     override_reason: str | None = None,
     comment: str | None = None,
+    assists: dict | None = None,
 ) -> dict:
     """Import one label through the label store and log it; the review time is the time since
     this user's last ``open`` of the study (recorded in the store's history too)."""
@@ -223,6 +225,8 @@ def _write_version(
         provenance["opened_at"] = db.iso(opened)
     if comment:
         provenance["comment"] = comment
+    if assists:
+        provenance["assists"] = assists  # accept/dismiss decisions (review_server.assists)
     _, edit = edit_summary(label_path, entry.presegmentation, entry.study_id)
     try:
         version = app.store.import_label(
@@ -305,11 +309,17 @@ async def save(request: Request) -> Response:
         base = _int_param(request, "base_version", required=True)
         confirm = request.query_params.get("confirm") in ("1", "true", "yes")
         _save_permission(app, user, entry, Action.SAVE_CONFIRMED if confirm else Action.SAVE)
-        return entry, (base, str(Stage.CONFIRMED if confirm else Stage.REFINED))
+        try:
+            assists = assist_provenance(request.headers.get(ASSIST_HEADER), entry)
+        except ValueError as exc:
+            raise HTTPError(400, str(exc)) from exc
+        return entry, (base, str(Stage.CONFIRMED if confirm else Stage.REFINED), assists)
 
     def finish(app, request, user, entry, context, upload):
-        base, stage = context
-        return _write_version(app, request, user, entry, upload, stage, base, "save")
+        base, stage, assists = context
+        return _write_version(
+            app, request, user, entry, upload, stage, base, "save", assists=assists
+        )
 
     return await _upload_endpoint(request, prepare, finish)
 
@@ -482,6 +492,7 @@ def routes() -> list:
         Route(prefix + "/send_back", send_back, methods=["POST"]),
         Route(prefix + "/comment", comment, methods=["POST"]),
         Route(prefix + "/override", override, methods=["POST"]),
+        *assist_routes(prefix, api, HTTPError, _gzip_file),
         Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
         Mount("/vendor/niivue", StaticFiles(directory=NIIVUE_DIST, check_dir=False), name="niivue"),
     ]

@@ -47,8 +47,9 @@ async function asError(response) {
 // fetch() with the session cookie and, for anything but GET, the CSRF header.
 // `body` may be an object (sent as JSON) or bytes (sent as application/octet-stream).
 // `keepPage`: on 401 throw instead of leaving for /login (the editor must not drop a drawing).
-export async function api(method, path, body, { keepPage = false } = {}) {
-  const headers = {};
+// `headers`: extra request headers (the editor's save sends its assist decisions in one).
+export async function api(method, path, body, { keepPage = false, headers: extra = {} } = {}) {
+  const headers = { ...extra };
   const init = { method, headers, credentials: 'same-origin' };
   if (method !== 'GET') {
     headers['X-CSRF-Token'] = (await currentUser()).csrf_token;
