@@ -195,10 +195,9 @@ def _workflow_paths(args) -> None:
     commands read the same folders the pipeline wrote; then the demo defaults."""
     defaults = {key: default for key, (default, _) in _WORKFLOW_PATHS.items()}
     if getattr(args, "configfile", None):
-        import yaml
+        from metsflow.core import config as workflow_config
 
-        with open(args.configfile) as handle:
-            config = yaml.safe_load(handle) or {}
+        config = workflow_config.load(args.configfile)
         defaults.update(
             {key: config[name] for key, (_, name) in _WORKFLOW_PATHS.items() if config.get(name)}
         )
@@ -406,7 +405,9 @@ def _cmd_cost(args) -> int:
         try:
             shape = _shape_from_config(shape, args.configfile)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            print(f"--configfile {args.configfile}: {exc}", file=sys.stderr)
+            # A ConfigError names the file itself.
+            named = args.configfile in str(exc)
+            print(exc if named else f"--configfile {args.configfile}: {exc}", file=sys.stderr)
             return 1
     if args.candidates is not None:
         shape = dataclasses.replace(
@@ -436,9 +437,9 @@ def _shape_from_config(shape, path: str):
     """Shard sizes, rounds and candidates of a workflow config file (e.g. config/cohort.yaml)."""
     import dataclasses
 
-    import yaml
+    from metsflow.core import config as workflow_config
 
-    config = yaml.safe_load(Path(path).read_text()) or {}
+    config = workflow_config.load(path)
     sharding = config.get("sharding", {})
     al = config.get("active_learning", {})
     candidates = al.get("candidates", "all")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metsflow.core.settings import InferRun
 from metsflow.imaging.priors import merge_followup
 from metsflow.models.cascade import filter_prediction
 from metsflow.models.infer import foreground_probability, load_ensemble, stage1_probabilities
@@ -33,7 +34,7 @@ class CascadePostProcess:
         self,
         stage2: tuple[nn.Module, dict] | None,
         reseg: tuple[list[nn.Module], dict] | None,
-        params: dict,
+        params: InferRun | dict,
         device: torch.device,
     ) -> None:
         if reseg is not None and PRIOR not in reseg[1]["channels"]:
@@ -52,7 +53,7 @@ class CascadePostProcess:
         stage1_channels: Sequence[str],
         stage2_path: str | None,
         reseg_paths: Sequence[str] | None,
-        params: dict,
+        params: InferRun | dict,
         device: torch.device,
     ) -> CascadePostProcess | None:
         """``None`` when neither stage 2 nor re-seg is given (plain stage-1 inference)."""
