@@ -129,8 +129,13 @@ class BrainMaskSettings(_Section):
 class PreprocessSettings(BrainMaskSettings):
     """The ``preprocess`` section (``metsflow.imaging.preprocess.DEFAULTS`` is its dict form)."""
 
-    spacing: list = field(default_factory=lambda: [1.0, 1.0, 1.0])
-    crop_margin_mm: float = 10.0
+    spacing: list = setting(
+        factory=lambda: [1.0, 1.0, 1.0],
+        items={"type": "number", "exclusiveMinimum": 0, "maximum": 10},
+        minItems=3,
+        maxItems=3,
+    )
+    crop_margin_mm: float = setting(10.0, **_NONNEG)
     # "auto" (skull-stripped input -> its support, else atlas), "atlas", "nonzero", or a path
     # template containing "{study_id}" for user-supplied masks on the native T1c grid.
     brain_mask: str = setting(
