@@ -21,6 +21,7 @@ changed since training.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -372,7 +373,10 @@ def _checked_labels(data: np.ndarray, study_id: str, path) -> np.ndarray:
 # checkpoints
 # --------------------------------------------------------------------------------------------
 def plain(obj: Any) -> Any:
-    """Convert ``obj`` to the plain types ``torch.load(weights_only=True)`` accepts."""
+    """Convert ``obj`` to the plain types ``torch.load(weights_only=True)`` accepts (a settings
+    dataclass becomes its dict form)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return plain(dataclasses.asdict(obj))
     if isinstance(obj, dict):
         return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
