@@ -39,7 +39,7 @@ from torch import nn
 from metsflow.core import labels as lab
 from metsflow.core.io import StudyError, save_nifti
 from metsflow.core.runtime import reuse_freed_memory, select_device
-from metsflow.core.settings import InferRun, InferSettings
+from metsflow.core.settings import InferRun
 from metsflow.models.networks import (
     check_meta,
     decode_classes,
@@ -49,9 +49,7 @@ from metsflow.models.networks import (
 
 log = logging.getLogger(__name__)
 
-# One owner of the infer defaults: metsflow.core.settings.InferSettings.
-DEFAULT_OVERLAP = InferSettings.overlap
-DEFAULT_SW_BATCH_SIZE = InferSettings.sw_batch_size
+# The infer defaults' one owner is metsflow.core.settings.InferSettings (InferRun here).
 # Keys of a network's meta that every member of an ensemble must share: averaging softmax over
 # models that read different channels, predict different classes or expect a different grid
 # would silently produce garbage.

@@ -43,7 +43,6 @@ from metsflow.core import labels as lab
 from metsflow.core.io import atomic_path, write_table
 from metsflow.core.runtime import seed_everything, select_device
 from metsflow.core.settings import (
-    OPTIMIZERS,
     TRAIN_SUBSECTIONS,
     ModelSettings,
     TrainingRun,
@@ -77,7 +76,6 @@ RESUME_FORMAT_VERSION = 1
 
 # The knobs and their defaults are owned by metsflow.core.settings.TrainSettings.
 DEFAULTS: dict[str, Any] = TrainSettings().as_dict()
-assert set(OPTIMIZERS) == {"sgd", "adam"}  # _optimizer builds these two
 POLY_POWER = 0.9
 
 
