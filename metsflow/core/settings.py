@@ -82,10 +82,12 @@ class _Section:
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        """The fields that have a default, with it (a section with required keys cannot be
-        built empty)."""
+        """The fields that have a default, with it (not the required ones, whose ``None`` only
+        lets a part of the section be built, e.g. a loss from the model settings)."""
         values = {}
         for f in dataclasses.fields(cls):
+            if f.metadata.get("required"):
+                continue
             if f.default_factory is not dataclasses.MISSING:
                 values[f.name] = f.default_factory()
             elif f.default is not dataclasses.MISSING:
@@ -213,8 +215,9 @@ class ModelSettings(_Section):
     ``defaults()``); ``channels`` and ``patch_size`` have no default (the schema requires them;
     a network is refused without them, a loss needs neither)."""
 
-    channels: list | None = None  # of metsflow.models.networks.CHANNELS, in channel-axis order
-    patch_size: list | None = None  # voxels, 3 values
+    # of metsflow.models.networks.CHANNELS, in channel-axis order
+    channels: list | None = field(default=None, metadata={"required": True})
+    patch_size: list | None = field(default=None, metadata={"required": True})  # voxels, 3 values
     arch: str = "dynunet"  # dynunet | segresnet
     label_mode: str = "multiclass"  # multiclass | whole
     # DynUNet filters per resolution level (nnU-Net's 3D full-resolution widths); the patch

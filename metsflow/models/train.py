@@ -22,6 +22,7 @@ training knobs and their defaults (the optimizer-specific learning rate and weig
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -88,10 +89,18 @@ def resolve_params(params: dict | TrainingRun) -> TrainingRun:
     return run
 
 
-def _stage1_train(train: dict | TrainSettings) -> TrainSettings:
-    if isinstance(train, TrainSettings):
-        return train
-    return TrainSettings.from_dict({k: v for k, v in train.items() if k not in TRAIN_SUBSECTIONS})
+def _settings(
+    model: dict | ModelSettings, train: dict | TrainSettings, spacing: Sequence[float]
+) -> TrainingRun:
+    """``model`` and ``train`` (config sections, or their settings) at ``spacing``; the
+    sub-sections of ``train`` configure other models."""
+    if not isinstance(model, ModelSettings) or not isinstance(train, TrainSettings):
+        model = model.as_dict() if isinstance(model, ModelSettings) else model
+        train = train.as_dict() if isinstance(train, TrainSettings) else train
+        flat = {**model, **{k: v for k, v in train.items() if k not in TRAIN_SUBSECTIONS}}
+        run = TrainingRun.from_params({**flat, "spacing": spacing})
+        model, train = run.model, run.train
+    return TrainingRun(model, train, tuple(float(v) for v in spacing))
 
 
 def training_params(
@@ -103,13 +112,8 @@ def training_params(
 ) -> TrainingRun:
     """Stage-1 training settings of round ``round_index`` from the ``model:``/``train:`` config:
     round r > 0 fine-tunes for ``finetune_iterations`` and is seeded ``seed + r``."""
-    return resolve_params(
-        TrainingRun(
-            ModelSettings.from_dict(model),
-            _stage1_train(train).for_round(seed, round_index),
-            tuple(float(v) for v in spacing),
-        )
-    )
+    run = _settings(model, train, spacing)
+    return resolve_params(dataclasses.replace(run, train=run.train.for_round(seed, round_index)))
 
 
 def reseg_params(
@@ -118,9 +122,8 @@ def reseg_params(
     """Training settings of the re-seg model: ``model``/``train`` with the ``train.reseg``
     overrides (``metsflow.core.settings.reseg_settings``: ``channels``, default T1c + prior + T2;
     ``iterations``, ``finetune_iterations`` and any other model or training key)."""
-    reseg_model, reseg_train = reseg_settings(
-        ModelSettings.from_dict(model), _stage1_train(train), train.get("reseg")
-    )
+    run = _settings(model, train, spacing)
+    reseg_model, reseg_train = reseg_settings(run.model, run.train, train.get("reseg"))
     return training_params(reseg_model, reseg_train, spacing, seed, round_index)
 
 
