@@ -44,6 +44,7 @@ from metsflow.core import labels as lab
 from metsflow.core.io import atomic_path, write_table
 from metsflow.core.runtime import seed_everything, select_device
 from metsflow.core.settings import (
+    OPTIMIZERS,
     TRAIN_SUBSECTIONS,
     ModelSettings,
     TrainingRun,
@@ -84,6 +85,10 @@ def resolve_params(params: dict | TrainingRun) -> TrainingRun:
     """The typed settings of ``params`` (a ``TrainingRun`` or its flat dict form; unknown keys
     refused, ``None`` = the default), channels and label mode checked."""
     run = TrainingRun.from_params(params)
+    if run.train.optimizer not in OPTIMIZERS:  # the config schema's enum, for direct callers
+        raise ValueError(
+            f"unknown optimizer {run.train.optimizer!r}; use one of {list(OPTIMIZERS)}"
+        )
     check_channels(run.model.channels)
     num_classes(run.model.label_mode)
     return run
