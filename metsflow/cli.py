@@ -208,44 +208,44 @@ def _cmd_stats_compare(args) -> int:
     return 0
 
 
-# --sheet/--results/--labels: their defaults (the demo's) and the workflow config key of each.
-_WORKFLOW_PATHS = {
-    "sheet": ("demo/studies.tsv", "sheet"),
-    "results": ("results", "results"),
-    "labels": ("labels", "label_store"),
-}
+# --sheet/--results/--labels: the workflow config key of each; their defaults are the config
+# schema's (the sheet has none there: the demo's, as config/config.yaml).
+_WORKFLOW_KEYS = {"sheet": "sheet", "results": "results", "labels": "label_store"}
+_DEMO_SHEET = "demo/studies.tsv"
+
+
+def _workflow_defaults() -> dict[str, tuple[str, str]]:
+    """option -> (default, config key), the defaults from the workflow config schema."""
+    from metsflow.core import config as workflow_config
+
+    properties = workflow_config.schema()["properties"]
+    return {
+        option: (properties[key].get("default", _DEMO_SHEET), key)
+        for option, key in _WORKFLOW_KEYS.items()
+    }
 
 
 def _workflow_path_args(parser, *names: str, note: dict[str, str] | None = None) -> None:
     """``--configfile`` and the ``--sheet``/``--results``/``--labels`` options ``names`` of a
     command (``note``: text after an option's default), filled by ``_workflow_paths``."""
-    keys = ", ".join(_WORKFLOW_PATHS[n][1] for n in names)
+    paths = _workflow_defaults()
+    keys = ", ".join(paths[n][1] for n in names)
     parser.add_argument("--configfile", help=f"workflow config: its {keys}")
     for name in names:
         extra = f" ({note[name]})" if note and name in note else ""
-        parser.add_argument(f"--{name}", help=f"default: {_WORKFLOW_PATHS[name][0]}{extra}")
+        parser.add_argument(f"--{name}", help=f"default: {paths[name][0]}{extra}")
 
 
 def _workflow_paths(args) -> None:
     """Fill --sheet/--results/--labels left unset from the workflow config (--configfile), so the
     commands read the same folders the pipeline wrote; then the demo defaults."""
-    defaults = {key: default for key, (default, _) in _WORKFLOW_PATHS.items()}
+    paths = _workflow_defaults()
+    defaults = {key: default for key, (default, _) in paths.items()}
     if getattr(args, "configfile", None):
-        import yaml
+        from metsflow.core import config as workflow_config
 
-        try:
-            with open(args.configfile) as handle:
-                config = yaml.safe_load(handle) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"workflow config {args.configfile}: not valid YAML ({exc})") from None
-        if not isinstance(config, dict):
-            raise ValueError(
-                f"workflow config {args.configfile}: expected a mapping of settings "
-                f"(key: value), got a YAML {type(config).__name__}"
-            )
-        defaults.update(
-            {key: config[name] for key, (_, name) in _WORKFLOW_PATHS.items() if config.get(name)}
-        )
+        config = workflow_config.load(args.configfile)
+        defaults.update({key: config[name] for key, (_, name) in paths.items() if config.get(name)})
     for key, value in defaults.items():
         if getattr(args, key, "unset") is None:
             setattr(args, key, value)
@@ -482,8 +482,10 @@ def _cmd_cost(args) -> int:
     )
     pilot = None
     if args.pilot_configfile:
+        from metsflow.core import config as workflow_config
+
         try:
-            pilot = ModelSet.from_config(_read_yaml(args.pilot_configfile))
+            pilot = ModelSet.from_config(workflow_config.load(args.pilot_configfile))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             print(f"--pilot-configfile {args.pilot_configfile}: {exc}", file=sys.stderr)
             return 1
@@ -491,7 +493,9 @@ def _cmd_cost(args) -> int:
         try:
             shape = _shape_from_config(shape, args.configfile)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            print(f"--configfile {args.configfile}: {exc}", file=sys.stderr)
+            # A ConfigError names the file itself.
+            named = args.configfile in str(exc)
+            print(exc if named else f"--configfile {args.configfile}: {exc}", file=sys.stderr)
             return 1
     if args.candidates is not None:
         shape = dataclasses.replace(
@@ -517,23 +521,15 @@ def _cmd_cost(args) -> int:
     return 0
 
 
-def _read_yaml(path: str) -> dict:
-    import yaml
-
-    config = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(config, dict):
-        raise ValueError("not a mapping of config sections")
-    return config
-
-
 def _shape_from_config(shape, path: str):
     """Shard sizes, rounds, candidates and the models trained and ensembled (``train``,
     ``infer``) of a workflow config file (e.g. config/cohort.yaml)."""
     import dataclasses
 
     from metsflow.cohort.costmodel import ModelSet
+    from metsflow.core import config as workflow_config
 
-    config = _read_yaml(path)
+    config = workflow_config.load(path)
     sharding = config.get("sharding", {})
     al = config.get("active_learning", {})
     candidates = al.get("candidates", "all")

@@ -21,7 +21,7 @@ import numpy as np
 from metsflow.core.io import StudyError, remove_path, save_nifti
 from metsflow.core.layout import PRED_NATIVE, Layout
 from metsflow.core.runtime import select_device, set_threads
-from metsflow.core.settings import InferSettings
+from metsflow.core.settings import InferRun, InferSettings
 from metsflow.jobs.manifest import ok_rows, ok_studies, read_manifests, write_manifest
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def run_infer_shard(layout: Layout, settings: InferSettings, shard: InferShard) 
     from metsflow.models.networks import load_study_input
     from metsflow.models.postprocess import CascadePostProcess
 
-    params = settings.as_params()  # what metsflow.models.infer and metsflow.models.postprocess read
+    params = InferRun.from_params(settings)  # what metsflow.models.infer and .postprocess read
     out_root = layout.prediction_root(shard.round_index)
     set_threads(shard.threads)
     device = select_device(settings.device)
@@ -162,7 +162,7 @@ def run_infer_shard(layout: Layout, settings: InferSettings, shard: InferShard) 
         load=lambda item: load_study_input(item, meta["channels"]),
         compute=compute,
         write=write,
-        enabled=params["prefetch"],
+        enabled=params.prefetch,
     ):
         study_id = item["study_id"]
         base = {k: item[k] for k in ("study_id", "patient_id", "role")}

@@ -14,6 +14,7 @@ Each is fine-tuned in round r from its round r-1 version.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from metsflow.cohort.plan import read_plan
 from metsflow.core.io import atomic_path, write_json, write_table
 from metsflow.core.layout import Layout
 from metsflow.core.runtime import reuse_freed_memory, set_threads
-from metsflow.core.settings import InferSettings
+from metsflow.core.settings import InferSettings, Stage2Settings, TrainingRun
 from metsflow.jobs.manifest import ok_studies, read_manifests
 
 log = logging.getLogger(__name__)
@@ -92,12 +93,12 @@ class TrainingInputs:
         self,
         train_items: list[dict],
         val_items: list[dict],
-        params: dict,
+        params: TrainingRun,
         out_model: str,
         out_log: str,
         init_checkpoint: str | None,
     ) -> dict:
-        """``metsflow.models.train.train_model`` on the device of this job's ``train`` settings."""
+        """``metsflow.models.train.train_model`` on the device of its ``train`` settings."""
         from metsflow.models.train import train_model
 
         return train_model(
@@ -107,7 +108,7 @@ class TrainingInputs:
             out_model,
             init_checkpoint=init_checkpoint,
             log_path=out_log,
-            device=self.train.get("device", "auto"),
+            device=params.train.device,
         )
 
 
@@ -210,7 +211,7 @@ def run_train_reseg(job: TrainingInputs, model: dict, spacing: list[float]) -> d
         job.round_index,
         len(train_items),
         len(val_items),
-        params["channels"],
+        params.model.channels,
     )
     result = job.train_model(train_items, val_items, params, out_model, out_log, init_checkpoint)
     return {**result, "round": job.round_index, "n_train": len(train_items)}
@@ -232,8 +233,9 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
     out_summary = job.layout.stage2_summary(job.round_index)
     _start_job(job.threads)
     torch.manual_seed(job.seed)
-    params = {**(job.train.get("stage2") or {}), "seed": job.seed + job.round_index}
-    params.pop("enabled", None)
+    params = dataclasses.replace(
+        Stage2Settings.from_dict(job.train.get("stage2")), seed=job.seed + job.round_index
+    )
     plan, train_items, val_items, _ = job.labelled_items(
         Path(out_model).parent / "train_labels_stage2"
     )

@@ -28,6 +28,7 @@ checkpoint, which loads with ``torch.load(weights_only=True)`` like every metsfl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -72,21 +73,27 @@ class Candidate:
     score: float = math.nan
 
 
-def resolve_params(params: dict | None) -> dict:
-    full = {**DEFAULTS, **{k: v for k, v in (params or {}).items() if v is not None}}
-    full["crop_size"] = [int(v) for v in np.broadcast_to(full["crop_size"], 3)]
-    if any(c % 8 for c in full["crop_size"]):
-        raise ValueError(f"stage-2 crop_size must be multiples of 8, got {full['crop_size']}")
-    if not 0 < float(full["target_sensitivity"]) <= 1:
-        raise ValueError(f"target_sensitivity must be in (0, 1], got {full['target_sensitivity']}")
-    if full["operating_rule"] not in metrics.OPERATING_RULES:
+def resolve_params(params: Stage2Settings | dict | None) -> Stage2Settings:
+    """The typed stage-2 settings of ``params`` (a dict: ``None`` = the default), checked as the
+    config schema checks them (for callers that do not come through the config)."""
+    if not isinstance(params, Stage2Settings):
+        values = {k: v for k, v in (params or {}).items() if v is not None}
+        params = Stage2Settings.from_dict(values, "stage-2 keys")
+    crop = [int(v) for v in np.broadcast_to(params.crop_size, 3)]
+    params = dataclasses.replace(params, crop_size=crop)
+    if not 0 < float(params.target_sensitivity) <= 1:
+        raise ValueError(f"target_sensitivity must be in (0, 1], got {params.target_sensitivity}")
+    if params.operating_rule not in metrics.OPERATING_RULES:
         raise ValueError(
             f"operating_rule must be one of {list(metrics.OPERATING_RULES)}, got "
-            f"{full['operating_rule']!r}"
+            f"{params.operating_rule!r}"
         )
-    if not float(full["max_fp_per_patient"]) >= 0:
-        raise ValueError(f"max_fp_per_patient must be >= 0, got {full['max_fp_per_patient']}")
-    return full
+    if not float(params.max_fp_per_patient) >= 0:
+        raise ValueError(f"max_fp_per_patient must be >= 0, got {params.max_fp_per_patient}")
+    problems = params.problems("stage-2")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return params
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,10 +166,11 @@ def candidate_crops(
 # --------------------------------------------------------------------------------------------
 # network and checkpoint
 # --------------------------------------------------------------------------------------------
-def network_spec(channels: Sequence[str], params: dict) -> dict:
-    filters = [int(f) for f in params["filters"]]
+def network_spec(channels: Sequence[str], params: Stage2Settings | dict) -> dict:
+    params = resolve_params(params)
+    filters = [int(f) for f in params.filters]
     return {
-        "in_shape": [len(check_channels(channels)) + 2, *params["crop_size"]],
+        "in_shape": [len(check_channels(channels)) + 2, *params.crop_size],
         "classes": 1,
         "channels": filters,
         "strides": [2] * len(filters),
@@ -236,9 +244,9 @@ def choose_threshold(
     n_reference: int,
     *,
     n_patients: int = 1,
-    rule: str = DEFAULTS["operating_rule"],
-    max_fp_per_patient: float = DEFAULTS["max_fp_per_patient"],
-    target_sensitivity: float = DEFAULTS["target_sensitivity"],
+    rule: str = Stage2Settings.operating_rule,
+    max_fp_per_patient: float = Stage2Settings.max_fp_per_patient,
+    target_sensitivity: float = Stage2Settings.target_sensitivity,
 ) -> dict:
     """Stage-2 threshold on validation candidates by ``rule`` (module docstring).
 
@@ -414,7 +422,7 @@ def study_candidates(
     image: np.ndarray,
     fg_prob: np.ndarray,
     reference: np.ndarray,
-    params: dict,
+    params: Stage2Settings | dict,
     add_reference: bool,
     patient_id: str = "",
     spacing: Sequence[float] | None = None,
@@ -425,12 +433,12 @@ def study_candidates(
     params = resolve_params(params)
     reference = np.asarray(reference, dtype=bool)
     ref_cc, n_ref = lab.lesion_components(reference)
-    proposal = fg_prob >= float(params["proposal_threshold"])
+    proposal = fg_prob >= float(params.proposal_threshold)
     components, cands = find_candidates(proposal, fg_prob, study_id, reference)
-    if len(cands) > int(params["max_candidates"]):
+    if len(cands) > int(params.max_candidates):
         # A badly trained stage 1 can propose thousands of specks: keep the most confident.
-        cands = sorted(cands, key=lambda c: -c.max_prob)[: int(params["max_candidates"])]
-    crops = candidate_crops(image, fg_prob, components, cands, params["crop_size"])
+        cands = sorted(cands, key=lambda c: -c.max_prob)[: int(params.max_candidates)]
+    crops = candidate_crops(image, fg_prob, components, cands, params.crop_size)
     both = (components > 0) & (ref_cc > 0)
     pairs = np.unique(np.stack([components[both], ref_cc[both]]), axis=1)
     hit_of: dict[int, list[int]] = {}
@@ -441,7 +449,7 @@ def study_candidates(
     if add_reference and n_ref:
         ref_comp, ref_cands = find_candidates(reference, fg_prob, study_id, reference)
         crops = np.concatenate(
-            [crops, candidate_crops(image, fg_prob, ref_comp, ref_cands, params["crop_size"])]
+            [crops, candidate_crops(image, fg_prob, ref_comp, ref_cands, params.crop_size)]
         )
         hits += [[c.index] for c in ref_cands]
         sources += ["reference"] * len(ref_cands)
@@ -462,7 +470,7 @@ def mine_candidates(
     items: Sequence[dict],
     infer_params: dict,
     device: torch.device,
-    params: dict,
+    params: Stage2Settings | dict,
     add_reference: bool,
     patient_of: dict[str, str] | None = None,
 ) -> list[StudyCandidates]:
@@ -498,7 +506,7 @@ def train_stage2(
     train: Sequence[StudyCandidates],
     val: Sequence[StudyCandidates],
     channels: Sequence[str],
-    params: dict,
+    params: Stage2Settings | dict,
     out_path: str | os.PathLike,
     stage1_checkpoint: str | None = None,
 ) -> dict:
@@ -509,7 +517,7 @@ def train_stage2(
     from metsflow.core.runtime import seed_everything
 
     params = resolve_params(params)
-    seed_everything(int(params["seed"]))
+    seed_everything(int(params.seed))
     crops = np.concatenate([s.crops for s in train]) if train else np.zeros((0,))
     labels = np.concatenate([s.labels for s in train]) if train else np.zeros(0)
     if not len(labels) or labels.min() == labels.max():
@@ -521,15 +529,15 @@ def train_stage2(
     network = build_classifier(spec).train()
     optimizer = torch.optim.Adam(
         network.parameters(),
-        lr=float(params["learning_rate"]),
-        weight_decay=float(params["weight_decay"]),
+        lr=float(params.learning_rate),
+        weight_decay=float(params.weight_decay),
     )
     loss_fn = nn.BCEWithLogitsLoss()
-    rng = np.random.default_rng(int(params["seed"]))
+    rng = np.random.default_rng(int(params.seed))
     positives, negatives = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    half = int(params["batch_size"]) // 2
+    half = int(params.batch_size) // 2
     start, losses = time.perf_counter(), []
-    for iteration in range(1, int(params["iterations"]) + 1):
+    for iteration in range(1, int(params.iterations) + 1):
         index = np.concatenate([rng.choice(positives, half), rng.choice(negatives, half)])
         batch = crops[index].copy()
         for axis in range(2, 5):
@@ -541,11 +549,11 @@ def train_stage2(
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-        if iteration % 50 == 0 or iteration == int(params["iterations"]):
+        if iteration % 50 == 0 or iteration == int(params.iterations):
             log.info(
                 "stage 2 iteration %d/%d loss %.4f (%.0f s)",
                 iteration,
-                params["iterations"],
+                params.iterations,
                 float(np.mean(losses[-50:])),
                 time.perf_counter() - start,
             )
@@ -569,9 +577,9 @@ def train_stage2(
         val_hits,
         n_ref,
         n_patients=len(patients),
-        rule=params["operating_rule"],
-        max_fp_per_patient=float(params["max_fp_per_patient"]),
-        target_sensitivity=float(params["target_sensitivity"]),
+        rule=params.operating_rule,
+        max_fp_per_patient=float(params.max_fp_per_patient),
+        target_sensitivity=float(params.target_sensitivity),
     )
     operating["lost_lesions"] = lost_lesions(scores, val_hits, operating["threshold"], diameters)
     if not n_ref:
@@ -580,7 +588,7 @@ def train_stage2(
         log.warning(
             "stage 2: the %s rule cannot be met on validation; using threshold %.3f "
             "(sensitivity %.3f, %.2f FP/patient)",
-            params["operating_rule"],
+            params.operating_rule,
             operating["threshold"],
             operating["sensitivity_after"],
             operating["fp_per_patient_after"],
@@ -588,7 +596,7 @@ def train_stage2(
     meta = {
         "network": spec,
         "channels": list(channels),
-        "params": params,
+        "params": params.as_dict(),
         "stage1_checkpoint": stage1_checkpoint,
         "final_loss": float(np.mean(losses[-50:])),
         **operating,

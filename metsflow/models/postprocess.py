@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metsflow.core.settings import InferRun
 from metsflow.imaging.priors import merge_followup
 from metsflow.models.cascade import dropped_candidates, filter_prediction
 from metsflow.models.infer import (
@@ -38,7 +39,7 @@ class CascadePostProcess:
         self,
         stage2: tuple[nn.Module, dict] | None,
         reseg: tuple[list[nn.Module], dict] | None,
-        params: dict,
+        params: InferRun | dict,
         device: torch.device,
     ) -> None:
         if reseg is not None and PRIOR not in reseg[1]["channels"]:
@@ -57,7 +58,7 @@ class CascadePostProcess:
         stage1_channels: Sequence[str],
         stage2_path: str | None,
         reseg_paths: Sequence[str] | None,
-        params: dict,
+        params: InferRun | dict,
         device: torch.device,
     ) -> CascadePostProcess | None:
         """``None`` when neither stage 2 nor re-seg is given (plain stage-1 inference)."""
