@@ -6,13 +6,19 @@ to install."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import uvicorn
 from playwright.sync_api import Page, sync_playwright
 
+from metsflow.review_server.app import create_app
+from metsflow.review_server.config import ReviewConfig
 from metsflow.review_server.routes import NIIVUE_DIST
 
 STUDY = "S01"
@@ -146,3 +152,28 @@ def _next_frames(page: Page):
     page.evaluate(
         "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r())))"
     )
+
+
+@contextlib.contextmanager
+def serving(results: Path, template: Path, labels_dir: Path):
+    """The real review app under uvicorn on 127.0.0.1 (a free port), in a thread, over the
+    batch in ``results`` with the accounts of the database ``template``: (base URL, config)."""
+    config = ReviewConfig(results=results, label_store=labels_dir)
+    shutil.copy(template, config.db_path)
+    uv = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config), host="127.0.0.1", port=0, log_level="warning", lifespan="off"
+        )
+    )
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    port = uv.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", config
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)

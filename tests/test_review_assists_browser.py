@@ -10,17 +10,12 @@ beside this one) goes to the test's tmp_path, or ``$METSFLOW_TEST_ARTIFACTS`` wh
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import threading
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-import uvicorn
 from _browser import (  # noqa: F401  (browser: a fixture)
     AXES,
     PASSWORD,
@@ -29,6 +24,7 @@ from _browser import (  # noqa: F401  (browser: a fixture)
     Session,
     _next_frames,
     browser,
+    serving,
     wait_for,
 )
 from _review_assists_data import FOLLOW_UP, PATIENT, write_assisted_batch
@@ -38,8 +34,6 @@ from argon2 import PasswordHasher
 from metsflow.active_learning.labelstore import LabelStore
 from metsflow.core import labels
 from metsflow.review_server import db
-from metsflow.review_server.app import create_app
-from metsflow.review_server.config import ReviewConfig
 
 ARTIFACT_NAME = "review_assists.png"
 CLINICAL_SHAPE = (240, 240, 155)  # 1 mm, as BraTS; the size the editor must handle
@@ -71,32 +65,9 @@ def assisted(tmp_path_factory):
     return _assisted_batch(tmp_path_factory.mktemp("assists_browser"), SHAPE, SPACING_MM, TINY)
 
 
-@contextlib.contextmanager
-def _serving(batch: dict, labels_dir: Path):
-    config = ReviewConfig(results=batch["results"], label_store=labels_dir)
-    shutil.copy(batch["template"], config.db_path)
-    uv = uvicorn.Server(
-        uvicorn.Config(
-            create_app(config), host="127.0.0.1", port=0, log_level="warning", lifespan="off"
-        )
-    )
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    port = uv.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}", config
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
-
-
 @pytest.fixture
 def server(assisted, tmp_path):
-    with _serving(assisted, tmp_path / "labels") as served:
+    with serving(assisted["results"], assisted["template"], tmp_path / "labels") as served:
         yield served
 
 
@@ -168,7 +139,7 @@ def test_clinical_size_study_loads_and_saves(browser, tmp_path):  # noqa: F811
     render (navigation to ready) and the save round trip; benchmarks/bench_review_load.py
     --clinical measures saves under load."""
     batch = _assisted_batch(tmp_path / "clinical", CLINICAL_SHAPE, 1.0, (150, 100, 60))
-    with _serving(batch, tmp_path / "labels") as (base_url, config):
+    with serving(batch["results"], batch["template"], tmp_path / "labels") as (base_url, config):
         trainee = Session(browser, base_url, "tina", start=f"/study/{FOLLOW_UP}")
         page = trainee.page
         wait_for(page, "document.body.dataset.assists === 'ready'", timeout_ms=300_000)

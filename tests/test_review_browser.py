@@ -16,15 +16,11 @@ Nothing here skips: no Chromium or no NiiVue bundle is a failure that says what 
 from __future__ import annotations
 
 import os
-import shutil
-import threading
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-import uvicorn
 from _browser import (  # noqa: F401  (browser: a fixture)
     AXES,
     PASSWORD,
@@ -35,6 +31,7 @@ from _browser import (  # noqa: F401  (browser: a fixture)
     Session,
     _next_frames,
     browser,
+    serving,
     wait_for,
 )
 from _synthetic_images import LESIONS, oblique_affine, phantom, sample, save
@@ -46,8 +43,6 @@ from metsflow.active_learning.review import LABEL_COLOURS, export_batch
 from metsflow.core import labels
 from metsflow.core.layout import PRESEGMENTATION_NAME
 from metsflow.review_server import db
-from metsflow.review_server.app import create_app
-from metsflow.review_server.config import ReviewConfig
 
 PATIENT = "P01"
 FOLLOW_UP = "S02"  # the same patient's next study (same images): the queue's next item
@@ -102,23 +97,8 @@ def batch(tmp_path_factory):
 def server(batch, tmp_path):
     """The real review app under uvicorn on 127.0.0.1 (a free port), in a thread."""
     results, template = batch
-    config = ReviewConfig(results=results, label_store=tmp_path / "labels")
-    shutil.copy(template, config.db_path)
-    uv = uvicorn.Server(
-        uvicorn.Config(
-            create_app(config), host="127.0.0.1", port=0, log_level="warning", lifespan="off"
-        )
-    )
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    port = uv.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", config
-    uv.should_exit = True
-    thread.join(timeout=10)
+    with serving(results, template, tmp_path / "labels") as served:
+        yield served
 
 
 def _paint(page: Page, pen: int, path: list[tuple[float, float]]) -> list:

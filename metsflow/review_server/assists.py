@@ -39,7 +39,6 @@ from metsflow.core.layout import (
     REVIEW_SUGGESTIONS_NAME,
 )
 from metsflow.evaluation.longitudinal import ResponseThresholds, match_previous
-from metsflow.review_server import db
 
 ASSIST_HEADER = "x-metsflow-assists"
 # URL name -> file in the study's package folder.
@@ -191,16 +190,12 @@ def assist_routes(prefix: str, api, http_error, file_response) -> list[Route]:
 
     @api(csrf=False)
     def assists(app, request, user, payload):
-        entry = app.entry(request.path_params["study_id"])
-        with db.connect(app.db_path) as con:
-            app.visible(con, user, entry)
+        entry = app.visible_entry(user, request.path_params["study_id"])
         return study_assists(entry, lambda tail: f"/api/studies/{entry.study_id}/{tail}")
 
     @api(csrf=False)
     def assist_volume(app, request, user, payload):
-        entry = app.entry(request.path_params["study_id"])
-        with db.connect(app.db_path) as con:
-            app.visible(con, user, entry)
+        entry = app.visible_entry(user, request.path_params["study_id"])
         name = request.path_params["name"]
         path = entry.folder / VOLUMES[name] if name in VOLUMES else None
         if path is None or not path.is_file():

@@ -134,9 +134,7 @@ def _gzip_file(path: Path) -> FileResponse:
 
 @api(csrf=False)
 def image(app, request, user, payload):
-    entry = app.entry(request.path_params["study_id"])
-    with db.connect(app.db_path) as con:
-        app.visible(con, user, entry)
+    entry = app.visible_entry(user, request.path_params["study_id"])
     name = request.path_params["name"]
     if name not in entry.images:
         raise HTTPError(404, f"study {entry.study_id} has no {name!r} image")
@@ -145,17 +143,13 @@ def image(app, request, user, payload):
 
 @api(csrf=False)
 def presegmentation(app, request, user, payload):
-    entry = app.entry(request.path_params["study_id"])
-    with db.connect(app.db_path) as con:
-        app.visible(con, user, entry)
+    entry = app.visible_entry(user, request.path_params["study_id"])
     return _gzip_file(entry.presegmentation)
 
 
 @api(csrf=False)
 def label(app, request, user, payload):
-    entry = app.entry(request.path_params["study_id"])
-    with db.connect(app.db_path) as con:
-        app.visible(con, user, entry)
+    entry = app.visible_entry(user, request.path_params["study_id"])
     versions = app.store.versions(entry.study_id)
     wanted = request.query_params.get("version")
     if wanted is not None:

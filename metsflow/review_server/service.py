@@ -97,6 +97,14 @@ class ReviewApp:
         """The study's state if ``user`` may see it; 403 for a trainee's foreign study."""
         return self.decide(con, user, entry, policy.Action.VIEW)
 
+    def visible_entry(self, user: dict, study_id: str) -> StudyEntry:
+        """The catalog entry of ``study_id`` when ``user`` may see it (404 / 403 otherwise): what
+        every read-only study route (images, labels, assists) checks first."""
+        entry = self.entry(study_id)
+        with db.connect(self.db_path) as con:
+            self.visible(con, user, entry)
+        return entry
+
     def last_comment(self, con, study_id: str) -> str:
         found = [c for c in db.comments(con, study_id) if c["kind"] == "send_back"]
         return found[-1]["text"] if found else ""
