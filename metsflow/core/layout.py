@@ -62,6 +62,7 @@ def coregistration_transform(sequence: str) -> str:
     """A sequence's co-registration to T1c, relative to its study's preprocessed folder."""
     return f"{TRANSFORMS_DIR}/{sequence}_to_t1c.mat"
 
+
 SUGGESTIONS = "suggestions.nii.gz"  # stage-1 candidates stage 2 dropped (ids 1..n), model grid
 SUGGESTIONS_TABLE = "suggestions.json"  # their stage-1/stage-2 scores and sizes, by id
 
