@@ -25,6 +25,20 @@ for _warning in _RUN.warnings:
 
 LAYOUT = Layout.from_config(config)
 SETTINGS = Settings.from_config(config)
+# Round 0 fine-tunes from train.init_checkpoint when set (e.g. a BraTS-METS model): a file
+# that cannot start this run's model stops the run now, not after preprocessing.
+INIT_CHECKPOINT = config["train"].get("init_checkpoint")
+if INIT_CHECKPOINT:
+    from metsflow.models.networks import init_checkpoint_problems
+
+    _init_problems = init_checkpoint_problems(INIT_CHECKPOINT, SETTINGS.model.as_dict())
+    if _init_problems:
+        print(
+            "metsflow: the run cannot start:\n"
+            + "\n".join(f"  - {problem}" for problem in _init_problems),
+            file=sys.stderr,
+        )
+        sys.exit(1)
 ROUNDS = list(range(SETTINGS.active_learning.rounds + 1))
 COHORT = _RUN.cohort
 PLAN = _RUN.plan
@@ -138,7 +152,10 @@ def round_prediction_manifests(r, role=None):
 def train_inputs(wildcards):
     r = int(wildcards.round)
     if r == 0:
-        return {"plan": LAYOUT.plan, **shard_manifests(SEED_SHARDS)}
+        inputs = {"plan": LAYOUT.plan, **shard_manifests(SEED_SHARDS)}
+        if INIT_CHECKPOINT:
+            inputs["init"] = INIT_CHECKPOINT
+        return inputs
     # Annotated studies may come from any shard of the pool, so fine-tuning waits for them all.
     inputs = {"plan": LAYOUT.plan, **cohort_manifests()}
     inputs["init"] = LAYOUT.model(r - 1)
@@ -278,7 +295,7 @@ def froc_report_inputs(wildcards):
 
 def fold_train_inputs(wildcards):
     inputs = train_inputs(wildcards)
-    if "init" in inputs:
+    if "init" in inputs and int(wildcards.round) > 0:
         inputs["init"] = LAYOUT.model(int(wildcards.round) - 1, wildcards.fold)
     return inputs
 
@@ -292,7 +309,10 @@ def stage2_train_inputs(wildcards):
 
 def reseg_train_inputs(wildcards):
     inputs = train_inputs(wildcards)
-    if "init" in inputs:
+    if int(wildcards.round) == 0:
+        # train.init_checkpoint starts stage 1; re-seg reads other channels.
+        inputs.pop("init", None)
+    elif "init" in inputs:
         inputs["init"] = LAYOUT.reseg_model(int(wildcards.round) - 1)
     return inputs
 

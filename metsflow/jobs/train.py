@@ -222,11 +222,17 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
 
     Training candidates come from the labelled training studies, the operating point from the
     plan's validation studies (``metsflow.models.cascade``)."""
+    import numpy as np
     import torch
 
     from metsflow.core import labels as lab
     from metsflow.core.runtime import select_device
-    from metsflow.models.cascade import study_candidates, train_stage2
+    from metsflow.models.cascade import (
+        lesion_peak_probabilities,
+        proposal_threshold,
+        study_candidates,
+        train_stage2,
+    )
     from metsflow.models.infer import foreground_probability, load_ensemble, stage1_probabilities
     from metsflow.models.networks import load_study_input
 
@@ -243,29 +249,43 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
     device = select_device(infer.device)
     networks, meta = load_ensemble(stage1_models, device=device)
 
-    def candidates(items: list[dict], add_reference: bool) -> list:
-        out = []
-        for item in items:
-            inp, probs, _ = stage1_probabilities(networks, meta, item, infer.as_params(), device)
-            reference = lab.whole_lesion(load_study_input(item, ["t1c"], with_label=True)["label"])
-            out.append(
-                study_candidates(
-                    item["study_id"],
-                    inp["image"],
-                    foreground_probability(probs, inp["brain"]),
-                    reference,
-                    params,
-                    add_reference,
-                    # FP per validation patient and the sizes of the lesions a threshold loses.
-                    patient_id=patient_of.get(item["study_id"], ""),
-                    spacing=nib.affines.voxel_sizes(inp["affine"]),
-                )
-            )
-        return out
+    def stage1(item: dict) -> tuple:
+        inp, probs, _ = stage1_probabilities(networks, meta, item, infer.as_params(), device)
+        reference = lab.whole_lesion(load_study_input(item, ["t1c"], with_label=True)["label"])
+        return item, inp, foreground_probability(probs, inp["brain"]), reference
 
+    def candidates(outputs, add_reference: bool) -> list:
+        return [
+            study_candidates(
+                item["study_id"],
+                inp["image"],
+                fg_prob,
+                reference,
+                params,
+                add_reference,
+                # FP per validation patient and the sizes of the lesions a threshold loses.
+                patient_id=patient_of.get(item["study_id"], ""),
+                spacing=nib.affines.voxel_sizes(inp["affine"]),
+            )
+            for item, inp, fg_prob, reference in outputs
+        ]
+
+    val_outputs = [stage1(item) for item in val_items]
+    proposals = None
+    if params.get("proposal_sensitivity") is not None:
+        # High-sensitivity stage 1: the proposal threshold is set on the validation studies,
+        # and stage 2 trains and chooses its operating point on those proposals.
+        proposals = proposal_threshold(
+            np.concatenate(
+                [lesion_peak_probabilities(fg, ref) for _, _, fg, ref in val_outputs] or [[]]
+            ),
+            float(params["proposal_sensitivity"]),
+        )
+        params["proposal_threshold"] = proposals["threshold"]
+        log.info("stage-1 proposals: %s", proposals)
     stage2_meta = train_stage2(
-        candidates(train_items, True),
-        candidates(val_items, False),
+        candidates(map(stage1, train_items), True),
+        candidates(val_outputs, False),
         meta["channels"],
         params,
         out_model,
@@ -294,5 +314,10 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
         )
     }
     summary.update(round=job.round_index, n_train=len(train_items), n_val=len(val_items))
+    # The stage-1 proposals' validation sensitivity: the ceiling stage 2 works under.
+    summary["proposal_threshold"] = float(params.get("proposal_threshold", 0.0))
+    summary["proposal_sensitivity"] = (
+        proposals["proposal_sensitivity"] if proposals else stage2_meta["sensitivity_before"]
+    )
     write_json(out_summary, summary)
     return summary

@@ -83,6 +83,9 @@ def resolve_params(params: dict | None) -> dict:
             f"operating_rule must be one of {list(metrics.OPERATING_RULES)}, got "
             f"{full['operating_rule']!r}"
         )
+    sensitivity = full.get("proposal_sensitivity")
+    if sensitivity is not None and not 0 < float(sensitivity) <= 1:
+        raise ValueError(f"proposal_sensitivity must be in (0, 1], got {sensitivity}")
     if not float(full["max_fp_per_patient"]) >= 0:
         raise ValueError(f"max_fp_per_patient must be >= 0, got {full['max_fp_per_patient']}")
     return full
@@ -319,6 +322,42 @@ def lost_lesions(
     return rows
 
 
+# Lowest proposal threshold ``proposal_threshold`` may choose: near 0 the foreground
+# probability's components merge into one brain-sized proposal.
+PROPOSAL_FLOOR = 0.05
+# Highest: above 0.5 the proposals would miss lesions the argmax itself finds.
+PROPOSAL_CEILING = 0.5
+
+
+def lesion_peak_probabilities(fg_prob: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Highest foreground probability inside each 26-connected reference lesion: the lesion is
+    hit by a proposal at threshold t (a component of ``fg_prob >= t``) exactly when this >= t."""
+    ref_cc, n_ref = cc3d.connected_components(
+        np.asarray(reference, dtype=np.uint8), connectivity=26, return_N=True
+    )
+    if not n_ref:
+        return np.zeros(0)
+    return np.asarray(ndimage.maximum(fg_prob, ref_cc, np.arange(1, n_ref + 1)), dtype=float)
+
+
+def proposal_threshold(peaks: Sequence[float], sensitivity: float) -> dict:
+    """The highest stage-1 probability threshold whose proposals hit at least ``sensitivity``
+    of the reference lesions whose peak probabilities (``lesion_peak_probabilities``, pooled
+    over the validation studies) are ``peaks``, within [``PROPOSAL_FLOOR``,
+    ``PROPOSAL_CEILING``]. Returns ``{threshold, proposal_sensitivity, n_reference}``: the
+    proposal sensitivity is the ceiling stage 2 works under."""
+    peaks = np.sort(np.asarray(peaks, dtype=float))[::-1]
+    if not len(peaks):
+        return {"threshold": PROPOSAL_CEILING, "proposal_sensitivity": math.nan, "n_reference": 0}
+    needed = max(1, math.ceil(float(sensitivity) * len(peaks) - 1e-9))
+    threshold = float(np.clip(peaks[needed - 1], PROPOSAL_FLOOR, PROPOSAL_CEILING))
+    return {
+        "threshold": threshold,
+        "proposal_sensitivity": float(np.mean(peaks >= threshold)),
+        "n_reference": len(peaks),
+    }
+
+
 def filter_prediction(
     pred: np.ndarray,
     image: np.ndarray,
@@ -330,18 +369,30 @@ def filter_prediction(
     """Remove stage-1 lesions whose stage-2 score is below ``meta["threshold"]``.
 
     A removed lesion's enhancing/necrosis voxels become background, and so does the edema whose
-    nearest lesion voxel belongs to it (edema of a kept neighbour stays). Returns the filtered
-    internal labels and the scored candidates."""
+    nearest lesion voxel belongs to it (edema of a kept neighbour stays). With
+    ``proposal_sensitivity`` set (high-sensitivity stage 1), the candidates are the components
+    of ``fg_prob >= proposal_threshold`` rather than of the argmax, and a kept candidate without
+    any argmax lesion voxel (a lesion stage 1 scored below 0.5) is added as enhancing. Returns
+    the filtered internal labels and the scored candidates."""
+    params = meta["params"]
+    high_sensitivity = params.get("proposal_sensitivity") is not None
     lesion = lab.whole_lesion(pred)
-    components, candidates = find_candidates(lesion, fg_prob, study_id)
+    proposals = fg_prob >= float(params["proposal_threshold"]) if high_sensitivity else lesion
+    components, candidates = find_candidates(proposals, fg_prob, study_id)
     if not candidates:
         return np.asarray(pred, dtype=np.uint8).copy(), candidates
-    crops = candidate_crops(image, fg_prob, components, candidates, meta["params"]["crop_size"])
+    crops = candidate_crops(image, fg_prob, components, candidates, params["crop_size"])
     scores = score_crops(network, crops)
     for cand, score in zip(candidates, scores, strict=True):
         cand.score = float(score)
     dropped = [c.index for c in candidates if c.score < float(meta["threshold"])]
-    return remove_components(pred, components, dropped), candidates
+    out = remove_components(pred, components, dropped)
+    if high_sensitivity:
+        kept = [c.index for c in candidates if c.score >= float(meta["threshold"])]
+        with_lesion = np.unique(components[lesion])
+        recovered = np.setdiff1d(kept, with_lesion)
+        out[np.isin(components, recovered)] = lab.ENHANCING
+    return out, candidates
 
 
 def remove_components(
