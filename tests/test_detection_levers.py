@@ -201,3 +201,27 @@ def test_config_accepts_the_lever_keys():
     config["train"]["stage2"]["proposal_sensitivity"] = 1.5
     found = config_schema.problems(config)
     assert len(found) == 2 and any("sampling" in p for p in found)
+
+
+def test_status_and_report_show_the_cascade_ceiling(tmp_path):
+    from metsflow.active_learning.status import cascade_status
+    from metsflow.core.io import write_json
+    from metsflow.core.layout import Layout
+    from metsflow.evaluation.report import cascade_ceiling
+
+    layout = Layout(tmp_path)
+    assert cascade_status(tmp_path) == ""
+    lost = [{"size_bin": "< 3 mm"}, {"size_bin": "< 3 mm"}, {"size_bin": "3-10 mm"}]
+    summary = {
+        "proposal_sensitivity": 0.981,
+        "sensitivity_after": 0.9,
+        "fp_per_patient_after": 0.75,
+        "lost_lesions": lost,
+    }
+    write_json(layout.stage2_summary(1), summary)
+    table = cascade_ceiling([{"round": 1, **summary}])
+    lost_columns = [c for c in table.columns if c.startswith("lost ")]
+    assert table.loc[0, lost_columns].tolist() == [2, 1, 0]
+    text = cascade_status(tmp_path)
+    assert "0.981" in text and "0.75" in text
+    assert text.splitlines()[-1].split()[-3:] == ["2", "1", "0"]
