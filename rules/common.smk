@@ -39,6 +39,19 @@ if INIT_CHECKPOINT:
             file=sys.stderr,
         )
         sys.exit(1)
+# pretrain: {sheet, iterations}: round 0 starts from LAYOUT.pretrain_model (rule pretrain).
+PRETRAIN = config.get("pretrain") or {}
+PRETRAIN_COHORT = None
+if PRETRAIN:
+    from metsflow.cohort.sheet import read_sheet
+
+    # Checked by prepare_run (metsflow.cohort.preflight._pretrain_problems).
+    PRETRAIN_COHORT = read_sheet(
+        PRETRAIN["sheet"],
+        data_roots=config.get("data_roots", []),
+        allow_outside_roots=config.get("allow_paths_outside_roots", False),
+    )
+ROUND0_INIT = LAYOUT.pretrain_model if PRETRAIN else INIT_CHECKPOINT
 ROUNDS = list(range(SETTINGS.active_learning.rounds + 1))
 COHORT = _RUN.cohort
 PLAN = _RUN.plan
@@ -153,8 +166,8 @@ def train_inputs(wildcards):
     r = int(wildcards.round)
     if r == 0:
         inputs = {"plan": LAYOUT.plan, **shard_manifests(SEED_SHARDS)}
-        if INIT_CHECKPOINT:
-            inputs["init"] = INIT_CHECKPOINT
+        if ROUND0_INIT:
+            inputs["init"] = ROUND0_INIT
         return inputs
     # Annotated studies may come from any shard of the pool, so fine-tuning waits for them all.
     inputs = {"plan": LAYOUT.plan, **cohort_manifests()}
@@ -291,6 +304,22 @@ def froc_report_inputs(wildcards):
     if STAGE2_ENABLED:
         inputs["stage2"] = LAYOUT.stage2_summary(wildcards.round)
     return inputs
+
+
+def pretrain_records(wildcards):
+    return [s.to_record() for s in PRETRAIN_COHORT.studies if s.label is not None]
+
+
+def pretrain_inputs(wildcards):
+    """The pretrain sheet's files that exist (a missing one quarantines its study)."""
+    if PRETRAIN_COHORT is None:
+        return {}
+    paths = []
+    for study in PRETRAIN_COHORT.studies:
+        for path in (study.t1, study.t1c, study.t2, study.flair, study.label):
+            if path is not None and os.path.exists(path):
+                paths.append(str(path))
+    return {"sheet": PRETRAIN["sheet"], "images": paths}
 
 
 def fold_train_inputs(wildcards):

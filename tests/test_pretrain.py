@@ -74,3 +74,39 @@ def test_workflow_refuses_a_mismatched_init_checkpoint_at_parse_time(tmp_path):
     assert proc.returncode == 1
     assert "train.init_checkpoint" in proc.stderr and "Traceback" not in proc.stderr
     assert "patch_size" in proc.stderr and "channels" in proc.stderr
+
+
+def _pretrain_sheet(demo, out):
+    """The demo sheet's labelled studies under other ids (a second, disjoint study sheet)."""
+    import pandas as pd
+
+    sheet = pd.read_csv(demo / "studies.tsv", sep="\t", dtype=str, keep_default_na=False)
+    sheet = sheet[sheet.label != ""].copy()
+    for column in ("t1", "t1c", "t2", "flair", "label"):
+        sheet[column] = [str((demo / p).resolve()) if p else "" for p in sheet[column]]
+    sheet["study_id"] = "pre-" + sheet["study_id"]
+    sheet["patient_id"] = "pre-" + sheet["patient_id"]
+    sheet.to_csv(out, sep="\t", index=False)
+    return out
+
+
+@pytest.mark.slow
+def test_pretrain_target_feeds_round0_and_its_sheet_is_checked(tmp_path):
+    from _dry_run import dry_run_job_counts
+
+    demo = tmp_path / "demo"
+    make_tiny_cohort(demo, n_patients=3, labelled_patients=2)
+    sheet = _pretrain_sheet(demo, tmp_path / "pretrain.tsv")
+    config = write_tiny_config(tmp_path, demo, pretrain={"sheet": str(sheet), "iterations": 4})
+    round0 = tmp_path / "results" / "rounds" / "round_0" / "model" / "model.pt"
+    proc = run_snakemake([str(round0), "-n", "--configfile", str(config)])
+    counts = dry_run_job_counts(proc.stdout)
+    assert counts.get("pretrain") == 1 and counts.get("train_round") == 1
+    assert "pretrain/model.pt" in proc.stdout.split("rule train_round:", 1)[1].split("output:")[0]
+    # The cohort's own sheet as the pretrain sheet: its studies would be seen in training.
+    config = write_tiny_config(
+        tmp_path, demo, name="bad.yaml", pretrain={"sheet": str(demo / "studies.tsv")}
+    )
+    proc = run_snakemake(["-n", "--configfile", str(config)], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "also in the cohort sheet" in proc.stderr

@@ -321,3 +321,76 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
     )
     write_json(out_summary, summary)
     return summary
+
+
+def run_pretrain(
+    layout: Layout,
+    studies: list[dict],
+    preprocess: dict,
+    model: dict,
+    train: dict,
+    spacing: list[float],
+    seed: int,
+    iterations: int,
+    threads: int = 1,
+) -> dict:
+    """The ``pretrain`` target: preprocess the labelled studies of the pretraining sheet
+    (``studies``: study records) into ``Layout.pretrain_preprocessed_dir`` (a failing study is
+    quarantined in ``Layout.pretrain_manifest``, the rest go on), then train stage 1 on all of
+    them for ``iterations`` into ``Layout.pretrain_model``, which round 0 fine-tunes from.
+    These studies are in no plan: they never enter the pool or the validation set."""
+    from metsflow.cohort.sheet import Study
+    from metsflow.imaging.preprocess import preprocess_study
+    from metsflow.jobs.manifest import FILE_COLUMN, fingerprint, run_study, write_manifest
+    from metsflow.models.train import training_params
+
+    _start_job(threads)
+    rows, items = [], []
+    for record in studies:
+        study = Study.from_record(record)
+        if study.label is None:
+            continue
+        out_dir = layout.pretrain_preprocessed_dir(study.study_id)
+        inputs = [study.t1, study.t1c, study.t2, study.flair, study.label]
+        try:
+            stamp = fingerprint(inputs, preprocess)
+        except OSError:
+            stamp = "missing-input"  # preprocess_study reports which file and why
+        row = run_study(
+            study.study_id,
+            study.patient_id,
+            out_dir,
+            stamp,
+            lambda study=study, out_dir=out_dir: preprocess_study(
+                study, out_dir, preprocess, threads=threads
+            ),
+        )
+        rows.append(row)
+        if row["status"] == "ok" and (out_dir / "label.nii.gz").exists():
+            items.append(
+                {
+                    "study_id": study.study_id,
+                    "prep_dir": str(out_dir),
+                    "label": str(out_dir / "label.nii.gz"),
+                    "prior": None,
+                }
+            )
+    write_manifest(layout.pretrain_manifest, rows, extra_columns=[FILE_COLUMN])
+    if not items:
+        raise RuntimeError(
+            f"pretrain: no labelled study could be preprocessed (see {layout.pretrain_manifest})"
+        )
+    params = {**training_params(model, train, spacing, seed, 0), "iterations": int(iterations)}
+    params.pop("init_checkpoint", None)
+    log.info("pretraining on %d studies for %d iterations", len(items), iterations)
+    from metsflow.models.train import train_model
+
+    result = train_model(
+        items,
+        [],
+        params,
+        layout.pretrain_model,
+        log_path=layout.pretrain_log_table,
+        device=train.get("device", "auto"),
+    )
+    return {**result, "n_train": len(items), "n_failed": len(rows) - len(items)}
