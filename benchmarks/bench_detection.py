@@ -333,11 +333,13 @@ def main() -> None:
     ap.add_argument("--reuse-models", action="store_true")
     args = ap.parse_args()
     if args.quick:
+        # Smoke scale: the machinery end to end on a shared 2-core machine in ~30 min; its
+        # figures are not evidence for or against a lever.
         args.shape, args.train_patients, args.val_patients, args.test_patients = (
-            [64, 64, 48], 6, 3, 6,
+            [56, 56, 44], 5, 3, 6,
         )  # fmt: skip
-        args.iterations, args.stage2_iterations = 150, 100
-        args.pretrain_seeds, args.pretrain_iterations = 2, 150
+        args.iterations, args.stage2_iterations = 80, 50
+        args.pretrain_seeds, args.pretrain_iterations = 2, 80
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     pd.set_option("display.width", 250)
@@ -348,6 +350,8 @@ def main() -> None:
     def say(text: str = "") -> None:
         print(text, flush=True)
         lines.append(text)
+        # Written as it goes: a run cut short still leaves what it measured.
+        (args.out / "bench_detection.txt").write_text("\n".join(lines) + "\n")
 
     start = time.perf_counter()
     data = args.out / "cohort"
@@ -393,7 +397,7 @@ def main() -> None:
         row, _, _ = evaluate(f"{name}: cascade", preds, refs)
         row["val proposal sens"] = round(meta["sensitivity_before"], 3)
         rows.append(row)
-        print(pd.DataFrame(rows[-2:]).to_string(index=False), flush=True)
+        say(pd.DataFrame(rows[-2:]).to_string(index=False))
     table = pd.DataFrame(rows)
     say("\nTest patients: lesion sensitivity per size bin, detected/reference sens [Wilson 95% CI]")
     say(table.to_string(index=False))

@@ -270,22 +270,21 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
             for item, inp, fg_prob, reference in outputs
         ]
 
-    val_outputs = [stage1(item) for item in val_items]
     proposals = None
     if params.get("proposal_sensitivity") is not None:
         # High-sensitivity stage 1: the proposal threshold is set on the validation studies,
-        # and stage 2 trains and chooses its operating point on those proposals.
+        # and stage 2 trains and chooses its operating point on those proposals. A pass of its
+        # own (stage 1 runs twice on validation): keeping every validation study's input and
+        # probabilities for one pass would hold ~100 MB per 1 mm study in memory.
+        peaks = [lesion_peak_probabilities(fg, ref) for _, _, fg, ref in map(stage1, val_items)]
         proposals = proposal_threshold(
-            np.concatenate(
-                [lesion_peak_probabilities(fg, ref) for _, _, fg, ref in val_outputs] or [[]]
-            ),
-            float(params["proposal_sensitivity"]),
+            np.concatenate(peaks or [[]]), float(params["proposal_sensitivity"])
         )
         params["proposal_threshold"] = proposals["threshold"]
         log.info("stage-1 proposals: %s", proposals)
     stage2_meta = train_stage2(
         candidates(map(stage1, train_items), True),
-        candidates(val_outputs, False),
+        candidates(map(stage1, val_items), False),
         meta["channels"],
         params,
         out_model,
