@@ -10,7 +10,9 @@
 
 from snakemake.utils import min_version
 
-min_version("9.0")
+# 9.17: earlier 9.x local schedulers could run more threads than --cores (snakemake#3913);
+# pyproject.toml pins the tested release.
+min_version("9.17")
 
 
 report: "report/workflow.rst"

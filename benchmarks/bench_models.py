@@ -320,8 +320,8 @@ def profile_data_pipeline(train_items: list[dict], params: dict, samples: int = 
     from metsflow.models import train as tr
     from metsflow.models.networks import build_loss, build_network
 
-    params = tr.resolve_params(params)
-    patch = [int(p) for p in params["patch_size"]]
+    params = tr.resolve_params(params)  # metsflow.core.settings.TrainingRun
+    patch = [int(p) for p in params.model.patch_size]
     t0 = time.perf_counter()
     cache = tr._cache(train_items, params, patch, 0)
     cache_s = time.perf_counter() - t0
@@ -331,7 +331,7 @@ def profile_data_pipeline(train_items: list[dict], params: dict, samples: int = 
     sample_s = (time.perf_counter() - t0) / samples
     network, loss_fn = build_network(params), build_loss(params)
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
-    size = int(params["batch_size"])
+    size = int(params.train.batch_size)
     steps = samples // size
     t0 = time.perf_counter()
     for k in range(steps):

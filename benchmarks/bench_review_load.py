@@ -17,6 +17,11 @@ with other than one confirmed version. Bounded: every request has a timeout and 
 stopped at the end.
 
     python benchmarks/bench_review_load.py --reviewers 20 --studies 150 --shape 24
+    python benchmarks/bench_review_load.py --reviewers 20 --studies 40 --clinical
+
+``--clinical``: 1 mm studies of 240 x 240 x 155 voxels with four sequences (T1c, T1, T2,
+FLAIR), the size the review editor must handle; the images are smooth int16 ramps (their
+content plays no part in a save, and random floats would make writing the batch take minutes).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from metsflow.core import io
 REPO = Path(__file__).resolve().parents[1]
 PASSWORD = "load-test-password"
 AFFINE = np.diag([1.0, 1.0, 1.2, 1.0])
+CLINICAL_SHAPE = (240, 240, 155)  # a 1 mm brain MRI (BraTS grid)
 
 
 # ---------------------------------------------------------------------- synthetic batch
@@ -53,7 +59,7 @@ AFFINE = np.diag([1.0, 1.0, 1.2, 1.0])
 def presegmentation(shape: tuple[int, int, int]) -> np.ndarray:
     """Two lesions: a large one (edema around an enhancing core) and a 2x2x2 one."""
     data = np.zeros(shape, dtype=np.uint8)
-    n = shape[0]
+    n = min(shape)
     a, b = max(1, n // 6), max(3, n // 2)
     data[a:b, a:b, a:b] = 2
     data[a + 1 : b - 1, a + 1 : b - 1, a + 1 : b - 1] = 1
@@ -70,6 +76,7 @@ def write_review_batch(
     sequences: tuple[str, ...] = ("t1c", "flair"),
     seed: int = 0,
     durable: bool = True,
+    smooth_images: bool = False,
 ) -> pd.DataFrame:
     """A review package as ``export_batch`` writes it for round ``round_index`` under
     ``results``: ``n_studies`` studies of ``shape`` voxels, patients of ``patient_sizes``
@@ -81,7 +88,14 @@ def write_review_batch(
     if not durable:
         with _no_fsync():
             return write_review_batch(
-                results, n_studies, shape, round_index, patient_sizes, sequences, seed
+                results,
+                n_studies,
+                shape,
+                round_index,
+                patient_sizes,
+                sequences,
+                seed,
+                smooth_images=smooth_images,
             )
     shape = (shape,) * 3 if isinstance(shape, int) else tuple(shape)
     rng = np.random.default_rng(seed)
@@ -100,7 +114,13 @@ def write_review_batch(
         images[study_id] = {}
         for sequence in sequences:
             path = folder / f"{sequence}.nii.gz"
-            io.save_nifti(path, rng.random(shape), AFFINE, dtype=np.float32)
+            if smooth_images:
+                ramp = np.add.outer(
+                    np.add.outer(np.arange(shape[0]), np.arange(shape[1])), np.arange(shape[2])
+                )
+                io.save_nifti(path, ramp, AFFINE, dtype=np.int16)
+            else:
+                io.save_nifti(path, rng.random(shape), AFFINE, dtype=np.float32)
             images[study_id][sequence] = path
         presegs[study_id] = folder / "pred_native.nii.gz"
         io.save_nifti(presegs[study_id], presegmentation(shape), AFFINE, dtype=np.uint8)
@@ -176,7 +196,8 @@ def running_server(results: Path, labels: Path, port: int) -> Iterator[str]:
 def _login(url: str, username: str):
     import httpx
 
-    client = httpx.Client(base_url=url, timeout=60)
+    # The server refuses a POST without its own Origin (login CSRF): send it, as a browser does.
+    client = httpx.Client(base_url=url, timeout=60, headers={"Origin": url})
     answer = client.post("/api/login", json={"username": username, "password": PASSWORD})
     answer.raise_for_status()
     client.headers["X-CSRF-Token"] = answer.json()["csrf_token"]
@@ -207,7 +228,7 @@ def _trainee(url: str, username: str, shape, tally: Tally, start: threading.Barr
         start.wait()
         for item in queue:
             study_id = item["study_id"]
-            client.post(f"/api/studies/{study_id}/open")
+            client.post(f"/api/studies/{study_id}/open", json={})
             began = time.perf_counter()
             answer = client.post(
                 f"/api/studies/{study_id}/save",
@@ -261,8 +282,9 @@ def run(
     reviewers: int = 20,
     neuroradiologists: int = 4,
     studies: int = 150,
-    shape: int = 24,
+    shape: int | tuple[int, int, int] = 24,
     cheap_passwords: bool = False,
+    sequences: tuple[str, ...] = ("t1c", "flair"),
 ) -> dict:
     """Run the load test in ``workdir``; returns the figures (also what ``main`` prints).
 
@@ -273,11 +295,21 @@ def run(
     from argon2 import PasswordHasher
 
     from metsflow.review_server import db
-    from metsflow.review_server.app import ReviewApp, auto_assign
+    from metsflow.review_server.assign import auto_assign
     from metsflow.review_server.config import ReviewConfig
+    from metsflow.review_server.service import ReviewApp
 
     results, labels = workdir / "results", workdir / "labels"
-    selection = write_review_batch(results, studies, shape, durable=not cheap_passwords)
+    dims = (shape,) * 3 if isinstance(shape, int) else tuple(shape)
+    big = int(np.prod(dims)) > 1_000_000
+    selection = write_review_batch(
+        results,
+        studies,
+        dims,
+        sequences=sequences,
+        durable=not cheap_passwords,
+        smooth_images=big,
+    )
     config = ReviewConfig(results=results, label_store=labels)
     trainees = [f"trainee{i:02d}" for i in range(reviewers)]
     neurorads = [f"neurorad{i}" for i in range(neuroradiologists)]
@@ -292,7 +324,6 @@ def run(
     finally:
         db._HASHER = hasher
     auto_assign(ReviewApp(config), "bench")
-    dims = (shape,) * 3
 
     refine, confirm = Tally(), Tally()
     with running_server(results, labels, free_port()) as url:
@@ -324,7 +355,8 @@ def run(
         "reviewers": len(trainees),
         "neuroradiologists": len(neurorads),
         "studies": studies,
-        "shape": shape,
+        "shape": "x".join(str(n) for n in dims),
+        "sequences": ",".join(sequences),
         "saves_attempted": sum(refine.status.values()),
         "saves_ok": refine.status.get(200, 0),
         "confirms_attempted": sum(confirm.status.values()),
@@ -354,12 +386,23 @@ def main(argv=None) -> int:
     parser.add_argument("--neuroradiologists", type=int, default=4)
     parser.add_argument("--studies", type=int, default=150)
     parser.add_argument("--shape", type=int, default=24, help="voxels per axis of each study")
+    parser.add_argument(
+        "--clinical", action="store_true", help="1 mm 240x240x155 studies, four sequences"
+    )
     parser.add_argument("--workdir", help="default: a temporary folder, removed afterwards")
     args = parser.parse_args(argv)
+    shape, sequences = args.shape, ("t1c", "flair")
+    if args.clinical:
+        shape, sequences = CLINICAL_SHAPE, ("t1c", "t1", "t2", "flair")
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or stack.enter_context(tempfile.TemporaryDirectory())
         figures = run(
-            Path(workdir), args.reviewers, args.neuroradiologists, args.studies, args.shape
+            Path(workdir),
+            args.reviewers,
+            args.neuroradiologists,
+            args.studies,
+            shape,
+            sequences=sequences,
         )
     for key, value in figures.items():
         print(f"{key}: {value}")

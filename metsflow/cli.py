@@ -1,8 +1,8 @@
 """The ``metsflow`` command line: cohort tools, the demo cohort, evaluation, active learning, review.
 
-The pipeline itself runs through Snakemake (see README); these commands are what a user runs
-around it: build and check a sheet before any job runs, evaluate a single case, move a review
-batch in and out of the label store, and run the review web server (``metsflow review``).
+The pipeline itself runs through Snakemake (see docs/running.md); these commands are what a user
+runs around it: build and check a sheet before any job runs, evaluate a single case, move a
+review batch in and out of the label store, and run the review web server (``metsflow review``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,42 @@ import sys
 from pathlib import Path
 
 from metsflow.core.layout import Layout
+
+
+def _bounded(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse ``type`` for a number in a range: every numeric argument uses one, so an
+    out-of-range, NaN or infinite value is refused while parsing (``evaluate --iou-threshold
+    5`` gave lesion F1 0 and ``-1`` F1 1; ``--max-image-mb nan`` turned the memory guard off)."""
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+    span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        too_low = low is not None and (value < low or (low_open and value == low))
+        too_high = high is not None and (value > high or (high_open and value == high))
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"{text} is outside {span}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_COUNT = _bounded(int, 1)  # studies, patients, GPUs, cores, shard sizes, workers
+_INDEX = _bounded(int, 0)  # seeds, rounds
+_POSITIVE = _bounded(float, 0, low_open=True)  # mm, MiB, scales
+_FRACTION = _bounded(float, 0, 1, low_open=True)  # shares of a cohort: (0, 1]
+
+
+def _candidates(text: str) -> str:
+    """``--candidates``: ``all`` or a whole number of at least 1."""
+    return text if text == "all" else str(_COUNT(text))
 
 
 def _cmd_demo_cohort(args) -> int:
@@ -172,36 +208,44 @@ def _cmd_stats_compare(args) -> int:
     return 0
 
 
-# --sheet/--results/--labels: their defaults (the demo's) and the workflow config key of each.
-_WORKFLOW_PATHS = {
-    "sheet": ("demo/studies.tsv", "sheet"),
-    "results": ("results", "results"),
-    "labels": ("labels", "label_store"),
-}
+# --sheet/--results/--labels: the workflow config key of each; their defaults are the config
+# schema's (the sheet has none there: the demo's, as config/config.yaml).
+_WORKFLOW_KEYS = {"sheet": "sheet", "results": "results", "labels": "label_store"}
+_DEMO_SHEET = "demo/studies.tsv"
+
+
+def _workflow_defaults() -> dict[str, tuple[str, str]]:
+    """option -> (default, config key), the defaults from the workflow config schema."""
+    from metsflow.core import config as workflow_config
+
+    properties = workflow_config.schema()["properties"]
+    return {
+        option: (properties[key].get("default", _DEMO_SHEET), key)
+        for option, key in _WORKFLOW_KEYS.items()
+    }
 
 
 def _workflow_path_args(parser, *names: str, note: dict[str, str] | None = None) -> None:
     """``--configfile`` and the ``--sheet``/``--results``/``--labels`` options ``names`` of a
     command (``note``: text after an option's default), filled by ``_workflow_paths``."""
-    keys = ", ".join(_WORKFLOW_PATHS[n][1] for n in names)
+    paths = _workflow_defaults()
+    keys = ", ".join(paths[n][1] for n in names)
     parser.add_argument("--configfile", help=f"workflow config: its {keys}")
     for name in names:
         extra = f" ({note[name]})" if note and name in note else ""
-        parser.add_argument(f"--{name}", help=f"default: {_WORKFLOW_PATHS[name][0]}{extra}")
+        parser.add_argument(f"--{name}", help=f"default: {paths[name][0]}{extra}")
 
 
 def _workflow_paths(args) -> None:
     """Fill --sheet/--results/--labels left unset from the workflow config (--configfile), so the
     commands read the same folders the pipeline wrote; then the demo defaults."""
-    defaults = {key: default for key, (default, _) in _WORKFLOW_PATHS.items()}
+    paths = _workflow_defaults()
+    defaults = {key: default for key, (default, _) in paths.items()}
     if getattr(args, "configfile", None):
-        import yaml
+        from metsflow.core import config as workflow_config
 
-        with open(args.configfile) as handle:
-            config = yaml.safe_load(handle) or {}
-        defaults.update(
-            {key: config[name] for key, (_, name) in _WORKFLOW_PATHS.items() if config.get(name)}
-        )
+        config = workflow_config.load(args.configfile)
+        defaults.update({key: config[name] for key, (_, name) in paths.items() if config.get(name)})
     for key, value in defaults.items():
         if getattr(args, key, "unset") is None:
             setattr(args, key, value)
@@ -216,6 +260,7 @@ def _cmd_al_status(args) -> int:
         format_burden,
         format_status,
         round_status,
+        suggestion_status,
     )
 
     _workflow_paths(args)
@@ -226,6 +271,7 @@ def _cmd_al_status(args) -> int:
         format_status(table) + format_burden(table) + detection + final_status(args.results, store),
         end="",
     )
+    print(suggestion_status(args.results, store), end="")
     from metsflow.review_server.db import progress_line
 
     print(progress_line(args.labels), end="")
@@ -286,18 +332,47 @@ def _cmd_al_override(args) -> int:
     return 0
 
 
+def _bounded_int(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]; anything else is a usage error (exit 2)
+    naming the option and the range, never a traceback from deeper down."""
+    span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
 def _review_config(args):
     """Review server settings from --configfile/--results/--labels/--sheet (as ``al import``);
-    the sheet is used when it exists (labels then checked against its native T1c)."""
+    the sheet is used when it exists (labels then checked against its native T1c). A --round
+    without an exported review batch is refused, naming the rounds that have one."""
+    from metsflow.review_server.catalog import review_rounds
     from metsflow.review_server.config import ReviewConfig
 
     _workflow_paths(args)
+    round_index = getattr(args, "round", None)
+    if round_index is not None:
+        rounds = review_rounds(args.results)
+        if round_index not in rounds:
+            have = ", ".join(map(str, rounds)) or "none yet"
+            raise ValueError(
+                f"round {round_index} has no review batch in {args.results} (rounds with one: "
+                f"{have})"
+            )
     sheet = Path(args.sheet) if args.sheet and Path(args.sheet).is_file() else None
     return ReviewConfig(
         results=Path(args.results),
         label_store=Path(args.labels),
         sheet=sheet,
-        round=getattr(args, "round", None),
+        round=round_index,
         secure_cookies=getattr(args, "secure_cookies", False),
     )
 
@@ -338,7 +413,8 @@ def _cmd_review_user_list(args) -> int:
 
 
 def _cmd_review_assign(args) -> int:
-    from metsflow.review_server.app import HTTPError, ReviewApp, assign_studies, auto_assign
+    from metsflow.review_server.assign import assign_studies, auto_assign
+    from metsflow.review_server.service import HTTPError, ReviewApp
 
     app = ReviewApp(_review_config(args))
     who = f"cli:{os.environ.get('USER', 'admin')}"
@@ -362,7 +438,8 @@ def _cmd_review_assign(args) -> int:
 
 def _cmd_review_export_times(args) -> int:
     from metsflow.core.io import write_text
-    from metsflow.review_server.app import ReviewApp, review_times_tsv
+    from metsflow.review_server.dashboard import review_times_tsv
+    from metsflow.review_server.service import ReviewApp
 
     text = review_times_tsv(ReviewApp(_review_config(args)))
     write_text(args.out, text)
@@ -390,7 +467,7 @@ def _cmd_cost(args) -> int:
     """Estimate the full cohort's core-hours, GPU-hours and makespan from a run's benchmarks."""
     import dataclasses
 
-    from metsflow.cohort.costmodel import BenchmarkError, CohortShape, estimate, read_run
+    from metsflow.cohort.costmodel import BenchmarkError, CohortShape, ModelSet, estimate, read_run
 
     shape = CohortShape(
         studies=args.studies,
@@ -402,12 +479,24 @@ def _cmd_cost(args) -> int:
         infer_fraction=args.infer_fraction,
         train_scale=args.train_scale,
         validation_fraction=args.validation_fraction,
+        followup_fraction=args.followup_fraction,
     )
+    pilot = None
+    if args.pilot_configfile:
+        from metsflow.core import config as workflow_config
+
+        try:
+            pilot = ModelSet.from_config(workflow_config.load(args.pilot_configfile))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"--pilot-configfile {args.pilot_configfile}: {exc}", file=sys.stderr)
+            return 1
     if args.configfile:
         try:
             shape = _shape_from_config(shape, args.configfile)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            print(f"--configfile {args.configfile}: {exc}", file=sys.stderr)
+            # A ConfigError names the file itself.
+            named = args.configfile in str(exc)
+            print(exc if named else f"--configfile {args.configfile}: {exc}", file=sys.stderr)
             return 1
     if args.candidates is not None:
         shape = dataclasses.replace(
@@ -418,12 +507,12 @@ def _cmd_cost(args) -> int:
     except BenchmarkError as exc:
         print(exc, file=sys.stderr)
         return 1
-    result = estimate(bench, shape)
+    result = estimate(bench, shape, pilot)
     print(result.render())
     if shape.candidates is not None:
         from metsflow.cohort.costmodel import render_comparison
 
-        before = estimate(bench, dataclasses.replace(shape, candidates=None))
+        before = estimate(bench, dataclasses.replace(shape, candidates=None), pilot)
         print()
         print(render_comparison(before, result))
     if args.out:
@@ -434,12 +523,14 @@ def _cmd_cost(args) -> int:
 
 
 def _shape_from_config(shape, path: str):
-    """Shard sizes, rounds and candidates of a workflow config file (e.g. config/cohort.yaml)."""
+    """Shard sizes, rounds, candidates and the models trained and ensembled (``train``,
+    ``infer``) of a workflow config file (e.g. config/cohort.yaml)."""
     import dataclasses
 
-    import yaml
+    from metsflow.cohort.costmodel import ModelSet
+    from metsflow.core import config as workflow_config
 
-    config = yaml.safe_load(Path(path).read_text()) or {}
+    config = workflow_config.load(path)
     sharding = config.get("sharding", {})
     al = config.get("active_learning", {})
     candidates = al.get("candidates", "all")
@@ -449,6 +540,7 @@ def _shape_from_config(shape, path: str):
         gpu_shard_size=int(sharding.get("gpu_shard_size", shape.gpu_shard_size)),
         rounds=int(al.get("rounds", shape.rounds)),
         candidates=None if candidates == "all" else int(candidates),
+        models=ModelSet.from_config(config),
     )
 
 
@@ -459,13 +551,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo-cohort", help="write the longitudinal phantom demo cohort")
     demo.add_argument("--out", default="demo")
-    demo.add_argument("--patients", type=int, default=8)
-    demo.add_argument("--timepoints", type=int, default=3)
-    demo.add_argument("--labelled-patients", type=int, default=4)
-    demo.add_argument("--phantom-spacing", type=float, default=2.0, help="mm")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--patients", type=_COUNT, default=8)
+    demo.add_argument("--timepoints", type=_COUNT, default=3)
+    demo.add_argument("--labelled-patients", type=_INDEX, default=4)
+    demo.add_argument("--phantom-spacing", type=_POSITIVE, default=2.0, help="mm")
+    demo.add_argument("--seed", type=_INDEX, default=0)
     demo.add_argument(
-        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes (same output)"
+        "--workers",
+        type=_COUNT,
+        default=min(4, os.cpu_count() or 1),
+        help="processes (same output)",
     )
     demo.set_defaults(func=_cmd_demo_cohort)
 
@@ -503,16 +598,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument(
         "--max-image-mb",
-        type=float,
+        type=_POSITIVE,
         help="with --deep: refuse headers claiming more voxel data (MiB; default as the "
         "pipeline's preprocess.max_image_mb, metsflow.core.io.MAX_IMAGE_MB)",
     )
     check.add_argument("--out", help="write the problems table (TSV)")
     check.set_defaults(func=_cmd_cohort_check)
     synth = cohort_sub.add_parser("synthetic", help="a paths-only sheet for planning benchmarks")
-    synth.add_argument("studies", type=int)
+    synth.add_argument("studies", type=_INDEX)
     synth.add_argument("--out", required=True)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=_INDEX, default=0)
     synth.set_defaults(func=_cmd_cohort_synthetic)
 
     evaluate = sub.add_parser("evaluate", help="metrics of one prediction against a reference")
@@ -524,13 +619,14 @@ def build_parser() -> argparse.ArgumentParser:
     # nibabel, scipy).
     evaluate.add_argument(
         "--iou-threshold",
-        type=float,
+        # IoU > t matches: t = 1 could never match, t < 0 would match disjoint lesions
+        type=_bounded(float, 0, 1, high_open=True),
         help="lesions match when their IoU is greater than this (default: the workflow's "
         "evaluate.iou_threshold default)",
     )
     evaluate.add_argument(
         "--ndsc-rate",
-        type=float,
+        type=_bounded(float, 0, 1, low_open=True, high_open=True),
         help="positive-class rate r of the normalised Dice (Raina et al. 2023), e.g. the cohort "
         "mean; without it ndsc is null",
     )
@@ -562,29 +658,44 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument(
         "--plan", help="the run's plan table (default: <benchmarks>/../plan/cohort.tsv)"
     )
-    cost.add_argument("--studies", type=int, default=11_892)
-    cost.add_argument("--gpus", type=int, default=8)
-    cost.add_argument("--cores", type=int, default=512, help="CPU cores for the CPU stages")
-    cost.add_argument("--cpu-shard-size", type=int, default=16)
-    cost.add_argument("--gpu-shard-size", type=int, default=64)
-    cost.add_argument("--rounds", type=int, default=5, help="active-learning rounds after round 0")
+    cost.add_argument("--studies", type=_COUNT, default=11_892)
+    cost.add_argument("--gpus", type=_COUNT, default=8)
+    cost.add_argument("--cores", type=_COUNT, default=512, help="CPU cores for the CPU stages")
+    cost.add_argument("--cpu-shard-size", type=_COUNT, default=16)
+    cost.add_argument("--gpu-shard-size", type=_COUNT, default=64)
     cost.add_argument(
-        "--infer-fraction", type=float, default=1.0, help="share of studies segmented per round"
+        "--rounds", type=_INDEX, default=5, help="active-learning rounds after round 0"
     )
     cost.add_argument(
-        "--train-scale", type=float, default=1.0, help="cohort / run training iterations"
+        "--infer-fraction", type=_FRACTION, default=1.0, help="share of studies segmented per round"
+    )
+    cost.add_argument(
+        "--train-scale", type=_POSITIVE, default=1.0, help="cohort / run training iterations"
     )
     cost.add_argument(
         "--configfile",
-        help="take shard sizes, rounds and active_learning.candidates from this workflow config",
+        help="take shard sizes, rounds, active_learning.candidates and the models trained per "
+        "round (train.folds, stage2, reseg, iterations) and ensembled (infer.tta) from this "
+        "workflow config",
+    )
+    cost.add_argument(
+        "--pilot-configfile",
+        help="the benchmarked run's config: its iterations and infer.tta, against which "
+        "--configfile's are scaled (without it: --train-scale, and no TTA in the run)",
+    )
+    cost.add_argument(
+        "--followup-fraction",
+        type=float,
+        help="share of segmented studies that are follow-ups (re-seg passes; default: the run's)",
     )
     cost.add_argument(
         "--candidates",
+        type=_candidates,
         help="active_learning.candidates (N or all); with N, also the table against all",
     )
     cost.add_argument(
         "--validation-fraction",
-        type=float,
+        type=_bounded(float, 0, 1, high_open=True),
         default=0.1,
         help="share of studies in validation (segmented every round)",
     )
@@ -600,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=_cmd_al_status)
     imp = al_sub.add_parser("import", help="import reviewed labels of a round's batch")
     package = imp.add_mutually_exclusive_group(required=True)
-    package.add_argument("--round", type=int, help="the batch of this round")
+    package.add_argument("--round", type=_INDEX, help="the batch of this round")
     package.add_argument("--final", action="store_true", help="the final model's QA sample")
     package.add_argument("--review-dir", help="any review package folder")
     imp.add_argument("--stage", choices=["refined", "confirmed"], required=True)
@@ -617,26 +728,34 @@ def build_parser() -> argparse.ArgumentParser:
     _workflow_path_args(override, "sheet", "labels")
     override.set_defaults(func=_cmd_al_override)
 
+    from metsflow.review_server.policy import ACCOUNT_RULES, Role
+
     review = sub.add_parser("review", help="the review web server and its accounts")
     review_sub = review.add_subparsers(dest="review_command", required=True)
 
     def paths(p):
         _workflow_path_args(p, "sheet", "results", "labels", note={"sheet": "used when it exists"})
-        p.add_argument("--round", type=int, help="serve this round's batch (default: newest)")
+        p.add_argument(
+            "--round", type=_bounded_int(0), help="serve this round's batch (default: newest)"
+        )
 
     serve = review_sub.add_parser("serve", help="serve the current round's batch and QA sample")
     paths(serve)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--port", type=_bounded_int(1, 65535), default=8765)
     serve.add_argument(
         "--secure-cookies", action="store_true", help="mark the session cookie Secure (HTTPS)"
     )
     serve.set_defaults(func=_cmd_review_serve)
     user = review_sub.add_parser("user", help="reviewer accounts")
     user_sub = user.add_subparsers(dest="user_command", required=True)
-    user_add = user_sub.add_parser("add", help="add an account (password: prompt or stdin)")
-    user_add.add_argument("name")
-    user_add.add_argument("--role", required=True, choices=["trainee", "neuroradiologist", "admin"])
+    user_add = user_sub.add_parser(
+        "add",
+        help="add an account (password: prompt or stdin)",
+        description=f"Add a reviewer account. {ACCOUNT_RULES}.",
+    )
+    user_add.add_argument("name", help=ACCOUNT_RULES.split("; ")[0])
+    user_add.add_argument("--role", required=True, choices=[str(role) for role in Role])
     paths(user_add)
     user_add.set_defaults(func=_cmd_review_user_add)
     user_list = user_sub.add_parser("list", help="list accounts")

@@ -24,9 +24,9 @@ rule round_candidates:
     output:
         candidates=LAYOUT.candidates("{round}"),
     log:
-        LAYOUT.log("active_learning/candidates_round_{round}"),
+        LAYOUT.job("active_learning", "{round}", part="candidates").log,
     benchmark:
-        LAYOUT.benchmark("active_learning/candidates_round_{round}")
+        LAYOUT.job("active_learning", "{round}", part="candidates").benchmark
     wildcard_constraints:
         round=r"[1-9]\d*",
     localrule: True
@@ -45,9 +45,9 @@ checkpoint select_batch:
     output:
         selection=LAYOUT.selection("{round}"),
     log:
-        LAYOUT.log("active_learning/select_round_{round}"),
+        LAYOUT.job("active_learning", "{round}", part="select").log,
     benchmark:
-        LAYOUT.benchmark("active_learning/select_round_{round}")
+        LAYOUT.job("active_learning", "{round}", part="select").benchmark
     wildcard_constraints:
         round=r"[1-9]\d*",
     conda:
@@ -71,9 +71,9 @@ rule export_review:
     output:
         manifest=LAYOUT.review_manifest("{round}"),
     log:
-        LAYOUT.log("active_learning/export_round_{round}"),
+        LAYOUT.job("active_learning", "{round}", part="export").log,
     benchmark:
-        LAYOUT.benchmark("active_learning/export_round_{round}")
+        LAYOUT.job("active_learning", "{round}", part="export").benchmark
     wildcard_constraints:
         round=r"[1-9]\d*",
     conda:
@@ -85,20 +85,51 @@ rule export_review:
     params:
         studies=lambda wc: [study_record(s) for s in COHORT.studies],
         model=lambda wc: LAYOUT.model(int(wc.round) - 1),
+        label_store=config["label_store"],
     script:
         "../scripts/export_review.py"
 
 
+# The simulated annotator's labels, read in full before any round needs one: no input and the
+# highest priority, so it is among the first jobs of a run, and a bad oracle label (value 4, a
+# text file) stops the run then, not in round 1 after hours of preprocessing and training.
+rule check_oracle:
+    output:
+        table=LAYOUT.oracle_check,
+    log:
+        LAYOUT.job("active_learning", part="check_oracle").log,
+    benchmark:
+        LAYOUT.job("active_learning", part="check_oracle").benchmark
+    priority: 100
+    conda:
+        "../envs/imaging.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        oracle_sheet=config.get("oracle_sheet", ""),
+    script:
+        "../scripts/check_oracle.py"
+
+
 rule collect_annotations:
     input:
+        unpack(
+            lambda wc: (
+                {"oracle": LAYOUT.oracle_check}
+                if SETTINGS.active_learning.annotator == "simulated"
+                else {}
+            )
+        ),
         selection=LAYOUT.selection("{round}"),
         review=LAYOUT.review_manifest("{round}"),
     output:
         annotations=LAYOUT.annotations("{round}"),
     log:
-        LAYOUT.log("active_learning/annotations_round_{round}"),
+        LAYOUT.job("active_learning", "{round}", part="annotations").log,
     benchmark:
-        LAYOUT.benchmark("active_learning/annotations_round_{round}")
+        LAYOUT.job("active_learning", "{round}", part="annotations").benchmark
     wildcard_constraints:
         round=r"[1-9]\d*",
     conda:
@@ -125,9 +156,9 @@ rule correction_burden:
     output:
         table=LAYOUT.burden("{round}"),
     log:
-        LAYOUT.log("active_learning/correction_burden_round_{round}"),
+        LAYOUT.job("active_learning", "{round}", part="correction_burden").log,
     benchmark:
-        LAYOUT.benchmark("active_learning/correction_burden_round_{round}")
+        LAYOUT.job("active_learning", "{round}", part="correction_burden").benchmark
     wildcard_constraints:
         round=r"[1-9]\d*",
     conda:
@@ -149,9 +180,9 @@ rule final_labels:
         labels=LAYOUT.final_labels,
         qa_sample=LAYOUT.qa_sample,
     log:
-        LAYOUT.log("active_learning/final_labels"),
+        LAYOUT.job("active_learning", part="final_labels").log,
     benchmark:
-        LAYOUT.benchmark("active_learning/final_labels")
+        LAYOUT.job("active_learning", part="final_labels").benchmark
     conda:
         "../envs/imaging.yaml"
     threads: 1
@@ -174,9 +205,9 @@ rule export_final_qa:
     output:
         manifest=LAYOUT.final_review_manifest,
     log:
-        LAYOUT.log("active_learning/export_final_qa"),
+        LAYOUT.job("active_learning", part="export_final_qa").log,
     benchmark:
-        LAYOUT.benchmark("active_learning/export_final_qa")
+        LAYOUT.job("active_learning", part="export_final_qa").benchmark
     conda:
         "../envs/imaging.yaml"
     threads: 1

@@ -13,9 +13,9 @@ rule plan_cohort:
     output:
         plan=LAYOUT.plan,
     log:
-        LAYOUT.log("plan_cohort"),
+        LAYOUT.job("plan_cohort").log,
     benchmark:
-        LAYOUT.benchmark("plan_cohort")
+        LAYOUT.job("plan_cohort").benchmark
     conda:
         "../envs/imaging.yaml"
     params:
@@ -36,9 +36,9 @@ rule gather_manifests:
         preprocessed=LAYOUT.stage_manifest("preprocessed"),
         registered=LAYOUT.stage_manifest("registered"),
     log:
-        LAYOUT.log("gather_manifests"),
+        LAYOUT.job("gather_manifests").log,
     benchmark:
-        LAYOUT.benchmark("gather_manifests")
+        LAYOUT.job("gather_manifests").benchmark
     conda:
         "../envs/imaging.yaml"
     threads: 1
@@ -55,9 +55,9 @@ rule quarantine:
     output:
         table=LAYOUT.quarantine,
     log:
-        LAYOUT.log("quarantine"),
+        LAYOUT.job("quarantine").log,
     benchmark:
-        LAYOUT.benchmark("quarantine")
+        LAYOUT.job("quarantine").benchmark
     conda:
         "../envs/imaging.yaml"
     script:

@@ -7,7 +7,16 @@ import os
 import sys
 
 from metsflow.core.io import file_sha256
-from metsflow.core.layout import Layout, round_name
+from metsflow.core.layout import (
+    CPU_SHARD_PREFIX,
+    GPU_SHARD_PREFIX,
+    RESEG_PART,
+    STAGE2_PART,
+    Layout,
+    fold_part,
+    round_name,
+    shard_pattern,
+)
 from metsflow.cohort.plan import round_inference_plan
 from metsflow.cohort.preflight import RunError, prepare_run
 from metsflow.core.settings import Settings
@@ -31,7 +40,8 @@ INIT_CHECKPOINT = config["train"].get("init_checkpoint")
 if INIT_CHECKPOINT:
     from metsflow.models.networks import init_checkpoint_problems
 
-    _init_problems = init_checkpoint_problems(INIT_CHECKPOINT, SETTINGS.model.as_dict())
+    # After prepare_run (schema and settings.config_problems): it needs torch to read the file.
+    _init_problems = init_checkpoint_problems(INIT_CHECKPOINT, SETTINGS.model)
     if _init_problems:
         print(
             "metsflow: the run cannot start:\n"
@@ -94,8 +104,8 @@ ROUND_INFER_SHARDS = {
 
 
 wildcard_constraints:
-    shard=r"s\d{4}",
-    gpu_shard=r"g\d{4}",
+    shard=shard_pattern(CPU_SHARD_PREFIX),
+    gpu_shard=shard_pattern(GPU_SHARD_PREFIX),
     round=r"\d+",
 
 
@@ -316,7 +326,7 @@ def pretrain_inputs(wildcards):
         return {}
     paths = []
     for study in PRETRAIN_COHORT.studies:
-        for path in (study.t1, study.t1c, study.t2, study.flair, study.label):
+        for path in (*study.images.values(), study.label):
             if path is not None and os.path.exists(path):
                 paths.append(str(path))
     return {"sheet": PRETRAIN["sheet"], "images": paths}

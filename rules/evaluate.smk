@@ -12,9 +12,9 @@ rule evaluate_round:
         detection=LAYOUT.evaluation_table("{round}", "detection_by_size"),
         froc=LAYOUT.evaluation_table("{round}", "froc"),
     log:
-        LAYOUT.log("evaluate/round_{round}"),
+        LAYOUT.job("evaluate", "{round}").log,
     benchmark:
-        LAYOUT.benchmark("evaluate/round_{round}")
+        LAYOUT.job("evaluate", "{round}").benchmark
     conda:
         "../envs/imaging.yaml"
     threads: 1
@@ -41,9 +41,9 @@ rule compare_rounds:
             category="Round comparison",
         ),
     log:
-        LAYOUT.log("evaluate/compare_round_{round}"),
+        LAYOUT.job("evaluate", "{round}", part="compare").log,
     benchmark:
-        LAYOUT.benchmark("evaluate/compare_round_{round}")
+        LAYOUT.job("evaluate", "{round}", part="compare").benchmark
     conda:
         "../envs/report.yaml"
     threads: 1
@@ -72,9 +72,9 @@ rule longitudinal_response:
             category="Longitudinal response",
         ),
     log:
-        LAYOUT.log("evaluate/longitudinal_round_{round}"),
+        LAYOUT.job("evaluate", "{round}", part="longitudinal").log,
     benchmark:
-        LAYOUT.benchmark("evaluate/longitudinal_round_{round}")
+        LAYOUT.job("evaluate", "{round}", part="longitudinal").benchmark
     conda:
         "../envs/imaging.yaml"
     threads: 1

@@ -24,9 +24,9 @@ rule export_bids:
         manifest=LAYOUT.final("bids_export.tsv"),
         description=f"{BIDS_ROOT}/dataset_description.json",
     log:
-        LAYOUT.log("export/bids"),
+        LAYOUT.job("export", part="bids").log,
     benchmark:
-        LAYOUT.benchmark("export/bids")
+        LAYOUT.job("export", part="bids").benchmark
     conda:
         "../envs/imaging.yaml"
     threads: 1
@@ -51,9 +51,9 @@ rule export_dicom_seg:
     output:
         manifest=LAYOUT.dicom_seg_manifest,
     log:
-        LAYOUT.log("export/dicom_seg"),
+        LAYOUT.job("export", part="dicom_seg").log,
     benchmark:
-        LAYOUT.benchmark("export/dicom_seg")
+        LAYOUT.job("export", part="dicom_seg").benchmark
     conda:
         "../envs/imaging.yaml"
     threads: 1

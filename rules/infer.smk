@@ -10,9 +10,9 @@ rule infer_shard:
     output:
         manifest=LAYOUT.prediction_manifest("{round}", "{gpu_shard}"),
     log:
-        LAYOUT.log("infer/round_{round}/{gpu_shard}"),
+        LAYOUT.job("infer", "{round}", "{gpu_shard}").log,
     benchmark:
-        LAYOUT.benchmark("infer/round_{round}/{gpu_shard}")
+        LAYOUT.job("infer", "{round}", "{gpu_shard}").benchmark
     conda:
         "../envs/torch.yaml"
     threads: SETTINGS.threads.infer

@@ -8,9 +8,9 @@ rule preprocess_shard:
     output:
         manifest=LAYOUT.shard_manifest("preprocessed", "{shard}"),
     log:
-        LAYOUT.log("preprocess/{shard}"),
+        LAYOUT.job("preprocess", shard="{shard}").log,
     benchmark:
-        LAYOUT.benchmark("preprocess/{shard}")
+        LAYOUT.job("preprocess", shard="{shard}").benchmark
     conda:
         "../envs/imaging.yaml"
     threads: SETTINGS.threads.preprocess

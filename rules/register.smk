@@ -8,9 +8,9 @@ rule register_shard:
     output:
         manifest=LAYOUT.shard_manifest("registered", "{shard}"),
     log:
-        LAYOUT.log("register/{shard}"),
+        LAYOUT.job("register", shard="{shard}").log,
     benchmark:
-        LAYOUT.benchmark("register/{shard}")
+        LAYOUT.job("register", shard="{shard}").benchmark
     conda:
         "../envs/imaging.yaml"
     threads: SETTINGS.threads.register

@@ -40,9 +40,9 @@ rule report_rounds:
             category="Active learning",
         ),
     log:
-        LAYOUT.log("report_rounds"),
+        LAYOUT.job("report_rounds").log,
     benchmark:
-        LAYOUT.benchmark("report_rounds")
+        LAYOUT.job("report_rounds").benchmark
     conda:
         "../envs/report.yaml"
     script:
@@ -89,9 +89,9 @@ rule report_figures:
             subcategory="worst",
         ),
     log:
-        LAYOUT.log("report_figures"),
+        LAYOUT.job("report_figures").log,
     benchmark:
-        LAYOUT.benchmark("report_figures")
+        LAYOUT.job("report_figures").benchmark
     conda:
         "../envs/report.yaml"
     threads: 1
@@ -123,9 +123,9 @@ rule report_detection:
             category="Validation metrics",
         ),
     log:
-        LAYOUT.log("report_detection"),
+        LAYOUT.job("report_detection").log,
     benchmark:
-        LAYOUT.benchmark("report_detection")
+        LAYOUT.job("report_detection").benchmark
     conda:
         "../envs/report.yaml"
     threads: 1
@@ -147,9 +147,9 @@ rule report_froc:
             subcategory="FROC",
         ),
     log:
-        LAYOUT.log("report_froc_{round}"),
+        LAYOUT.job("report_froc", "{round}").log,
     benchmark:
-        LAYOUT.benchmark("report_froc_{round}")
+        LAYOUT.job("report_froc", "{round}").benchmark
     conda:
         "../envs/report.yaml"
     threads: 1

@@ -11,9 +11,9 @@ rule train_round:
         train_log=LAYOUT.train_log("{round}"),
         summary=LAYOUT.train_summary("{round}"),
     log:
-        LAYOUT.log("train/round_{round}"),
+        LAYOUT.job("train", "{round}").log,
     benchmark:
-        LAYOUT.benchmark("train/round_{round}")
+        LAYOUT.job("train", "{round}").benchmark
     conda:
         "../envs/torch.yaml"
     threads: SETTINGS.threads.train
@@ -44,9 +44,9 @@ use rule train_round as train_fold with:
         train_log=LAYOUT.train_log("{round}", "{fold}"),
         summary=LAYOUT.train_summary("{round}", "{fold}"),
     log:
-        LAYOUT.log("train/round_{round}_fold_{fold}"),
+        LAYOUT.job("train", "{round}", part=fold_part("{fold}")).log,
     benchmark:
-        LAYOUT.benchmark("train/round_{round}_fold_{fold}")
+        LAYOUT.job("train", "{round}", part=fold_part("{fold}")).benchmark
     wildcard_constraints:
         fold=r"[1-9]\d*",
 
@@ -58,9 +58,9 @@ rule train_stage2:
         model=LAYOUT.stage2_model("{round}"),
         summary=LAYOUT.stage2_summary("{round}"),
     log:
-        LAYOUT.log("train/round_{round}_stage2"),
+        LAYOUT.job("train", "{round}", part=STAGE2_PART).log,
     benchmark:
-        LAYOUT.benchmark("train/round_{round}_stage2")
+        LAYOUT.job("train", "{round}", part=STAGE2_PART).benchmark
     conda:
         "../envs/torch.yaml"
     threads: SETTINGS.threads.train
@@ -83,9 +83,9 @@ rule train_reseg:
         model=LAYOUT.reseg_model("{round}"),
         train_log=LAYOUT.reseg_train_log("{round}"),
     log:
-        LAYOUT.log("train/round_{round}_reseg"),
+        LAYOUT.job("train", "{round}", part=RESEG_PART).log,
     benchmark:
-        LAYOUT.benchmark("train/round_{round}_reseg")
+        LAYOUT.job("train", "{round}", part=RESEG_PART).benchmark
     conda:
         "../envs/torch.yaml"
     threads: SETTINGS.threads.train
@@ -112,9 +112,10 @@ rule pretrain:
         model=LAYOUT.pretrain_model,
         manifest=LAYOUT.pretrain_manifest,
     log:
-        LAYOUT.log("train/pretrain"),
+        LAYOUT.job("pretrain").log,
     benchmark:
-        LAYOUT.benchmark("train/pretrain")
+        # a one-off job, not a round's: metsflow cost leaves it out (costmodel._costed)
+        LAYOUT.job("pretrain").benchmark
     conda:
         "../envs/torch.yaml"
     threads: SETTINGS.threads.train

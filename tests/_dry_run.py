@@ -2,7 +2,7 @@
 
 - ``dry_run_job_counts``: jobs per rule from the 'Job stats' table of ``snakemake -n`` output.
 - ``synthetic_oracle``: a placeholder oracle sheet, so the simulated annotator plans every round
-  of a synthetic cohort (``metsflow.cohort.sheet.synthetic_sheet``) without any label file.
+  of a synthetic cohort (``metsflow.cohort.sheet.synthetic_sheet``) with one tiny label file.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from metsflow.core.io import write_table
+from metsflow.core.io import save_nifti, write_table
 
 
 def dry_run_job_counts(stdout: str) -> dict[str, int]:
@@ -38,8 +39,8 @@ def synthetic_oracle(sheet: str | os.PathLike, out_path: str | os.PathLike) -> P
     ``metsflow.cohort.preflight`` needs the listed files to exist; a dry run reads none)."""
     out_path = Path(out_path)
     placeholder = out_path.with_name("placeholder_label.nii.gz")
-    placeholder.parent.mkdir(parents=True, exist_ok=True)
-    placeholder.touch()
+    # a valid (empty) label: the parse-time check reads each oracle label's header
+    save_nifti(placeholder, np.zeros((2, 2, 2)), np.eye(4), dtype=np.uint8)
     study_ids = pd.read_csv(sheet, sep="\t", dtype=str, usecols=["study_id"]).study_id
     write_table(out_path, pd.DataFrame({"study_id": study_ids, "label": placeholder.name}))
     return out_path

@@ -182,3 +182,20 @@ def save(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.float32) -> 
     img.header.set_xyzt_units("mm", "sec")
     nib.save(img, str(path))
     return path
+
+
+def identity_registration(reg_dir, grid_img):
+    """Registration outputs that map the follow-up onto itself (identity affine, zero warp)."""
+    import ants
+
+    from metsflow.imaging.brainmask import nifti_to_ants
+
+    reg_dir.mkdir(parents=True)
+    ants.write_transform(
+        ants.create_ants_transform(transform_type="AffineTransform", dimension=3),
+        str(reg_dir / "affine.mat"),
+    )
+    zero = nifti_to_ants(grid_img) * 0
+    field = ants.merge_channels([zero, zero, zero])
+    for name in ("warp.nii.gz", "inverse_warp.nii.gz"):
+        ants.image_write(field, str(reg_dir / name))

@@ -164,7 +164,7 @@ BROKEN = {
     "absurd spacing (60 mm)": ("t1c", _replace_data(_scaled_spacing(20.0)), "spacing"),
     "absurd spacing (0.03 mm)": ("t1c", _replace_data(_scaled_spacing(0.01)), "spacing"),
     "zero spacing": ("t1c", _zero_spacing, "spacing"),
-    "sheared affine": (("t1c", "t2", "label"), _replace_data(_sheared), "affine cannot be used"),
+    "sheared affine": (("t1c", "t2", "label"), _replace_data(_sheared), "affine is sheared"),
     "header without orientation": ("t1c", _no_orientation, "no orientation"),
     "label values outside the convention": ("label", _replace_data(_bad_label_value), "9"),
     "label on a different grid": ("label", _replace_data(_shifted), "label grid"),

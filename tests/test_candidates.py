@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from test_plan import write_sheet
+from _sheets import write_sheet
 
 from metsflow.cohort.plan import (
     PlanSettings,

@@ -108,3 +108,59 @@ def test_train_stage2_writes_checkpoint_with_operating_point(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a stage-2 checkpoint"):
         cascade.load_stage2(tmp_path / "junk.pt")
+
+
+def test_mine_candidates_from_a_stage1_ensemble_adds_reference_lesions_for_training(tmp_path):
+    import nibabel as nib
+    from _tiny_models import make_checkpoint, make_prep_study
+
+    from metsflow.core import labels as lab
+    from metsflow.models.infer import load_ensemble
+
+    item = make_prep_study(tmp_path / "prep", "S0")
+    label = np.asarray(nib.load(item["label"]).dataobj)
+    _, n_lesions = lab.lesion_components(lab.whole_lesion(label))
+    networks, meta = load_ensemble([make_checkpoint(tmp_path / "m.pt", 0)], device="cpu")
+    infer = {"overlap": 0.25, "sw_batch_size": 2}
+    params = {"crop_size": [16, 16, 16], "proposal_threshold": 0.3}
+    mined = {
+        add: cascade.mine_candidates(
+            networks, meta, [item], infer, torch.device("cpu"), params, add, {"S0": "P0"}
+        )[0]
+        for add in (True, False)
+    }
+    assert mined[True].n_reference == mined[False].n_reference == n_lesions > 0
+    assert mined[True].sources.count("reference") == n_lesions
+    assert "reference" not in mined[False].sources
+    assert mined[True].patient_id == "P0" and mined[True].study_id == "S0"
+    assert len(mined[True].ref_diameters_mm) == n_lesions  # 1 mm grid: spacing from the affine
+
+
+def test_cascade_postprocess_hands_the_dropped_candidates_to_the_writer(tmp_path):
+    """What stage 2 drops becomes the review's "possible lesions": a map and a table written
+    next to the prediction (segment_study takes them out of the row)."""
+    import json
+
+    from metsflow.core.layout import SUGGESTIONS, SUGGESTIONS_TABLE
+    from metsflow.models.infer import SUGGESTIONS_KEY, write_outputs
+    from metsflow.models.postprocess import CascadePostProcess
+
+    pred = two_lesion_prediction()
+    probs = np.zeros((2, *SHAPE), np.float32)
+    probs[0] = 1.0
+    probs[1][ball(SHAPE, (10, 10, 10), 3)] = 0.9  # A confident, B not
+    probs[0] -= probs[1]
+    inp = {"image": np.zeros((1, *SHAPE), np.float32), "brain": np.ones(SHAPE, bool)}
+    meta = {"threshold": 0.5, "params": {"crop_size": [16, 16, 16]}}
+    post = CascadePostProcess((FixedScores(), meta), None, {}, torch.device("cpu"))
+    filtered, extra = post({"study_id": "S"}, inp, probs, pred)
+    ids, rows = extra[SUGGESTIONS_KEY]
+    assert extra["stage2_removed"] == 1 and len(rows) == 1 and rows[0]["stage2_score"] < 0.5
+    assert np.array_equal(ids == 1, ball(SHAPE, (30, 30, 30), 3))  # lesion B's core
+    write_outputs(
+        [
+            (tmp_path / SUGGESTIONS, ids, np.eye(4), np.uint8),
+            (tmp_path / SUGGESTIONS_TABLE, rows, np.eye(4), "json"),
+        ]
+    )
+    assert json.loads((tmp_path / SUGGESTIONS_TABLE).read_text())[0]["id"] == 1

@@ -6,13 +6,18 @@ import dataclasses
 import math
 
 import pytest
-from test_costmodel import run  # noqa: F401  (fixture: a pilot run's benchmarks and plan)
+from _pilot_run import write_pilot_run
 
 from metsflow.cli import main
 from metsflow.cohort.costmodel import CohortShape, compare, estimate, read_run
 
 
-def test_subset_rounds_cost_less_and_the_last_round_segments_everything(run):  # noqa: F811
+@pytest.fixture
+def run(tmp_path):
+    return write_pilot_run(tmp_path)
+
+
+def test_subset_rounds_cost_less_and_the_last_round_segments_everything(run):
     shape = CohortShape(studies=1000, gpu_shard_size=50, rounds=2, validation_fraction=0.1)
     assert shape.infer_studies_per_round() == [1000, 1000, 1000]
     subset = dataclasses.replace(shape, candidates=200)
@@ -34,7 +39,7 @@ def test_subset_rounds_cost_less_and_the_last_round_segments_everything(run):  #
     assert dataclasses.replace(shape, candidates=5000).infer_studies_per_round() == [1000] * 3
 
 
-def test_cli_prints_the_before_after_table(run, capsys, tmp_path):  # noqa: F811
+def test_cli_prints_the_before_after_table(run, capsys, tmp_path):
     config = tmp_path / "cohort.yaml"
     config.write_text(
         "sharding: {gpu_shard_size: 64}\nactive_learning: {rounds: 5, candidates: 2000}\n"

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny_models import make_prep_study, tiny_params
 from monai.transforms import RandCropByPosNegLabeld
-from test_models import make_prep_study, tiny_params
 
 from metsflow.core import config as config_schema
 from metsflow.core import labels as lab
@@ -90,7 +90,14 @@ def test_lesion_sampling_negatives_and_lesionless_studies(two_lesions):
     assert share < 0.3  # brain-centred: the lesions fill < 2% of the volume
 
 
-def test_training_runs_with_both_levers(tmp_path):
+def test_training_runs_with_both_levers(tmp_path, monkeypatch):
+    losses = []
+
+    def spy(*args, **kwargs):
+        losses.append(build_loss(*args, **kwargs))
+        return losses[-1]
+
+    monkeypatch.setattr(train, "build_loss", spy)
     studies = [make_prep_study(tmp_path, f"S{i}", seed=i) for i in range(2)]
     params = tiny_params(
         patch_size=[16, 16, 16],
@@ -104,6 +111,7 @@ def test_training_runs_with_both_levers(tmp_path):
     )
     result = train.train_model(studies, [], params, tmp_path / "m.pt", device="cpu")
     assert result["iterations"] == 4 and np.isfinite(result["final_loss"])
+    assert isinstance(losses[0], InstanceDiceLoss)  # train.instance_loss_weight reaches the loss
     with pytest.raises(ValueError, match="unknown sampling"):
         train._cache_transform(["t1c"], "whole", [16, 16, 16], "voxels")
 
@@ -122,8 +130,12 @@ def test_instance_loss_charges_a_missed_small_lesion_like_a_large_one():
     missed_small[28, 28, 28] = 0
     params = {"label_mode": "whole", "channels": ["t1c"], "patch_size": [32] * 3}
     base = build_loss(params)
-    blob = build_loss({**params, "instance_loss_weight": 1.0})
+    blob = build_loss(params, instance_loss_weight=1.0)
     assert isinstance(blob, InstanceDiceLoss)
+    # A training run carries the weight in its train settings (TrainSettings).
+    run = train.training_params(params, {"instance_loss_weight": 1.0}, [1, 1, 1], 0, 0)
+    assert isinstance(build_loss(run), InstanceDiceLoss)
+    assert not isinstance(build_loss(run.model), InstanceDiceLoss)
     t = torch.from_numpy(target)
 
     def cost(loss):
@@ -225,3 +237,27 @@ def test_status_and_report_show_the_cascade_ceiling(tmp_path):
     text = cascade_status(tmp_path)
     assert "0.981" in text and "0.75" in text
     assert text.splitlines()[-1].split()[-3:] == ["2", "1", "0"]
+
+
+def test_suggestions_number_the_high_sensitivity_proposals():
+    """With proposal_sensitivity the candidates are components of fg_prob >= threshold: the
+    review suggestion map (postprocess._candidate_map) numbers those, not the argmax's."""
+    from metsflow.models.postprocess import _candidate_map
+
+    shape = (24, 24, 24)
+    pred = np.zeros(shape, np.uint8)
+    pred[4:7, 4:7, 4:7] = lab.ENHANCING
+    fg = np.zeros(shape, np.float32)
+    fg[4:7, 4:7, 4:7] = 0.9
+    fg[16:18, 16:18, 16:18] = 0.3
+    params = {**cascade.DEFAULTS, "crop_size": [8, 8, 8], "proposal_threshold": 0.2}
+    argmax_meta = {"params": params, "threshold": 0.5}
+    high_meta = {"params": {**params, "proposal_sensitivity": 0.98}, "threshold": 0.5}
+    assert _candidate_map(pred, fg, argmax_meta).max() == 1
+    components = _candidate_map(pred, fg, high_meta)
+    _, candidates = cascade.filter_prediction(
+        pred, np.zeros((1, *shape)), fg, _KeepAll(), high_meta
+    )
+    assert components.max() == len(candidates) == 2
+    for cand in candidates:
+        assert components[cand.centroid] == cand.index

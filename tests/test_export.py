@@ -282,7 +282,7 @@ def test_export_jobs_track_lesions_and_write_seg_for_dicom_studies(converted, tm
 
 def test_run_export_bids_tracks_through_the_registration(tmp_path):
     """The whole BIDS job on a small results tree with a real (identity) ANTs registration."""
-    from test_longitudinal import _identity_registration
+    from _synthetic_images import identity_registration
 
     from metsflow.core.io import save_nifti
     from metsflow.jobs.export import FinalExport, run_export_bids
@@ -322,7 +322,7 @@ def test_run_export_bids_tracks_through_the_registration(tmp_path):
                 round="" if k else "2",
             )
         )
-    _identity_registration(reg / "P-1_b", nib.load(str(prep / "P-1_b" / "t1c.nii.gz")))
+    identity_registration(reg / "P-1_b", nib.load(str(prep / "P-1_b" / "t1c.nii.gz")))
     plan = _table(
         tmp_path / "plan.tsv",
         [

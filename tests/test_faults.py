@@ -250,7 +250,7 @@ def test_run_killed_at_several_points_resumes_to_identical_outputs(
 _TRAIN_UNTIL_SIGKILL = """
 import json, os, signal, sys
 sys.path.insert(0, {tests!r})
-from test_train import fast_params, ALL_AUGMENTATIONS
+from _tiny_models import fast_params, ALL_AUGMENTATIONS
 from metsflow.models import train
 
 studies = json.loads({studies!r})
@@ -271,8 +271,13 @@ train.train_model(studies[:3], studies[3:], params, {out!r}, log_path={log!r}, d
 def test_training_killed_mid_epoch_by_sigkill_resumes_from_its_checkpoint(tmp_path):
     """A real SIGKILL (not an exception: no finally block runs) at iteration 5 of 6; the rerun
     resumes from the iteration-3 checkpoint and ends with the uninterrupted run's weights."""
-    from test_models import make_prep_study
-    from test_train import ALL_AUGMENTATIONS, assert_same_weights, fast_params, weights
+    from _tiny_models import (
+        ALL_AUGMENTATIONS,
+        assert_same_weights,
+        fast_params,
+        make_prep_study,
+        weights,
+    )
 
     from metsflow.models import train
 

@@ -8,9 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_infer import make_checkpoint
-from test_models import AFFINE, make_prep_study, tiny_params
-from test_train import ALL_AUGMENTATIONS
+from _tiny_models import AFFINE, ALL_AUGMENTATIONS, make_checkpoint, make_prep_study, tiny_params
 
 from metsflow.cohort.splits import fold_split
 from metsflow.core import labels as lab
@@ -61,11 +59,11 @@ def test_reseg_params_override_channels_and_iterations():
         "reseg": {"enabled": True, "iterations": 7, "finetune_iterations": 3},
         "stage2": {"enabled": True},
     }
-    params = reseg_params(model, cfg, [1, 1, 1], seed=5, round_index=0)
-    assert params["channels"] == ["t1c", "prior", "t2"] and params["iterations"] == 7
-    assert params["fictitious_prior"] and params["seed"] == 5
-    assert not {"reseg", "stage2", "folds", "enabled"} & set(params)
-    assert reseg_params(model, cfg, [1, 1, 1], seed=5, round_index=2)["iterations"] == 3
+    run = reseg_params(model, cfg, [1, 1, 1], seed=5, round_index=0)
+    assert run.model.channels == ["t1c", "prior", "t2"] and run.train.iterations == 7
+    assert run.train.fictitious_prior and run.train.seed == 5
+    assert not {"reseg", "stage2", "enabled"} & set(run.as_params())
+    assert reseg_params(model, cfg, [1, 1, 1], seed=5, round_index=2).train.iterations == 3
 
 
 def test_fold_split_keeps_patients_together():

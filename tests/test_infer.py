@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_models import AFFINE, SHAPE, make_prep_study, tiny_params
+from _tiny_models import AFFINE, SHAPE, make_checkpoint, make_prep_study
 
 from metsflow.core import labels as lab
 from metsflow.core.io import StudyError, save_nifti
@@ -22,14 +22,6 @@ from metsflow.models.infer import (
     sliding_window_predict,
     uncertainty_scores,
 )
-from metsflow.models.networks import build_network, checkpoint_meta, save_checkpoint
-
-
-def make_checkpoint(path: Path, seed: int, **overrides) -> Path:
-    params = tiny_params(patch_size=[16, 16, 16], **overrides)
-    torch.manual_seed(seed)
-    save_checkpoint(path, build_network(params), checkpoint_meta(params))
-    return path
 
 
 @pytest.mark.parametrize("label_mode", ["multiclass", "whole"])

@@ -10,9 +10,8 @@ import sys
 
 import pytest
 import torch
+from _tiny_models import make_checkpoint, make_prep_study
 from conftest import REPO
-from test_infer import make_checkpoint
-from test_models import make_prep_study
 
 from metsflow.models import infer
 from metsflow.models.infer import (
@@ -81,7 +80,7 @@ def test_auto_levers_are_on_for_cuda_only_and_compile_for_large_cpu_shards():
     assert lever_settings({}, cuda, 1)["heap_reuse"] and lever_settings({}, cpu, 1)["heap_reuse"]
     assert not lever_settings({"heap_reuse": False}, cpu, 1)["heap_reuse"]
     resolved = resolve_levers({"overlap": 0.5}, cpu, COMPILE_MIN_STUDIES)
-    assert resolved["overlap"] == 0.5 and resolved["compile"] is True
+    assert resolved.overlap == 0.5 and resolved.compile is True
     assert lever_settings(resolved, cpu)["compile"]  # stays resolved downstream
 
 

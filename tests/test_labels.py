@@ -70,3 +70,15 @@ def test_groups_membership():
 def test_whole_lesion_counts_brats_et_and_netc_but_not_edema():
     internal = labels.to_internal(np.array([0, 1, 2, 3]), "brats")
     np.testing.assert_array_equal(labels.whole_lesion(internal), [False, True, False, True])
+
+
+def test_lesion_components_joins_corner_neighbours_and_touching_labels():
+    volume = np.zeros((6, 6, 6), dtype=np.uint8)
+    volume[1, 1, 1] = labels.ENHANCING
+    volume[2, 2, 2] = labels.NECROSIS  # touches the first voxel by a corner only
+    volume[4, 4, 4] = labels.EDEMA  # apart: a second lesion
+    components, count = labels.lesion_components(volume)
+    assert count == 2
+    assert components[1, 1, 1] == components[2, 2, 2] != components[4, 4, 4]
+    assert labels.lesion_components(volume.astype(bool))[1] == 2
+    assert labels.lesion_components(np.zeros((3, 3, 3)))[1] == 0

@@ -19,7 +19,9 @@ from metsflow.evaluation.longitudinal import (
     ResponseThresholds,
     TimePoint,
     classify_response,
+    identity_warp,
     response_table,
+    track_chains,
     track_patient,
 )
 
@@ -112,6 +114,47 @@ def test_warp_is_applied_to_the_previous_lesion_ids():
     assert sorted(unwarped[unwarped.study_id == "t1"].status) == ["new", "resolved"]
 
 
+def test_track_chains_names_each_series_and_lists_its_time_points():
+    from metsflow.core.labels import EDEMA, ENHANCING
+
+    labels = {}
+    for study_id, corner in (("A0", (2, 2, 2)), ("A1", (3, 2, 2)), ("A2", (12, 12, 12))):
+        labels[study_id] = np.zeros(SHAPE, dtype=np.uint8)
+        labels[study_id][cube(corner, 4)] = ENHANCING
+    labels["A2"][cube((2, 2, 2), 3)] = EDEMA  # edema is not tracked
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    warps = []
+
+    def warp_for(affines):
+        warps.append(sorted(affines))
+        return identity_warp
+
+    lesions, points = track_chains(
+        [("A", "A", ["A0", "A1"]), ("A", "A2", ["A2"])],  # registration broke before A2
+        lambda study_id: (labels[study_id], affine, (2.0, 2.0, 2.0)),
+        {"A0": 0, "A1": 1, "A2": 2},
+        warp_for,
+        ResponseThresholds(match_margin_mm=0),
+    )
+    assert warps == [["A0", "A1"], ["A2"]]  # one warp per series, over its own studies
+    assert set(lesions.patient_id) == {"A"}
+    assert by_lesion(lesions, "A1") == {"A-L1": (64 * VOXEL_MM3, "tracked")}
+    assert by_lesion(lesions, "A2") == {"A2-L1": (64 * VOXEL_MM3, "baseline")}
+    assert points.to_dict("list") == {
+        "patient_id": ["A", "A", "A"],
+        "study_id": ["A0", "A1", "A2"],
+        "order": [0, 1, 2],
+    }
+    empty, no_points = track_chains([], None, {}, warp_for, ResponseThresholds())
+    assert empty.empty and list(empty.columns)[:4] == [
+        "patient_id",
+        "study_id",
+        "order",
+        "lesion_id",
+    ]
+    assert no_points.empty
+
+
 def test_mismatched_grids_need_a_warp():
     small = TimePoint("t1", 1, np.ones((4, 4, 4), bool), 1.0)
     with pytest.raises(ValueError, match="t1.*identity warp"):
@@ -190,24 +233,9 @@ def test_response_table_flags_new_lesions():
 # ---------------------------------------------------------------- the job on a results tree
 
 
-def _identity_registration(reg_dir, grid_img):
-    """Registration outputs that map the follow-up onto itself (identity affine, zero warp)."""
-    import ants
-
-    from metsflow.imaging.brainmask import nifti_to_ants
-
-    reg_dir.mkdir(parents=True)
-    ants.write_transform(
-        ants.create_ants_transform(transform_type="AffineTransform", dimension=3),
-        str(reg_dir / "affine.mat"),
-    )
-    zero = nifti_to_ants(grid_img) * 0
-    field = ants.merge_channels([zero, zero, zero])
-    for name in ("warp.nii.gz", "inverse_warp.nii.gz"):
-        ants.image_write(field, str(reg_dir / name))
-
-
 def test_run_longitudinal_tracks_predictions_and_references_through_the_registration(tmp_path):
+    from _synthetic_images import identity_registration
+
     from metsflow.core.io import save_nifti
     from metsflow.core.labels import EDEMA, ENHANCING
     from metsflow.core.layout import Layout
@@ -234,7 +262,7 @@ def test_run_longitudinal_tracks_predictions_and_references_through_the_registra
         save_nifti(pred / study_id / "pred.nii.gz", labels, affine, dtype=np.uint8)
     save_nifti(prep / "P1_a" / "label.nii.gz", masks["P1_a"].astype(np.uint8), affine)
     img = nib.load(str(prep / "P1_b" / "t1c.nii.gz"))
-    _identity_registration(reg / "P1_b", img)
+    identity_registration(reg / "P1_b", img)
 
     plan = pd.DataFrame(
         {

@@ -1,6 +1,7 @@
 """Networks, losses, the input contract, checkpoints and patient-level splits.
 
-``make_prep_study`` (synthetic preprocessed studies) is also used by test_train and test_infer.
+``make_prep_study`` and ``tiny_params`` live in ``_tiny_models`` (shared with test_train,
+test_infer and the other model tests).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from _tiny_models import AFFINE, SHAPE, make_prep_study, tiny_params
 
 from metsflow.cohort.splits import patient_holdout, patient_kfold
 from metsflow.core import labels as lab
@@ -26,71 +28,6 @@ from metsflow.models.networks import (
     load_study_input,
     save_checkpoint,
 )
-
-SHAPE = (40, 40, 40)
-AFFINE = np.array(
-    [[1.0, 0, 0, -20.0], [0, 1.0, 0, -22.0], [0, 0, 1.0, -18.0], [0, 0, 0, 1]], dtype=float
-)
-
-
-def make_prep_study(
-    root: Path,
-    study_id: str,
-    seed: int = 0,
-    sequences=("t1c", "t1", "t2", "flair"),
-    n_lesions: int = 2,
-    shape=SHAPE,
-) -> dict:
-    """A preprocessed study with bright-rim sphere lesions; returns a training item.
-
-    Lesion = necrotic core (label 3, dark on T1c), enhancing rim (1, bright on T1c), edema halo
-    (2, bright on FLAIR/T2). Images are roughly z-scored inside an ellipsoidal "brain".
-    """
-    rng = np.random.default_rng(seed)
-    prep = root / study_id
-    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1)
-    centre = (np.asarray(shape) - 1) / 2
-    brain = np.linalg.norm((grid - centre) / (np.asarray(shape) / 2 - 2), axis=-1) < 1
-    label = np.zeros(shape, dtype=np.uint8)
-    for _ in range(n_lesions):
-        c = centre + rng.uniform(-0.2, 0.2, size=3) * np.asarray(shape)
-        r = np.linalg.norm(grid - c, axis=-1)
-        rim = rng.uniform(3.5, 5.0)
-        label[(r < rim + 2.5) & (label == 0)] = lab.EDEMA
-        label[r < rim] = lab.ENHANCING
-        label[r < rim - 2.0] = lab.NECROSIS
-    label[~brain] = 0
-    noise = lambda: rng.normal(0, 0.3, shape)  # noqa: E731 - tiny local helper
-    images = {
-        "t1c": noise() + 3.0 * (label == lab.ENHANCING) - 1.0 * (label == lab.NECROSIS),
-        "t1": noise() - 0.5 * np.isin(label, (1, 3)),
-        "t2": noise() + 1.5 * (label == lab.EDEMA),
-        "flair": noise() + 2.0 * (label == lab.EDEMA),
-    }
-    for name in sequences:
-        save_nifti(prep / f"{name}.nii.gz", np.where(brain, images[name], 0.0), AFFINE, np.float32)
-    save_nifti(prep / "brain_mask.nii.gz", brain, AFFINE, np.uint8)
-    save_nifti(prep / "label.nii.gz", label, AFFINE, np.uint8)
-    return {
-        "study_id": study_id,
-        "prep_dir": str(prep),
-        "label": str(prep / "label.nii.gz"),
-        "prior": None,
-    }
-
-
-def tiny_params(**overrides) -> dict:
-    params = {
-        "arch": "dynunet",
-        "channels": ["t1c", "flair"],
-        "label_mode": "multiclass",
-        "filters": [8, 16, 32],
-        "patch_size": [32, 32, 32],
-        "spacing": [1.0, 1.0, 1.0],
-        "loss": "dice_ce",
-    }
-    params.update(overrides)
-    return params
 
 
 # ---------------------------------------------------------------------------------------------

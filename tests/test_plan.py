@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from _sheets import write_sheet
 
-from metsflow.cohort.plan import PlanSettings, build_plan, choose_validation_patients, restrict
-from metsflow.cohort.sheet import read_sheet
-
-
-def write_sheet(path, patients: dict[str, int], labelled: set[str]):
-    rows = []
-    for patient, n in patients.items():
-        for t in range(n):
-            rows.append(
-                {
-                    "patient_id": patient,
-                    "study_id": f"{patient}_T{t}",
-                    "timepoint": t,
-                    "t1": "",
-                    "t1c": f"{patient}/{t}/t1c.nii.gz",
-                    "t2": "",
-                    "flair": "",
-                    "label": f"{patient}/{t}/seg.nii.gz" if patient in labelled else "",
-                }
-            )
-    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
-    return read_sheet(path)
+from metsflow.cohort.plan import (
+    PlanSettings,
+    build_plan,
+    choose_validation_patients,
+    read_plan,
+    restrict,
+)
+from metsflow.core.io import write_table
 
 
 @pytest.fixture
@@ -86,3 +73,16 @@ def test_shards_do_not_move_with_a_subset(cohort):
     }
     with pytest.raises(ValueError, match="NOPE"):
         restrict(plan, studies=["NOPE"])
+
+
+def test_read_plan_gives_back_the_plan_as_built(tmp_path):
+    patients = {"007": 3, "P10": 12}  # a numeric-looking id and more than 10 time points
+    cohort = write_sheet(tmp_path / "s.tsv", patients, labelled={"P10"})
+    plan = build_plan(cohort, PlanSettings(validation_fraction=0))
+    write_table(tmp_path / "plan.tsv", plan)
+    read = read_plan(tmp_path / "plan.tsv")
+    pd.testing.assert_frame_equal(read, plan, check_dtype=False)
+    assert read.patient_id.iloc[0] == "007" and read.previous_study.iloc[0] == ""
+    assert read.order.dtype.kind == "i" and read.has_label.dtype == bool
+    p10 = read[read.patient_id == "P10"].sort_values("order")
+    assert list(p10.order) == list(range(12))  # 10 sorts after 9, not after 1

@@ -4,8 +4,8 @@ workflow is parsed, and round 0 fine-tunes from it."""
 from __future__ import annotations
 
 import pytest
+from _tiny_models import make_prep_study, tiny_params
 from conftest import make_tiny_cohort, run_snakemake, write_tiny_config
-from test_models import make_prep_study, tiny_params
 
 from metsflow.models import train
 from metsflow.models.networks import (
@@ -58,7 +58,8 @@ def test_round0_finetunes_from_the_pretrained_weights(tmp_path):
     )
     pre = write_model(tmp_path / "pre.pt", patch_size=[16, 16, 16])
     params0 = train.training_params(params, {"init_checkpoint": str(pre)}, [1, 1, 1], 0, 0)
-    assert params0["iterations"] == 2  # round 0 keeps its own budget
+    assert params0.train.iterations == 2  # round 0 keeps its own budget
+    assert params0.train.init_checkpoint == str(pre)
     train.train_model(studies, [], params0, tmp_path / "m.pt", init_checkpoint=pre, device="cpu")
     meta = read_checkpoint(tmp_path / "m.pt")["meta"]
     assert meta["finetuned_from"]["path"] == str(pre)

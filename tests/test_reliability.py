@@ -1,4 +1,4 @@
-"""Issue 17: the gaps found when the promises of README "When a study fails" were attacked.
+"""Issue 17: the gaps found when the promises of docs/running.md "When a study fails" were attacked.
 
 One test (or a few) per point of the issue; each failed before the fix. The workflow checks run
 ``snakemake -n`` (a dry run: about 2 s each, no job runs).
@@ -167,7 +167,6 @@ def test_memory_guard_limit_on_the_command_line(tmp_path, capsys):
 def test_a_study_that_cannot_be_cleaned_is_quarantined_not_its_shard(tmp_path, monkeypatch):
     """The stale folder of B cannot be removed (EACCES as for another user's files; as root
     the refusal is simulated); A and C finish and the shard manifest is written."""
-    from metsflow.jobs import manifest
 
     root = tmp_path / "prep"
     for study in "ABC":
@@ -180,7 +179,8 @@ def test_a_study_that_cannot_be_cleaned_is_quarantined_not_its_shard(tmp_path, m
             raise PermissionError(13, "Permission denied", str(root / "B" / "t1c.nii.gz"))
         return real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(manifest.shutil, "rmtree", rmtree)
+    # every removal goes through metsflow.core.io.remove_path (issue #25)
+    monkeypatch.setattr(io.shutil, "rmtree", rmtree)
 
     def work(study):
         (root / study).mkdir()

@@ -25,31 +25,32 @@ import nibabel as nib
 import numpy as np
 import pytest
 import uvicorn
+from _browser import (  # noqa: F401  (browser: a fixture)
+    AXES,
+    PASSWORD,
+    SHAPE,
+    SPACING_MM,
+    STUDY,
+    USERS,
+    Session,
+    _next_frames,
+    browser,
+    wait_for,
+)
 from _synthetic_images import LESIONS, oblique_affine, phantom, sample, save
 from argon2 import PasswordHasher
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Page
 
 from metsflow.active_learning.labelstore import LabelStore
 from metsflow.active_learning.review import LABEL_COLOURS, export_batch
 from metsflow.core import labels
 from metsflow.core.layout import PRESEGMENTATION_NAME
 from metsflow.review_server import db
-from metsflow.review_server.app import NIIVUE_DIST, create_app
+from metsflow.review_server.app import create_app
 from metsflow.review_server.config import ReviewConfig
 
-STUDY, PATIENT = "S01", "P01"
+PATIENT = "P01"
 FOLLOW_UP = "S02"  # the same patient's next study (same images): the queue's next item
-PASSWORD = "correct horse battery"
-USERS = {"tina": "trainee", "nora": "neuroradiologist", "adam": "admin"}
-# Voxel axes P, I, L (a sagittal acquisition), rotated: far from NiiVue's RAS.
-AXES = np.array([[0.0, 0.0, -1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
-SHAPE = (60, 52, 52)
-SPACING_MM = 3.0
-# Chromium has no GPU here: WebGL2 through ANGLE on SwiftShader (software).
-CHROMIUM_ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist"]
-TIMEOUT_MS = 30_000
-# Small enough that SwiftShader redraws quickly, large enough for the editor's three columns.
-VIEWPORT = {"width": 1200, "height": 720}
 ARTIFACT_NAME = "review_editor.png"
 
 
@@ -120,106 +121,6 @@ def server(batch, tmp_path):
     thread.join(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def browser():
-    executable = shutil.which("chromium")
-    if executable is None:
-        pytest.fail(
-            "Chromium not found on PATH: the browser tests need Debian's `chromium` package "
-            "(./test.sh installs it: apt-get install -y chromium)",
-            pytrace=False,
-        )
-    if not (NIIVUE_DIST / "index.js").is_file():
-        pytest.fail(
-            f"NiiVue bundle missing ({NIIVUE_DIST}): run ./setup.sh "
-            "(npm ci --prefix metsflow/review_server/web)",
-            pytrace=False,
-        )
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=executable, headless=True, args=CHROMIUM_ARGS
-        )
-        yield chromium
-        chromium.close()
-
-
-class Session:
-    """One signed-in browser context with the page's JavaScript errors collected."""
-
-    def __init__(self, browser, base_url: str, username: str, start: str = "/", typo=False):
-        self.context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
-        self.context.set_default_timeout(TIMEOUT_MS)
-        self.page: Page = self.context.new_page()
-        self.errors: list[str] = []
-        self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
-        self.page.on("console", self._console)
-        self.base_url = base_url
-        self.username = username
-        self.login(self.page, start, typo)
-
-    def login(self, page: Page, start: str = "/", typo: bool = False):
-        """Open ``start`` anonymously: the server sends the browser to the login form, which
-        sends it back after signing in (with ``typo``, after one wrong password first)."""
-        page.goto(f"{self.base_url}{start}")
-        page.wait_for_url(lambda url: "/login?next=" in url)
-        page.fill("#username", self.username)
-        if typo:
-            page.fill("#password", "not the password")
-            page.click("#login-button")
-            page.wait_for_selector("#login-error:not([hidden])")
-            assert page.inner_text("#login-error") == "wrong user name or password"
-        page.fill("#password", PASSWORD)
-        page.click("#login-button")
-        page.wait_for_url(f"{self.base_url}{start}")
-        if start == "/":
-            page.wait_for_selector("#queue tbody tr")
-        else:
-            self.wait_ready()
-
-    def _console(self, msg):
-        # HTTP errors (a 409 on a stale save...) are asserted through what the page shows.
-        if msg.type == "error" and not msg.text.startswith("Failed to load resource"):
-            self.errors.append(msg.text)
-
-    def open_study(self, study_id: str = STUDY) -> Page:
-        self.page.goto(f"{self.base_url}/study/{study_id}")
-        self.wait_ready()
-        return self.page
-
-    def wait_ready(self):
-        self.page.wait_for_function("document.body.dataset.ready")
-        assert self.page.evaluate("document.body.dataset.ready") == "1", self.message()
-
-    def message(self) -> str:
-        return self.page.inner_text("#message")
-
-    def click(self, selector: str, kind: str) -> str:
-        """Click ``selector`` and return the next final (not "Saving...") message, which must
-        be of ``kind`` (ok, error, conflict)."""
-        seq = self.page.evaluate("Number(document.getElementById('message').dataset.seq ?? 0)")
-        self.page.click(selector)
-        self.page.wait_for_function(
-            """seq => { const box = document.getElementById('message');
-            return Number(box.dataset.seq ?? 0) > seq && box.dataset.kind !== 'info'; }""",
-            arg=seq,
-        )
-        assert self.page.evaluate("document.getElementById('message').dataset.kind") == kind, (
-            self.message()
-        )
-        return self.message()
-
-    def close(self):
-        self.context.close()
-        assert not self.errors, f"JavaScript errors in the page: {self.errors}"
-
-
-def _next_frames(page: Page):
-    # NiiVue lays the tiles out while drawing: let it draw before asking for screen positions.
-    page.evaluate(
-        "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r())))"
-    )
-
-
 def _paint(page: Page, pen: int, path: list[tuple[float, float]]) -> list:
     """Axial view, crosshair on the largest lesion, one mouse drag with ``pen`` through
     ``path`` (pixel offsets from the crosshair). Returns the world mm (true affine) of the
@@ -263,7 +164,7 @@ def _preseg(results: Path) -> nib.Nifti1Image:
 # ---------------------------------------------------------------------- tests
 
 
-def test_paint_save_confirm_in_the_browser(server, browser, tmp_path):
+def test_paint_save_confirm_in_the_browser(server, browser, tmp_path):  # noqa: F811
     base_url, config = server
     results = config.results
     store = LabelStore(config.label_store)
@@ -272,9 +173,7 @@ def test_paint_save_confirm_in_the_browser(server, browser, tmp_path):
     admin = Session(browser, base_url, "adam")
     admin.page.wait_for_selector("#dashboard-section:not([hidden])")
     admin.page.click("#auto-assign")
-    admin.page.wait_for_function(
-        "document.getElementById('assign-result').textContent.includes('tina: 2')"
-    )
+    wait_for(admin.page, "document.getElementById('assign-result').textContent.includes('tina: 2')")
     assert "tina" in admin.page.inner_text("#queue tbody")
     admin.close()
 
@@ -370,7 +269,7 @@ def test_paint_save_confirm_in_the_browser(server, browser, tmp_path):
     assert record["override"] is True and record["reason"] == "missed satellite lesion"
 
 
-def test_stale_save_reload_and_send_back(server, browser):
+def test_stale_save_reload_and_send_back(server, browser):  # noqa: F811
     base_url, config = server
     store = LabelStore(config.label_store)
     with db.connect(config.db_path) as con, db.transaction(con):
@@ -383,7 +282,7 @@ def test_stale_save_reload_and_send_back(server, browser):
 
     # FLAIR is shown over the T1c (the drawing stays on the T1c grid) and back.
     trainee_page.click("button.sequence[data-sequence=flair]")
-    trainee_page.wait_for_function("window.metsflowEditor.state.background === 'flair'")
+    wait_for(trainee_page, "window.metsflowEditor.state.background === 'flair'")
     assert trainee_page.evaluate("window.metsflowEditor.nv.volumes.length") == 2
     trainee_page.click("button.sequence[data-sequence=t1c]")
 

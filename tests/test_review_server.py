@@ -17,9 +17,11 @@ from metsflow.active_learning.labelstore import LabelStore
 from metsflow.cli import main as cli_main
 from metsflow.core import io
 from metsflow.review_server import db
-from metsflow.review_server.app import COOKIE_NAME, TSV_COLUMNS, create_app
+from metsflow.review_server.app import create_app
 from metsflow.review_server.assign import balanced_assignment
+from metsflow.review_server.auth import COOKIE_NAME
 from metsflow.review_server.config import ReviewConfig
+from metsflow.review_server.dashboard import TSV_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location(
@@ -30,6 +32,7 @@ sys.modules["bench_review_load"] = bench
 _spec.loader.exec_module(bench)
 
 SHAPE = (24, 24, 24)
+UPLOAD = {"Content-Type": "application/octet-stream"}
 PASSWORD = "correct horse battery"
 USERS = {"alice": "trainee", "bob": "trainee", "nora": "neuroradiologist", "adam": "admin"}
 
@@ -59,8 +62,13 @@ def server(batch, tmp_path):
     return app, config, selection
 
 
+def _browser(app):
+    """A client that, like the review pages in a browser, sends the server's own Origin."""
+    return TestClient(app, headers={"Origin": "http://testserver"})
+
+
 def _client(app, username=None):
-    client = TestClient(app)
+    client = _browser(app)
     if username:
         answer = client.post("/api/login", json={"username": username, "password": PASSWORD})
         assert answer.status_code == 200, answer.text
@@ -84,7 +92,7 @@ def _save(client, study_id, body, base_version=0, **params):
         f"/api/studies/{study_id}/save",
         params={"base_version": base_version, **params},
         content=body,
-        headers={"Content-Type": "application/octet-stream"},
+        headers=UPLOAD,
     )
 
 
@@ -121,7 +129,7 @@ def test_anonymous_gets_401_on_api_and_redirect_on_pages(server):
 
 def test_login_sets_hardened_cookie_and_regenerates_the_session_id(server):
     app, _, _ = server
-    client = TestClient(app)
+    client = _browser(app)
     client.cookies.set(COOKIE_NAME, "attacker-chosen-id", domain="testserver.local")
     answer = client.post("/api/login", json={"username": "alice", "password": PASSWORD})
     assert answer.status_code == 200 and answer.json()["role"] == "trainee"
@@ -135,11 +143,11 @@ def test_login_sets_hardened_cookie_and_regenerates_the_session_id(server):
     client.post("/api/login", json={"username": "alice", "password": PASSWORD})
     second = client.cookies.get(COOKIE_NAME)
     assert second != first
-    stale = TestClient(app)
+    stale = _browser(app)
     stale.cookies.set(COOKIE_NAME, first, domain="testserver.local")
     assert stale.get("/api/me").status_code == 401
     # a fixed id planted before login never becomes a session
-    planted = TestClient(app)
+    planted = _browser(app)
     planted.cookies.set(COOKIE_NAME, "attacker-chosen-id", domain="testserver.local")
     assert planted.get("/api/me").status_code == 401
 
@@ -148,14 +156,19 @@ def test_secure_cookie_flag_is_configurable(batch, tmp_path):
     results, _, template = batch
     config = ReviewConfig(results=results, label_store=tmp_path / "labels", secure_cookies=True)
     shutil.copy(template, config.db_path)
-    client = TestClient(create_app(config))
-    answer = client.post("/api/login", json={"username": "alice", "password": PASSWORD})
+    # Secure cookies mean HTTPS: the server then takes POSTs from an https Origin only.
+    app = create_app(config)
+    login = {"json": {"username": "alice", "password": PASSWORD}}
+    assert _browser(app).post("/api/login", **login).status_code == 403
+    https = "https://testserver"
+    client = TestClient(app, base_url=https, headers={"Origin": https})
+    answer = client.post("/api/login", **login)
     assert "Secure" in answer.headers["set-cookie"]
 
 
 def test_wrong_password_is_401_and_repeated_failures_are_throttled_429(server):
     app, _, _ = server
-    client = TestClient(app)
+    client = _browser(app)
     for _ in range(db.LOGIN_FAILURES_ALLOWED):
         answer = client.post("/api/login", json={"username": "alice", "password": "wrong-pass"})
         assert answer.status_code == 401
@@ -174,21 +187,21 @@ def test_state_changing_requests_without_csrf_token_are_403(server):
     _assign_all(app)
     client = _client(app, "alice")
     token = client.headers.pop("X-CSRF-Token")
-    assert client.post("/api/studies/S0001/open").status_code == 403
+    assert client.post("/api/studies/S0001/open", json={}).status_code == 403
     assert _save(client, "S0001", _nifti(_label())).status_code == 403
-    assert client.post("/api/logout").status_code == 403
+    assert client.post("/api/logout", json={}).status_code == 403
     client.headers["X-CSRF-Token"] = token[:-2] + "xx"
-    answer = client.post("/api/studies/S0001/open")
+    answer = client.post("/api/studies/S0001/open", json={})
     assert answer.status_code == 403 and "CSRF" in answer.json()["detail"]
     client.headers["X-CSRF-Token"] = token
-    assert client.post("/api/studies/S0001/open").status_code == 200
+    assert client.post("/api/studies/S0001/open", json={}).status_code == 200
     assert LabelStore(app.state.review.config.label_store).versions("S0001") == []
 
 
 def test_logout_ends_the_session(server):
     app, _, _ = server
     client = _client(app, "nora")
-    assert client.post("/api/logout").status_code == 200
+    assert client.post("/api/logout", json={}).status_code == 200
     assert client.get("/api/me").status_code == 401
 
 
@@ -232,16 +245,25 @@ def test_admin_override_needs_a_reason_and_makes_a_new_version(server):
     assert nora.post("/api/studies/S0001/confirm", json={"base_version": 1}).status_code == 200
     admin = _client(app, "adam")
     body = _nifti(_label(3))
-    assert admin.post("/api/studies/S0001/override", content=body).status_code == 400
-    blank = admin.post("/api/studies/S0001/override", params={"reason": "  "}, content=body)
+    assert (
+        admin.post("/api/studies/S0001/override", content=body, headers=UPLOAD).status_code == 400
+    )
+    blank = admin.post(
+        "/api/studies/S0001/override", params={"reason": "  "}, content=body, headers=UPLOAD
+    )
     assert blank.status_code == 400 and "reason" in blank.json()["detail"]
     assert _save(admin, "S0001", body, base_version=2).status_code == 403
     assert (
-        nora.post("/api/studies/S0001/override", params={"reason": "x"}, content=body).status_code
+        nora.post(
+            "/api/studies/S0001/override", params={"reason": "x"}, content=body, headers=UPLOAD
+        ).status_code
         == 403
     )
     answer = admin.post(
-        "/api/studies/S0001/override", params={"reason": "missed necrosis"}, content=body
+        "/api/studies/S0001/override",
+        params={"reason": "missed necrosis"},
+        content=body,
+        headers=UPLOAD,
     )
     assert answer.status_code == 200 and answer.json() == {"version": 3, "stage": "confirmed"}
     record = LabelStore(config.label_store).history("S0001")[-1]
@@ -326,7 +348,9 @@ def test_upload_larger_than_the_volume_is_413_without_reading_it(server):
         for _ in range(limit // 4096 + 2):
             yield b"\0" * 4096
 
-    streamed = nora.post("/api/studies/S0001/save", params={"base_version": 0}, content=chunks())
+    streamed = nora.post(
+        "/api/studies/S0001/save", params={"base_version": 0}, content=chunks(), headers=UPLOAD
+    )
     assert streamed.status_code == 413
     # a small gzip whose header claims a huge volume is refused from the header alone
     header = nib.Nifti1Header()
@@ -396,7 +420,7 @@ def test_refine_send_back_refine_confirm_flow_with_provenance(server):
     assert t1c.status_code == 200 and t1c.headers["content-type"] == "application/gzip"
     assert nib.Nifti1Image.from_bytes(gzip.decompress(t1c.content)).shape == SHAPE
 
-    assert alice.post(f"/api/studies/{study_id}/open").status_code == 200
+    assert alice.post(f"/api/studies/{study_id}/open", json={}).status_code == 200
     assert _save(alice, study_id, _nifti(_label(1))).json() == {"version": 1, "stage": "refined"}
     nora = _client(app, "nora")
     queue = nora.get("/api/queue").json()["items"]
@@ -405,9 +429,9 @@ def test_refine_send_back_refine_confirm_flow_with_provenance(server):
     assert answer.status_code == 200
     item = next(i for i in alice.get("/api/queue").json()["items"] if i["study_id"] == study_id)
     assert item["status"] == "sent_back" and item["comment"] == "edema missed at L"
-    alice.post(f"/api/studies/{study_id}/open")
+    alice.post(f"/api/studies/{study_id}/open", json={})
     assert _save(alice, study_id, _nifti(_label(2)), base_version=1).json()["version"] == 2
-    nora.post(f"/api/studies/{study_id}/open")
+    nora.post(f"/api/studies/{study_id}/open", json={})
     detail = nora.get(f"/api/studies/{study_id}").json()
     assert detail["can_confirm"] and detail["status"] == "refined" and detail["latest_version"] == 2
     assert detail["comments"][0]["author"] == "nora"
@@ -493,9 +517,9 @@ def test_dashboard_and_review_times_tsv(server):
     _assign_all(app)
     alice, nora = _client(app, "alice"), _client(app, "nora")
     for study_id in ("S0001", "S0002"):
-        alice.post(f"/api/studies/{study_id}/open")
+        alice.post(f"/api/studies/{study_id}/open", json={})
         _save(alice, study_id, _nifti(_label()))
-    nora.post("/api/studies/S0001/open")
+    nora.post("/api/studies/S0001/open", json={})
     nora.post("/api/studies/S0001/confirm", json={"base_version": 1})
     admin = _client(app, "adam")
     data = admin.get("/api/dashboard").json()
@@ -530,7 +554,7 @@ def test_al_status_reports_web_review_progress(server, batch, capsys):
     app, config, _ = server
     _assign_all(app)
     alice = _client(app, "alice")
-    alice.post("/api/studies/S0001/open")
+    alice.post("/api/studies/S0001/open", json={})
     _save(alice, "S0001", _nifti(_label()))
     _client(app, "nora").post("/api/studies/S0003/send_back", json={"comment": "look again"})
     args = ["al", "status", "--results", str(batch[0]), "--labels", str(config.label_store)]

@@ -1,4 +1,4 @@
-"""Rerunning a subset of the cohort (README "Rerun a subset") leaves every other study alone."""
+"""Rerunning a subset (docs/running.md "Rerun a subset") leaves every other study alone."""
 
 from __future__ import annotations
 
@@ -42,9 +42,9 @@ def test_subset_rerun_touches_only_the_chosen_studies(tmp_path, tiny_config):
     )
     results = tmp_path / "results"
     everyone = '["P001","P002","P003"]'
-    run_snakemake(
-        ["--cores", "2", "--configfile", str(config), "--config", f"subset_patients={everyone}"]
-    )
+    # The documented commands: the local profile (its SQLite metadata store), 2 cores.
+    local = ["--profile", "profiles/local", "--cores", "2"]
+    run_snakemake([*local, "--configfile", str(config), "--config", f"subset_patients={everyone}"])
     before = output_mtimes(results)
     assert {study_of(p) for p in before} == {f"P00{p}_T{t}" for p in (1, 2, 3) for t in (0, 1)}
 
@@ -61,12 +61,12 @@ def test_subset_rerun_touches_only_the_chosen_studies(tmp_path, tiny_config):
 
     # Only the shard holding P001_T1 is planned (both per-study stages); P003's shard is not.
     # One dry run shows both the rules and the shard wildcards (a second one cost 3 s).
-    dry = run_snakemake(["-n", *subset]).stdout
+    dry = run_snakemake(["-n", *local, *subset]).stdout
     planned = set(re.findall(r"^rule (\w+):", dry, re.MULTILINE))
     assert {"preprocess_shard", "register_shard"} <= planned, dry[-3000:]
     assert "s0000" in dry and "s0001" not in dry
 
-    run_snakemake(["--cores", "2", *subset])
+    run_snakemake([*local, *subset])
     after = output_mtimes(results)
     changed = {p for p in before if after.get(p) != before[p]}
     assert changed, "the chosen study was not recomputed"

@@ -6,51 +6,23 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_models import make_prep_study, tiny_params
+from _tiny_models import (
+    ALL_AUGMENTATIONS,
+    assert_same_weights,
+    fast_params,
+    make_prep_study,
+    weights,
+)
 
 from metsflow.models import train
 from metsflow.models.networks import load_checkpoint, read_checkpoint
 
+
 # Every random augmentation on, so the reproducibility tests exercise their RNG streams.
-ALL_AUGMENTATIONS = {
-    "aug_rotate_prob": 1.0,
-    "aug_zoom_prob": 1.0,
-    "aug_scale_intensity_prob": 1.0,
-    "aug_shift_intensity_prob": 1.0,
-    "aug_noise_prob": 1.0,
-    "aug_flip_prob": 0.5,
-}
-
-
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory):
     root = tmp_path_factory.mktemp("prep")
     return [make_prep_study(root, f"S{i}", seed=i) for i in range(4)]
-
-
-def fast_params(**overrides):
-    params = tiny_params(
-        patch_size=[16, 16, 16],
-        batch_size=2,
-        optimizer="adam",
-        learning_rate=3e-3,
-        seed=3,
-        log_interval=1,
-        val_interval=100,
-        checkpoint_interval=100,
-    )
-    params.update(overrides)
-    return params
-
-
-def weights(path):
-    return read_checkpoint(path)["state_dict"]
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
 def test_short_training_lowers_loss(studies, tmp_path):

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from _dry_run import dry_run_job_counts as job_counts
 from _dry_run import synthetic_oracle
+from _report_checks import check_evaluation_outputs
 from conftest import run_snakemake
-from test_report import check_evaluation_outputs
 
 from metsflow.cohort.sheet import synthetic_sheet
 

@@ -20,7 +20,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import cc3d
 import numpy as np
 import pandas as pd
 from scipy import ndimage
@@ -92,7 +91,7 @@ def apply_noise(
     original = np.asarray(label_map, dtype=np.uint8)
     noisy = original.copy()
     voxel_mm3 = float(np.prod(np.asarray(list(spacing_mm), dtype=float)))
-    components, count = cc3d.connected_components(original > 0, connectivity=26, return_N=True)
+    components, count = labels.lesion_components(original)
     dropped = 0
     for component_id, box in enumerate(ndimage.find_objects(components), start=1):
         if box is None:

@@ -183,7 +183,23 @@ def file_burden(
             confirmed,
         )
     voxel_mm3 = float(np.prod(pre.header.get_zooms()[:3]))
-    return label_burden(_label_values(pre), _label_values(final), voxel_mm3, **kwargs)
+    pre_values, final_values = _label_values(pre), _label_values(final)
+    # Every figure is a count over labelled voxels or their components, so the box around
+    # the labels of both gives the same result: a 1 mm 240x240x155 save's edit summary went
+    # from 0.77 to ~0.2 s (most of a web save's CPU time), see bench_review_load --clinical.
+    box = _labelled_box(pre_values, final_values)
+    return label_burden(pre_values[box], final_values[box], voxel_mm3, **kwargs)
+
+
+def _labelled_box(*arrays: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box holding every non-zero voxel of ``arrays`` (one voxel if none)."""
+    labelled = np.logical_or.reduce([np.asarray(a) != 0 for a in arrays])
+    box = []
+    for axis in range(labelled.ndim):
+        others = tuple(a for a in range(labelled.ndim) if a != axis)
+        hit = np.flatnonzero(labelled.any(axis=others))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, 1))
+    return tuple(box)
 
 
 def _label_values(image) -> np.ndarray:

@@ -56,7 +56,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from metsflow.core import io
+from metsflow.core import ids, io
 
 STAGES = ("refined", "confirmed")
 MARKER_NAME = io.LABEL_STORE_MARKER
@@ -71,7 +71,7 @@ ALLOWED_VALUES = frozenset({0, 1, 2, 3})
 _LABEL_FILE = re.compile(r"^v(\d{3,})_(refined|confirmed)\.nii\.gz$")
 _CLAIM_FILE = re.compile(r"^\.v(\d{3,})\.claim$")
 # Study ids become folder names: no separators, no hidden/relative names.
-_SAFE_STUDY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SAFE_STUDY_ID = ids.SAFE_ID  # the one id pattern (metsflow.core.ids); kept for old imports
 # Give up claiming after this many lost races (only reachable under pathological contention).
 _MAX_CLAIM_ATTEMPTS = 1000
 
@@ -328,10 +328,9 @@ class LabelStore:
     def _check_request(
         self, study_id: str, stage: str, reviewer: str, override: bool, reason: str | None
     ) -> None:
-        if not _SAFE_STUDY_ID.match(study_id):
-            raise LabelImportError(
-                study_id, "study id is not a safe folder name (letters, digits, . _ -)"
-            )
+        problems = ids.id_problems(study_id)
+        if problems:
+            raise LabelImportError(study_id, problems[0])
         if self.known_studies is not None and study_id not in self.known_studies:
             raise LabelImportError(study_id, "unknown study (not in the cohort)")
         if stage not in STAGES:
@@ -357,8 +356,10 @@ class LabelStore:
     def _checked_label(
         self, study_id: str, path: Path, reference: nib.spatialimages.SpatialImage
     ) -> np.ndarray:
+        # Header and grid first, voxels last: a file that inflates to hundreds of MiB is
+        # refused on its header or its grid before any of it is decompressed (issue #25).
         try:
-            label = io.load_nifti(path, study_id, "label")
+            label = io.open_nifti(path, study_id, "label")
         except io.StudyError as exc:
             raise LabelImportError(study_id, exc.problem, exc.path) from exc
         if tuple(label.shape) != tuple(reference.shape[:3]):
@@ -377,6 +378,10 @@ class LabelStore:
                 "saved on another image?",
                 path,
             )
+        try:
+            label = io.load_nifti(path, study_id, "label")
+        except io.StudyError as exc:
+            raise LabelImportError(study_id, exc.problem, exc.path) from exc
         data = np.asanyarray(label.dataobj)
         values = np.unique(data)
         bad = [

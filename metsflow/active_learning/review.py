@@ -7,6 +7,8 @@
     <out_dir>/<study_id>/presegmentation.nii.gz model labels on the native T1c grid (read-only)
     <out_dir>/<study_id>/labels.txt            ITK-SNAP label description file
     <out_dir>/<study_id>/metsflow.ctbl         3D Slicer colour table
+    <out_dir>/<study_id>/assists.json (+ suggestions, fg_prob_u8, previous_*.nii.gz)
+                                               review assists (metsflow.active_learning.assists)
     <out_dir>/monailabel/<study_id>.nii.gz     MONAI Label LocalDatastore: images ...
     <out_dir>/monailabel/labels/original/<study_id>.nii.gz   ... pre-segmentations
     <out_dir>/monailabel/labels/final/         ... where MONAI Label saves corrected labels
@@ -18,7 +20,8 @@ Segmentation > Save As) or submits it in MONAI Label (lands in ``labels/final``)
 turning the model output into an unlabelled correction.
 
 ``import_batch`` moves corrected labels into the ``LabelStore`` (the only place human work is
-kept) and updates the manifest status. Exporting never reads or writes the label store.
+kept) and updates the manifest status. Exporting never writes the label store (it reads it only
+for a follow-up's previous label, an assist).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from metsflow.active_learning.assists import write_assists
 from metsflow.active_learning.burden import file_burden
 from metsflow.active_learning.labelstore import (
     AFFINE_TOLERANCE_MM,
@@ -244,7 +248,7 @@ def _copy_image(source: Path, destination: Path) -> None:
 
 
 def _export_study(
-    out_dir: Path, study_id: str, images: dict[str, Path], preseg_path: Path
+    out_dir: Path, study_id: str, images: dict[str, Path], preseg_path: Path, assists=None
 ) -> tuple[list[str], str]:
     """Write one study's folder; returns (other image names, presegmentation sha256).
 
@@ -268,10 +272,15 @@ def _export_study(
         io.write_text(staging / SLICER_COLORTABLE_NAME, slicer_color_table())
         _readable(staging / ITKSNAP_LABELS_NAME)
         _readable(staging / SLICER_COLORTABLE_NAME)
+        if assists is not None:
+            write_assists(staging, study_id, t1c, assists)
+            for path in staging.iterdir():
+                if path.name != PRESEGMENTATION_NAME:  # stays read-only
+                    _readable(path)
         sha = io.file_sha256(staging / PRESEGMENTATION_NAME)
         os.rename(staging, out_dir / study_id)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        io.remove_path(staging, ignore_errors=True)
         raise
     return other_names, sha
 
@@ -370,6 +379,7 @@ def export_batch(
     round_index: int,
     model_id: str,
     patient_for: Provider | None = None,
+    assists_for: Provider | None = None,
 ) -> pd.DataFrame:
     """Write (or extend) a review package for the selected studies.
 
@@ -377,7 +387,8 @@ def export_batch(
     ids. ``images_for``: mapping/callable study -> native T1c path, or -> ``{sequence: path}``
     including ``"t1c"``. ``presegmentation_for``: study -> its native-grid prediction
     (``Layout.study_prediction``).
-    ``patient_for`` overrides the selection's ``patient_id``.
+    ``patient_for`` overrides the selection's ``patient_id``. ``assists_for``: study ->
+    ``assists.StudyAssistInputs`` (or None): the review assists written with the study.
 
     Never overwrites: a study already in the manifest (maybe being edited) is left as it is
     and reported as ``already_exported``; a complete study folder missing from the manifest
@@ -432,7 +443,9 @@ def export_batch(
                 preseg = provide(presegmentation_for, study_id)
                 if preseg is None:
                     raise io.StudyError(study_id, "no pre-segmentation given")
-                other_names, preseg_sha = _export_study(out_dir, study_id, images, Path(preseg))
+                other_names, preseg_sha = _export_study(
+                    out_dir, study_id, images, Path(preseg), provide(assists_for, study_id)
+                )
                 outcome = "exported"
             _export_monailabel(out_dir, study_id)
         except (io.StudyError, OSError) as exc:
@@ -479,7 +492,13 @@ def _corrected_label(review_dir: Path, row: pd.Series) -> tuple[Path | None, str
             )
         return None, "no corrected label yet"
     if len(found) > 1:
-        arrays = [np.asanyarray(nib.load(str(p)).dataobj) for p in found]
+        # Reviewer files: the memory guard and header checks apply before any voxel is read.
+        try:
+            arrays = [
+                np.asanyarray(io.load_nifti(p, study_id, "corrected label").dataobj) for p in found
+            ]
+        except io.StudyError as exc:
+            raise LabelImportError(study_id, exc.problem, exc.path) from exc
         if any(a.shape != arrays[0].shape or not np.array_equal(a, arrays[0]) for a in arrays):
             names = ", ".join(str(p.relative_to(review_dir)) for p in found)
             raise LabelImportError(study_id, f"two different corrected labels: {names}")

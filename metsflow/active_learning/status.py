@@ -13,7 +13,9 @@ Reads, for every ``<results_dir>/rounds/round_<r>/`` folder:
   range next to the median review time.
 
 and the label store, for how far review of each batch has got (pending / refined /
-confirmed). A missing file means that step has not run yet; an unreadable one is reported in
+confirmed) and, from the saved versions' provenance, how many of the review assists' possible
+lesions (stage-2-dropped candidates) reviewers accepted per size bin (``suggestion_status``):
+the cascade's operating point audited against the reviewers. A missing file means that step has not run yet; an unreadable one is reported in
 the ``note`` column rather than stopping the report.
 """
 
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from metsflow.active_learning.assists import suggestion_decisions
 from metsflow.active_learning.burden import (
     BURDEN_NAME,
     SUMMARY_COLUMNS,
@@ -382,3 +385,42 @@ def cascade_status(results_dir: str | os.PathLike) -> str:
         *_aligned(header, rows),
     ]
     return "\n".join(lines) + "\n"
+
+
+def suggestion_status(
+    results_dir: str | os.PathLike, store: LabelStore | str | os.PathLike | None
+) -> str:
+    """Per round and size bin: possible lesions offered in the review editor, accepted,
+    dismissed (from the saved versions' provenance); empty when no save carried decisions."""
+    if store is None:
+        return ""
+    if not isinstance(store, LabelStore):
+        store = LabelStore(store, create=False)
+    layout = Layout(results_dir)
+    table = []
+    for round_index, _ in layout.existing_rounds():
+        path = Path(layout.selection(round_index))
+        if not path.exists():
+            continue
+        try:
+            studies = pd.read_csv(path, sep="\t", dtype={"study_id": str})["study_id"]
+        except (OSError, ValueError, KeyError):
+            continue  # round_status reports an unreadable selection
+        for size_bin, counts in sorted(suggestion_decisions(store, studies).items()):
+            decided = counts["accepted"] + counts["dismissed"]
+            rate = f"{counts['accepted'] / decided:.0%}" if decided else "-"
+            table.append(
+                [
+                    str(round_index),
+                    size_bin,
+                    str(counts["offered"]),
+                    str(counts["accepted"]),
+                    str(counts["dismissed"]),
+                    rate,
+                ]
+            )
+    if not table:
+        return ""
+    header = ["round", "size", "possible", "accepted", "dismissed", "accept rate"]
+    title = "possible lesions (candidates stage 2 dropped) decided in the review editor:"
+    return "\n".join([title, *_aligned(header, table)]) + "\n"

@@ -31,6 +31,7 @@ naming above; other ids are reduced to their letters and digits, and a clash is 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import re
@@ -50,6 +51,7 @@ _SUFFIXES = {"T1w": "t1", "T2w": "t2", "FLAIR": "flair"}
 _NIFTI_EXTENSIONS = [".nii.gz", ".nii"]
 _STUDY_ID = re.compile(r"^sub-(?P<sub>[A-Za-z0-9]+)(?:_ses-(?P<ses>[A-Za-z0-9]+))?$")
 _NON_ALNUM = re.compile(r"[^A-Za-z0-9]")
+_BIDS_LABEL = re.compile(r"^[A-Za-z0-9]+$")
 # dseg.tsv rows that name the enhancing class (name or abbreviation)
 _ENHANCING_NAME = re.compile(r"(?<!non)(?<!non-)(?<!non )enhanc", re.IGNORECASE)
 
@@ -152,13 +154,19 @@ class _Labels:
                 "(1 enhancing, 2 edema, 3 necrosis)",
             )
             return "internal"
-        table = _read_tsv(lookup)
-        enhancing = [
-            int(row["index"])
-            for _, row in table.iterrows()
-            if _ENHANCING_NAME.search(str(row.get("name", "")))
-            or str(row.get("abbreviation", "")).strip().upper() == "ET"
-        ]
+        try:
+            table = _read_tsv(lookup)
+            enhancing = [
+                int(row["index"])
+                for _, row in table.iterrows()
+                if _ENHANCING_NAME.search(str(row.get("name", "")))
+                or str(row.get("abbreviation", "")).strip().upper() == "ET"
+            ]
+        except (ValueError, KeyError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise ValueError(
+                f"{lookup}: not a usable dseg.tsv (columns index, name[, abbreviation] with "
+                f"integer indices): {type(exc).__name__}: {exc}"
+            ) from None
         if enhancing == [1]:
             return "internal"
         if enhancing == [3]:
@@ -172,7 +180,13 @@ class _Labels:
         # session None: only files without a session entity (pybids' reading of None)
         query = {"subject": subject, "session": session, "suffix": "dseg"}
         query["extension"] = _NIFTI_EXTENSIONS
-        found = [f for f in self.layout.get(**query) if f.entities.get("space") in (None, "orig")]
+        # this session's own anat folder only (as _session_files: pybids cuts odd labels short)
+        anat = self.root / f"sub-{subject}" / (f"ses-{session}" if session else "") / "anat"
+        found = [
+            f
+            for f in self.layout.get(**query)
+            if f.entities.get("space") in (None, "orig") and Path(f.path).parent == anat
+        ]
         if len(found) > 1:
             names = ", ".join(sorted(f.filename for f in found))
             report.add(
@@ -190,14 +204,16 @@ def scan_bids(
 
     root = check_root(root)
     report = ScanReport(root)
-    if not (root / "dataset_description.json").is_file():
-        raise ValueError(f"{root} is not a BIDS dataset: no dataset_description.json")
+    _check_description(root / "dataset_description.json")
+    usable = _label_folders(root, report)
     layout = BIDSLayout(root, validate=False)
     label_source = _Labels(check_root(labels), report) if labels else None
     rows = []
     for subject in sorted(layout.get_subjects(), key=_natural_key):
         patient_id = f"sub-{subject}"
-        sessions = sorted(layout.get_sessions(subject=subject), key=_natural_key)
+        if subject not in usable:  # pybids' reading of a folder reported by _label_folders
+            continue
+        sessions = sorted(usable[subject], key=_natural_key)
         timepoints = _timepoints(root, subject, sessions, report)
         for session in sessions or [None]:
             study_id = patient_id + (f"_ses-{session}" if session is not None else "")
@@ -223,6 +239,47 @@ def scan_bids(
                     row.update(label=str(label), label_convention=label_source.convention)
             rows.append(row)
     return sheet_frame(rows), report.problems
+
+
+def _check_description(path: Path) -> None:
+    """A BIDS root has a dataset_description.json that is a JSON object."""
+    if not path.is_file():
+        raise ValueError(f"{path.parent} is not a BIDS dataset: no dataset_description.json")
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(description, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(description).__name__}")
+
+
+def _label_folders(root: Path, report: ScanReport) -> dict[str, list[str]]:
+    """Subject label -> its session labels, from the folders themselves; every ``sub-``/``ses-``
+    folder whose label is not a BIDS label (letters and digits) is reported and skipped. pybids
+    drops such folders silently (``sub-ü``) or cuts their label (``sub-x.y`` became subject x,
+    ``ses-a b`` session a), so it is asked only about the folders listed here."""
+    found: dict[str, list[str]] = {}
+    for entry in sorted(root.iterdir()):
+        if not entry.name.startswith("sub-") or not entry.is_dir():
+            continue
+        subject = entry.name.removeprefix("sub-")
+        if not _BIDS_LABEL.match(subject):
+            report.add(entry, f"subject skipped: {subject!r} is not a BIDS label (letters, digits)")
+            continue
+        sessions = []
+        for folder in sorted(entry.iterdir()):
+            if not folder.name.startswith("ses-") or not folder.is_dir():
+                continue
+            session = folder.name.removeprefix("ses-")
+            if _BIDS_LABEL.match(session):
+                sessions.append(session)
+            else:
+                report.add(
+                    folder, f"session skipped: {session!r} is not a BIDS label (letters, digits)"
+                )
+        if sessions or not any(f.name.startswith("ses-") for f in entry.iterdir()):
+            found[subject] = sessions
+    return found
 
 
 def _timepoints(
@@ -258,7 +315,12 @@ def _session_files(
         "session": session,
     }
     candidates: dict[str, list] = {}
+    # Only this session's own anat folder (pybids may file another folder's images under a
+    # label it cut short).
+    anat = root / f"sub-{subject}" / (f"ses-{session}" if session is not None else "") / "anat"
     for bids_file in layout.get(**query):
+        if Path(bids_file.path).parent != anat:
+            continue
         column = _column(bids_file)
         if column in ("t2", "flair") and bids_file.entities.get("ceagent"):
             report.add(

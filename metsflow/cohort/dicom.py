@@ -42,7 +42,7 @@ import pandas as pd
 import yaml
 from pydicom.multival import MultiValue
 
-from metsflow.core import io
+from metsflow.core import ids, io
 from metsflow.core.config import SCHEMA_DIR
 
 log = logging.getLogger(__name__)
@@ -167,11 +167,13 @@ def classify(series: Series, rules: dict) -> tuple[str, str | None, str]:
 
 
 def read_series(root: Path) -> tuple[list[Series], list[dict]]:
-    """Series under ``root`` (files grouped by SeriesInstanceUID) and report rows of bad files."""
+    """Series under ``root`` (files grouped by PatientID and SeriesInstanceUID: two patients'
+    files sharing a UID, an anonymiser's slip, stay two series that ``import_dicom`` refuses,
+    never one 4D image under the first patient) and report rows of bad files."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    series: dict[str, Series] = {}
+    series: dict[tuple[str, str], Series] = {}
     problems = []
     for folder, dirs, names in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -186,14 +188,15 @@ def read_series(root: Path) -> tuple[list[Series], list[dict]]:
             if not uid:
                 problems.append(_file_problem(path, root, "no SeriesInstanceUID"))
                 continue
-            if uid not in series:
+            key = (str(ds.get("PatientID", "")).strip(), uid)
+            if key not in series:
                 header = {
                     element.keyword: element.value
                     for element in ds
                     if element.keyword and element.VR not in ("SQ", "OB", "OW", "UN")
                 }
-                series[uid] = Series(uid, header)
-            series[uid].files.append(path)
+                series[key] = Series(uid, header)
+            series[key].files.append(path)
     return list(series.values()), problems
 
 
@@ -225,7 +228,7 @@ def convert_series(series: Series, target: Path, scratch: Path, binary: str) -> 
     source = scratch / "in"
     out = scratch / "out"
     for folder in (source, out):
-        shutil.rmtree(folder, ignore_errors=True)
+        io.remove_path(folder, ignore_errors=True)
         folder.mkdir(parents=True)
     for k, path in enumerate(series.files):
         os.symlink(os.path.abspath(path), source / f"{k:06d}.dcm")
@@ -290,7 +293,6 @@ def import_dicom(
     rules_path: str | os.PathLike | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Convert ``dicom_root`` into ``out_root``; returns (sheet rows, report, scan problems)."""
-    from metsflow.cohort.readers import ID_PATTERN
     from metsflow.cohort.scan import _LONGITUDINAL_SEQUENCE, scan, write_sheet
 
     dicom_root = Path(dicom_root).absolute()
@@ -303,6 +305,15 @@ def import_dicom(
     token = {column: name for name, column in _LONGITUDINAL_SEQUENCE.items()}
 
     all_series, report = read_series(dicom_root)
+    # Output folders are named after PatientIDs: sanitised, never a name of this folder's own
+    # files (a PatientID "studies.tsv" aborted the import), and two PatientIDs that would share
+    # a folder are both refused; so is a SeriesInstanceUID found under several PatientIDs.
+    folders, id_problems = ids.derived_ids(
+        (s.get("PatientID") for s in all_series), reserved=(SHEET_NAME, REPORT_NAME)
+    )
+    patients_of_uid: dict[str, set[str]] = defaultdict(set)
+    for series in all_series:
+        patients_of_uid[series.uid].add(series.get("PatientID"))
     by_study: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for series in sorted(all_series, key=lambda s: (s.get("PatientID"), s.get("StudyDate"), s.uid)):
         row = {
@@ -318,13 +329,22 @@ def import_dicom(
         report.append(row)
         if status != "classified":
             continue
-        if not ID_PATTERN.match(row["patient_id"]):
-            row.update(status="failed", detail="PatientID is not a valid id (letters, digits, ._-)")
+        shared = sorted(patients_of_uid[series.uid] - {row["patient_id"]})
+        if shared:
+            row.update(
+                status="failed",
+                detail=f"SeriesInstanceUID also used by PatientID {', '.join(map(repr, shared))}: "
+                "not converted (files of two patients would be merged)",
+            )
             continue
+        if row["patient_id"] in id_problems:
+            row.update(status="failed", detail=f"PatientID {id_problems[row['patient_id']]}")
+            continue
+        row["folder"] = folders[row["patient_id"]]
         if _iso_date(series.get("StudyDate")) is None:
             row.update(status="failed", detail="no valid StudyDate")
             continue
-        by_study[(row["patient_id"], row["study_date"])][name].append({"row": row, "s": series})
+        by_study[(row.pop("folder"), row["study_date"])][name].append({"row": row, "s": series})
 
     with tempfile.TemporaryDirectory(prefix=".import-", dir=out_root) as scratch:
         for (patient, date), classes in sorted(by_study.items()):

@@ -49,11 +49,12 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
+from metsflow.cohort.sheet import SHEET_COLUMNS
 from metsflow.core import io, labels
+from metsflow.core.sequences import SHEET_ORDER
 
 log = logging.getLogger(__name__)
 
-SEQUENCES = ("t1", "t1c", "t2", "flair")
 PHANTOM_VERSION = 1
 
 # Relative signal per tissue and sequence (white matter on T1 = 1). They reproduce the usual
@@ -1071,7 +1072,7 @@ def _write_demo_patient(
         folder = Path(patient_id) / study_id
         row = {"patient_id": patient_id, "study_id": study_id, "timepoint": study.timepoint}
         files = {}
-        for seq in SEQUENCES:
+        for seq in SHEET_ORDER:
             if seq in drop.get(study_id, ()):
                 row[seq] = ""
                 continue
@@ -1153,7 +1154,7 @@ def make_demo_cohort(
     for study_id, seqs in drop.items():
         if study_id not in study_ids:
             raise ValueError(f"drop_sequences names unknown study {study_id!r}")
-        unknown = sorted(set(seqs) - set(SEQUENCES))
+        unknown = sorted(set(seqs) - set(SHEET_ORDER))
         if unknown:
             raise ValueError(f"drop_sequences for {study_id} names unknown sequences {unknown}")
     cfg = _Config(
@@ -1192,8 +1193,7 @@ def make_demo_cohort(
     sheet = out_dir / "studies.tsv"
     oracle = out_dir / "oracle.tsv"
     manifest = out_dir / "phantom.json"
-    columns = ["patient_id", "study_id", "timepoint", *SEQUENCES, "label", "label_convention"]
-    io.write_table(sheet, pd.DataFrame(sheet_rows, columns=columns))
+    io.write_table(sheet, pd.DataFrame(sheet_rows, columns=list(SHEET_COLUMNS)))
     io.write_table(
         oracle, pd.DataFrame(oracle_rows, columns=["study_id", "label", "label_convention"])
     )

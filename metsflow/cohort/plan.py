@@ -14,6 +14,7 @@ Roles (per patient, so no patient is both trained on and validated on):
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from metsflow.cohort.sheet import Cohort
+from metsflow.core.layout import CPU_SHARD_PREFIX, GPU_SHARD_PREFIX, shard_id
 
 ROLES = ("seed", "validation", "pool")
 
@@ -72,7 +74,7 @@ def _pack_patients(counts: Iterable[tuple[str, int]], size: int, prefix: str) ->
     for patient, count in counts:
         if filled and filled + count > size:
             index, filled = index + 1, 0
-        shard_of[patient] = f"{prefix}{index:04d}"
+        shard_of[patient] = shard_id(prefix, index)
         filled += count
     return shard_of
 
@@ -84,8 +86,8 @@ def _chunk_patients(cohort: Cohort, size: int, prefix: str) -> dict[str, str]:
 def build_plan(cohort: Cohort, settings: PlanSettings) -> pd.DataFrame:
     """One row per study: ids, order, role, cpu shard, gpu shard, previous study."""
     validation = set(choose_validation_patients(cohort, settings))
-    cpu_shard = _chunk_patients(cohort, settings.shard_size, "s")
-    gpu_shard = _chunk_patients(cohort, settings.gpu_shard_size, "g")
+    cpu_shard = _chunk_patients(cohort, settings.shard_size, CPU_SHARD_PREFIX)
+    gpu_shard = _chunk_patients(cohort, settings.gpu_shard_size, GPU_SHARD_PREFIX)
     rows = []
     for patient, studies in cohort.patients.items():
         previous = None
@@ -111,6 +113,20 @@ def build_plan(cohort: Cohort, settings: PlanSettings) -> pd.DataFrame:
             )
             previous = study.study_id
     return pd.DataFrame(rows)
+
+
+def read_plan(path: str | os.PathLike) -> pd.DataFrame:
+    """The plan table as ``build_plan`` made it (``Layout.plan``, written with ``write_table``).
+
+    Ids, roles and shards stay text (study "007" stays "007", an empty ``previous_study`` is ""
+    not NaN), ``order`` is an integer (so a patient's time points sort 2 before 10) and
+    ``has_label`` a boolean. The one reader of the table: every job asks it."""
+    plan = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    if "order" in plan.columns:
+        plan["order"] = plan["order"].astype(int)
+    if "has_label" in plan.columns:
+        plan["has_label"] = plan["has_label"] == "True"
+    return plan
 
 
 def restrict(plan: pd.DataFrame, studies: Iterable[str] = (), patients: Iterable[str] = ()):
@@ -204,5 +220,7 @@ def round_inference_plan(
     rows = segmented[(segmented.role == "validation") | segmented.study_id.isin(chosen.study_id)]
     counts = rows.groupby("patient_id", sort=False).size()
     rows = rows.copy()
-    rows["gpu_shard"] = rows.patient_id.map(_pack_patients(counts.items(), gpu_shard_size, "g"))
+    rows["gpu_shard"] = rows.patient_id.map(
+        _pack_patients(counts.items(), gpu_shard_size, GPU_SHARD_PREFIX)
+    )
     return rows

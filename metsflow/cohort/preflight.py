@@ -9,7 +9,7 @@ input function) reaches the user, and a bad oracle sheet is not found by round 1
 ``collect_annotations`` after hours of preprocessing, registration and training.
 
 What is *not* checked here, on purpose: each study's image files. A missing or broken image is
-one study's fault and is quarantined by its shard job (README "When a study fails").
+one study's fault and is quarantined by its shard job (docs/running.md "When a study fails").
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from metsflow.cohort.plan import PlanSettings, build_plan, restrict
@@ -74,6 +75,7 @@ def read_oracle(oracle_sheet: str | os.PathLike) -> tuple[dict[str, OracleLabel]
         return {}, [f"{where}: missing column(s) {', '.join(missing)} (has {list(table.columns)})"]
     conventions = table.get("label_convention", pd.Series("", index=table.index, dtype=str))
     oracle, problems = {}, []
+    header_problem: dict[Path, str | None] = {}  # one header read per file, however many rows
     for row, (study_id, label, convention) in enumerate(
         zip(table.study_id, table.label, conventions, strict=True), start=2
     ):
@@ -93,8 +95,52 @@ def read_oracle(oracle_sheet: str | os.PathLike) -> tuple[dict[str, OracleLabel]
         if not os.access(file, os.R_OK):
             problems.append(f"{where} row {row} (study {study_id}): label file {file} unreadable")
             continue
+        # The first 348 bytes only: a text file or another format is found at parse time, not
+        # by round 1. nibabel's full header check costs ~5 ms a label (60 s per parse of an
+        # 11,892-study oracle, paid by every Snakemake invocation), so it and the voxel values
+        # are the check_oracle job's (oracle_value_problems).
+        if file not in header_problem:
+            header_problem[file] = _nifti_signature_problem(file)
+        if header_problem[file] is not None:
+            problems.append(f"{where} row {row} (study {study_id}): {file}: {header_problem[file]}")
+            continue
         oracle[study_id] = OracleLabel(file, convention)
     return oracle, problems
+
+
+def _nifti_signature_problem(path: Path) -> str | None:
+    """None when ``path`` starts like a NIfTI-1/2 file (gzipped or not), else why not."""
+    import gzip
+
+    try:
+        with open(path, "rb") as raw:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+        with gzip.open(path, "rb") if gzipped else open(path, "rb") as handle:
+            head = handle.read(544)
+    except (OSError, EOFError) as exc:
+        return f"cannot be read as a NIfTI file: {exc}"
+    for order in ("<", ">"):
+        size = int.from_bytes(head[:4], "little" if order == "<" else "big") if head else 0
+        if size == 348 and head[344:348] in (b"n+1\0", b"ni1\0"):
+            return None
+        if size == 540 and head[4:8] in (b"n+2\0", b"ni2\0"):
+            return None
+    return "not a NIfTI file (no NIfTI-1/2 header at its start)"
+
+
+def oracle_value_problems(oracle: dict[str, OracleLabel]) -> list[str]:
+    """Every oracle label whose voxels are not values of its convention (value 4, 0.5, NaN):
+    the check_oracle job reads them all before any round needs one."""
+    problems = []
+    for study_id, label in oracle.items():
+        try:  # load_nifti: the full header check (io.header_problems), then the values
+            data = np.asanyarray(io.load_nifti(label.path, study_id, "oracle label").dataobj)
+            labels.to_internal(data, label.convention)
+        except io.StudyError as exc:
+            problems.append(f"oracle label {label.path} (study {study_id}): {exc.problem}")
+        except ValueError as exc:
+            problems.append(f"oracle label {label.path} (study {study_id}): {exc}")
+    return problems
 
 
 def _writable_folder(path: str, what: str, key: str) -> list[str]:

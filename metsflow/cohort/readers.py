@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 
 import pandas as pd
 
-from metsflow.cohort.sheet import SHEET_COLUMNS, load_schema
+from metsflow.cohort.sheet import SHEET_COLUMNS
+from metsflow.core import ids
 
 log = logging.getLogger("metsflow.cohort.scan")
 
-ID_PATTERN = re.compile(load_schema().properties["study_id"]["pattern"])
+ID_PATTERN = ids.SAFE_ID  # the sheet schema's id pattern (metsflow.core.ids owns the check)
 
 
 class ScanReport:

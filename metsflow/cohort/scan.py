@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from metsflow.cohort.readers import ID_PATTERN, ScanReport, check_root, sheet_frame
+from metsflow.cohort.readers import ScanReport, check_root, sheet_frame
 from metsflow.cohort.sheet import PATH_COLUMNS, SHEET_COLUMNS
-from metsflow.core import io
+from metsflow.core import ids, io
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +122,9 @@ def _scan_longitudinal(root: Path) -> tuple[pd.DataFrame, list[str]]:
                 continue  # a sheet or report kept with the data (metsflow.cohort.dicom writes both)
             report.add(patient_dir, "unexpected file (expected <patient>/<YYYY-MM-DD>/ folders)")
             continue
-        if not ID_PATTERN.match(patient):
-            report.add(
-                patient_dir,
-                "patient skipped: the folder name is not a valid id (letters, digits, '.', '_', '-')",
-            )
+        reasons = ids.id_problems(patient, "patient id")
+        if reasons:
+            report.add(patient_dir, f"patient skipped: the folder name is not usable: {reasons[0]}")
             continue
         for date_dir in _entries(patient_dir):
             date = date_dir.name

@@ -31,13 +31,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from metsflow.core import io, labels
+from metsflow.core import ids, io, labels
 from metsflow.core.config import SCHEMA_DIR
+from metsflow.core.sequences import SHEET_ORDER
 
 SCHEMA_PATH = SCHEMA_DIR / "studies.schema.yaml"
 
-SEQUENCES = ("t1", "t1c", "t2", "flair")
-PATH_COLUMNS = (*SEQUENCES, "label")
+PATH_COLUMNS = (*SHEET_ORDER, "label")
 SHEET_COLUMNS = ("patient_id", "study_id", "timepoint", *PATH_COLUMNS, "label_convention")
 
 # A label must lie on the T1c grid: corners of the two grids may differ by at most this (mm).
@@ -92,8 +92,8 @@ class Study:
 
     @property
     def images(self) -> dict[str, Path]:
-        """The sequences this study has: name -> path, in ``SEQUENCES`` order."""
-        found = {name: getattr(self, name) for name in SEQUENCES}
+        """The sequences this study has: name -> path, in ``SHEET_ORDER``."""
+        found = {name: getattr(self, name) for name in SHEET_ORDER}
         return {name: path for name, path in found.items() if path is not None}
 
     def to_record(self) -> dict:
@@ -107,7 +107,7 @@ class Study:
     def from_record(cls, record: dict) -> Study:
         names = {f.name for f in fields(cls)}
         values = {key: value for key, value in record.items() if key in names}
-        for key in (*SEQUENCES, "label"):
+        for key in PATH_COLUMNS:
             if values.get(key):
                 values[key] = Path(values[key])
             else:
@@ -519,6 +519,18 @@ def read_sheet(
                 for row in bad:
                     for reason in reasons:
                         problems.add(row, study_ids[row], reason)
+
+    # Beyond the schema's pattern: names the results layout uses itself (metsflow.core.ids).
+    for name in ("patient_id", "study_id"):
+        if name not in columns:
+            continue
+        for value in data.loc[valid[name], name].unique():
+            reasons = ids.id_problems(value, name.replace("_", " "))
+            if reasons:
+                bad = data.index[data[name] == value]
+                valid.loc[bad, name] = False
+                for row in bad:
+                    problems.add(row, study_ids[row], reasons[0])
 
     have_ids = all(name in data.columns for name in ("patient_id", "study_id"))
     id_ok = valid["patient_id"] & valid["study_id"] if have_ids else None

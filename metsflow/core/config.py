@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import difflib
 import importlib
+import os
 from collections.abc import Iterator, Mapping
 from functools import cache
 from pathlib import Path
@@ -36,24 +37,59 @@ SCHEMA_PATH = SCHEMA_DIR / "config.schema.yaml"
 class ConfigError(ValueError):
     """Every problem of a workflow configuration; ``problems`` holds one line per problem."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], source: str | None = None):
         self.problems = list(problems)
         listing = "\n".join(f"  - {problem}" for problem in self.problems)
-        super().__init__(f"configuration: {len(self.problems)} problem(s):\n{listing}")
+        what = f"configuration {source}" if source else "configuration"
+        super().__init__(f"{what}: {len(self.problems)} problem(s):\n{listing}")
 
 
-def _settings_fields(module: str, name: str) -> list[str]:
-    """Field names of the settings dataclass ``name`` of ``module`` (``metsflow.core.settings``,
-    which imports nothing heavy)."""
-    return [f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))]
+# JSON-schema types of the annotations of settings fields (``from __future__ import
+# annotations`` keeps them as text); a field typed ``Any`` is left untyped.
+_JSON_TYPES = {
+    "float": "number",
+    "int": "integer",
+    "str": "string",
+    "bool": "boolean",
+    "list": "array",
+    "tuple": "array",
+    "dict": "object",
+    "None": "null",
+}
 
 
-def _derived_keys(spec: str, root: dict) -> list[str]:
+def _field_schema(f: dataclasses.Field) -> dict:
+    """A settings field's schema: its annotation's type with the constraints of its
+    ``metsflow.core.settings.setting`` metadata."""
+    kinds = []
+    for part in str(f.type).split("|"):
+        kind = _JSON_TYPES.get(part.strip().split("[")[0])
+        if kind is None:  # Any, or a type with no JSON counterpart
+            return dict(f.metadata.get("schema", {}))
+        kinds.append(kind)
+    if "number" in kinds and "integer" in kinds:
+        kinds.remove("integer")
+    return {"type": kinds[0] if len(kinds) == 1 else kinds, **f.metadata.get("schema", {})}
+
+
+def _settings_fields(module: str, name: str) -> dict[str, dict]:
+    """Field name -> schema of the settings dataclass ``name`` of ``module``
+    (``metsflow.core.settings``, which imports nothing heavy)."""
+    cls = getattr(importlib.import_module(module), name)
+    return {f.name: _field_schema(f) for f in dataclasses.fields(cls)}
+
+
+def _derived_keys(spec: str, root: dict) -> dict[str, dict]:
     if spec.startswith("#/"):
         section = root
         for part in spec[2:].split("/"):
             section = section[part]
-        return list(section.get("properties", {}))
+        # The keys of another section with their schemas; its sub-sections stay its own.
+        return {
+            key: copy.deepcopy(sub)
+            for key, sub in section.get("properties", {}).items()
+            if "properties" not in sub
+        }
     module, name = spec.split(":")
     return _settings_fields(module, name)
 
@@ -77,8 +113,9 @@ def _schema() -> dict:
     for section in pending:
         properties = section.setdefault("properties", {})
         for spec in section["x-keys-from"]:
-            for key in _derived_keys(spec, schema):
-                properties.setdefault(key, {})
+            for key, derived in _derived_keys(spec, schema).items():
+                # What the schema file says about a key wins over what the field implies.
+                properties[key] = {**derived, **properties.get(key, {})}
     return schema
 
 
@@ -124,17 +161,35 @@ def _unknown_keys(error: jsonschema.ValidationError) -> list[str]:
     return lines
 
 
-def problems(config: Mapping) -> list[str]:
-    """Every problem of ``config`` against the schema, one line each; fills in defaults."""
+def problems(config: Mapping, partial: bool = False) -> list[str]:
+    """Every problem of ``config`` against the schema, one line each; fills in defaults.
+
+    ``partial``: ``config`` overlays the workflow's default config (a ``--configfile`` of a CLI
+    command, e.g. config/cohort.yaml): required keys may be missing and nothing is filled in;
+    every key it has is checked as the workflow checks it."""
+    if partial:
+        config = copy.deepcopy(config)
     validator = _with_defaults(jsonschema.Draft202012Validator)(_schema())
     found = []
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    if partial:
+        errors = [e for e in errors if e.validator != "required"]
     for error in errors:
         if error.validator == "additionalProperties" and error.schema.get("properties"):
             found += _unknown_keys(error)
         else:
             where = _where(error.absolute_path) or "config"
-            found.append(f"{where}: {error.message}")
+            # "is not valid under any of the given schemas" says nothing: name what is valid.
+            if error.validator in ("anyOf", "oneOf") and "description" in error.schema:
+                found.append(f"{where}: {error.instance!r} is not {error.schema['description']}")
+            else:
+                found.append(f"{where}: {error.message}")
+    if not found:
+        # What no JSON schema says (per-level lists of one length, the patch size against
+        # the network's stride): needs typed values, so only once the schema holds.
+        from metsflow.core.settings import config_problems
+
+        found += config_problems(config)
     return found
 
 
@@ -144,4 +199,33 @@ def validate(config: dict) -> dict:
     found = problems(config)
     if found:
         raise ConfigError(found)
+    return config
+
+
+def read(path: str | os.PathLike) -> dict:
+    """One YAML config file; an unreadable file or one that is not a mapping raises
+    ``ConfigError`` naming it."""
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError([f"cannot read it: {exc}"], source=str(path)) from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ConfigError(
+            [f"expected a mapping of settings (key: value), got a YAML {type(config).__name__}"],
+            str(path),
+        )
+    return config
+
+
+def load(path: str | os.PathLike) -> dict:
+    """The ``--configfile`` of a CLI command: read and checked with the workflow's schema, closed
+    sections and nearest-name hints (a typo such as ``label_stroe`` is refused, not silently
+    replaced by the default folder); an overlay of the default config, as Snakemake's
+    ``--configfile``, so required keys may be missing. Returns it as written (no defaults)."""
+    config = read(path)
+    found = problems(config, partial=True)
+    if found:
+        raise ConfigError(found, source=str(path))
     return config

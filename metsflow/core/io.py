@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+
+from metsflow.core import layout
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -29,17 +32,24 @@ MAX_SPACING_MM = 10.0
 # one affine; a header whose pixdim says 4 mm and whose sform says 1 mm is refused, since
 # readers that trust pixdim would get volumes off by 64x.
 PIXDIM_RTOL = 1e-3
+# Largest departure of the voxel axes from perpendicular (degrees). ANTs keeps a direction
+# matrix (no shear) and refused 0.3 degrees with "spacing 3.99995 does not match header zooms
+# 4.0" and 1 degree as "desheared directions deviate"; 0.25 degrees converts (measured with
+# brainmask.nifti_to_ants on 4 mm voxels). Checked in header_problems, so `cohort check --deep`
+# and the pipeline refuse the same files (26.6 degrees used to pass --deep).
+MAX_SHEAR_DEG = 0.25
 # Voxel data a header may claim (shape x bytes per voxel of the stored type), checked before
-# any voxel is read or decompressed. The largest legitimate input, a 0.5 mm whole head
-# (512 x 512 x 384 int16), is 192 MiB; preprocessing keeps a few float copies of it, within the
-# 6 GB a preprocessing job asks for. Per run: the config's preprocess.max_image_mb;
-# per check: `metsflow cohort check --deep --max-image-mb`.
-MAX_IMAGE_MB = 1024
+# any voxel is read or decompressed. Sized from the largest clinical input: a 0.5 mm isotropic
+# whole head (512 x 512 x 384) is 192 MiB as int16 and 384 MiB if exported as float32; a
+# routine 1 mm 3D T1c (256 x 256 x 176 int16) is 22 MiB. 512 MiB passes both and refuses the
+# known gzip bomb of issue #25 (an 883 KB .nii.gz inflating to 864 MiB, 1.8 GB peak when read),
+# which the former 1,024 MiB default let through. Per run: the config's
+# preprocess.max_image_mb; per check: `metsflow cohort check --deep --max-image-mb`.
+MAX_IMAGE_MB = 512
 
 
-# A folder holding this file (or below one that does) is a human label store
-# (metsflow.active_learning.labelstore.MARKER_NAME): only LabelStore writes there.
-LABEL_STORE_MARKER = "LABELSTORE.json"
+# The store's marker file (its one owner is the layout): only LabelStore writes there.
+LABEL_STORE_MARKER = layout.LABEL_STORE_MARKER
 
 
 class LabelStoreWriteError(PermissionError):
@@ -68,6 +78,43 @@ def guard_not_in_store(path: str | os.PathLike) -> None:
             )
 
 
+def _contains_store(folder: Path) -> Path | None:
+    """A label store inside ``folder`` (not following links: ``rmtree`` does not either)."""
+    for parent, dirs, files in os.walk(folder):
+        if LABEL_STORE_MARKER in files:
+            return Path(parent)
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(parent, d))]
+    return None
+
+
+def remove_path(path: str | os.PathLike, ignore_errors: bool = False) -> None:
+    """Remove a file, link or folder tree: the one removal every pipeline job, script and CLI
+    command makes (stale outputs, partial folders, scratch). It resolves links and refuses
+    (``LabelStoreWriteError``, whatever ``ignore_errors``) a path that is, or is inside, or
+    holds a label store: a ``results/preprocessed`` linked into the store made the stale-output
+    removal delete a study's confirmed versions and history (issue #25). ``ignore_errors``
+    silences OS errors only. A missing path is not an error."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    guard_not_in_store(path)
+    is_tree = path.is_dir() and not path.is_symlink()
+    if is_tree:
+        inner = _contains_store(path)
+        if inner is not None:
+            raise LabelStoreWriteError(
+                f"refusing to remove {path}: it holds the human label store {inner}"
+            )
+    try:
+        if is_tree:
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except OSError:
+        if not ignore_errors:
+            raise
+
+
 class StudyError(Exception):
     """A problem with one study's input: the study is quarantined, the cohort goes on."""
 
@@ -76,7 +123,10 @@ class StudyError(Exception):
         self.problem = problem
         self.path = None if path is None else str(path)
         where = f" ({self.path})" if self.path else ""
-        super().__init__(f"study {study_id}{where}: {problem}")
+        if study_id in ("?", "", None):  # a file given on its own (metsflow evaluate): no study
+            super().__init__(f"{self.path}: {problem}" if self.path else problem)
+        else:
+            super().__init__(f"study {study_id}{where}: {problem}")
 
 
 @contextlib.contextmanager
@@ -95,12 +145,15 @@ def atomic_path(
     path = Path(path)
     if not label_store_write:
         guard_not_in_store(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent
-    )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent
+        )
+    except OSError as exc:
+        raise _naming(exc, path) from None
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp creates 0600; outputs get the usual permissions of a new file (umask applied).
@@ -110,9 +163,19 @@ def atomic_path(
         with open(tmp_path, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
+    except OSError as exc:
+        # The user chose ``path``; the temporary name beside it means nothing to them.
+        if exc.filename in (str(tmp_path), tmp_path) or exc.filename2 == str(path):
+            raise _naming(exc, path) from None
+        raise
     finally:
         if tmp_path.exists():
-            tmp_path.unlink()
+            tmp_path.unlink()  # our own temporary file beside a checked destination
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` as the same OS error about ``path`` (the destination, not its temporary file)."""
+    return type(exc)(exc.errno, f"cannot write {path}: {exc.strerror or exc}", str(path))
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -180,6 +243,15 @@ def voxel_spacing(img: nib.spatialimages.SpatialImage) -> np.ndarray:
     return np.linalg.norm(np.asarray(img.affine, dtype=float)[:3, :3], axis=0)
 
 
+def shear_deg(affine: np.ndarray) -> float:
+    """Largest departure from 90 degrees between two voxel axes of ``affine`` (0 for any
+    rotation or flip of a rectangular grid, however oblique)."""
+    columns = np.asarray(affine, dtype=float)[:3, :3]
+    columns = columns / np.linalg.norm(columns, axis=0)
+    cosines = np.abs(columns.T @ columns)[np.triu_indices(3, k=1)]
+    return float(np.degrees(np.arcsin(np.clip(cosines.max(), 0.0, 1.0))))
+
+
 def _mm(values) -> str:
     """Plain numbers for messages: (1, 1, 4.5) mm, never np.float64(...)."""
     return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
@@ -229,6 +301,13 @@ def header_problems(
         ]
     if abs(np.linalg.det(affine[:3, :3])) < 1e-6:
         return [f"{what} has a singular or non-finite affine"]
+    shear = shear_deg(affine)
+    if shear > MAX_SHEAR_DEG:
+        return [
+            f"{what} affine is sheared: its voxel axes are {shear:.3g} degrees from "
+            f"perpendicular (at most {MAX_SHEAR_DEG} accepted; ANTs cannot represent a "
+            "sheared grid); resample it onto a grid with perpendicular axes (oblique is fine)"
+        ]
     pixdim = np.asarray(img.header.get_zooms()[:3], dtype=float)
     if not np.allclose(pixdim, zooms, rtol=PIXDIM_RTOL, atol=1e-4):
         return [
@@ -237,6 +316,36 @@ def header_problems(
             "so both agree"
         ]
     return []
+
+
+def open_nifti(
+    path: str | os.PathLike,
+    study_id: str = "?",
+    what: str = "image",
+    max_image_mb: float = MAX_IMAGE_MB,
+) -> nib.Nifti1Image:
+    """The header-checked image at ``path``, its voxels not read yet (``header_problems``):
+    a caller that must also check the grid (a label against its T1c) does so before a single
+    voxel is decompressed. Raises ``StudyError`` naming the study and file."""
+    path = Path(path)
+    if not path.exists():
+        raise StudyError(study_id, f"{what} file is missing", path)
+    if not path.is_file():
+        raise StudyError(study_id, f"{what} path is not a regular file", path)
+    if not os.access(path, os.R_OK):
+        raise StudyError(study_id, f"{what} file is not readable (permissions)", path)
+    try:
+        img = nib.load(str(path))
+    except PermissionError as exc:  # os.access can pass where open() is refused (ACLs, NFS)
+        raise StudyError(study_id, f"{what} file is not readable (permissions)", path) from exc
+    except Exception as exc:  # nibabel raises several types for a non-NIfTI file
+        raise StudyError(study_id, f"{what} is not a readable NIfTI file: {exc}", path) from exc
+    problems = header_problems(img, what, max_image_mb)
+    if problems:
+        raise StudyError(study_id, "; ".join(problems), path)
+    if len(img.shape) == 4:  # a trailing singleton 4th axis (header_problems allows only that)
+        img = img.slicer[..., 0]
+    return img
 
 
 def load_nifti(
@@ -256,23 +365,7 @@ def load_nifti(
     whose voxels are all the same value, e.g. an all-zero export of a failed reconstruction.
     """
     path = Path(path)
-    if not path.exists():
-        raise StudyError(study_id, f"{what} file is missing", path)
-    if not path.is_file():
-        raise StudyError(study_id, f"{what} path is not a regular file", path)
-    if not os.access(path, os.R_OK):
-        raise StudyError(study_id, f"{what} file is not readable (permissions)", path)
-    try:
-        img = nib.load(str(path))
-    except PermissionError as exc:  # os.access can pass where open() is refused (ACLs, NFS)
-        raise StudyError(study_id, f"{what} file is not readable (permissions)", path) from exc
-    except Exception as exc:  # nibabel raises several types for a non-NIfTI file
-        raise StudyError(study_id, f"{what} is not a readable NIfTI file: {exc}", path) from exc
-    problems = header_problems(img, what, max_image_mb)
-    if problems:
-        raise StudyError(study_id, "; ".join(problems), path)
-    if len(img.shape) == 4:  # a trailing singleton 4th axis (header_problems allows only that)
-        img = img.slicer[..., 0]
+    img = open_nifti(path, study_id, what, max_image_mb)
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # truncated gzip streams fail here, not at nib.load

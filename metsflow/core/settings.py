@@ -15,15 +15,41 @@ would go unnoticed; the job rebuilds the dataclass (``InferSettings.from_dict``)
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from metsflow.core.io import MAX_IMAGE_MB
+from metsflow.core.netplan import patch_size_problem
+
+
+def setting(default: Any = dataclasses.MISSING, *, factory=None, **schema: Any):
+    """A settings field with its JSON-schema constraints (``minimum``, ``enum``, ``items``, ...):
+    ``metsflow.core.config`` adds them, with the type of the annotation, to the section's schema,
+    so a key's type and range have one owner and are checked while the workflow parses."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"schema": schema})
+    return field(default=default, metadata={"schema": schema})
+
+
+# Schema fragments shared by several knobs.
+_PROB = {"minimum": 0, "maximum": 1}
+_POSITIVE = {"exclusiveMinimum": 0}
+_NONNEG = {"minimum": 0}
+_LEVELS = {"items": {"type": "integer", "minimum": 1}, "minItems": 1}  # iterations per level
+_SIGMAS = {"items": {"type": "number", "minimum": 0}, "minItems": 1}
+_SHRINK = {"items": {"type": "integer", "minimum": 1}, "minItems": 1}
 
 
 class _Section:
-    """``from_dict`` (unknown keys refused) and ``as_dict`` for a settings dataclass."""
+    """``from_dict`` (unknown keys refused) and ``as_dict`` for a settings dataclass.
+
+    ``SAME_LENGTH``: groups of per-level keys that must have one value per pyramid level (what
+    a JSON schema cannot say); ``problems`` reports a mismatch at parse time, where ANTs would
+    otherwise fail on every study."""
+
+    SAME_LENGTH: ClassVar[tuple[tuple[str, ...], ...]] = ()
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | _Section | None, what: str | None = None):
@@ -43,12 +69,26 @@ class _Section:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def problems(self, where: str) -> list[str]:
+        """What the schema cannot check: one line per problem, keys named ``where.key``."""
+        found = []
+        for group in self.SAME_LENGTH:
+            lengths = [len(getattr(self, key)) for key in group]
+            if len(set(lengths)) > 1:
+                keys = ", ".join(f"{where}.{key}" for key in group)
+                found.append(
+                    f"{keys}: one value per pyramid level each, got {'/'.join(map(str, lengths))}"
+                )
+        return found
+
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        """The fields that have a default, with it (a section with required keys cannot be
-        built empty)."""
+        """The fields that have a default, with it (not the required ones, whose ``None`` only
+        lets a part of the section be built, e.g. a loss from the model settings)."""
         values = {}
         for f in dataclasses.fields(cls):
+            if f.metadata.get("required"):
+                continue
             if f.default_factory is not dataclasses.MISSING:
                 values[f.name] = f.default_factory()
             elif f.default is not dataclasses.MISSING:
@@ -61,50 +101,71 @@ class BrainMaskSettings(_Section):
     """The brain-mask knobs of the ``preprocess`` section (``metsflow.imaging.brainmask``)."""
 
     # Skull-stripped if at least this fraction of voxels is the exact background value ...
-    stripped_min_background_fraction: float = 0.25
+    stripped_min_background_fraction: float = setting(0.25, **_PROB)
     # ... and the remaining support is no bigger than a brain. A head scanned with a
     # zero-filled background (some scanners/converters do this) has >= 3 L of support.
-    stripped_max_volume_ml: float = 2600.0
+    stripped_max_volume_ml: float = setting(2600.0, **_POSITIVE)
     # Atlas registration: isotropic working resolution (mm) and ANTs affine schedule (levels
     # at 6 and 3 mm). On skull phantoms the brain-masked affine reaches Dice 0.985 against the
     # true mask at 3 mm, the same as a 2 mm pyramid ending at 2 mm (0.987) at half the time.
-    atlas_resolution_mm: float = 3.0
-    atlas_transform: str = "Affine"
-    atlas_iterations: tuple = (100, 50)
-    atlas_shrink_factors: tuple = (2, 1)
-    atlas_smoothing_sigmas: tuple = (1, 0)
-    atlas_mask_dilate_mm: float = 1.0
+    atlas_resolution_mm: float = setting(3.0, **_POSITIVE)
+    # ants.registration's type_of_transform (linear ones: the mask is an affine prior)
+    atlas_transform: str = setting(
+        "Affine", enum=["Translation", "Rigid", "Similarity", "Affine", "AffineFast", "TRSAA"]
+    )
+    atlas_iterations: tuple = setting((100, 50), **_LEVELS)
+    atlas_shrink_factors: tuple = setting((2, 1), **_SHRINK)
+    atlas_smoothing_sigmas: tuple = setting((1, 0), **_SIGMAS)
+    atlas_mask_dilate_mm: float = setting(1.0, **_NONNEG)
     # Rough skull strip that initialises the atlas affine and masks its metric (mm): the
     # erosion must exceed half the thickness of the bright layers bridging brain and scalp
     # (dura, diploe) so the brain becomes its own component; the metric sees the rough brain
     # dilated by ``atlas_metric_margin_mm`` (template and image both dark there: CSF, bone).
-    rough_erosion_mm: float = 6.0
-    atlas_metric_margin_mm: float = 6.0
+    rough_erosion_mm: float = setting(6.0, **_NONNEG)
+    atlas_metric_margin_mm: float = setting(6.0, **_NONNEG)
     random_seed: int = 1
+
+    SAME_LENGTH = (("atlas_iterations", "atlas_shrink_factors", "atlas_smoothing_sigmas"),)
 
 
 @dataclass(frozen=True)
 class PreprocessSettings(BrainMaskSettings):
     """The ``preprocess`` section (``metsflow.imaging.preprocess.DEFAULTS`` is its dict form)."""
 
-    spacing: list = field(default_factory=lambda: [1.0, 1.0, 1.0])
-    crop_margin_mm: float = 10.0
+    spacing: list = setting(
+        factory=lambda: [1.0, 1.0, 1.0],
+        items={"type": "number", "exclusiveMinimum": 0, "maximum": 10},
+        minItems=3,
+        maxItems=3,
+    )
+    crop_margin_mm: float = setting(10.0, **_NONNEG)
     # "auto" (skull-stripped input -> its support, else atlas), "atlas", "nonzero", or a path
     # template containing "{study_id}" for user-supplied masks on the native T1c grid.
-    brain_mask: str = "auto"
-    coregister: str = "rigid"  # "rigid" | "none"
+    brain_mask: str = setting(
+        "auto",
+        anyOf=[{"enum": ["auto", "atlas", "nonzero"]}, {"pattern": r"\{study_id\}"}],
+        description='auto, atlas, nonzero, or a path template containing "{study_id}"',
+    )
+    coregister: str = setting("rigid", enum=["rigid", "none"])
     # Rigid co-registration schedule (Mattes MI). Same-session motion is small: a short
     # pyramid on images resampled to an isotropic working resolution is enough. Measured on a
     # phantom FLAIR (1x1x4.7 mm) to T1c (1x1x3 mm), 2 cores: full native resolution ~90 s,
     # 2 mm 10 s, 3 mm 1.9 s, with translations within 0.1 mm of the 2 mm estimate.
-    coreg_resolution_mm: float = 3.0
-    coreg_iterations: tuple = (100, 50)
-    coreg_shrink_factors: tuple = (2, 1)
-    coreg_smoothing_sigmas: tuple = (1, 0)
-    zscore_clip: float = 5.0  # |z| clipped to this after normalisation; None disables
+    coreg_resolution_mm: float = setting(3.0, **_POSITIVE)
+    coreg_iterations: tuple = setting((100, 50), **_LEVELS)
+    coreg_shrink_factors: tuple = setting((2, 1), **_SHRINK)
+    coreg_smoothing_sigmas: tuple = setting((1, 0), **_SIGMAS)
+    # |z| clipped to this after normalisation; None disables. 0 or below would squash every
+    # T1c to {-clip, 0}, hence the strict minimum.
+    zscore_clip: float | None = setting(5.0, **_POSITIVE)
     # Memory guard: an input whose header claims more voxel data (MiB) is refused before it is
     # decompressed (metsflow.core.io.MAX_IMAGE_MB explains the default).
-    max_image_mb: float = MAX_IMAGE_MB  # metsflow.core.io owns the guard's default
+    max_image_mb: float = setting(MAX_IMAGE_MB, **_POSITIVE)  # metsflow.core.io owns the default
+
+    SAME_LENGTH = (
+        *BrainMaskSettings.SAME_LENGTH,
+        ("coreg_iterations", "coreg_shrink_factors", "coreg_smoothing_sigmas"),
+    )
 
 
 @dataclass(frozen=True)
@@ -112,43 +173,52 @@ class RegisterSettings(_Section):
     """The ``register`` section (``metsflow.imaging.register.DEFAULTS`` is its dict form)."""
 
     # Affine stage: reduced resolution only (SyN refines the rest).
-    aff_transform: str = "Affine"
-    aff_metric: str = "Mattes"
-    aff_bins: int = 32
-    aff_sampling_rate: float = 0.25
-    aff_gradient_step: float = 0.1
-    aff_iterations: tuple = (200, 100)
-    aff_levels_mm: tuple = (8.0, 4.0)  # voxel size of each pyramid level
-    aff_smoothing_mm: tuple = (3.0, 2.0)  # Gaussian sigma per level
+    aff_transform: str = setting(
+        "Affine", enum=["Translation", "Rigid", "Similarity", "Affine", "CompositeAffine"]
+    )
+    aff_metric: str = setting("Mattes", enum=["Mattes", "CC", "MeanSquares"])  # register._metric
+    aff_bins: int = setting(32, minimum=2)
+    aff_sampling_rate: float = setting(0.25, exclusiveMinimum=0, maximum=1)
+    aff_gradient_step: float = setting(0.1, **_POSITIVE)
+    aff_iterations: tuple = setting((200, 100), **_LEVELS)
+    aff_levels_mm: tuple = setting((8.0, 4.0), items={"type": "number", **_POSITIVE}, minItems=1)
+    aff_smoothing_mm: tuple = setting((3.0, 2.0), **_SIGMAS)  # Gaussian sigma per level
     # SyN stage.
-    syn_metric: str = "CC"  # "CC" | "Mattes" | "MeanSquares"
-    cc_radius: int = 2  # voxels; ANTs' default of 32 bins/voxels is far too slow for CC
-    syn_bins: int = 32  # for syn_metric Mattes
-    syn_gradient_step: float = 0.2
-    syn_flow_sigma: float = 3.0
-    syn_total_sigma: float = 0.0
+    syn_metric: str = setting("CC", enum=["CC", "Mattes", "MeanSquares"])
+    cc_radius: int = setting(2, minimum=1)  # voxels; ANTs' default of 32 is far too slow for CC
+    syn_bins: int = setting(32, minimum=2)  # for syn_metric Mattes
+    syn_gradient_step: float = setting(0.2, **_POSITIVE)
+    syn_flow_sigma: float = setting(3.0, **_NONNEG)
+    syn_total_sigma: float = setting(0.0, **_NONNEG)
     # Levels at 8, 4 and 2 mm whatever the grid spacing (see ``pyramid``). A full-resolution
     # CC level at 1 mm costs ~8x the 2 mm level for little gain in a label prior.
-    reg_iterations: tuple = (40, 20, 5)
-    levels_mm: tuple = (8.0, 4.0, 2.0)
-    smoothing_mm: tuple = (3.0, 2.0, 1.0)
-    convergence_threshold: float = 1e-6
-    convergence_window: int = 10
+    reg_iterations: tuple = setting((40, 20, 5), **_LEVELS)
+    levels_mm: tuple = setting((8.0, 4.0, 2.0), items={"type": "number", **_POSITIVE}, minItems=1)
+    smoothing_mm: tuple = setting((3.0, 2.0, 1.0), **_SIGMAS)
+    convergence_threshold: float = setting(1e-6, **_POSITIVE)
+    convergence_window: int = setting(10, minimum=1)
     # Brain masks are dilated so the brain/CSF boundary (the strongest edge) is in the metric.
-    mask_dilate_mm: float = 5.0
+    mask_dilate_mm: float = setting(5.0, **_NONNEG)
     random_seed: int = 1
     # QC: below these the pair is flagged in qc.json (not silently accepted).
-    qc_min_ncc: float = 0.6
-    qc_min_mask_dice: float = 0.9
+    qc_min_ncc: float = setting(0.6, minimum=-1, maximum=1)
+    qc_min_mask_dice: float = setting(0.9, **_PROB)
+
+    SAME_LENGTH = (
+        ("aff_iterations", "aff_levels_mm", "aff_smoothing_mm"),
+        ("reg_iterations", "levels_mm", "smoothing_mm"),
+    )
 
 
 @dataclass(frozen=True)
 class ModelSettings(_Section):
     """The ``model`` section: the stage-1 network (``metsflow.models.networks.MODEL_DEFAULTS`` is
-    ``defaults()``); ``channels`` and ``patch_size`` have no default."""
+    ``defaults()``); ``channels`` and ``patch_size`` have no default (the schema requires them;
+    a network is refused without them, a loss needs neither)."""
 
-    channels: list  # of metsflow.models.networks.CHANNELS, in channel-axis order
-    patch_size: list  # voxels, 3 values
+    # of metsflow.models.networks.CHANNELS, in channel-axis order
+    channels: list | None = field(default=None, metadata={"required": True})
+    patch_size: list | None = field(default=None, metadata={"required": True})  # voxels, 3 values
     arch: str = "dynunet"  # dynunet | segresnet
     label_mode: str = "multiclass"  # multiclass | whole
     # DynUNet filters per resolution level (nnU-Net's 3D full-resolution widths); the patch
@@ -162,72 +232,142 @@ class ModelSettings(_Section):
     res_block: bool = False  # residual DynUNet blocks
 
 
+# nnU-Net's SGD (Nesterov, momentum 0.99) and the usual Adam settings for 3D segmentation: the
+# defaults of train.learning_rate and train.weight_decay.
+OPTIMIZERS = {
+    "sgd": {"learning_rate": 1e-2, "weight_decay": 3e-5},
+    "adam": {"learning_rate": 1e-4, "weight_decay": 1e-5},
+}
+
+
 @dataclass(frozen=True)
 class TrainSettings(_Section):
     """The stage-1 training knobs of the ``train`` section (``metsflow.models.train.DEFAULTS``);
     the section's other keys (folds, stage2, reseg, ...) are typed in the config schema."""
 
-    iterations: int = 1000
-    batch_size: int = 2
-    optimizer: str = "sgd"
-    grad_clip: float = 12.0
+    iterations: int = setting(1000, minimum=1)
+    # Rounds r > 0 fine-tune for this many iterations; None: ``iterations``.
+    finetune_iterations: int | None = setting(None, minimum=1)
+    batch_size: int = setting(2, minimum=1)
+    optimizer: str = setting("sgd", enum=list(OPTIMIZERS))
+    # None: the optimizer's default (OPTIMIZERS).
+    learning_rate: float | None = setting(None, **_POSITIVE)
+    weight_decay: float | None = setting(None, **_NONNEG)
+    grad_clip: float = setting(12.0, **_POSITIVE)
     seed: int = 0
-    val_interval: int = 250
-    checkpoint_interval: int = 100
-    log_interval: int = 10
-    val_overlap: float = 0.25
-    sw_batch_size: int = 4
-    pos_neg_ratio: list = field(default_factory=lambda: [1.0, 1.0])
-    num_workers: Any = None
-    aug_rotate_prob: float = 0.2
-    aug_rotate_degrees: float = 30.0
-    aug_zoom_prob: float = 0.2
-    aug_zoom_range: list = field(default_factory=lambda: [0.7, 1.4])
-    aug_scale_intensity_prob: float = 0.15
-    aug_shift_intensity_prob: float = 0.15
-    aug_noise_prob: float = 0.15
-    aug_flip_prob: float = 0.5
+    val_interval: int = setting(250, minimum=0)  # 0: no validation while training
+    checkpoint_interval: int = setting(100, minimum=1)
+    log_interval: int = setting(10, minimum=1)
+    val_overlap: float = setting(0.25, minimum=0, exclusiveMaximum=1)
+    sw_batch_size: int = setting(4, minimum=1)
+    # lesion-centred : brain-centred patch draws
+    pos_neg_ratio: list = setting(
+        factory=lambda: [1.0, 1.0], items={"type": "number", **_NONNEG}, minItems=2, maxItems=2
+    )
+    num_workers: int | None = setting(None, minimum=0)  # None: 0 on CPU, min(4, cores) on CUDA
+    aug_rotate_prob: float = setting(0.2, **_PROB)
+    aug_rotate_degrees: float = setting(30.0, minimum=0, maximum=180)
+    aug_zoom_prob: float = setting(0.2, **_PROB)
+    aug_zoom_range: list = setting(
+        factory=lambda: [0.7, 1.4], items={"type": "number", **_POSITIVE}, minItems=2, maxItems=2
+    )
+    aug_scale_intensity_prob: float = setting(0.15, **_PROB)
+    aug_shift_intensity_prob: float = setting(0.15, **_PROB)
+    aug_noise_prob: float = setting(0.15, **_PROB)
+    aug_flip_prob: float = setting(0.5, **_PROB)  # per axis
+    # With the prior channel: each sample's prior is a fictitious one made from its label
+    # (metsflow.imaging.priors); false: the study's real propagated prior.
     fictitious_prior: bool = True
     # Detection levers (issue #23; benchmarks/bench_detection.py measures them). Defaults keep
     # the behaviour the demo was timed with until a lever's measured gain decides otherwise.
     # Patch centres: "pos_neg" = MONAI RandCropByPosNegLabeld, uniform over lesion *voxels* (a
     # 20 mm lesion is centred ~500x more often than a 2.5 mm one at 1 mm); "lesion" = choose a
     # lesion, then a voxel inside it (metsflow.models.sampling.RandLesionCropd).
-    sampling: str = "pos_neg"  # pos_neg | lesion
+    sampling: str = setting("pos_neg", enum=["pos_neg", "lesion"])
     # "lesion" sampling: weight of a lesion ~ volume ** -lesion_size_power (0: every lesion
     # alike; 1: the chance of a lesion is inversely proportional to its volume).
-    lesion_size_power: float = 0.0
+    lesion_size_power: float = setting(0.0, minimum=0, maximum=1)
     # Weight of the instance-aware term (per reference component Dice, blob-loss style;
     # metsflow.models.networks.InstanceDiceLoss) beside Dice+CE; 0 = off.
-    instance_loss_weight: float = 0.0
+    instance_loss_weight: float = setting(0.0, **_NONNEG)
     # Round 0 fine-tunes from these weights (e.g. a model trained on BraTS-METS) instead of
     # starting from scratch; channels, label mode and patch size must match the model section
     # (checked when the workflow is parsed: metsflow.models.networks.init_checkpoint_problems).
-    init_checkpoint: str | None = None
+    init_checkpoint: str | None = setting(None, minLength=1)
+    device: str = "auto"
+    folds: int = setting(1, minimum=1)  # patient-level k-fold stage-1 models (1: no CV)
+
+    def problems(self, where: str) -> list[str]:
+        found = super().problems(where)
+        low, high = self.aug_zoom_range
+        if low > high:
+            found.append(f"{where}.aug_zoom_range: [min, max] with min <= max, got {[low, high]}")
+        return found
+
+    @property
+    def lr(self) -> float:
+        """The learning rate, the optimizer's default when unset."""
+        if self.learning_rate is not None:
+            return float(self.learning_rate)
+        return OPTIMIZERS[self.optimizer]["learning_rate"]
+
+    @property
+    def wd(self) -> float:
+        """The weight decay, the optimizer's default when unset."""
+        if self.weight_decay is not None:
+            return float(self.weight_decay)
+        return OPTIMIZERS[self.optimizer]["weight_decay"]
+
+    def for_round(self, seed: int, round_index: int) -> TrainSettings:
+        """Round ``round_index``'s settings: round r > 0 fine-tunes for ``finetune_iterations``
+        and every round is seeded ``seed + r``."""
+        iterations = self.iterations
+        if round_index > 0 and self.finetune_iterations is not None:
+            iterations = self.finetune_iterations
+        return dataclasses.replace(self, iterations=iterations, seed=seed + round_index)
 
 
 @dataclass(frozen=True)
 class Stage2Settings(_Section):
     """The ``train.stage2`` section (``metsflow.models.cascade.DEFAULTS`` is its dict form)."""
 
-    crop_size: list = field(default_factory=lambda: [24, 24, 24])
-    filters: list = field(default_factory=lambda: [16, 32, 64])
-    iterations: int = 300
-    batch_size: int = 16
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-5
-    proposal_threshold: float = 0.3
-    max_candidates: int = 200  # per study (training): the most confident stage-1 components
-    operating_rule: str = "max_fp_per_patient"  # or "target_sensitivity" (module docstring)
-    max_fp_per_patient: float = 1.0  # metrics.DEFAULT_MAX_FP_PER_PATIENT derives from it
-    target_sensitivity: float = 0.95
+    enabled: bool = False
+    crop_size: list = setting(
+        factory=lambda: [24, 24, 24],
+        items={"type": "integer", "minimum": 4},
+        minItems=3,
+        maxItems=3,
+    )
+    filters: list = setting(
+        factory=lambda: [16, 32, 64], items={"type": "integer", "minimum": 1}, minItems=1
+    )
+    iterations: int = setting(300, minimum=1)
+    # Half lesion, half non-lesion candidates per batch: at least one of each.
+    batch_size: int = setting(16, minimum=2)
+    learning_rate: float = setting(1e-3, **_POSITIVE)
+    weight_decay: float = setting(1e-5, **_NONNEG)
+    proposal_threshold: float = setting(0.3, exclusiveMinimum=0, exclusiveMaximum=1)
+    # per study (training): the most confident stage-1 components
+    max_candidates: int = setting(200, minimum=1)
+    operating_rule: str = setting(
+        "max_fp_per_patient", enum=["max_fp_per_patient", "target_sensitivity"]
+    )  # module docstring of metsflow.models.cascade
+    max_fp_per_patient: float = setting(1.0, **_NONNEG)  # metrics.DEFAULT_MAX_FP_PER_PATIENT
+    target_sensitivity: float = setting(0.95, exclusiveMinimum=0, maximum=1)
     seed: int = 0
     # High-sensitivity stage 1 (issue #23): None = stage 2 filters the components of stage 1's
     # argmax, so it can only remove lesions; a value (0.98) = the proposals are the components
     # of stage 1's foreground probability at the highest threshold that reaches this lesion
     # sensitivity on the validation studies (metsflow.models.cascade.proposal_threshold), and
     # stage 2's operating point decides which of them stay.
-    proposal_sensitivity: float | None = None
+    proposal_sensitivity: float | None = setting(None, exclusiveMinimum=0, maximum=1)
+
+    def problems(self, where: str) -> list[str]:
+        found = super().problems(where)
+        # The classifier halves each crop axis once per filter level (MONAI Classifier).
+        if any(int(c) % 8 for c in self.crop_size):
+            found.append(f"{where}.crop_size: multiples of 8 voxels, got {list(self.crop_size)}")
+        return found
 
 
 @dataclass(frozen=True)
@@ -260,6 +400,34 @@ class InferSettings(_Section):
 
     def as_params(self) -> dict[str, Any]:
         return self.as_dict()
+
+
+def tta_flips(tta: bool) -> list[tuple[int, ...]]:
+    """The flips of a (N, C, X, Y, Z) batch that inference averages over: none, or with ``tta``
+    every subset of the spatial axes (8 forward passes per member; the cost model counts them)."""
+    if not tta:
+        return [()]
+    return [c for r in range(4) for c in itertools.combinations((2, 3, 4), r)]
+
+
+@dataclass(frozen=True)
+class InferRun(InferSettings):
+    """An inference run's settings (``metsflow.models.infer`` takes them): the ``infer`` section
+    and what the networks take: the sliding-window size (a checkpoint's patch size) and the
+    channels and label mode to check checkpoints against (None: unchecked)."""
+
+    patch_size: list | None = None
+    channels: list | None = None
+    label_mode: str | None = None
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | InferSettings | None) -> InferRun:
+        """From ``InferSettings`` or a flat dict of these keys (unknown keys refused)."""
+        if isinstance(params, cls):
+            return params
+        if isinstance(params, InferSettings):
+            return cls(**params.as_dict())
+        return cls.from_dict(params, "inference settings")
 
 
 @dataclass(frozen=True)
@@ -366,3 +534,95 @@ class Settings:
             export=ExportSettings.from_dict(config.get("export")),
             threads=ThreadsSettings.from_dict(config.get("threads")),
         )
+
+
+# Sub-sections of ``train:`` that configure other models, not stage-1 training.
+TRAIN_SUBSECTIONS = ("stage2", "reseg")
+# The re-segmentation model's channels unless train.reseg.channels says otherwise.
+RESEG_CHANNELS = ("t1c", "prior", "t2")
+
+
+def split_overrides(values: Mapping[str, Any]) -> tuple[dict, dict]:
+    """``values`` (model and training keys, e.g. ``train.reseg``) split into the model's and the
+    training's keys."""
+    model_keys = {f.name for f in dataclasses.fields(ModelSettings)}
+    model = {k: v for k, v in values.items() if k in model_keys}
+    train = {k: v for k, v in values.items() if k not in model_keys and k != "enabled"}
+    return model, train
+
+
+def reseg_settings(
+    model: ModelSettings, train: TrainSettings, reseg: Mapping[str, Any] | None
+) -> tuple[ModelSettings, TrainSettings]:
+    """The re-segmentation model's settings: ``model``/``train`` with the ``train.reseg``
+    overrides (``channels`` default ``RESEG_CHANNELS``); always trained on fictitious priors."""
+    model_over, train_over = split_overrides(dict(reseg or {}))
+    model_over.setdefault("channels", list(RESEG_CHANNELS))
+    return (
+        dataclasses.replace(model, **model_over),
+        dataclasses.replace(train, **{**train_over, "fictitious_prior": True}),
+    )
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One segmentation network's training (stage 1 or re-seg): its model, its training knobs
+    and the grid spacing it trains at (``metsflow.models.train.train_model`` takes it).
+
+    ``as_params`` is its flat dict form: the checkpoint's ``meta["params"]``, the resume
+    fingerprint, and what ``from_params`` reads back (``None`` = the default, as in the config)."""
+
+    model: ModelSettings
+    train: TrainSettings
+    spacing: tuple[float, ...] = tuple(PreprocessSettings().spacing)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | TrainingRun) -> TrainingRun:
+        if isinstance(params, cls):
+            return params
+        values = {k: v for k, v in dict(params).items() if v is not None}
+        spacing = values.pop("spacing", cls.spacing)
+        missing = [key for key in ("channels", "label_mode", "patch_size") if key not in values]
+        if missing:
+            raise ValueError(f"training params lack {', '.join(map(repr, missing))}")
+        model, train = split_overrides(values)
+        return cls(
+            ModelSettings.from_dict(model),
+            TrainSettings.from_dict(train, "training keys"),
+            tuple(float(v) for v in spacing),
+        )
+
+    def as_params(self) -> dict[str, Any]:
+        return {**self.model.as_dict(), **self.train.as_dict(), "spacing": list(self.spacing)}
+
+
+def config_problems(config: Mapping[str, Any]) -> list[str]:
+    """What the schema cannot check of a schema-valid ``config``, one line per problem: per-level
+    lists of one length, and each network's patch size against its stride at the grid spacing."""
+    found: list[str] = []
+    preprocess = PreprocessSettings.from_dict(config.get("preprocess"))
+    found += preprocess.problems("preprocess")
+    found += RegisterSettings.from_dict(config.get("register")).problems("register")
+    train_section = dict(config.get("train") or {})
+    train = TrainSettings.from_dict(
+        {k: v for k, v in train_section.items() if k not in TRAIN_SUBSECTIONS}
+    )
+    found += train.problems("train")
+    stage2 = train_section.get("stage2") or {}
+    found += Stage2Settings.from_dict(stage2).problems("train.stage2")
+    if not {"channels", "patch_size"} <= set(config.get("model") or {}):
+        return found  # an overlay of the default config (metsflow.core.config.load)
+    model = ModelSettings.from_dict(config["model"])
+    networks = {"model": model}
+    reseg = train_section.get("reseg") or {}
+    if reseg.get("enabled"):
+        reseg_model, reseg_train = reseg_settings(model, train, reseg)
+        networks["train.reseg"] = reseg_model
+        found += reseg_train.problems("train.reseg")
+    for where, net in networks.items():
+        problem = patch_size_problem(net.arch, net.patch_size, preprocess.spacing, net.filters)
+        if problem:
+            found.append(
+                f"{where}.patch_size: {problem} (at preprocess.spacing {list(preprocess.spacing)})"
+            )
+    return found

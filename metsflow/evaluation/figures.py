@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from metsflow.core import io
+from metsflow.core import io, labels
 from metsflow.evaluation.metrics import spearman_volume_vs_dice, summarise
 
 DPI = 150
@@ -240,7 +240,7 @@ def _overlay_slices(pred: np.ndarray, ref: np.ndarray, n_slices: int) -> list[in
     source = ref if ref.any() else pred
     if not source.any():
         return sorted({int(round(k)) for k in np.linspace(0, ref.shape[2] - 1, n_slices + 2)[1:-1]})
-    components = cc3d.largest_k(source, k=1, connectivity=26)
+    components = cc3d.largest_k(source, k=1, connectivity=labels.CONNECTIVITY)
     ks = np.flatnonzero(components.any(axis=(0, 1)))
     chosen = np.linspace(ks[0], ks[-1], n_slices + 2)[1:-1] if len(ks) > n_slices else ks
     return sorted({int(round(k)) for k in chosen})

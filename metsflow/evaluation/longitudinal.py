@@ -5,8 +5,8 @@ registered to time point ``t - 1`` (``metsflow.imaging.register``), so the previ
 *lesion-id map* (every tracked lesion painted with its id) is warped into the follow-up grid with
 the same transforms that propagate labels (nearest-label interpolation keeps the ids).
 
-Tracking (``track_patient``): each connected component (cc3d, 26-connectivity) of the follow-up's
-enhancing mask takes the id of the warped previous lesion it overlaps most (at least
+Tracking (``track_patient``): each lesion (``metsflow.core.labels.lesion_components``) of the
+follow-up's enhancing mask takes the id of the warped previous lesion it overlaps most (at least
 ``min_overlap_voxels``; the warped lesions are first grown by ``margin_voxels``, a tolerance for
 registration error and partial volume that matters for lesions of a few voxels); a component
 overlapping none is a *new* lesion with a fresh id. Several
@@ -30,15 +30,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-import cc3d
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from metsflow.core.labels import ENHANCING
+from metsflow.core.labels import ENHANCING, lesion_components
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +176,26 @@ def _match_components(
     return matched
 
 
+def match_previous(
+    current: np.ndarray, previous: np.ndarray, min_overlap_voxels: int = 1, margin_voxels: int = 0
+) -> tuple[np.ndarray, dict[int, int | None], np.ndarray, list[int]]:
+    """Match the lesions of ``current`` to those of ``previous`` (boolean masks on one grid, the
+    previous one already warped here) by ``track_patient``'s rule: each current component takes
+    the previous component it overlaps most after the previous ones are grown by
+    ``margin_voxels``. Returns (current components, component -> previous component or None,
+    previous components, previous components no current one matched: *gone*)."""
+    components, n = lesion_components(np.asarray(current, dtype=np.uint8))
+    before, n_before = lesion_components(np.asarray(previous, dtype=np.uint8))
+    grown = before
+    if margin_voxels > 0 and n_before:
+        dilated = ndimage.grey_dilation(before, size=(2 * margin_voxels + 1,) * 3)
+        grown = np.where(before > 0, before, dilated)
+    matched = _match_components(components, n, grown, min_overlap_voxels)
+    kept = {lesion for lesion in matched.values() if lesion is not None}
+    gone = [lesion for lesion in range(1, n_before + 1) if lesion not in kept]
+    return components, matched, before, gone
+
+
 def track_patient(
     patient_id: str,
     timepoints: Sequence[TimePoint],
@@ -199,7 +218,7 @@ def track_patient(
     previous_volumes: dict[int, float] = {}
     for index, point in enumerate(timepoints):
         mask = np.asarray(point.enhancing) > 0
-        components, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
+        components, n = lesion_components(mask)
         if previous is None or previous_ids is None:
             matched = {c: None for c in range(1, n + 1)}
         else:
@@ -254,17 +273,68 @@ def track_patient(
         # Resolved lesions are not carried forward: only lesions present now are warped on.
         previous, previous_volumes = point, volumes
         previous_ids = _as_id_map(ids, patient_id, point.study_id)
-    columns = [
-        "patient_id",
-        "study_id",
-        "order",
-        "lesion_id",
-        "volume_mm3",
-        "status",
-        "n_components",
-        "previous_volume_mm3",
-    ]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=TRACK_COLUMNS)
+
+
+TRACK_COLUMNS = [
+    "patient_id",
+    "study_id",
+    "order",
+    "lesion_id",
+    "volume_mm3",
+    "status",
+    "n_components",
+    "previous_volume_mm3",
+]
+TIMEPOINT_COLUMNS = ["patient_id", "study_id", "order"]
+
+# load(study id) -> (internal label map, affine, voxel size in mm) on the grid it is tracked on
+Loader = Callable[[str], tuple[np.ndarray, np.ndarray, Sequence[float]]]
+# warp_for(study id -> affine, for one series' studies) -> the Warp between its time points
+WarpFactory = Callable[[dict[str, np.ndarray]], Warp]
+
+
+def track_chains(
+    series: Iterable[tuple[str, str, Sequence[str]]],
+    load: Loader,
+    order: Mapping[str, int],
+    warp_for: WarpFactory,
+    thresholds: ResponseThresholds,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Enhancing lesions tracked along each series ``(patient id, name, studies)``: the studies
+    in time order, each registered to the one before (``registered_chains`` /
+    ``first_registered_series``); a series' lesion ids are ``<name>-L<k>``, its rows carry the
+    patient id. ``order``: study -> its time-point order; ``thresholds``: matching overlap and
+    margin (in voxels of the series' finest spacing).
+
+    Returns ``(lesions, time points)``: the ``track_patient`` rows of every series
+    (``TRACK_COLUMNS``) and every tracked study (``TIMEPOINT_COLUMNS``, for
+    ``response_table``). One series' images are held at a time."""
+    frames, tracked_points = [], []
+    for patient_id, name, studies in series:
+        points, affines, spacings = [], {}, []
+        for study_id in studies:
+            labels, affine, zooms = load(study_id)
+            zooms = [float(z) for z in zooms]
+            affines[study_id] = affine
+            spacings += zooms
+            points.append(TimePoint.from_labels(study_id, order[study_id], labels, zooms))
+        tracked = track_patient(
+            name,
+            points,
+            warp_for(affines),
+            thresholds.min_overlap_voxels,
+            thresholds.margin_voxels(spacings),
+        )
+        frames.append(tracked.assign(patient_id=patient_id))
+        tracked_points += [
+            {"patient_id": patient_id, "study_id": p.study_id, "order": p.order} for p in points
+        ]
+    frames = [f for f in frames if not f.empty]
+    lesions = (
+        pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TRACK_COLUMNS)
+    )
+    return lesions, pd.DataFrame(tracked_points, columns=TIMEPOINT_COLUMNS)
 
 
 def _as_id_map(ids: np.ndarray, patient_id: str, study_id: str) -> np.ndarray:

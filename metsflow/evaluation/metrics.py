@@ -2,9 +2,9 @@
 
 Which library does what
 -----------------------
-- Connected components: ``cc3d`` (connected-components-3d) with **26-connectivity** (voxels
-  touching by a face, an edge or a corner belong to the same lesion), as in the BraTS 2023
-  lesion-wise evaluation.
+- Connected components: ``metsflow.core.labels.lesion_components`` (cc3d,
+  **26-connectivity**: voxels touching by a face, an edge or a corner belong to the same lesion),
+  as in the BraTS 2023 lesion-wise evaluation.
 - Surfaces: a surface voxel is a foreground voxel with a face neighbour in the background
   (voxels on the array border count as surface): the mask minus its erosion by the 6-connected
   cross, the edge definition of MONAI's ``get_mask_edges``. Erosion and the BraTS dilation are
@@ -98,7 +98,6 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-import cc3d
 import numpy as np
 import pandas as pd
 from scipy import ndimage, optimize, spatial, stats
@@ -116,8 +115,6 @@ BRATS_METS_MIN_LESION_MM3 = 2.0
 DEFAULT_IOU_THRESHOLD = EvaluateSettings.iou_threshold  # one owner: the evaluate settings
 # The label group of a round's headline figures (mean Dice, nDSC, lesion F1, FROC, overlays).
 HEADLINE_GROUP = "whole_lesion"
-# Lesions are 26-connected components (face, edge and corner neighbours).
-CONNECTIVITY = 26
 # Two grids are the same when their affines agree to this (mm / direction cosines).
 AFFINE_TOLERANCE = 1e-3
 
@@ -357,7 +354,7 @@ class LesionMatch:
 
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    cc, n = cc3d.connected_components(mask, connectivity=CONNECTIVITY, return_N=True)
+    cc, n = labels.lesion_components(mask)
     sizes = np.bincount(cc.ravel(), minlength=n + 1)[: n + 1]
     return cc, sizes
 

@@ -52,16 +52,23 @@ from metsflow.core.io import (
     atomic_path,
     load_nifti,
     read_json,
+    remove_path,
     save_nifti,
     write_json,
 )
 from metsflow.core.labels import check_convention, to_internal
+from metsflow.core.layout import (
+    BRAIN_MASK,
+    GEOMETRY,
+    LABEL,
+    coregistration_transform,
+    sequence_image,
+)
 from metsflow.core.runtime import set_threads
+from metsflow.core.sequences import MOVING_SEQUENCES, SEQUENCES
 from metsflow.core.settings import PreprocessSettings
 from metsflow.imaging import brainmask
 
-SEQUENCES = ("t1c", "t1", "t2", "flair")
-MOVING_SEQUENCES = ("t1", "t2", "flair")
 MASK_METHODS = ("auto", "atlas", "nonzero")
 
 # The knobs and their defaults are owned by metsflow.core.settings.PreprocessSettings.
@@ -97,7 +104,8 @@ def _empty_ants_grid(affine: np.ndarray, shape: tuple[int, int, int]) -> ants.AN
 
 
 def _to_ants(img: nib.Nifti1Image, study_id: str, name: str, path: str) -> ants.ANTsImage:
-    """ANTs copy of an input image; ANTs refuses affines with real shear (> 0.5 deg)."""
+    """ANTs copy of an input image. A sheared affine never gets here: load_nifti refused it
+    (metsflow.core.io.MAX_SHEAR_DEG, the shear ANTs converts), as `cohort check --deep` does."""
     try:
         return brainmask.nifti_to_ants(img)
     except ValueError as exc:
@@ -353,7 +361,7 @@ def preprocess_study(
                     fixed, ants_images[name], settings, str(tmp / f"{name}_")
                 )
                 coregistration[name] = {
-                    "transform": f"transforms/{name}_to_t1c.mat",
+                    "transform": coregistration_transform(name),
                     **_motion_summary(transforms[name], centre),
                 }
         lap("coregister")
@@ -401,15 +409,15 @@ def preprocess_study(
         lap("normalise")
 
         for name in SEQUENCES:
-            path = out_dir / f"{name}.nii.gz"
+            path = out_dir / sequence_image(name)
             if name in normalised:
                 save_nifti(path, normalised[name], final_affine, dtype=np.float32)
-            elif path.exists():  # stale output of an earlier run with that sequence
-                path.unlink()
-        save_nifti(out_dir / "brain_mask.nii.gz", mask, final_affine, dtype=np.uint8)
+            else:  # a stale output of an earlier run with that sequence
+                remove_path(path)
+        save_nifti(out_dir / BRAIN_MASK, mask, final_affine, dtype=np.uint8)
         label_info: dict[str, Any] = {"present": label is not None}
         if label is not None:
-            save_nifti(out_dir / "label.nii.gz", label, final_affine, dtype=np.uint8)
+            save_nifti(out_dir / LABEL, label, final_affine, dtype=np.uint8)
             foreground = label > 0
             label_info.update(
                 convention=convention,
@@ -419,14 +427,14 @@ def preprocess_study(
                     label_img, final_affine, tuple(final_shape)
                 ),
             )
-        elif (out_dir / "label.nii.gz").exists():
-            (out_dir / "label.nii.gz").unlink()
+        else:
+            remove_path(out_dir / LABEL)
         for name, src in transforms.items():
-            with atomic_path(out_dir / "transforms" / f"{name}_to_t1c.mat") as dst:
+            with atomic_path(out_dir / coregistration_transform(name)) as dst:
                 shutil.copyfile(src, dst)
         lap("write")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp, ignore_errors=True)
 
     geometry = {
         "study_id": study_id,
@@ -456,7 +464,7 @@ def preprocess_study(
         "seconds": seconds,
         "params": settings.as_dict(),
     }
-    write_json(out_dir / "geometry.json", geometry)
+    write_json(out_dir / GEOMETRY, geometry)
     return geometry
 
 
@@ -488,7 +496,7 @@ def to_native(labels: np.ndarray, prep_dir: str | Path) -> nib.Nifti1Image:
     preprocessed index), on the native T1c grid *as stored in the original file* (its axis
     order and orientation, not RAS). Native voxels outside the cropped box get 0.
     """
-    geometry = read_json(Path(prep_dir) / "geometry.json")
+    geometry = read_json(Path(prep_dir) / GEOMETRY)
     labels = np.asarray(labels)
     final_shape = tuple(geometry["final"]["shape"])
     if labels.shape != final_shape:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 
-import cc3d
 import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
@@ -177,13 +176,13 @@ def merge_followup(
 
 
 def _components_touching(mask: np.ndarray, region: np.ndarray, keep: bool = True) -> np.ndarray:
-    """Union of the 26-connected components of ``mask`` that touch ``region`` (``keep``) or do
-    not touch it (``keep=False``)."""
-    components = cc3d.connected_components(mask.astype(np.uint8), connectivity=26)
+    """Union of the lesions (``labels.lesion_components``) of ``mask`` that touch ``region``
+    (``keep``) or do not touch it (``keep=False``)."""
+    components, _ = lab.lesion_components(mask)
     touching = np.unique(components[region & (components > 0)])
     selected = np.isin(components, touching)
     return (selected if keep else ~selected) & (components > 0)
 
 
 def _count(mask: np.ndarray) -> int:
-    return int(cc3d.connected_components(mask.astype(np.uint8), connectivity=26).max())
+    return lab.lesion_components(mask)[1]

@@ -44,7 +44,24 @@ import ants
 import nibabel as nib
 import numpy as np
 
-from metsflow.core.io import StudyError, atomic_path, load_nifti, read_json, save_nifti, write_json
+from metsflow.core.io import (
+    StudyError,
+    atomic_path,
+    load_nifti,
+    read_json,
+    remove_path,
+    save_nifti,
+    write_json,
+)
+from metsflow.core.layout import (
+    AFFINE,
+    BRAIN_MASK,
+    INVERSE_WARP,
+    REGISTRATION_FILES,
+    REGISTRATION_QC,
+    T1C,
+    WARP,
+)
 from metsflow.core.runtime import set_threads
 from metsflow.core.settings import RegisterSettings
 from metsflow.imaging.brainmask import dilate_mm_ball, nifti_to_ants
@@ -52,7 +69,7 @@ from metsflow.imaging.brainmask import dilate_mm_ball, nifti_to_ants
 # The knobs and their defaults are owned by metsflow.core.settings.RegisterSettings.
 DEFAULTS: dict[str, Any] = RegisterSettings().as_dict()
 
-OUTPUT_FILES = ("affine.mat", "warp.nii.gz", "inverse_warp.nii.gz")
+OUTPUT_FILES = REGISTRATION_FILES
 
 
 def _settings(params: RegisterSettings | Mapping[str, Any] | None) -> RegisterSettings:
@@ -173,12 +190,12 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _load_prep(prep_dir: Path, study_id: str) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
-    t1c = load_nifti(prep_dir / "t1c.nii.gz", study_id, "preprocessed T1c")
-    mask = load_nifti(prep_dir / "brain_mask.nii.gz", study_id, "preprocessed brain mask")
+    t1c = load_nifti(prep_dir / T1C, study_id, "preprocessed T1c")
+    mask = load_nifti(prep_dir / BRAIN_MASK, study_id, "preprocessed brain mask")
     if mask.shape != t1c.shape or not np.allclose(mask.affine, t1c.affine, atol=1e-3):
         raise StudyError(study_id, "brain mask and T1c grids differ", prep_dir)
     if not np.asarray(mask.dataobj).any():
-        raise StudyError(study_id, "brain mask is empty", prep_dir / "brain_mask.nii.gz")
+        raise StudyError(study_id, "brain mask is empty", prep_dir / BRAIN_MASK)
     return t1c, mask
 
 
@@ -216,8 +233,8 @@ def register_followup(
         outprefix = str(tmp / "reg_")
         spacing_mm = float(min(fixed_img.header.get_zooms()[:3]))
         args = ants_command(
-            str(previous_dir / "t1c.nii.gz"),
-            str(followup_dir / "t1c.nii.gz"),
+            str(previous_dir / T1C),
+            str(followup_dir / T1C),
             str(mask_files["fixed"]),
             str(mask_files["moving"]),
             outprefix,
@@ -225,23 +242,24 @@ def register_followup(
             spacing_mm,
         )
         exit_code = ants.internal.get_lib_fn("antsRegistration")(args)
+        # antsRegistration's own output names (transform index + kind) -> the layout's.
         produced = {
-            "affine.mat": Path(outprefix + "0GenericAffine.mat"),
-            "warp.nii.gz": Path(outprefix + "1Warp.nii.gz"),
-            "inverse_warp.nii.gz": Path(outprefix + "1InverseWarp.nii.gz"),
+            AFFINE: Path(outprefix + "0GenericAffine.mat"),
+            WARP: Path(outprefix + "1Warp.nii.gz"),
+            INVERSE_WARP: Path(outprefix + "1InverseWarp.nii.gz"),
         }
         if exit_code != 0 or not all(p.exists() for p in produced.values()):
             raise StudyError(
                 study_id,
                 f"ANTs registration to {previous_dir.name} failed (exit code {exit_code})",
-                followup_dir / "t1c.nii.gz",
+                followup_dir / T1C,
             )
         for name, src in produced.items():
             with atomic_path(out_dir / name) as dst:
                 shutil.copyfile(src, dst)
         registration_seconds = time.perf_counter() - start
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp, ignore_errors=True)
 
     qc = _quality(fixed_img, moving_img, fixed_mask, moving_mask, out_dir, s)
     qc.update(
@@ -263,7 +281,7 @@ def register_followup(
         },
         params=s.as_dict(),
     )
-    write_json(out_dir / "qc.json", qc)
+    write_json(out_dir / REGISTRATION_QC, qc)
     return qc
 
 
@@ -281,14 +299,14 @@ def _quality(
     moving_mask_ants = nifti_to_ants(
         nib.Nifti1Image(moving_mask.astype(np.float32), moving_img.affine)
     )
-    forward = [str(reg_dir / "warp.nii.gz"), str(reg_dir / "affine.mat")]
+    forward = [str(reg_dir / WARP), str(reg_dir / AFFINE)]
     before = ants.resample_image_to_target(moving, fixed, interp_type="linear").numpy()
     after = ants.apply_transforms(fixed, moving, forward, interpolator="linear").numpy()
     mask_before = ants.resample_image_to_target(moving_mask_ants, fixed, "genericLabel").numpy()
     mask_after = ants.apply_transforms(
         fixed, moving_mask_ants, forward, interpolator="genericLabel"
     ).numpy()
-    jacobian = ants.create_jacobian_determinant_image(fixed, str(reg_dir / "warp.nii.gz"))
+    jacobian = ants.create_jacobian_determinant_image(fixed, str(reg_dir / WARP))
     # When the finest SyN level is shrunk, the field (and so its Jacobian) lives on a coarser
     # grid than the fixed image: bring it onto the fixed grid before masking.
     jacobian = ants.resample_image_to_target(jacobian, fixed, interp_type="linear")
@@ -369,7 +387,7 @@ def propagate_label(
     for name in OUTPUT_FILES:
         if not (reg_dir / name).exists():
             raise StudyError(study_id, f"registration output {name} is missing", reg_dir / name)
-    grid = load_nifti(followup_dir / "t1c.nii.gz", study_id, "preprocessed T1c")
+    grid = load_nifti(followup_dir / T1C, study_id, "preprocessed T1c")
     label = load_nifti(label_path, study_id, "previous label")
     values = np.asarray(label.dataobj)
     if np.any(values < 0) or np.any(values != np.round(values)):
@@ -377,7 +395,7 @@ def propagate_label(
     warped = ants.apply_transforms(
         fixed=nifti_to_ants(grid),
         moving=nifti_to_ants(label),
-        transformlist=[str(reg_dir / "affine.mat"), str(reg_dir / "inverse_warp.nii.gz")],
+        transformlist=[str(reg_dir / AFFINE), str(reg_dir / INVERSE_WARP)],
         whichtoinvert=[True, False],
         interpolator="genericLabel",
     )
@@ -385,6 +403,29 @@ def propagate_label(
     save_nifti(out_path, out, grid.affine, dtype=np.uint8)
     counts = np.bincount(out.ravel())
     return {str(v): int(c) for v, c in enumerate(counts) if c and v}
+
+
+def warp_previous_image(
+    image_path: str | Path, reg_dir: str | Path, followup_dir: str | Path
+) -> np.ndarray:
+    """The previous study's preprocessed image on the follow-up's preprocessed grid (linear),
+    with the same transforms as ``propagate_label``: the review editor shows it beside the
+    follow-up at the same crosshair."""
+    reg_dir, followup_dir = Path(reg_dir), Path(followup_dir)
+    study_id = followup_dir.name
+    for name in OUTPUT_FILES:
+        if not (reg_dir / name).exists():
+            raise StudyError(study_id, f"registration output {name} is missing", reg_dir / name)
+    grid = load_nifti(followup_dir / "t1c.nii.gz", study_id, "preprocessed T1c")
+    image = load_nifti(image_path, study_id, "previous image")
+    warped = ants.apply_transforms(
+        fixed=nifti_to_ants(grid),
+        moving=nifti_to_ants(image),
+        transformlist=[str(reg_dir / "affine.mat"), str(reg_dir / "inverse_warp.nii.gz")],
+        whichtoinvert=[True, False],
+        interpolator="linear",
+    )
+    return warped.numpy().astype(np.float32)
 
 
 def lesion_id_warp(

@@ -10,11 +10,12 @@ from pathlib import Path
 import pandas as pd
 
 from metsflow.active_learning.acquisition import SELECTION_COLUMNS, select_batch
+from metsflow.cohort.plan import read_plan
 from metsflow.cohort.sheet import Study
 from metsflow.core.io import read_json, write_table
 from metsflow.core.layout import Layout
 from metsflow.core.settings import ActiveLearningSettings
-from metsflow.jobs.manifest import read_manifests
+from metsflow.jobs.manifest import ok_rows, ok_studies, read_manifests
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ def run_select_batch(settings: ActiveLearningSettings, job: BatchSelection) -> p
         write_table(job.selection, pd.DataFrame(columns=SELECTION_COLUMNS))
         return pd.DataFrame(columns=SELECTION_COLUMNS)
     candidates = read_manifests(job.prediction_manifests)
-    candidates = candidates[(candidates.status == "ok") & (candidates.role == "pool")]
+    candidates = ok_rows(candidates)
+    candidates = candidates[candidates.role == "pool"]
     if job.candidates:
         recorded = pd.read_csv(job.candidates, sep="\t", dtype={"study_id": str}).study_id
         candidates = candidates[candidates.study_id.isin(set(recorded))]
@@ -100,7 +102,7 @@ def run_round_candidates(
     planning, which studies the previous round's models segment)."""
     from metsflow.cohort.plan import candidate_seed, candidate_studies
 
-    plan = pd.read_csv(plan_path, sep="\t", dtype=str, keep_default_na=False)
+    plan = read_plan(plan_path)
     chosen = candidate_studies(plan, candidates, seed, selection_round)
     table = chosen[["study_id", "patient_id"]].assign(
         round=selection_round,
@@ -135,6 +137,7 @@ class ReviewExport:
     studies: list[dict]
     model: str
     out_dir: str
+    label_store: str = ""  # read only: a follow-up's previous label (review assists)
 
     @classmethod
     def from_snakemake(cls, smk) -> ReviewExport:
@@ -147,6 +150,7 @@ class ReviewExport:
             studies=list(smk.params.studies),
             model=smk.params.model,
             out_dir=os.path.dirname(smk.output.manifest),
+            label_store=str(getattr(smk.params, "label_store", "") or ""),
         )
 
     @classmethod
@@ -159,6 +163,7 @@ class ReviewExport:
             studies=list(smk.params.studies),
             model=smk.input.model,
             out_dir=os.path.dirname(smk.output.manifest),
+            label_store=str(getattr(smk.params, "label_store", "") or ""),
         )
 
 
@@ -177,7 +182,63 @@ def run_export_review(layout: Layout, job: ReviewExport) -> None:
         round_index=job.round_index,
         model_id=job.model,
         patient_for=lambda s: index[s].patient_id,
+        assists_for=review_assist_inputs(layout, job, index),
     )
+
+
+def review_assist_inputs(layout: Layout, job: ReviewExport, index: dict[str, Study]):
+    """study -> ``StudyAssistInputs``: this round's model outputs on the model grid and, for a
+    follow-up with a registration, the previous time point (its label from the label store,
+    else the model's prediction of it)."""
+    from metsflow.active_learning.assists import (
+        PreviousScan,
+        StudyAssistInputs,
+        previous_label_for,
+    )
+    from metsflow.active_learning.labelstore import LabelStore
+
+    store = LabelStore(job.label_store, create=False) if job.label_store else None
+    # The study each follow-up was registered to (the nearest earlier one that preprocessed),
+    # from the registration manifest; without it, the previous time point by order.
+    registered_to: dict[str, str] = {}
+    manifest = Path(layout.stage_manifest("registered"))
+    if manifest.is_file():
+        table = pd.read_csv(manifest, sep="\t", dtype=str, keep_default_na=False)
+        if "reference_study" in table.columns:
+            registered_to = dict(zip(table["study_id"], table["reference_study"], strict=True))
+
+    def previous_of(study: Study) -> Study | None:
+        reference = registered_to.get(study.study_id)
+        if reference:
+            return index.get(reference)
+        earlier = [
+            s for s in index.values() if s.patient_id == study.patient_id and s.order < study.order
+        ]
+        return max(earlier, key=lambda s: s.order) if earlier else None
+
+    def inputs(study_id: str) -> StudyAssistInputs:
+        previous = None
+        before = previous_of(index[study_id])
+        reg_dir = layout.registered_dir(study_id)
+        if before is not None and (reg_dir / "inverse_warp.nii.gz").is_file():
+            found = previous_label_for(
+                store, layout.study_prediction(job.model_round, before.study_id), before.study_id
+            )
+            if found is not None:
+                previous = PreviousScan(
+                    study_id=before.study_id,
+                    label=found[0],
+                    label_source=found[1],
+                    prep_dir=layout.preprocessed_dir(before.study_id),
+                    reg_dir=reg_dir,
+                )
+        return StudyAssistInputs(
+            prep_dir=layout.preprocessed_dir(study_id),
+            prediction_dir=layout.prediction_dir(job.model_round, study_id),
+            previous=previous,
+        )
+
+    return inputs
 
 
 @dataclass(frozen=True)
@@ -326,11 +387,11 @@ def run_final_labels(layout: Layout, job: FinalLabelInputs) -> pd.DataFrame:
     from metsflow.active_learning.labelstore import LabelStore
 
     final_round = job.final_round
-    plan = pd.read_csv(job.plan, sep="\t", dtype=str, keep_default_na=False)
+    plan = read_plan(job.plan)
     predictions = read_manifests(job.prediction_manifests)
     labels = final_label_table(
         plan[plan.role == "pool"],
-        set(predictions.loc[predictions.status == "ok", "study_id"].astype(str)),
+        ok_studies(predictions),
         LabelStore(job.label_store, create=False).all_confirmed(),
         lambda study_id: layout.study_prediction(final_round, study_id),
         layout.model(final_round),
@@ -358,3 +419,25 @@ def read_oracle(oracle_sheet: str) -> dict:
     if problems:
         raise ValueError("; ".join(problems))
     return oracle
+
+
+def run_check_oracle(oracle_sheet: str, out: str) -> pd.DataFrame:
+    """Rule check_oracle: read every oracle label's voxels before any round needs one (the
+    workflow's parse already read their headers); raise listing every bad label, else write the
+    checked table (study_id, label, label_convention)."""
+    from metsflow.cohort.preflight import oracle_value_problems
+
+    oracle = read_oracle(oracle_sheet)
+    problems = oracle_value_problems(oracle)
+    if problems:
+        raise ValueError(
+            f"oracle_sheet {oracle_sheet}: {len(problems)} bad label(s); fix them before the "
+            "rounds run:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+    table = pd.DataFrame(
+        [(s, str(label.path), label.convention) for s, label in oracle.items()],
+        columns=["study_id", "label", "label_convention"],
+    )
+    write_table(out, table)
+    log.info("oracle_sheet %s: %d labels checked", oracle_sheet, len(table))
+    return table

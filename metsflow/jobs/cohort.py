@@ -22,7 +22,7 @@ def write_quarantine(manifests_by_stage: dict[str, list[str]], out_path: str) ->
     """Every study that failed any stage: the stage, the file at fault and the problem.
 
     Downstream stages do not read this table: each reads the manifests of the stage before it
-    and uses only studies with status ``ok`` (see README "When a study fails").
+    and uses only studies with status ``ok`` (see docs/running.md "When a study fails").
     """
     frames = []
     for stage, paths in manifests_by_stage.items():

@@ -12,7 +12,7 @@ from metsflow.cohort.sheet import Study
 from metsflow.core.io import read_json, write_json, write_table
 from metsflow.core.layout import FG_PROB, Layout
 from metsflow.core.settings import EvaluateSettings
-from metsflow.jobs.manifest import read_manifests
+from metsflow.jobs.manifest import ok_studies, read_manifests
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def run_evaluate_round(
     result = evaluate_round(
         round_index,
         [Study.from_record(entry["study"]) for entry in studies],
-        set(predicted.loc[predicted.status == "ok", "study_id"]),
+        ok_studies(predicted),
         lambda study_id: layout.study_prediction(round_index, study_id),
         lambda study_id: layout.prediction_dir(round_index, study_id) / FG_PROB,
         settings,

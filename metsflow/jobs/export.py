@@ -25,17 +25,13 @@ import pandas as pd
 
 from metsflow.active_learning.final import HUMAN_CONFIRMED
 from metsflow.cohort.bids import entity_table
+from metsflow.cohort.plan import read_plan
 from metsflow.cohort.sheet import Study
 from metsflow.core.io import write_table
 from metsflow.core.layout import T1C, Layout
-from metsflow.evaluation.longitudinal import (
-    ResponseThresholds,
-    TimePoint,
-    registered_chains,
-    track_patient,
-)
+from metsflow.evaluation.longitudinal import ResponseThresholds, registered_chains, track_chains
 from metsflow.imaging.register import lesion_id_warp
-from metsflow.jobs.manifest import read_manifests
+from metsflow.jobs.manifest import read_manifests, registration_references
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +44,8 @@ def final_studies(
     """One row per final-label study: ids, BIDS entities (``bids_names``; two studies with one
     BIDS name are an error), order, label, t1c, manual."""
     labels = pd.read_csv(final_labels, sep="\t", dtype=str, keep_default_na=False)
-    plan = pd.read_csv(plan_path, sep="\t", dtype=str, keep_default_na=False)
-    order = dict(zip(plan.study_id, plan.order.astype(int), strict=True))
+    plan = read_plan(plan_path)
+    order = dict(zip(plan.study_id, plan.order, strict=True))
     index = {r["study_id"]: Study.from_record(r) for r in studies}
     if bids_names:
         entities = entity_table((index[s].patient_id, s) for s in labels.study_id)
@@ -84,43 +80,35 @@ def track_final_labels(
     """Tracked enhancing lesions of the final labels (``track_patient`` rows + ``label``)."""
     from metsflow.imaging.preprocess import label_to_grid
 
-    registered = read_manifests(registration_manifests)
-    registered = registered[registered.status == "ok"]
-    reference_of = dict(
-        zip(registered.study_id, registered.reference_study.astype(str), strict=True)
-    )
+    reference_of = registration_references(read_manifests(registration_manifests))
     prep, reg = layout.stage_root("preprocessed"), layout.stage_root("registered")
     labelled = studies[
         (studies.label != "") & studies.study_id.map(lambda s: layout.preprocessed_dir(s).is_dir())
     ]
-    frames = []
+    label_of = dict(zip(labelled.study_id, labelled.label, strict=True))
+    # Series after a break in a patient's registrations are named after their first study.
+    series = [
+        (patient_id, patient_id if k == 0 else chain[0], chain)
+        for patient_id, rows in labelled.groupby("patient_id", sort=True)
+        for k, chain in enumerate(
+            registered_chains(list(rows.sort_values("order").study_id), reference_of)
+        )
+    ]
+
+    def load(study_id: str):
+        reference = layout.preprocessed_dir(study_id) / T1C
+        img = nib.load(str(reference))
+        return label_to_grid(label_of[study_id], reference), img.affine, img.header.get_zooms()[:3]
+
     with tempfile.TemporaryDirectory(prefix="metsflow_export_") as scratch:
-        for patient_id, rows in labelled.groupby("patient_id", sort=True):
-            by_id = rows.set_index("study_id")
-            ordered = list(rows.sort_values("order").study_id)
-            for k, chain in enumerate(registered_chains(ordered, reference_of)):
-                points, affines, spacings = [], {}, []
-                for study_id in chain:
-                    reference = layout.preprocessed_dir(study_id) / T1C
-                    img = nib.load(str(reference))
-                    zooms = [float(z) for z in img.header.get_zooms()[:3]]
-                    labels = label_to_grid(by_id.loc[study_id, "label"], reference)
-                    affines[study_id] = img.affine
-                    spacings += zooms
-                    order = by_id.loc[study_id, "order"]
-                    points.append(TimePoint.from_labels(study_id, order, labels, zooms))
-                tracked = track_patient(
-                    patient_id if k == 0 else chain[0],
-                    points,
-                    warp_factory(prep, reg, affines, Path(scratch)),
-                    thresholds.min_overlap_voxels,
-                    thresholds.margin_voxels(spacings),
-                )
-                frames.append(tracked.assign(patient_id=patient_id, label="enhancing"))
-    frames = [f for f in frames if not f.empty]
-    if not frames:
-        return pd.DataFrame(columns=["patient_id", "study_id", "lesion_id", "label", "volume_mm3"])
-    return pd.concat(frames, ignore_index=True)
+        lesions, _ = track_chains(
+            series,
+            load,
+            dict(zip(labelled.study_id, labelled.order, strict=True)),
+            lambda affines: warp_factory(prep, reg, affines, Path(scratch)),
+            thresholds,
+        )
+    return lesions.assign(label="enhancing")
 
 
 @dataclass(frozen=True)

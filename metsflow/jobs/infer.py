@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from metsflow.core.io import StudyError, save_nifti
+from metsflow.core.io import StudyError, remove_path, save_nifti
 from metsflow.core.layout import PRED_NATIVE, Layout
 from metsflow.core.runtime import select_device, set_threads
-from metsflow.core.settings import InferSettings
-from metsflow.jobs.manifest import read_manifests, write_manifest
+from metsflow.core.settings import InferRun, InferSettings
+from metsflow.jobs.manifest import ok_rows, ok_studies, read_manifests, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +91,11 @@ def run_infer_shard(layout: Layout, settings: InferSettings, shard: InferShard) 
     from metsflow.models.networks import load_study_input
     from metsflow.models.postprocess import CascadePostProcess
 
-    params = settings.as_params()  # what metsflow.models.infer and metsflow.models.postprocess read
+    params = InferRun.from_params(settings)  # what metsflow.models.infer and .postprocess read
     out_root = layout.prediction_root(shard.round_index)
     set_threads(shard.threads)
     device = select_device(settings.device)
-    ok = set(read_manifests(shard.preprocess_manifests).query("status == 'ok'").study_id)
+    ok = ok_studies(read_manifests(shard.preprocess_manifests))
     previous = shard.previous
     models = [*shard.stage1_models, shard.stage2_model, *shard.reseg_models]
     reusable = _reusable_predictions(layout, previous, [m for m in models if m])
@@ -162,7 +162,7 @@ def run_infer_shard(layout: Layout, settings: InferSettings, shard: InferShard) 
         load=lambda item: load_study_input(item, meta["channels"]),
         compute=compute,
         write=write,
-        enabled=params["prefetch"],
+        enabled=params.prefetch,
     ):
         study_id = item["study_id"]
         base = {k: item[k] for k in ("study_id", "patient_id", "role")}
@@ -198,7 +198,7 @@ def _reusable_predictions(
         return {}
     table = read_manifests([previous["manifest"]])
     rows = {}
-    for row in table[table.status == "ok"].to_dict("records"):
+    for row in ok_rows(table).to_dict("records"):
         if layout.study_prediction(previous["round"], row["study_id"]).is_file():
             rows[row["study_id"]] = {
                 k: v for k, v in row.items() if k not in ("study_id", "patient_id", "role")
@@ -216,7 +216,7 @@ def _copy_study_outputs(source: Path, target: Path) -> None:
             shutil.copy2(src, dst)
 
     partial = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    remove_path(partial, ignore_errors=True)
     shutil.copytree(source, partial, copy_function=link_or_copy)
-    shutil.rmtree(target, ignore_errors=True)
+    remove_path(target, ignore_errors=True)
     os.replace(partial, target)

@@ -26,17 +26,17 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from metsflow.cohort.plan import read_plan
 from metsflow.core.io import write_table
 from metsflow.core.layout import LABEL, PRED, Layout
 from metsflow.evaluation.longitudinal import (
     ResponseThresholds,
-    TimePoint,
     first_registered_series,
     response_table,
-    track_patient,
+    track_chains,
 )
 from metsflow.imaging.register import lesion_id_warp
-from metsflow.jobs.manifest import read_manifests
+from metsflow.jobs.manifest import ok_studies, read_manifests, registration_references
 
 log = logging.getLogger(__name__)
 
@@ -83,74 +83,46 @@ def run_longitudinal(
     layout: Layout, thresholds: ResponseThresholds, job: LongitudinalInputs
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Round ``job.round_index``'s predictions and the sheet labels, tracked per patient."""
-    plan = pd.read_csv(job.plan, sep="\t", dtype={"study_id": str, "patient_id": str})
-    predicted = read_manifests(job.prediction_manifests)
-    predicted_ok = set(predicted.loc[predicted.status == "ok", "study_id"])
-    registered = read_manifests(job.registration_manifests)
-    registered = registered[registered.status == "ok"]
-    reference_of = dict(
-        zip(registered.study_id, registered.reference_study.astype(str), strict=True)
-    )
+    plan = read_plan(job.plan)
+    predicted_ok = ok_studies(read_manifests(job.prediction_manifests))
+    reference_of = registration_references(read_manifests(job.registration_manifests))
     prep, reg = layout.stage_root("preprocessed"), layout.stage_root("registered")
     paths = _segmentation_paths(plan, predicted_ok, layout, job.round_index)
+    order = dict(zip(plan.study_id, plan.order, strict=True))
 
     lesion_frames, response_frames = [], []
     with tempfile.TemporaryDirectory(prefix="metsflow_longitudinal_") as scratch:
         for source in SOURCES:
             available = paths[source]
-            tracked_points = []
+            series = []
             for patient_id, rows in plan.groupby("patient_id", sort=True):
-                chain = first_registered_series(
-                    list(rows.sort_values("order")["study_id"]), available, reference_of
-                )
-                if not chain:
-                    continue
-                order = dict(zip(rows.study_id, rows.order.astype(int), strict=True))
-                points, affines, spacings = [], {}, []
-                for study_id in chain:
-                    img = nib.load(str(available[study_id]))
-                    zooms = [float(z) for z in img.header.get_zooms()[:3]]
-                    affines[study_id] = img.affine
-                    spacings += zooms
-                    points.append(
-                        TimePoint.from_labels(
-                            study_id, order[study_id], np.asarray(img.dataobj), zooms
-                        )
-                    )
-                tracked = track_patient(
-                    patient_id,
-                    points,
-                    lesion_id_warp(prep, reg, affines, Path(scratch)),
-                    thresholds.min_overlap_voxels,
-                    thresholds.margin_voxels(spacings),
-                )
-                lesion_frames.append(tracked.assign(source=source))
-                tracked_points += [
-                    {"patient_id": patient_id, "study_id": p.study_id, "order": p.order}
-                    for p in points
-                ]
-            if tracked_points:
-                source_lesions = _concat(
-                    [f for f in lesion_frames if (f.source == source).all()],
-                    like=lesion_frames[0],
-                )
+                ordered = list(rows.sort_values("order")["study_id"])
+                chain = first_registered_series(ordered, available, reference_of)
+                if chain:
+                    series.append((patient_id, patient_id, chain))
+
+            def load(study_id: str, available=available):
+                img = nib.load(str(available[study_id]))
+                return np.asarray(img.dataobj), img.affine, img.header.get_zooms()[:3]
+
+            lesions, points = track_chains(
+                series,
+                load,
+                order,
+                lambda affines: lesion_id_warp(prep, reg, affines, Path(scratch)),
+                thresholds,
+            )
+            lesion_frames.append(lesions.assign(source=source))
+            if len(points):
                 response_frames.append(
-                    response_table(source_lesions, pd.DataFrame(tracked_points), thresholds).assign(
-                        source=source
-                    )
+                    response_table(lesions, points, thresholds).assign(source=source)
                 )
-            log.info("%s: %d time points tracked", source, len(tracked_points))
+            log.info("%s: %d time points tracked", source, len(points))
     lesions = _with_source_first(lesion_frames)
     response = _with_source_first(response_frames)
     write_table(job.lesions, lesions)
     write_table(job.response, response)
     return lesions, response
-
-
-def _concat(frames: list[pd.DataFrame], like: pd.DataFrame) -> pd.DataFrame:
-    """Concatenate the non-empty frames (pandas warns about empty ones); ``like``'s columns."""
-    frames = [f for f in frames if not f.empty]
-    return pd.concat(frames, ignore_index=True) if frames else like.iloc[:0]
 
 
 def _with_source_first(frames: list[pd.DataFrame]) -> pd.DataFrame:

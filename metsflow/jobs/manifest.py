@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -15,7 +14,14 @@ from typing import Any
 import pandas as pd
 
 from metsflow import __version__
-from metsflow.core.io import StudyError, read_json, write_json, write_table
+from metsflow.core.io import (
+    LabelStoreWriteError,
+    StudyError,
+    read_json,
+    remove_path,
+    write_json,
+    write_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,47 +66,83 @@ def run_study(
     study_id: str,
     patient_id: str,
     out_dir: Path,
-    stamp: str,
+    stamp: str | Callable[[], str],
     work: Callable[[], dict | None],
 ) -> dict:
     """Run ``work`` for one study unless its stamp is current; never raise for a study's fault.
 
-    On failure the study's partial output folder is removed so no later rule can read half of
-    it, and the problem is returned for the manifest. A stale folder that cannot be removed
-    (permissions, another user's files, NFS ``.nfs*`` files of a process still holding them)
-    fails this study with the folder and the OS error; the shard's other studies go on.
+    Everything about the study runs under its failure policy, the "already done?" check (and
+    ``stamp`` when it is a callable computing the fingerprint) included: a study folder with
+    mode 000 used to kill the whole shard from that check (issue #25). On failure the study's
+    partial output folder is removed so no later rule can read half of it, and the problem is
+    returned for the manifest. A stale folder that cannot be removed (permissions, another
+    user's files, NFS ``.nfs*`` files of a process still holding them, a folder inside the
+    label store) fails this study with the folder and the error; the shard's other studies go on.
     """
-    out_dir = Path(out_dir)
-    if is_done(out_dir, stamp):
-        return _row(study_id, patient_id, "ok", "", 0.0)
     import time
 
+    out_dir = Path(out_dir)
     start = time.perf_counter()
     try:
+        stamp = _current_stamp(study_id, stamp)
+        if _done(study_id, out_dir, stamp):
+            return _row(study_id, patient_id, "ok", "", 0.0)
         remove_stale(study_id, out_dir)
         summary = work() or {}
         seconds = time.perf_counter() - start
         mark_done(out_dir, stamp, {**summary, "seconds": seconds})
     except StudyError as exc:
-        shutil.rmtree(out_dir, ignore_errors=True)
+        _discard(out_dir)
         log.error("%s", exc)
         row = _row(study_id, patient_id, "failed", str(exc), time.perf_counter() - start)
         return {**row, FILE_COLUMN: exc.path or ""}
     except Exception as exc:  # an unexpected fault quarantines this study, not the shard
-        shutil.rmtree(out_dir, ignore_errors=True)
+        _discard(out_dir)
         log.error("study %s: internal error\n%s", study_id, traceback.format_exc())
         problem = f"study {study_id}: internal error {type(exc).__name__}: {exc}"
         return _row(study_id, patient_id, "failed", problem, time.perf_counter() - start)
     return _row(study_id, patient_id, "ok", "", seconds)
 
 
+def _current_stamp(study_id: str, stamp: str | Callable[[], str]) -> str:
+    if not callable(stamp):
+        return stamp
+    try:
+        return stamp()
+    except OSError as exc:
+        raise StudyError(
+            study_id, f"an input cannot be read: {exc.strerror or exc}", exc.filename
+        ) from exc
+
+
+def _done(study_id: str, out_dir: Path, stamp: str) -> bool:
+    try:
+        return is_done(out_dir, stamp)
+    except OSError as exc:  # e.g. a study folder with mode 000: is_done cannot look inside
+        raise StudyError(
+            study_id,
+            f"output folder cannot be read: {exc.strerror or exc}; fix its permissions (or "
+            "remove it) and rerun",
+            out_dir,
+        ) from exc
+
+
+def _discard(out_dir: Path) -> None:
+    """Remove a failed study's partial folder; never raise (the failure is already reported)."""
+    try:
+        remove_path(out_dir, ignore_errors=True)
+    except LabelStoreWriteError as exc:
+        log.error("%s", exc)
+
+
 def remove_stale(study_id: str, out_dir: Path) -> None:
     """Remove a study's stale or partial output folder of an earlier attempt; a folder that
-    cannot be removed is this study's ``StudyError`` (folder, OS error), not the shard's."""
-    if not os.path.lexists(out_dir):
-        return
+    cannot be removed is this study's ``StudyError`` (folder, OS error), not the shard's; so is
+    one inside the label store (``metsflow.core.io.remove_path`` refuses it)."""
     try:
-        shutil.rmtree(out_dir)
+        remove_path(out_dir)
+    except LabelStoreWriteError as exc:
+        raise StudyError(study_id, str(exc), out_dir) from exc
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(out_dir) else ""
         raise StudyError(
@@ -137,8 +179,21 @@ def read_manifests(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def ok_rows(manifests: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the studies that went through (status ok): what a later stage may read."""
+    return manifests[manifests.status == "ok"]
+
+
 def ok_studies(manifests: pd.DataFrame) -> set[str]:
-    return set(manifests.loc[manifests.status == "ok", "study_id"])
+    """The ids of ``ok_rows``."""
+    return set(ok_rows(manifests).study_id)
+
+
+def registration_references(manifests: pd.DataFrame) -> dict[str, str]:
+    """Registered study -> the study it was registered to (``reference_study``), for the
+    studies whose registration went through (``ok_rows``)."""
+    registered = ok_rows(manifests)
+    return dict(zip(registered.study_id, registered.reference_study.astype(str), strict=True))
 
 
 def gather_manifests(paths: Iterable[str | os.PathLike], out: str | os.PathLike) -> None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 
-from metsflow.core.layout import LABEL, PRIOR, Layout
+from metsflow.core.layout import LABEL, PRIOR, REGISTRATION_QC, Layout
 from metsflow.core.runtime import set_threads
 from metsflow.imaging.register import QC_COLUMNS, propagate_label, qc_columns, register_followup
 from metsflow.jobs.manifest import (
     FILE_COLUMN,
     fingerprint,
+    ok_studies,
     read_manifests,
     run_study,
     write_manifest,
@@ -36,7 +37,7 @@ def run_register_shard(
     """``studies``: plan rows of the shard (study_id, patient_id, order), in patient order."""
     set_threads(threads)
     preprocessed = read_manifests([preprocess_manifest])
-    ok = set(preprocessed.loc[preprocessed.status == "ok", "study_id"])
+    ok = ok_studies(preprocessed)
     rows = []
     last_ok_by_patient: dict[str, str] = {}
     for record in sorted(studies, key=lambda r: (r["patient_id"], int(r["order"]))):
@@ -53,10 +54,13 @@ def run_register_shard(
         previous_dir = layout.preprocessed_dir(reference)
         out_dir = layout.registered_dir(study_id)
         previous_label = previous_dir / LABEL
-        stamp = fingerprint(
-            [followup_dir / ".done.json", previous_dir / ".done.json"],
-            {"settings": settings, "reference": reference},
-        )
+
+        # computed under run_study's failure policy: an unreadable folder fails this study only
+        def stamp(followup_dir=followup_dir, previous_dir=previous_dir, reference=reference):
+            return fingerprint(
+                [followup_dir / ".done.json", previous_dir / ".done.json"],
+                {"settings": settings, "reference": reference},
+            )
 
         def work(
             followup_dir=followup_dir,
@@ -73,7 +77,7 @@ def run_register_shard(
         row = run_study(study_id, patient, out_dir, stamp, work)
         row["reference_study"] = reference
         if row["status"] == "ok":
-            row.update(qc_columns(out_dir / "qc.json"))
+            row.update(qc_columns(out_dir / REGISTRATION_QC))
             if row["qc_flag"]:
                 log.warning(
                     "registration of %s to %s flagged for review: %s",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from metsflow.cohort.plan import read_plan
 from metsflow.core.io import read_json, write_table
 from metsflow.core.layout import Layout
 from metsflow.evaluation.metrics import HEADLINE_GROUP
@@ -83,7 +84,7 @@ def run_report_rounds(job: RoundsReport) -> pd.DataFrame:
     per_study_all = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     plot_metric_by_round(per_study_all, job.out_plot, metric="dice", group=HEADLINE_GROUP)
 
-    plan = pd.read_csv(job.plan_path, sep="\t", dtype=str, keep_default_na=False)
+    plan = read_plan(job.plan_path)
     quarantine = pd.read_csv(job.quarantine_path, sep="\t", dtype=str, keep_default_na=False)
     write_table(job.out_cohort, cohort_table(plan, quarantine))
     return table

@@ -14,19 +14,20 @@ Each is fine-tuned in round r from its round r-1 version.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import pandas as pd
 
+from metsflow.cohort.plan import read_plan
 from metsflow.core.io import atomic_path, write_json, write_table
-from metsflow.core.layout import Layout
+from metsflow.core.layout import LABEL, Layout
 from metsflow.core.runtime import reuse_freed_memory, set_threads
-from metsflow.core.settings import InferSettings
-from metsflow.jobs.manifest import read_manifests
+from metsflow.core.settings import InferSettings, Stage2Settings, TrainingRun
+from metsflow.jobs.manifest import ok_studies, read_manifests
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,8 @@ class TrainingInputs:
         Confirmed labels are resampled onto the preprocessed grids under ``label_dir``."""
         from metsflow.models.train import build_items, confirmed_labels_on_prep_grid
 
-        plan = pd.read_csv(self.plan_path, sep="\t", dtype=str, keep_default_na=False)
-        ok = set(read_manifests(self.preprocess_manifests).query("status == 'ok'").study_id)
+        plan = read_plan(self.plan_path)
+        ok = ok_studies(read_manifests(self.preprocess_manifests))
         confirmed = confirmed_labels_on_prep_grid(
             self.annotation_tables, ok, self.prep_root, label_dir
         )
@@ -92,12 +93,12 @@ class TrainingInputs:
         self,
         train_items: list[dict],
         val_items: list[dict],
-        params: dict,
+        params: TrainingRun,
         out_model: str,
         out_log: str,
         init_checkpoint: str | None,
     ) -> dict:
-        """``metsflow.models.train.train_model`` on the device of this job's ``train`` settings."""
+        """``metsflow.models.train.train_model`` on the device of its ``train`` settings."""
         from metsflow.models.train import train_model
 
         return train_model(
@@ -107,7 +108,7 @@ class TrainingInputs:
             out_model,
             init_checkpoint=init_checkpoint,
             log_path=out_log,
-            device=self.train.get("device", "auto"),
+            device=params.train.device,
         )
 
 
@@ -210,7 +211,7 @@ def run_train_reseg(job: TrainingInputs, model: dict, spacing: list[float]) -> d
         job.round_index,
         len(train_items),
         len(val_items),
-        params["channels"],
+        params.model.channels,
     )
     result = job.train_model(train_items, val_items, params, out_model, out_log, init_checkpoint)
     return {**result, "round": job.round_index, "n_train": len(train_items)}
@@ -222,26 +223,19 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
 
     Training candidates come from the labelled training studies, the operating point from the
     plan's validation studies (``metsflow.models.cascade``)."""
-    import numpy as np
     import torch
 
-    from metsflow.core import labels as lab
     from metsflow.core.runtime import select_device
-    from metsflow.models.cascade import (
-        lesion_peak_probabilities,
-        proposal_threshold,
-        study_candidates,
-        train_stage2,
-    )
-    from metsflow.models.infer import foreground_probability, load_ensemble, stage1_probabilities
-    from metsflow.models.networks import load_study_input
+    from metsflow.models.cascade import mine_candidates, mine_proposal_threshold, train_stage2
+    from metsflow.models.infer import load_ensemble
 
     out_model = job.layout.stage2_model(job.round_index)
     out_summary = job.layout.stage2_summary(job.round_index)
     _start_job(job.threads)
     torch.manual_seed(job.seed)
-    params = {**(job.train.get("stage2") or {}), "seed": job.seed + job.round_index}
-    params.pop("enabled", None)
+    params = dataclasses.replace(
+        Stage2Settings.from_dict(job.train.get("stage2")), seed=job.seed + job.round_index
+    )
     plan, train_items, val_items, _ = job.labelled_items(
         Path(out_model).parent / "train_labels_stage2"
     )
@@ -249,42 +243,24 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
     device = select_device(infer.device)
     networks, meta = load_ensemble(stage1_models, device=device)
 
-    def stage1(item: dict) -> tuple:
-        inp, probs, _ = stage1_probabilities(networks, meta, item, infer.as_params(), device)
-        reference = lab.whole_lesion(load_study_input(item, ["t1c"], with_label=True)["label"])
-        return item, inp, foreground_probability(probs, inp["brain"]), reference
-
-    def candidates(outputs, add_reference: bool) -> list:
-        return [
-            study_candidates(
-                item["study_id"],
-                inp["image"],
-                fg_prob,
-                reference,
-                params,
-                add_reference,
-                # FP per validation patient and the sizes of the lesions a threshold loses.
-                patient_id=patient_of.get(item["study_id"], ""),
-                spacing=nib.affines.voxel_sizes(inp["affine"]),
-            )
-            for item, inp, fg_prob, reference in outputs
-        ]
+    def mine(items: list[dict], add_reference: bool) -> list:
+        return mine_candidates(
+            networks, meta, items, infer.as_params(), device, params, add_reference, patient_of
+        )
 
     proposals = None
-    if params.get("proposal_sensitivity") is not None:
+    if params.proposal_sensitivity is not None:
         # High-sensitivity stage 1: the proposal threshold is set on the validation studies,
-        # and stage 2 trains and chooses its operating point on those proposals. A pass of its
-        # own (stage 1 runs twice on validation): keeping every validation study's input and
-        # probabilities for one pass would hold ~100 MB per 1 mm study in memory.
-        peaks = [lesion_peak_probabilities(fg, ref) for _, _, fg, ref in map(stage1, val_items)]
-        proposals = proposal_threshold(
-            np.concatenate(peaks or [[]]), float(params["proposal_sensitivity"])
+        # and stage 2 trains and chooses its operating point on those proposals (stage 1 runs
+        # twice on validation rather than holding every validation study in memory).
+        proposals = mine_proposal_threshold(
+            networks, meta, val_items, infer.as_params(), device, params.proposal_sensitivity
         )
-        params["proposal_threshold"] = proposals["threshold"]
+        params = dataclasses.replace(params, proposal_threshold=proposals["threshold"])
         log.info("stage-1 proposals: %s", proposals)
     stage2_meta = train_stage2(
-        candidates(map(stage1, train_items), True),
-        candidates(map(stage1, val_items), False),
+        mine(train_items, True),  # + every reference lesion, so positives exist
+        mine(val_items, False),
         meta["channels"],
         params,
         out_model,
@@ -314,7 +290,7 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
     }
     summary.update(round=job.round_index, n_train=len(train_items), n_val=len(val_items))
     # The stage-1 proposals' validation sensitivity: the ceiling stage 2 works under.
-    summary["proposal_threshold"] = float(params.get("proposal_threshold", 0.0))
+    summary["proposal_threshold"] = float(params.proposal_threshold)
     summary["proposal_sensitivity"] = (
         proposals["proposal_sensitivity"] if proposals else stage2_meta["sensitivity_before"]
     )
@@ -365,12 +341,12 @@ def run_pretrain(
             ),
         )
         rows.append(row)
-        if row["status"] == "ok" and (out_dir / "label.nii.gz").exists():
+        if row["status"] == "ok" and (out_dir / LABEL).exists():
             items.append(
                 {
                     "study_id": study.study_id,
                     "prep_dir": str(out_dir),
-                    "label": str(out_dir / "label.nii.gz"),
+                    "label": str(out_dir / LABEL),
                     "prior": None,
                 }
             )
@@ -379,17 +355,22 @@ def run_pretrain(
         raise RuntimeError(
             f"pretrain: no labelled study could be preprocessed (see {layout.pretrain_manifest})"
         )
-    params = {**training_params(model, train, spacing, seed, 0), "iterations": int(iterations)}
-    params.pop("init_checkpoint", None)
+    run = training_params(model, train, spacing, seed, 0)
+    # From scratch, for the pretrain section's iterations (train.init_checkpoint is refused
+    # together with pretrain at parse time: metsflow.cohort.preflight._pretrain_problems).
+    run = dataclasses.replace(
+        run,
+        train=dataclasses.replace(run.train, iterations=int(iterations), init_checkpoint=None),
+    )
     log.info("pretraining on %d studies for %d iterations", len(items), iterations)
     from metsflow.models.train import train_model
 
     result = train_model(
         items,
         [],
-        params,
+        run,
         layout.pretrain_model,
         log_path=layout.pretrain_log_table,
-        device=train.get("device", "auto"),
+        device=run.train.device,
     )
     return {**result, "n_train": len(items), "n_failed": len(rows) - len(items)}

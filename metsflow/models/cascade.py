@@ -28,6 +28,7 @@ checkpoint, which loads with ``torch.load(weights_only=True)`` like every metsfl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cc3d
+import nibabel as nib
 import numpy as np
 import torch
 from scipy import ndimage
@@ -45,6 +46,7 @@ from torch import nn
 
 from metsflow.core import labels as lab
 from metsflow.core.io import atomic_path
+from metsflow.core.sequences import REFERENCE
 from metsflow.core.settings import Stage2Settings
 from metsflow.evaluation import metrics
 from metsflow.models.networks import check_channels, plain
@@ -71,24 +73,30 @@ class Candidate:
     score: float = math.nan
 
 
-def resolve_params(params: dict | None) -> dict:
-    full = {**DEFAULTS, **{k: v for k, v in (params or {}).items() if v is not None}}
-    full["crop_size"] = [int(v) for v in np.broadcast_to(full["crop_size"], 3)]
-    if any(c % 8 for c in full["crop_size"]):
-        raise ValueError(f"stage-2 crop_size must be multiples of 8, got {full['crop_size']}")
-    if not 0 < float(full["target_sensitivity"]) <= 1:
-        raise ValueError(f"target_sensitivity must be in (0, 1], got {full['target_sensitivity']}")
-    if full["operating_rule"] not in metrics.OPERATING_RULES:
+def resolve_params(params: Stage2Settings | dict | None) -> Stage2Settings:
+    """The typed stage-2 settings of ``params`` (a dict: ``None`` = the default), checked as the
+    config schema checks them (for callers that do not come through the config)."""
+    if not isinstance(params, Stage2Settings):
+        values = {k: v for k, v in (params or {}).items() if v is not None}
+        params = Stage2Settings.from_dict(values, "stage-2 keys")
+    crop = [int(v) for v in np.broadcast_to(params.crop_size, 3)]
+    params = dataclasses.replace(params, crop_size=crop)
+    if not 0 < float(params.target_sensitivity) <= 1:
+        raise ValueError(f"target_sensitivity must be in (0, 1], got {params.target_sensitivity}")
+    if params.operating_rule not in metrics.OPERATING_RULES:
         raise ValueError(
             f"operating_rule must be one of {list(metrics.OPERATING_RULES)}, got "
-            f"{full['operating_rule']!r}"
+            f"{params.operating_rule!r}"
         )
-    sensitivity = full.get("proposal_sensitivity")
+    sensitivity = params.proposal_sensitivity
     if sensitivity is not None and not 0 < float(sensitivity) <= 1:
         raise ValueError(f"proposal_sensitivity must be in (0, 1], got {sensitivity}")
-    if not float(full["max_fp_per_patient"]) >= 0:
-        raise ValueError(f"max_fp_per_patient must be >= 0, got {full['max_fp_per_patient']}")
-    return full
+    if not float(params.max_fp_per_patient) >= 0:
+        raise ValueError(f"max_fp_per_patient must be >= 0, got {params.max_fp_per_patient}")
+    problems = params.problems("stage-2")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return params
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,9 +108,7 @@ def find_candidates(
     """Components of the boolean ``lesion`` map -> ``(component map, candidates)``.
 
     ``reference`` (boolean whole lesion), when given, marks each candidate ``is_lesion``."""
-    components, count = cc3d.connected_components(
-        np.asarray(lesion, dtype=np.uint8), connectivity=26, return_N=True
-    )
+    components, count = lab.lesion_components(lesion)
     if not count:
         return components, []
     index = np.arange(1, count + 1)
@@ -163,10 +169,11 @@ def candidate_crops(
 # --------------------------------------------------------------------------------------------
 # network and checkpoint
 # --------------------------------------------------------------------------------------------
-def network_spec(channels: Sequence[str], params: dict) -> dict:
-    filters = [int(f) for f in params["filters"]]
+def network_spec(channels: Sequence[str], params: Stage2Settings | dict) -> dict:
+    params = resolve_params(params)
+    filters = [int(f) for f in params.filters]
     return {
-        "in_shape": [len(check_channels(channels)) + 2, *params["crop_size"]],
+        "in_shape": [len(check_channels(channels)) + 2, *params.crop_size],
         "classes": 1,
         "channels": filters,
         "strides": [2] * len(filters),
@@ -240,9 +247,9 @@ def choose_threshold(
     n_reference: int,
     *,
     n_patients: int = 1,
-    rule: str = DEFAULTS["operating_rule"],
-    max_fp_per_patient: float = DEFAULTS["max_fp_per_patient"],
-    target_sensitivity: float = DEFAULTS["target_sensitivity"],
+    rule: str = Stage2Settings.operating_rule,
+    max_fp_per_patient: float = Stage2Settings.max_fp_per_patient,
+    target_sensitivity: float = Stage2Settings.target_sensitivity,
 ) -> dict:
     """Stage-2 threshold on validation candidates by ``rule`` (module docstring).
 
@@ -330,11 +337,10 @@ PROPOSAL_CEILING = 0.5
 
 
 def lesion_peak_probabilities(fg_prob: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Highest foreground probability inside each 26-connected reference lesion: the lesion is
-    hit by a proposal at threshold t (a component of ``fg_prob >= t``) exactly when this >= t."""
-    ref_cc, n_ref = cc3d.connected_components(
-        np.asarray(reference, dtype=np.uint8), connectivity=26, return_N=True
-    )
+    """Highest foreground probability inside each reference lesion (``labels.lesion_components``):
+    the lesion is hit by a proposal at threshold t (a component of ``fg_prob >= t``) exactly
+    when this >= t."""
+    ref_cc, n_ref = lab.lesion_components(reference)
     if not n_ref:
         return np.zeros(0)
     return np.asarray(ndimage.maximum(fg_prob, ref_cc, np.arange(1, n_ref + 1)), dtype=float)
@@ -358,6 +364,16 @@ def proposal_threshold(peaks: Sequence[float], sensitivity: float) -> dict:
     }
 
 
+def proposal_mask(pred: np.ndarray, fg_prob: np.ndarray, meta: dict) -> np.ndarray:
+    """The mask whose components are the candidates ``filter_prediction`` scores with the
+    stage-2 checkpoint ``meta``: stage 1's whole lesion, or with ``proposal_sensitivity`` set
+    (high-sensitivity stage 1) ``fg_prob >= proposal_threshold``."""
+    settings = resolve_params(meta["params"])
+    if settings.proposal_sensitivity is None:
+        return lab.whole_lesion(pred)
+    return np.asarray(fg_prob) >= float(settings.proposal_threshold)
+
+
 def filter_prediction(
     pred: np.ndarray,
     image: np.ndarray,
@@ -374,14 +390,13 @@ def filter_prediction(
     of ``fg_prob >= proposal_threshold`` rather than of the argmax, and a kept candidate without
     any argmax lesion voxel (a lesion stage 1 scored below 0.5) is added as enhancing. Returns
     the filtered internal labels and the scored candidates."""
-    params = meta["params"]
-    high_sensitivity = params.get("proposal_sensitivity") is not None
+    settings = resolve_params(meta["params"])
+    high_sensitivity = settings.proposal_sensitivity is not None
     lesion = lab.whole_lesion(pred)
-    proposals = fg_prob >= float(params["proposal_threshold"]) if high_sensitivity else lesion
-    components, candidates = find_candidates(proposals, fg_prob, study_id)
+    components, candidates = find_candidates(proposal_mask(pred, fg_prob, meta), fg_prob, study_id)
     if not candidates:
         return np.asarray(pred, dtype=np.uint8).copy(), candidates
-    crops = candidate_crops(image, fg_prob, components, candidates, params["crop_size"])
+    crops = candidate_crops(image, fg_prob, components, candidates, settings.crop_size)
     scores = score_crops(network, crops)
     for cand, score in zip(candidates, scores, strict=True):
         cand.score = float(score)
@@ -393,6 +408,38 @@ def filter_prediction(
         recovered = np.setdiff1d(kept, with_lesion)
         out[np.isin(components, recovered)] = lab.ENHANCING
     return out, candidates
+
+
+# A suggestion map is uint8 (review editor, NiiVue drawing layer): at most 255 per study, the
+# highest-scoring kept when stage 1 proposes more.
+MAX_SUGGESTIONS = 255
+
+
+def dropped_candidates(
+    components: np.ndarray, candidates: Sequence[Candidate], threshold: float
+) -> tuple[np.ndarray, list[dict]]:
+    """The candidates stage 2 dropped (score < ``threshold``), as review suggestions.
+
+    Returns a uint8 map (ids 1..n, highest stage-2 score first) and one row per id:
+    ``{id, stage1_score (max fg prob), stage2_score, voxels}``. What stage 2 discarded is what
+    a reviewer most often has to add back by hand, so it is offered, not thrown away."""
+    dropped = sorted(
+        (c for c in candidates if c.score < float(threshold)),
+        key=lambda c: (-c.score, c.index),
+    )[:MAX_SUGGESTIONS]
+    lookup = np.zeros(int(components.max()) + 1 if components.size else 1, dtype=np.uint8)
+    rows = []
+    for new_id, cand in enumerate(dropped, start=1):
+        lookup[cand.index] = new_id
+        rows.append(
+            {
+                "id": new_id,
+                "stage1_score": round(float(cand.max_prob), 4),
+                "stage2_score": round(float(cand.score), 4),
+                "voxels": int(cand.voxels),
+            }
+        )
+    return lookup[components], rows
 
 
 def remove_components(
@@ -434,7 +481,7 @@ def study_candidates(
     image: np.ndarray,
     fg_prob: np.ndarray,
     reference: np.ndarray,
-    params: dict,
+    params: Stage2Settings | dict,
     add_reference: bool,
     patient_id: str = "",
     spacing: Sequence[float] | None = None,
@@ -444,15 +491,13 @@ def study_candidates(
     (mm) feed the validation FROC and the list of lesions the operating point loses."""
     params = resolve_params(params)
     reference = np.asarray(reference, dtype=bool)
-    ref_cc, n_ref = cc3d.connected_components(
-        reference.astype(np.uint8), connectivity=26, return_N=True
-    )
-    proposal = fg_prob >= float(params["proposal_threshold"])
+    ref_cc, n_ref = lab.lesion_components(reference)
+    proposal = fg_prob >= float(params.proposal_threshold)
     components, cands = find_candidates(proposal, fg_prob, study_id, reference)
-    if len(cands) > int(params["max_candidates"]):
+    if len(cands) > int(params.max_candidates):
         # A badly trained stage 1 can propose thousands of specks: keep the most confident.
-        cands = sorted(cands, key=lambda c: -c.max_prob)[: int(params["max_candidates"])]
-    crops = candidate_crops(image, fg_prob, components, cands, params["crop_size"])
+        cands = sorted(cands, key=lambda c: -c.max_prob)[: int(params.max_candidates)]
+    crops = candidate_crops(image, fg_prob, components, cands, params.crop_size)
     both = (components > 0) & (ref_cc > 0)
     pairs = np.unique(np.stack([components[both], ref_cc[both]]), axis=1)
     hit_of: dict[int, list[int]] = {}
@@ -463,7 +508,7 @@ def study_candidates(
     if add_reference and n_ref:
         ref_comp, ref_cands = find_candidates(reference, fg_prob, study_id, reference)
         crops = np.concatenate(
-            [crops, candidate_crops(image, fg_prob, ref_comp, ref_cands, params["crop_size"])]
+            [crops, candidate_crops(image, fg_prob, ref_comp, ref_cands, params.crop_size)]
         )
         hits += [[c.index] for c in ref_cands]
         sources += ["reference"] * len(ref_cands)
@@ -478,11 +523,81 @@ def study_candidates(
     )
 
 
+def _stage1_outputs(
+    networks: Sequence[nn.Module],
+    meta: dict,
+    items: Sequence[dict],
+    infer_params: dict,
+    device: torch.device,
+):
+    """Per labelled study item: ``(item, stage-1 input, foreground probability, whole-lesion
+    reference)``, one study at a time (a 1 mm study's input and probabilities are ~100 MB)."""
+    from metsflow.models.infer import foreground_probability, stage1_probabilities
+    from metsflow.models.networks import load_study_input
+
+    for item in items:
+        inp, probs, _ = stage1_probabilities(networks, meta, item, infer_params, device)
+        reference = lab.whole_lesion(load_study_input(item, [REFERENCE], with_label=True)["label"])
+        yield item, inp, foreground_probability(probs, inp["brain"]), reference
+
+
+def mine_candidates(
+    networks: Sequence[nn.Module],
+    meta: dict,
+    items: Sequence[dict],
+    infer_params: dict,
+    device: torch.device,
+    params: Stage2Settings | dict,
+    add_reference: bool,
+    patient_of: dict[str, str] | None = None,
+) -> list[StudyCandidates]:
+    """``study_candidates`` of each labelled study item (``metsflow.models.train.build_items``)
+    from the stage-1 ensemble ``networks`` (``infer.load_ensemble``; ``infer_params``: the
+    inference settings' params): its foreground probability, its whole-lesion reference.
+    ``patient_of`` (study -> patient) and the grid's spacing feed the validation FROC (false
+    positives per patient) and the sizes of the lesions a threshold loses."""
+    patient_of = patient_of or {}
+    return [
+        study_candidates(
+            item["study_id"],
+            inp["image"],
+            fg_prob,
+            reference,
+            params,
+            add_reference,
+            patient_id=patient_of.get(item["study_id"], ""),
+            spacing=nib.affines.voxel_sizes(inp["affine"]),
+        )
+        for item, inp, fg_prob, reference in _stage1_outputs(
+            networks, meta, items, infer_params, device
+        )
+    ]
+
+
+def mine_proposal_threshold(
+    networks: Sequence[nn.Module],
+    meta: dict,
+    items: Sequence[dict],
+    infer_params: dict,
+    device: torch.device,
+    sensitivity: float,
+) -> dict:
+    """High-sensitivity stage 1 (``proposal_sensitivity``): ``proposal_threshold`` over the
+    reference lesions of the labelled study items (the validation studies), from the stage-1
+    ensemble as ``mine_candidates`` runs it. A pass of its own: keeping every validation
+    study's input and probabilities for one pass would hold ~100 MB per 1 mm study."""
+    peaks = [
+        lesion_peak_probabilities(fg_prob, reference)
+        for _, _, fg_prob, reference in _stage1_outputs(networks, meta, items, infer_params, device)
+    ]
+    return proposal_threshold(np.concatenate(peaks or [np.zeros(0)]), float(sensitivity))
+
+
 def train_stage2(
     train: Sequence[StudyCandidates],
     val: Sequence[StudyCandidates],
     channels: Sequence[str],
-    params: dict,
+    params: Stage2Settings | dict,
     out_path: str | os.PathLike,
     stage1_checkpoint: str | None = None,
 ) -> dict:
@@ -493,7 +608,7 @@ def train_stage2(
     from metsflow.core.runtime import seed_everything
 
     params = resolve_params(params)
-    seed_everything(int(params["seed"]))
+    seed_everything(int(params.seed))
     crops = np.concatenate([s.crops for s in train]) if train else np.zeros((0,))
     labels = np.concatenate([s.labels for s in train]) if train else np.zeros(0)
     if not len(labels) or labels.min() == labels.max():
@@ -505,15 +620,15 @@ def train_stage2(
     network = build_classifier(spec).train()
     optimizer = torch.optim.Adam(
         network.parameters(),
-        lr=float(params["learning_rate"]),
-        weight_decay=float(params["weight_decay"]),
+        lr=float(params.learning_rate),
+        weight_decay=float(params.weight_decay),
     )
     loss_fn = nn.BCEWithLogitsLoss()
-    rng = np.random.default_rng(int(params["seed"]))
+    rng = np.random.default_rng(int(params.seed))
     positives, negatives = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    half = int(params["batch_size"]) // 2
+    half = int(params.batch_size) // 2
     start, losses = time.perf_counter(), []
-    for iteration in range(1, int(params["iterations"]) + 1):
+    for iteration in range(1, int(params.iterations) + 1):
         index = np.concatenate([rng.choice(positives, half), rng.choice(negatives, half)])
         batch = crops[index].copy()
         for axis in range(2, 5):
@@ -525,11 +640,11 @@ def train_stage2(
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-        if iteration % 50 == 0 or iteration == int(params["iterations"]):
+        if iteration % 50 == 0 or iteration == int(params.iterations):
             log.info(
                 "stage 2 iteration %d/%d loss %.4f (%.0f s)",
                 iteration,
-                params["iterations"],
+                params.iterations,
                 float(np.mean(losses[-50:])),
                 time.perf_counter() - start,
             )
@@ -553,9 +668,9 @@ def train_stage2(
         val_hits,
         n_ref,
         n_patients=len(patients),
-        rule=params["operating_rule"],
-        max_fp_per_patient=float(params["max_fp_per_patient"]),
-        target_sensitivity=float(params["target_sensitivity"]),
+        rule=params.operating_rule,
+        max_fp_per_patient=float(params.max_fp_per_patient),
+        target_sensitivity=float(params.target_sensitivity),
     )
     operating["lost_lesions"] = lost_lesions(scores, val_hits, operating["threshold"], diameters)
     if not n_ref:
@@ -564,7 +679,7 @@ def train_stage2(
         log.warning(
             "stage 2: the %s rule cannot be met on validation; using threshold %.3f "
             "(sensitivity %.3f, %.2f FP/patient)",
-            params["operating_rule"],
+            params.operating_rule,
             operating["threshold"],
             operating["sensitivity_after"],
             operating["fp_per_patient_after"],
@@ -572,7 +687,7 @@ def train_stage2(
     meta = {
         "network": spec,
         "channels": list(channels),
-        "params": params,
+        "params": params.as_dict(),
         "stage1_checkpoint": stage1_checkpoint,
         "final_loss": float(np.mean(losses[-50:])),
         **operating,

@@ -18,27 +18,27 @@ they lie in [0, 1] for both label modes:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-import itertools
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import cc3d
 import numpy as np
 import torch
 from torch import nn
 
 from metsflow.core import labels as lab
-from metsflow.core.io import StudyError, save_nifti
+from metsflow.core.io import StudyError, save_nifti, write_json
+from metsflow.core.layout import BRAIN_MASK, FG_PROB, PRED, SUGGESTIONS, SUGGESTIONS_TABLE
 from metsflow.core.runtime import reuse_freed_memory, select_device
-from metsflow.core.settings import InferSettings
+from metsflow.core.settings import InferRun, tta_flips
 from metsflow.models.networks import (
     check_meta,
     decode_classes,
@@ -48,9 +48,7 @@ from metsflow.models.networks import (
 
 log = logging.getLogger(__name__)
 
-# One owner of the infer defaults: metsflow.core.settings.InferSettings.
-DEFAULT_OVERLAP = InferSettings.overlap
-DEFAULT_SW_BATCH_SIZE = InferSettings.sw_batch_size
+# The infer defaults' one owner is metsflow.core.settings.InferSettings (InferRun here).
 # Keys of a network's meta that every member of an ensemble must share: averaging softmax over
 # models that read different channels, predict different classes or expect a different grid
 # would silently produce garbage.
@@ -168,17 +166,17 @@ COMPILE_MIN_STUDIES = 32
 
 
 def lever_settings(
-    params: dict, device: torch.device, studies: int | None = None
+    params: InferRun | Mapping[str, Any], device: torch.device, studies: int | None = None
 ) -> dict[str, bool]:
     """The levers of ``params`` resolved for ``device`` ("auto" -> on for CUDA only; for
     ``compile``: on for CPU when ``studies``, the number the loaded networks will segment, is at
     least COMPILE_MIN_STUDIES, unknown counting as few; ``channels_last``: on for CUDA, and on
     CPU for an inference job (``studies`` given); ``fast_norm``: on for CPU with channels_last;
     ``heap_reuse``: on for an inference job)."""
-    defaults = InferSettings().as_dict()
+    run = InferRun.from_params(params)
     resolved = {}
     for key in ("compile", *(k for k in LEVERS if k != "compile")):
-        value = params.get(key, defaults[key])
+        value = getattr(run, key)
         if value == "auto" and key == "compile":
             many = studies is not None and studies >= COMPILE_MIN_STUDIES
             resolved[key] = device.type == "cpu" and many
@@ -195,12 +193,15 @@ def lever_settings(
     return {key: resolved[key] for key in LEVERS}
 
 
-def resolve_levers(params: dict, device: torch.device, studies: int) -> dict:
+def resolve_levers(
+    params: InferRun | Mapping[str, Any], device: torch.device, studies: int
+) -> InferRun:
     """``params`` with its levers resolved for a job that segments ``studies`` studies with the
     same loaded networks (what ``compile: auto`` needs to know); switches the process-wide
     ``heap_reuse`` lever on when it resolves on (inference jobs call this once, first)."""
-    resolved = {**params, **lever_settings(params, device, studies)}
-    if resolved["heap_reuse"]:
+    run = InferRun.from_params(params)
+    resolved = dataclasses.replace(run, **lever_settings(run, device, studies))
+    if resolved.heap_reuse:
         reuse_freed_memory()
     return resolved
 
@@ -279,12 +280,13 @@ def _gaussian_weights(roi: tuple[int, ...], device: str) -> torch.Tensor:
 def sliding_window_predict(
     networks: nn.Module | Sequence[nn.Module],
     image: torch.Tensor,
-    params: dict,
+    params: InferRun | Mapping[str, Any],
     device: str | torch.device = "auto",
 ) -> torch.Tensor:
     """Class probabilities ``(C, X, Y, Z)`` (float32, CPU) for one channels-first image.
 
-    Sliding window with roi ``params["patch_size"]``, ``overlap`` (default 0.5),
+    Sliding window (``params``: an ``InferRun`` or its dict form) with roi ``patch_size``,
+    ``overlap`` (default 0.5),
     ``sw_batch_size`` (default 4) and Gaussian blending; with ``tta`` the softmax is averaged
     over all 8 combinations of mirroring the 3 spatial axes; then averaged over ``networks``.
     """
@@ -350,7 +352,7 @@ class _EnsembleWindows:
 def ensemble_predict(
     networks: nn.Module | Sequence[nn.Module],
     image: torch.Tensor,
-    params: dict,
+    params: InferRun | Mapping[str, Any],
     device: str | torch.device = "auto",
     brain: np.ndarray | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -367,14 +369,13 @@ def ensemble_predict(
     if isinstance(networks, nn.Module):
         networks = [networks]
     device = select_device(device) if isinstance(device, str) else device
-    if "patch_size" not in params:
-        raise ValueError("sliding_window_predict needs params['patch_size'] (the roi size)")
-    levers = lever_settings(params, device)
-    sw_batch = int(params.get("sw_batch_size", DEFAULT_SW_BATCH_SIZE))
-    roi = tuple(int(p) for p in params["patch_size"])
-    flips: list[tuple[int, ...]] = [()]
-    if params.get("tta", False):
-        flips = [c for r in range(4) for c in itertools.combinations((2, 3, 4), r)]
+    run = InferRun.from_params(params)
+    if run.patch_size is None:
+        raise ValueError("sliding_window_predict needs a patch_size (the roi size)")
+    levers = lever_settings(run, device)
+    sw_batch = int(run.sw_batch_size)
+    roi = tuple(int(p) for p in run.patch_size)
+    flips = tta_flips(bool(run.tta))
     batch = image.unsqueeze(0) if image.ndim == 4 else image
     batch = batch.to(device=device, dtype=torch.float32)
     # MONAI pads an image smaller than the roi, which moves the window coordinates: no skipping.
@@ -403,7 +404,7 @@ def ensemble_predict(
                 roi_size=roi,
                 sw_batch_size=sw_batch,
                 predictor=predictor,
-                overlap=float(params.get("overlap", DEFAULT_OVERLAP)),
+                overlap=float(run.overlap),
                 mode="gaussian",
                 sw_device=device,
                 device=device,
@@ -438,7 +439,7 @@ def uncertainty_scores(
     """Study-level uncertainty and lesion summary from probabilities and internal labels."""
     entropy = normalised_entropy(probs)
     lesion = lab.whole_lesion(pred)
-    components, count = cc3d.connected_components(lesion, connectivity=26, return_N=True)
+    components, count = lab.lesion_components(lesion)
     # Per-component maximum over the lesion voxels only: ndimage.maximum sorted the whole
     # volume by label (66 ms for a 2 mm demo study, 8 ms this way; same values).
     per_lesion = np.zeros(count, dtype=np.float32)
@@ -456,7 +457,7 @@ def stage1_probabilities(
     networks: Sequence[nn.Module],
     meta: dict,
     item: dict,
-    params: dict,
+    params: InferRun | Mapping[str, Any],
     device: torch.device,
     inp: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
@@ -469,10 +470,8 @@ def stage1_probabilities(
         inp = load_study_input(item, meta["channels"])
     brain = inp["brain"]
     if not brain.any():
-        raise StudyError(
-            study_id, "brain mask is empty", Path(item["prep_dir"]) / "brain_mask.nii.gz"
-        )
-    sw_params = {**params, "patch_size": meta["patch_size"]}
+        raise StudyError(study_id, "brain mask is empty", Path(item["prep_dir"]) / BRAIN_MASK)
+    sw_params = dataclasses.replace(InferRun.from_params(params), patch_size=meta["patch_size"])
     probs, member_entropy = ensemble_predict(
         networks, torch.from_numpy(inp["image"]), sw_params, device, brain=brain
     )
@@ -496,7 +495,11 @@ def foreground_probability(probs: np.ndarray, brain: np.ndarray) -> np.ndarray:
 PostProcess = Callable[[dict, dict, np.ndarray, np.ndarray], tuple[np.ndarray, dict]]
 
 
-# One output file of a study: (path, array, affine, dtype).
+# Key of a postprocess's ``extra`` holding (suggestion map, rows): the stage-1 candidates stage 2
+# dropped; taken out of the row and written as SUGGESTIONS / SUGGESTIONS_TABLE.
+SUGGESTIONS_KEY = "_suggestions"
+
+# One output file of a study: (path, array, affine, dtype); dtype "json": array is a JSON object.
 OutputFile = tuple[Path, np.ndarray, np.ndarray, Any]
 
 
@@ -505,7 +508,7 @@ def segment_study(
     meta: dict,
     item: dict,
     out_root: str | os.PathLike,
-    params: dict,
+    params: InferRun | Mapping[str, Any],
     device: torch.device,
     postprocess: PostProcess | None = None,
     inp: dict[str, Any] | None = None,
@@ -525,9 +528,14 @@ def segment_study(
     voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
     out_dir = Path(out_root) / study_id
     files = [
-        (out_dir / "pred.nii.gz", pred.astype(np.uint8), affine, np.uint8),
-        (out_dir / "fg_prob.nii.gz", fg_prob, affine, np.float32),
+        (out_dir / PRED, pred.astype(np.uint8), affine, np.uint8),
+        (out_dir / FG_PROB, fg_prob, affine, np.float32),
     ]
+    suggestions = extra.pop(SUGGESTIONS_KEY, None)
+    if suggestions is not None:
+        suggestion_map, rows = suggestions
+        files.append((out_dir / SUGGESTIONS, suggestion_map, affine, np.uint8))
+        files.append((out_dir / SUGGESTIONS_TABLE, rows, affine, "json"))
     row = {"study_id": study_id, **uncertainty_scores(probs, pred, brain, voxel_mm3), **extra}
     if "member_entropy" in inp:
         # Fold-ensemble disagreement: mutual information = entropy of the mean - mean entropy.
@@ -539,7 +547,10 @@ def segment_study(
 
 def write_outputs(files: Sequence[OutputFile]) -> None:
     for path, data, affine, dtype in files:
-        save_nifti(path, data, affine, dtype=dtype)
+        if dtype == "json":
+            write_json(path, data)
+        else:
+            save_nifti(path, data, affine, dtype=dtype)
 
 
 def predict_study(
@@ -547,7 +558,7 @@ def predict_study(
     meta: dict,
     item: dict,
     out_root: str | os.PathLike,
-    params: dict,
+    params: InferRun | Mapping[str, Any],
     device: torch.device,
     postprocess: PostProcess | None = None,
 ) -> dict[str, Any]:
@@ -618,7 +629,7 @@ def predict_items(
     checkpoints: Sequence[str | os.PathLike] | tuple[list[nn.Module], dict],
     items: Sequence[dict],
     out_root: str | os.PathLike,
-    params: dict,
+    params: InferRun | Mapping[str, Any],
     device: str | torch.device = "auto",
     on_error: Callable[[StudyError], None] | None = None,
 ) -> list[dict]:
@@ -631,6 +642,7 @@ def predict_items(
     remaining studies go on (the row is then missing from the result).
     """
     device = select_device(device) if isinstance(device, str) else device
+    run = InferRun.from_params(params)
     if (
         isinstance(checkpoints, tuple)
         and len(checkpoints) == 2
@@ -638,12 +650,10 @@ def predict_items(
     ):
         networks, meta = checkpoints
         networks = [n.to(device).eval() for n in networks]
-        check_meta(meta, params.get("channels"), params.get("label_mode"))
+        check_meta(meta, run.channels, run.label_mode)
     else:
-        networks, meta = load_ensemble(
-            checkpoints, params.get("channels"), device, params.get("label_mode")
-        )
-    params = resolve_levers(params, device, len(items))
+        networks, meta = load_ensemble(checkpoints, run.channels, device, run.label_mode)
+    params = resolve_levers(run, device, len(items))
     rows = []
     for item, result, exc in overlapped(
         items,
@@ -652,7 +662,7 @@ def predict_items(
             networks, meta, item, out_root, params, device, inp=inp
         ),
         write=lambda result: write_outputs(result[1]),
-        enabled=params["prefetch"],
+        enabled=params.prefetch,
     ):
         study_id = str(item["study_id"])
         if exc is not None:

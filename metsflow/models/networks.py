@@ -1,6 +1,6 @@
 """Segmentation networks, losses, the network input contract and checkpoints.
 
-Input channels (``params["channels"]``, in this order on the channel axis):
+Input channels (``ModelSettings.channels``, in this order on the channel axis):
     ``t1c``, ``t1``, ``t2``, ``flair``  preprocessed sequences from the study's ``prep_dir``
                                         (z-scored inside the brain); a sequence the study lacks is
                                         an all-zero channel, i.e. "average intensity" after z-scoring.
@@ -21,9 +21,10 @@ changed since training.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,13 @@ from torch import nn
 from metsflow import __version__ as METSFLOW_VERSION
 from metsflow.core import labels as lab
 from metsflow.core.io import StudyError, atomic_path, load_nifti
-from metsflow.core.settings import ModelSettings, PreprocessSettings
+from metsflow.core.layout import BRAIN_MASK, LABEL, T1C, sequence_image
+from metsflow.core.netplan import SEGRESNET_STRIDE, dynunet_plan
+from metsflow.core.sequences import SEQUENCES
+from metsflow.core.settings import ModelSettings, PreprocessSettings, TrainingRun, split_overrides
 
 log = logging.getLogger(__name__)
 
-SEQUENCES = ("t1c", "t1", "t2", "flair")
 PRIOR = "prior"
 CHANNELS = (*SEQUENCES, PRIOR)
 LABEL_MODES = {"multiclass": 4, "whole": 2}
@@ -54,8 +57,6 @@ CHECKPOINT_FORMAT = "metsflow-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 NORMALISATION = "zscore-brain"
 
-# nnU-Net stops downsampling an axis once its feature map would drop below this many voxels.
-_MIN_FEATURE_SIZE = 4
 # Tversky weights: beta > alpha penalises false negatives more, which favours recall of the many
 # small metastases (a missed lesion costs more clinically than a few false-positive voxels).
 TVERSKY_ALPHA = 0.3
@@ -92,64 +93,43 @@ def _triple(value: Any, name: str, cast=float) -> list:
 # --------------------------------------------------------------------------------------------
 # networks
 # --------------------------------------------------------------------------------------------
-def dynunet_plan(
-    patch_size: Sequence[int], spacing: Sequence[float], max_levels: int | None = None
-) -> tuple[list[list[int]], list[list[int]]]:
-    """Kernel sizes and strides per resolution level, following nnU-Net's planning.
-
-    An axis is downsampled (stride 2) while its feature map stays >= 4 voxels and its spacing is
-    at most twice the finest spacing (anisotropic axes wait until the others catch up); an axis
-    much coarser than the finest gets a 1-wide kernel until then. The first level has stride 1.
-    ``max_levels`` truncates the plan (the number of filters sets the depth).
-    """
-    sizes = [float(s) for s in patch_size]
-    spacings = [float(s) for s in spacing]
-    kernels: list[list[int]] = []
-    strides: list[list[int]] = [[1, 1, 1]]
-    while max_levels is None or len(strides) < max_levels:
-        ratios = [sp / min(spacings) for sp in spacings]
-        stride = [
-            2 if ratio <= 2 and size >= 2 * _MIN_FEATURE_SIZE else 1
-            for ratio, size in zip(ratios, sizes, strict=True)
-        ]
-        if all(s == 1 for s in stride):
-            break
-        kernels.append([3 if ratio <= 2 else 1 for ratio in ratios])
-        sizes = [size / s for size, s in zip(sizes, stride, strict=True)]
-        spacings = [sp * s for sp, s in zip(spacings, stride, strict=True)]
-        strides.append(stride)
-    # The last level's kernel is always isotropic 3 (the spacing has equalised by then).
-    kernels.append([3, 3, 3])
-    total = np.prod(np.asarray(strides), axis=0)
-    bad = [int(p) for p, t in zip(patch_size, total, strict=True) if p % t]
-    if bad:
-        raise ValueError(
-            f"patch size {list(patch_size)} is not divisible by the network's total stride "
-            f"{total.tolist()}; choose a patch size that is a multiple of it"
-        )
-    return kernels, strides
+ModelLike = TrainingRun | ModelSettings | Mapping[str, Any]
 
 
-def model_params(params: dict) -> dict:
+def model_settings(params: ModelLike) -> tuple[ModelSettings, list[float]]:
+    """The network's settings and grid spacing of ``params``: a ``TrainingRun``, a
+    ``ModelSettings`` (``DEFAULT_SPACING``), or a flat dict of model keys and ``spacing`` (other
+    keys ignored; a missing or ``None`` key takes its ``MODEL_DEFAULTS`` value)."""
+    if isinstance(params, TrainingRun):
+        return params.model, _triple(params.spacing, "spacing")
+    if isinstance(params, ModelSettings):
+        return params, list(DEFAULT_SPACING)
+    values = {k: v for k, v in params.items() if v is not None}
+    spacing = _triple(values.get("spacing", DEFAULT_SPACING), "spacing")
+    return ModelSettings.from_dict(split_overrides(values)[0]), spacing
+
+
+def model_params(params: ModelLike) -> dict:
     """``params`` completed with the ``model`` section's defaults (a ``None`` value = default)."""
-    return {**MODEL_DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    model, spacing = model_settings(params)
+    return {**model.as_dict(), "spacing": spacing}
 
 
-def network_spec(params: dict) -> dict:
-    """The exact network constructor arguments (plain types) for ``params``.
-
-    Keys read: ``arch`` (dynunet|segresnet), ``channels``, ``label_mode``, ``patch_size``,
-    ``spacing`` (``DEFAULT_SPACING``), ``filters`` (dynunet), ``init_filters`` (segresnet),
-    ``dropout``, ``res_block``; a missing key takes its ``MODEL_DEFAULTS`` value.
+def network_spec(params: ModelLike) -> dict:
+    """The exact network constructor arguments (plain types) for ``params`` (``model_settings``):
+    ``arch`` (dynunet|segresnet), ``channels``, ``label_mode``, ``patch_size``, the spacing,
+    ``filters`` (dynunet), ``init_filters`` (segresnet), ``dropout``, ``res_block``.
     """
-    params = model_params(params)
-    arch = params["arch"]
-    in_channels = len(check_channels(params["channels"]))
-    out_channels = num_classes(params["label_mode"])
-    patch = _triple(params["patch_size"], "patch_size", int)
+    model, spacing = model_settings(params)
+    for key in ("channels", "patch_size"):
+        if getattr(model, key) is None:
+            raise ValueError(f"model settings lack {key!r}")
+    arch = model.arch
+    in_channels = len(check_channels(model.channels))
+    out_channels = num_classes(model.label_mode)
+    patch = _triple(model.patch_size, "patch_size", int)
     if arch == "dynunet":
-        spacing = _triple(params.get("spacing", DEFAULT_SPACING), "spacing")
-        filters = [int(f) for f in params["filters"]]
+        filters = [int(f) for f in model.filters]
         kernels, strides = dynunet_plan(patch, spacing, max_levels=len(filters))
         if len(strides) < len(filters):
             log.info(
@@ -167,25 +147,27 @@ def network_spec(params: dict) -> dict:
             "strides": strides,
             "upsample_kernel_size": strides[1:],
             "filters": filters[: len(strides)],
-            "dropout": params["dropout"],
+            "dropout": model.dropout,
             # Deep supervision is off: it changes the training output to a stacked tensor and
             # needs per-scale targets; on the small patches used here it buys little.
             "deep_supervision": False,
-            "res_block": bool(params["res_block"]),
+            "res_block": bool(model.res_block),
         }
     elif arch == "segresnet":
         kwargs = {
             "spatial_dims": 3,
             "in_channels": in_channels,
             "out_channels": out_channels,
-            "init_filters": int(params["init_filters"]),
+            "init_filters": int(model.init_filters),
             "blocks_down": [1, 2, 2, 4],
             "blocks_up": [1, 1, 1],
-            "dropout_prob": params["dropout"],
+            "dropout_prob": model.dropout,
         }
         # SegResNet downsamples 3 times.
-        if any(p % 8 for p in patch):
-            raise ValueError(f"segresnet needs a patch size divisible by 8, got {patch}")
+        if any(p % SEGRESNET_STRIDE for p in patch):
+            raise ValueError(
+                f"segresnet needs a patch size divisible by {SEGRESNET_STRIDE}, got {patch}"
+            )
     else:
         raise ValueError(f"unknown arch {arch!r}; use one of {list(ARCHS)}")
     return {"arch": arch, "kwargs": kwargs}
@@ -204,7 +186,7 @@ def network_from_spec(spec: dict) -> nn.Module:
     raise ValueError(f"unknown arch {spec['arch']!r}; use one of {list(ARCHS)}")
 
 
-def build_network(params: dict) -> nn.Module:
+def build_network(params: ModelLike) -> nn.Module:
     """MONAI DynUNet (nnU-Net-like) or SegResNet for ``params`` (see ``network_spec``)."""
     return network_from_spec(network_spec(params))
 
@@ -293,8 +275,8 @@ class InstanceDiceLoss(nn.Module):
     (``lesion_classes``) has its own Dice term, computed on the foreground probability
     (1 - p(background)) over the patch *minus the other lesions* (a prediction on another
     lesion is not a false positive of this one), and the terms are averaged, so every lesion
-    counts alike. A batch without lesion adds nothing. Components come from ``cc3d`` on the
-    CPU target (a 2x48^3 batch: ~2 ms)."""
+    counts alike. A batch without lesion adds nothing. Components come from
+    ``labels.lesion_components`` on the CPU target (a 2x48^3 batch: ~2 ms)."""
 
     def __init__(self, base: nn.Module, lesion_classes: Sequence[int], weight: float = 1.0):
         super().__init__()
@@ -303,8 +285,6 @@ class InstanceDiceLoss(nn.Module):
         self.weight = float(weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        import cc3d
-
         loss = self.base(logits, target)
         if self.weight == 0:
             return loss
@@ -312,9 +292,7 @@ class InstanceDiceLoss(nn.Module):
         lesion = np.isin(target[:, 0].detach().cpu().numpy(), self.lesion_classes)
         terms = []
         for b in range(lesion.shape[0]):
-            components, count = cc3d.connected_components(
-                lesion[b].astype(np.uint8), connectivity=26, return_N=True
-            )
+            components, count = lab.lesion_components(lesion[b])
             if not count:
                 continue
             comp = torch.from_numpy(components.astype(np.int64)).to(logits.device)
@@ -329,13 +307,13 @@ class InstanceDiceLoss(nn.Module):
         return loss + self.weight * torch.stack(terms).mean()
 
 
-def build_loss(params: dict) -> nn.Module:
+def build_loss(params: ModelLike, instance_loss_weight: float | None = None) -> nn.Module:
     """``dice_ce``: MONAI DiceCELoss (softmax, one-hot target, Dice over foreground classes with
     batch Dice as nnU-Net does, so patches without lesion do not give a degenerate Dice);
     ``tversky_bce``: ``TverskyBCELoss``. Called as ``loss(logits, target)`` with target
     ``(B, 1, X, Y, Z)`` holding class indices (see ``encode_target``)."""
-    params = model_params(params)
-    name = params["loss"]
+    model = model_settings(params)[0]
+    name = model.loss
     if name == "dice_ce":
         from monai.losses import DiceCELoss
 
@@ -344,13 +322,16 @@ def build_loss(params: dict) -> nn.Module:
         base = TverskyBCELoss()
     else:
         raise ValueError(f"unknown loss {name!r}; use one of {list(LOSSES)}")
-    weight = float(params["region_loss_weight"])
-    regions = nested_regions(params["label_mode"])
+    weight = float(model.region_loss_weight)
+    regions = nested_regions(model.label_mode)
     loss = base if weight == 0 or not regions else NestedRegionDiceLoss(base, regions, weight)
-    # Training key (metsflow.core.settings.TrainSettings), not a model one: 0 = off.
-    instance_weight = float(params.get("instance_loss_weight") or 0.0)
+    # A training key (TrainSettings.instance_loss_weight), not a model one: read from a
+    # TrainingRun, or given; None/0 = off.
+    if instance_loss_weight is None and isinstance(params, TrainingRun):
+        instance_loss_weight = params.train.instance_loss_weight
+    instance_weight = float(instance_loss_weight or 0.0)
     if instance_weight > 0:
-        loss = InstanceDiceLoss(loss, lesion_class_indices(params["label_mode"]), instance_weight)
+        loss = InstanceDiceLoss(loss, lesion_class_indices(model.label_mode), instance_weight)
     return loss
 
 
@@ -391,7 +372,7 @@ def load_study_input(
     """
     study_id = str(item["study_id"])
     prep = Path(item["prep_dir"])
-    ref = load_nifti(prep / "t1c.nii.gz", study_id, "t1c")
+    ref = load_nifti(prep / T1C, study_id, "t1c")
     shape = ref.shape
 
     def on_grid(path: Path, what: str) -> np.ndarray:
@@ -410,11 +391,11 @@ def load_study_input(
                 image[index] = lab.whole_lesion(
                     _checked_labels(on_grid(Path(prior), "prior"), study_id, prior)
                 )
-        elif (prep / f"{name}.nii.gz").exists() or name == "t1c":
-            image[index] = on_grid(prep / f"{name}.nii.gz", name)
+        elif (prep / sequence_image(name)).exists() or name == "t1c":
+            image[index] = on_grid(prep / sequence_image(name), name)
         # else: the study lacks this sequence -> zero channel (documented in the module docstring)
 
-    mask_path = prep / "brain_mask.nii.gz"
+    mask_path = prep / BRAIN_MASK
     if mask_path.exists():
         brain = on_grid(mask_path, "brain mask") > 0
     else:
@@ -422,7 +403,7 @@ def load_study_input(
         brain = np.ones(shape, dtype=bool)
     out = {"image": image, "brain": brain, "affine": ref.affine, "header": ref.header}
     if with_label:
-        path = item.get("label") or prep / "label.nii.gz"
+        path = item.get("label") or prep / LABEL
         out["label"] = _checked_labels(on_grid(Path(path), "label"), study_id, path)
     return out
 
@@ -440,7 +421,10 @@ def _checked_labels(data: np.ndarray, study_id: str, path) -> np.ndarray:
 # checkpoints
 # --------------------------------------------------------------------------------------------
 def plain(obj: Any) -> Any:
-    """Convert ``obj`` to the plain types ``torch.load(weights_only=True)`` accepts."""
+    """Convert ``obj`` to the plain types ``torch.load(weights_only=True)`` accepts (a settings
+    dataclass becomes its dict form)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return plain(dataclasses.asdict(obj))
     if isinstance(obj, dict):
         return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
@@ -460,20 +444,25 @@ def plain(obj: Any) -> Any:
     raise TypeError(f"checkpoint metadata must be plain data, got {type(obj).__name__}")
 
 
-def checkpoint_meta(params: dict, **extra: Any) -> dict:
-    """Metadata describing a network trained with ``params`` (plain types only)."""
+def checkpoint_meta(params: ModelLike, **extra: Any) -> dict:
+    """Metadata describing a network trained with ``params`` (plain types only; ``params`` is
+    kept in its flat dict form)."""
     import monai
 
-    model = model_params(params)
+    model, spacing = model_settings(params)
+    if isinstance(params, TrainingRun):
+        params = params.as_params()
+    elif isinstance(params, ModelSettings):
+        params = params.as_dict()
     meta = {
-        "network": network_spec(model),
-        "arch": model["arch"],
-        "channels": check_channels(model["channels"]),
-        "label_mode": model["label_mode"],
+        "network": network_spec(params),
+        "arch": model.arch,
+        "channels": check_channels(model.channels),
+        "label_mode": model.label_mode,
         "label_convention": "internal",
-        "num_classes": num_classes(model["label_mode"]),
-        "patch_size": _triple(model["patch_size"], "patch_size", int),
-        "spacing": _triple(model.get("spacing", DEFAULT_SPACING), "spacing"),
+        "num_classes": num_classes(model.label_mode),
+        "patch_size": _triple(model.patch_size, "patch_size", int),
+        "spacing": spacing,
         "normalisation": NORMALISATION,
         "versions": {
             "metsflow": METSFLOW_VERSION,
@@ -545,7 +534,7 @@ def check_meta(
         raise ValueError(f"{source} uses label convention {meta['label_convention']!r}")
 
 
-def init_checkpoint_problems(path: str | os.PathLike, model: dict) -> list[str]:
+def init_checkpoint_problems(path: str | os.PathLike, model: ModelLike) -> list[str]:
     """Why the checkpoint at ``path`` cannot start round 0 of a run whose ``model`` section is
     ``model`` (empty: it can): unreadable, or other channels, label mode or patch size (the
     checks fine-tuning makes, ``check_meta``; a different patch size would make the network
@@ -554,12 +543,12 @@ def init_checkpoint_problems(path: str | os.PathLike, model: dict) -> list[str]:
         meta = read_checkpoint(path)["meta"]
     except (OSError, ValueError) as exc:
         return [f"train.init_checkpoint: {exc}"]
-    model = model_params(model)
+    settings = model_settings(model)[0]
     found = []
     for key, want in (
-        ("channels", check_channels(model["channels"])),
-        ("label_mode", model["label_mode"]),
-        ("patch_size", _triple(model["patch_size"], "patch_size", int)),
+        ("channels", check_channels(settings.channels)),
+        ("label_mode", settings.label_mode),
+        ("patch_size", _triple(settings.patch_size, "patch_size", int)),
     ):
         have = meta.get(key)
         if have is None or list(np.atleast_1d(have)) != list(np.atleast_1d(want)):

@@ -20,9 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from metsflow.core.settings import InferRun
 from metsflow.imaging.priors import merge_followup
-from metsflow.models.cascade import filter_prediction
-from metsflow.models.infer import foreground_probability, load_ensemble, stage1_probabilities
+from metsflow.models.cascade import dropped_candidates, filter_prediction, proposal_mask
+from metsflow.models.infer import (
+    SUGGESTIONS_KEY,
+    foreground_probability,
+    load_ensemble,
+    stage1_probabilities,
+)
 from metsflow.models.networks import PRIOR
 
 log = logging.getLogger(__name__)
@@ -33,7 +39,7 @@ class CascadePostProcess:
         self,
         stage2: tuple[nn.Module, dict] | None,
         reseg: tuple[list[nn.Module], dict] | None,
-        params: dict,
+        params: InferRun | dict,
         device: torch.device,
     ) -> None:
         if reseg is not None and PRIOR not in reseg[1]["channels"]:
@@ -52,7 +58,7 @@ class CascadePostProcess:
         stage1_channels: Sequence[str],
         stage2_path: str | None,
         reseg_paths: Sequence[str] | None,
-        params: dict,
+        params: InferRun | dict,
         device: torch.device,
     ) -> CascadePostProcess | None:
         """``None`` when neither stage 2 nor re-seg is given (plain stage-1 inference)."""
@@ -75,10 +81,15 @@ class CascadePostProcess:
         if self.stage2 is not None:
             network, meta = self.stage2
             fg_prob = foreground_probability(probs, inp["brain"])
+            pred_before = pred
             pred, candidates = filter_prediction(
                 pred, inp["image"], fg_prob, network, meta, str(item["study_id"])
             )
             extra["stage2_removed"] = sum(c.score < meta["threshold"] for c in candidates)
+            # For the review editor's "possible lesions"; segment_study writes them as files.
+            extra[SUGGESTIONS_KEY] = dropped_candidates(
+                _candidate_map(pred_before, fg_prob, meta), candidates, meta["threshold"]
+            )
         extra["stage1_lesions"] = lesions_before
         if self.reseg is not None and item.get("prior"):
             networks, meta = self.reseg
@@ -92,9 +103,16 @@ class CascadePostProcess:
         return pred, extra
 
 
-def _lesion_count(pred: np.ndarray) -> int:
-    import cc3d
-
+def _candidate_map(pred: np.ndarray, fg_prob: np.ndarray, meta: dict) -> np.ndarray:
+    """The stage-1 candidate components, numbered as ``find_candidates`` numbers them (the same
+    ``labels.lesion_components`` call on the same mask, ``cascade.proposal_mask``); recomputed
+    rather than threaded out of ``filter_prediction``, whose signature the training code shares."""
     from metsflow.core import labels as lab
 
-    return int(cc3d.connected_components(lab.whole_lesion(pred), connectivity=26).max())
+    return lab.lesion_components(proposal_mask(pred, fg_prob, meta))[0]
+
+
+def _lesion_count(pred: np.ndarray) -> int:
+    from metsflow.core import labels as lab
+
+    return lab.lesion_components(lab.whole_lesion(pred))[1]

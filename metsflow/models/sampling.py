@@ -4,7 +4,7 @@ MONAI's ``RandCropByPosNegLabeld`` draws a positive centre uniformly over lesion
 1 mm a 20 mm lesion (~4,200 voxels) is centred ~500x more often than a 2.5 mm one (~8 voxels),
 so a network trained on a heavy-tailed cohort rarely sees its small lesions (issue #23).
 ``RandLesionCropd`` draws a positive patch in two steps, a lesion (26-connected component of
-the whole lesion) with weight ``volume ** -size_power`` (0: every lesion alike; 1: inversely
+the whole lesion, ``metsflow.core.labels.lesion_components``) with weight ``volume ** -size_power`` (0: every lesion alike; 1: inversely
 proportional to its volume), then a voxel of that lesion as the centre; a negative patch is
 centred on a brain voxel, as before. The ratio of positive to negative patches is
 ``pos_neg_ratio``, as for the MONAI crop.
@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import cc3d
 import numpy as np
 from monai.transforms import MapTransform, Randomizable, SpatialCrop, Transform
 from monai.transforms.utils import correct_crop_centers
+
+from metsflow.core import labels as lab
 
 LESION_INDICES = "lesion_instance_indices"
 BRAIN_INDICES = "brain_indices"
@@ -28,7 +29,7 @@ BRAIN_INDICES = "brain_indices"
 
 class LesionInstancesd(Transform):
     """From the channel-first binary ``lesion_key`` and ``brain_key`` maps: the flat indices of
-    each 26-connected lesion (``lesion_instance_indices``, a list of arrays) and of the brain
+    each lesion (``labels.lesion_components``; ``lesion_instance_indices``, a list of arrays) and of the brain
     voxels (``brain_indices``)."""
 
     def __init__(self, lesion_key: str = "lesion", brain_key: str = "brain") -> None:
@@ -37,9 +38,7 @@ class LesionInstancesd(Transform):
     def __call__(self, data: dict) -> dict:
         out = dict(data)
         lesion = np.asarray(out[self.lesion_key])[0]
-        components, count = cc3d.connected_components(
-            lesion.astype(np.uint8), connectivity=26, return_N=True
-        )
+        components, count = lab.lesion_components(lesion)
         flat = components.ravel()
         order = np.argsort(flat, kind="stable")
         bounds = np.searchsorted(flat[order], np.arange(1, count + 2))

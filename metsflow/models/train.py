@@ -14,20 +14,15 @@ Files: the final checkpoint at ``out_path`` (``metsflow.models.networks.save_che
 rows) every ``checkpoint_interval`` iterations, removed once the final checkpoint is written, and
 optionally a TSV log (iteration, loss, lr, val_dice, seconds).
 
-Training ``params`` (model keys as in ``metsflow.models.networks.network_spec``, plus):
-    iterations (1000), batch_size (2), optimizer sgd|adam, learning_rate (sgd 1e-2, adam 1e-4),
-    weight_decay (sgd 3e-5, adam 1e-5), grad_clip (12), seed (0), val_interval (250; 0: none),
-    checkpoint_interval (100), log_interval (10), val_overlap (0.25), sw_batch_size (4),
-    pos_neg_ratio ([1, 1]: lesion-centred vs brain-centred patches), num_workers (0 on CPU),
-    aug_rotate_prob (0.2), aug_rotate_degrees (30), aug_zoom_prob (0.2), aug_zoom_range
-    ([0.7, 1.4]), aug_scale_intensity_prob (0.15), aug_shift_intensity_prob (0.15),
-    aug_noise_prob (0.15), aug_flip_prob (0.5 per axis), fictitious_prior (true: when the
-    channels include ``prior``, every sample's prior channel is a fictitious prior made from its
-    label, see ``metsflow.imaging.priors``; false: the study's real propagated prior is used).
+Settings: a ``metsflow.core.settings.TrainingRun`` (model, training knobs, grid spacing), or its
+flat dict form (``TrainingRun.as_params``); ``metsflow.core.settings.TrainSettings`` owns the
+training knobs and their defaults (the optimizer-specific learning rate and weight decay:
+``OPTIMIZERS`` there).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -46,9 +41,18 @@ from monai.transforms import Transform
 from torch import nn
 
 from metsflow.core import labels as lab
-from metsflow.core.io import atomic_path, write_table
+from metsflow.core.io import atomic_path, remove_path, write_table
+from metsflow.core.layout import LABEL, T1C
+from metsflow.core.layout import PRIOR as PRIOR_IMAGE
 from metsflow.core.runtime import seed_everything, select_device
-from metsflow.core.settings import TrainSettings
+from metsflow.core.settings import (
+    OPTIMIZERS,
+    TRAIN_SUBSECTIONS,
+    ModelSettings,
+    TrainingRun,
+    TrainSettings,
+    reseg_settings,
+)
 from metsflow.imaging.priors import RandFictitiousPriord
 from metsflow.models.infer import sliding_window_predict
 from metsflow.models.networks import (
@@ -76,58 +80,58 @@ RESUME_FORMAT_VERSION = 1
 
 # The knobs and their defaults are owned by metsflow.core.settings.TrainSettings.
 DEFAULTS: dict[str, Any] = TrainSettings().as_dict()
-# nnU-Net's SGD (Nesterov, momentum 0.99) and the usual Adam settings for 3D segmentation.
-OPTIMIZERS = {
-    "sgd": {"learning_rate": 1e-2, "weight_decay": 3e-5},
-    "adam": {"learning_rate": 1e-4, "weight_decay": 1e-5},
-}
 POLY_POWER = 0.9
 
 
-def resolve_params(params: dict) -> dict:
-    """``params`` completed with the training defaults (optimizer-specific lr/weight decay)."""
-    full = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
-    if full["optimizer"] not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {full['optimizer']!r}; use one of {list(OPTIMIZERS)}")
-    for key, value in OPTIMIZERS[full["optimizer"]].items():
-        full.setdefault(key, value)
-    for key in ("channels", "label_mode", "patch_size"):
-        if key not in full:
-            raise ValueError(f"training params lack {key!r}")
-    check_channels(full["channels"])
-    num_classes(full["label_mode"])
-    return full
+def resolve_params(params: dict | TrainingRun) -> TrainingRun:
+    """The typed settings of ``params`` (a ``TrainingRun`` or its flat dict form; unknown keys
+    refused, ``None`` = the default), channels and label mode checked."""
+    run = TrainingRun.from_params(params)
+    if run.train.optimizer not in OPTIMIZERS:  # the config schema's enum, for direct callers
+        raise ValueError(
+            f"unknown optimizer {run.train.optimizer!r}; use one of {list(OPTIMIZERS)}"
+        )
+    check_channels(run.model.channels)
+    num_classes(run.model.label_mode)
+    return run
 
 
-# Sub-sections of ``train:`` that configure other models, not stage-1 training.
-_NOT_STAGE1 = ("folds", "stage2", "reseg")
+def _settings(
+    model: dict | ModelSettings, train: dict | TrainSettings, spacing: Sequence[float]
+) -> TrainingRun:
+    """``model`` and ``train`` (config sections, or their settings) at ``spacing``; the
+    sub-sections of ``train`` configure other models."""
+    if not isinstance(model, ModelSettings) or not isinstance(train, TrainSettings):
+        model = model.as_dict() if isinstance(model, ModelSettings) else model
+        train = train.as_dict() if isinstance(train, TrainSettings) else train
+        flat = {**model, **{k: v for k, v in train.items() if k not in TRAIN_SUBSECTIONS}}
+        run = TrainingRun.from_params({**flat, "spacing": spacing})
+        model, train = run.model, run.train
+    return TrainingRun(model, train, tuple(float(v) for v in spacing))
 
 
 def training_params(
-    model: dict, train: dict, spacing: Sequence[float], seed: int, round_index: int
-) -> dict:
-    """Stage-1 training params of round ``round_index`` from the ``model:``/``train:`` config:
+    model: dict | ModelSettings,
+    train: dict | TrainSettings,
+    spacing: Sequence[float],
+    seed: int,
+    round_index: int,
+) -> TrainingRun:
+    """Stage-1 training settings of round ``round_index`` from the ``model:``/``train:`` config:
     round r > 0 fine-tunes for ``finetune_iterations`` and is seeded ``seed + r``."""
-    train = {k: v for k, v in train.items() if k not in _NOT_STAGE1}
-    params = {**model, **train, "spacing": list(spacing), "seed": seed + round_index}
-    if round_index > 0:
-        params["iterations"] = params.get("finetune_iterations", params["iterations"])
-    return params
+    run = _settings(model, train, spacing)
+    return resolve_params(dataclasses.replace(run, train=run.train.for_round(seed, round_index)))
 
 
 def reseg_params(
-    model: dict, train: dict, spacing: Sequence[float], seed: int, round_index: int
-) -> dict:
-    """Training params of the re-seg model: ``model``/``train`` with the ``train.reseg``
-    overrides (``channels``, default T1c + prior + T2; ``iterations``, ``finetune_iterations``
-    and any other model or training key)."""
-    overrides = {k: v for k, v in (train.get("reseg") or {}).items() if k != "enabled"}
-    overrides.setdefault("channels", ["t1c", "prior", "t2"])
-    params = training_params({**model, **train, **overrides}, {}, spacing, seed, round_index)
-    params = {k: v for k, v in params.items() if k not in _NOT_STAGE1}
-    params.pop("finetune_iterations", None)
-    params["fictitious_prior"] = True
-    return params
+    model: dict | ModelSettings, train: dict, spacing: Sequence[float], seed: int, round_index: int
+) -> TrainingRun:
+    """Training settings of the re-seg model: ``model``/``train`` with the ``train.reseg``
+    overrides (``metsflow.core.settings.reseg_settings``: ``channels``, default T1c + prior + T2;
+    ``iterations``, ``finetune_iterations`` and any other model or training key)."""
+    run = _settings(model, train, spacing)
+    reseg_model, reseg_train = reseg_settings(run.model, run.train, train.get("reseg"))
+    return training_params(reseg_model, reseg_train, spacing, seed, round_index)
 
 
 def build_items(
@@ -145,7 +149,7 @@ def build_items(
         if row.study_id not in ok_studies:
             continue
         prep_dir = Path(prep_root) / row.study_id
-        prior = Path(reg_root) / row.study_id / "prior.nii.gz"
+        prior = Path(reg_root) / row.study_id / PRIOR_IMAGE
         item = {
             "study_id": row.study_id,
             "prep_dir": str(prep_dir),
@@ -153,8 +157,8 @@ def build_items(
         }
         if row.study_id in extra_labels:
             train.append({**item, "label": str(extra_labels[row.study_id])})
-        elif (prep_dir / "label.nii.gz").exists() and row.role in ("seed", "validation"):
-            item["label"] = str(prep_dir / "label.nii.gz")
+        elif (prep_dir / LABEL).exists() and row.role in ("seed", "validation"):
+            item["label"] = str(prep_dir / LABEL)
             (val if row.role == "validation" else train).append(item)
     return train, val
 
@@ -181,7 +185,7 @@ def confirmed_labels_on_prep_grid(
         for row in table.itertuples():
             if row.status != "confirmed" or row.study_id not in ok:
                 continue
-            reference = Path(prep_root) / row.study_id / "t1c.nii.gz"
+            reference = Path(prep_root) / row.study_id / T1C
             target = out_dir / f"{row.study_id}.nii.gz"
             save_nifti(
                 target,
@@ -248,7 +252,7 @@ def _cache_transform(channels, label_mode, patch_size, sampling: str = "pos_neg"
 SAMPLINGS = ("pos_neg", "lesion")
 
 
-def _sample_transform(params: dict):
+def _sample_transform(run: TrainingRun):
     """Random crop (lesion/brain balanced) and augmentation, applied per training sample."""
     from monai.transforms import (
         Compose,
@@ -261,24 +265,25 @@ def _sample_transform(params: dict):
         RandZoomd,
     )
 
+    t = run.train
     keys = ["image", "label"]
-    pos, neg = (float(v) for v in params["pos_neg_ratio"])
-    angle = math.radians(float(params["aug_rotate_degrees"]))
-    zoom_min, zoom_max = (float(v) for v in params["aug_zoom_range"])
+    pos, neg = (float(v) for v in t.pos_neg_ratio)
+    angle = math.radians(float(t.aug_rotate_degrees))
+    zoom_min, zoom_max = (float(v) for v in t.aug_zoom_range)
     transforms = []
-    channels = list(params["channels"])
+    channels = list(run.model.channels)
     has_prior = PRIOR in channels
     if has_prior:
         # The prior travels as its own key: spatially transformed like the label (nearest
         # neighbour, stays binary), untouched by intensity augmentation, put back at the end.
         transforms.append(SplitChanneld("image", "prior", channels.index(PRIOR)))
-        if params.get("fictitious_prior", True):
+        if t.fictitious_prior:
             # Before cropping and spatial augmentation, so it moves with image and label.
             transforms.append(
                 RandFictitiousPriord(
                     keys="prior",
                     label_key="label",
-                    lesion_classes=lesion_class_indices(params["label_mode"]),
+                    lesion_classes=lesion_class_indices(run.model.label_mode),
                 )
             )
         keys = ["image", "label", "prior"]
@@ -286,21 +291,21 @@ def _sample_transform(params: dict):
     zoom_interp = ("trilinear", "nearest", "nearest") if has_prior else ("trilinear", "nearest")
     padding = ("border", "zeros", "zeros") if has_prior else ("border", "zeros")
     zoom_padding = ("edge", "constant", "constant") if has_prior else ("edge", "constant")
-    if params.get("sampling", "pos_neg") == "lesion":
+    if t.sampling == "lesion":
         from metsflow.models.sampling import RandLesionCropd
 
         crop = RandLesionCropd(
             keys=keys,
-            spatial_size=list(params["patch_size"]),
+            spatial_size=list(run.model.patch_size),
             pos=pos,
             neg=neg,
-            size_power=float(params.get("lesion_size_power", 0.0)),
+            size_power=float(t.lesion_size_power),
         )
     else:
         crop = RandCropByPosNegLabeld(
             keys=keys,
             label_key="label",
-            spatial_size=list(params["patch_size"]),
+            spatial_size=list(run.model.patch_size),
             pos=pos,
             neg=neg,
             num_samples=1,
@@ -314,29 +319,24 @@ def _sample_transform(params: dict):
             range_x=angle,
             range_y=angle,
             range_z=angle,
-            prob=float(params["aug_rotate_prob"]),
+            prob=float(t.aug_rotate_prob),
             mode=interp,
             padding_mode=padding,
         ),
         RandZoomd(
             keys=keys,
-            prob=float(params["aug_zoom_prob"]),
+            prob=float(t.aug_zoom_prob),
             min_zoom=zoom_min,
             max_zoom=zoom_max,
             mode=zoom_interp,
             padding_mode=zoom_padding,
         ),
-        RandScaleIntensityd(
-            keys="image", factors=0.25, prob=float(params["aug_scale_intensity_prob"])
-        ),
-        RandShiftIntensityd(
-            keys="image", offsets=0.1, prob=float(params["aug_shift_intensity_prob"])
-        ),
-        RandGaussianNoised(keys="image", std=0.1, prob=float(params["aug_noise_prob"])),
+        RandScaleIntensityd(keys="image", factors=0.25, prob=float(t.aug_scale_intensity_prob)),
+        RandShiftIntensityd(keys="image", offsets=0.1, prob=float(t.aug_shift_intensity_prob)),
+        RandGaussianNoised(keys="image", std=0.1, prob=float(t.aug_noise_prob)),
     ]
     transforms += [
-        RandFlipd(keys=keys, prob=float(params["aug_flip_prob"]), spatial_axis=axis)
-        for axis in range(3)
+        RandFlipd(keys=keys, prob=float(t.aug_flip_prob), spatial_axis=axis) for axis in range(3)
     ]
     if has_prior:
         transforms.append(InsertChanneld("image", "prior", channels.index(PRIOR)))
@@ -398,11 +398,11 @@ class PatchStream(torch.utils.data.Dataset):
         }
 
 
-def _cache(items, params, patch_size, num_workers):
+def _cache(items, run: TrainingRun, patch_size, num_workers):
     from monai.data import CacheDataset
 
     transform = _cache_transform(
-        params["channels"], params["label_mode"], patch_size, params.get("sampling", "pos_neg")
+        run.model.channels, run.model.label_mode, patch_size, run.train.sampling
     )
     return CacheDataset(
         list(items), transform=transform, cache_rate=1.0, num_workers=num_workers, progress=False
@@ -412,17 +412,17 @@ def _cache(items, params, patch_size, num_workers):
 # --------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------
-def validate(network: nn.Module, val_cache, params: dict, device: torch.device) -> float:
+def validate(network: nn.Module, val_cache, run: TrainingRun, device: torch.device) -> float:
     """Mean whole-lesion Dice (enhancing + necrosis) over studies with a lesion (MONAI
     DiceMetric; studies without lesion in the reference are ignored). NaN if none has one."""
     from monai.metrics import DiceMetric
 
     metric = DiceMetric(include_background=False, ignore_empty=True)
-    lesion_classes = list(lesion_class_indices(params["label_mode"]))
+    lesion_classes = list(lesion_class_indices(run.model.label_mode))
     sw_params = {
-        "patch_size": params["patch_size"],
-        "overlap": params["val_overlap"],
-        "sw_batch_size": params["sw_batch_size"],
+        "patch_size": run.model.patch_size,
+        "overlap": run.train.val_overlap,
+        "sw_batch_size": run.train.sw_batch_size,
     }
     network.eval()
     for study in val_cache:
@@ -461,14 +461,14 @@ def resume_path(out_path: str | os.PathLike) -> Path:
     return Path(f"{out_path}.resume.pt")
 
 
-def _fingerprint(params, train_items, val_items, init_checkpoint) -> str:
+def _fingerprint(run: TrainingRun, train_items, val_items, init_checkpoint) -> str:
     """Identifies a training run: a resume state from a different run is not used.
 
     Settings that cannot change the weights (loader workers, logging and checkpoint cadence)
     are left out, so e.g. a resubmission with more workers still resumes."""
     neutral = ("num_workers", "log_interval", "checkpoint_interval")
     key = {
-        "params": plain({k: v for k, v in params.items() if k not in neutral}),
+        "params": plain({k: v for k, v in run.as_params().items() if k not in neutral}),
         "train": sorted(str(i["study_id"]) for i in train_items),
         "val": sorted(str(i["study_id"]) for i in val_items),
         "init": None if init_checkpoint is None else str(init_checkpoint),
@@ -521,9 +521,9 @@ def _load_resume(path: Path, fingerprint: str) -> dict | None:
 # --------------------------------------------------------------------------------------------
 # training
 # --------------------------------------------------------------------------------------------
-def _optimizer(network: nn.Module, params: dict) -> torch.optim.Optimizer:
-    lr, wd = float(params["learning_rate"]), float(params["weight_decay"])
-    if params["optimizer"] == "sgd":
+def _optimizer(network: nn.Module, train: TrainSettings) -> torch.optim.Optimizer:
+    lr, wd = train.lr, train.wd
+    if train.optimizer == "sgd":
         return torch.optim.SGD(
             network.parameters(), lr=lr, momentum=0.99, nesterov=True, weight_decay=wd
         )
@@ -551,7 +551,7 @@ def _train_step(network, loss_fn, optimizer, scaler, batch, device, grad_clip) -
 def train_model(
     train_items: Sequence[dict],
     val_items: Sequence[dict],
-    params: dict,
+    params: TrainingRun | dict,
     out_path: str | os.PathLike,
     init_checkpoint: str | os.PathLike | None = None,
     log_path: str | os.PathLike | None = None,
@@ -561,17 +561,19 @@ def train_model(
     """Train on ``train_items`` ({study_id, prep_dir, label, prior}) and write ``out_path``.
 
     ``init_checkpoint``: fine-tune from these weights (its architecture is kept; its channels and
-    label mode must equal ``params``'). ``resume``: continue from ``<out_path>.resume.pt`` when
+    label mode must equal ``params``'; ``params``: a ``TrainingRun`` or its flat dict form).
+    ``resume``: continue from ``<out_path>.resume.pt`` when
     it belongs to this run (same params, studies and init checkpoint).
     Returns ``{final_loss, best_val_dice, final_val_dice, iterations, resumed_from, seconds}``.
     """
     if not train_items:
         raise ValueError("no training studies")
-    params = resolve_params(params)
+    run = resolve_params(params)
+    model, train = run.model, run.train
     out_path = Path(out_path)
     device = select_device(device) if isinstance(device, str) else device
     cuda = device.type == "cuda"
-    seed = int(params["seed"])
+    seed = int(train.seed)
     seed_everything(seed)
     if cuda:
         # Seeded but not bit-reproducible on GPU: autotuned kernels are markedly faster.
@@ -580,11 +582,9 @@ def train_model(
 
     finetuned_from = None
     if init_checkpoint is not None:
-        network, init_meta = load_checkpoint(
-            init_checkpoint, params["channels"], params["label_mode"]
-        )
+        network, init_meta = load_checkpoint(init_checkpoint, model.channels, model.label_mode)
         spec = init_meta["network"]
-        if spec != network_spec(params):
+        if spec != network_spec(run):
             log.info("fine-tuning keeps the architecture of %s", init_checkpoint)
         finetuned_from = {
             "path": str(init_checkpoint),
@@ -592,18 +592,18 @@ def train_model(
             "training_study_ids": init_meta.get("training_study_ids", []),
         }
     else:
-        network = build_network(params)
-        spec = network_spec(params)
+        network = build_network(run)
+        spec = network_spec(run)
     network.to(device).train()
-    loss_fn = build_loss(params).to(device)
-    optimizer = _optimizer(network, params)
-    iterations = int(params["iterations"])
+    loss_fn = build_loss(run).to(device)
+    optimizer = _optimizer(network, train)
+    iterations = int(train.iterations)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(
         optimizer, total_iters=iterations, power=POLY_POWER
     )
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
 
-    fingerprint = _fingerprint(params, train_items, val_items, init_checkpoint)
+    fingerprint = _fingerprint(run, train_items, val_items, init_checkpoint)
     state_file = resume_path(out_path)
     state = _load_resume(state_file, fingerprint) if resume else None
     start, best, elapsed, rows = 0, float("nan"), 0.0, []
@@ -616,30 +616,30 @@ def train_model(
         rows = list(state["log_rows"])
         log.info("resuming %s at iteration %d of %d", out_path, start, iterations)
 
-    num_workers = params["num_workers"]
+    num_workers = train.num_workers
     if num_workers is None:
         num_workers = min(4, os.cpu_count() or 1) if cuda else 0
-    patch = [int(p) for p in params["patch_size"]]
-    train_cache = _cache(train_items, params, patch, num_workers)
+    patch = [int(p) for p in model.patch_size]
+    train_cache = _cache(train_items, run, patch, num_workers)
     val_cache = None
     # val_interval 0: no validation while training (the final weights are what is saved either
     # way; evaluate_round scores the model). Saves the validation cache and 12 s per validation
     # of the CPU demo.
-    val_interval = int(params["val_interval"])
+    val_interval = int(train.val_interval)
     if val_items and val_interval > 0:
         from monai.data import CacheDataset
 
         val_cache = CacheDataset(
             list(val_items),
-            transform=LoadValStudy(params["channels"], params["label_mode"]),
+            transform=LoadValStudy(model.channels, model.label_mode),
             cache_rate=1.0,
             num_workers=num_workers,
             progress=False,
         )
-    batch_size = int(params["batch_size"])
+    batch_size = int(train.batch_size)
     stream = PatchStream(
         train_cache,
-        _sample_transform(params),
+        _sample_transform(run),
         seed,
         first_sample=start * batch_size,
         count=(iterations - start) * batch_size,
@@ -657,17 +657,15 @@ def train_model(
     if state is not None:
         _set_rng_states(state["rng"])
 
-    log_interval = int(params["log_interval"])
-    checkpoint_interval = int(params["checkpoint_interval"])
+    log_interval = int(train.log_interval)
+    checkpoint_interval = int(train.checkpoint_interval)
     t0 = time.perf_counter() - elapsed
     recent: list[float] = []
     final_loss, val_dice = float("nan"), float("nan")
     iteration = start
     for batch in loader:
         lr = optimizer.param_groups[0]["lr"]
-        loss = _train_step(
-            network, loss_fn, optimizer, scaler, batch, device, float(params["grad_clip"])
-        )
+        loss = _train_step(network, loss_fn, optimizer, scaler, batch, device, train.grad_clip)
         scheduler.step()
         iteration += 1
         if not math.isfinite(loss):
@@ -677,7 +675,7 @@ def train_model(
             iteration % val_interval == 0 or iteration == iterations
         )
         if validate_now:
-            val_dice = validate(network, val_cache, params, device)
+            val_dice = validate(network, val_cache, run, device)
             if math.isnan(best) or val_dice > best:
                 best = val_dice
         if validate_now or iteration % log_interval == 0 or iteration == iterations:
@@ -718,7 +716,7 @@ def train_model(
 
     seconds = time.perf_counter() - t0
     meta = checkpoint_meta(
-        params,
+        run,
         iteration=iteration,
         seed=seed,
         training_study_ids=[str(i["study_id"]) for i in train_items],
@@ -732,7 +730,7 @@ def train_model(
     save_checkpoint(out_path, network, meta)
     if log_path is not None:
         write_table(log_path, pd.DataFrame(rows, columns=LOG_COLUMNS))
-    state_file.unlink(missing_ok=True)
+    remove_path(state_file)
     return {
         "final_loss": final_loss,
         "best_val_dice": best,

@@ -7,8 +7,8 @@ The catalog reads the manifests (again whenever one changes) and answers "which 
 which files may be served for it" -- a study id that is not a manifest row is unknown, so
 no request can name a file outside the batch.
 
-Lesion list (``lesions``): every 26-connected component of the pre-segmentation's labels > 0
-(the connectivity ``metsflow.evaluation.metrics`` counts lesions with), largest first, with its dominant
+Lesion list (``lesions``): every lesion of the pre-segmentation's labels > 0
+(``metsflow.core.labels.lesion_components``, the lesions the metrics count), largest first, with its dominant
 label, volume and centroid. The model's uncertain lesions are flagged:
 
 - when the inference wrote ``fg_prob.nii.gz`` for the study (foreground probability on the
@@ -40,13 +40,13 @@ from metsflow.active_learning.review import (
     MANIFEST_NAME,
     read_manifest,
 )
+from metsflow.core.labels import lesion_components
 from metsflow.core.layout import FG_PROB, PRESEGMENTATION_NAME, Layout
+from metsflow.core.sequences import SEQUENCES
 
 UNCERTAIN_ENTROPY = 0.5
 SMALL_LESION_ML = 0.1
-LESION_CONNECTIVITY = 26
 FINAL_BATCH = "final"
-SEQUENCES = ("t1c", "t1", "t2", "flair")
 _MODEL_ROUND = re.compile(r"round_(\d+)")
 
 
@@ -58,11 +58,18 @@ def final_review_dir(results: Path) -> Path:
     return Path(Layout(results).final_review_dir)
 
 
+def review_rounds(results: str | os.PathLike) -> list[int]:
+    """The rounds with an exported review batch, in order."""
+    layout = Layout(results)
+    return sorted(
+        r for r, _ in layout.existing_rounds() if Path(layout.review_manifest(r)).is_file()
+    )
+
+
 def current_round(results: str | os.PathLike) -> int | None:
     """The newest round with an exported review batch, or None."""
-    layout = Layout(results)
-    found = [r for r, _ in layout.existing_rounds() if Path(layout.review_manifest(r)).is_file()]
-    return max(found) if found else None
+    found = review_rounds(results)
+    return found[-1] if found else None
 
 
 @dataclass(frozen=True)
@@ -208,9 +215,7 @@ def _lesions_cached(
 ) -> tuple[tuple[dict, ...], str]:
     img = nib.load(preseg_path)
     data = np.asanyarray(img.dataobj).astype(np.uint8)
-    components, count = cc3d.connected_components(
-        data > 0, connectivity=LESION_CONNECTIVITY, return_N=True
-    )
+    components, count = lesion_components(data)
     if count == 0:
         return (), "fg_prob" if fg_prob_path else "size_rule"
     stats = cc3d.statistics(components)

@@ -33,11 +33,10 @@ from pathlib import Path
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from metsflow.active_learning.labelstore import _SAFE_STUDY_ID as safe_name
+from metsflow.review_server.policy import Role, account_problems
 
-ROLES = ("trainee", "neuroradiologist", "admin")
+ROLES = tuple(str(role) for role in Role)
 DB_SUFFIX = ".review.sqlite3"
-MIN_PASSWORD_LENGTH = 8
 SESSION_HOURS = 12
 # Login throttle: this many failures for one user name from one address within the window
 # answer 429 (even a right password) until the window has passed.
@@ -170,14 +169,9 @@ def transaction(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 def add_user(db: str | os.PathLike, username: str, password: str, role: str) -> None:
-    """Create an account (the password is stored as an argon2id hash)."""
-    problems = []
-    if not isinstance(username, str) or not safe_name.match(username or ""):
-        problems.append(f"user name {username!r} must be letters, digits, . _ - ")
-    if role not in ROLES:
-        problems.append(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-    if not isinstance(password, str) or len(password) < MIN_PASSWORD_LENGTH:
-        problems.append(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+    """Create an account (the password is stored as an argon2id hash); the name and password
+    follow ``policy.ACCOUNT_RULES`` (every broken rule is listed at once)."""
+    problems = account_problems(username, password, role)
     if problems:
         raise ReviewDBError("; ".join(problems))
     init_db(db)

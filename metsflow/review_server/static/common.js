@@ -47,8 +47,9 @@ async function asError(response) {
 // fetch() with the session cookie and, for anything but GET, the CSRF header.
 // `body` may be an object (sent as JSON) or bytes (sent as application/octet-stream).
 // `keepPage`: on 401 throw instead of leaving for /login (the editor must not drop a drawing).
-export async function api(method, path, body, { keepPage = false } = {}) {
-  const headers = {};
+// `headers`: extra request headers (the editor's save sends its assist decisions in one).
+export async function api(method, path, body, { keepPage = false, headers: extra = {} } = {}) {
+  const headers = { ...extra };
   const init = { method, headers, credentials: 'same-origin' };
   if (method !== 'GET') {
     headers['X-CSRF-Token'] = (await currentUser()).csrf_token;
@@ -56,9 +57,11 @@ export async function api(method, path, body, { keepPage = false } = {}) {
   if (body instanceof Uint8Array || body instanceof ArrayBuffer || body instanceof Blob) {
     headers['Content-Type'] = 'application/octet-stream';
     init.body = body;
-  } else if (body !== undefined) {
+  } else if (body !== undefined || method !== 'GET') {
+    // The server takes a POST only as JSON (or label bytes): an empty object when there is
+    // nothing to say, never a body a cross-site form could also send.
     headers['Content-Type'] = 'application/json';
-    init.body = JSON.stringify(body);
+    init.body = JSON.stringify(body === undefined ? {} : body);
   }
   const response = await fetch(path, init);
   if (response.status === 401) {
@@ -99,6 +102,8 @@ export function el(tag, attrs = {}, ...children) {
     if (key === 'class') node.className = value;
     else if (key === 'dataset') Object.assign(node.dataset, value);
     else if (key.startsWith('on')) node.addEventListener(key.slice(2), value);
+    // Through the CSSOM: a style attribute is inline style, which the CSP refuses.
+    else if (key === 'style') node.style.cssText = value;
     else node.setAttribute(key, value === true ? '' : value);
   }
   for (const child of children.flat()) {

@@ -7,6 +7,7 @@
 // server's grid check wants; FLAIR/T2 are overlays (resampled for display only) so drawing never
 // happens on their grids. tests/test_review_browser.py checks this with an oblique P-I-L T1c.
 import { NVImage, Niivue, SLICE_TYPE } from '/vendor/niivue/index.js';
+import { createAssists } from '/static/assists.js';
 import { api, currentUser, el, fetchBytes, formatSeconds, renderUserBar } from '/static/common.js';
 
 const studyId = decodeURIComponent(location.pathname.replace(/^\/study\//, '').replace(/\/$/, ''));
@@ -52,6 +53,9 @@ const nv = new Niivue({
 window.metsflowEditor = { nv, state };
 
 const $ = (id) => document.getElementById(id);
+// Possible lesions, lesion-level edits, the previous scan (assists.js).
+const assists = createAssists({ nv, state, $, message, api, studyUrl: (tail) => `/api/studies/${encodeURIComponent(studyId)}/${tail}` });
+window.metsflowEditor.assists = assists;
 
 // ------------------------------------------------------------------ messages
 
@@ -189,6 +193,7 @@ function renderLesions() {
       ),
     ),
   );
+  assists.decorateLesions();
 }
 
 function renderComments() {
@@ -247,6 +252,7 @@ function undo() {
 function setView(view) {
   state.view = view;
   nv.setSliceType(VIEWS[view]);
+  assists.onLocationChange(false); // the previous scan's viewer follows the view
   for (const button of document.querySelectorAll('.view')) {
     button.classList.toggle('active', button.dataset.view === view);
   }
@@ -282,7 +288,9 @@ function jumpToLesion(index) {
   // several mm off for an oblique T1c.
   nv.scene.crosshairPos = nv.mm2frac(lesion.centroid_mm, 0, true);
   nv.createOnLocationChange();
-  nv.updateGLVolume();
+  // A crosshair move only needs a redraw: updateGLVolume re-renders every volume layer (at
+  // 1 mm with overlays, seconds in software WebGL).
+  nv.drawScene();
   for (const button of document.querySelectorAll('.lesion')) {
     button.classList.toggle('active', Number(button.dataset.lesionId) === lesion.id);
   }
@@ -362,7 +370,8 @@ async function save({ confirm = false } = {}) {
   try {
     const bytes = await drawingBytes();
     const query = `base_version=${state.baseVersion}${confirm ? '&confirm=1' : ''}`;
-    const result = await api('POST', `/api/studies/${encodeURIComponent(studyId)}/save?${query}`, bytes, { keepPage: true });
+    const headers = { 'X-Metsflow-Assists': JSON.stringify(assists.provenance()) };
+    const result = await api('POST', `/api/studies/${encodeURIComponent(studyId)}/save?${query}`, bytes, { keepPage: true, headers });
     state.baseVersion = result.version;
     state.dirty = false;
     await fetchStudy();
@@ -491,7 +500,7 @@ function onKey(event) {
     setView(names[(names.indexOf(state.view) + 1) % names.length]);
   } else if (key === 'j') jumpToLesion(state.lesionIndex + 1);
   else if (key === 'k') jumpToLesion(state.lesionIndex - 1);
-  else return;
+  else if (!state.ready || !assists.onKey(event)) return;
   event.preventDefault();
 }
 
@@ -522,6 +531,7 @@ function wire() {
   $('send-back').addEventListener('click', sendBack);
   $('override').addEventListener('click', override);
   $('comment-form').addEventListener('submit', postComment);
+  assists.wire();
   document.addEventListener('keydown', onKey);
   window.addEventListener('beforeunload', (event) => {
     if (state.dirty) event.preventDefault();
@@ -531,6 +541,7 @@ function wire() {
   };
   nv.onLocationChange = (location) => {
     $('location').textContent = location?.string ?? '';
+    assists.onLocationChange(state.pen < 0 && state.ready); // Navigate: a click selects a lesion
   };
 }
 
@@ -563,6 +574,17 @@ async function main() {
   setBusy(false);
   if ((state.study.lesions ?? []).length) jumpToLesion(0);
   document.body.dataset.ready = '1';
+  document.body.dataset.readyMs = String(Math.round(performance.now())); // first render, measured
+  // The study is on screen and editable; the assists (suggestions, probability map, previous
+  // scan) follow, so they never delay the first render.
+  try {
+    await assists.load();
+    document.body.dataset.assistsMs = String(Math.round(performance.now()));
+    document.body.dataset.assists = 'ready';
+  } catch (exc) {
+    document.body.dataset.assists = 'error';
+    message(`Assists unavailable: ${exc.detail ?? exc.message}`, 'error');
+  }
 }
 
 main().catch((exc) => {
