@@ -254,6 +254,7 @@ def _workflow_paths(args) -> None:
 def _cmd_al_status(args) -> int:
     from metsflow.active_learning.labelstore import LabelStore
     from metsflow.active_learning.status import (
+        cascade_status,
         detection_status,
         final_status,
         format_burden,
@@ -265,7 +266,7 @@ def _cmd_al_status(args) -> int:
     _workflow_paths(args)
     store = LabelStore(args.labels, create=False)
     table = round_status(args.results, store)
-    detection = detection_status(args.results)
+    detection = detection_status(args.results) + cascade_status(args.results)
     print(
         format_status(table) + format_burden(table) + detection + final_status(args.results, store),
         end="",

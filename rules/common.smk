@@ -34,6 +34,34 @@ for _warning in _RUN.warnings:
 
 LAYOUT = Layout.from_config(config)
 SETTINGS = Settings.from_config(config)
+# Round 0 fine-tunes from train.init_checkpoint when set (e.g. a BraTS-METS model): a file
+# that cannot start this run's model stops the run now, not after preprocessing.
+INIT_CHECKPOINT = config["train"].get("init_checkpoint")
+if INIT_CHECKPOINT:
+    from metsflow.models.networks import init_checkpoint_problems
+
+    # After prepare_run (schema and settings.config_problems): it needs torch to read the file.
+    _init_problems = init_checkpoint_problems(INIT_CHECKPOINT, SETTINGS.model)
+    if _init_problems:
+        print(
+            "metsflow: the run cannot start:\n"
+            + "\n".join(f"  - {problem}" for problem in _init_problems),
+            file=sys.stderr,
+        )
+        sys.exit(1)
+# pretrain: {sheet, iterations}: round 0 starts from LAYOUT.pretrain_model (rule pretrain).
+PRETRAIN = config.get("pretrain") or {}
+PRETRAIN_COHORT = None
+if PRETRAIN:
+    from metsflow.cohort.sheet import read_sheet
+
+    # Checked by prepare_run (metsflow.cohort.preflight._pretrain_problems).
+    PRETRAIN_COHORT = read_sheet(
+        PRETRAIN["sheet"],
+        data_roots=config.get("data_roots", []),
+        allow_outside_roots=config.get("allow_paths_outside_roots", False),
+    )
+ROUND0_INIT = LAYOUT.pretrain_model if PRETRAIN else INIT_CHECKPOINT
 ROUNDS = list(range(SETTINGS.active_learning.rounds + 1))
 COHORT = _RUN.cohort
 PLAN = _RUN.plan
@@ -147,7 +175,10 @@ def round_prediction_manifests(r, role=None):
 def train_inputs(wildcards):
     r = int(wildcards.round)
     if r == 0:
-        return {"plan": LAYOUT.plan, **shard_manifests(SEED_SHARDS)}
+        inputs = {"plan": LAYOUT.plan, **shard_manifests(SEED_SHARDS)}
+        if ROUND0_INIT:
+            inputs["init"] = ROUND0_INIT
+        return inputs
     # Annotated studies may come from any shard of the pool, so fine-tuning waits for them all.
     inputs = {"plan": LAYOUT.plan, **cohort_manifests()}
     inputs["init"] = LAYOUT.model(r - 1)
@@ -285,9 +316,25 @@ def froc_report_inputs(wildcards):
     return inputs
 
 
+def pretrain_records(wildcards):
+    return [s.to_record() for s in PRETRAIN_COHORT.studies if s.label is not None]
+
+
+def pretrain_inputs(wildcards):
+    """The pretrain sheet's files that exist (a missing one quarantines its study)."""
+    if PRETRAIN_COHORT is None:
+        return {}
+    paths = []
+    for study in PRETRAIN_COHORT.studies:
+        for path in (*study.images.values(), study.label):
+            if path is not None and os.path.exists(path):
+                paths.append(str(path))
+    return {"sheet": PRETRAIN["sheet"], "images": paths}
+
+
 def fold_train_inputs(wildcards):
     inputs = train_inputs(wildcards)
-    if "init" in inputs:
+    if "init" in inputs and int(wildcards.round) > 0:
         inputs["init"] = LAYOUT.model(int(wildcards.round) - 1, wildcards.fold)
     return inputs
 
@@ -301,7 +348,10 @@ def stage2_train_inputs(wildcards):
 
 def reseg_train_inputs(wildcards):
     inputs = train_inputs(wildcards)
-    if "init" in inputs:
+    if int(wildcards.round) == 0:
+        # train.init_checkpoint starts stage 1; re-seg reads other channels.
+        inputs.pop("init", None)
+    elif "init" in inputs:
         inputs["init"] = LAYOUT.reseg_model(int(wildcards.round) - 1)
     return inputs
 

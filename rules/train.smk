@@ -100,3 +100,36 @@ rule train_reseg:
         seed=config["seed"],
     script:
         "../scripts/train_reseg.py"
+
+
+# `snakemake pretrain`: preprocess the labelled studies of the pretrain sheet (config
+# pretrain.sheet, e.g. BraTS-METS read by `metsflow cohort scan`) and train stage 1 on them;
+# round 0 then fine-tunes from this model. Its studies are in no plan (not pool, not validation).
+rule pretrain:
+    input:
+        unpack(pretrain_inputs),
+    output:
+        model=LAYOUT.pretrain_model,
+        manifest=LAYOUT.pretrain_manifest,
+    log:
+        LAYOUT.job("pretrain").log,
+    benchmark:
+        # a one-off job, not a round's: metsflow cost leaves it out (costmodel._costed)
+        LAYOUT.job("pretrain").benchmark
+    conda:
+        "../envs/torch.yaml"
+    threads: SETTINGS.threads.train
+    resources:
+        mem_mb=16000,
+        runtime=480,
+        gpu=1,
+    params:
+        studies=pretrain_records,
+        preprocess=SETTINGS.preprocess.as_dict(),
+        model=SETTINGS.model.as_dict(),
+        train=train_settings(drop=("stage2", "reseg", "init_checkpoint")),
+        spacing=list(SETTINGS.preprocess.spacing),
+        seed=config["seed"],
+        iterations=PRETRAIN.get("iterations", config["train"].get("iterations", 1000)),
+    script:
+        "../scripts/pretrain.py"

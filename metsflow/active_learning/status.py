@@ -345,6 +345,48 @@ def detection_status(results_dir: str | os.PathLike) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cascade_status(results_dir: str | os.PathLike) -> str:
+    """Per round with a stage-2 model: stage 1's proposal sensitivity on validation (the
+    ceiling stage 2 works under), the operating point's sensitivity and FP/patient, and the
+    validation lesions the operating point gives up per size bin
+    (``metsflow.evaluation.report.cascade_ceiling``); empty without stage 2."""
+    from metsflow.evaluation.report import cascade_ceiling
+
+    layout = Layout(results_dir)
+    summaries = []
+    for round_index, _ in layout.existing_rounds():
+        path = Path(layout.stage2_summary(round_index))
+        try:
+            summaries.append({"round": round_index, **io.read_json(path)})
+        except (OSError, json.JSONDecodeError):
+            continue  # no stage 2 in this round (or not trained yet)
+    table = cascade_ceiling(summaries)
+    if table.empty:
+        return ""
+    lost = [c for c in table.columns if c.startswith("lost ")]
+    header = ["round", "proposal sens", "operating sens", "FP/patient", *lost]
+    rows = [
+        [
+            str(row["round"]),
+            _cell(row["proposal_sensitivity"], "dice"),
+            _cell(row["operating_sensitivity"], "dice"),
+            _cell(
+                None
+                if row["operating_fp_per_patient"] is None
+                else f"{row['operating_fp_per_patient']:.2f}"
+            ),
+            *(str(int(row[c])) for c in lost),
+        ]
+        for row in table.to_dict("records")
+    ]
+    lines = [
+        "cascade on validation: stage-1 proposal sensitivity (stage 2's ceiling), the "
+        "operating point, and the lesions it gives up by size:",
+        *_aligned(header, rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def suggestion_status(
     results_dir: str | os.PathLike, store: LabelStore | str | os.PathLike | None
 ) -> str:

@@ -50,7 +50,8 @@ from metsflow.core.settings import InferSettings, Stage2Settings, TrainSettings,
 
 SHARDED_STAGES = ("preprocess", "register", "infer")
 # Per-round single-job stages that are costed (bookkeeping rules such as plan_cohort, quarantine
-# and the report are seconds per campaign).
+# and the report are seconds per campaign; the one-off ``pretrain`` job, rules/train.smk, runs
+# once before round 0 on another sheet and is left out too).
 ROUND_STAGES = ("train", "evaluate", "active_learning")
 # Training jobs by model kind (rules/train.smk), each a row of the estimate.
 STAGE1, STAGE2, RESEG = "stage1", "stage2", "reseg"

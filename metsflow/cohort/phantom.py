@@ -1366,3 +1366,103 @@ def write_longitudinal_layout(
         result["patients"].setdefault(patient_id, []).append(date)
         result["files"][(patient_id, date)] = files
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Enhancing mimics (benchmarks/bench_detection.py; the demo cohort does not call this)
+# --------------------------------------------------------------------------------------------
+# What makes small-lesion detection hard on real T1c: enhancing vessels (branching tubes 1-3 mm
+# wide, bright on T1c, flow voids on T2), the choroid plexus and dural enhancement. Without
+# them a phantom's only bright T1c specks are metastases and FP control is artificially easy.
+MIMIC_VESSEL_WIDTH_MM = (1.0, 3.0)
+
+
+def _stamp(mask: np.ndarray, points: np.ndarray, radius_vox: float) -> None:
+    """Set the voxels within ``radius_vox`` of each of ``points`` (voxel coordinates)."""
+    r = int(math.ceil(radius_vox))
+    grid = np.argwhere(np.ones((2 * r + 1,) * 3, bool)) - r
+    ball = grid[(grid**2).sum(1) <= radius_vox**2 + 0.25]
+    for point in np.round(points).astype(int):
+        idx = point + ball
+        inside = np.all((idx >= 0) & (idx < mask.shape), axis=1)
+        mask[tuple(idx[inside].T)] = True
+
+
+def enhancing_mimics(
+    brain: np.ndarray, spacing: float, seed: int, n_vessels: int = 6
+) -> dict[str, np.ndarray]:
+    """Boolean masks of lesion mimics inside ``brain`` (a model-space or study grid of
+    isotropic ``spacing`` mm): ``vessel`` (branching tubes ``MIMIC_VESSEL_WIDTH_MM`` wide, random
+    walks from the brain surface inwards), ``plexus`` (two irregular blobs either side of the
+    brain's centre, the lateral ventricles' choroid plexus) and ``dura`` (patches of the outer
+    1-2 mm of the brain mask: dural enhancement on the grid's partial-volume rim)."""
+    rng = np.random.default_rng([seed, 97])
+    brain = np.asarray(brain, bool)
+    depth = ndi.distance_transform_edt(brain) * spacing
+    vessel = np.zeros(brain.shape, bool)
+    surface = np.argwhere(brain & (depth <= 3.0))
+    centre = np.argwhere(brain).mean(0)
+    walks = [(surface[rng.integers(len(surface))].astype(float), None, 0)
+             for _ in range(n_vessels)]  # fmt: skip
+    while walks:
+        start, direction, generation = walks.pop()
+        if direction is None:
+            direction = centre - start
+        direction = direction / (np.linalg.norm(direction) + 1e-9)
+        width = rng.uniform(*MIMIC_VESSEL_WIDTH_MM) * (0.7**generation)
+        points, point = [], start.copy()
+        for _ in range(int(rng.uniform(25, 60) / spacing)):
+            direction = direction + rng.normal(0, 0.25, 3)
+            direction /= np.linalg.norm(direction)
+            point = point + direction
+            index = tuple(np.round(point).astype(int))
+            if not all(0 <= i < s for i, s in zip(index, brain.shape, strict=True)):
+                break
+            if not brain[index]:
+                break
+            points.append(point.copy())
+            if generation < 2 and rng.random() < 0.04:
+                walks.append((point.copy(), direction + rng.normal(0, 0.8, 3), generation + 1))
+        if points:
+            _stamp(vessel, np.array(points), max(width / 2 / spacing, 0.5))
+    plexus = np.zeros(brain.shape, bool)
+    for side in (-1, 1):
+        offset = np.array([side * 14.0, -8.0, 4.0]) / spacing + rng.normal(0, 2, 3)
+        blob = centre + offset + rng.normal(0, 2.0 / spacing, (12, 3))
+        _stamp(plexus, blob, rng.uniform(1.5, 2.5) / spacing)
+    rim = brain & (depth <= rng.uniform(1.0, 2.0))
+    patches = ndi.gaussian_filter(rng.normal(size=brain.shape), 6.0 / spacing)
+    dura = rim & (patches > np.quantile(patches[rim], 0.6) if rim.any() else rim)
+    return {"vessel": vessel & brain, "plexus": plexus & brain, "dura": dura}
+
+
+def add_enhancing_mimics(
+    images: Mapping[str, np.ndarray],
+    brain: np.ndarray,
+    label: np.ndarray,
+    spacing: float,
+    seed: int,
+    n_vessels: int = 6,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``images`` (z-scored, one grid) with ``enhancing_mimics`` drawn outside the lesions
+    (``label`` > 0): T1c as bright as the study's enhancing rim (its median z; 3 without one),
+    vessels dark on T2/FLAIR (flow voids). Returns the new images and the union of the mimics."""
+    masks = enhancing_mimics(brain, spacing, seed, n_vessels)
+    free = np.asarray(label) == 0
+    out = {k: np.array(v, dtype=np.float32, copy=True) for k, v in images.items()}
+    rim = np.asarray(label) == labels.ENHANCING
+    bright = float(np.median(out["t1c"][rim])) if rim.any() else 3.0
+    union = np.zeros(brain.shape, bool)
+    for name, mask in masks.items():
+        mask = mask & free
+        union |= mask
+        # Partial volume at the tube/blob edges: a blurred mask, so thin mimics are not binary.
+        soft = np.clip(ndi.gaussian_filter(mask.astype(np.float32), 0.5), 0, 1)
+        soft = np.where(free, np.maximum(soft, mask), 0)
+        gain = {"vessel": 1.0, "plexus": 0.9, "dura": 0.8}[name]
+        out["t1c"] = out["t1c"] * (1 - soft) + soft * bright * gain
+        if name == "vessel":
+            for seq in ("t2", "flair"):
+                if seq in out:
+                    out[seq] = out[seq] * (1 - soft) + soft * -1.5
+    return out, union

@@ -235,6 +235,40 @@ def _oracle_problems(config: dict, plan: pd.DataFrame | None) -> list[str]:
     return found
 
 
+def _pretrain_problems(config: dict, cohort: Cohort | None) -> list[str]:
+    """The ``pretrain`` sheet: readable, with labelled studies, none of them a cohort study
+    (pretraining studies must never enter the pool or the validation set); and not together
+    with ``train.init_checkpoint`` (round 0 starts from one model)."""
+    section = config.get("pretrain")
+    if not section:
+        return []
+    found = []
+    if (config.get("train") or {}).get("init_checkpoint"):
+        found.append("pretrain and train.init_checkpoint are both set: round 0 starts from one")
+    try:
+        sheet = read_sheet(
+            section["sheet"],
+            data_roots=config.get("data_roots", []),
+            allow_outside_roots=config.get("allow_paths_outside_roots", False),
+        )
+    except SheetError as exc:
+        return [*found, f"pretrain: {exc}"]
+    except OSError as exc:
+        return [*found, f"pretrain sheet {section['sheet']}: {exc}"]
+    labelled = [s.study_id for s in sheet.studies if s.label is not None]
+    if not labelled:
+        found.append(f"pretrain sheet {section['sheet']}: no study has a label to train on")
+    if cohort is not None:
+        shared = sorted(set(cohort.by_id) & {s.study_id for s in sheet.studies})
+        if shared:
+            found.append(
+                f"pretrain sheet {section['sheet']}: {len(shared)} studies are also in the "
+                f"cohort sheet (pretraining studies must not enter the pool or validation): "
+                f"{', '.join(shared[:10])}{' ...' if len(shared) > 10 else ''}"
+            )
+    return found
+
+
 def prepare_run(config: dict) -> Run:
     """Validate ``config`` (defaults filled in place) and everything the run reads; return the
     cohort and plan, or raise ``RunError`` listing every problem."""
@@ -262,6 +296,7 @@ def prepare_run(config: dict) -> Run:
         found += more
     # Without a plan (a broken sheet) the oracle sheet is still checked, not its pool coverage.
     found += _oracle_problems(config, plan)
+    found += _pretrain_problems(config, cohort)
     if plan is not None:
         try:
             target = restrict(plan, config["subset_studies"], config["subset_patients"])

@@ -317,6 +317,23 @@ class Layout:
         suffix = "" if str(fold) == "0" else f"_fold_{fold}"
         return self.round_file(r, "model", f"train_summary{suffix}.json")
 
+    # Pretraining on a second study sheet (config ``pretrain:``): its studies live here, apart
+    # from the cohort's, so they never enter the pool or the validation set.
+    @property
+    def pretrain_model(self) -> str:
+        return self._path("pretrain", "model.pt")
+
+    @property
+    def pretrain_manifest(self) -> str:
+        return self._path("pretrain", "preprocessed", "manifest.tsv")
+
+    @property
+    def pretrain_log_table(self) -> str:
+        return self._path("pretrain", "train_log.tsv")
+
+    def pretrain_preprocessed_dir(self, study_id: str) -> Path:
+        return Path(self._path("pretrain", "preprocessed")) / study_id
+
     def stage2_model(self, r) -> str:
         return self.round_file(r, "model", "stage2.pt")
 

@@ -278,6 +278,22 @@ class TrainSettings(_Section):
     # With the prior channel: each sample's prior is a fictitious one made from its label
     # (metsflow.imaging.priors); false: the study's real propagated prior.
     fictitious_prior: bool = True
+    # Detection levers (issue #23; benchmarks/bench_detection.py measures them). Defaults keep
+    # the behaviour the demo was timed with until a lever's measured gain decides otherwise.
+    # Patch centres: "pos_neg" = MONAI RandCropByPosNegLabeld, uniform over lesion *voxels* (a
+    # 20 mm lesion is centred ~500x more often than a 2.5 mm one at 1 mm); "lesion" = choose a
+    # lesion, then a voxel inside it (metsflow.models.sampling.RandLesionCropd).
+    sampling: str = setting("pos_neg", enum=["pos_neg", "lesion"])
+    # "lesion" sampling: weight of a lesion ~ volume ** -lesion_size_power (0: every lesion
+    # alike; 1: the chance of a lesion is inversely proportional to its volume).
+    lesion_size_power: float = setting(0.0, minimum=0, maximum=1)
+    # Weight of the instance-aware term (per reference component Dice, blob-loss style;
+    # metsflow.models.networks.InstanceDiceLoss) beside Dice+CE; 0 = off.
+    instance_loss_weight: float = setting(0.0, **_NONNEG)
+    # Round 0 fine-tunes from these weights (e.g. a model trained on BraTS-METS) instead of
+    # starting from scratch; channels, label mode and patch size must match the model section
+    # (checked when the workflow is parsed: metsflow.models.networks.init_checkpoint_problems).
+    init_checkpoint: str | None = setting(None, minLength=1)
     device: str = "auto"
     folds: int = setting(1, minimum=1)  # patient-level k-fold stage-1 models (1: no CV)
 
@@ -339,6 +355,12 @@ class Stage2Settings(_Section):
     max_fp_per_patient: float = setting(1.0, **_NONNEG)  # metrics.DEFAULT_MAX_FP_PER_PATIENT
     target_sensitivity: float = setting(0.95, exclusiveMinimum=0, maximum=1)
     seed: int = 0
+    # High-sensitivity stage 1 (issue #23): None = stage 2 filters the components of stage 1's
+    # argmax, so it can only remove lesions; a value (0.98) = the proposals are the components
+    # of stage 1's foreground probability at the highest threshold that reaches this lesion
+    # sensitivity on the validation studies (metsflow.models.cascade.proposal_threshold), and
+    # stage 2's operating point decides which of them stay.
+    proposal_sensitivity: float | None = setting(None, exclusiveMinimum=0, maximum=1)
 
     def problems(self, where: str) -> list[str]:
         found = super().problems(where)

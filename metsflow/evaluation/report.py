@@ -108,6 +108,36 @@ def lost_lesions(stage2_summaries: Iterable[Mapping]) -> pd.DataFrame:
     return pd.DataFrame(lost, columns=LOST_LESION_COLUMNS)
 
 
+def cascade_ceiling(stage2_summaries: Iterable[Mapping]) -> pd.DataFrame:
+    """Per round with stage 2: the stage-1 proposals' validation lesion sensitivity (the
+    ceiling stage 2 works under; ``proposal_sensitivity``, or ``sensitivity_before`` for a
+    summary written before it existed), the operating point's sensitivity and FP/patient, and
+    how many validation lesions the operating point gives up per size bin (``lost <bin>``)."""
+    from metsflow.evaluation.metrics import DEFAULT_SIZE_BINS_MM, size_bin_labels
+
+    bins = size_bin_labels(DEFAULT_SIZE_BINS_MM)
+    rows = []
+    for s in stage2_summaries:
+        lost = [row.get("size_bin") for row in s.get("lost_lesions", [])]
+        rows.append(
+            {
+                "round": s.get("round"),
+                "proposal_sensitivity": s.get("proposal_sensitivity", s.get("sensitivity_before")),
+                "operating_sensitivity": s.get("sensitivity_after"),
+                "operating_fp_per_patient": s.get("fp_per_patient_after"),
+                **{f"lost {b}": lost.count(b) for b in bins},
+            }
+        )
+    columns = [
+        "round",
+        "proposal_sensitivity",
+        "operating_sensitivity",
+        "operating_fp_per_patient",
+        *(f"lost {b}" for b in bins),
+    ]
+    return pd.DataFrame(rows, columns=columns)
+
+
 def froc_curves(
     froc: pd.DataFrame, stage2_summary: Mapping | None
 ) -> tuple[dict[str, pd.DataFrame], dict[str, tuple[float, float]], float | None]:

@@ -14,6 +14,7 @@ from metsflow.core.layout import Layout
 from metsflow.evaluation.metrics import HEADLINE_GROUP
 from metsflow.evaluation.report import (
     best_and_worst,
+    cascade_ceiling,
     cohort_table,
     detection_table,
     froc_curves,
@@ -199,8 +200,14 @@ def run_report_detection(
     frames = [f for f in frames if not f.empty]
     by_size = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["round"])
     table = detection_table([read_json(p) for p in summaries], by_size)
+    stage2 = [read_json(p) for p in stage2_summaries]
+    ceiling = cascade_ceiling(stage2)
+    if not ceiling.empty:
+        # Stage 1's proposal sensitivity (the cascade's ceiling) and what the operating point
+        # gives up per size bin, beside each round's figures.
+        table = table.merge(ceiling, on="round", how="left")
     write_table(out_table, table)
-    write_table(out_lost, lost_lesions([read_json(p) for p in stage2_summaries]))
+    write_table(out_lost, lost_lesions(stage2))
     return table
 
 

@@ -24,7 +24,7 @@ import pandas as pd
 
 from metsflow.cohort.plan import read_plan
 from metsflow.core.io import atomic_path, write_json, write_table
-from metsflow.core.layout import Layout
+from metsflow.core.layout import LABEL, Layout
 from metsflow.core.runtime import reuse_freed_memory, set_threads
 from metsflow.core.settings import InferSettings, Stage2Settings, TrainingRun
 from metsflow.jobs.manifest import ok_studies, read_manifests
@@ -226,7 +226,7 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
     import torch
 
     from metsflow.core.runtime import select_device
-    from metsflow.models.cascade import mine_candidates, train_stage2
+    from metsflow.models.cascade import mine_candidates, mine_proposal_threshold, train_stage2
     from metsflow.models.infer import load_ensemble
 
     out_model = job.layout.stage2_model(job.round_index)
@@ -248,6 +248,16 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
             networks, meta, items, infer.as_params(), device, params, add_reference, patient_of
         )
 
+    proposals = None
+    if params.proposal_sensitivity is not None:
+        # High-sensitivity stage 1: the proposal threshold is set on the validation studies,
+        # and stage 2 trains and chooses its operating point on those proposals (stage 1 runs
+        # twice on validation rather than holding every validation study in memory).
+        proposals = mine_proposal_threshold(
+            networks, meta, val_items, infer.as_params(), device, params.proposal_sensitivity
+        )
+        params = dataclasses.replace(params, proposal_threshold=proposals["threshold"])
+        log.info("stage-1 proposals: %s", proposals)
     stage2_meta = train_stage2(
         mine(train_items, True),  # + every reference lesion, so positives exist
         mine(val_items, False),
@@ -279,5 +289,88 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
         )
     }
     summary.update(round=job.round_index, n_train=len(train_items), n_val=len(val_items))
+    # The stage-1 proposals' validation sensitivity: the ceiling stage 2 works under.
+    summary["proposal_threshold"] = float(params.proposal_threshold)
+    summary["proposal_sensitivity"] = (
+        proposals["proposal_sensitivity"] if proposals else stage2_meta["sensitivity_before"]
+    )
     write_json(out_summary, summary)
     return summary
+
+
+def run_pretrain(
+    layout: Layout,
+    studies: list[dict],
+    preprocess: dict,
+    model: dict,
+    train: dict,
+    spacing: list[float],
+    seed: int,
+    iterations: int,
+    threads: int = 1,
+) -> dict:
+    """The ``pretrain`` target: preprocess the labelled studies of the pretraining sheet
+    (``studies``: study records) into ``Layout.pretrain_preprocessed_dir`` (a failing study is
+    quarantined in ``Layout.pretrain_manifest``, the rest go on), then train stage 1 on all of
+    them for ``iterations`` into ``Layout.pretrain_model``, which round 0 fine-tunes from.
+    These studies are in no plan: they never enter the pool or the validation set."""
+    from metsflow.cohort.sheet import Study
+    from metsflow.imaging.preprocess import preprocess_study
+    from metsflow.jobs.manifest import FILE_COLUMN, fingerprint, run_study, write_manifest
+    from metsflow.models.train import training_params
+
+    _start_job(threads)
+    rows, items = [], []
+    for record in studies:
+        study = Study.from_record(record)
+        if study.label is None:
+            continue
+        out_dir = layout.pretrain_preprocessed_dir(study.study_id)
+        inputs = [study.t1, study.t1c, study.t2, study.flair, study.label]
+        try:
+            stamp = fingerprint(inputs, preprocess)
+        except OSError:
+            stamp = "missing-input"  # preprocess_study reports which file and why
+        row = run_study(
+            study.study_id,
+            study.patient_id,
+            out_dir,
+            stamp,
+            lambda study=study, out_dir=out_dir: preprocess_study(
+                study, out_dir, preprocess, threads=threads
+            ),
+        )
+        rows.append(row)
+        if row["status"] == "ok" and (out_dir / LABEL).exists():
+            items.append(
+                {
+                    "study_id": study.study_id,
+                    "prep_dir": str(out_dir),
+                    "label": str(out_dir / LABEL),
+                    "prior": None,
+                }
+            )
+    write_manifest(layout.pretrain_manifest, rows, extra_columns=[FILE_COLUMN])
+    if not items:
+        raise RuntimeError(
+            f"pretrain: no labelled study could be preprocessed (see {layout.pretrain_manifest})"
+        )
+    run = training_params(model, train, spacing, seed, 0)
+    # From scratch, for the pretrain section's iterations (train.init_checkpoint is refused
+    # together with pretrain at parse time: metsflow.cohort.preflight._pretrain_problems).
+    run = dataclasses.replace(
+        run,
+        train=dataclasses.replace(run.train, iterations=int(iterations), init_checkpoint=None),
+    )
+    log.info("pretraining on %d studies for %d iterations", len(items), iterations)
+    from metsflow.models.train import train_model
+
+    result = train_model(
+        items,
+        [],
+        run,
+        layout.pretrain_model,
+        log_path=layout.pretrain_log_table,
+        device=run.train.device,
+    )
+    return {**result, "n_train": len(items), "n_failed": len(rows) - len(items)}

@@ -88,6 +88,9 @@ def resolve_params(params: Stage2Settings | dict | None) -> Stage2Settings:
             f"operating_rule must be one of {list(metrics.OPERATING_RULES)}, got "
             f"{params.operating_rule!r}"
         )
+    sensitivity = params.proposal_sensitivity
+    if sensitivity is not None and not 0 < float(sensitivity) <= 1:
+        raise ValueError(f"proposal_sensitivity must be in (0, 1], got {sensitivity}")
     if not float(params.max_fp_per_patient) >= 0:
         raise ValueError(f"max_fp_per_patient must be >= 0, got {params.max_fp_per_patient}")
     problems = params.problems("stage-2")
@@ -326,6 +329,51 @@ def lost_lesions(
     return rows
 
 
+# Lowest proposal threshold ``proposal_threshold`` may choose: near 0 the foreground
+# probability's components merge into one brain-sized proposal.
+PROPOSAL_FLOOR = 0.05
+# Highest: above 0.5 the proposals would miss lesions the argmax itself finds.
+PROPOSAL_CEILING = 0.5
+
+
+def lesion_peak_probabilities(fg_prob: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Highest foreground probability inside each reference lesion (``labels.lesion_components``):
+    the lesion is hit by a proposal at threshold t (a component of ``fg_prob >= t``) exactly
+    when this >= t."""
+    ref_cc, n_ref = lab.lesion_components(reference)
+    if not n_ref:
+        return np.zeros(0)
+    return np.asarray(ndimage.maximum(fg_prob, ref_cc, np.arange(1, n_ref + 1)), dtype=float)
+
+
+def proposal_threshold(peaks: Sequence[float], sensitivity: float) -> dict:
+    """The highest stage-1 probability threshold whose proposals hit at least ``sensitivity``
+    of the reference lesions whose peak probabilities (``lesion_peak_probabilities``, pooled
+    over the validation studies) are ``peaks``, within [``PROPOSAL_FLOOR``,
+    ``PROPOSAL_CEILING``]. Returns ``{threshold, proposal_sensitivity, n_reference}``: the
+    proposal sensitivity is the ceiling stage 2 works under."""
+    peaks = np.sort(np.asarray(peaks, dtype=float))[::-1]
+    if not len(peaks):
+        return {"threshold": PROPOSAL_CEILING, "proposal_sensitivity": math.nan, "n_reference": 0}
+    needed = max(1, math.ceil(float(sensitivity) * len(peaks) - 1e-9))
+    threshold = float(np.clip(peaks[needed - 1], PROPOSAL_FLOOR, PROPOSAL_CEILING))
+    return {
+        "threshold": threshold,
+        "proposal_sensitivity": float(np.mean(peaks >= threshold)),
+        "n_reference": len(peaks),
+    }
+
+
+def proposal_mask(pred: np.ndarray, fg_prob: np.ndarray, meta: dict) -> np.ndarray:
+    """The mask whose components are the candidates ``filter_prediction`` scores with the
+    stage-2 checkpoint ``meta``: stage 1's whole lesion, or with ``proposal_sensitivity`` set
+    (high-sensitivity stage 1) ``fg_prob >= proposal_threshold``."""
+    settings = resolve_params(meta["params"])
+    if settings.proposal_sensitivity is None:
+        return lab.whole_lesion(pred)
+    return np.asarray(fg_prob) >= float(settings.proposal_threshold)
+
+
 def filter_prediction(
     pred: np.ndarray,
     image: np.ndarray,
@@ -337,18 +385,29 @@ def filter_prediction(
     """Remove stage-1 lesions whose stage-2 score is below ``meta["threshold"]``.
 
     A removed lesion's enhancing/necrosis voxels become background, and so does the edema whose
-    nearest lesion voxel belongs to it (edema of a kept neighbour stays). Returns the filtered
-    internal labels and the scored candidates."""
+    nearest lesion voxel belongs to it (edema of a kept neighbour stays). With
+    ``proposal_sensitivity`` set (high-sensitivity stage 1), the candidates are the components
+    of ``fg_prob >= proposal_threshold`` rather than of the argmax, and a kept candidate without
+    any argmax lesion voxel (a lesion stage 1 scored below 0.5) is added as enhancing. Returns
+    the filtered internal labels and the scored candidates."""
+    settings = resolve_params(meta["params"])
+    high_sensitivity = settings.proposal_sensitivity is not None
     lesion = lab.whole_lesion(pred)
-    components, candidates = find_candidates(lesion, fg_prob, study_id)
+    components, candidates = find_candidates(proposal_mask(pred, fg_prob, meta), fg_prob, study_id)
     if not candidates:
         return np.asarray(pred, dtype=np.uint8).copy(), candidates
-    crops = candidate_crops(image, fg_prob, components, candidates, meta["params"]["crop_size"])
+    crops = candidate_crops(image, fg_prob, components, candidates, settings.crop_size)
     scores = score_crops(network, crops)
     for cand, score in zip(candidates, scores, strict=True):
         cand.score = float(score)
     dropped = [c.index for c in candidates if c.score < float(meta["threshold"])]
-    return remove_components(pred, components, dropped), candidates
+    out = remove_components(pred, components, dropped)
+    if high_sensitivity:
+        kept = [c.index for c in candidates if c.score >= float(meta["threshold"])]
+        with_lesion = np.unique(components[lesion])
+        recovered = np.setdiff1d(kept, with_lesion)
+        out[np.isin(components, recovered)] = lab.ENHANCING
+    return out, candidates
 
 
 # A suggestion map is uint8 (review editor, NiiVue drawing layer): at most 255 per study, the
@@ -464,6 +523,24 @@ def study_candidates(
     )
 
 
+def _stage1_outputs(
+    networks: Sequence[nn.Module],
+    meta: dict,
+    items: Sequence[dict],
+    infer_params: dict,
+    device: torch.device,
+):
+    """Per labelled study item: ``(item, stage-1 input, foreground probability, whole-lesion
+    reference)``, one study at a time (a 1 mm study's input and probabilities are ~100 MB)."""
+    from metsflow.models.infer import foreground_probability, stage1_probabilities
+    from metsflow.models.networks import load_study_input
+
+    for item in items:
+        inp, probs, _ = stage1_probabilities(networks, meta, item, infer_params, device)
+        reference = lab.whole_lesion(load_study_input(item, [REFERENCE], with_label=True)["label"])
+        yield item, inp, foreground_probability(probs, inp["brain"]), reference
+
+
 def mine_candidates(
     networks: Sequence[nn.Module],
     meta: dict,
@@ -479,27 +556,41 @@ def mine_candidates(
     inference settings' params): its foreground probability, its whole-lesion reference.
     ``patient_of`` (study -> patient) and the grid's spacing feed the validation FROC (false
     positives per patient) and the sizes of the lesions a threshold loses."""
-    from metsflow.models.infer import foreground_probability, stage1_probabilities
-    from metsflow.models.networks import load_study_input
-
     patient_of = patient_of or {}
-    out = []
-    for item in items:
-        inp, probs, _ = stage1_probabilities(networks, meta, item, infer_params, device)
-        reference = lab.whole_lesion(load_study_input(item, [REFERENCE], with_label=True)["label"])
-        out.append(
-            study_candidates(
-                item["study_id"],
-                inp["image"],
-                foreground_probability(probs, inp["brain"]),
-                reference,
-                params,
-                add_reference,
-                patient_id=patient_of.get(item["study_id"], ""),
-                spacing=nib.affines.voxel_sizes(inp["affine"]),
-            )
+    return [
+        study_candidates(
+            item["study_id"],
+            inp["image"],
+            fg_prob,
+            reference,
+            params,
+            add_reference,
+            patient_id=patient_of.get(item["study_id"], ""),
+            spacing=nib.affines.voxel_sizes(inp["affine"]),
         )
-    return out
+        for item, inp, fg_prob, reference in _stage1_outputs(
+            networks, meta, items, infer_params, device
+        )
+    ]
+
+
+def mine_proposal_threshold(
+    networks: Sequence[nn.Module],
+    meta: dict,
+    items: Sequence[dict],
+    infer_params: dict,
+    device: torch.device,
+    sensitivity: float,
+) -> dict:
+    """High-sensitivity stage 1 (``proposal_sensitivity``): ``proposal_threshold`` over the
+    reference lesions of the labelled study items (the validation studies), from the stage-1
+    ensemble as ``mine_candidates`` runs it. A pass of its own: keeping every validation
+    study's input and probabilities for one pass would hold ~100 MB per 1 mm study."""
+    peaks = [
+        lesion_peak_probabilities(fg_prob, reference)
+        for _, _, fg_prob, reference in _stage1_outputs(networks, meta, items, infer_params, device)
+    ]
+    return proposal_threshold(np.concatenate(peaks or [np.zeros(0)]), float(sensitivity))
 
 
 def train_stage2(

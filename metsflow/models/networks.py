@@ -266,7 +266,48 @@ def nested_regions(label_mode: str) -> list[tuple[int, ...]]:
     return [lab.INTERNAL_GROUPS["whole_lesion"], (lab.ENHANCING, lab.EDEMA, lab.NECROSIS)]
 
 
-def build_loss(params: ModelLike) -> nn.Module:
+class InstanceDiceLoss(nn.Module):
+    """``base(logits, target)`` plus ``weight`` x the mean over reference lesions of a soft
+    Dice computed per lesion (blob loss, Kofler et al. 2023; CC-DiceCE).
+
+    Why: batch Dice and CE are sums over voxels, so a missed 8-voxel lesion costs ~1/500 of a
+    missed 4,000-voxel one. Here each 26-connected component of the reference whole lesion
+    (``lesion_classes``) has its own Dice term, computed on the foreground probability
+    (1 - p(background)) over the patch *minus the other lesions* (a prediction on another
+    lesion is not a false positive of this one), and the terms are averaged, so every lesion
+    counts alike. A batch without lesion adds nothing. Components come from
+    ``labels.lesion_components`` on the CPU target (a 2x48^3 batch: ~2 ms)."""
+
+    def __init__(self, base: nn.Module, lesion_classes: Sequence[int], weight: float = 1.0):
+        super().__init__()
+        self.base = base
+        self.lesion_classes = tuple(int(c) for c in lesion_classes)
+        self.weight = float(weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.base(logits, target)
+        if self.weight == 0:
+            return loss
+        fg = 1 - torch.softmax(logits, dim=1)[:, 0]
+        lesion = np.isin(target[:, 0].detach().cpu().numpy(), self.lesion_classes)
+        terms = []
+        for b in range(lesion.shape[0]):
+            components, count = lab.lesion_components(lesion[b])
+            if not count:
+                continue
+            comp = torch.from_numpy(components.astype(np.int64)).to(logits.device)
+            for k in range(1, count + 1):
+                mine = comp == k
+                region = mine | (comp == 0)
+                p = fg[b][region]
+                t = mine[region].to(p.dtype)
+                terms.append(1 - (2 * (p * t).sum() + 1e-5) / (p.sum() + t.sum() + 1e-5))
+        if not terms:
+            return loss
+        return loss + self.weight * torch.stack(terms).mean()
+
+
+def build_loss(params: ModelLike, instance_loss_weight: float | None = None) -> nn.Module:
     """``dice_ce``: MONAI DiceCELoss (softmax, one-hot target, Dice over foreground classes with
     batch Dice as nnU-Net does, so patches without lesion do not give a degenerate Dice);
     ``tversky_bce``: ``TverskyBCELoss``. Called as ``loss(logits, target)`` with target
@@ -283,9 +324,15 @@ def build_loss(params: ModelLike) -> nn.Module:
         raise ValueError(f"unknown loss {name!r}; use one of {list(LOSSES)}")
     weight = float(model.region_loss_weight)
     regions = nested_regions(model.label_mode)
-    if weight == 0 or not regions:
-        return base
-    return NestedRegionDiceLoss(base, regions, weight)
+    loss = base if weight == 0 or not regions else NestedRegionDiceLoss(base, regions, weight)
+    # A training key (TrainSettings.instance_loss_weight), not a model one: read from a
+    # TrainingRun, or given; None/0 = off.
+    if instance_loss_weight is None and isinstance(params, TrainingRun):
+        instance_loss_weight = params.train.instance_loss_weight
+    instance_weight = float(instance_loss_weight or 0.0)
+    if instance_weight > 0:
+        loss = InstanceDiceLoss(loss, lesion_class_indices(model.label_mode), instance_weight)
+    return loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,6 +532,31 @@ def check_meta(
         )
     if meta.get("label_convention", "internal") != "internal":
         raise ValueError(f"{source} uses label convention {meta['label_convention']!r}")
+
+
+def init_checkpoint_problems(path: str | os.PathLike, model: ModelLike) -> list[str]:
+    """Why the checkpoint at ``path`` cannot start round 0 of a run whose ``model`` section is
+    ``model`` (empty: it can): unreadable, or other channels, label mode or patch size (the
+    checks fine-tuning makes, ``check_meta``; a different patch size would make the network
+    see another context than it learned). One line each, naming the file."""
+    try:
+        meta = read_checkpoint(path)["meta"]
+    except (OSError, ValueError) as exc:
+        return [f"train.init_checkpoint: {exc}"]
+    settings = model_settings(model)[0]
+    found = []
+    for key, want in (
+        ("channels", check_channels(settings.channels)),
+        ("label_mode", settings.label_mode),
+        ("patch_size", _triple(settings.patch_size, "patch_size", int)),
+    ):
+        have = meta.get(key)
+        if have is None or list(np.atleast_1d(have)) != list(np.atleast_1d(want)):
+            found.append(
+                f"train.init_checkpoint {path}: its {key} is {have}, but the model section "
+                f"asks for {want}"
+            )
+    return found
 
 
 def load_checkpoint(

@@ -22,7 +22,7 @@ from torch import nn
 
 from metsflow.core.settings import InferRun
 from metsflow.imaging.priors import merge_followup
-from metsflow.models.cascade import dropped_candidates, filter_prediction
+from metsflow.models.cascade import dropped_candidates, filter_prediction, proposal_mask
 from metsflow.models.infer import (
     SUGGESTIONS_KEY,
     foreground_probability,
@@ -88,7 +88,7 @@ class CascadePostProcess:
             extra["stage2_removed"] = sum(c.score < meta["threshold"] for c in candidates)
             # For the review editor's "possible lesions"; segment_study writes them as files.
             extra[SUGGESTIONS_KEY] = dropped_candidates(
-                _candidate_map(pred_before), candidates, meta["threshold"]
+                _candidate_map(pred_before, fg_prob, meta), candidates, meta["threshold"]
             )
         extra["stage1_lesions"] = lesions_before
         if self.reseg is not None and item.get("prior"):
@@ -103,13 +103,13 @@ class CascadePostProcess:
         return pred, extra
 
 
-def _candidate_map(pred: np.ndarray) -> np.ndarray:
+def _candidate_map(pred: np.ndarray, fg_prob: np.ndarray, meta: dict) -> np.ndarray:
     """The stage-1 candidate components, numbered as ``find_candidates`` numbers them (the same
-    ``labels.lesion_components`` call on the same mask); recomputed rather than threaded out of
-    ``filter_prediction``, whose signature the training code shares."""
+    ``labels.lesion_components`` call on the same mask, ``cascade.proposal_mask``); recomputed
+    rather than threaded out of ``filter_prediction``, whose signature the training code shares."""
     from metsflow.core import labels as lab
 
-    return lab.lesion_components(lab.whole_lesion(pred))[0]
+    return lab.lesion_components(proposal_mask(pred, fg_prob, meta))[0]
 
 
 def _lesion_count(pred: np.ndarray) -> int:

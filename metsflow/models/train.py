@@ -224,18 +224,32 @@ class LoadStudy(Transform):
         }
 
 
-def _cache_transform(channels, label_mode, patch_size):
+def _cache_transform(channels, label_mode, patch_size, sampling: str = "pos_neg"):
     from monai.transforms import Compose, DeleteItemsd, FgBgToIndicesd, SpatialPadd
 
+    from metsflow.models.sampling import LesionInstancesd
+
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"unknown sampling {sampling!r}; use one of {list(SAMPLINGS)}")
+    # "lesion" sampling reads each lesion's voxels (metsflow.models.sampling), "pos_neg" the
+    # lesion / brain voxel lists of RandCropByPosNegLabeld.
+    indices = (
+        LesionInstancesd("lesion", "brain")
+        if sampling == "lesion"
+        else FgBgToIndicesd(keys="lesion", image_key="brain", image_threshold=0.0)
+    )
     return Compose(
         [
             LoadStudy(channels, label_mode),
             # A volume smaller than the patch is zero-padded (z-scored images: 0 = mean).
             SpatialPadd(keys=["image", "label", "lesion", "brain"], spatial_size=patch_size),
-            FgBgToIndicesd(keys="lesion", image_key="brain", image_threshold=0.0),
+            indices,
             DeleteItemsd(keys=["lesion", "brain"]),
         ]
     )
+
+
+SAMPLINGS = ("pos_neg", "lesion")
 
 
 def _sample_transform(run: TrainingRun):
@@ -277,8 +291,18 @@ def _sample_transform(run: TrainingRun):
     zoom_interp = ("trilinear", "nearest", "nearest") if has_prior else ("trilinear", "nearest")
     padding = ("border", "zeros", "zeros") if has_prior else ("border", "zeros")
     zoom_padding = ("edge", "constant", "constant") if has_prior else ("edge", "constant")
-    transforms += [
-        RandCropByPosNegLabeld(
+    if t.sampling == "lesion":
+        from metsflow.models.sampling import RandLesionCropd
+
+        crop = RandLesionCropd(
+            keys=keys,
+            spatial_size=list(run.model.patch_size),
+            pos=pos,
+            neg=neg,
+            size_power=float(t.lesion_size_power),
+        )
+    else:
+        crop = RandCropByPosNegLabeld(
             keys=keys,
             label_key="label",
             spatial_size=list(run.model.patch_size),
@@ -287,7 +311,9 @@ def _sample_transform(run: TrainingRun):
             num_samples=1,
             fg_indices_key="lesion_fg_indices",
             bg_indices_key="lesion_bg_indices",
-        ),
+        )
+    transforms += [
+        crop,
         RandRotated(
             keys=keys,
             range_x=angle,
@@ -375,7 +401,9 @@ class PatchStream(torch.utils.data.Dataset):
 def _cache(items, run: TrainingRun, patch_size, num_workers):
     from monai.data import CacheDataset
 
-    transform = _cache_transform(run.model.channels, run.model.label_mode, patch_size)
+    transform = _cache_transform(
+        run.model.channels, run.model.label_mode, patch_size, run.train.sampling
+    )
     return CacheDataset(
         list(items), transform=transform, cache_rate=1.0, num_workers=num_workers, progress=False
     )
@@ -567,7 +595,7 @@ def train_model(
         network = build_network(run)
         spec = network_spec(run)
     network.to(device).train()
-    loss_fn = build_loss(model).to(device)
+    loss_fn = build_loss(run).to(device)
     optimizer = _optimizer(network, train)
     iterations = int(train.iterations)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(
