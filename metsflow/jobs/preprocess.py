@@ -13,6 +13,25 @@ from metsflow.jobs.manifest import FILE_COLUMN, fingerprint, run_study, write_ma
 log = logging.getLogger(__name__)
 
 
+def preprocess_one(study: Study, out_dir, settings: dict, threads: int = 1) -> dict:
+    """One study under the per-study failure policy (``run_study``): skipped when its stamp
+    (inputs + settings) matches what ``out_dir`` holds; its manifest row. The cohort's shards
+    and the pretraining sheet (``jobs.train.run_pretrain``) both preprocess through it."""
+    inputs = [study.t1, study.t1c, study.t2, study.flair, study.label]
+    try:
+        stamp = fingerprint(inputs, settings)
+    except OSError:
+        stamp = "missing-input"  # preprocess_study reports which file and why
+    log.info("preprocessing %s", study.study_id)
+    return run_study(
+        study.study_id,
+        study.patient_id,
+        out_dir,
+        stamp,
+        lambda: preprocess_study(study, out_dir, settings, threads=threads),
+    )
+
+
 def run_preprocess_shard(
     layout: Layout, settings: dict, studies: list[dict], manifest: str, threads: int = 1
 ) -> list[dict]:
@@ -21,22 +40,8 @@ def run_preprocess_shard(
     rows = []
     for record in studies:
         study = Study.from_record(record)
-        out_dir = layout.preprocessed_dir(study.study_id)
-        inputs = [study.t1, study.t1c, study.t2, study.flair, study.label]
-        try:
-            stamp = fingerprint(inputs, settings)
-        except OSError:
-            stamp = "missing-input"  # preprocess_study reports which file and why
-        log.info("preprocessing %s", study.study_id)
-        row = run_study(
-            study.study_id,
-            study.patient_id,
-            out_dir,
-            stamp,
-            lambda study=study, out_dir=out_dir: preprocess_study(
-                study, out_dir, settings, threads=threads
-            ),
+        rows.append(
+            preprocess_one(study, layout.preprocessed_dir(study.study_id), settings, threads)
         )
-        rows.append(row)
     write_manifest(manifest, rows, extra_columns=[FILE_COLUMN])
     return rows

@@ -315,8 +315,8 @@ def run_pretrain(
     them for ``iterations`` into ``Layout.pretrain_model``, which round 0 fine-tunes from.
     These studies are in no plan: they never enter the pool or the validation set."""
     from metsflow.cohort.sheet import Study
-    from metsflow.imaging.preprocess import preprocess_study
-    from metsflow.jobs.manifest import FILE_COLUMN, fingerprint, run_study, write_manifest
+    from metsflow.jobs.manifest import FILE_COLUMN, write_manifest
+    from metsflow.jobs.preprocess import preprocess_one
     from metsflow.models.train import training_params
 
     _start_job(threads)
@@ -326,20 +326,7 @@ def run_pretrain(
         if study.label is None:
             continue
         out_dir = layout.pretrain_preprocessed_dir(study.study_id)
-        inputs = [study.t1, study.t1c, study.t2, study.flair, study.label]
-        try:
-            stamp = fingerprint(inputs, preprocess)
-        except OSError:
-            stamp = "missing-input"  # preprocess_study reports which file and why
-        row = run_study(
-            study.study_id,
-            study.patient_id,
-            out_dir,
-            stamp,
-            lambda study=study, out_dir=out_dir: preprocess_study(
-                study, out_dir, preprocess, threads=threads
-            ),
-        )
+        row = preprocess_one(study, out_dir, preprocess, threads)
         rows.append(row)
         if row["status"] == "ok" and (out_dir / LABEL).exists():
             items.append(
