@@ -24,11 +24,6 @@ LONGEST_FIRST = (
     "test_subset_resume.py",
     "test_rounds.py",
     "test_faults.py",
-    # Browser tests (the 1 mm study: 66 s idle) and the pretrain dry runs (24 s): after the
-    # pipeline files, before the short ones, so they do not run alone at the end.
-    "test_review_assists_browser.py",
-    "test_review_browser.py",
-    "test_pretrain.py",
 )
 
 
