@@ -1,21 +1,31 @@
-"""Detection levers (issue #23): lesion-balanced sampling, the instance-aware loss, the
-high-sensitivity stage-1 proposals handed to stage 2, and their config keys."""
+"""Detection levers (issue #23): lesion-balanced sampling, hard-negative crops on what a
+reviewer deleted from the presegmentation, the instance-aware loss, the high-sensitivity stage-1
+proposals handed to stage 2, and their config keys."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from _tiny_models import make_prep_study, tiny_params
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from monai.transforms import RandCropByPosNegLabeld
 
 from metsflow.core import config as config_schema
 from metsflow.core import labels as lab
 from metsflow.models import cascade, train
 from metsflow.models.networks import InstanceDiceLoss, build_loss
-from metsflow.models.sampling import LesionInstancesd, RandLesionCropd, lesion_weights
+from metsflow.models.sampling import (
+    VOXEL_UNIFORM,
+    LesionInstancesd,
+    RandLesionCropd,
+    false_positive_mask,
+    lesion_weights,
+)
 
 PATCH = [8, 8, 8]
 
@@ -205,14 +215,20 @@ def test_config_accepts_the_lever_keys():
 
     config = yaml.safe_load(Path("config/config.yaml").read_text())
     config["train"].update(
-        sampling="lesion", lesion_size_power=0.5, instance_loss_weight=1.0, init_checkpoint=None
+        sampling="lesion",
+        lesion_size_power=0.5,
+        instance_loss_weight=1.0,
+        init_checkpoint=None,
+        hard_negative_fraction=0.5,
     )
     config["train"].setdefault("stage2", {})["proposal_sensitivity"] = 0.98
     assert not config_schema.problems(config)
     config["train"]["sampling"] = "voxels"
     config["train"]["stage2"]["proposal_sensitivity"] = 1.5
+    config["train"]["hard_negative_fraction"] = 1.2
     found = config_schema.problems(config)
-    assert len(found) == 2 and any("sampling" in p for p in found)
+    assert len(found) == 3 and any("sampling" in p for p in found)
+    assert any("hard_negative_fraction" in p for p in found)
 
 
 def test_status_and_report_show_the_cascade_ceiling(tmp_path):
@@ -261,3 +277,253 @@ def test_suggestions_number_the_high_sensitivity_proposals():
     assert components.max() == len(candidates) == 2
     for cand in candidates:
         assert components[cand.centroid] == cand.index
+
+
+# ---------------------------------------------------------------- hard negatives (issue #23)
+def _hard_negative_study(box: tuple[slice, ...], shape=(32, 32, 32)) -> dict:
+    """A study with one 4^3 lesion in a corner, a brain that leaves a 2-voxel rim, and a
+    hard-negative mask filling ``box``."""
+    lesion = np.zeros((1, *shape), dtype=np.uint8)
+    lesion[0, 2:6, 2:6, 2:6] = 1
+    brain = np.zeros_like(lesion)
+    brain[0, 2:-2, 2:-2, 2:-2] = 1
+    hard = np.zeros_like(lesion)
+    hard[(0, *box)] = 1
+    return {
+        "image": np.zeros((1, *shape), dtype=np.float32),
+        "label": lesion.copy(),
+        "lesion": lesion,
+        "brain": brain,
+        "hard_negatives": hard,
+    }
+
+
+def _draws(crop, data, n):
+    """(kind, centre before the shift that fits the patch) of ``n`` seeded draws."""
+    out = []
+    for seed in range(n):
+        crop.set_random_state(seed=seed)
+        crop(data)
+        out.append((crop.kind, crop.drawn_centre))
+    return out
+
+
+_corner = st.integers(0, 28)
+
+
+@settings(max_examples=25, deadline=None)
+@given(lo=st.tuples(_corner, _corner, _corner), size=st.integers(1, 4), pos=st.floats(0, 3))
+def test_every_negative_crop_centres_on_the_hard_negatives_at_fraction_1(lo, size, pos):
+    box = tuple(slice(a, a + size) for a in lo)
+    study = _hard_negative_study(box)
+    data = LesionInstancesd()(study)
+    assert len(data["hard_negative_indices"]) == int(study["hard_negatives"].sum())
+    crop = RandLesionCropd(["image", "label"], PATCH, pos=pos, neg=1.0, hard_negative_fraction=1)
+    draws = _draws(crop, data, 40)
+    negatives = [centre for kind, centre in draws if kind != "lesion"]
+    assert negatives and all(kind in ("lesion", "hard_negative") for kind, _ in draws)
+    assert all(study["hard_negatives"][(0, *c)] for c in negatives)
+
+
+def test_hard_negative_fraction_splits_the_negatives_and_0_changes_nothing():
+    study = _hard_negative_study((slice(20, 24),) * 3)
+    data = LesionInstancesd()(study)
+    keys = ["image", "label"]
+    half = _draws(
+        RandLesionCropd(keys, PATCH, pos=0.0, neg=1.0, hard_negative_fraction=0.5), data, 200
+    )
+    share = np.mean([kind == "hard_negative" for kind, _ in half])
+    assert 0.38 < share < 0.62
+    # Fraction 0: the very patches of a crop that never heard of hard negatives.
+    without = {k: v for k, v in study.items() if k != "hard_negatives"}
+    plain = _draws(RandLesionCropd(keys, PATCH, pos=1.0, neg=1.0), LesionInstancesd()(without), 60)
+    off = _draws(RandLesionCropd(keys, PATCH, pos=1.0, neg=1.0, hard_negative_fraction=0), data, 60)
+    assert off == plain and {kind for kind, _ in off} == {"lesion", "brain"}
+
+
+def test_a_study_without_hard_negatives_falls_back_to_brain_centres():
+    study = _hard_negative_study((slice(20, 24),) * 3)
+    for data in (
+        {k: v for k, v in study.items() if k != "hard_negatives"},  # no mask at all
+        {**study, "hard_negatives": np.zeros_like(study["hard_negatives"])},  # nothing deleted
+    ):
+        data = LesionInstancesd()(data)
+        assert len(data["hard_negative_indices"]) == 0
+        crop = RandLesionCropd(["image", "label"], PATCH, pos=0, neg=1, hard_negative_fraction=1)
+        draws = _draws(crop, data, 40)
+        assert {kind for kind, _ in draws} == {"brain"}
+        assert all(study["brain"][(0, *c)] for _, c in draws)
+        assert "hard_negative_indices" not in crop(data)[0]
+
+
+def test_voxel_uniform_lesion_draw_is_the_pos_neg_draw(two_lesions):
+    """ "pos_neg" sampling with hard negatives keeps its positive draw: every lesion voxel
+    alike, so the single-voxel lesion is centred ~1 in 1,729 times, as by the MONAI crop."""
+    data = LesionInstancesd()(two_lesions)
+    crop = RandLesionCropd(["image", "label"], PATCH, pos=1.0, neg=0.0, size_power=VOXEL_UNIFORM)
+    assert small_lesion_share(crop, data) < 0.05
+    np.testing.assert_allclose(lesion_weights([1, 1000], VOXEL_UNIFORM), [1 / 1001, 1000 / 1001])
+
+
+def test_false_positive_mask_keeps_the_components_the_reference_does_not_touch():
+    predicted = np.zeros((20, 20, 20), bool)
+    predicted[2:5, 2:5, 2:5] = True  # kept by the reviewer (touches the reference)
+    predicted[10:12, 10:12, 10:12] = True  # deleted
+    predicted[15, 15, 15] = predicted[16, 16, 16] = True  # one 26-connected deleted lesion
+    reference = np.zeros_like(predicted)
+    reference[4:8, 4:8, 4:8] = True
+    mask = false_positive_mask(predicted, reference)
+    expected = predicted.copy()
+    expected[2:5, 2:5, 2:5] = False
+    np.testing.assert_array_equal(mask, expected)
+    assert not false_positive_mask(np.zeros_like(predicted), reference).any()
+
+
+def _native(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    from metsflow.core.io import save_nifti
+
+    save_nifti(path, data, affine, np.uint8)
+    return path
+
+
+# A native grid at 0.5 mm over the tiny studies' 1 mm preprocessed grid (_tiny_models.AFFINE).
+NATIVE = np.diag([0.5, 0.5, 0.5, 1.0])
+NATIVE[:3, 3] = [-20.0, -22.0, -18.0]
+
+
+def _reviewed(tmp_path: Path, study_id: str) -> tuple[Path, Path]:
+    """A confirmed native label (one lesion) and the presegmentation it was corrected from
+    (that lesion, a deleted 4^3 mm component at prep voxels 30-33, and a deleted component of
+    one native voxel, smaller than a preprocessed voxel)."""
+    label = np.zeros((80, 80, 80), np.uint8)
+    label[20:30, 20:30, 20:30] = lab.ENHANCING
+    preseg = np.zeros_like(label)
+    preseg[22:32, 22:32, 22:32] = lab.ENHANCING  # the kept lesion, grown: still touches
+    preseg[24:26, 24:26, 24:26] = lab.NECROSIS
+    preseg[60:68, 60:68, 60:68] = lab.ENHANCING  # deleted: prep voxels 30..33
+    preseg[5, 75, 5] = lab.ENHANCING  # deleted, 0.125 mm^3
+    preseg[70:74, 10:14, 10:14] = lab.EDEMA  # edema alone is no lesion
+    folder = tmp_path / "native" / study_id
+    return (
+        _native(folder / "label.nii.gz", label, NATIVE),
+        _native(folder / "presegmentation.nii.gz", preseg, NATIVE),
+    )
+
+
+def test_hard_negatives_on_prep_grid_are_what_the_reviewer_deleted(tmp_path):
+    import nibabel as nib
+
+    prep = tmp_path / "prep"
+    for study_id in ("A", "B", "C"):
+        make_prep_study(prep, study_id, sequences=("t1c",))
+    label_a, preseg_a = _reviewed(tmp_path, "A")
+    label_b, _ = _reviewed(tmp_path, "B")
+    label_c, _ = _reviewed(tmp_path, "C")
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a nifti")
+    confirmed = {"A": label_a, "B": label_b, "C": label_c}
+    found = train.hard_negatives_on_prep_grid(
+        confirmed, {"A": preseg_a, "C": broken}, prep, tmp_path / "hn"
+    )
+    assert set(found) == {"A"}  # B has no presegmentation, C an unreadable one: no error
+    img = nib.load(str(found["A"]))
+    np.testing.assert_allclose(img.affine, nib.load(str(prep / "A" / "t1c.nii.gz")).affine)
+    mask = np.asarray(img.dataobj)
+    expected = np.zeros(mask.shape, np.uint8)
+    expected[30:34, 30:34, 30:34] = 1
+    np.testing.assert_array_equal(mask, expected)
+
+
+def _round_layout(tmp_path: Path):
+    """A layout after round 1: seed S0 and confirmed P1 (with a presegmentation) and P2
+    (without one) preprocessed; round 1's annotation table and review package."""
+    from metsflow.core.io import write_table
+    from metsflow.core.layout import PRESEGMENTATION_NAME, Layout
+    from metsflow.jobs.train import TrainingInputs
+
+    layout = Layout(str(tmp_path / "results"))
+    prep = Path(layout.stage_root("preprocessed"))
+    for study_id in ("S0", "P1", "P2"):
+        make_prep_study(prep, study_id, sequences=("t1c", "flair"))
+    manifest = tmp_path / "manifest.tsv"
+    write_table(manifest, pd.DataFrame({"study_id": ["S0", "P1", "P2"], "status": "ok"}))
+    plan = tmp_path / "plan.tsv"
+    write_table(
+        plan, pd.DataFrame({"study_id": ["S0", "P1", "P2"], "role": ["seed", "pool", "pool"]})
+    )
+    rows = []
+    for study_id in ("P1", "P2"):
+        label, preseg = _reviewed(tmp_path, study_id)
+        if study_id == "P1":
+            review = Path(layout.review_dir(1)) / study_id / PRESEGMENTATION_NAME
+            review.parent.mkdir(parents=True)
+            review.write_bytes(preseg.read_bytes())
+        rows.append({"study_id": study_id, "status": "confirmed", "label": str(label)})
+    write_table(layout.annotations(1), pd.DataFrame(rows))
+    return TrainingInputs(
+        round_index=1,
+        plan_path=str(plan),
+        preprocess_manifests=[str(manifest)],
+        annotation_tables=[layout.annotations(1)],
+        train={},
+        seed=0,
+        layout=layout,
+    )
+
+
+def test_confirmed_items_carry_their_hard_negatives_only_when_asked(tmp_path):
+    job = _round_layout(tmp_path)
+    _, items, _, n_confirmed = job.labelled_items(tmp_path / "labels", hard_negatives=True)
+    by_id = {item["study_id"]: item for item in items}
+    assert set(by_id) == {"S0", "P1", "P2"} and n_confirmed == 2
+    # P1's reviewer deleted a component; P2 has no presegmentation; S0 was never reviewed.
+    assert [s for s in by_id if "hard_negatives" in by_id[s]] == ["P1"]
+    assert Path(by_id["P1"]["hard_negatives"]).parent == tmp_path / "labels" / "hard_negatives"
+    _, items, _, _ = job.labelled_items(tmp_path / "off", hard_negatives=False)
+    assert not any("hard_negatives" in item for item in items)
+    assert not (tmp_path / "off" / "hard_negatives").exists()  # no presegmentation read
+
+
+@pytest.mark.parametrize("sampling", ["pos_neg", "lesion"])
+def test_training_stream_centres_negatives_on_the_hard_negatives(tmp_path, sampling):
+    studies = [make_prep_study(tmp_path, f"S{i}", seed=i) for i in range(2)]
+    hard = np.zeros((40, 40, 40), np.uint8)
+    hard[8:11, 30:33, 20:23] = 1
+    from _tiny_models import AFFINE
+
+    from metsflow.core.io import save_nifti
+
+    save_nifti(tmp_path / "hn.nii.gz", hard, AFFINE, np.uint8)
+    studies[0]["hard_negatives"] = str(tmp_path / "hn.nii.gz")
+    params = tiny_params(
+        patch_size=[16, 16, 16],
+        optimizer="adam",
+        iterations=3,
+        val_interval=0,
+        sampling=sampling,
+        hard_negative_fraction=1.0,
+        pos_neg_ratio=[1, 1],
+    )
+    run = train.resolve_params(params)
+    cache = train._cache(studies, run, [16, 16, 16], 0)
+    transform = train._sample_transform(run)
+    crop = transform.transforms[0]
+    assert isinstance(crop, RandLesionCropd)
+    assert crop.size_power == (VOXEL_UNIFORM if sampling == "pos_neg" else 0.0)
+    stream = train.PatchStream(cache, transform, seed=0, first_sample=0, count=80)
+    kinds = {"lesion": 0, "hard_negative": 0, "brain": 0}
+    for index in range(len(stream)):
+        stream[index]
+        kinds[crop.kind] += 1
+        if crop.kind == "hard_negative":
+            assert hard[crop.drawn_centre]
+    # Negatives of S0 (1/4 of the draws) on its hard negatives; S1 has none: brain-centred.
+    assert kinds["hard_negative"] > 8 and kinds["brain"] > 8 and kinds["lesion"] > 25
+    result = train.train_model(studies, [], params, tmp_path / "m.pt", device="cpu")
+    assert result["iterations"] == 3 and np.isfinite(result["final_loss"])
+
+
+def test_fraction_0_keeps_the_monai_crop():
+    run = train.resolve_params(tiny_params(patch_size=[16, 16, 16]))
+    assert run.train.hard_negative_fraction == 0.0
+    assert isinstance(train._sample_transform(run).transforms[0], RandCropByPosNegLabeld)

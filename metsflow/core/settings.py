@@ -287,6 +287,12 @@ class TrainSettings(_Section):
     # "lesion" sampling: weight of a lesion ~ volume ** -lesion_size_power (0: every lesion
     # alike; 1: the chance of a lesion is inversely proportional to its volume).
     lesion_size_power: float = setting(0.0, minimum=0, maximum=1)
+    # Hard negatives: the fraction of the negative (brain-centred) patches that are centred on a
+    # voxel the previous model called lesion and the reviewer deleted (the presegmentation's
+    # components the confirmed label does not touch), in the studies that have such voxels; the
+    # rest, and every patch of other studies, stay brain-centred. 0 = off (no presegmentation is
+    # read). Works with either sampling (metsflow.models.sampling.RandLesionCropd).
+    hard_negative_fraction: float = setting(0.0, **_PROB)
     # Weight of the instance-aware term (per reference component Dice, blob-loss style;
     # metsflow.models.networks.InstanceDiceLoss) beside Dice+CE; 0 = off.
     instance_loss_weight: float = setting(0.0, **_NONNEG)

@@ -24,7 +24,7 @@ import pandas as pd
 
 from metsflow.cohort.plan import read_plan
 from metsflow.core.io import atomic_path, write_json, write_table
-from metsflow.core.layout import LABEL, Layout
+from metsflow.core.layout import LABEL, PRESEGMENTATION_NAME, Layout
 from metsflow.core.runtime import reuse_freed_memory, set_threads
 from metsflow.core.settings import InferSettings, Stage2Settings, TrainingRun
 from metsflow.jobs.manifest import ok_studies, read_manifests
@@ -75,19 +75,70 @@ class TrainingInputs:
     def reg_root(self) -> str:
         return self.layout.stage_root("registered")
 
-    def labelled_items(self, label_dir: Path) -> tuple[pd.DataFrame, list[dict], list[dict], int]:
+    def labelled_items(
+        self, label_dir: Path, hard_negatives: bool = False
+    ) -> tuple[pd.DataFrame, list[dict], list[dict], int]:
         """(plan, training items, validation items, number of human-confirmed labels).
 
-        Confirmed labels are resampled onto the preprocessed grids under ``label_dir``."""
-        from metsflow.models.train import build_items, confirmed_labels_on_prep_grid
+        Confirmed labels are resampled onto the preprocessed grids under ``label_dir``. With
+        ``hard_negatives`` (``train.hard_negative_fraction`` > 0) a confirmed study whose
+        reviewer deleted part of its presegmentation carries those parts as its hard negatives
+        (``metsflow.models.train.hard_negatives_on_prep_grid``, under
+        ``label_dir/hard_negatives``); without, no presegmentation is read."""
+        from metsflow.models.train import (
+            build_items,
+            confirmed_label_files,
+            confirmed_labels_on_prep_grid,
+            hard_negatives_on_prep_grid,
+        )
 
         plan = read_plan(self.plan_path)
         ok = ok_studies(read_manifests(self.preprocess_manifests))
         confirmed = confirmed_labels_on_prep_grid(
             self.annotation_tables, ok, self.prep_root, label_dir
         )
-        train_items, val_items = build_items(plan, ok, self.prep_root, self.reg_root, confirmed)
+        hard = {}
+        if hard_negatives and confirmed:
+            hard = hard_negatives_on_prep_grid(
+                confirmed_label_files(self.annotation_tables, ok),
+                self.presegmentations(),
+                self.prep_root,
+                label_dir / "hard_negatives",
+            )
+            log.info(
+                "hard negatives (presegmentation parts the reviewer deleted) in %d of %d "
+                "confirmed studies",
+                len(hard),
+                len(confirmed),
+            )
+        train_items, val_items = build_items(
+            plan, ok, self.prep_root, self.reg_root, confirmed, hard
+        )
         return plan, train_items, val_items, len(confirmed)
+
+    def presegmentations(self) -> dict[str, Path]:
+        """Study id -> the presegmentation its reviewer started from: ``PRESEGMENTATION_NAME`` in
+        the review package of the round whose annotation table confirmed it (the last such
+        round, as for its label). Only files that exist; an annotation table that is not a
+        round's of this layout contributes none."""
+        from metsflow.models.train import confirmed_study_ids
+
+        rounds = {
+            Path(self.layout.annotations(r)).resolve(): r for r in range(1, self.round_index + 1)
+        }
+        found: dict[str, Path] = {}
+        for table in self.annotation_tables:
+            r = rounds.get(Path(table).resolve())
+            if r is None:
+                log.warning("%s is no round's annotation table: no hard negatives from it", table)
+                continue
+            for study_id in confirmed_study_ids(table):
+                path = Path(self.layout.review_dir(r)) / study_id / PRESEGMENTATION_NAME
+                if path.is_file():
+                    found[study_id] = path
+                else:
+                    found.pop(study_id, None)  # not this round's start: no hard negatives
+        return found
 
     def train_model(
         self,
@@ -134,8 +185,9 @@ def run_train_round(job: TrainingInputs, model: dict, spacing: list[float]) -> d
 
     _start_job(job.threads)
     round_index, train, seed = job.round_index, job.train, job.seed
+    params = training_params(model, train, spacing, seed, round_index)
     plan, train_items, val_items, n_confirmed = job.labelled_items(
-        Path(out_model).parent / "train_labels"
+        Path(out_model).parent / "train_labels", params.train.hard_negative_fraction > 0
     )
     if not train_items:
         raise RuntimeError(
@@ -158,7 +210,6 @@ def run_train_round(job: TrainingInputs, model: dict, spacing: list[float]) -> d
             len(train_items),
             len(val_items),
         )
-    params = training_params(model, train, spacing, seed, round_index)
     new_labels = confirmed_study_ids(job.annotation_tables[-1]) if job.annotation_tables else None
     if round_index > 0 and not new_labels:
         # The round selected nothing (validation Dice reached the threshold): the model stays.
@@ -201,11 +252,13 @@ def run_train_reseg(job: TrainingInputs, model: dict, spacing: list[float]) -> d
     out_log = job.layout.reseg_train_log(job.round_index)
 
     _start_job(job.threads)
-    _, train_items, val_items, _ = job.labelled_items(Path(out_model).parent / "train_labels_reseg")
+    params = reseg_params(model, job.train, spacing, job.seed, job.round_index)
+    _, train_items, val_items, _ = job.labelled_items(
+        Path(out_model).parent / "train_labels_reseg", params.train.hard_negative_fraction > 0
+    )
     if not train_items:
         raise RuntimeError(f"round {job.round_index}: no labelled study to train re-seg on")
     val_items = [i for i in val_items if i["prior"]]
-    params = reseg_params(model, job.train, spacing, job.seed, job.round_index)
     log.info(
         "re-seg round %d: %d training studies, %d validation follow-ups, channels %s",
         job.round_index,

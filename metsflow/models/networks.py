@@ -43,6 +43,8 @@ from metsflow.core.settings import ModelSettings, PreprocessSettings, TrainingRu
 log = logging.getLogger(__name__)
 
 PRIOR = "prior"
+# Optional key of a training item: its hard-negative mask (metsflow.models.sampling).
+HARD_NEGATIVES = "hard_negatives"
 CHANNELS = (*SEQUENCES, PRIOR)
 LABEL_MODES = {"multiclass": 4, "whole": 2}
 ARCHS = ("dynunet", "segresnet")
@@ -368,7 +370,9 @@ def load_study_input(
 
     Returns ``image`` (float32, channels-first), ``brain`` (bool), ``affine`` and ``header`` of
     ``t1c.nii.gz`` (the grid every output is written on) and, with ``with_label``, ``label``
-    (uint8 internal labels). Raises ``StudyError`` naming the study for any bad input.
+    (uint8 internal labels) and, when the item names one (``hard_negatives``: a training study's
+    hard-negative mask, ``metsflow.models.sampling``), ``hard_negatives`` (bool). Raises
+    ``StudyError`` naming the study for any bad input.
     """
     study_id = str(item["study_id"])
     prep = Path(item["prep_dir"])
@@ -405,6 +409,8 @@ def load_study_input(
     if with_label:
         path = item.get("label") or prep / LABEL
         out["label"] = _checked_labels(on_grid(Path(path), "label"), study_id, path)
+        if item.get(HARD_NEGATIVES):
+            out[HARD_NEGATIVES] = on_grid(Path(item[HARD_NEGATIVES]), "hard negatives") > 0
     return out
 
 

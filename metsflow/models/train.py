@@ -56,6 +56,7 @@ from metsflow.core.settings import (
 from metsflow.imaging.priors import RandFictitiousPriord
 from metsflow.models.infer import sliding_window_predict
 from metsflow.models.networks import (
+    HARD_NEGATIVES,
     PRIOR,
     build_loss,
     build_network,
@@ -140,10 +141,12 @@ def build_items(
     prep_root: str | os.PathLike,
     reg_root: str | os.PathLike,
     extra_labels: dict[str, Path] | None = None,
+    hard_negatives: dict[str, Path] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Training items (labelled seed studies + ``extra_labels``) and validation items (labelled
-    validation studies) of the preprocessed studies in ``ok_studies``."""
-    extra_labels = extra_labels or {}
+    validation studies) of the preprocessed studies in ``ok_studies``; a training study in
+    ``hard_negatives`` (``hard_negatives_on_prep_grid``) carries its mask as ``hard_negatives``."""
+    extra_labels, hard_negatives = extra_labels or {}, hard_negatives or {}
     train, val = [], []
     for row in plan.itertuples():
         if row.study_id not in ok_studies:
@@ -156,7 +159,10 @@ def build_items(
             "prior": str(prior) if prior.exists() else None,
         }
         if row.study_id in extra_labels:
-            train.append({**item, "label": str(extra_labels[row.study_id])})
+            item["label"] = str(extra_labels[row.study_id])
+            if row.study_id in hard_negatives:
+                item[HARD_NEGATIVES] = str(hard_negatives[row.study_id])
+            train.append(item)
         elif (prep_dir / LABEL).exists() and row.role in ("seed", "validation"):
             item["label"] = str(prep_dir / LABEL)
             (val if row.role == "validation" else train).append(item)
@@ -167,6 +173,18 @@ def confirmed_study_ids(annotation_table: str | os.PathLike) -> list[str]:
     """Study ids whose label a reviewer confirmed in one round's annotation table."""
     table = pd.read_csv(annotation_table, sep="\t", dtype=str, keep_default_na=False)
     return list(table.loc[table.status == "confirmed", "study_id"])
+
+
+def confirmed_label_files(annotation_tables: Sequence[str], ok: set[str]) -> dict[str, str]:
+    """Study id -> its confirmed human label file (native grid), for the studies in ``ok``; a
+    study confirmed in several rounds' tables keeps the last one's."""
+    labels: dict[str, str] = {}
+    for table_path in annotation_tables:
+        table = pd.read_csv(table_path, sep="\t", dtype=str, keep_default_na=False)
+        for row in table.itertuples():
+            if row.status == "confirmed" and row.study_id in ok:
+                labels[row.study_id] = row.label
+    return labels
 
 
 def confirmed_labels_on_prep_grid(
@@ -180,21 +198,73 @@ def confirmed_labels_on_prep_grid(
     from metsflow.imaging.preprocess import label_to_grid
 
     labels: dict[str, Path] = {}
-    for table_path in annotation_tables:
-        table = pd.read_csv(table_path, sep="\t", dtype=str, keep_default_na=False)
-        for row in table.itertuples():
-            if row.status != "confirmed" or row.study_id not in ok:
-                continue
-            reference = Path(prep_root) / row.study_id / T1C
-            target = out_dir / f"{row.study_id}.nii.gz"
-            save_nifti(
-                target,
-                label_to_grid(row.label, reference),
-                nib.load(str(reference)).affine,
-                dtype=np.uint8,
-            )
-            labels[row.study_id] = target
+    for study_id, label in confirmed_label_files(annotation_tables, ok).items():
+        reference = Path(prep_root) / study_id / T1C
+        target = out_dir / f"{study_id}.nii.gz"
+        save_nifti(
+            target,
+            label_to_grid(label, reference),
+            nib.load(str(reference)).affine,
+            dtype=np.uint8,
+        )
+        labels[study_id] = target
     return labels
+
+
+def hard_negatives_on_prep_grid(
+    confirmed: dict[str, str | os.PathLike],
+    presegmentations: dict[str, str | os.PathLike],
+    prep_root: str | os.PathLike,
+    out_dir: Path,
+) -> dict[str, Path]:
+    """Each confirmed study's hard negatives: the lesions of its presegmentation (the previous
+    model's output the reviewer started from) that its confirmed label does not touch, i.e. the
+    false positives a human deleted (``metsflow.models.sampling.false_positive_mask``), on the
+    study's preprocessed grid as ``out_dir/<study_id>.nii.gz``; study id -> that file.
+
+    ``confirmed``: study id -> confirmed label (native grid, ``confirmed_label_files``);
+    ``presegmentations``: study id -> presegmentation (native grid). The components are found
+    on the label's grid, where the reviewer decided, and only the mask is resampled: resampling
+    both first could part a kept lesion from the label voxel it touched and make it a "hard
+    negative". A study without a presegmentation, with an unreadable one, or with nothing
+    deleted, has no hard negatives (no file, not in the result); training goes on."""
+    import nibabel as nib
+
+    from metsflow.core.io import StudyError, load_nifti, save_nifti
+    from metsflow.imaging.preprocess import resample_nearest
+    from metsflow.models.sampling import false_positive_mask
+
+    found: dict[str, Path] = {}
+    for study_id, label_path in confirmed.items():
+        preseg_path = presegmentations.get(study_id)
+        if preseg_path is None or not Path(preseg_path).is_file():
+            continue
+        try:
+            label = load_nifti(label_path, study_id, "confirmed label")
+            preseg = load_nifti(preseg_path, study_id, "presegmentation")
+        except StudyError as exc:
+            log.warning("%s: no hard negatives: %s", study_id, exc)
+            continue
+        predicted = np.asarray(preseg.dataobj).astype(np.uint8)
+        if predicted.shape != label.shape or not np.allclose(
+            preseg.affine, label.affine, atol=1e-3
+        ):
+            predicted = resample_nearest(predicted, preseg.affine, label.affine, label.shape)
+        mask = false_positive_mask(
+            lab.whole_lesion(predicted), lab.whole_lesion(np.asarray(label.dataobj))
+        )
+        if not mask.any():
+            continue
+        reference = nib.load(str(Path(prep_root) / study_id / T1C))
+        on_prep = resample_nearest(
+            mask.astype(np.uint8), label.affine, reference.affine, reference.shape[:3]
+        )
+        if not on_prep.any():  # deleted components smaller than a preprocessed voxel
+            continue
+        target = out_dir / f"{study_id}.nii.gz"
+        save_nifti(target, on_prep > 0, reference.affine, dtype=np.uint8)
+        found[study_id] = target
+    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,7 +283,7 @@ class LoadStudy(Transform):
 
     def __call__(self, item: dict) -> dict:
         inp = load_study_input(item, self.channels, with_label=True)
-        return {
+        out = {
             "study_id": str(item["study_id"]),
             "image": inp["image"],
             "label": encode_target(inp["label"], self.label_mode)[None],
@@ -222,29 +292,38 @@ class LoadStudy(Transform):
             "lesion": lab.whole_lesion(inp["label"])[None].astype(np.uint8),
             "brain": inp["brain"][None].astype(np.uint8),
         }
+        if HARD_NEGATIVES in inp:
+            out[HARD_NEGATIVES] = inp[HARD_NEGATIVES][None].astype(np.uint8)
+        return out
 
 
-def _cache_transform(channels, label_mode, patch_size, sampling: str = "pos_neg"):
+def _cache_transform(
+    channels, label_mode, patch_size, sampling: str = "pos_neg", hard_negatives: bool = False
+):
     from monai.transforms import Compose, DeleteItemsd, FgBgToIndicesd, SpatialPadd
 
     from metsflow.models.sampling import LesionInstancesd
 
     if sampling not in SAMPLINGS:
         raise ValueError(f"unknown sampling {sampling!r}; use one of {list(SAMPLINGS)}")
-    # "lesion" sampling reads each lesion's voxels (metsflow.models.sampling), "pos_neg" the
-    # lesion / brain voxel lists of RandCropByPosNegLabeld.
+    # "lesion" sampling, and either sampling with hard negatives (``_uses_lesion_crop``), reads
+    # each lesion's voxels (metsflow.models.sampling); "pos_neg" alone the lesion / brain voxel
+    # lists of RandCropByPosNegLabeld.
     indices = (
-        LesionInstancesd("lesion", "brain")
-        if sampling == "lesion"
+        LesionInstancesd("lesion", "brain", HARD_NEGATIVES)
+        if sampling == "lesion" or hard_negatives
         else FgBgToIndicesd(keys="lesion", image_key="brain", image_threshold=0.0)
     )
+    masks = ["lesion", "brain", HARD_NEGATIVES]  # the hard negatives only where a study has them
     return Compose(
         [
             LoadStudy(channels, label_mode),
             # A volume smaller than the patch is zero-padded (z-scored images: 0 = mean).
-            SpatialPadd(keys=["image", "label", "lesion", "brain"], spatial_size=patch_size),
+            SpatialPadd(
+                keys=["image", "label", *masks], spatial_size=patch_size, allow_missing_keys=True
+            ),
             indices,
-            DeleteItemsd(keys=["lesion", "brain"]),
+            DeleteItemsd(keys=masks),
         ]
     )
 
@@ -291,15 +370,19 @@ def _sample_transform(run: TrainingRun):
     zoom_interp = ("trilinear", "nearest", "nearest") if has_prior else ("trilinear", "nearest")
     padding = ("border", "zeros", "zeros") if has_prior else ("border", "zeros")
     zoom_padding = ("edge", "constant", "constant") if has_prior else ("edge", "constant")
-    if t.sampling == "lesion":
-        from metsflow.models.sampling import RandLesionCropd
+    if t.sampling == "lesion" or t.hard_negative_fraction > 0:
+        from metsflow.models.sampling import VOXEL_UNIFORM, RandLesionCropd
 
+        # With hard negatives, "pos_neg" keeps its positive draw (uniform over lesion voxels,
+        # as RandCropByPosNegLabeld) in the one crop that can centre a negative on them; the
+        # MONAI crop has no third kind of centre.
         crop = RandLesionCropd(
             keys=keys,
             spatial_size=list(run.model.patch_size),
             pos=pos,
             neg=neg,
-            size_power=float(t.lesion_size_power),
+            size_power=float(t.lesion_size_power) if t.sampling == "lesion" else VOXEL_UNIFORM,
+            hard_negative_fraction=float(t.hard_negative_fraction),
         )
     else:
         crop = RandCropByPosNegLabeld(
@@ -402,7 +485,11 @@ def _cache(items, run: TrainingRun, patch_size, num_workers):
     from monai.data import CacheDataset
 
     transform = _cache_transform(
-        run.model.channels, run.model.label_mode, patch_size, run.train.sampling
+        run.model.channels,
+        run.model.label_mode,
+        patch_size,
+        run.train.sampling,
+        hard_negatives=run.train.hard_negative_fraction > 0,
     )
     return CacheDataset(
         list(items), transform=transform, cache_rate=1.0, num_workers=num_workers, progress=False
