@@ -14,7 +14,8 @@ trained for ``--iterations`` steps, stage 2 the cascade's classifier. The whole-
 (``make_demo_cohort`` at 1 mm) took > 10 min per patient on the shared machine.
 
 Prints and saves (``--out``/bench_detection.txt and .tsv) for the test patients:
-  * the ablation: baseline, each lever alone, all levers; per variant stage 1 alone (argmax)
+  * the ablation: baseline, each lever alone, all levers, then hard negatives alone and with
+    all levers; per variant stage 1 alone (argmax)
     and the cascade at the operating point stage 2 chooses on validation
     (``max_fp_per_patient`` 1.0): size-binned lesion sensitivity (< 3, 3-10, >= 10 mm) with
     Wilson 95% CIs, FP/patient, and the stage-1 proposal sensitivity (the cascade's ceiling);
@@ -25,7 +26,13 @@ Prints and saves (``--out``/bench_detection.txt and .tsv) for the test patients:
     sensitivity with a 95% t interval.
 
 Levers (``metsflow.core.settings.TrainSettings`` / ``Stage2Settings``): ``sampling: lesion``
-(+ ``lesion_size_power``), ``instance_loss_weight``, ``stage2.proposal_sensitivity``.
+(+ ``lesion_size_power``), ``instance_loss_weight``, ``stage2.proposal_sensitivity``,
+``hard_negative_fraction``. A hard-negative variant names the variant whose stage-1 model is
+"the previous model": that model's false positives on the *training* patients (its lesions that
+no reference lesion touches, ``metsflow.models.sampling.false_positive_mask``; in the workflow
+the reviewer's deletions from the presegmentation) become each patient's hard-negative mask, and
+a stage 1 trains with them on the same budget. ``--quick`` sets smoke-scale defaults; options
+given explicitly (e.g. ``--iterations 20``) still win.
 
     PYTHONPATH=. nice -n 10 python benchmarks/bench_detection.py --out /tmp/bench_detection
     PYTHONPATH=. nice -n 10 python benchmarks/bench_detection.py --quick   # smoke figures
@@ -39,6 +46,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -66,6 +74,8 @@ from metsflow.models.cascade import (
     train_stage2,
 )
 from metsflow.models.infer import foreground_probability, load_ensemble, stage1_probabilities
+from metsflow.models.networks import HARD_NEGATIVES
+from metsflow.models.sampling import false_positive_mask
 from metsflow.models.train import train_model
 
 SPACING = (1.0, 1.0, 1.0)
@@ -186,6 +196,61 @@ def write_cohort(root: Path, name: str, n: int, seed: int, args, **kw) -> list[d
 # --------------------------------------------------------------------------------------------
 # training, inference, evaluation
 # --------------------------------------------------------------------------------------------
+class Variant(NamedTuple):
+    """One arm of the ablation: stage-1 training ``levers`` (``TrainSettings`` keys), the stage-2
+    ``proposal_sensitivity`` (None: argmax proposals), and ``hard_negatives_from``: the variant
+    whose stage-1 false positives on the training patients are this one's hard negatives."""
+
+    levers: dict
+    proposal_sensitivity: float | None = None
+    hard_negatives_from: str | None = None
+
+
+ALL_LEVERS = {"sampling": "lesion", "lesion_size_power": 0.5, "instance_loss_weight": 1.0}
+# Half the negative patches of a patient with false positives go to them, half stay anywhere
+# in the brain (a model that only sees its old mistakes as background forgets the rest).
+HARD_NEGATIVE_FRACTION = 0.5
+VARIANTS = {
+    "baseline": Variant({}),
+    "+ lesion sampling": Variant({"sampling": "lesion", "lesion_size_power": 0.5}),
+    "+ instance loss": Variant({"instance_loss_weight": 1.0}),
+    "+ high-sensitivity proposals": Variant({}, 0.98),
+    "all levers": Variant(ALL_LEVERS, 0.98),
+    # Appended after the others: their stage-1 models keep the names s1_0..s1_3 of earlier
+    # runs, which --reuse-models finds.
+    "+ hard negatives": Variant(
+        {"hard_negative_fraction": HARD_NEGATIVE_FRACTION}, None, "baseline"
+    ),
+    "all levers + hard negatives": Variant(
+        {**ALL_LEVERS, "hard_negative_fraction": HARD_NEGATIVE_FRACTION}, 0.98, "all levers"
+    ),
+}
+
+
+def with_hard_negatives(args, source: str, items, outputs, refs) -> tuple[list[dict], str]:
+    """``items`` (the training patients) with the false positives of stage-1 model ``source``
+    (``outputs``: its ``segment`` of them) as their hard-negative masks, written under
+    ``--out``/hard_negatives/``source``; and a line saying how many there are."""
+    folder = args.out / "hard_negatives" / source
+    affine = np.diag([*SPACING, 1.0])
+    out, components, patients = [], 0, 0
+    for item, (_, _, pred) in zip(items, outputs, strict=True):
+        mask = false_positive_mask(lab.whole_lesion(pred), refs[item["study_id"]])
+        if not mask.any():
+            out.append(item)
+            continue
+        path = folder / f"{item['study_id']}.nii.gz"
+        save_nifti(path, mask, affine, np.uint8)
+        out.append({**item, HARD_NEGATIVES: str(path)})
+        components += lab.lesion_components(mask)[1]
+        patients += 1
+    line = (
+        f"  hard negatives from {source}: {components} false-positive components in "
+        f"{patients}/{len(items)} training patients"
+    )
+    return out, line
+
+
 def stage1_params(args, seed: int, **levers) -> dict:
     return {
         "arch": "dynunet",
@@ -334,12 +399,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         # Smoke scale: the machinery end to end on a shared 2-core machine in ~30 min; its
-        # figures are not evidence for or against a lever.
-        args.shape, args.train_patients, args.val_patients, args.test_patients = (
-            [56, 56, 44], 5, 3, 6,
+        # figures are not evidence for or against a lever. Defaults only: an option given
+        # explicitly (a shorter --iterations for a faster smoke) still wins.
+        ap.set_defaults(
+            shape=[56, 56, 44], train_patients=5, val_patients=3, test_patients=6,
+            iterations=80, stage2_iterations=50, pretrain_seeds=2, pretrain_iterations=80,
         )  # fmt: skip
-        args.iterations, args.stage2_iterations = 80, 50
-        args.pretrain_seeds, args.pretrain_iterations = 2, 80
+        args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     pd.set_option("display.width", 250)
@@ -365,25 +431,26 @@ def main() -> None:
         f"slab {args.shape} voxels, {time.perf_counter() - start:.0f} s to write"
     )
 
-    variants = {
-        "baseline": ({}, None),
-        "+ lesion sampling": ({"sampling": "lesion", "lesion_size_power": 0.5}, None),
-        "+ instance loss": ({"instance_loss_weight": 1.0}, None),
-        "+ high-sensitivity proposals": ({}, 0.98),
-        "all levers": (
-            {"sampling": "lesion", "lesion_size_power": 0.5, "instance_loss_weight": 1.0},
-            0.98,
-        ),
-    }
+    # Stage-1 outputs on (train, val, test) and model name by training key; each variant's key.
     stage1_cache: dict[str, tuple] = {}
+    model_name: dict[str, str] = {}
+    key_of: dict[str, str] = {}
     rows, froc_rows = [], []
     test_ids = [i["study_id"] for i in te]
-    for name, (levers, sens) in variants.items():
-        key = str(sorted(levers.items()))
+    for name, (levers, sens, hard_from) in VARIANTS.items():
+        key = key_of[name] = str((sorted(levers.items()), hard_from))
         if key not in stage1_cache:
-            path, _ = train(
-                args, f"s1_{len(stage1_cache)}", tr, stage1_params(args, args.seed, **levers)
-            )
+            model_name[key] = f"s1_{len(stage1_cache)}"
+            train_items = tr
+            if hard_from is not None:
+                # "The previous model": the named variant's stage 1 on the training patients.
+                source = key_of[hard_from]
+                train_items, line = with_hard_negatives(
+                    args, model_name[source], tr, stage1_cache[source][0], refs
+                )
+                say(line)
+            params = stage1_params(args, args.seed, **levers)
+            path, _ = train(args, model_name[key], train_items, params)
             stage1_cache[key] = tuple(segment(args, path, items) for items in (tr, va, te))
         s1_train, s1_val, s1_test = stage1_cache[key]
         s1_preds = {s: pred for s, (_, _, pred) in zip(test_ids, s1_test, strict=True)}

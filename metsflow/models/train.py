@@ -375,7 +375,8 @@ def _sample_transform(run: TrainingRun):
 
         # With hard negatives, "pos_neg" keeps its positive draw (uniform over lesion voxels,
         # as RandCropByPosNegLabeld) in the one crop that can centre a negative on them; the
-        # MONAI crop has no third kind of centre.
+        # MONAI crop has no third kind of centre. (Its brain-centred negatives may then fall on
+        # a lesion voxel, which MONAI's background list leaves out: a few % of the brain.)
         crop = RandLesionCropd(
             keys=keys,
             spatial_size=list(run.model.patch_size),
