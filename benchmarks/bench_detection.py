@@ -251,8 +251,19 @@ def with_hard_negatives(args, source: str, items, outputs, refs) -> tuple[list[d
     return out, line
 
 
+# The baseline pins the behaviour before issue #23 (MONAI's RandCropByPosNegLabeld, Dice+CE
+# only), whatever ``TrainSettings``'s defaults are now: the levers are measured against it.
+BASELINE_LEVERS = {
+    "sampling": "pos_neg",
+    "lesion_size_power": 0.0,
+    "instance_loss_weight": 0.0,
+    "hard_negative_fraction": 0.0,
+}
+
+
 def stage1_params(args, seed: int, **levers) -> dict:
     return {
+        **BASELINE_LEVERS,
         "arch": "dynunet",
         "channels": CHANNELS,
         "label_mode": "multiclass",
@@ -396,6 +407,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--reuse-models", action="store_true")
+    ap.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+        help="evaluate these (a hard-negative variant also trains/segments its source)",
+    )  # fmt: skip
+    ap.add_argument("--results", default="bench_detection", help="name of the .txt/.tsv")
     args = ap.parse_args()
     if args.quick:
         # Smoke scale: the machinery end to end on a shared 2-core machine in ~30 min; its
@@ -417,7 +433,7 @@ def main() -> None:
         print(text, flush=True)
         lines.append(text)
         # Written as it goes: a run cut short still leaves what it measured.
-        (args.out / "bench_detection.txt").write_text("\n".join(lines) + "\n")
+        (args.out / f"{args.results}.txt").write_text("\n".join(lines) + "\n")
 
     start = time.perf_counter()
     data = args.out / "cohort"
@@ -437,10 +453,19 @@ def main() -> None:
     key_of: dict[str, str] = {}
     rows, froc_rows = [], []
     test_ids = [i["study_id"] for i in te]
+    # Model names follow the order of VARIANTS whatever --variants picks, so --reuse-models
+    # finds the models of a full run.
+    for name, variant in VARIANTS.items():
+        key = key_of[name] = str((sorted(variant.levers.items()), variant.hard_negatives_from))
+        model_name.setdefault(key, f"s1_{len(model_name)}")
+    needed = set(args.variants) | {VARIANTS[v].hard_negatives_from for v in args.variants}
     for name, (levers, sens, hard_from) in VARIANTS.items():
-        key = key_of[name] = str((sorted(levers.items()), hard_from))
-        if key not in stage1_cache:
-            model_name[key] = f"s1_{len(stage1_cache)}"
+        if name not in needed:
+            continue
+        key = key_of[name]
+        # A variant that is only another's source of hard negatives: its training patients.
+        sets = (tr, va, te) if name in args.variants else (tr,)
+        if len(stage1_cache.get(key, ())) < len(sets):
             train_items = tr
             if hard_from is not None:
                 # "The previous model": the named variant's stage 1 on the training patients.
@@ -451,7 +476,9 @@ def main() -> None:
                 say(line)
             params = stage1_params(args, args.seed, **levers)
             path, _ = train(args, model_name[key], train_items, params)
-            stage1_cache[key] = tuple(segment(args, path, items) for items in (tr, va, te))
+            stage1_cache[key] = tuple(segment(args, path, items) for items in sets)
+        if name not in args.variants:
+            continue
         s1_train, s1_val, s1_test = stage1_cache[key]
         s1_preds = {s: pred for s, (_, _, pred) in zip(test_ids, s1_test, strict=True)}
         s1_scores = {s: fg for s, (_, fg, _) in zip(test_ids, s1_test, strict=True)}
@@ -469,7 +496,7 @@ def main() -> None:
     say("\nTest patients: lesion sensitivity per size bin, detected/reference sens [Wilson 95% CI]")
     say(table.to_string(index=False))
     say("\n" + pd.DataFrame(froc_rows).to_string(index=False))
-    table.to_csv(args.out / "bench_detection.tsv", sep="\t", index=False)
+    table.to_csv(args.out / f"{args.results}.tsv", sep="\t", index=False)
 
     # ---- pretrained vs scratch -----------------------------------------------------------------
     say("\npretrained (other phantom: seed, geometry, contrast) -> fine-tuned vs scratch")
@@ -517,7 +544,7 @@ def main() -> None:
         f"stage 2 {args.stage2_iterations} it, device {args.device}; total "
         f"{time.perf_counter() - start:.0f} s"
     )
-    (args.out / "bench_detection.txt").write_text("\n".join(lines) + "\n")
+    (args.out / f"{args.results}.txt").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

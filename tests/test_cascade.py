@@ -38,12 +38,16 @@ class FixedScores(torch.nn.Module):
         return (x[:, -1].mean(dim=(1, 2, 3)) * 100 - 1).unsqueeze(1) + self.dummy * 0
 
 
+# A stage-2 checkpoint trained on stage 1's argmax (``proposal_sensitivity`` null).
+ARGMAX_PROPOSALS = {"crop_size": [16, 16, 16], "proposal_sensitivity": None}
+
+
 def test_filter_removes_candidates_below_threshold_with_their_edema():
     pred = two_lesion_prediction()
     fg_prob = np.zeros(SHAPE, np.float32)
     fg_prob[ball(SHAPE, (10, 10, 10), 3)] = 0.9  # A confident, B not
     image = np.zeros((1, *SHAPE), np.float32)
-    meta = {"threshold": 0.5, "params": {"crop_size": [16, 16, 16]}}
+    meta = {"threshold": 0.5, "params": ARGMAX_PROPOSALS}
     filtered, cands = cascade.filter_prediction(pred, image, fg_prob, FixedScores(), meta, "S")
     assert len(cands) == 2
     scores = sorted(c.score for c in cands)
@@ -151,7 +155,7 @@ def test_cascade_postprocess_hands_the_dropped_candidates_to_the_writer(tmp_path
     probs[1][ball(SHAPE, (10, 10, 10), 3)] = 0.9  # A confident, B not
     probs[0] -= probs[1]
     inp = {"image": np.zeros((1, *SHAPE), np.float32), "brain": np.ones(SHAPE, bool)}
-    meta = {"threshold": 0.5, "params": {"crop_size": [16, 16, 16]}}
+    meta = {"threshold": 0.5, "params": ARGMAX_PROPOSALS}
     post = CascadePostProcess((FixedScores(), meta), None, {}, torch.device("cpu"))
     filtered, extra = post({"study_id": "S"}, inp, probs, pred)
     ids, rows = extra[SUGGESTIONS_KEY]

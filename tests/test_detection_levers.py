@@ -200,8 +200,7 @@ def test_high_sensitivity_proposals_let_stage2_recover_a_lesion(high_sensitivity
     fg[4:7, 4:7, 4:7] = 0.9
     fg[16:18, 16:18, 16:18] = 0.3  # a lesion stage 1 scored below 0.5
     params = {**cascade.DEFAULTS, "crop_size": [8, 8, 8], "proposal_threshold": 0.2}
-    if high_sensitivity:
-        params["proposal_sensitivity"] = 0.98
+    params["proposal_sensitivity"] = 0.98 if high_sensitivity else None
     meta = {"params": params, "threshold": 0.5}
     image = np.zeros((1, *shape), np.float32)
     out, candidates = cascade.filter_prediction(pred, image, fg, _KeepAll(), meta)
@@ -266,7 +265,12 @@ def test_suggestions_number_the_high_sensitivity_proposals():
     fg = np.zeros(shape, np.float32)
     fg[4:7, 4:7, 4:7] = 0.9
     fg[16:18, 16:18, 16:18] = 0.3
-    params = {**cascade.DEFAULTS, "crop_size": [8, 8, 8], "proposal_threshold": 0.2}
+    params = {
+        **cascade.DEFAULTS,
+        "crop_size": [8, 8, 8],
+        "proposal_threshold": 0.2,
+        "proposal_sensitivity": None,
+    }
     argmax_meta = {"params": params, "threshold": 0.5}
     high_meta = {"params": {**params, "proposal_sensitivity": 0.98}, "threshold": 0.5}
     assert _candidate_map(pred, fg, argmax_meta).max() == 1
@@ -509,7 +513,7 @@ def test_training_stream_centres_negatives_on_the_hard_negatives(tmp_path, sampl
     transform = train._sample_transform(run)
     crop = transform.transforms[0]
     assert isinstance(crop, RandLesionCropd)
-    assert crop.size_power == (VOXEL_UNIFORM if sampling == "pos_neg" else 0.0)
+    assert crop.size_power == (VOXEL_UNIFORM if sampling == "pos_neg" else 0.5)
     stream = train.PatchStream(cache, transform, seed=0, first_sample=0, count=80)
     kinds = {"lesion": 0, "hard_negative": 0, "brain": 0}
     for index in range(len(stream)):
@@ -524,6 +528,15 @@ def test_training_stream_centres_negatives_on_the_hard_negatives(tmp_path, sampl
 
 
 def test_fraction_0_keeps_the_monai_crop():
-    run = train.resolve_params(tiny_params(patch_size=[16, 16, 16]))
+    run = train.resolve_params(tiny_params(patch_size=[16, 16, 16], sampling="pos_neg"))
     assert run.train.hard_negative_fraction == 0.0
     assert isinstance(train._sample_transform(run).transforms[0], RandCropByPosNegLabeld)
+
+
+def test_a_checkpoint_on_argmax_proposals_keeps_them_under_the_new_default():
+    """``proposal_sensitivity`` became 0.98 by default; a stage-2 checkpoint (or a config) that
+    says null means stage 1's argmax, not "the default"."""
+    assert cascade.resolve_params({}).proposal_sensitivity == 0.98
+    assert cascade.resolve_params({"proposal_sensitivity": None}).proposal_sensitivity is None
+    # Keys whose None only means "the default" still get it.
+    assert cascade.resolve_params({"iterations": None}).iterations == 300

@@ -74,10 +74,13 @@ class Candidate:
 
 
 def resolve_params(params: Stage2Settings | dict | None) -> Stage2Settings:
-    """The typed stage-2 settings of ``params`` (a dict: ``None`` = the default), checked as the
-    config schema checks them (for callers that do not come through the config)."""
+    """The typed stage-2 settings of ``params`` (a dict: ``None`` = the default, except for the
+    keys whose ``None`` means something: ``Stage2Settings.nullable``, so a checkpoint trained on
+    argmax proposals keeps them whatever the default is now), checked as the config schema
+    checks them (for callers that do not come through the config)."""
     if not isinstance(params, Stage2Settings):
-        values = {k: v for k, v in (params or {}).items() if v is not None}
+        keep_none = Stage2Settings.nullable()
+        values = {k: v for k, v in (params or {}).items() if v is not None or k in keep_none}
         params = Stage2Settings.from_dict(values, "stage-2 keys")
     crop = [int(v) for v in np.broadcast_to(params.crop_size, 3)]
     params = dataclasses.replace(params, crop_size=crop)
