@@ -342,7 +342,8 @@ def evaluate(name: str, preds: dict, refs: dict, scores: dict | None = None) -> 
 def cascade_variant(args, s1_val, s1_test, val_items, train_items, s1_train, refs, sens):
     """Stage 2 on the stage-1 outputs; ``sens`` None = argmax proposals, else high-sensitivity
     proposals at the validation threshold reaching ``sens``. Returns test predictions and the
-    stage-1 proposal sensitivity on validation (the cascade's ceiling)."""
+    stage-1 proposal sensitivity on validation (the cascade's ceiling), or ``(None, reason)``
+    when stage 1 left no false-positive candidate on the training patients to learn from."""
     params = {
         "iterations": args.stage2_iterations,
         "crop_size": [24, 24, 24],
@@ -368,10 +369,15 @@ def cascade_variant(args, s1_val, s1_test, val_items, train_items, s1_train, ref
             for i, (inp, fg, _) in zip(items, outputs, strict=True)
         ]  # fmt: skip
 
+    train_cands = cands(train_items, s1_train, True)
+    if not any((np.asarray(c.labels) == 0).any() for c in train_cands):
+        # Seen at smoke scale (80 it, "all levers + hard negatives"): stage 1 found so few
+        # validation lesions that the high-sensitivity threshold fell to its floor (0.05), where
+        # each training patient's proposals merge into one brain-sized component that touches a
+        # lesion, so stage 2 has no negative example.
+        return None, "stage 2 not trained: no false-positive candidate on the training patients"
     path = args.out / "models" / f"stage2_{len(list((args.out / 'models').glob('stage2_*')))}.pt"
-    train_stage2(
-        cands(train_items, s1_train, True), cands(val_items, s1_val, False), CHANNELS, params, path
-    )
+    train_stage2(train_cands, cands(val_items, s1_val, False), CHANNELS, params, path)
     network, meta = load_stage2(path)
     preds = {}
     for item, (inp, fg, pred) in zip(args.test_items, s1_test, strict=True):
@@ -488,8 +494,11 @@ def main() -> None:
             {"variant": name, "test FROC (sens@FP/pt)": froc_points(lesions, predicted, test_ids)}
         )
         preds, meta = cascade_variant(args, s1_val, s1_test, va, tr, s1_train, refs, sens)
-        row, _, _ = evaluate(f"{name}: cascade", preds, refs)
-        row["val proposal sens"] = round(meta["sensitivity_before"], 3)
+        if preds is None:
+            row = {"variant": f"{name}: cascade", "note": meta}
+        else:
+            row, _, _ = evaluate(f"{name}: cascade", preds, refs)
+            row["val proposal sens"] = round(meta["sensitivity_before"], 3)
         rows.append(row)
         say(pd.DataFrame(rows[-2:]).to_string(index=False))
     table = pd.DataFrame(rows)
