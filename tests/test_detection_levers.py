@@ -540,3 +540,52 @@ def test_a_checkpoint_on_argmax_proposals_keeps_them_under_the_new_default():
     assert cascade.resolve_params({"proposal_sensitivity": None}).proposal_sensitivity is None
     # Keys whose None only means "the default" still get it.
     assert cascade.resolve_params({"iterations": None}).iterations == 300
+
+
+def test_stage2_job_falls_back_to_argmax_proposals_when_they_leave_nothing_to_learn(
+    tmp_path, monkeypatch
+):
+    """A weak stage 1 can need the threshold floor for 98% proposal sensitivity, where its
+    proposals merge into regions that all touch a lesion: no false positive for stage 2. The
+    round then goes on with argmax proposals instead of failing."""
+    import collections
+
+    import pandas as pd
+
+    from metsflow.core.layout import Layout
+    from metsflow.core.settings import InferSettings
+    from metsflow.jobs import train as train_job
+    from metsflow.models import infer
+
+    plan = pd.DataFrame({"study_id": ["S0", "S1"], "patient_id": ["P0", "P1"]})
+    items = [{"study_id": "S0"}], [{"study_id": "S1"}]
+    monkeypatch.setattr(
+        train_job.TrainingInputs, "labelled_items", lambda self, d: (plan, *items, None)
+    )
+    monkeypatch.setattr(infer, "load_ensemble", lambda paths, device: ([], {"channels": ["t1c"]}))
+    monkeypatch.setattr(
+        cascade,
+        "mine_proposal_threshold",
+        lambda *a: {"threshold": 0.05, "proposal_sensitivity": 1.0},
+    )
+    mined = []
+    monkeypatch.setattr(cascade, "mine_candidates", lambda *a: mined.append(a[5]) or [])
+    trained = []
+
+    def fake_train(train, val, channels, params, out, stage1_checkpoint=None):
+        trained.append(params)
+        if params.proposal_sensitivity is not None:
+            raise cascade.NoCandidatesError("stage 2 needs lesion and false-positive candidates")
+        return collections.defaultdict(float)  # the figures stage 2 would report
+
+    monkeypatch.setattr(cascade, "train_stage2", fake_train)
+    job = train_job.TrainingInputs(
+        round_index=0, plan_path="", preprocess_manifests=[], annotation_tables=[],
+        train={"stage2": {"proposal_sensitivity": 0.98}}, seed=0, layout=Layout(tmp_path),
+    )  # fmt: skip
+    summary = train_job.run_train_stage2(job, InferSettings(), ["m.pt"])
+    assert [p.proposal_sensitivity for p in trained] == [0.98, None]
+    # The argmax retry mines at the configured threshold, not the floor the proposals needed.
+    assert trained[1].proposal_threshold == cascade.DEFAULTS["proposal_threshold"]
+    assert mined[-1].proposal_threshold == cascade.DEFAULTS["proposal_threshold"]
+    assert summary["proposal_threshold"] == cascade.DEFAULTS["proposal_threshold"]

@@ -279,7 +279,12 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
     import torch
 
     from metsflow.core.runtime import select_device
-    from metsflow.models.cascade import mine_candidates, mine_proposal_threshold, train_stage2
+    from metsflow.models.cascade import (
+        NoCandidatesError,
+        mine_candidates,
+        mine_proposal_threshold,
+        train_stage2,
+    )
     from metsflow.models.infer import load_ensemble
 
     out_model = job.layout.stage2_model(job.round_index)
@@ -296,12 +301,12 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
     device = select_device(infer.device)
     networks, meta = load_ensemble(stage1_models, device=device)
 
-    def mine(items: list[dict], add_reference: bool) -> list:
+    def mine(items: list[dict], add_reference: bool, params) -> list:
         return mine_candidates(
             networks, meta, items, infer.as_params(), device, params, add_reference, patient_of
         )
 
-    proposals = None
+    proposals, configured = None, params
     if params.proposal_sensitivity is not None:
         # High-sensitivity stage 1: the proposal threshold is set on the validation studies,
         # and stage 2 trains and chooses its operating point on those proposals (stage 1 runs
@@ -311,14 +316,31 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
         )
         params = dataclasses.replace(params, proposal_threshold=proposals["threshold"])
         log.info("stage-1 proposals: %s", proposals)
-    stage2_meta = train_stage2(
-        mine(train_items, True),  # + every reference lesion, so positives exist
-        mine(val_items, False),
-        meta["channels"],
-        params,
-        out_model,
-        stage1_checkpoint=",".join(stage1_models),
-    )
+
+    def fit(params) -> dict:
+        return train_stage2(
+            mine(train_items, True, params),  # + every reference lesion, so positives exist
+            mine(val_items, False, params),
+            meta["channels"],
+            params,
+            out_model,
+            stage1_checkpoint=",".join(stage1_models),
+        )
+
+    try:
+        stage2_meta = fit(params)
+    except NoCandidatesError as exc:
+        if proposals is None:
+            raise
+        # A weak stage 1 (an early round, a small cohort) can need the threshold floor to reach
+        # the proposal sensitivity, where its proposals merge into brain-sized regions that all
+        # touch a lesion: no false positive to learn from. The round goes on with the argmax.
+        log.warning(
+            "%s with high-sensitivity proposals (%s); using stage 1's argmax", exc, proposals
+        )
+        params = dataclasses.replace(configured, proposal_sensitivity=None)
+        proposals = None
+        stage2_meta = fit(params)
     summary = {
         k: stage2_meta[k]
         for k in (

@@ -596,6 +596,10 @@ def mine_proposal_threshold(
     return proposal_threshold(np.concatenate(peaks or [np.zeros(0)]), float(sensitivity))
 
 
+class NoCandidatesError(ValueError):
+    """The training candidates are all lesions or all false positives: nothing to learn."""
+
+
 def train_stage2(
     train: Sequence[StudyCandidates],
     val: Sequence[StudyCandidates],
@@ -615,7 +619,7 @@ def train_stage2(
     crops = np.concatenate([s.crops for s in train]) if train else np.zeros((0,))
     labels = np.concatenate([s.labels for s in train]) if train else np.zeros(0)
     if not len(labels) or labels.min() == labels.max():
-        raise ValueError(
+        raise NoCandidatesError(
             f"stage 2 needs lesion and false-positive candidates to learn from; got "
             f"{int(labels.sum())} lesion and {int((1 - labels).sum())} false-positive candidates"
         )
