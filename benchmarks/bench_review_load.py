@@ -11,10 +11,12 @@ together), then:
    on each study: exactly one confirmation per study may win, the others must get 409.
 
 It prints reviewers, saves attempted, saves accounted for (versions found in the label store
-with that reviewer), lost saves (a 200 whose version is not in the store), 409s, 5xx and the
-p50/p95 save latency, and exits non-zero if a save was lost, a 5xx came back, or a study ended
-with other than one confirmed version. Bounded: every request has a timeout and the server is
-stopped at the end.
+with that reviewer), lost saves (a 200 whose version is not in the store), 409s, 5xx, the
+p50/p95 save latency and the server's CPU time per save (from the saves' start until the
+server is idle again, so the work a save defers, its edit summary, is counted in; Linux
+/proc), and exits non-zero if a save was lost, a 5xx came back, or a study ended with other
+than one confirmed version. Bounded: every request has a timeout and the server is stopped at
+the end. On a shared machine the latencies depend on the load; the CPU per save does not.
 
     python benchmarks/bench_review_load.py --reviewers 20 --studies 150 --shape 24
     python benchmarks/bench_review_load.py --reviewers 20 --studies 40 --clinical
@@ -51,6 +53,9 @@ REPO = Path(__file__).resolve().parents[1]
 PASSWORD = "load-test-password"
 AFFINE = np.diag([1.0, 1.0, 1.2, 1.0])
 CLINICAL_SHAPE = (240, 240, 155)  # a 1 mm brain MRI (BraTS grid)
+# A client that failed before the start line (a refused login) must not leave the others
+# waiting for it forever: they give up and report it.
+BARRIER_TIMEOUT_S = 600
 
 
 # ---------------------------------------------------------------------- synthetic batch
@@ -141,10 +146,15 @@ def _no_fsync() -> Iterator[None]:
 
 
 def label_bytes(shape: tuple[int, int, int], value: int = 1, compress: bool = True) -> bytes:
-    """A corrected label (the pre-segmentation with one extra blob) as NIfTI bytes."""
+    """A corrected label (the pre-segmentation with one extra blob) as NIfTI bytes, as the
+    editor sends it: uint8 with the T1c's header (sform and qform coded, as ``io.save_nifti``
+    wrote the T1c), gzip-compressed."""
     data = presegmentation(shape)
     data[0:2, 0:2, 0:2] = value
-    raw = nib.Nifti1Image(data, AFFINE).to_bytes()
+    image = nib.Nifti1Image(data, AFFINE)
+    image.set_qform(AFFINE, code=1)
+    image.set_sform(AFFINE, code=1)
+    raw = image.to_bytes()
     return gzip.compress(raw, compresslevel=1) if compress else raw
 
 
@@ -157,9 +167,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(pid: int, quiet_s: float = 1.0, timeout_s: float = 300.0) -> float:
+    """Wait until process ``pid`` used under 2% of a core for ``quiet_s``; its CPU seconds."""
+    deadline = time.monotonic() + timeout_s
+    used = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        now = cpu_seconds(pid)
+        if not now - used > 0.02 * quiet_s:  # NaN (no /proc) ends the wait too
+            return now
+        used = now
+    return used
+
+
 @contextlib.contextmanager
-def running_server(results: Path, labels: Path, port: int) -> Iterator[str]:
-    """``metsflow review serve`` in a subprocess; yields its base URL, stops it at the end."""
+def running_server(results: Path, labels: Path, port: int) -> Iterator[tuple[str, int]]:
+    """``metsflow review serve`` in a subprocess; yields its base URL and process id, stops it
+    at the end."""
     import httpx
 
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -180,7 +213,7 @@ def running_server(results: Path, labels: Path, port: int) -> Iterator[str]:
                     log.seek(0)
                     raise RuntimeError(f"server did not start:\n{log.read().decode()[-3000:]}")
                 time.sleep(0.2)
-            yield url
+            yield url, proc.pid
         finally:
             proc.terminate()
             try:
@@ -326,10 +359,17 @@ def run(
     auto_assign(ReviewApp(config), "bench")
 
     refine, confirm = Tally(), Tally()
-    with running_server(results, labels, free_port()) as url:
-        start = threading.Barrier(len(trainees))
+    with running_server(results, labels, free_port()) as (url, pid):
+        # The server's CPU is read when every trainee has logged in (argon2 is not a save's).
+        at_start = {}
+        start = threading.Barrier(
+            len(trainees),
+            action=lambda: at_start.update(cpu=cpu_seconds(pid)),
+            timeout=BARRIER_TIMEOUT_S,
+        )
         refine_wall = _run_threads((_trainee, (url, n, dims, refine, start)) for n in trainees)
-        start = threading.Barrier(len(neurorads))
+        cpu_saves = wait_idle(pid) - at_start.get("cpu", float("nan"))
+        start = threading.Barrier(len(neurorads), timeout=BARRIER_TIMEOUT_S)
         ids = list(selection["study_id"])
         confirm_wall = _run_threads(
             (_neuroradiologist, (url, n, ids, confirm, start)) for n in neurorads
@@ -374,6 +414,7 @@ def run(
         "save_p95_ms": round(1000 * _percentile(refine.latencies, 95), 1),
         "confirm_p50_ms": round(1000 * _percentile(confirm.latencies, 50), 1),
         "confirm_p95_ms": round(1000 * _percentile(confirm.latencies, 95), 1),
+        "server_cpu_ms_per_save": round(1000 * cpu_saves / max(1, sum(refine.status.values())), 1),
         "refine_wall_s": round(refine_wall, 2),
         "confirm_wall_s": round(confirm_wall, 2),
     }

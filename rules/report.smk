@@ -39,6 +39,13 @@ rule report_rounds:
             caption="../report/correction_burden_per_round.rst",
             category="Active learning",
         ),
+        suggestions=report(
+            LAYOUT.report("suggestions_by_size_bin.tsv"),
+            caption="../report/suggestions_by_size_bin.rst",
+            category="Active learning",
+        ),
+    params:
+        label_store=config["label_store"],
     log:
         LAYOUT.job("report_rounds").log,
     benchmark:

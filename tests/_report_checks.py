@@ -9,6 +9,7 @@ from conftest import run_snakemake
 
 from metsflow.cohort.plan import read_plan
 from metsflow.evaluation.longitudinal import BASELINE, RESPONSE_CATEGORIES
+from metsflow.evaluation.report import SUGGESTION_COLUMNS
 
 REPORT_FIGURES = (
     "dice_per_round.png",
@@ -74,11 +75,21 @@ def check_evaluation_outputs(run_dir, config):
     assert per_round.set_index("round").loc[1, "n_studies"] == len(selection)
     rounds = pd.read_csv(results / "report/rounds.tsv", sep="\t").set_index("round")
     assert rounds.loc[1, "burden_studies"] == len(selection)
+    # Possible lesions decided in the editor: none by the simulated annotator, so the table
+    # is there with its columns and no row.
+    suggestions = pd.read_csv(results / "report/suggestions_by_size_bin.tsv", sep="\t")
+    assert list(suggestions.columns) == SUGGESTION_COLUMNS and suggestions.empty
 
     report = run_dir / "report.html"
     run_snakemake(["--configfile", str(config), "--report", str(report)])
     html = report.read_text(errors="replace")
-    tables = ("compare_round_0.tsv", "response.tsv", "rounds.tsv", "correction_burden.tsv")
+    tables = (
+        "compare_round_0.tsv",
+        "response.tsv",
+        "rounds.tsv",
+        "correction_burden.tsv",
+        "suggestions_by_size_bin.tsv",
+    )
     for name in (*REPORT_FIGURES, *tables):
         assert name in html, f"{name} is not in the report"
 

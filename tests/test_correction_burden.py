@@ -328,6 +328,8 @@ def test_report_rounds_table_and_figure(tmp_path, confirmed_round):
             out_cohort=str(report / "cohort_summary.tsv"),
             out_burden=str(report / "correction_burden.tsv"),
             out_burden_plot=str(report / "correction_burden_per_round.png"),
+            label_store=str(store.root),
+            out_suggestions=str(report / "suggestions_by_size_bin.tsv"),
         )
     ).set_index("round")
     assert table.loc[1, "burden_studies"] == 2 and table.loc[1, "voxels_changed_median"] == 74
@@ -336,6 +338,9 @@ def test_report_rounds_table_and_figure(tmp_path, confirmed_round):
     assert per_round["n_studies"].to_dict() == {1: 2, 2: 0}
     assert per_round.loc[1, "lesion_edits_q3"] == pytest.approx(2.25)  # of 0 and 3
     assert (report / "correction_burden_per_round.png").stat().st_size > 5_000
+    # The simulated annotator decides no possible lesion: the table has its columns, no row.
+    suggestions = pd.read_csv(report / "suggestions_by_size_bin.tsv", sep="\t")
+    assert suggestions.empty and "accept_rate" in suggestions.columns
 
 
 def test_empty_batch_after_the_stop_criterion(tmp_path, capsys):

@@ -1,3 +1,4 @@
+import gzip
 import hashlib
 import stat
 import threading
@@ -73,6 +74,48 @@ def test_refine_then_confirm_with_provenance_and_read_only_file(tmp_path, study)
     assert history[1]["sha256"] == _sha(path)
     assert history[1]["submitted_sha256"] == _sha(confirmed)
     assert history[1]["timestamp"] and history[1]["override"] is False
+
+
+def test_a_label_in_the_stores_form_is_kept_byte_for_byte_any_other_is_normalised(tmp_path, study):
+    store = LabelStore(tmp_path / "labels")
+    # What the editor sends (the T1c's header with uint8 voxels, gzip) and the store's own
+    # versions: stored as they are.
+    header = nib.load(str(study)).header.copy()
+    header.set_data_dtype(np.uint8)
+    as_sent = tmp_path / "in" / "as_sent.nii.gz"
+    sent = nib.Nifti1Image(_label(1), None, header).to_bytes()
+    as_sent.write_bytes(gzip.compress(sent, compresslevel=1))  # not how nibabel compresses
+    # Any other form is re-encoded: int16, uncompressed, no qform, scaled voxels (1 stored as 2).
+    int16 = _write(tmp_path, "int16.nii.gz", _label(1), dtype=np.int16)
+    plain = _write(tmp_path, "plain.nii", _label(1))
+    no_qform = tmp_path / "in" / "no_qform.nii.gz"
+    nib.save(nib.Nifti1Image(_label(1), AFFINE), no_qform)  # sform code 2, qform code 0
+    ones = (_label(1) > 0).astype(np.uint8)
+    scaled = nib.Nifti1Image(ones, AFFINE)
+    scaled.set_qform(AFFINE, code=1)
+    raw = bytearray(scaled.to_bytes())
+    raw[112:116] = np.float32(2.0).tobytes()  # scl_slope (nibabel resets it when saving)
+    (tmp_path / "in" / "scaled.nii.gz").write_bytes(gzip.compress(bytes(raw)))
+    cases = {
+        "S1": (as_sent, True, _label(1)),
+        "S2": (int16, False, _label(1)),
+        "S3": (plain, False, _label(1)),
+        "S4": (no_qform, False, _label(1)),
+        "S5": (tmp_path / "in" / "scaled.nii.gz", False, ones * 2),
+    }
+    for study_id, (path, kept, expected) in cases.items():
+        store.import_label(study_id, path, "refined", "A", study)
+        record = store.history(study_id)[-1]
+        assert (record["sha256"] == record["submitted_sha256"]) is kept, study_id
+        stored = nib.load(str(store.latest(study_id)))
+        assert stored.get_data_dtype() == np.uint8 and stored.shape == SHAPE
+        np.testing.assert_array_equal(np.asanyarray(stored.dataobj), expected)
+        assert stored.header["sform_code"] > 0 and stored.header["qform_code"] > 0
+        np.testing.assert_allclose(stored.header.get_qform(), AFFINE, atol=1e-5)
+        np.testing.assert_array_equal(stored.affine, nib.load(str(study)).affine)
+    # A version confirmed unchanged (the server's confirm) is copied, not re-encoded.
+    store.import_label("S1", store.latest("S1"), "confirmed", "Dr B", study)
+    assert _sha(store.latest("S1")) == store.history("S1")[0]["sha256"]
 
 
 def test_confirmed_label_cannot_be_replaced_but_override_adds_a_version(tmp_path, study):

@@ -33,6 +33,7 @@ from metsflow.evaluation.longitudinal import match_previous
 from metsflow.models.cascade import Candidate, dropped_candidates
 from metsflow.review_server import db
 from metsflow.review_server.app import create_app
+from metsflow.review_server.assists import grid_offset
 from metsflow.review_server.config import ReviewConfig
 
 SHAPE = (28, 26, 24)
@@ -97,6 +98,49 @@ def test_match_previous_marks_new_persisting_and_gone():
     assert len(gone) == 1
 
 
+def _start(img) -> np.ndarray:
+    """The T1c voxel where a (cropped) assist volume starts, from its affine."""
+    shift = np.linalg.solve(AFFINE[:3, :3], img.affine[:3, 3] - AFFINE[:3, 3])
+    assert np.allclose(img.affine[:3, :3], AFFINE[:3, :3]) and np.allclose(shift, np.rint(shift))
+    return np.rint(shift).astype(int)
+
+
+def _on_t1c_grid(img) -> np.ndarray:
+    """A cropped assist volume placed back on the T1c grid through its affine."""
+    full = np.zeros(SHAPE, np.uint8)
+    box = tuple(slice(a, a + n) for a, n in zip(_start(img), img.shape, strict=True))
+    full[box] = np.asarray(img.dataobj)
+    return full
+
+
+def test_grid_offset_places_a_box_of_the_t1c_grid_and_refuses_anything_else(tmp_path):
+    t1c = nib.Nifti1Image(np.zeros(SHAPE, np.float32), AFFINE)
+    cases = {
+        "full": t1c,
+        "box": t1c.slicer[2:5, 3:9, 1:4],
+        "half_voxel": nib.Nifti1Image(np.zeros((3, 3, 3)), AFFINE @ _shift(0.5, 0, 0)),
+        "outside": nib.Nifti1Image(np.zeros((3, 3, 3)), AFFINE @ _shift(SHAPE[0] - 2, 0, 0)),
+        "finer": nib.Nifti1Image(np.zeros((3, 3, 3)), AFFINE @ np.diag([0.5, 1, 1, 1])),
+    }
+    found = {}
+    for name, image in cases.items():
+        nib.save(image, tmp_path / f"{name}.nii.gz")
+        found[name] = grid_offset(tmp_path / f"{name}.nii.gz", t1c)
+    assert found == {
+        "full": [0, 0, 0],
+        "box": [2, 3, 1],
+        "half_voxel": None,
+        "outside": None,
+        "finer": None,
+    }
+
+
+def _shift(*voxels) -> np.ndarray:
+    shift = np.eye(4)
+    shift[:3, 3] = voxels
+    return shift
+
+
 def test_package_carries_assists_on_the_native_grid(batch):
     folder = batch["review_dir"] / FOLLOW_UP
     info = json.loads((folder / ASSISTS_NAME).read_text())
@@ -105,16 +149,27 @@ def test_package_carries_assists_on_the_native_grid(batch):
     assert [r["stage2_score"] for r in rows] == [0.41, 0.12]
     assert rows[0]["voxels"] == int(batch["suggestion_a"].sum())
     assert {r["size_bin"] for r in rows} <= {"lt3mm", "3to10mm", "ge10mm"}
+    # Suggestions and probability map: boxes around what they hold, placed by their affine.
     ids = nib.load(folder / REVIEW_SUGGESTIONS_NAME)
-    assert np.allclose(ids.affine, AFFINE) and ids.get_data_dtype() == np.uint8
-    assert np.array_equal(np.asarray(ids.dataobj) == 1, batch["suggestion_a"])
-    prob = np.asarray(nib.load(folder / REVIEW_PROB_NAME).dataobj)
-    assert prob.dtype == np.uint8 and prob[batch["suggestion_a"]].min() == 153  # 0.6 * 255
+    assert ids.get_data_dtype() == np.uint8 and np.prod(ids.shape) < np.prod(SHAPE)
+    assert np.array_equal(_on_t1c_grid(ids) == 1, batch["suggestion_a"])
+    assert np.array_equal(_on_t1c_grid(ids) == 2, batch["suggestion_b"])
+    prob_img = nib.load(folder / REVIEW_PROB_NAME)
+    prob = _on_t1c_grid(prob_img)
+    assert prob_img.get_data_dtype() == np.uint8 and np.prod(prob_img.shape) < np.prod(SHAPE)
+    assert prob[batch["suggestion_a"]].min() == 153  # 0.6 * 255
+    assert np.array_equal(
+        prob > 0, (batch["preseg"] > 0) | batch["suggestion_a"] | batch["suggestion_b"]
+    )
     # The previous label came through the real ANTs propagation (identity transforms): exact.
     previous = np.asarray(nib.load(folder / PREVIOUS_LABEL_NAME).dataobj)
     assert np.array_equal(previous, batch["previous_label"])
     assert nib.load(folder / PREVIOUS_T1C_NAME).get_data_dtype() == np.uint8
     assert info["previous"] == {"study_id": "S01", "label_source": "confirmed"}
+    # Matched against the previous label at export (the server answers from it).
+    matching = info["matching"]
+    assert matching["lesions"]["1"]["status"] == "persisting"
+    assert matching["lesions"]["2"] == {"status": "new"} and len(matching["gone"]) == 1
     # The pre-segmentation stays read-only with the assists around it.
     assert not (folder / PRESEGMENTATION_NAME).stat().st_mode & 0o200
 
@@ -151,7 +206,11 @@ def test_assists_answer_lists_suggestions_and_lesion_status(client, batch):
     assert len(body["gone"]) == 1
     volume = tina.get(body["volumes"]["probability"])
     assert volume.status_code == 200
-    assert nib.Nifti1Image.from_bytes(gzip.decompress(volume.content)).shape == SHAPE
+    # A box of the T1c grid; the answer says where it starts (the editor places it so).
+    box = nib.Nifti1Image.from_bytes(gzip.decompress(volume.content))
+    assert np.prod(box.shape) < np.prod(SHAPE)
+    assert body["offsets"]["probability"] == _start(box).tolist()
+    assert body["offsets"]["previous_label"] == [0, 0, 0]
     assert tina.get(f"/api/studies/{FOLLOW_UP}/assists/../manifest").status_code == 404
     assert tina.get(f"/api/studies/{FOLLOW_UP}/assists/presegmentation").status_code == 404
 

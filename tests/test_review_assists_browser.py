@@ -146,6 +146,10 @@ def test_clinical_size_study_loads_and_saves(browser, tmp_path):  # noqa: F811
         # Stamped by the page itself (Playwright's polling waits while the page computes).
         first_render_s = int(page.evaluate("document.body.dataset.readyMs")) / 1000
         assists_s = int(page.evaluate("document.body.dataset.assistsMs")) / 1000
+        steps = page.evaluate(
+            "performance.getEntriesByType('mark').map(m => "
+            "`${m.name.replace('metsflow:', '')} ${(m.startTime / 1000).toFixed(2)}`).join(', ')"
+        )
         page.keyboard.press("s")
         page.keyboard.press("a")
         page.wait_for_selector("#suggestions li.accepted")
@@ -154,7 +158,7 @@ def test_clinical_size_study_loads_and_saves(browser, tmp_path):  # noqa: F811
         save_s = (page.evaluate("performance.now()") - began) / 1000
         trainee.close()
         print(
-            f"clinical size: first render {first_render_s:.2f} s, assists shown "
+            f"clinical size: first render {first_render_s:.2f} s ({steps} s), assists shown "
             f"{assists_s:.2f} s, save {save_s:.2f} s"
         )
         saved = np.asarray(nib.load(LabelStore(config.label_store).latest(FOLLOW_UP)).dataobj)

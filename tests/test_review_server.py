@@ -449,6 +449,14 @@ def test_refine_send_back_refine_confirm_flow_with_provenance(server):
     assert history[0]["source"].endswith("round_0/model/model.pt/round_1")
     confirmed = np.asanyarray(nib.load(str(store.confirmed(study_id))).dataobj)
     assert np.array_equal(confirmed, _label(2))
+    # The edit from the pre-segmentation is logged after each save has answered.
+    app.state.review.wait_deferred()
+    with db.connect(config.db_path) as con:
+        edits = {e["version"]: e["detail"] for e in db.events(con, ("edit",))}
+    assert sorted(edits) == [1, 2, 3]
+    assert edits[1]["voxels_changed"] == 8 and edits[1]["changed_enhancing"] == 8
+    assert edits[3]["changed_edema"] == 8 and edits[3]["lesions_added"] == 0
+    assert "8 voxels changed" in edits[3]["summary"]
     served = nora.get(f"/api/studies/{study_id}/label")
     assert np.array_equal(
         np.asanyarray(nib.Nifti1Image.from_bytes(gzip.decompress(served.content)).dataobj),

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from metsflow.active_learning.assists import suggestion_decisions
+from metsflow.active_learning.assists import round_suggestion_decisions
 from metsflow.active_learning.burden import (
     BURDEN_NAME,
     SUMMARY_COLUMNS,
@@ -38,6 +38,7 @@ from metsflow.active_learning.burden import (
 from metsflow.active_learning.labelstore import LabelStore
 from metsflow.core import io
 from metsflow.core.layout import Layout
+from metsflow.evaluation.report import suggestions_table
 
 STATUS_COLUMNS = [
     "round",
@@ -397,28 +398,19 @@ def suggestion_status(
     if not isinstance(store, LabelStore):
         store = LabelStore(store, create=False)
     layout = Layout(results_dir)
-    table = []
-    for round_index, _ in layout.existing_rounds():
-        path = Path(layout.selection(round_index))
-        if not path.exists():
-            continue
-        try:
-            studies = pd.read_csv(path, sep="\t", dtype={"study_id": str})["study_id"]
-        except (OSError, ValueError, KeyError):
-            continue  # round_status reports an unreadable selection
-        for size_bin, counts in sorted(suggestion_decisions(store, studies).items()):
-            decided = counts["accepted"] + counts["dismissed"]
-            rate = f"{counts['accepted'] / decided:.0%}" if decided else "-"
-            table.append(
-                [
-                    str(round_index),
-                    size_bin,
-                    str(counts["offered"]),
-                    str(counts["accepted"]),
-                    str(counts["dismissed"]),
-                    rate,
-                ]
-            )
+    selections = {r: layout.selection(r) for r, _ in layout.existing_rounds()}
+    found = suggestions_table(round_suggestion_decisions(store, selections))
+    table = [
+        [
+            str(row.round),
+            row.size_bin,
+            str(row.offered),
+            str(row.accepted),
+            str(row.dismissed),
+            "-" if math.isnan(row.accept_rate) else f"{row.accept_rate:.0%}",
+        ]
+        for row in found.itertuples()
+    ]
     if not table:
         return ""
     header = ["round", "size", "possible", "accepted", "dismissed", "accept rate"]

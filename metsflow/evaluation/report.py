@@ -1,8 +1,10 @@
 """Report tables across rounds: what `snakemake --report` shows next to the figures.
 
 Each function turns what the pipeline already wrote (round summaries, selections, the
-correction-burden summary, the cohort plan, stage-2 summaries) into one table; reading and
-writing the files is the job's (``metsflow.jobs.report``).
+correction-burden summary, the cohort plan, stage-2 summaries) or what the job hands it (the
+reviewers' decisions on the possible lesions, read from the label store by
+``metsflow.active_learning``, a layer above this one) into one table; reading and writing the
+files is the job's (``metsflow.jobs.report``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Iterable, Mapping
 
 import pandas as pd
 
-from metsflow.evaluation.metrics import HEADLINE_GROUP
+from metsflow.evaluation.metrics import DEFAULT_SIZE_BINS_MM, HEADLINE_GROUP, size_bin_names
 
 # Correction-burden medians shown next to each round's validation metrics in rounds.tsv.
 BURDEN_IN_ROUNDS = [
@@ -24,6 +26,7 @@ BURDEN_IN_ROUNDS = [
 # False-positive rates of a round's summary.json, next to its size-binned sensitivity.
 FP_RATES = ("n_patients", "fp_per_study", "fp_per_patient")
 LOST_LESION_COLUMNS = ["round", "study_id", "lesion_id", "diameter_mm", "size_bin", "best_score"]
+SUGGESTION_COLUMNS = ["round", "size_bin", "offered", "accepted", "dismissed", "accept_rate"]
 
 
 def rounds_table(
@@ -55,6 +58,36 @@ def rounds_table(
         on="round",
         how="left",
     )
+
+
+def suggestions_table(
+    decisions: Mapping[int, Mapping[str, Mapping[str, int]]],
+    size_bins_mm=DEFAULT_SIZE_BINS_MM,
+) -> pd.DataFrame:
+    """Per round and size bin (smallest first): the possible lesions (candidates the cascade's
+    stage 2 dropped) offered in the review editor, accepted, dismissed, and the accept rate
+    among those decided (NaN when none was). ``decisions``: round -> size bin -> counts, as
+    ``metsflow.active_learning.assists.suggestion_decisions`` sums them; bins without an offer
+    are left out."""
+    order = {name: index for index, name in enumerate(size_bin_names(size_bins_mm))}
+    rows = []
+    for round_index in sorted(decisions):
+        by_bin = decisions[round_index]
+        for size_bin in sorted(by_bin, key=lambda b: (order.get(b, len(order)), b)):
+            counts = by_bin[size_bin]
+            accepted, dismissed = int(counts.get("accepted", 0)), int(counts.get("dismissed", 0))
+            decided = accepted + dismissed
+            rows.append(
+                {
+                    "round": int(round_index),
+                    "size_bin": size_bin,
+                    "offered": int(counts.get("offered", 0)),
+                    "accepted": accepted,
+                    "dismissed": dismissed,
+                    "accept_rate": accepted / decided if decided else float("nan"),
+                }
+            )
+    return pd.DataFrame(rows, columns=SUGGESTION_COLUMNS)
 
 
 def cohort_table(plan: pd.DataFrame, quarantine: pd.DataFrame) -> pd.DataFrame:

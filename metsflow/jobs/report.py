@@ -20,6 +20,7 @@ from metsflow.evaluation.report import (
     froc_curves,
     lost_lesions,
     rounds_table,
+    suggestions_table,
 )
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RoundsReport:
     """What rule report_rounds reads (every round's summary, per-study table, selection and
-    correction burden; the plan and the quarantine table) and writes."""
+    correction burden; the plan and the quarantine table; the label store, read only, for the
+    reviewers' decisions on the possible lesions) and writes."""
 
     plan_path: str
     quarantine_path: str
@@ -41,6 +43,8 @@ class RoundsReport:
     out_cohort: str
     out_burden: str
     out_burden_plot: str
+    label_store: str = ""
+    out_suggestions: str = ""
 
     @classmethod
     def from_snakemake(cls, smk) -> RoundsReport:
@@ -56,6 +60,8 @@ class RoundsReport:
             out_cohort=smk.output.cohort,
             out_burden=smk.output.burden,
             out_burden_plot=smk.output.burden_plot,
+            label_store=str(smk.params.label_store),
+            out_suggestions=smk.output.suggestions,
         )
 
 
@@ -78,6 +84,8 @@ def run_report_rounds(job: RoundsReport) -> pd.DataFrame:
     plot_correction_burden(burden, job.out_burden_plot)
     table = rounds_table(summaries_read, batch_sizes, burden_summary)
     write_table(job.out_table, table)
+    if job.out_suggestions:
+        write_table(job.out_suggestions, suggestions_report(job.label_store, job.selections))
 
     frames = [pd.read_csv(p, sep="\t") for p in job.per_study]
     frames = [f for f in frames if not f.empty]
@@ -88,6 +96,22 @@ def run_report_rounds(job: RoundsReport) -> pd.DataFrame:
     quarantine = pd.read_csv(job.quarantine_path, sep="\t", dtype=str, keep_default_na=False)
     write_table(job.out_cohort, cohort_table(plan, quarantine))
     return table
+
+
+def suggestions_report(label_store: str, selections: list[str]) -> pd.DataFrame:
+    """Per round and size bin, the possible lesions reviewers accepted and dismissed in the
+    editor (``evaluation.report.suggestions_table``), read here from the label store's history
+    (``active_learning.assists``: the evaluation layer cannot import it). ``selections``: the
+    selection tables of rounds 1, 2, ... in order; no store: an empty table."""
+    from metsflow.active_learning.assists import round_suggestion_decisions
+    from metsflow.active_learning.labelstore import LabelStore
+
+    decisions = {}
+    if label_store and Path(label_store).is_dir():
+        store = LabelStore(label_store, create=False)
+        rounds = dict(enumerate(selections, start=1))
+        decisions = round_suggestion_decisions(store, rounds)
+    return suggestions_table(decisions)
 
 
 def _overlay_for(study_record: dict, prediction: Path, out_png: str, title_metric: float) -> None:

@@ -8,8 +8,12 @@ volumes beside the pre-segmentation) is served as is, to reviewers who may see t
   follow-up, each lesion of the pre-segmentation marked *new* or *persisting* (with its volume
   change) and the previous lesions that are *gone*, matched by
   ``metsflow.evaluation.longitudinal.match_previous`` (the longitudinal tables' rule: largest
-  overlap after growing the previous lesions by ``match_margin_mm``);
-- ``GET /api/studies/{id}/assists/{name}``: one of those volumes (gzip NIfTI, uint8).
+  overlap after growing the previous lesions by ``match_margin_mm``; the export matches them,
+  ``active_learning.assists.previous_matching``);
+- ``GET /api/studies/{id}/assists/{name}``: one of those volumes (gzip NIfTI, uint8). The
+  suggestions and the probability map are boxes of the T1c grid (the export crops them); the
+  answer above gives each volume's ``offsets`` (its first voxel on the T1c grid, from the two
+  headers), so the editor places a box voxel for voxel.
 
 Accept/dismiss decisions travel with the save, in the ``X-Metsflow-Assists`` header (JSON,
 the body being the label itself), and are kept in the saved version's provenance
@@ -29,7 +33,7 @@ import nibabel as nib
 import numpy as np
 from starlette.routing import Route
 
-from metsflow.active_learning.assists import size_bin_counts
+from metsflow.active_learning.assists import previous_matching, size_bin_counts
 from metsflow.core import io
 from metsflow.core.layout import (
     ASSISTS_NAME,
@@ -38,7 +42,6 @@ from metsflow.core.layout import (
     REVIEW_PROB_NAME,
     REVIEW_SUGGESTIONS_NAME,
 )
-from metsflow.evaluation.longitudinal import ResponseThresholds, match_previous
 
 ASSIST_HEADER = "x-metsflow-assists"
 # URL name -> file in the study's package folder.
@@ -63,58 +66,19 @@ def read_assists(folder: Path) -> dict:
 
 @functools.lru_cache(maxsize=128)
 def _matching(preseg: str, preseg_mtime: int, previous: str, previous_mtime: int) -> dict:
-    current_img = nib.load(preseg)
-    current = np.asanyarray(current_img.dataobj) > 0
-    before = np.asanyarray(nib.load(previous).dataobj) > 0
-    zooms = current_img.header.get_zooms()[:3]
-    thresholds = ResponseThresholds()
-    components, matched, previous_components, gone = match_previous(
-        current,
-        before,
-        thresholds.min_overlap_voxels,
-        thresholds.margin_voxels(zooms),
-    )
-    voxel_ml = float(np.prod(zooms)) / 1000.0
-    sizes = np.bincount(components.ravel())
-    before_sizes = np.bincount(previous_components.ravel())
-    # The catalog numbers lesions by size rank of the same 26-connected components.
-    count = len(sizes) - 1
-    order = sorted(range(count), key=lambda c: (-sizes[c + 1], c))
-    status = {}
-    for rank, c in enumerate(order, start=1):
-        lesion = matched[c + 1]
-        volume = float(sizes[c + 1]) * voxel_ml
-        if lesion is None:
-            status[rank] = {"status": "new"}
-        else:
-            before_ml = float(before_sizes[lesion]) * voxel_ml
-            status[rank] = {
-                "status": "persisting",
-                "previous_volume_ml": round(before_ml, 4),
-                "volume_change_pct": round(100.0 * (volume - before_ml) / before_ml, 1),
-            }
-    affine = current_img.affine
-    gone_rows = []
-    for lesion in gone:
-        voxels = np.argwhere(previous_components == lesion)
-        centre = voxels.mean(axis=0)
-        gone_rows.append(
-            {
-                "previous_volume_ml": round(float(before_sizes[lesion]) * voxel_ml, 4),
-                "centroid_mm": [
-                    round(float(v), 2) for v in affine[:3, :3] @ centre + affine[:3, 3]
-                ],
-            }
-        )
-    return {"lesions": status, "gone": gone_rows}
+    return previous_matching(nib.load(preseg), np.asanyarray(nib.load(previous).dataobj))
 
 
 def lesion_status(entry) -> dict:
     """Per lesion of the pre-segmentation (catalog id -> new/persisting) and the gone lesions;
-    empty when the study has no previous scan."""
+    empty when the study has no previous scan. The export matched them (``matching`` in
+    ``assists.json``); a package exported before that is matched here, once."""
     previous = entry.folder / PREVIOUS_LABEL_NAME
     if not previous.is_file():
         return {"lesions": {}, "gone": []}
+    matching = read_assists(entry.folder).get("matching")
+    if matching is not None:
+        return matching
     return _matching(
         str(entry.presegmentation),
         entry.presegmentation.stat().st_mtime_ns,
@@ -123,22 +87,47 @@ def lesion_status(entry) -> dict:
     )
 
 
+def grid_offset(path: Path, t1c: nib.spatialimages.SpatialImage) -> list[int] | None:
+    """The voxel of the T1c grid where the volume at ``path`` starts, when it is a box of that
+    grid (same axes and spacing, an integer shift, inside it); None otherwise. Headers only."""
+    image = nib.load(str(path))
+    affine, reference = np.asarray(image.affine), np.asarray(t1c.affine)
+    if not np.allclose(affine[:3, :3], reference[:3, :3], atol=1e-4):
+        return None
+    shift = np.linalg.solve(reference[:3, :3], affine[:3, 3] - reference[:3, 3])
+    start = np.rint(shift)
+    stop = start + np.asarray(image.shape[:3])
+    if not np.allclose(shift, start, atol=1e-2) or start.min() < 0:
+        return None
+    if np.any(stop > np.asarray(t1c.shape[:3])):
+        return None
+    return [int(v) for v in start]
+
+
 def study_assists(entry, url) -> dict:
     """The body of ``GET /api/studies/{id}/assists``; ``url(tail)`` makes a study URL."""
     info = read_assists(entry.folder)
-    volumes = {
-        name: url(f"assists/{name}")
-        for name, filename in VOLUMES.items()
-        if (entry.folder / filename).is_file()
-    }
+    problems = list(info.get("problems", []))
+    t1c = nib.load(str(entry.t1c))
+    volumes, offsets = {}, {}
+    for name, filename in VOLUMES.items():
+        path = entry.folder / filename
+        if not path.is_file():
+            continue
+        offset = grid_offset(path, t1c)
+        if offset is None:  # the export writes them on the T1c grid: a foreign file
+            problems.append(f"{filename} is not on the T1c grid: left out")
+            continue
+        volumes[name], offsets[name] = url(f"assists/{name}"), offset
     matching = lesion_status(entry)
     return {
         "suggestions": info.get("suggestions", []),
         "volumes": volumes,
+        "offsets": offsets,
         "previous": info.get("previous"),
         "lesion_status": {str(k): v for k, v in matching["lesions"].items()},
         "gone": matching["gone"],
-        "problems": info.get("problems", []),
+        "problems": problems,
     }
 
 

@@ -4,10 +4,14 @@
 answers a study's state (status from ``policy.status_of``, assignee, latest version) and
 whether a user may see it. ``HTTPError`` is raised anywhere below an endpoint and turned into
 one JSON answer ``{"detail": ..., **extra}`` by the endpoint wrappers (``auth.api``).
+``ReviewApp.defer`` runs what a request need not wait for (derived figures of a save) after it,
+in one background thread.
 """
 
 from __future__ import annotations
 
+import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -17,6 +21,8 @@ from metsflow.active_learning.labelstore import LabelStore
 from metsflow.review_server import db, policy
 from metsflow.review_server.catalog import Catalog, StudyEntry
 from metsflow.review_server.config import ReviewConfig
+
+log = logging.getLogger(__name__)
 
 
 class HTTPError(Exception):
@@ -43,6 +49,25 @@ class ReviewApp:
         self.db_path = db.init_db(config.db_path)
         self.catalog = Catalog(config.results, config.round)
         self.store = LabelStore(config.label_store, known_studies=config.known_studies())
+        # One thread for work a request need not wait for (``defer``): one at a time, so it
+        # never takes more than one core from the requests.
+        self._deferred = ThreadPoolExecutor(max_workers=1, thread_name_prefix="review-deferred")
+
+    def defer(self, fn, *args) -> None:
+        """Run ``fn(*args)`` after the current request, in the background thread; a failure is
+        logged (what is deferred is derived, never the only copy of anything)."""
+
+        def run():
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("deferred %s failed", getattr(fn, "__name__", fn))
+
+        self._deferred.submit(run)
+
+    def wait_deferred(self) -> None:
+        """Return once everything deferred so far has run (one thread: first in, first out)."""
+        self._deferred.submit(lambda: None).result()
 
     def reference(self, entry: StudyEntry) -> Path:
         return self.config.reference_for(entry.study_id, entry.t1c)

@@ -12,19 +12,23 @@
 //   its T1c in a second viewer synchronised to the same crosshair (P shows/hides it); the lesion
 //   list marks each lesion new or persisting (volume change) and lists the gone ones.
 //
-// Grids: every assist volume is on the T1c grid (the export resampled it there). NiiVue keeps
-// the drawing in RAS voxel order; toRAS() applies NiiVue's own loadDrawing permutation so an
-// assist volume lines up voxel for voxel with nv.drawBitmap.
+// Grids: every assist volume is on the T1c grid (the export resampled it there), the suggestions
+// and the probability map as a box of it (GET /assists gives each volume's offset). NiiVue
+// keeps the drawing in RAS voxel order; toRAS() applies NiiVue's own loadDrawing permutation of
+// the T1c so an assist volume lines up voxel for voxel with nv.drawBitmap.
 import { NVImage, Niivue } from '/vendor/niivue/index.js';
 import { el, fetchBytes } from '/static/common.js';
+import { addOverlays, refreshOverlays } from '/static/overlays.js';
 
 const ENHANCING = 1;
 const GROW_BOX_MARGIN = 12; // voxels around the lesion a grow may reach (a 1 mm study: 12 mm)
 
-// NiiVue's calculateLoadDrawingTransform + transformBitmap (file order -> RAS order).
-function toRAS(image) {
-  const dims = image.hdr.dims;
-  const perm = image.permRAS;
+// NiiVue's calculateLoadDrawingTransform + transformBitmap (file order -> RAS order) of the T1c
+// (`reference`), for `image` on a box of its grid starting at voxel `offset`: the T1c's size
+// in RAS order, zero outside the box.
+function toRAS(image, reference, offset = [0, 0, 0]) {
+  const dims = reference.hdr.dims;
+  const perm = reference.permRAS;
   const layout = [0, 0, 0];
   for (let i = 0; i < 3; i++) {
     for (let j = 0; j < 3; j++) {
@@ -45,10 +49,13 @@ function toRAS(image) {
   const lut = (n, s, flip) => Array.from({ length: n }, (_, i) => (flip ? n - 1 - i : i) * s);
   const [xl, yl, zl] = [0, 1, 2].map((a) => lut(dims[a + 1], instride[a], inflip[a]));
   const out = new Uint8Array(dims[1] * dims[2] * dims[3]);
+  const [, nx, ny, nz] = image.hdr.dims;
+  const [ox, oy, oz] = offset;
   let j = 0;
-  for (let z = 0; z < dims[3]; z++) {
-    for (let y = 0; y < dims[2]; y++) {
-      for (let x = 0; x < dims[1]; x++) out[xl[x] + yl[y] + zl[z]] = image.img[j++];
+  for (let z = 0; z < nz; z++) {
+    for (let y = 0; y < ny; y++) {
+      const row = yl[y + oy] + zl[z + oz];
+      for (let x = 0; x < nx; x++) out[xl[x + ox] + row] = image.img[j++];
     }
   }
   return out;
@@ -154,23 +161,25 @@ export function createAssists({ nv, state, $, message, api, studyUrl }) {
   async function load() {
     a.data = await api('GET', studyUrl('assists'));
     const v = a.data.volumes;
+    const overlays = [];
     if (v.suggestions) {
       const image = await volume('suggestions', { colormap: 'warm', opacity: 0.6 });
       a.suggestionFile = image.img.slice();
-      a.suggestionsRAS = toRAS(image);
+      a.suggestionsRAS = toRAS(image, nv.back, a.data.offsets.suggestions);
       image.cal_min = 0.5;
       image.cal_max = Math.max(1, suggestions().length);
-      nv.addVolume(image);
+      overlays.push(image);
       a.suggestionImage = image;
     }
-    if (v.probability) a.probRAS = toRAS(await volume('probability'));
+    if (v.probability) a.probRAS = toRAS(await volume('probability'), nv.back, a.data.offsets.probability);
     if (v.previous_label) {
       const image = await volume('previous_label', { colormap: 'green', opacity: 1 });
       image.img = outline(image);
       image.cal_min = 0.5;
       image.cal_max = 1;
-      nv.addVolume(image);
+      overlays.push(image);
     }
+    addOverlays(nv, overlays);
     renderSuggestions();
     renderPrevious();
     decorateLesions();
@@ -182,7 +191,7 @@ export function createAssists({ nv, state, $, message, api, studyUrl }) {
     if (!a.suggestionImage) return;
     const img = a.suggestionImage.img;
     for (let i = 0; i < img.length; i++) if (a.suggestionFile[i] === id) img[i] = 0;
-    nv.updateGLVolume();
+    refreshOverlays(nv);
   }
 
   function jumpTo(mm) {
@@ -361,8 +370,8 @@ export function createAssists({ nv, state, $, message, api, studyUrl }) {
     if (!a.nvPrevious) {
       pane.hidden = false;
       document.querySelector('.viewer').classList.add('split');
-      const { backColor, show3Dcrosshair, crosshairWidth, crosshairWidthUnit, crosshairColor } = nv.opts;
-      const other = new Niivue({ backColor, show3Dcrosshair, crosshairWidth, crosshairWidthUnit, crosshairColor, dragAndDropEnabled: false, isResizeCanvas: true, logLevel: 'warn' });
+      const { backColor, show3Dcrosshair, crosshairWidth, crosshairWidthUnit, crosshairColor, multiplanarShowRender } = nv.opts;
+      const other = new Niivue({ backColor, show3Dcrosshair, crosshairWidth, crosshairWidthUnit, crosshairColor, multiplanarShowRender, dragAndDropEnabled: false, isResizeCanvas: true, logLevel: 'warn' });
       await other.attachToCanvas($('gl-previous'));
       other.addVolume(await volume('previous_t1c', { colormap: 'gray' }));
       other.setSliceType(nv.opts.sliceType);

@@ -6,9 +6,10 @@
 // file's own voxel order with the T1c's header (shape and affine), which is exactly what the
 // server's grid check wants; FLAIR/T2 are overlays (resampled for display only) so drawing never
 // happens on their grids. tests/test_review_browser.py checks this with an oblique P-I-L T1c.
-import { NVImage, Niivue, SLICE_TYPE } from '/vendor/niivue/index.js';
+import { NVImage, Niivue, SHOW_RENDER, SLICE_TYPE } from '/vendor/niivue/index.js';
 import { createAssists } from '/static/assists.js';
 import { api, currentUser, el, fetchBytes, formatSeconds, renderUserBar } from '/static/common.js';
+import { addOverlays, refreshOverlays } from '/static/overlays.js';
 
 const studyId = decodeURIComponent(location.pathname.replace(/^\/study\//, '').replace(/\/$/, ''));
 const OVERLAY_SEQUENCES = ['flair', 't2', 't1'];
@@ -18,6 +19,7 @@ const VIEWS = {
   axial: SLICE_TYPE.AXIAL,
   coronal: SLICE_TYPE.CORONAL,
   sagittal: SLICE_TYPE.SAGITTAL,
+  render: SLICE_TYPE.RENDER,
 };
 const STATUS_LABEL = { pending: 'to do', refined: 'refined', sent_back: 'sent back', confirmed: 'confirmed' };
 // What is still to do in each role's queue (the server lists it in working order).
@@ -35,6 +37,7 @@ const state = {
   lesionIndex: -1,
   busy: false,
   ready: false,
+  softwareWebGL: false, // no graphics acceleration: the 4-up shows the planes only
 };
 
 const nv = new Niivue({
@@ -75,8 +78,19 @@ function setBusy(busy) {
 
 // ------------------------------------------------------------------ loading
 
-async function loadImage(url, name, options = {}) {
-  const buffer = await fetchBytes(url);
+// WebGL drawn by the CPU (SwiftShader, llvmpipe: a computer or virtual desktop without graphics
+// acceleration). There the 4-up's 3D tile costs every redraw -- each crosshair move, each
+// stroke -- 0.78 s instead of 0.09-0.16 s at 1 mm (SwiftShader, 2 shared cores): the 4-up then
+// shows the three planes, and the 3D render is a view of its own (V, or the 3D button).
+function isSoftwareWebGL(gl) {
+  const info = gl.getExtension('WEBGL_debug_renderer_info');
+  const renderer = info ? gl.getParameter(info.UNMASKED_RENDERER_WEBGL) : gl.getParameter(gl.RENDERER);
+  return /swiftshader|llvmpipe|softpipe|software/i.test(String(renderer));
+}
+
+// `bytes`: the file's bytes when already being fetched (a promise), else fetched here.
+async function loadImage(url, name, options = {}, bytes = null) {
+  const buffer = await (bytes ?? fetchBytes(url));
   // NiiVue picks the reader from the name's extension; the API's URLs have none.
   return NVImage.loadFromUrl({ url: buffer, name, ...options });
 }
@@ -111,12 +125,16 @@ function applyPalette() {
   );
 }
 
-async function loadLabel() {
-  // Ask for exactly the version the study record names, so the drawing and base_version agree
-  // even if someone saves between the two requests.
+// Ask for exactly the version the study record names, so the drawing and base_version agree
+// even if someone saves between the two requests.
+function labelUrl() {
   const version = state.study.latest_version;
-  const url = version && !state.study.label_url.includes('?') ? `${state.study.label_url}?version=${version}` : state.study.label_url;
-  const label = await loadImage(url, 'label.nii.gz');
+  return version && !state.study.label_url.includes('?') ? `${state.study.label_url}?version=${version}` : state.study.label_url;
+}
+
+async function loadLabel(bytes = null) {
+  const version = state.study.latest_version;
+  const label = await loadImage(labelUrl(), 'label.nii.gz', {}, bytes);
   if (!nv.loadDrawing(label)) {
     throw new Error('the label does not have the T1c grid; cannot edit it here');
   }
@@ -260,16 +278,17 @@ function setView(view) {
 
 async function setBackground(sequence) {
   try {
+    let added = null;
     if (sequence !== 't1c' && !state.overlays[sequence]) {
       message(`Loading ${SEQUENCE_LABEL[sequence]}…`);
-      const image = await loadImage(state.study.images[sequence], `${sequence}.nii.gz`, { colormap: 'gray', opacity: 0 });
-      nv.addVolume(image);
-      state.overlays[sequence] = image;
+      added = await loadImage(state.study.images[sequence], `${sequence}.nii.gz`, { colormap: 'gray', opacity: 0 });
+      state.overlays[sequence] = added;
       message('');
     }
-    for (const [name, image] of Object.entries(state.overlays)) {
-      nv.setOpacity(nv.getVolumeIndexByID(image.id), name === sequence ? 1 : 0);
-    }
+    // One overlay refresh for the new image and every opacity (setOpacity redoes all layers).
+    for (const [name, image] of Object.entries(state.overlays)) image.opacity = name === sequence ? 1 : 0;
+    if (added) addOverlays(nv, [added]);
+    else refreshOverlays(nv);
     state.background = sequence;
     for (const button of document.querySelectorAll('.sequence')) {
       button.classList.toggle('active', button.dataset.sequence === sequence);
@@ -545,17 +564,33 @@ function wire() {
   };
 }
 
+// The steps to the first render, as performance marks (benchmarks and the 1 mm browser test
+// read them: performance.getEntriesByType('mark')).
+const mark = (step) => performance.mark(`metsflow:${step}`);
+
 async function main() {
   wire();
   state.user = await currentUser();
   renderUserBar($('userbar'), state.user);
   await fetchStudy();
+  mark('study');
+  // The T1c and the label download while WebGL starts (shader compilation: 1-2 s in software).
+  const t1cBytes = fetchBytes(state.study.images.t1c);
+  const labelBytes = fetchBytes(labelUrl());
+  t1cBytes.catch(() => {}); // awaited below; a failure is reported there
+  labelBytes.catch(() => {});
   applyPalette();
   renderLesions();
   await nv.attachToCanvas($('gl'));
-  const t1c = await loadImage(state.study.images.t1c, 't1c.nii.gz', { colormap: 'gray' });
+  state.softwareWebGL = isSoftwareWebGL(nv.gl);
+  if (state.softwareWebGL) nv.opts.multiplanarShowRender = SHOW_RENDER.NEVER;
+  mark('webgl');
+  const t1c = await loadImage(state.study.images.t1c, 't1c.nii.gz', { colormap: 'gray' }, t1cBytes);
+  mark('t1c-decoded');
   nv.addVolume(t1c);
-  await loadLabel();
+  mark('t1c-shown');
+  await loadLabel(labelBytes);
+  mark('label-shown');
   $('sequence-buttons').replaceChildren(
     ...['t1c', ...OVERLAY_SEQUENCES]
       .filter((name) => state.study.images[name])
@@ -574,6 +609,7 @@ async function main() {
   setBusy(false);
   if ((state.study.lesions ?? []).length) jumpToLesion(0);
   document.body.dataset.ready = '1';
+  mark('ready');
   document.body.dataset.readyMs = String(Math.round(performance.now())); // first render, measured
   // The study is on screen and editable; the assists (suggestions, probability map, previous
   // scan) follow, so they never delay the first render.
