@@ -62,8 +62,8 @@ from metsflow.evaluation.metrics import (
     detection_by_size,
     false_positive_rates,
     froc_from_tables,
-    lesion_tables,
     mean_ci,
+    pooled_lesion_tables,
 )
 from metsflow.models.cascade import (
     filter_prediction,
@@ -312,23 +312,9 @@ def reference(item) -> np.ndarray:
 
 def evaluate(name: str, preds: dict, refs: dict, scores: dict | None = None) -> tuple:
     """``(row, reference lesion table, predicted lesion table)`` of one variant's test output."""
-    ref_rows, pred_rows = [], []
-    for study_id, pred in preds.items():
-        lesions, predicted = lesion_tables(
-            lab.whole_lesion(pred).astype(np.uint8),
-            refs[study_id].astype(np.uint8),
-            SPACING,
-            groups=["whole_lesion"],
-            iou_threshold=IOU,
-            study_id=study_id,
-            score_map=None if scores is None else scores[study_id],
-        )
-        ref_rows.append(lesions)
-        pred_rows.append(predicted)
-    lesions = pd.concat([f for f in ref_rows if not f.empty], ignore_index=True)
-    predicted = pd.concat([f for f in pred_rows if not f.empty] or pred_rows, ignore_index=True)
-    false = (predicted.matched_lesion_id == 0).groupby(predicted.study_id).sum().to_dict()
-    fp = false_positive_rates({s: false.get(s, 0) for s in preds}, {s: s for s in preds})
+    binary = {s: lab.whole_lesion(pred) for s, pred in preds.items()}
+    lesions, predicted, false = pooled_lesion_tables(binary, refs, SPACING, IOU, scores)
+    fp = false_positive_rates(false, {s: s for s in preds})
     row = {"variant": name}
     for b in detection_by_size(lesions, DEFAULT_SIZE_BINS_MM).itertuples():
         row[b.size_bin] = (

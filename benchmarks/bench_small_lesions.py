@@ -54,6 +54,7 @@ from metsflow.evaluation.metrics import (
     froc,
     froc_from_tables,
     lesion_tables,
+    pooled_lesion_tables,
 )
 from metsflow.imaging.priors import merge_followup
 from metsflow.jobs.report import run_report_froc
@@ -70,22 +71,7 @@ SPACING = (2.0, 2.0, 2.0)
 
 def evaluate(name: str, preds: dict, refs: dict, patient_of: dict, scores=None) -> tuple:
     """``(table rows, reference lesions, predicted lesions)`` of one variant."""
-    ref_rows, pred_rows = [], []
-    for study_id, pred in preds.items():
-        lesions, predicted = lesion_tables(
-            pred.astype(np.uint8),
-            refs[study_id].astype(np.uint8),
-            SPACING,
-            groups=["whole_lesion"],
-            iou_threshold=IOU,
-            study_id=study_id,
-            score_map=None if scores is None else scores[study_id],
-        )
-        ref_rows.append(lesions)
-        pred_rows.append(predicted)
-    lesions = pd.concat([f for f in ref_rows if not f.empty], ignore_index=True)
-    predicted = pd.concat([f for f in pred_rows if not f.empty] or pred_rows, ignore_index=True)
-    false = (predicted.matched_lesion_id == 0).groupby(predicted.study_id).sum().to_dict()
+    lesions, predicted, false = pooled_lesion_tables(preds, refs, SPACING, IOU, scores)
     fp = false_positive_rates(false, {s: patient_of[s] for s in preds})
     row = {"variant": name}
     for bin_row in detection_by_size(lesions, DEFAULT_SIZE_BINS_MM).itertuples():

@@ -530,3 +530,27 @@ def test_evaluate_round_skips_unpredicted_studies_and_scores_lesions_by_fg_prob(
     assert set(result.tables()) == {"per_study", "lesions", "detection_by_size", "froc"}
     assert result.froc.sensitivity.max() == pytest.approx(2 / 3)
     assert result.froc.threshold.max() == pytest.approx(0.9)
+
+
+def test_pooled_lesion_tables_count_every_study_and_match_per_study():
+    """Several studies' whole-lesion tables in one: a study without false positives (or
+    without any prediction) still counts, with 0, so FP per patient has the right denominator."""
+    from metsflow.evaluation.metrics import false_positive_rates, pooled_lesion_tables
+
+    ref0, pred0 = np.zeros((20, 20, 20), np.uint8), np.zeros((20, 20, 20), np.uint8)
+    ref0[2:5, 2:5, 2:5] = 1
+    pred0[2:5, 2:5, 2:5] = 1  # found
+    pred0[12:15, 12:15, 12:15] = 1  # false positive
+    ref1, pred1 = np.zeros_like(ref0), np.zeros_like(ref0)
+    ref1[8:11, 8:11, 8:11] = 1  # missed, nothing predicted
+    lesions, predicted, false = pooled_lesion_tables(
+        {"S0": pred0, "S1": pred1}, {"S0": ref0, "S1": ref1}, (1.0, 1.0, 1.0), 0.25
+    )
+    assert false == {"S0": 1, "S1": 0}
+    assert sorted(zip(lesions.study_id, lesions.detected, strict=True)) == [
+        ("S0", True),
+        ("S1", False),
+    ]
+    assert len(predicted) == 2
+    rates = false_positive_rates(false, {"S0": "P0", "S1": "P1"})
+    assert rates["fp_per_patient"] == 0.5

@@ -1000,6 +1000,36 @@ def lesion_tables(
     )
 
 
+def pooled_lesion_tables(
+    preds: Mapping[str, np.ndarray],
+    refs: Mapping[str, np.ndarray],
+    spacing: Sequence[float],
+    iou_threshold: float = DEFAULT_IOU_THRESHOLD,
+    scores: Mapping[str, np.ndarray] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+    """Whole-lesion ``lesion_tables`` of several studies (study id -> binary prediction /
+    reference), pooled: ``(reference lesions, predicted lesions, unmatched predicted lesions
+    per study)``, every study of ``preds`` counted (0 when it has none), as
+    ``false_positive_rates`` wants them."""
+    ref_rows, pred_rows = [], []
+    for study_id, pred in preds.items():
+        lesions, predicted = lesion_tables(
+            np.asarray(pred).astype(np.uint8),
+            np.asarray(refs[study_id]).astype(np.uint8),
+            spacing,
+            groups=["whole_lesion"],
+            iou_threshold=iou_threshold,
+            study_id=study_id,
+            score_map=None if scores is None else scores[study_id],
+        )
+        ref_rows.append(lesions)
+        pred_rows.append(predicted)
+    lesions = pd.concat([f for f in ref_rows if not f.empty] or ref_rows, ignore_index=True)
+    predicted = pd.concat([f for f in pred_rows if not f.empty] or pred_rows, ignore_index=True)
+    false = (predicted.matched_lesion_id == 0).groupby(predicted.study_id).sum().to_dict()
+    return lesions, predicted, {s: int(false.get(s, 0)) for s in preds}
+
+
 def lesion_table(*args, **kwargs) -> pd.DataFrame:
     """The reference-lesion table of ``lesion_tables`` (same arguments)."""
     return lesion_tables(*args, **kwargs)[0]
