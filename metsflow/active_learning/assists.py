@@ -4,11 +4,11 @@ Written by ``write_assists`` into the study's folder of a review package, all on
 native T1c grid (the grid the reviewer edits), names owned by ``metsflow.core.layout``:
 
 - ``suggestions.nii.gz`` (uint8 ids 1..n, cropped, see below) and, in ``assists.json``, one row
-  per id: the stage-1
-  candidates that the cascade's stage 2 dropped (``metsflow.models.cascade.dropped_candidates``,
-  written next to the prediction at inference), with their stage-1 score (peak foreground
-  probability), stage-2 score, native voxel count, volume, equivalent diameter, size bin and
-  centroid. The editor lists them as "Possible lesions", highest stage-2 score first.
+  per id: the stage-1 candidates that the cascade's stage 2 dropped
+  (``metsflow.models.cascade.dropped_candidates``, written next to the prediction at inference),
+  with their stage-1 score (peak foreground probability), stage-2 score, native voxel count,
+  volume, equivalent diameter, size bin and centroid. The editor lists them as "Possible
+  lesions", highest stage-2 score first.
 - ``fg_prob_u8.nii.gz``: the model's foreground probability quantised to uint8 (p * 255, values
   below ``PROB_FLOOR`` set to 0: the editor needs it only around lesions, to grow or shrink one
   along its probability map).

@@ -588,7 +588,7 @@ async function main() {
   const t1c = await loadImage(state.study.images.t1c, 't1c.nii.gz', { colormap: 'gray' }, t1cBytes);
   mark('t1c-decoded');
   nv.addVolume(t1c);
-  mark('t1c-shown');
+  mark('t1c-added'); // its GPU passes run from here on
   await loadLabel(labelBytes);
   mark('label-shown');
   $('sequence-buttons').replaceChildren(
