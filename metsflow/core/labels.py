@@ -117,3 +117,12 @@ def lesion_components(mask_or_label: np.ndarray) -> tuple[np.ndarray, int]:
         mask = mask != 0
     components, count = cc3d.connected_components(mask, connectivity=CONNECTIVITY, return_N=True)
     return components, int(count)
+
+
+def components_touching(mask: np.ndarray, region: np.ndarray, keep: bool = True) -> np.ndarray:
+    """Union of the lesions (``lesion_components``) of ``mask`` that touch the boolean
+    ``region`` (``keep``) or do not touch it (``keep=False``)."""
+    components, _ = lesion_components(mask)
+    touching = np.unique(components[np.asarray(region, dtype=bool) & (components > 0)])
+    selected = np.isin(components, touching)
+    return (selected if keep else ~selected) & (components > 0)

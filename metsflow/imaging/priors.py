@@ -163,8 +163,8 @@ def merge_followup(
             f"prior {np.shape(prior)}"
         )
     near_prior = _ball_distance_op(np.asarray(prior) > 0, margin, grow=True)
-    tracked = _components_touching(lab.whole_lesion(reseg), near_prior)
-    new = _components_touching(lab.whole_lesion(cascade), near_prior | tracked, keep=False)
+    tracked = lab.components_touching(lab.whole_lesion(reseg), near_prior)
+    new = lab.components_touching(lab.whole_lesion(cascade), near_prior | tracked, keep=False)
     out = np.zeros_like(reseg)
     out[tracked] = reseg[tracked]
     out[new] = cascade[new]
@@ -173,15 +173,6 @@ def merge_followup(
     out[(out == 0) & (cascade == lab.EDEMA)] = lab.EDEMA
     counts = {"tracked": _count(tracked), "new": _count(new)}
     return out, counts
-
-
-def _components_touching(mask: np.ndarray, region: np.ndarray, keep: bool = True) -> np.ndarray:
-    """Union of the lesions (``labels.lesion_components``) of ``mask`` that touch ``region``
-    (``keep``) or do not touch it (``keep=False``)."""
-    components, _ = lab.lesion_components(mask)
-    touching = np.unique(components[region & (components > 0)])
-    selected = np.isin(components, touching)
-    return (selected if keep else ~selected) & (components > 0)
 
 
 def _count(mask: np.ndarray) -> int:

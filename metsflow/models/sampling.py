@@ -45,11 +45,7 @@ def false_positive_mask(predicted: np.ndarray, reference: np.ndarray) -> np.ndar
     """The lesions (``labels.lesion_components``) of the binary ``predicted`` mask that no voxel
     of the binary ``reference`` mask touches: what a reviewer deleted from a presegmentation, or
     a model's false positives against the truth. Boolean, on ``predicted``'s grid."""
-    components, count = lab.lesion_components(np.asarray(predicted, dtype=bool))
-    if not count:
-        return np.zeros(components.shape, dtype=bool)
-    hit = np.unique(components[np.asarray(reference, dtype=bool) & (components > 0)])
-    return (components > 0) & ~np.isin(components, hit)
+    return lab.components_touching(np.asarray(predicted, dtype=bool), reference, keep=False)
 
 
 class LesionInstancesd(Transform):
