@@ -9,7 +9,7 @@
 import { NVImage, Niivue, SHOW_RENDER, SLICE_TYPE } from '/vendor/niivue/index.js';
 import { createAssists } from '/static/assists.js';
 import { api, currentUser, el, fetchBytes, formatSeconds, renderUserBar } from '/static/common.js';
-import { addOverlays, refreshOverlays } from '/static/overlays.js';
+import { addOverlays, flattenGradientPasses, refreshOverlays } from '/static/overlays.js';
 
 const studyId = decodeURIComponent(location.pathname.replace(/^\/study\//, '').replace(/\/$/, ''));
 const OVERLAY_SEQUENCES = ['flair', 't2', 't1'];
@@ -88,9 +88,8 @@ function isSoftwareWebGL(gl) {
   return /swiftshader|llvmpipe|softpipe|software/i.test(String(renderer));
 }
 
-// `bytes`: the file's bytes when already being fetched (a promise), else fetched here.
-async function loadImage(url, name, options = {}, bytes = null) {
-  const buffer = await (bytes ?? fetchBytes(url));
+async function loadImage(url, name, options = {}) {
+  const buffer = await fetchBytes(url);
   // NiiVue picks the reader from the name's extension; the API's URLs have none.
   return NVImage.loadFromUrl({ url: buffer, name, ...options });
 }
@@ -132,9 +131,10 @@ function labelUrl() {
   return version && !state.study.label_url.includes('?') ? `${state.study.label_url}?version=${version}` : state.study.label_url;
 }
 
-async function loadLabel(bytes = null) {
+// `image`: the label when already being loaded (a promise), else loaded here.
+async function loadLabel(image = null) {
   const version = state.study.latest_version;
-  const label = await loadImage(labelUrl(), 'label.nii.gz', {}, bytes);
+  const label = await (image ?? loadImage(labelUrl(), 'label.nii.gz'));
   if (!nv.loadDrawing(label)) {
     throw new Error('the label does not have the T1c grid; cannot edit it here');
   }
@@ -574,22 +574,24 @@ async function main() {
   renderUserBar($('userbar'), state.user);
   await fetchStudy();
   mark('study');
-  // The T1c and the label download while WebGL starts (shader compilation: 1-2 s in software).
-  const t1cBytes = fetchBytes(state.study.images.t1c);
-  const labelBytes = fetchBytes(labelUrl());
-  t1cBytes.catch(() => {}); // awaited below; a failure is reported there
-  labelBytes.catch(() => {});
+  // The T1c and the label download and decode while WebGL starts (shader compilation: 1-2 s
+  // in software); neither needs the canvas.
+  const t1cImage = loadImage(state.study.images.t1c, 't1c.nii.gz', { colormap: 'gray' });
+  const labelImage = loadImage(labelUrl(), 'label.nii.gz');
+  t1cImage.catch(() => {}); // awaited below; a failure is reported there
+  labelImage.catch(() => {});
   applyPalette();
   renderLesions();
   await nv.attachToCanvas($('gl'));
   state.softwareWebGL = isSoftwareWebGL(nv.gl);
   if (state.softwareWebGL) nv.opts.multiplanarShowRender = SHOW_RENDER.NEVER;
+  flattenGradientPasses(nv); // the render is never lit: no gradient texture to build (overlays.js)
   mark('webgl');
-  const t1c = await loadImage(state.study.images.t1c, 't1c.nii.gz', { colormap: 'gray' }, t1cBytes);
+  const t1c = await t1cImage;
   mark('t1c-decoded');
   nv.addVolume(t1c);
   mark('t1c-added'); // its GPU passes run from here on
-  await loadLabel(labelBytes);
+  await loadLabel(labelImage);
   mark('label-shown');
   $('sequence-buttons').replaceChildren(
     ...['t1c', ...OVERLAY_SEQUENCES]

@@ -8,6 +8,13 @@
 // blended one onto the other (layer 1 starts the overlay texture), so all of them are redone,
 // in order, and nothing else. refreshLayers/refreshColormaps are NiiVue 0.69's own steps of
 // updateGLVolume; the browser tests fail if an upgrade changes them.
+//
+// flattenGradientPasses: NiiVue 0.69 builds the 3D render's gradient texture for the background
+// every time that layer is set up (a blur and a Sobel pass over every voxel, in `gradientGL`),
+// whether or not anything samples it. Only a lit render does (gradientAmount or gradientOpacity
+// above 0, both 0 in the editor): its plain volume render never binds the texture. In software
+// WebGL at 1 mm those two passes were ~80% of the T1c layer's 2.0-2.3 s, keeping the first
+// render above 3 s (benchmarks/results/review_load_clinical.txt).
 
 // Redraw the overlays (volumes 1..n) after their images, opacities or colour maps changed.
 export function refreshOverlays(nv) {
@@ -22,4 +29,38 @@ export function addOverlays(nv, images) {
   nv.volumes.push(...images);
   nv.overlays = nv.volumes.slice(1);
   refreshOverlays(nv);
+}
+
+// One pass-through program for both gradient passes: same quad, flat output, no texture reads.
+const FLAT_VERTEX = `#version 300 es
+layout(location=0) in vec3 vPos;
+void main(void) { gl_Position = vec4((vPos.xy - vec2(0.5, 0.5)) * 2.0, 0.0, 1.0); }`;
+const FLAT_FRAGMENT = `#version 300 es
+precision highp float;
+out vec4 FragColor;
+void main(void) { FragColor = vec4(0.5, 0.5, 0.5, 0.0); }`;
+
+function compileProgram(gl, vertexSource, fragmentSource) {
+  const program = gl.createProgram();
+  for (const [type, source] of [[gl.VERTEX_SHADER, vertexSource], [gl.FRAGMENT_SHADER, fragmentSource]]) {
+    const shader = gl.createShader(type);
+    gl.shaderSource(shader, source);
+    gl.compileShader(shader);
+    gl.attachShader(program, shader);
+  }
+  gl.linkProgram(program);
+  if (!gl.getProgramParameter(program, gl.LINK_STATUS)) throw new Error(gl.getProgramInfoLog(program));
+  return program;
+}
+
+// Make the gradient texture's passes near-free, for a viewer whose render is never lit. NiiVue
+// sets the passes' uniforms by name; an empty table makes those calls no-ops (null location).
+export function flattenGradientPasses(nv) {
+  if (nv.opts.gradientAmount !== 0 || nv.opts.gradientOpacity !== 0) throw new Error('a lit render needs the gradient texture');
+  const program = compileProgram(nv.gl, FLAT_VERTEX, FLAT_FRAGMENT);
+  const flat = { program, uniforms: {}, use: (gl) => gl.useProgram(program) };
+  for (const name of ['blurShader', 'gradientPrePassShader', 'sobelFirstOrderShader', 'sobelSecondOrderShader']) {
+    if (!(name in nv)) throw new Error(`NiiVue has no ${name}: flattenGradientPasses needs updating`);
+    nv[name] = flat;
+  }
 }
