@@ -63,13 +63,16 @@ TINY_SETTINGS = {
         "atlas_shrink_factors": [1],
         "atlas_smoothing_sigmas": [0],
     },
+    # One SyN level, as the demo's config: a 4 mm level on the 4 mm grid took 12.5 of the 14.6 s
+    # a follow-up pair took (NCC after 0.914 vs 0.891 with the 8 mm level alone); the
+    # multi-level schedule is tested in test_register.py.
     "register": {
         "aff_iterations": [50],
         "aff_levels_mm": [8.0],
         "aff_smoothing_mm": [2.0],
-        "reg_iterations": [20, 10],
-        "levels_mm": [8.0, 4.0],
-        "smoothing_mm": [2.0, 1.0],
+        "reg_iterations": [20],
+        "levels_mm": [8.0],
+        "smoothing_mm": [2.0],
     },
     "model": {"filters": [8, 16, 32], "patch_size": [32, 32, 32]},
     "train": {

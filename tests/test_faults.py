@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, run_snakemake
+from conftest import REPO, TINY_SETTINGS, run_snakemake
 
 BROKEN = {
     # study: (file column, what is wrong) - the study fails preprocessing and is quarantined
@@ -79,7 +79,8 @@ def broken_cohort(tmp_path_factory):
 
 
 def _config(demo: Path, results: Path) -> Path:
-    """The tiny test config (as conftest's ``tiny_config``) with a fast preprocessing."""
+    """The tiny test config (as conftest's ``tiny_config``: its registration schedule) with a
+    fast preprocessing."""
     config = {
         "sheet": str(demo / "studies.tsv"),
         "oracle_sheet": str(demo / "oracle.tsv"),
@@ -87,6 +88,7 @@ def _config(demo: Path, results: Path) -> Path:
         "label_store": str(results.parent / f"{results.name}_labels"),
         "sharding": {"cpu_shard_size": 4, "gpu_shard_size": 8},
         "preprocess": FAST_PREPROCESS,
+        "register": TINY_SETTINGS["register"],
         "threads": {"preprocess": 1, "register": 1, "train": 1, "infer": 1},
     }
     path = results.parent / f"{results.name}.yaml"
