@@ -24,6 +24,7 @@ LONGEST_FIRST = (
     "test_subset_resume.py",
     "test_rounds.py",
     "test_faults.py",
+    "test_workflow_plan.py",
 )
 
 

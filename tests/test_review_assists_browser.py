@@ -146,20 +146,22 @@ def test_clinical_size_study_loads_and_saves(browser, tmp_path):  # noqa: F811
         # Stamped by the page itself (Playwright's polling waits while the page computes).
         first_render_s = int(page.evaluate("document.body.dataset.readyMs")) / 1000
         assists_s = int(page.evaluate("document.body.dataset.assistsMs")) / 1000
-        steps = page.evaluate(
+        marks = (
             "performance.getEntriesByType('mark').map(m => "
             "`${m.name.replace('metsflow:', '')} ${(m.startTime / 1000).toFixed(2)}`).join(', ')"
         )
+        steps = page.evaluate(marks)
         page.keyboard.press("s")
         page.keyboard.press("a")
         page.wait_for_selector("#suggestions li.accepted")
         began = page.evaluate("performance.now()")
         assert trainee.click("#save", "ok") == "Saved v1 (refined)."
         save_s = (page.evaluate("performance.now()") - began) / 1000
+        save_steps = page.evaluate(marks).split(", ")[len(steps.split(", ")) :]
         trainee.close()
         print(
             f"clinical size: first render {first_render_s:.2f} s ({steps} s), assists shown "
-            f"{assists_s:.2f} s, save {save_s:.2f} s"
+            f"{assists_s:.2f} s, save {save_s:.2f} s ({', '.join(save_steps)} s)"
         )
         saved = np.asarray(nib.load(LabelStore(config.label_store).latest(FOLLOW_UP)).dataobj)
     expected = batch["preseg"].copy()

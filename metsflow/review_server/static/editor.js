@@ -78,6 +78,10 @@ function setBusy(busy) {
 
 // ------------------------------------------------------------------ loading
 
+// The steps to the first render and of each save, as performance marks (benchmarks and the
+// 1 mm browser test read them: performance.getEntriesByType('mark')).
+const mark = (step) => performance.mark(`metsflow:${step}`);
+
 // WebGL drawn by the CPU (SwiftShader, llvmpipe: a computer or virtual desktop without graphics
 // acceleration). There the 4-up's 3D tile costs every redraw -- each crosshair move, each
 // stroke -- 0.78 s instead of 0.09-0.16 s at 1 mm (SwiftShader, 2 shared cores): the 4-up then
@@ -387,13 +391,17 @@ async function save({ confirm = false } = {}) {
   setBusy(true);
   message(confirm ? 'Saving and confirming…' : 'Saving…');
   try {
+    mark('save-clicked');
     const bytes = await drawingBytes();
+    mark('save-encoded');
     const query = `base_version=${state.baseVersion}${confirm ? '&confirm=1' : ''}`;
     const headers = { 'X-Metsflow-Assists': JSON.stringify(assists.provenance()) };
     const result = await api('POST', `/api/studies/${encodeURIComponent(studyId)}/save?${query}`, bytes, { keepPage: true, headers });
+    mark('save-stored');
     state.baseVersion = result.version;
     state.dirty = false;
     await fetchStudy();
+    mark('save-refreshed');
     state.baseVersion = result.version;
     message(`Saved v${result.version} (${result.stage}).`, 'ok');
   } catch (exc) {
@@ -563,10 +571,6 @@ function wire() {
     assists.onLocationChange(state.pen < 0 && state.ready); // Navigate: a click selects a lesion
   };
 }
-
-// The steps to the first render, as performance marks (benchmarks and the 1 mm browser test
-// read them: performance.getEntriesByType('mark')).
-const mark = (step) => performance.mark(`metsflow:${step}`);
 
 async function main() {
   wire();
