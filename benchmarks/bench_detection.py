@@ -15,10 +15,15 @@ trained for ``--iterations`` steps, stage 2 the cascade's classifier. The whole-
 
 Prints and saves (``--out``/bench_detection.txt and .tsv) for the test patients:
   * the ablation: baseline, each lever alone, all levers, then hard negatives alone and with
-    all levers; per variant stage 1 alone (argmax)
-    and the cascade at the operating point stage 2 chooses on validation
+    all levers, then two evaluation-time levers on the "all levers" stage-1 model (the same
+    model file, trained once): ``+ keep large`` (stage 2 keeps every proposal >= 10 mm,
+    ``Stage2Settings.keep_diameter_mm``) and ``+ flips`` (stage 1 segments train, validation
+    and test with flip test-time augmentation, ``infer.tta``); per variant stage 1 alone
+    (argmax) and the cascade at the operating point stage 2 chooses on validation
     (``max_fp_per_patient`` 1.0): size-binned lesion sensitivity (< 3, 3-10, >= 10 mm) with
     Wilson 95% CIs, FP/patient, and the stage-1 proposal sensitivity (the cascade's ceiling);
+  * per cascade variant, the test lesions the operating point gives up, per size bin: those a
+    stage-1 proposal touches but no candidate stage 2 keeps touches (``cascade.lost_lesions``);
   * the test FROC of each variant's stage 1 (sensitivity at <= 0.5, 1, 2, 4 FP/patient);
   * pretrained vs scratch (``--pretrain-seeds`` seeds): fine-tuning a model pretrained on
     another phantom (other seed, geometry and enhancement contrast) vs training from scratch
@@ -44,6 +49,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -64,11 +70,17 @@ from metsflow.evaluation.metrics import (
     froc_from_tables,
     mean_ci,
     pooled_lesion_tables,
+    size_bin_index,
+    size_bin_labels,
+    voxel_diameter_mm,
 )
 from metsflow.models.cascade import (
+    component_hits,
     filter_prediction,
     lesion_peak_probabilities,
     load_stage2,
+    lost_lesions,
+    proposal_mask,
     proposal_threshold,
     study_candidates,
     train_stage2,
@@ -198,12 +210,16 @@ def write_cohort(root: Path, name: str, n: int, seed: int, args, **kw) -> list[d
 # --------------------------------------------------------------------------------------------
 class Variant(NamedTuple):
     """One arm of the ablation: stage-1 training ``levers`` (``TrainSettings`` keys), the stage-2
-    ``proposal_sensitivity`` (None: argmax proposals), and ``hard_negatives_from``: the variant
-    whose stage-1 false positives on the training patients are this one's hard negatives."""
+    ``proposal_sensitivity`` (None: argmax proposals), ``hard_negatives_from``: the variant
+    whose stage-1 false positives on the training patients are this one's hard negatives, and
+    two evaluation-time levers that leave stage-1 training alone: the stage-2
+    ``keep_diameter_mm`` and ``tta`` (stage 1 segments with flip test-time augmentation)."""
 
     levers: dict
     proposal_sensitivity: float | None = None
     hard_negatives_from: str | None = None
+    keep_diameter_mm: float | None = None
+    tta: bool = False
 
 
 ALL_LEVERS = {"sampling": "lesion", "lesion_size_power": 0.5, "instance_loss_weight": 1.0}
@@ -224,6 +240,11 @@ VARIANTS = {
     "all levers + hard negatives": Variant(
         {**ALL_LEVERS, "hard_negative_fraction": HARD_NEGATIVE_FRACTION}, 0.98, "all levers"
     ),
+    # Evaluation-time levers on the "all levers" stage-1 model (same training key: same model
+    # file, trained once). In 6 of the 7 arms above stage 2 dropped every lesion >= 10 mm stage 1
+    # had found (few large positives in a heavy-tailed training set; results/bench_detection.txt).
+    "all levers + keep large": Variant(ALL_LEVERS, 0.98, keep_diameter_mm=10.0),
+    "all levers + flips": Variant(ALL_LEVERS, 0.98, tta=True),
 }
 
 
@@ -293,10 +314,10 @@ def train(args, name: str, items, params, init=None) -> tuple[Path, float]:
     return path, seconds
 
 
-def segment(args, path: Path, items) -> list[tuple]:
+def segment(args, path: Path, items, tta: bool = False) -> list[tuple]:
     device = select_device(args.device)
     networks, meta = load_ensemble([path], device=device)
-    infer = {"overlap": 0.25, "sw_batch_size": 4, "tta": args.tta}
+    infer = {"overlap": 0.25, "sw_batch_size": 4, "tta": tta}
     out = []
     for item in items:
         inp, probs, pred = stage1_probabilities(networks, meta, item, infer, device)
@@ -325,17 +346,27 @@ def evaluate(name: str, preds: dict, refs: dict, scores: dict | None = None) -> 
     return row, lesions, predicted
 
 
-def cascade_variant(args, s1_val, s1_test, val_items, train_items, s1_train, refs, sens):
-    """Stage 2 on the stage-1 outputs; ``sens`` None = argmax proposals, else high-sensitivity
-    proposals at the validation threshold reaching ``sens``. Returns test predictions and the
-    stage-1 proposal sensitivity on validation (the cascade's ceiling), or ``(None, reason)``
-    when stage 1 left no false-positive candidate on the training patients to learn from."""
+def stage2_file(name: str) -> str:
+    """The stage-2 model file of variant ``name``: one per variant, so arms never share one."""
+    return "stage2_" + re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + ".pt"
+
+
+def cascade_variant(args, name, s1_val, s1_test, val_items, train_items, s1_train, refs):
+    """Stage 2 of variant ``name`` on its stage-1 outputs; ``proposal_sensitivity`` None = argmax
+    proposals, else high-sensitivity proposals at the validation threshold reaching it. Returns
+    test predictions, the stage-2 checkpoint's meta (``sensitivity_before``: the stage-1
+    proposal sensitivity on validation, the cascade's ceiling) and each test study's scored
+    candidates; or ``(None, reason, None)`` when stage 1 left no false-positive candidate on the
+    training patients to learn from."""
+    variant = VARIANTS[name]
+    sens = variant.proposal_sensitivity
     params = {
         "iterations": args.stage2_iterations,
         "crop_size": [24, 24, 24],
         "max_fp_per_patient": 1.0,
         "seed": args.seed,
         "proposal_sensitivity": sens,
+        "keep_diameter_mm": variant.keep_diameter_mm,
     }
     if sens is not None:
         peaks = np.concatenate(
@@ -361,16 +392,51 @@ def cascade_variant(args, s1_val, s1_test, val_items, train_items, s1_train, ref
         # validation lesions that the high-sensitivity threshold fell to its floor (0.05), where
         # each training patient's proposals merge into one brain-sized component that touches a
         # lesion, so stage 2 has no negative example.
-        return None, "stage 2 not trained: no false-positive candidate on the training patients"
-    path = args.out / "models" / f"stage2_{len(list((args.out / 'models').glob('stage2_*')))}.pt"
+        return (
+            None,
+            "stage 2 not trained: no false-positive candidate on the training patients",
+            None,
+        )
+    path = args.out / "models" / stage2_file(name)
     train_stage2(train_cands, cands(val_items, s1_val, False), CHANNELS, params, path)
     network, meta = load_stage2(path)
-    preds = {}
+    preds, candidates = {}, {}
     for item, (inp, fg, pred) in zip(args.test_items, s1_test, strict=True):
-        preds[item["study_id"]], _ = filter_prediction(
-            pred, inp["image"], fg, network, meta, item["study_id"]
+        study = item["study_id"]
+        preds[study], candidates[study] = filter_prediction(
+            pred, inp["image"], fg, network, meta, study, spacing=SPACING
         )
-    return preds, meta
+    return preds, meta, candidates
+
+
+def lost_by_size(name, test_items, s1_test, candidates, meta, refs) -> dict:
+    """Row of the test lesions variant ``name``'s operating point gives up, per size bin:
+    ``lost/touched``, touched = reference lesions a stage-1 proposal (a candidate stage 2
+    scored) overlaps, lost = of those, the ones no kept candidate overlaps. Overlap, not the
+    IoU match of the detection table: what stage 2 decides, not how well the shapes fit."""
+    scores, hits, diameters = [], [], {}
+    for item, (_, fg, pred) in zip(test_items, s1_test, strict=True):
+        study = item["study_id"]
+        # Numbered as filter_prediction numbered its candidates (the same mask and call).
+        components = lab.lesion_components(proposal_mask(pred, fg, meta))[0]
+        ref_cc, n_ref = lab.lesion_components(refs[study])
+        hit_of = component_hits(components, ref_cc)
+        for cand in candidates[study]:
+            scores.append(cand.score)
+            hits.append([(study, r) for r in hit_of.get(cand.index, [])])
+        sizes = np.bincount(ref_cc.ravel(), minlength=n_ref + 1)[1:]
+        for lesion, diameter in enumerate(voxel_diameter_mm(sizes, SPACING).tolist(), start=1):
+            diameters[(study, lesion)] = diameter
+    lost = lost_lesions(np.asarray(scores), hits, meta["threshold"], diameters)
+    touched = sorted({ref for hit in hits for ref in hit})
+    labels = size_bin_labels(DEFAULT_SIZE_BINS_MM)
+    bins = size_bin_index([diameters[ref] for ref in touched], DEFAULT_SIZE_BINS_MM)
+    row = {"variant": name}
+    for index, label in enumerate(labels):
+        n_lost = sum(r["size_bin"] == label for r in lost)
+        row[label] = f"{n_lost}/{int(np.sum(bins == index))}"
+    row["lost"] = len(lost)
+    return row
 
 
 def froc_points(lesions, predicted, ids) -> str:
@@ -394,7 +460,6 @@ def main() -> None:
     ap.add_argument("--pretrain-seeds", type=int, default=3)
     ap.add_argument("--pretrain-iterations", type=int, default=800)
     ap.add_argument("--finetune-patients", type=int, default=3)
-    ap.add_argument("--tta", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
@@ -439,39 +504,48 @@ def main() -> None:
         f"slab {args.shape} voxels, {time.perf_counter() - start:.0f} s to write"
     )
 
-    # Stage-1 outputs on (train, val, test) and model name by training key; each variant's key.
-    stage1_cache: dict[str, tuple] = {}
+    # Stage-1 model name and file by training key; stage-1 outputs on (train, val, test) by
+    # output key: the training key and tta (flips change the outputs, not the model).
     model_name: dict[str, str] = {}
+    model_path: dict[str, Path] = {}
+    stage1_cache: dict[tuple, tuple] = {}
     key_of: dict[str, str] = {}
-    rows, froc_rows = [], []
+    rows, froc_rows, lost_rows = [], [], []
     test_ids = [i["study_id"] for i in te]
     # Model names follow the order of VARIANTS whatever --variants picks, so --reuse-models
     # finds the models of a full run.
     for name, variant in VARIANTS.items():
         key = key_of[name] = str((sorted(variant.levers.items()), variant.hard_negatives_from))
         model_name.setdefault(key, f"s1_{len(model_name)}")
+
+    def outputs_of(name: str) -> tuple:
+        return key_of[name], VARIANTS[name].tta
+
     needed = set(args.variants) | {VARIANTS[v].hard_negatives_from for v in args.variants}
-    for name, (levers, sens, hard_from) in VARIANTS.items():
+    for name, variant in VARIANTS.items():
         if name not in needed:
             continue
-        key = key_of[name]
+        key, hard_from = key_of[name], variant.hard_negatives_from
         # A variant that is only another's source of hard negatives: its training patients.
         sets = (tr, va, te) if name in args.variants else (tr,)
-        if len(stage1_cache.get(key, ())) < len(sets):
+        if key not in model_path:
+            # Trained once per run whatever the arms that share it (--reuse-models or not).
             train_items = tr
             if hard_from is not None:
                 # "The previous model": the named variant's stage 1 on the training patients.
-                source = key_of[hard_from]
-                train_items, line = with_hard_negatives(
-                    args, model_name[source], tr, stage1_cache[source][0], refs
-                )
+                source = model_name[key_of[hard_from]]
+                source_train = stage1_cache[outputs_of(hard_from)][0]
+                train_items, line = with_hard_negatives(args, source, tr, source_train, refs)
                 say(line)
-            params = stage1_params(args, args.seed, **levers)
-            path, _ = train(args, model_name[key], train_items, params)
-            stage1_cache[key] = tuple(segment(args, path, items) for items in sets)
+            params = stage1_params(args, args.seed, **variant.levers)
+            model_path[key], _ = train(args, model_name[key], train_items, params)
+        if len(stage1_cache.get(outputs_of(name), ())) < len(sets):
+            stage1_cache[outputs_of(name)] = tuple(
+                segment(args, model_path[key], items, variant.tta) for items in sets
+            )
         if name not in args.variants:
             continue
-        s1_train, s1_val, s1_test = stage1_cache[key]
+        s1_train, s1_val, s1_test = stage1_cache[outputs_of(name)]
         s1_preds = {s: pred for s, (_, _, pred) in zip(test_ids, s1_test, strict=True)}
         s1_scores = {s: fg for s, (_, fg, _) in zip(test_ids, s1_test, strict=True)}
         row, lesions, predicted = evaluate(f"{name}: stage 1", s1_preds, refs, s1_scores)
@@ -479,18 +553,27 @@ def main() -> None:
         froc_rows.append(
             {"variant": name, "test FROC (sens@FP/pt)": froc_points(lesions, predicted, test_ids)}
         )
-        preds, meta = cascade_variant(args, s1_val, s1_test, va, tr, s1_train, refs, sens)
+        preds, meta, candidates = cascade_variant(
+            args, name, s1_val, s1_test, va, tr, s1_train, refs
+        )
         if preds is None:
             row = {"variant": f"{name}: cascade", "note": meta}
         else:
             row, _, _ = evaluate(f"{name}: cascade", preds, refs)
             row["val proposal sens"] = round(meta["sensitivity_before"], 3)
+            lost_rows.append(lost_by_size(name, te, s1_test, candidates, meta, refs))
         rows.append(row)
         say(pd.DataFrame(rows[-2:]).to_string(index=False))
     table = pd.DataFrame(rows)
     say("\nTest patients: lesion sensitivity per size bin, detected/reference sens [Wilson 95% CI]")
     say(table.to_string(index=False))
     say("\n" + pd.DataFrame(froc_rows).to_string(index=False))
+    if lost_rows:
+        say(
+            "\nTest lesions the cascade's operating point gives up, per size bin: lost/touched "
+            "(touched by a stage-1 proposal, no kept candidate touches them)"
+        )
+        say(pd.DataFrame(lost_rows).to_string(index=False))
     table.to_csv(args.out / f"{args.results}.tsv", sep="\t", index=False)
 
     # ---- pretrained vs scratch -----------------------------------------------------------------

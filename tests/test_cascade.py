@@ -154,7 +154,11 @@ def test_cascade_postprocess_hands_the_dropped_candidates_to_the_writer(tmp_path
     probs[0] = 1.0
     probs[1][ball(SHAPE, (10, 10, 10), 3)] = 0.9  # A confident, B not
     probs[0] -= probs[1]
-    inp = {"image": np.zeros((1, *SHAPE), np.float32), "brain": np.ones(SHAPE, bool)}
+    inp = {
+        "image": np.zeros((1, *SHAPE), np.float32),
+        "brain": np.ones(SHAPE, bool),
+        "affine": np.eye(4),  # the grid's spacing, for keep_diameter_mm
+    }
     meta = {"threshold": 0.5, "params": ARGMAX_PROPOSALS}
     post = CascadePostProcess((FixedScores(), meta), None, {}, torch.device("cpu"))
     filtered, extra = post({"study_id": "S"}, inp, probs, pred)
@@ -168,3 +172,101 @@ def test_cascade_postprocess_hands_the_dropped_candidates_to_the_writer(tmp_path
         ]
     )
     assert json.loads((tmp_path / SUGGESTIONS_TABLE).read_text())[0]["id"] == 1
+
+
+# ------------------------------------------------------------ size-aware stage 2 (issue #23)
+# On a 1 mm grid: a large lesion (radius 6: 12 mm across) and a large false positive that
+# stage 2 scores low, a small lesion it scores high and a small false positive in between.
+BIG_LESION, BIG_FP, SMALL_LESION, SMALL_FP = (10, 10, 10), (30, 10, 30), (30, 30, 30), (10, 30, 30)
+KEEP_PARAMS = {
+    "crop_size": [16, 16, 16],
+    "filters": [4, 8],
+    "iterations": 1,
+    "batch_size": 2,
+    "proposal_sensitivity": 0.98,  # candidates: components of fg_prob >= proposal_threshold
+    "proposal_threshold": 0.3,
+}
+
+
+def _size_study():
+    fg_prob = np.zeros(SHAPE, np.float32)
+    for centre, radius, prob in [
+        (BIG_LESION, 6, 0.35),
+        (BIG_FP, 6, 0.45),
+        (SMALL_LESION, 2, 0.9),
+        (SMALL_FP, 2, 0.6),
+    ]:
+        fg_prob[ball(SHAPE, centre, radius)] = prob
+    reference = ball(SHAPE, BIG_LESION, 6) | ball(SHAPE, SMALL_LESION, 2)
+    return np.zeros((1, *SHAPE), np.float32), fg_prob, reference
+
+
+def _peak_scores(network, crops, batch_size=32):
+    """Stand-in stage-2 scores: the candidate's peak stage-1 probability (fg-prob channel)."""
+    return crops[:, -1].max(axis=(1, 2, 3))
+
+
+@pytest.mark.parametrize("keep", [None, 10.0])
+def test_keep_diameter_keeps_a_big_low_scoring_candidate_on_validation_and_at_inference(
+    tmp_path, monkeypatch, keep
+):
+    """keep_diameter_mm: the validation operating point and filter_prediction apply the same rule
+    (cascade.size_aware_scores), so the threshold chosen on validation counts the big candidates
+    as kept (the big false positive too) and inference keeps them whatever their score."""
+    monkeypatch.setattr(cascade, "score_crops", _peak_scores)
+    image, fg_prob, reference = _size_study()
+    params = {**KEEP_PARAMS, "keep_diameter_mm": keep}
+
+    def cands(add_reference):
+        return cascade.study_candidates(
+            "S", image, fg_prob, reference, params, add_reference, spacing=(1.0, 1.0, 1.0)
+        )
+
+    out = tmp_path / "stage2.pt"
+    meta = cascade.train_stage2([cands(True)], [cands(False)], ["t1c"], params, out)
+    lost = {(r["study_id"], r["lesion_id"]) for r in meta["lost_lesions"]}
+    if keep is None:
+        # Scores 0.9 / 0.6 / 0.45 / 0.35 at <= 1 FP: only the small lesion; the big one is lost.
+        assert meta["threshold"] == pytest.approx(0.9)
+        assert meta["sensitivity_after"] == 0.5 and meta["fp_per_patient_after"] == 0.0
+        assert len(lost) == 1
+    else:
+        # Both big candidates score 1.0: the big lesion found, its false positive the one allowed.
+        assert meta["threshold"] == pytest.approx(0.9)
+        assert meta["sensitivity_after"] == 1.0 and meta["fp_per_patient_after"] == 1.0
+        assert not lost
+    network, loaded = cascade.load_stage2(out, ["t1c"])
+    assert loaded["params"]["keep_diameter_mm"] == keep
+    pred = np.zeros(SHAPE, np.uint8)
+    filtered, candidates = cascade.filter_prediction(
+        pred, image, fg_prob, network, loaded, "S", spacing=(1.0, 1.0, 1.0)
+    )
+    kept = {c.centroid for c in candidates if c.score >= loaded["threshold"]}
+    big_kept = {BIG_LESION, BIG_FP} <= kept
+    assert big_kept == (keep is not None) and SMALL_LESION in kept and SMALL_FP not in kept
+    assert (filtered[BIG_LESION] == 1) == (keep is not None)
+    if keep is not None:
+        # 0.5 mm voxels: the same components are 6 mm across, under the 10 mm rule.
+        _, small_grid = cascade.filter_prediction(
+            pred, image, fg_prob, network, loaded, "S", spacing=(0.5, 0.5, 0.5)
+        )
+        assert not any(c.score >= loaded["threshold"] for c in small_grid if c.voxels > 100)
+        with pytest.raises(ValueError, match="spacing"):
+            cascade.filter_prediction(pred, image, fg_prob, network, loaded, "S")
+
+
+def test_keep_diameter_is_checked_and_off_in_older_checkpoints(tmp_path):
+    assert cascade.resolve_params({}).keep_diameter_mm is None
+    assert cascade.resolve_params({"keep_diameter_mm": 10}).keep_diameter_mm == 10
+    for bad in (0, -3.0):
+        with pytest.raises(ValueError, match="keep_diameter_mm"):
+            cascade.resolve_params({"keep_diameter_mm": bad})
+    # A checkpoint written before the key existed: loads, and keeps no candidate by size.
+    params = {k: v for k, v in cascade.resolve_params(KEEP_PARAMS).as_dict().items()}
+    del params["keep_diameter_mm"]
+    spec = cascade.network_spec(["t1c"], params)
+    path = tmp_path / "old.pt"
+    meta = {"network": spec, "channels": ["t1c"], "params": params, "threshold": 0.5}
+    cascade.save_stage2(path, cascade.build_classifier(spec), meta)
+    _, loaded = cascade.load_stage2(path, ["t1c"])
+    assert loaded["params"]["keep_diameter_mm"] is None

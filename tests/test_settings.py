@@ -95,6 +95,7 @@ REFUSED = [
     ("train.aug_zoom_range", [1.4, 0.7], "train.aug_zoom_range: [min, max] with min <= max"),
     ("train.stage2.crop_size", [20, 24, 24], "train.stage2.crop_size: multiples of 8"),
     ("train.stage2.batch_size", 1, "train.stage2.batch_size: 1 is less than the minimum of 2"),
+    ("train.stage2.keep_diameter_mm", 0, "train.stage2.keep_diameter_mm: 0 is less than or equal"),
     (
         "train.reseg",
         {"enabled": True, "patch_size": [44, 48, 48]},
@@ -123,6 +124,8 @@ def test_allowed_values_stay_allowed():
     for key, value in [
         ("preprocess.brain_mask", "/masks/{study_id}.nii.gz"),
         ("preprocess.zscore_clip", None),
+        ("train.stage2.keep_diameter_mm", None),
+        ("train.stage2.keep_diameter_mm", 10.0),
         ("model.arch", "segresnet"),
         ("train.num_workers", 2),
         ("register.levels_mm", [16.0]),  # one level, as the demo's iterations and sigmas

@@ -381,6 +381,13 @@ class Stage2Settings(_Section):
     # ceiling 0.591 -> 0.712 and test sensitivity 0.33 -> 0.56 on the baseline stage 1, 0.924
     # ceiling and 0.88 with the other levers (benchmarks/results/bench_detection.txt).
     proposal_sensitivity: float | None = setting(0.98, exclusiveMinimum=0, maximum=1)
+    # Size-aware stage 2 (issue #23): a candidate at least this wide (equivalent-sphere diameter
+    # in mm, from its voxel count and the grid spacing) is kept whatever its stage-2 score, and
+    # the validation operating point counts it as always kept, false positives included
+    # (metsflow.models.cascade.size_aware_scores). Why: the crop classifier sees few large
+    # positives in a heavy-tailed training set and dropped every lesion >= 10 mm stage 1 found
+    # in 6 of 7 benchmark arms. None = off (and what a checkpoint without the key means).
+    keep_diameter_mm: float | None = setting(None, exclusiveMinimum=0)
 
     def problems(self, where: str) -> list[str]:
         found = super().problems(where)

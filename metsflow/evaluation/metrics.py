@@ -435,6 +435,12 @@ def equivalent_diameter_mm(volume_mm3: float | np.ndarray) -> np.ndarray:
     return np.cbrt(6.0 * np.asarray(volume_mm3, dtype=float) / math.pi)
 
 
+def voxel_diameter_mm(voxels: float | np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Equivalent diameter (mm) of components of ``voxels`` voxels on a grid of ``spacing`` mm."""
+    voxel_mm3 = float(np.prod(np.asarray(spacing, dtype=float)))
+    return equivalent_diameter_mm(np.asarray(voxels, dtype=float) * voxel_mm3)
+
+
 def check_size_bins(size_bins_mm: Sequence[float]) -> tuple[float, ...]:
     """The bin edges as floats; refuses an empty, unsorted or non-positive list."""
     edges = tuple(float(e) for e in size_bins_mm)
