@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -270,3 +271,61 @@ def test_keep_diameter_is_checked_and_off_in_older_checkpoints(tmp_path):
     cascade.save_stage2(path, cascade.build_classifier(spec), meta)
     _, loaded = cascade.load_stage2(path, ["t1c"])
     assert loaded["params"]["keep_diameter_mm"] is None
+
+
+# ------------------------------------------------------------ the cascade's FROC on test studies
+def test_scored_candidate_hits_number_the_reference_lesions_each_candidate_touches():
+    """Argmax proposals: lesion A (a reference lesion) and lesion B (none) -> A touches
+    ("S", 1), B is a false positive; every reference lesion is listed with its diameter."""
+    pred = two_lesion_prediction()
+    fg_prob = np.zeros(SHAPE, np.float32)
+    fg_prob[ball(SHAPE, (10, 10, 10), 3)] = 0.9
+    image = np.zeros((1, *SHAPE), np.float32)
+    reference = ball(SHAPE, (10, 10, 10), 2) | ball(SHAPE, (10, 30, 10), 2)  # 2nd: missed
+    meta = {"threshold": 0.5, "params": ARGMAX_PROPOSALS}
+    _, cands = cascade.filter_prediction(pred, image, fg_prob, FixedScores(), meta, "S")
+    scores, hits, diameters = cascade.scored_candidate_hits(
+        pred, fg_prob, meta, cands, reference, "S", (1.0, 1.0, 1.0)
+    )
+    assert scores.tolist() == [c.score for c in cands]
+    by_centroid = {c.centroid: h for c, h in zip(cands, hits, strict=True)}
+    assert by_centroid == {(10, 10, 10): [("S", 1)], (30, 30, 30): []}
+    assert set(diameters) == {("S", 1), ("S", 2)}
+    volume = ball(SHAPE, (10, 10, 10), 2).sum()
+    assert diameters["S", 1] == pytest.approx((6 * volume / np.pi) ** (1 / 3))
+
+
+@pytest.mark.parametrize("keep", [None, 10.0])
+def test_test_froc_of_scored_candidates_is_the_validation_froc_on_the_same_study(
+    tmp_path, monkeypatch, keep
+):
+    """Read on the study stage 2 chose its operating point on, the FROC of the candidates
+    filter_prediction scored (scored_candidate_hits + metrics.froc) is the validation FROC the
+    checkpoint stores, and lost_lesions at its threshold the validation lesions it lost."""
+    from metsflow.evaluation import metrics
+
+    monkeypatch.setattr(cascade, "score_crops", _peak_scores)
+    image, fg_prob, reference = _size_study()
+    params = {**KEEP_PARAMS, "keep_diameter_mm": keep}
+    spacing = (1.0, 1.0, 1.0)
+
+    def cands(add_reference):
+        return cascade.study_candidates(
+            "S", image, fg_prob, reference, params, add_reference, spacing=spacing
+        )
+
+    meta = cascade.train_stage2([cands(True)], [cands(False)], ["t1c"], params, tmp_path / "s2")
+    network, loaded = cascade.load_stage2(tmp_path / "s2", ["t1c"])
+    pred = np.zeros(SHAPE, np.uint8)
+    _, candidates = cascade.filter_prediction(
+        pred, image, fg_prob, network, loaded, "S", spacing=spacing
+    )
+    scores, hits, diameters = cascade.scored_candidate_hits(
+        pred, fg_prob, loaded, candidates, reference, "S", spacing
+    )
+    curve = metrics.froc(scores, hits, len(diameters), n_patients=1)
+    expected = pd.DataFrame(meta["froc"], columns=metrics.FROC_COLUMNS)
+    pd.testing.assert_frame_equal(curve, expected, check_dtype=False)
+    lost = cascade.lost_lesions(scores, hits, loaded["threshold"], diameters)
+    assert lost == meta["lost_lesions"]
+    assert len(lost) == (1 if keep is None else 0)

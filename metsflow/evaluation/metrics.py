@@ -605,6 +605,20 @@ def froc(
     )
 
 
+def sensitivity_at_fp(curve: pd.DataFrame, fp_per_patient: Sequence[float]) -> list[float]:
+    """A ``froc`` curve read at fixed false-positive rates: for each rate, the highest sensitivity
+    of a threshold with at most that many false positives per patient; 0.0 where even the
+    highest threshold has more (only keeping nothing stays under the rate), NaN where there is
+    no reference lesion (the curve's sensitivity is NaN)."""
+    if len(curve) and curve["sensitivity"].isna().all():
+        return [math.nan] * len(fp_per_patient)
+    out = []
+    for rate in fp_per_patient:
+        allowed = curve["sensitivity"][curve["fp_per_patient"] <= float(rate) + 1e-9]
+        out.append(float(allowed.max()) if len(allowed) else 0.0)
+    return out
+
+
 def choose_operating_point(
     curve: pd.DataFrame,
     rule: str = "max_fp_per_patient",

@@ -452,6 +452,38 @@ def filter_prediction(
     return out, candidates
 
 
+def scored_candidate_hits(
+    pred: np.ndarray,
+    fg_prob: np.ndarray,
+    meta: dict,
+    candidates: Sequence[Candidate],
+    reference: np.ndarray,
+    study_id: str,
+    spacing: Sequence[float],
+) -> tuple[np.ndarray, list[list[tuple[str, int]]], dict[tuple[str, int], float]]:
+    """The ``candidates`` ``filter_prediction(pred, _, fg_prob, _, meta, study_id)`` scored on one
+    labelled study, against its ``reference`` (whole lesion): ``(scores, hits, diameters)``.
+    ``hits[i]``: the reference lesions candidate i touches, as ``(study_id, lesion)`` (unique
+    across studies, numbered as the validation FROC numbers them; empty: a false positive);
+    ``diameters``: every reference lesion of the study -> its equivalent diameter (mm, on a grid
+    of ``spacing``). Pooled over studies, ``metrics.froc(scores, hits, len(diameters),
+    n_patients)`` is the cascade's FROC as ``train_stage2`` reads it on validation (a lesion is
+    detected at threshold t when a candidate scoring >= t touches it), and ``lost_lesions``
+    what a threshold gives up."""
+    # Numbered as filter_prediction numbered its candidates: the same mask, the same labelling.
+    components = lab.lesion_components(proposal_mask(pred, fg_prob, meta))[0]
+    ref_cc, n_ref = lab.lesion_components(np.asarray(reference, dtype=bool))
+    hit_of = component_hits(components, ref_cc)
+    scores = np.array([c.score for c in candidates], dtype=float)
+    hits = [[(study_id, r) for r in hit_of.get(c.index, [])] for c in candidates]
+    sizes = np.bincount(ref_cc.ravel(), minlength=n_ref + 1)[1 : n_ref + 1]
+    diameters = {
+        (study_id, lesion): diameter
+        for lesion, diameter in enumerate(metrics.voxel_diameter_mm(sizes, spacing).tolist(), 1)
+    }
+    return scores, hits, diameters
+
+
 # A suggestion map is uint8 (review editor, NiiVue drawing layer): at most 255 per study, the
 # highest-scoring kept when stage 1 proposes more.
 MAX_SUGGESTIONS = 255
