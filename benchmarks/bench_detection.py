@@ -19,7 +19,11 @@ Prints and saves (``--out``/bench_detection.txt and .tsv) for the test patients:
     model file, trained once): ``+ keep large`` (stage 2 keeps every proposal >= 10 mm,
     ``Stage2Settings.keep_diameter_mm``), ``+ flips`` (stage 1 segments train, validation
     and test with flip test-time augmentation, ``infer.tta``) and ``+ flips + keep large``
-    (both: the flips arm's stage-1 outputs, computed once); per variant stage 1 alone
+    (both: the flips arm's stage-1 outputs, computed once), and ``+ tight recovery`` on "all
+    levers" and on "all levers + flips + keep large" (a lesion stage 2 adds back is the part of
+    its proposal >= 0.5 x its peak probability around the peak, not the whole proposal,
+    ``Stage2Settings.recovered_peak_fraction``: inference only, so the arm reuses the stage-2
+    file of the arm it extends, ``stage2_file``); per variant stage 1 alone
     (argmax) and the cascade at the operating point stage 2 chooses on validation
     (``max_fp_per_patient`` 1.0): size-binned lesion sensitivity (< 3, 3-10, >= 10 mm) with
     Wilson 95% CIs, FP/patient, and the stage-1 proposal sensitivity (the cascade's ceiling);
@@ -47,9 +51,10 @@ given explicitly (e.g. ``--iterations 20``) still win.
 
 ``--reuse-models`` reuses what ``--out``/models holds: stage-1 models by name (``s1_<n>``, the
 order of ``VARIANTS``: "all levers" and its evaluation-time arms share ``s1_3``; ``pre_<k>``,
-``scratch_<k>``, ``pretrained_<k>``) and stage-2 models by arm name (``stage2_file``) when the
-file is newer than its stage-1 model and was trained with the same stage-2 settings (proposal
-threshold included). Stage 1 then segments the training patients only where something still
+``scratch_<k>``, ``pretrained_<k>``) and stage-2 models by arm name (``stage2_file``; a
+``+ tight recovery`` arm by the name of the arm it extends) when the file is newer than its
+stage-1 model and was trained with the same stage-2 settings (proposal threshold included,
+the inference-only ``recovered_peak_fraction`` not). Stage 1 then segments the training patients only where something still
 trains on them (a stage 2 or a hard-negative model not reused).
 
     PYTHONPATH=. nice -n 10 python benchmarks/bench_detection.py --out /tmp/bench_detection
@@ -226,14 +231,17 @@ class Variant(NamedTuple):
     """One arm of the ablation: stage-1 training ``levers`` (``TrainSettings`` keys), the stage-2
     ``proposal_sensitivity`` (None: argmax proposals), ``hard_negatives_from``: the variant
     whose stage-1 false positives on the training patients are this one's hard negatives, and
-    two evaluation-time levers that leave stage-1 training alone: the stage-2
-    ``keep_diameter_mm`` and ``tta`` (stage 1 segments with flip test-time augmentation)."""
+    evaluation-time levers that leave stage-1 training alone: the stage-2
+    ``keep_diameter_mm``, ``tta`` (stage 1 segments with flip test-time augmentation) and the
+    stage-2 ``recovered_peak_fraction``, which only ``filter_prediction`` reads (stage 2 trains
+    as without it: ``INFERENCE_ONLY``)."""
 
     levers: dict
     proposal_sensitivity: float | None = None
     hard_negatives_from: str | None = None
     keep_diameter_mm: float | None = None
     tta: bool = False
+    recovered_peak_fraction: float | None = None
 
 
 ALL_LEVERS = {"sampling": "lesion", "lesion_size_power": 0.5, "instance_loss_weight": 1.0}
@@ -261,7 +269,17 @@ VARIANTS = {
     "all levers + flips": Variant(ALL_LEVERS, 0.98, tta=True),
     # Both: the flips arm's stage-1 outputs (same training key and tta), its own stage 2.
     "all levers + flips + keep large": Variant(ALL_LEVERS, 0.98, keep_diameter_mm=10.0, tta=True),
+    # A lesion stage 2 adds back (no argmax voxel) as the part of its proposal >= 0.5 x its peak
+    # around the peak, not the whole, bloated proposal (misses IoU > 0.25 and counts as an FP).
+    # Inference only: the stage-1 outputs and the stage-2 file of the arm without it.
+    "all levers + tight recovery": Variant(ALL_LEVERS, 0.98, recovered_peak_fraction=0.5),
+    "all levers + flips + keep large + tight recovery": Variant(
+        ALL_LEVERS, 0.98, keep_diameter_mm=10.0, tta=True, recovered_peak_fraction=0.5
+    ),
 }
+# Stage-2 settings only filter_prediction reads: an arm differing from another by these alone
+# shares its stage-2 file (stage2_file), trained without them.
+INFERENCE_ONLY = ("recovered_peak_fraction",)
 
 
 def with_hard_negatives(args, source: str, items, outputs, refs) -> tuple[list[dict], str]:
@@ -374,15 +392,21 @@ def evaluate(name: str, preds: dict, refs: dict, scores: dict | None = None) -> 
 
 
 def stage2_file(name: str) -> str:
-    """The stage-2 model file of variant ``name``: one per variant, so arms never share one."""
-    return "stage2_" + re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + ".pt"
+    """The stage-2 model file of variant ``name``, named after the first arm of ``VARIANTS``
+    whose stage 2 trains the same (the same variant but for the ``INFERENCE_ONLY`` settings):
+    arms that train differently never share one, an inference-only arm reuses its base's."""
+    blank = {key: None for key in INFERENCE_ONLY}
+    trains = VARIANTS[name]._replace(**blank)
+    owner = next(n for n, v in VARIANTS.items() if v._replace(**blank) == trains)
+    return "stage2_" + re.sub(r"[^a-z0-9]+", "_", owner.lower()).strip("_") + ".pt"
 
 
 def reusable_stage2(args, path: Path, stage1_model: Path, params: dict) -> bool:
-    """Whether ``--reuse-models`` reuses the stage-2 file ``path``: it exists, is newer than the
-    stage-1 model whose outputs it was trained on and holds the stage-2 settings ``params``
-    (the proposal threshold, which follows stage 1's validation outputs, included)."""
-    if not (args.reuse_models and path.exists()):
+    """Whether the stage-2 file ``path`` is reused (with ``--reuse-models``, or trained earlier
+    in this run for an arm that shares it): it exists, is newer than the stage-1 model whose
+    outputs it was trained on and holds the stage-2 settings ``params`` (the proposal threshold,
+    which follows stage 1's validation outputs, included; the ``INFERENCE_ONLY`` ones not)."""
+    if not ((args.reuse_models or path in args.stage2_trained) and path.exists()):
         return False
     if path.stat().st_mtime < stage1_model.stat().st_mtime:
         return False
@@ -390,7 +414,12 @@ def reusable_stage2(args, path: Path, stage1_model: Path, params: dict) -> bool:
         _, meta = load_stage2(path, CHANNELS)
     except ValueError:
         return False
-    return meta["params"] == plain(resolve_params(params).as_dict())
+    wanted = plain(resolve_params(params).as_dict())
+
+    def training(settings: dict) -> dict:
+        return {k: v for k, v in settings.items() if k not in INFERENCE_ONLY}
+
+    return training(meta["params"]) == training(wanted)
 
 
 def cascade_variant(args, name, s1_val, s1_test, val_items, train_items, s1_train, refs, model):
@@ -445,7 +474,10 @@ def cascade_variant(args, name, s1_val, s1_test, val_items, train_items, s1_trai
                 None,
             )
         train_stage2(train_cands, cands(val_items, s1_val, False), CHANNELS, params, path)
+        args.stage2_trained.add(path)
     network, meta = load_stage2(path)
+    # Inference-only settings: this arm's, whichever arm's stage 2 the file holds.
+    meta["params"].update({k: getattr(variant, k) for k in INFERENCE_ONLY})
     preds, candidates = {}, {}
     for item, (inp, fg, pred) in zip(args.test_items, s1_test, strict=True):
         study = item["study_id"]
@@ -568,6 +600,7 @@ def main() -> None:
     va = write_cohort(data, "val", args.val_patients, args.seed + 100, args)
     te = write_cohort(data, "test", args.test_patients, args.seed + 200, args)
     args.test_items = te
+    args.stage2_trained = set()  # stage-2 files trained in this run (reusable_stage2)
     refs = {i["study_id"]: reference(i) for i in tr + va + te}
     say(
         f"cohort at 1 mm: {len(tr)} train / {len(va)} validation / {len(te)} test patients, "

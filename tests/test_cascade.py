@@ -265,12 +265,70 @@ def test_keep_diameter_is_checked_and_off_in_older_checkpoints(tmp_path):
     # A checkpoint written before the key existed: loads, and keeps no candidate by size.
     params = {k: v for k, v in cascade.resolve_params(KEEP_PARAMS).as_dict().items()}
     del params["keep_diameter_mm"]
+    del params["recovered_peak_fraction"]
     spec = cascade.network_spec(["t1c"], params)
     path = tmp_path / "old.pt"
     meta = {"network": spec, "channels": ["t1c"], "params": params, "threshold": 0.5}
     cascade.save_stage2(path, cascade.build_classifier(spec), meta)
     _, loaded = cascade.load_stage2(path, ["t1c"])
     assert loaded["params"]["keep_diameter_mm"] is None
+    assert loaded["params"]["recovered_peak_fraction"] is None  # the whole proposal, as before
+
+
+# ------------------------------------------------- lesion-aware shape of recovered lesions (#23)
+RECOVERED, ARGMAX_LESION = (20, 20, 20), (8, 8, 8)
+
+
+def _recovery_study():
+    """A proposal (fg_prob >= 0.3) stage 1 scored below 0.5 everywhere but its peak blob: a
+    0.35 ball of radius 6 holding a 0.9 peak blob (radius 2) and, apart from it, a 0.6 speck; and
+    a lesion stage 1's argmax found (a 0.4 proposal around a 0.9 core)."""
+    fg_prob = np.zeros(SHAPE, np.float32)
+    fg_prob[ball(SHAPE, RECOVERED, 6)] = 0.35
+    fg_prob[ball(SHAPE, (20, 20, 17), 2)] = 0.9  # the peak, z 15-19
+    fg_prob[ball(SHAPE, (20, 20, 24), 1)] = 0.6  # >= 0.5 x peak, not connected to it
+    fg_prob[ball(SHAPE, ARGMAX_LESION, 4)] = 0.4
+    fg_prob[ball(SHAPE, ARGMAX_LESION, 2)] = 0.9
+    pred = np.zeros(SHAPE, np.uint8)
+    pred[ball(SHAPE, ARGMAX_LESION, 2)] = 1
+    return np.zeros((1, *SHAPE), np.float32), fg_prob, pred
+
+
+@pytest.mark.parametrize("fraction", [None, 0.5])
+def test_recovered_lesion_is_its_peak_connected_part_with_recovered_peak_fraction(
+    monkeypatch, fraction
+):
+    """recovered_peak_fraction: a kept proposal without argmax lesion voxels is added as the
+    connected piece of its voxels >= fraction x its peak that holds the peak (not the far speck,
+    not the 0.35 halo); None adds the whole proposal, as before. A lesion the argmax found keeps
+    stage 1's shape either way."""
+    monkeypatch.setattr(cascade, "score_crops", _peak_scores)
+    image, fg_prob, pred = _recovery_study()
+    params = {**KEEP_PARAMS, "recovered_peak_fraction": fraction}
+    meta = {"threshold": 0.5, "params": params}
+    filtered, candidates = cascade.filter_prediction(pred, image, fg_prob, None, meta, "S")
+    assert sorted(c.centroid[0] for c in candidates if c.score >= 0.5) == [8, 20]  # both kept
+    proposal = ball(SHAPE, RECOVERED, 6)
+    recovered = (filtered == 1) & proposal
+    if fraction is None:
+        assert np.array_equal(recovered, proposal)
+    else:
+        peak_part = ball(SHAPE, (20, 20, 17), 2)
+        assert np.array_equal(recovered, peak_part) and peak_part.sum() < proposal.sum()
+        assert np.array_equal(cascade.peak_connected_region(proposal, fg_prob, 0.5), peak_part)
+    assert set(np.unique(filtered[proposal])) <= {0, 1}
+    outside = ~proposal
+    np.testing.assert_array_equal(filtered[outside], pred[outside])  # the argmax lesion as it was
+
+
+def test_recovered_peak_fraction_is_checked():
+    assert cascade.resolve_params({}).recovered_peak_fraction is None
+    assert cascade.resolve_params({"recovered_peak_fraction": 1}).recovered_peak_fraction == 1
+    for bad in (0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="recovered_peak_fraction"):
+            cascade.resolve_params({"recovered_peak_fraction": bad})
+    empty = np.zeros((3, 3, 3), bool)
+    assert not cascade.peak_connected_region(empty, np.ones((3, 3, 3)), 0.5).any()
 
 
 # ------------------------------------------------------------ the cascade's FROC on test studies

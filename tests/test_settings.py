@@ -97,6 +97,16 @@ REFUSED = [
     ("train.stage2.batch_size", 1, "train.stage2.batch_size: 1 is less than the minimum of 2"),
     ("train.stage2.keep_diameter_mm", 0, "train.stage2.keep_diameter_mm: 0 is less than or equal"),
     (
+        "train.stage2.recovered_peak_fraction",
+        0,
+        "train.stage2.recovered_peak_fraction: 0 is less than or equal",
+    ),
+    (
+        "train.stage2.recovered_peak_fraction",
+        1.5,
+        "train.stage2.recovered_peak_fraction: 1.5 is greater than the maximum of 1",
+    ),
+    (
         "train.reseg",
         {"enabled": True, "patch_size": [44, 48, 48]},
         "train.reseg.patch_size: patch size [44, 48, 48] is not divisible",
@@ -126,6 +136,9 @@ def test_allowed_values_stay_allowed():
         ("preprocess.zscore_clip", None),
         ("train.stage2.keep_diameter_mm", None),
         ("train.stage2.keep_diameter_mm", 10.0),
+        ("train.stage2.recovered_peak_fraction", None),
+        ("train.stage2.recovered_peak_fraction", 0.5),
+        ("train.stage2.recovered_peak_fraction", 1.0),
         ("model.arch", "segresnet"),
         ("train.num_workers", 2),
         ("register.levels_mm", [16.0]),  # one level, as the demo's iterations and sigmas

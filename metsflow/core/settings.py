@@ -388,6 +388,16 @@ class Stage2Settings(_Section):
     # positives in a heavy-tailed training set and dropped every lesion >= 10 mm stage 1 found
     # in 6 of 7 benchmark arms. None = off (and what a checkpoint without the key means).
     keep_diameter_mm: float | None = setting(None, exclusiveMinimum=0)
+    # Lesion-aware shape of a recovered lesion (issue #23): with proposal_sensitivity set, a
+    # kept candidate without any argmax lesion voxel (a lesion stage 1 scored below 0.5) is
+    # added as enhancing. None = its whole proposal component (fg_prob >= proposal_threshold),
+    # bloated around a small lesion: it can miss the evaluation's IoU match and then counts as a
+    # false positive too. A fraction f = only the voxels of the component with fg_prob >= f x
+    # the component's peak, the connected piece that holds the peak
+    # (metsflow.models.cascade.peak_connected_region). Inference only (filter_prediction): stage
+    # 2's training and operating point do not read it. None is also what a checkpoint without
+    # the key means.
+    recovered_peak_fraction: float | None = setting(None, exclusiveMinimum=0, maximum=1)
 
     def problems(self, where: str) -> list[str]:
         found = super().problems(where)

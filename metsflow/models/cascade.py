@@ -26,6 +26,12 @@ kept whatever its score: ``size_aware_scores`` raises its score to 1.0 right aft
 on the validation candidates the operating point is chosen on and at inference
 (``filter_prediction``), so the chosen threshold and the FROC count such candidates as always kept.
 
+With ``proposal_sensitivity`` set, a kept candidate without any argmax lesion voxel is added back
+as enhancing: its whole proposal component, or with ``recovered_peak_fraction`` set only the part
+around its peak (``peak_connected_region``), so a small lesion stage 1 scored low is not added
+as a bloated blob that misses the IoU match. Inference only: training and the operating point
+do not read it.
+
 Threshold, rule, the validation FROC, the figures before/after filtering and the validation
 lesions the chosen point loses (study, lesion, equivalent diameter) are stored in the stage-2
 checkpoint, which loads with ``torch.load(weights_only=True)`` like every metsflow checkpoint.
@@ -104,6 +110,9 @@ def resolve_params(params: Stage2Settings | dict | None) -> Stage2Settings:
     keep = params.keep_diameter_mm
     if keep is not None and not float(keep) > 0:
         raise ValueError(f"keep_diameter_mm must be > 0 or None, got {keep}")
+    fraction = params.recovered_peak_fraction
+    if fraction is not None and not 0 < float(fraction) <= 1:
+        raise ValueError(f"recovered_peak_fraction must be in (0, 1] or None, got {fraction}")
     problems = params.problems("stage-2")
     if problems:
         raise ValueError("; ".join(problems))
@@ -228,6 +237,8 @@ def load_stage2(
     # A checkpoint from before keep_diameter_mm existed kept no candidate by size: pinned off, so
     # it behaves as it did whatever the default is now.
     meta["params"].setdefault("keep_diameter_mm", None)
+    # ... and from before recovered_peak_fraction: a recovered lesion is its whole proposal.
+    meta["params"].setdefault("recovered_peak_fraction", None)
     if expect_channels is not None and list(meta["channels"]) != list(expect_channels):
         raise ValueError(
             f"stage-2 checkpoint {path} reads channels {meta['channels']}, but the stage-1 "
@@ -410,6 +421,24 @@ def proposal_mask(pred: np.ndarray, fg_prob: np.ndarray, meta: dict) -> np.ndarr
     return np.asarray(fg_prob) >= float(settings.proposal_threshold)
 
 
+def peak_connected_region(region: np.ndarray, fg_prob: np.ndarray, fraction: float) -> np.ndarray:
+    """The part of a recovered lesion's proposal component ``region`` (boolean) that
+    ``filter_prediction`` adds as enhancing with ``recovered_peak_fraction`` = ``fraction``:
+    the voxels of ``region`` whose ``fg_prob`` is at least ``fraction`` x the region's peak
+    (and so at least the proposal threshold, as every voxel of ``region`` is), and of those only
+    the connected piece (``labels.lesion_components``) that holds the peak voxel, so the
+    lesion never splits into specks. ``fraction`` 1 leaves the peak voxel(s) connected to it;
+    an empty ``region`` gives an empty mask."""
+    region = np.asarray(region, dtype=bool)
+    if not region.any():
+        return region.copy()
+    prob = np.where(region, np.asarray(fg_prob, dtype=np.float32), -np.inf)
+    peak = np.unravel_index(int(np.argmax(prob)), prob.shape)
+    core = prob >= np.float32(float(fraction)) * prob[peak]
+    pieces, _ = lab.lesion_components(core)
+    return pieces == pieces[peak]
+
+
 def filter_prediction(
     pred: np.ndarray,
     image: np.ndarray,
@@ -426,7 +455,8 @@ def filter_prediction(
     nearest lesion voxel belongs to it (edema of a kept neighbour stays). With
     ``proposal_sensitivity`` set (high-sensitivity stage 1), the candidates are the components
     of ``fg_prob >= proposal_threshold`` rather than of the argmax, and a kept candidate without
-    any argmax lesion voxel (a lesion stage 1 scored below 0.5) is added as enhancing. With
+    any argmax lesion voxel (a lesion stage 1 scored below 0.5) is added as enhancing: its whole
+    component, or with ``recovered_peak_fraction`` set its ``peak_connected_region``. With
     ``keep_diameter_mm`` set, ``spacing`` (mm, the grid's) is needed and a candidate that wide
     scores 1.0 (``size_aware_scores``). Returns the filtered internal labels and the scored
     candidates (their scores as the threshold saw them)."""
@@ -448,7 +478,15 @@ def filter_prediction(
         kept = [c.index for c in candidates if c.score >= float(meta["threshold"])]
         with_lesion = np.unique(components[lesion])
         recovered = np.setdiff1d(kept, with_lesion)
-        out[np.isin(components, recovered)] = lab.ENHANCING
+        fraction = settings.recovered_peak_fraction
+        if fraction is None:
+            out[np.isin(components, recovered)] = lab.ENHANCING
+        else:
+            boxes = ndimage.find_objects(components)
+            for index in recovered:
+                box = boxes[int(index) - 1]
+                region = peak_connected_region(components[box] == index, fg_prob[box], fraction)
+                out[box][region] = lab.ENHANCING
     return out, candidates
 
 
