@@ -15,11 +15,26 @@ trained for ``--iterations`` steps, stage 2 the cascade's classifier. The whole-
 
 Prints and saves (``--out``/bench_detection.txt and .tsv) for the test patients:
   * the ablation: baseline, each lever alone, all levers, then hard negatives alone and with
-    all levers; per variant stage 1 alone (argmax)
-    and the cascade at the operating point stage 2 chooses on validation
+    all levers, then two evaluation-time levers on the "all levers" stage-1 model (the same
+    model file, trained once): ``+ keep large`` (stage 2 keeps every proposal >= 10 mm,
+    ``Stage2Settings.keep_diameter_mm``), ``+ flips`` (stage 1 segments train, validation
+    and test with flip test-time augmentation, ``infer.tta``) and ``+ flips + keep large``
+    (both: the flips arm's stage-1 outputs, computed once), and ``+ tight recovery`` on "all
+    levers" and on "all levers + flips + keep large" (a lesion stage 2 adds back is the part of
+    its proposal >= 0.5 x its peak probability around the peak, not the whole proposal,
+    ``Stage2Settings.recovered_peak_fraction``: inference only, so the arm reuses the stage-2
+    file of the arm it extends, ``stage2_file``); per variant stage 1 alone
+    (argmax) and the cascade at the operating point stage 2 chooses on validation
     (``max_fp_per_patient`` 1.0): size-binned lesion sensitivity (< 3, 3-10, >= 10 mm) with
     Wilson 95% CIs, FP/patient, and the stage-1 proposal sensitivity (the cascade's ceiling);
-  * the test FROC of each variant's stage 1 (sensitivity at <= 0.5, 1, 2, 4 FP/patient);
+  * per cascade variant, the test lesions the operating point gives up, per size bin: those a
+    stage-1 proposal touches but no candidate stage 2 keeps touches (``cascade.lost_lesions``);
+  * the test FROC of each variant's stage 1 and, next to it, of its cascade (sensitivity at
+    <= 0.5, 1, 2, 4 FP/patient). Stage 1: its argmax lesions scored by their peak foreground
+    probability, matched at IoU > 0.1 as in the detection table. Cascade: the stage-2 scores of
+    the test proposals, a lesion detected at threshold t when a proposal scoring >= t touches
+    it (``cascade.scored_candidate_hits``, the validation FROC's rule read on the test set);
+    plus that curve's point at the threshold chosen on validation;
   * pretrained vs scratch (``--pretrain-seeds`` seeds): fine-tuning a model pretrained on
     another phantom (other seed, geometry and enhancement contrast) vs training from scratch
     at an equal budget on the target cohort, the paired difference in test lesion
@@ -34,6 +49,14 @@ the reviewer's deletions from the presegmentation) become each patient's hard-ne
 a stage 1 trains with them on the same budget. ``--quick`` sets smoke-scale defaults; options
 given explicitly (e.g. ``--iterations 20``) still win.
 
+``--reuse-models`` reuses what ``--out``/models holds: stage-1 models by name (``s1_<n>``, the
+order of ``VARIANTS``: "all levers" and its evaluation-time arms share ``s1_3``; ``pre_<k>``,
+``scratch_<k>``, ``pretrained_<k>``) and stage-2 models by arm name (``stage2_file``; a
+``+ tight recovery`` arm by the name of the arm it extends) when the file is newer than its
+stage-1 model and was trained with the same stage-2 settings (proposal threshold included,
+the inference-only ``recovered_peak_fraction`` not). Stage 1 then segments the training patients only where something still
+trains on them (a stage 2 or a hard-negative model not reused).
+
     PYTHONPATH=. nice -n 10 python benchmarks/bench_detection.py --out /tmp/bench_detection
     PYTHONPATH=. nice -n 10 python benchmarks/bench_detection.py --quick   # smoke figures
     PYTHONPATH=. python benchmarks/bench_detection.py --device cuda        # same, on a GPU
@@ -44,6 +67,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -61,20 +85,27 @@ from metsflow.evaluation.metrics import (
     DEFAULT_SIZE_BINS_MM,
     detection_by_size,
     false_positive_rates,
+    froc,
     froc_from_tables,
     mean_ci,
     pooled_lesion_tables,
+    sensitivity_at_fp,
+    size_bin_index,
+    size_bin_labels,
 )
 from metsflow.models.cascade import (
     filter_prediction,
     lesion_peak_probabilities,
     load_stage2,
+    lost_lesions,
     proposal_threshold,
+    resolve_params,
+    scored_candidate_hits,
     study_candidates,
     train_stage2,
 )
 from metsflow.models.infer import foreground_probability, load_ensemble, stage1_probabilities
-from metsflow.models.networks import HARD_NEGATIVES
+from metsflow.models.networks import HARD_NEGATIVES, plain
 from metsflow.models.sampling import false_positive_mask
 from metsflow.models.train import train_model
 
@@ -198,12 +229,19 @@ def write_cohort(root: Path, name: str, n: int, seed: int, args, **kw) -> list[d
 # --------------------------------------------------------------------------------------------
 class Variant(NamedTuple):
     """One arm of the ablation: stage-1 training ``levers`` (``TrainSettings`` keys), the stage-2
-    ``proposal_sensitivity`` (None: argmax proposals), and ``hard_negatives_from``: the variant
-    whose stage-1 false positives on the training patients are this one's hard negatives."""
+    ``proposal_sensitivity`` (None: argmax proposals), ``hard_negatives_from``: the variant
+    whose stage-1 false positives on the training patients are this one's hard negatives, and
+    evaluation-time levers that leave stage-1 training alone: the stage-2
+    ``keep_diameter_mm``, ``tta`` (stage 1 segments with flip test-time augmentation) and the
+    stage-2 ``recovered_peak_fraction``, which only ``filter_prediction`` reads (stage 2 trains
+    as without it: ``INFERENCE_ONLY``)."""
 
     levers: dict
     proposal_sensitivity: float | None = None
     hard_negatives_from: str | None = None
+    keep_diameter_mm: float | None = None
+    tta: bool = False
+    recovered_peak_fraction: float | None = None
 
 
 ALL_LEVERS = {"sampling": "lesion", "lesion_size_power": 0.5, "instance_loss_weight": 1.0}
@@ -224,7 +262,24 @@ VARIANTS = {
     "all levers + hard negatives": Variant(
         {**ALL_LEVERS, "hard_negative_fraction": HARD_NEGATIVE_FRACTION}, 0.98, "all levers"
     ),
+    # Evaluation-time levers on the "all levers" stage-1 model (same training key: same model
+    # file, trained once). In 6 of the 7 arms above stage 2 dropped every lesion >= 10 mm stage 1
+    # had found (few large positives in a heavy-tailed training set; results/bench_detection.txt).
+    "all levers + keep large": Variant(ALL_LEVERS, 0.98, keep_diameter_mm=10.0),
+    "all levers + flips": Variant(ALL_LEVERS, 0.98, tta=True),
+    # Both: the flips arm's stage-1 outputs (same training key and tta), its own stage 2.
+    "all levers + flips + keep large": Variant(ALL_LEVERS, 0.98, keep_diameter_mm=10.0, tta=True),
+    # A lesion stage 2 adds back (no argmax voxel) as the part of its proposal >= 0.5 x its peak
+    # around the peak, not the whole, bloated proposal (misses IoU > 0.25 and counts as an FP).
+    # Inference only: the stage-1 outputs and the stage-2 file of the arm without it.
+    "all levers + tight recovery": Variant(ALL_LEVERS, 0.98, recovered_peak_fraction=0.5),
+    "all levers + flips + keep large + tight recovery": Variant(
+        ALL_LEVERS, 0.98, keep_diameter_mm=10.0, tta=True, recovered_peak_fraction=0.5
+    ),
 }
+# Stage-2 settings only filter_prediction reads: an arm differing from another by these alone
+# shares its stage-2 file (stage2_file), trained without them.
+INFERENCE_ONLY = ("recovered_peak_fraction",)
 
 
 def with_hard_negatives(args, source: str, items, outputs, refs) -> tuple[list[dict], str]:
@@ -283,20 +338,31 @@ def stage1_params(args, seed: int, **levers) -> dict:
     }
 
 
+def model_file(args, name: str) -> Path:
+    return args.out / "models" / f"{name}.pt"
+
+
+def reused(args, name: str) -> bool:
+    """Whether ``--reuse-models`` reuses stage-1 model ``name`` (its file exists)."""
+    return bool(args.reuse_models) and model_file(args, name).exists()
+
+
 def train(args, name: str, items, params, init=None) -> tuple[Path, float]:
-    path = args.out / "models" / f"{name}.pt"
+    path = model_file(args, name)
     t0 = time.perf_counter()
-    if not (args.reuse_models and path.exists()):
+    reuse = reused(args, name)
+    if not reuse:
         train_model(items, [], params, path, init_checkpoint=init, device=args.device, resume=False)
     seconds = time.perf_counter() - t0
-    print(f"  {name}: {params['iterations']} it, {seconds:.0f} s", flush=True)
+    how = "reused" if reuse else f"{seconds:.0f} s"
+    print(f"  {name}: {params['iterations']} it, {how}", flush=True)
     return path, seconds
 
 
-def segment(args, path: Path, items) -> list[tuple]:
+def segment(args, path: Path, items, tta: bool = False) -> list[tuple]:
     device = select_device(args.device)
     networks, meta = load_ensemble([path], device=device)
-    infer = {"overlap": 0.25, "sw_batch_size": 4, "tta": args.tta}
+    infer = {"overlap": 0.25, "sw_batch_size": 4, "tta": tta}
     out = []
     for item in items:
         inp, probs, pred = stage1_probabilities(networks, meta, item, infer, device)
@@ -325,17 +391,54 @@ def evaluate(name: str, preds: dict, refs: dict, scores: dict | None = None) -> 
     return row, lesions, predicted
 
 
-def cascade_variant(args, s1_val, s1_test, val_items, train_items, s1_train, refs, sens):
-    """Stage 2 on the stage-1 outputs; ``sens`` None = argmax proposals, else high-sensitivity
-    proposals at the validation threshold reaching ``sens``. Returns test predictions and the
-    stage-1 proposal sensitivity on validation (the cascade's ceiling), or ``(None, reason)``
-    when stage 1 left no false-positive candidate on the training patients to learn from."""
+def stage2_file(name: str) -> str:
+    """The stage-2 model file of variant ``name``, named after the first arm of ``VARIANTS``
+    whose stage 2 trains the same (the same variant but for the ``INFERENCE_ONLY`` settings):
+    arms that train differently never share one, an inference-only arm reuses its base's."""
+    blank = {key: None for key in INFERENCE_ONLY}
+    trains = VARIANTS[name]._replace(**blank)
+    owner = next(n for n, v in VARIANTS.items() if v._replace(**blank) == trains)
+    return "stage2_" + re.sub(r"[^a-z0-9]+", "_", owner.lower()).strip("_") + ".pt"
+
+
+def reusable_stage2(args, path: Path, stage1_model: Path, params: dict) -> bool:
+    """Whether the stage-2 file ``path`` is reused (with ``--reuse-models``, or trained earlier
+    in this run for an arm that shares it): it exists, is newer than the stage-1 model whose
+    outputs it was trained on and holds the stage-2 settings ``params`` (the proposal threshold,
+    which follows stage 1's validation outputs, included; the ``INFERENCE_ONLY`` ones not)."""
+    if not ((args.reuse_models or path in args.stage2_trained) and path.exists()):
+        return False
+    if path.stat().st_mtime < stage1_model.stat().st_mtime:
+        return False
+    try:
+        _, meta = load_stage2(path, CHANNELS)
+    except ValueError:
+        return False
+    wanted = plain(resolve_params(params).as_dict())
+
+    def training(settings: dict) -> dict:
+        return {k: v for k, v in settings.items() if k not in INFERENCE_ONLY}
+
+    return training(meta["params"]) == training(wanted)
+
+
+def cascade_variant(args, name, s1_val, s1_test, val_items, train_items, s1_train, refs, model):
+    """Stage 2 of variant ``name`` on its stage-1 outputs (``s1_train``: a function returning the
+    training patients' outputs, called only when stage 2 trains; ``model``: the stage-1 model
+    file); ``proposal_sensitivity`` None = argmax proposals, else high-sensitivity proposals at
+    the validation threshold reaching it. Returns test predictions, the stage-2 checkpoint's
+    meta (``sensitivity_before``: the stage-1 proposal sensitivity on validation, the cascade's
+    ceiling) and each test study's scored candidates; or ``(None, reason, None)`` when stage 1
+    left no false-positive candidate on the training patients to learn from."""
+    variant = VARIANTS[name]
+    sens = variant.proposal_sensitivity
     params = {
         "iterations": args.stage2_iterations,
         "crop_size": [24, 24, 24],
         "max_fp_per_patient": 1.0,
         "seed": args.seed,
         "proposal_sensitivity": sens,
+        "keep_diameter_mm": variant.keep_diameter_mm,
     }
     if sens is not None:
         peaks = np.concatenate(
@@ -355,29 +458,94 @@ def cascade_variant(args, s1_val, s1_test, val_items, train_items, s1_train, ref
             for i, (inp, fg, _) in zip(items, outputs, strict=True)
         ]  # fmt: skip
 
-    train_cands = cands(train_items, s1_train, True)
-    if not any((np.asarray(c.labels) == 0).any() for c in train_cands):
-        # Seen at smoke scale (80 it, "all levers + hard negatives"): stage 1 found so few
-        # validation lesions that the high-sensitivity threshold fell to its floor (0.05), where
-        # each training patient's proposals merge into one brain-sized component that touches a
-        # lesion, so stage 2 has no negative example.
-        return None, "stage 2 not trained: no false-positive candidate on the training patients"
-    path = args.out / "models" / f"stage2_{len(list((args.out / 'models').glob('stage2_*')))}.pt"
-    train_stage2(train_cands, cands(val_items, s1_val, False), CHANNELS, params, path)
+    path = args.out / "models" / stage2_file(name)
+    if reusable_stage2(args, path, model, params):
+        print(f"  {path.name}: reused", flush=True)
+    else:
+        train_cands = cands(train_items, s1_train(), True)
+        if not any((np.asarray(c.labels) == 0).any() for c in train_cands):
+            # Seen at smoke scale (80 it, "all levers + hard negatives"): stage 1 found so few
+            # validation lesions that the high-sensitivity threshold fell to its floor (0.05),
+            # where each training patient's proposals merge into one brain-sized component that
+            # touches a lesion, so stage 2 has no negative example.
+            return (
+                None,
+                "stage 2 not trained: no false-positive candidate on the training patients",
+                None,
+            )
+        train_stage2(train_cands, cands(val_items, s1_val, False), CHANNELS, params, path)
+        args.stage2_trained.add(path)
     network, meta = load_stage2(path)
-    preds = {}
+    # Inference-only settings: this arm's, whichever arm's stage 2 the file holds.
+    meta["params"].update({k: getattr(variant, k) for k in INFERENCE_ONLY})
+    preds, candidates = {}, {}
     for item, (inp, fg, pred) in zip(args.test_items, s1_test, strict=True):
-        preds[item["study_id"]], _ = filter_prediction(
-            pred, inp["image"], fg, network, meta, item["study_id"]
+        study = item["study_id"]
+        preds[study], candidates[study] = filter_prediction(
+            pred, inp["image"], fg, network, meta, study, spacing=SPACING
         )
-    return preds, meta
+    return preds, meta, candidates
 
 
-def froc_points(lesions, predicted, ids) -> str:
-    curve = froc_from_tables(lesions, predicted, {s: s for s in ids})
-    return ", ".join(
-        f"{curve[curve.fp_per_patient <= k].sensitivity.max():.3f}@{k}" for k in (0.5, 1, 2, 4)
-    )
+class ScoredTest(NamedTuple):
+    """A cascade's test proposals: stage-2 ``scores``, the reference lesions each touches
+    (``hits``, ``(study, lesion)``) and every test reference lesion's diameter (mm)."""
+
+    scores: np.ndarray
+    hits: list
+    diameters: dict
+
+
+def scored_test(test_items, s1_test, candidates, meta, refs) -> ScoredTest:
+    """The test candidates ``filter_prediction`` scored, pooled over the test patients
+    (``cascade.scored_candidate_hits``)."""
+    scores, hits, diameters = [], [], {}
+    for item, (_, fg, pred) in zip(test_items, s1_test, strict=True):
+        study = item["study_id"]
+        s, h, d = scored_candidate_hits(
+            pred, fg, meta, candidates[study], refs[study], study, SPACING
+        )
+        scores.append(s)
+        hits += h
+        diameters.update(d)
+    return ScoredTest(np.concatenate(scores) if scores else np.zeros(0), hits, diameters)
+
+
+def lost_by_size(name, scored: ScoredTest, meta) -> dict:
+    """Row of the test lesions variant ``name``'s operating point gives up, per size bin:
+    ``lost/touched``, touched = reference lesions a stage-1 proposal (a candidate stage 2
+    scored) overlaps, lost = of those, the ones no kept candidate overlaps. Overlap, not the
+    IoU match of the detection table: what stage 2 decides, not how well the shapes fit."""
+    scores, hits, diameters = scored
+    lost = lost_lesions(scores, hits, meta["threshold"], diameters)
+    touched = sorted({ref for hit in hits for ref in hit})
+    labels = size_bin_labels(DEFAULT_SIZE_BINS_MM)
+    bins = size_bin_index([diameters[ref] for ref in touched], DEFAULT_SIZE_BINS_MM)
+    row = {"variant": name}
+    for index, label in enumerate(labels):
+        n_lost = sum(r["size_bin"] == label for r in lost)
+        row[label] = f"{n_lost}/{int(np.sum(bins == index))}"
+    row["lost"] = len(lost)
+    return row
+
+
+FROC_RATES = (0.5, 1, 2, 4)  # false positives per patient the FROCs are read at
+
+
+def froc_points(curve: pd.DataFrame) -> str:
+    """``sens@FP/pt`` of a FROC curve at ``FROC_RATES`` (``metrics.sensitivity_at_fp``)."""
+    points = sensitivity_at_fp(curve, FROC_RATES)
+    return ", ".join(f"{sens:.3f}@{k}" for sens, k in zip(points, FROC_RATES, strict=True))
+
+
+def cascade_froc(scored: ScoredTest, n_patients: int, threshold: float) -> tuple[str, str]:
+    """The cascade's test FROC (``metrics.froc`` of the stage-2 scores of the test proposals, a
+    lesion detected at t when a proposal scoring >= t touches it: the validation FROC's rule)
+    read at ``FROC_RATES``, and its point at the validation ``threshold``."""
+    curve = froc(scored.scores, scored.hits, len(scored.diameters), n_patients)
+    kept = curve[curve.threshold >= float(threshold)]
+    sens, fp = (kept.sensitivity.iloc[-1], kept.fp_per_patient.iloc[-1]) if len(kept) else (0, 0)
+    return froc_points(curve), f"{sens:.3f}@{fp:.2f} (t={float(threshold):.3f})"
 
 
 def main() -> None:
@@ -394,7 +562,6 @@ def main() -> None:
     ap.add_argument("--pretrain-seeds", type=int, default=3)
     ap.add_argument("--pretrain-iterations", type=int, default=800)
     ap.add_argument("--finetune-patients", type=int, default=3)
-    ap.add_argument("--tta", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
@@ -433,64 +600,102 @@ def main() -> None:
     va = write_cohort(data, "val", args.val_patients, args.seed + 100, args)
     te = write_cohort(data, "test", args.test_patients, args.seed + 200, args)
     args.test_items = te
+    args.stage2_trained = set()  # stage-2 files trained in this run (reusable_stage2)
     refs = {i["study_id"]: reference(i) for i in tr + va + te}
     say(
         f"cohort at 1 mm: {len(tr)} train / {len(va)} validation / {len(te)} test patients, "
         f"slab {args.shape} voxels, {time.perf_counter() - start:.0f} s to write"
     )
 
-    # Stage-1 outputs on (train, val, test) and model name by training key; each variant's key.
-    stage1_cache: dict[str, tuple] = {}
+    # Stage-1 model name and file by training key; stage-1 outputs on each patient set by output
+    # key (the training key and tta: flips change the outputs, not the model) and set, computed
+    # when first needed: the training patients only where something trains on them.
     model_name: dict[str, str] = {}
+    model_path: dict[str, Path] = {}
+    stage1_cache: dict[tuple, list] = {}
     key_of: dict[str, str] = {}
-    rows, froc_rows = [], []
+    rows, froc_rows, lost_rows = [], [], []
     test_ids = [i["study_id"] for i in te]
+    patient_sets = {"train": tr, "val": va, "test": te}
     # Model names follow the order of VARIANTS whatever --variants picks, so --reuse-models
     # finds the models of a full run.
     for name, variant in VARIANTS.items():
         key = key_of[name] = str((sorted(variant.levers.items()), variant.hard_negatives_from))
         model_name.setdefault(key, f"s1_{len(model_name)}")
+
+    def stage1(name: str, which: str) -> list:
+        """Variant ``name``'s stage-1 outputs on patient set ``which``, segmented once."""
+        out_key = (key_of[name], VARIANTS[name].tta, which)
+        if out_key not in stage1_cache:
+            stage1_cache[out_key] = segment(
+                args, model_path[key_of[name]], patient_sets[which], VARIANTS[name].tta
+            )
+        return stage1_cache[out_key]
+
     needed = set(args.variants) | {VARIANTS[v].hard_negatives_from for v in args.variants}
-    for name, (levers, sens, hard_from) in VARIANTS.items():
+    for name, variant in VARIANTS.items():
         if name not in needed:
             continue
-        key = key_of[name]
-        # A variant that is only another's source of hard negatives: its training patients.
-        sets = (tr, va, te) if name in args.variants else (tr,)
-        if len(stage1_cache.get(key, ())) < len(sets):
+        key, hard_from = key_of[name], variant.hard_negatives_from
+        if key not in model_path:
+            # Trained once per run whatever the arms that share it (--reuse-models or not).
             train_items = tr
-            if hard_from is not None:
+            if hard_from is not None and not reused(args, model_name[key]):
                 # "The previous model": the named variant's stage 1 on the training patients.
-                source = key_of[hard_from]
-                train_items, line = with_hard_negatives(
-                    args, model_name[source], tr, stage1_cache[source][0], refs
-                )
+                source = model_name[key_of[hard_from]]
+                source_train = stage1(hard_from, "train")
+                train_items, line = with_hard_negatives(args, source, tr, source_train, refs)
                 say(line)
-            params = stage1_params(args, args.seed, **levers)
-            path, _ = train(args, model_name[key], train_items, params)
-            stage1_cache[key] = tuple(segment(args, path, items) for items in sets)
+            params = stage1_params(args, args.seed, **variant.levers)
+            model_path[key], _ = train(args, model_name[key], train_items, params)
         if name not in args.variants:
-            continue
-        s1_train, s1_val, s1_test = stage1_cache[key]
+            continue  # only another's source of hard negatives
+        s1_val, s1_test = stage1(name, "val"), stage1(name, "test")
         s1_preds = {s: pred for s, (_, _, pred) in zip(test_ids, s1_test, strict=True)}
         s1_scores = {s: fg for s, (_, fg, _) in zip(test_ids, s1_test, strict=True)}
         row, lesions, predicted = evaluate(f"{name}: stage 1", s1_preds, refs, s1_scores)
         rows.append(row)
-        froc_rows.append(
-            {"variant": name, "test FROC (sens@FP/pt)": froc_points(lesions, predicted, test_ids)}
-        )
-        preds, meta = cascade_variant(args, s1_val, s1_test, va, tr, s1_train, refs, sens)
+        froc_row = {
+            "variant": name,
+            "stage-1 test FROC": froc_points(
+                froc_from_tables(lesions, predicted, {s: s for s in test_ids})
+            ),
+        }
+        preds, meta, candidates = cascade_variant(
+            args, name, s1_val, s1_test, va, tr, lambda n=name: stage1(n, "train"), refs,
+            model_path[key],
+        )  # fmt: skip
         if preds is None:
             row = {"variant": f"{name}: cascade", "note": meta}
         else:
             row, _, _ = evaluate(f"{name}: cascade", preds, refs)
             row["val proposal sens"] = round(meta["sensitivity_before"], 3)
+            scored = scored_test(te, s1_test, candidates, meta, refs)
+            lost_rows.append(lost_by_size(name, scored, meta))
+            curve, at_threshold = cascade_froc(scored, len(test_ids), meta["threshold"])
+            froc_row["cascade test FROC"] = curve
+            froc_row["cascade at val threshold"] = at_threshold
+        froc_rows.append(froc_row)
         rows.append(row)
         say(pd.DataFrame(rows[-2:]).to_string(index=False))
     table = pd.DataFrame(rows)
     say("\nTest patients: lesion sensitivity per size bin, detected/reference sens [Wilson 95% CI]")
     say(table.to_string(index=False))
-    say("\n" + pd.DataFrame(froc_rows).to_string(index=False))
+    say(
+        "\nTest FROC, sensitivity@FP/patient. Stage 1: argmax lesions scored by peak foreground "
+        "probability, IoU > 0.1 match.\ncascade test FROC (operating point chosen on validation "
+        "is the row above; this curve reads the test set at fixed FP rates): stage-2 scores of "
+        "the\ntest proposals, a lesion detected at t when a proposal scoring >= t touches it "
+        "(overlap, the validation FROC's rule);\n'cascade at val threshold': this curve at the "
+        "threshold chosen on validation."
+    )
+    say(pd.DataFrame(froc_rows).to_string(index=False))
+    if lost_rows:
+        say(
+            "\nTest lesions the cascade's operating point gives up, per size bin: lost/touched "
+            "(touched by a stage-1 proposal, no kept candidate touches them)"
+        )
+        say(pd.DataFrame(lost_rows).to_string(index=False))
     table.to_csv(args.out / f"{args.results}.tsv", sep="\t", index=False)
 
     # ---- pretrained vs scratch -----------------------------------------------------------------

@@ -445,6 +445,7 @@ def main() -> None:
                 s2_net,
                 s2_meta,
                 item["study_id"],
+                spacing=nib.affines.voxel_sizes(inp["affine"]),
             )
             before.append(whole(pred))
             after.append(whole(filtered))

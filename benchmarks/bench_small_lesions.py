@@ -163,8 +163,9 @@ def main() -> None:
         for study_id, (inp, _probs, pred), f in zip(
             test_ids, stage1["test"], fg["test"], strict=True
         ):
+            meta = {**s2_meta, "threshold": threshold}
             filtered, candidates = filter_prediction(
-                pred, inp["image"], f, s2_net, {**s2_meta, "threshold": threshold}, study_id
+                pred, inp["image"], f, s2_net, meta, study_id, spacing=SPACING
             )
             preds[study_id] = filtered
             if rule.startswith("max"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -154,7 +155,11 @@ def test_cascade_postprocess_hands_the_dropped_candidates_to_the_writer(tmp_path
     probs[0] = 1.0
     probs[1][ball(SHAPE, (10, 10, 10), 3)] = 0.9  # A confident, B not
     probs[0] -= probs[1]
-    inp = {"image": np.zeros((1, *SHAPE), np.float32), "brain": np.ones(SHAPE, bool)}
+    inp = {
+        "image": np.zeros((1, *SHAPE), np.float32),
+        "brain": np.ones(SHAPE, bool),
+        "affine": np.eye(4),  # the grid's spacing, for keep_diameter_mm
+    }
     meta = {"threshold": 0.5, "params": ARGMAX_PROPOSALS}
     post = CascadePostProcess((FixedScores(), meta), None, {}, torch.device("cpu"))
     filtered, extra = post({"study_id": "S"}, inp, probs, pred)
@@ -168,3 +173,217 @@ def test_cascade_postprocess_hands_the_dropped_candidates_to_the_writer(tmp_path
         ]
     )
     assert json.loads((tmp_path / SUGGESTIONS_TABLE).read_text())[0]["id"] == 1
+
+
+# ------------------------------------------------------------ size-aware stage 2 (issue #23)
+# On a 1 mm grid: a large lesion (radius 6: 12 mm across) and a large false positive that
+# stage 2 scores low, a small lesion it scores high and a small false positive in between.
+BIG_LESION, BIG_FP, SMALL_LESION, SMALL_FP = (10, 10, 10), (30, 10, 30), (30, 30, 30), (10, 30, 30)
+KEEP_PARAMS = {
+    "crop_size": [16, 16, 16],
+    "filters": [4, 8],
+    "iterations": 1,
+    "batch_size": 2,
+    "proposal_sensitivity": 0.98,  # candidates: components of fg_prob >= proposal_threshold
+    "proposal_threshold": 0.3,
+}
+
+
+def _size_study():
+    fg_prob = np.zeros(SHAPE, np.float32)
+    for centre, radius, prob in [
+        (BIG_LESION, 6, 0.35),
+        (BIG_FP, 6, 0.45),
+        (SMALL_LESION, 2, 0.9),
+        (SMALL_FP, 2, 0.6),
+    ]:
+        fg_prob[ball(SHAPE, centre, radius)] = prob
+    reference = ball(SHAPE, BIG_LESION, 6) | ball(SHAPE, SMALL_LESION, 2)
+    return np.zeros((1, *SHAPE), np.float32), fg_prob, reference
+
+
+def _peak_scores(network, crops, batch_size=32):
+    """Stand-in stage-2 scores: the candidate's peak stage-1 probability (fg-prob channel)."""
+    return crops[:, -1].max(axis=(1, 2, 3))
+
+
+@pytest.mark.parametrize("keep", [None, 10.0])
+def test_keep_diameter_keeps_a_big_low_scoring_candidate_on_validation_and_at_inference(
+    tmp_path, monkeypatch, keep
+):
+    """keep_diameter_mm: the validation operating point and filter_prediction apply the same rule
+    (cascade.size_aware_scores), so the threshold chosen on validation counts the big candidates
+    as kept (the big false positive too) and inference keeps them whatever their score."""
+    monkeypatch.setattr(cascade, "score_crops", _peak_scores)
+    image, fg_prob, reference = _size_study()
+    params = {**KEEP_PARAMS, "keep_diameter_mm": keep}
+
+    def cands(add_reference):
+        return cascade.study_candidates(
+            "S", image, fg_prob, reference, params, add_reference, spacing=(1.0, 1.0, 1.0)
+        )
+
+    out = tmp_path / "stage2.pt"
+    meta = cascade.train_stage2([cands(True)], [cands(False)], ["t1c"], params, out)
+    lost = {(r["study_id"], r["lesion_id"]) for r in meta["lost_lesions"]}
+    if keep is None:
+        # Scores 0.9 / 0.6 / 0.45 / 0.35 at <= 1 FP: only the small lesion; the big one is lost.
+        assert meta["threshold"] == pytest.approx(0.9)
+        assert meta["sensitivity_after"] == 0.5 and meta["fp_per_patient_after"] == 0.0
+        assert len(lost) == 1
+    else:
+        # Both big candidates score 1.0: the big lesion found, its false positive the one allowed.
+        assert meta["threshold"] == pytest.approx(0.9)
+        assert meta["sensitivity_after"] == 1.0 and meta["fp_per_patient_after"] == 1.0
+        assert not lost
+    network, loaded = cascade.load_stage2(out, ["t1c"])
+    assert loaded["params"]["keep_diameter_mm"] == keep
+    pred = np.zeros(SHAPE, np.uint8)
+    filtered, candidates = cascade.filter_prediction(
+        pred, image, fg_prob, network, loaded, "S", spacing=(1.0, 1.0, 1.0)
+    )
+    kept = {c.centroid for c in candidates if c.score >= loaded["threshold"]}
+    big_kept = {BIG_LESION, BIG_FP} <= kept
+    assert big_kept == (keep is not None) and SMALL_LESION in kept and SMALL_FP not in kept
+    assert (filtered[BIG_LESION] == 1) == (keep is not None)
+    if keep is not None:
+        # 0.5 mm voxels: the same components are 6 mm across, under the 10 mm rule.
+        _, small_grid = cascade.filter_prediction(
+            pred, image, fg_prob, network, loaded, "S", spacing=(0.5, 0.5, 0.5)
+        )
+        assert not any(c.score >= loaded["threshold"] for c in small_grid if c.voxels > 100)
+        with pytest.raises(ValueError, match="spacing"):
+            cascade.filter_prediction(pred, image, fg_prob, network, loaded, "S")
+
+
+def test_keep_diameter_is_checked_and_off_in_older_checkpoints(tmp_path):
+    assert cascade.resolve_params({}).keep_diameter_mm is None
+    assert cascade.resolve_params({"keep_diameter_mm": 10}).keep_diameter_mm == 10
+    for bad in (0, -3.0):
+        with pytest.raises(ValueError, match="keep_diameter_mm"):
+            cascade.resolve_params({"keep_diameter_mm": bad})
+    # A checkpoint written before the key existed: loads, and keeps no candidate by size.
+    params = {k: v for k, v in cascade.resolve_params(KEEP_PARAMS).as_dict().items()}
+    del params["keep_diameter_mm"]
+    del params["recovered_peak_fraction"]
+    spec = cascade.network_spec(["t1c"], params)
+    path = tmp_path / "old.pt"
+    meta = {"network": spec, "channels": ["t1c"], "params": params, "threshold": 0.5}
+    cascade.save_stage2(path, cascade.build_classifier(spec), meta)
+    _, loaded = cascade.load_stage2(path, ["t1c"])
+    assert loaded["params"]["keep_diameter_mm"] is None
+    assert loaded["params"]["recovered_peak_fraction"] is None  # the whole proposal, as before
+
+
+# ------------------------------------------------- lesion-aware shape of recovered lesions (#23)
+RECOVERED, ARGMAX_LESION = (20, 20, 20), (8, 8, 8)
+
+
+def _recovery_study():
+    """A proposal (fg_prob >= 0.3) stage 1 scored below 0.5 everywhere but its peak blob: a
+    0.35 ball of radius 6 holding a 0.9 peak blob (radius 2) and, apart from it, a 0.6 speck; and
+    a lesion stage 1's argmax found (a 0.4 proposal around a 0.9 core)."""
+    fg_prob = np.zeros(SHAPE, np.float32)
+    fg_prob[ball(SHAPE, RECOVERED, 6)] = 0.35
+    fg_prob[ball(SHAPE, (20, 20, 17), 2)] = 0.9  # the peak, z 15-19
+    fg_prob[ball(SHAPE, (20, 20, 24), 1)] = 0.6  # >= 0.5 x peak, not connected to it
+    fg_prob[ball(SHAPE, ARGMAX_LESION, 4)] = 0.4
+    fg_prob[ball(SHAPE, ARGMAX_LESION, 2)] = 0.9
+    pred = np.zeros(SHAPE, np.uint8)
+    pred[ball(SHAPE, ARGMAX_LESION, 2)] = 1
+    return np.zeros((1, *SHAPE), np.float32), fg_prob, pred
+
+
+@pytest.mark.parametrize("fraction", [None, 0.5])
+def test_recovered_lesion_is_its_peak_connected_part_with_recovered_peak_fraction(
+    monkeypatch, fraction
+):
+    """recovered_peak_fraction: a kept proposal without argmax lesion voxels is added as the
+    connected piece of its voxels >= fraction x its peak that holds the peak (not the far speck,
+    not the 0.35 halo); None adds the whole proposal, as before. A lesion the argmax found keeps
+    stage 1's shape either way."""
+    monkeypatch.setattr(cascade, "score_crops", _peak_scores)
+    image, fg_prob, pred = _recovery_study()
+    params = {**KEEP_PARAMS, "recovered_peak_fraction": fraction}
+    meta = {"threshold": 0.5, "params": params}
+    filtered, candidates = cascade.filter_prediction(pred, image, fg_prob, None, meta, "S")
+    assert sorted(c.centroid[0] for c in candidates if c.score >= 0.5) == [8, 20]  # both kept
+    proposal = ball(SHAPE, RECOVERED, 6)
+    recovered = (filtered == 1) & proposal
+    if fraction is None:
+        assert np.array_equal(recovered, proposal)
+    else:
+        peak_part = ball(SHAPE, (20, 20, 17), 2)
+        assert np.array_equal(recovered, peak_part) and peak_part.sum() < proposal.sum()
+        assert np.array_equal(cascade.peak_connected_region(proposal, fg_prob, 0.5), peak_part)
+    assert set(np.unique(filtered[proposal])) <= {0, 1}
+    outside = ~proposal
+    np.testing.assert_array_equal(filtered[outside], pred[outside])  # the argmax lesion as it was
+
+
+def test_recovered_peak_fraction_is_checked():
+    assert cascade.resolve_params({}).recovered_peak_fraction is None
+    assert cascade.resolve_params({"recovered_peak_fraction": 1}).recovered_peak_fraction == 1
+    for bad in (0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="recovered_peak_fraction"):
+            cascade.resolve_params({"recovered_peak_fraction": bad})
+    empty = np.zeros((3, 3, 3), bool)
+    assert not cascade.peak_connected_region(empty, np.ones((3, 3, 3)), 0.5).any()
+
+
+# ------------------------------------------------------------ the cascade's FROC on test studies
+def test_scored_candidate_hits_number_the_reference_lesions_each_candidate_touches():
+    """Argmax proposals: lesion A (a reference lesion) and lesion B (none) -> A touches
+    ("S", 1), B is a false positive; every reference lesion is listed with its diameter."""
+    pred = two_lesion_prediction()
+    fg_prob = np.zeros(SHAPE, np.float32)
+    fg_prob[ball(SHAPE, (10, 10, 10), 3)] = 0.9
+    image = np.zeros((1, *SHAPE), np.float32)
+    reference = ball(SHAPE, (10, 10, 10), 2) | ball(SHAPE, (10, 30, 10), 2)  # 2nd: missed
+    meta = {"threshold": 0.5, "params": ARGMAX_PROPOSALS}
+    _, cands = cascade.filter_prediction(pred, image, fg_prob, FixedScores(), meta, "S")
+    scores, hits, diameters = cascade.scored_candidate_hits(
+        pred, fg_prob, meta, cands, reference, "S", (1.0, 1.0, 1.0)
+    )
+    assert scores.tolist() == [c.score for c in cands]
+    by_centroid = {c.centroid: h for c, h in zip(cands, hits, strict=True)}
+    assert by_centroid == {(10, 10, 10): [("S", 1)], (30, 30, 30): []}
+    assert set(diameters) == {("S", 1), ("S", 2)}
+    volume = ball(SHAPE, (10, 10, 10), 2).sum()
+    assert diameters["S", 1] == pytest.approx((6 * volume / np.pi) ** (1 / 3))
+
+
+@pytest.mark.parametrize("keep", [None, 10.0])
+def test_test_froc_of_scored_candidates_is_the_validation_froc_on_the_same_study(
+    tmp_path, monkeypatch, keep
+):
+    """Read on the study stage 2 chose its operating point on, the FROC of the candidates
+    filter_prediction scored (scored_candidate_hits + metrics.froc) is the validation FROC the
+    checkpoint stores, and lost_lesions at its threshold the validation lesions it lost."""
+    from metsflow.evaluation import metrics
+
+    monkeypatch.setattr(cascade, "score_crops", _peak_scores)
+    image, fg_prob, reference = _size_study()
+    params = {**KEEP_PARAMS, "keep_diameter_mm": keep}
+    spacing = (1.0, 1.0, 1.0)
+
+    def cands(add_reference):
+        return cascade.study_candidates(
+            "S", image, fg_prob, reference, params, add_reference, spacing=spacing
+        )
+
+    meta = cascade.train_stage2([cands(True)], [cands(False)], ["t1c"], params, tmp_path / "s2")
+    network, loaded = cascade.load_stage2(tmp_path / "s2", ["t1c"])
+    pred = np.zeros(SHAPE, np.uint8)
+    _, candidates = cascade.filter_prediction(
+        pred, image, fg_prob, network, loaded, "S", spacing=spacing
+    )
+    scores, hits, diameters = cascade.scored_candidate_hits(
+        pred, fg_prob, loaded, candidates, reference, "S", spacing
+    )
+    curve = metrics.froc(scores, hits, len(diameters), n_patients=1)
+    expected = pd.DataFrame(meta["froc"], columns=metrics.FROC_COLUMNS)
+    pd.testing.assert_frame_equal(curve, expected, check_dtype=False)
+    lost = cascade.lost_lesions(scores, hits, loaded["threshold"], diameters)
+    assert lost == meta["lost_lesions"]
+    assert len(lost) == (1 if keep is None else 0)

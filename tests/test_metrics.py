@@ -554,3 +554,17 @@ def test_pooled_lesion_tables_count_every_study_and_match_per_study():
     assert len(predicted) == 2
     rates = false_positive_rates(false, {"S0": "P0", "S1": "P1"})
     assert rates["fp_per_patient"] == 0.5
+
+
+def test_sensitivity_at_fp_reads_the_froc_at_fixed_false_positive_rates():
+    """The highest sensitivity at or under each FP/patient rate; 0 below the curve's first point
+    (keeping nothing), NaN without reference lesions."""
+    # 4 lesions, 2 patients: 0.9 a | 0.8 FP | 0.7 b | 0.6 FP | 0.5 c | 0.4 FP | 0.3 d
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+    hits = [["a"], [], ["b"], [], ["c"], [], ["d"]]
+    curve = metrics.froc(scores, hits, n_reference=4, n_patients=2)
+    assert metrics.sensitivity_at_fp(curve, [0, 0.5, 1, 2]) == pytest.approx([0.25, 0.5, 0.75, 1])
+    late = metrics.froc([0.9, 0.5], [[], ["a"]], n_reference=1, n_patients=2)
+    assert metrics.sensitivity_at_fp(late, [0.25, 0.5]) == [0.0, 1.0]
+    empty = metrics.froc([0.9], [[]], n_reference=0, n_patients=1)
+    assert all(math.isnan(v) for v in metrics.sensitivity_at_fp(empty, [1, 2]))

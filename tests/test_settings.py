@@ -95,6 +95,17 @@ REFUSED = [
     ("train.aug_zoom_range", [1.4, 0.7], "train.aug_zoom_range: [min, max] with min <= max"),
     ("train.stage2.crop_size", [20, 24, 24], "train.stage2.crop_size: multiples of 8"),
     ("train.stage2.batch_size", 1, "train.stage2.batch_size: 1 is less than the minimum of 2"),
+    ("train.stage2.keep_diameter_mm", 0, "train.stage2.keep_diameter_mm: 0 is less than or equal"),
+    (
+        "train.stage2.recovered_peak_fraction",
+        0,
+        "train.stage2.recovered_peak_fraction: 0 is less than or equal",
+    ),
+    (
+        "train.stage2.recovered_peak_fraction",
+        1.5,
+        "train.stage2.recovered_peak_fraction: 1.5 is greater than the maximum of 1",
+    ),
     (
         "train.reseg",
         {"enabled": True, "patch_size": [44, 48, 48]},
@@ -123,6 +134,11 @@ def test_allowed_values_stay_allowed():
     for key, value in [
         ("preprocess.brain_mask", "/masks/{study_id}.nii.gz"),
         ("preprocess.zscore_clip", None),
+        ("train.stage2.keep_diameter_mm", None),
+        ("train.stage2.keep_diameter_mm", 10.0),
+        ("train.stage2.recovered_peak_fraction", None),
+        ("train.stage2.recovered_peak_fraction", 0.5),
+        ("train.stage2.recovered_peak_fraction", 1.0),
         ("model.arch", "segresnet"),
         ("train.num_workers", 2),
         ("register.levels_mm", [16.0]),  # one level, as the demo's iterations and sigmas

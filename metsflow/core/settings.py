@@ -381,6 +381,23 @@ class Stage2Settings(_Section):
     # ceiling 0.591 -> 0.712 and test sensitivity 0.33 -> 0.56 on the baseline stage 1, 0.924
     # ceiling and 0.88 with the other levers (benchmarks/results/bench_detection.txt).
     proposal_sensitivity: float | None = setting(0.98, exclusiveMinimum=0, maximum=1)
+    # Size-aware stage 2 (issue #23): a candidate at least this wide (equivalent-sphere diameter
+    # in mm, from its voxel count and the grid spacing) is kept whatever its stage-2 score, and
+    # the validation operating point counts it as always kept, false positives included
+    # (metsflow.models.cascade.size_aware_scores). Why: the crop classifier sees few large
+    # positives in a heavy-tailed training set and dropped every lesion >= 10 mm stage 1 found
+    # in 6 of 7 benchmark arms. None = off (and what a checkpoint without the key means).
+    keep_diameter_mm: float | None = setting(None, exclusiveMinimum=0)
+    # Lesion-aware shape of a recovered lesion (issue #23): with proposal_sensitivity set, a
+    # kept candidate without any argmax lesion voxel (a lesion stage 1 scored below 0.5) is
+    # added as enhancing. None = its whole proposal component (fg_prob >= proposal_threshold),
+    # bloated around a small lesion: it can miss the evaluation's IoU match and then counts as a
+    # false positive too. A fraction f = only the voxels of the component with fg_prob >= f x
+    # the component's peak, the connected piece that holds the peak
+    # (metsflow.models.cascade.peak_connected_region). Inference only (filter_prediction): stage
+    # 2's training and operating point do not read it. None is also what a checkpoint without
+    # the key means.
+    recovered_peak_fraction: float | None = setting(None, exclusiveMinimum=0, maximum=1)
 
     def problems(self, where: str) -> list[str]:
         found = super().problems(where)

@@ -435,6 +435,12 @@ def equivalent_diameter_mm(volume_mm3: float | np.ndarray) -> np.ndarray:
     return np.cbrt(6.0 * np.asarray(volume_mm3, dtype=float) / math.pi)
 
 
+def voxel_diameter_mm(voxels: float | np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Equivalent diameter (mm) of components of ``voxels`` voxels on a grid of ``spacing`` mm."""
+    voxel_mm3 = float(np.prod(np.asarray(spacing, dtype=float)))
+    return equivalent_diameter_mm(np.asarray(voxels, dtype=float) * voxel_mm3)
+
+
 def check_size_bins(size_bins_mm: Sequence[float]) -> tuple[float, ...]:
     """The bin edges as floats; refuses an empty, unsorted or non-positive list."""
     edges = tuple(float(e) for e in size_bins_mm)
@@ -597,6 +603,20 @@ def froc(
         },
         columns=FROC_COLUMNS,
     )
+
+
+def sensitivity_at_fp(curve: pd.DataFrame, fp_per_patient: Sequence[float]) -> list[float]:
+    """A ``froc`` curve read at fixed false-positive rates: for each rate, the highest sensitivity
+    of a threshold with at most that many false positives per patient; 0.0 where even the
+    highest threshold has more (only keeping nothing stays under the rate), NaN where there is
+    no reference lesion (the curve's sensitivity is NaN)."""
+    if len(curve) and curve["sensitivity"].isna().all():
+        return [math.nan] * len(fp_per_patient)
+    out = []
+    for rate in fp_per_patient:
+        allowed = curve["sensitivity"][curve["fp_per_patient"] <= float(rate) + 1e-9]
+        out.append(float(allowed.max()) if len(allowed) else 0.0)
+    return out
 
 
 def choose_operating_point(

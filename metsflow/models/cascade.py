@@ -21,6 +21,17 @@ two clinical rules (``operating_rule``):
 - ``target_sensitivity``: the highest threshold whose sensitivity is still at least
   ``target_sensitivity`` (or stage 1's own sensitivity, if that is lower).
 
+With ``keep_diameter_mm`` set, a candidate at least that wide (equivalent-sphere diameter) is
+kept whatever its score: ``size_aware_scores`` raises its score to 1.0 right after scoring, both
+on the validation candidates the operating point is chosen on and at inference
+(``filter_prediction``), so the chosen threshold and the FROC count such candidates as always kept.
+
+With ``proposal_sensitivity`` set, a kept candidate without any argmax lesion voxel is added back
+as enhancing: its whole proposal component, or with ``recovered_peak_fraction`` set only the part
+around its peak (``peak_connected_region``), so a small lesion stage 1 scored low is not added
+as a bloated blob that misses the IoU match. Inference only: training and the operating point
+do not read it.
+
 Threshold, rule, the validation FROC, the figures before/after filtering and the validation
 lesions the chosen point loses (study, lesion, equivalent diameter) are stored in the stage-2
 checkpoint, which loads with ``torch.load(weights_only=True)`` like every metsflow checkpoint.
@@ -96,6 +107,12 @@ def resolve_params(params: Stage2Settings | dict | None) -> Stage2Settings:
         raise ValueError(f"proposal_sensitivity must be in (0, 1], got {sensitivity}")
     if not float(params.max_fp_per_patient) >= 0:
         raise ValueError(f"max_fp_per_patient must be >= 0, got {params.max_fp_per_patient}")
+    keep = params.keep_diameter_mm
+    if keep is not None and not float(keep) > 0:
+        raise ValueError(f"keep_diameter_mm must be > 0 or None, got {keep}")
+    fraction = params.recovered_peak_fraction
+    if fraction is not None and not 0 < float(fraction) <= 1:
+        raise ValueError(f"recovered_peak_fraction must be in (0, 1] or None, got {fraction}")
     problems = params.problems("stage-2")
     if problems:
         raise ValueError("; ".join(problems))
@@ -217,6 +234,11 @@ def load_stage2(
     if payload.get("format_version") != STAGE2_FORMAT_VERSION:
         raise ValueError(f"{path}: stage-2 format version {payload.get('format_version')}")
     meta = payload["meta"]
+    # A checkpoint from before keep_diameter_mm existed kept no candidate by size: pinned off, so
+    # it behaves as it did whatever the default is now.
+    meta["params"].setdefault("keep_diameter_mm", None)
+    # ... and from before recovered_peak_fraction: a recovered lesion is its whole proposal.
+    meta["params"].setdefault("recovered_peak_fraction", None)
     if expect_channels is not None and list(meta["channels"]) != list(expect_channels):
         raise ValueError(
             f"stage-2 checkpoint {path} reads channels {meta['channels']}, but the stage-1 "
@@ -242,6 +264,28 @@ def score_crops(network: nn.Module, crops: np.ndarray, batch_size: int = 32) -> 
             batch = torch.from_numpy(crops[start : start + batch_size]).to(device)
             scores.append(torch.sigmoid(network(batch).float()).flatten().cpu().numpy())
     return np.concatenate(scores)
+
+
+def size_aware_scores(
+    scores: np.ndarray,
+    voxels: Sequence[int] | None,
+    spacing: Sequence[float] | None,
+    params: Stage2Settings | dict,
+) -> np.ndarray:
+    """``scores`` of candidates of ``voxels`` voxels on a grid of ``spacing`` mm, those at least
+    ``keep_diameter_mm`` wide (equivalent-sphere diameter, rounded as the size bins round it so
+    a lesion in the ">= 10 mm" bin counts as 10 mm) raised to 1.0, the highest score: every
+    threshold keeps them. The one owner of the rule: ``filter_prediction`` applies it at
+    inference and ``train_stage2`` before choosing the operating point, so the validation FROC
+    counts these candidates as always kept (false positives included) and the threshold chosen
+    is the one inference applies. Unchanged with ``keep_diameter_mm`` None."""
+    keep = resolve_params(params).keep_diameter_mm
+    if keep is None or not len(scores):
+        return scores
+    if voxels is None or spacing is None:
+        raise ValueError("keep_diameter_mm needs the candidates' sizes and the grid's spacing")
+    diameters = np.round(metrics.voxel_diameter_mm(voxels, spacing), metrics.DIAMETER_DECIMALS)
+    return np.where(diameters >= float(keep), 1.0, np.asarray(scores, dtype=float))
 
 
 def choose_threshold(
@@ -377,6 +421,24 @@ def proposal_mask(pred: np.ndarray, fg_prob: np.ndarray, meta: dict) -> np.ndarr
     return np.asarray(fg_prob) >= float(settings.proposal_threshold)
 
 
+def peak_connected_region(region: np.ndarray, fg_prob: np.ndarray, fraction: float) -> np.ndarray:
+    """The part of a recovered lesion's proposal component ``region`` (boolean) that
+    ``filter_prediction`` adds as enhancing with ``recovered_peak_fraction`` = ``fraction``:
+    the voxels of ``region`` whose ``fg_prob`` is at least ``fraction`` x the region's peak
+    (and so at least the proposal threshold, as every voxel of ``region`` is), and of those only
+    the connected piece (``labels.lesion_components``) that holds the peak voxel, so the
+    lesion never splits into specks. ``fraction`` 1 leaves the peak voxel(s) connected to it;
+    an empty ``region`` gives an empty mask."""
+    region = np.asarray(region, dtype=bool)
+    if not region.any():
+        return region.copy()
+    prob = np.where(region, np.asarray(fg_prob, dtype=np.float32), -np.inf)
+    peak = np.unravel_index(int(np.argmax(prob)), prob.shape)
+    core = prob >= np.float32(float(fraction)) * prob[peak]
+    pieces, _ = lab.lesion_components(core)
+    return pieces == pieces[peak]
+
+
 def filter_prediction(
     pred: np.ndarray,
     image: np.ndarray,
@@ -384,6 +446,8 @@ def filter_prediction(
     network: nn.Module,
     meta: dict,
     study_id: str = "",
+    *,
+    spacing: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, list[Candidate]]:
     """Remove stage-1 lesions whose stage-2 score is below ``meta["threshold"]``.
 
@@ -391,8 +455,11 @@ def filter_prediction(
     nearest lesion voxel belongs to it (edema of a kept neighbour stays). With
     ``proposal_sensitivity`` set (high-sensitivity stage 1), the candidates are the components
     of ``fg_prob >= proposal_threshold`` rather than of the argmax, and a kept candidate without
-    any argmax lesion voxel (a lesion stage 1 scored below 0.5) is added as enhancing. Returns
-    the filtered internal labels and the scored candidates."""
+    any argmax lesion voxel (a lesion stage 1 scored below 0.5) is added as enhancing: its whole
+    component, or with ``recovered_peak_fraction`` set its ``peak_connected_region``. With
+    ``keep_diameter_mm`` set, ``spacing`` (mm, the grid's) is needed and a candidate that wide
+    scores 1.0 (``size_aware_scores``). Returns the filtered internal labels and the scored
+    candidates (their scores as the threshold saw them)."""
     settings = resolve_params(meta["params"])
     high_sensitivity = settings.proposal_sensitivity is not None
     lesion = lab.whole_lesion(pred)
@@ -400,7 +467,9 @@ def filter_prediction(
     if not candidates:
         return np.asarray(pred, dtype=np.uint8).copy(), candidates
     crops = candidate_crops(image, fg_prob, components, candidates, settings.crop_size)
-    scores = score_crops(network, crops)
+    scores = size_aware_scores(
+        score_crops(network, crops), [c.voxels for c in candidates], spacing, settings
+    )
     for cand, score in zip(candidates, scores, strict=True):
         cand.score = float(score)
     dropped = [c.index for c in candidates if c.score < float(meta["threshold"])]
@@ -409,8 +478,48 @@ def filter_prediction(
         kept = [c.index for c in candidates if c.score >= float(meta["threshold"])]
         with_lesion = np.unique(components[lesion])
         recovered = np.setdiff1d(kept, with_lesion)
-        out[np.isin(components, recovered)] = lab.ENHANCING
+        fraction = settings.recovered_peak_fraction
+        if fraction is None:
+            out[np.isin(components, recovered)] = lab.ENHANCING
+        else:
+            boxes = ndimage.find_objects(components)
+            for index in recovered:
+                box = boxes[int(index) - 1]
+                region = peak_connected_region(components[box] == index, fg_prob[box], fraction)
+                out[box][region] = lab.ENHANCING
     return out, candidates
+
+
+def scored_candidate_hits(
+    pred: np.ndarray,
+    fg_prob: np.ndarray,
+    meta: dict,
+    candidates: Sequence[Candidate],
+    reference: np.ndarray,
+    study_id: str,
+    spacing: Sequence[float],
+) -> tuple[np.ndarray, list[list[tuple[str, int]]], dict[tuple[str, int], float]]:
+    """The ``candidates`` ``filter_prediction(pred, _, fg_prob, _, meta, study_id)`` scored on one
+    labelled study, against its ``reference`` (whole lesion): ``(scores, hits, diameters)``.
+    ``hits[i]``: the reference lesions candidate i touches, as ``(study_id, lesion)`` (unique
+    across studies, numbered as the validation FROC numbers them; empty: a false positive);
+    ``diameters``: every reference lesion of the study -> its equivalent diameter (mm, on a grid
+    of ``spacing``). Pooled over studies, ``metrics.froc(scores, hits, len(diameters),
+    n_patients)`` is the cascade's FROC as ``train_stage2`` reads it on validation (a lesion is
+    detected at threshold t when a candidate scoring >= t touches it), and ``lost_lesions``
+    what a threshold gives up."""
+    # Numbered as filter_prediction numbered its candidates: the same mask, the same labelling.
+    components = lab.lesion_components(proposal_mask(pred, fg_prob, meta))[0]
+    ref_cc, n_ref = lab.lesion_components(np.asarray(reference, dtype=bool))
+    hit_of = component_hits(components, ref_cc)
+    scores = np.array([c.score for c in candidates], dtype=float)
+    hits = [[(study_id, r) for r in hit_of.get(c.index, [])] for c in candidates]
+    sizes = np.bincount(ref_cc.ravel(), minlength=n_ref + 1)[1 : n_ref + 1]
+    diameters = {
+        (study_id, lesion): diameter
+        for lesion, diameter in enumerate(metrics.voxel_diameter_mm(sizes, spacing).tolist(), 1)
+    }
+    return scores, hits, diameters
 
 
 # A suggestion map is uint8 (review editor, NiiVue drawing layer): at most 255 per study, the
@@ -477,6 +586,19 @@ class StudyCandidates:
     study_id: str = ""
     patient_id: str = ""  # FP per patient on validation ("" -> the study is its own patient)
     ref_diameters_mm: list[float] | None = None  # equivalent diameter of reference lesion i+1
+    voxels: list[int] | None = None  # size of each candidate (size_aware_scores)
+    spacing: tuple[float, ...] | None = None  # mm, the grid's (None: not given)
+
+
+def component_hits(components: np.ndarray, ref_components: np.ndarray) -> dict[int, list[int]]:
+    """Candidate component -> the reference lesions (components of ``ref_components``) it
+    overlaps, sorted; candidates that overlap none are absent (false positives)."""
+    both = (components > 0) & (ref_components > 0)
+    pairs = np.unique(np.stack([components[both], ref_components[both]]), axis=1)
+    hit_of: dict[int, list[int]] = {}
+    for comp, ref in pairs.T:
+        hit_of.setdefault(int(comp), []).append(int(ref))
+    return {comp: sorted(refs) for comp, refs in hit_of.items()}
 
 
 def study_candidates(
@@ -491,7 +613,8 @@ def study_candidates(
 ) -> StudyCandidates:
     """Candidates of one study: stage-1 components at ``proposal_threshold`` (+ the reference
     lesions themselves with ``add_reference``, for training). ``patient_id`` and ``spacing``
-    (mm) feed the validation FROC and the list of lesions the operating point loses."""
+    (mm) feed the validation FROC, the list of lesions the operating point loses and
+    ``keep_diameter_mm`` (``size_aware_scores``)."""
     params = resolve_params(params)
     reference = np.asarray(reference, dtype=bool)
     ref_cc, n_ref = lab.lesion_components(reference)
@@ -501,13 +624,10 @@ def study_candidates(
         # A badly trained stage 1 can propose thousands of specks: keep the most confident.
         cands = sorted(cands, key=lambda c: -c.max_prob)[: int(params.max_candidates)]
     crops = candidate_crops(image, fg_prob, components, cands, params.crop_size)
-    both = (components > 0) & (ref_cc > 0)
-    pairs = np.unique(np.stack([components[both], ref_cc[both]]), axis=1)
-    hit_of: dict[int, list[int]] = {}
-    for comp, ref in pairs.T:
-        hit_of.setdefault(int(comp), []).append(int(ref))
-    hits = [sorted(hit_of.get(c.index, [])) for c in cands]
+    hit_of = component_hits(components, ref_cc)
+    hits = [hit_of.get(c.index, []) for c in cands]
     sources = ["stage1"] * len(cands)
+    voxels = [c.voxels for c in cands]
     if add_reference and n_ref:
         ref_comp, ref_cands = find_candidates(reference, fg_prob, study_id, reference)
         crops = np.concatenate(
@@ -515,14 +635,15 @@ def study_candidates(
         )
         hits += [[c.index] for c in ref_cands]
         sources += ["reference"] * len(ref_cands)
+        voxels += [c.voxels for c in ref_cands]
     labels = np.array([1.0 if h else 0.0 for h in hits], dtype=np.float32)
     diameters = None
     if spacing is not None:
         sizes = np.bincount(ref_cc.ravel(), minlength=n_ref + 1)[1 : n_ref + 1]
-        voxel_mm3 = float(np.prod(np.asarray(spacing, dtype=float)))
-        diameters = metrics.equivalent_diameter_mm(sizes * voxel_mm3).tolist()
+        diameters = metrics.voxel_diameter_mm(sizes, spacing).tolist()
+        spacing = tuple(float(s) for s in spacing)
     return StudyCandidates(
-        crops, labels, hits, int(n_ref), sources, study_id, patient_id, diameters
+        crops, labels, hits, int(n_ref), sources, study_id, patient_id, diameters, voxels, spacing
     )
 
 
@@ -661,7 +782,10 @@ def train_stage2(
     val_scores, val_hits, n_ref, patients, diameters = [], [], 0, set(), {}
     for number, study in enumerate(val):
         stage1 = [i for i, s in enumerate(study.sources) if s == "stage1"]
-        val_scores.append(score_crops(network, study.crops[stage1]))
+        # Scored as filter_prediction scores them at inference (keep_diameter_mm included).
+        voxels = None if study.voxels is None else [study.voxels[i] for i in stage1]
+        scored = score_crops(network, study.crops[stage1])
+        val_scores.append(size_aware_scores(scored, voxels, study.spacing, params))
         # Reference ids are per study: make them unique across studies.
         key = study.study_id or f"study_{number}"
         val_hits += [[(key, r) for r in study.hits[i]] for i in stage1]

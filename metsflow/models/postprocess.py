@@ -16,6 +16,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from torch import nn
@@ -83,7 +84,13 @@ class CascadePostProcess:
             fg_prob = foreground_probability(probs, inp["brain"])
             pred_before = pred
             pred, candidates = filter_prediction(
-                pred, inp["image"], fg_prob, network, meta, str(item["study_id"])
+                pred,
+                inp["image"],
+                fg_prob,
+                network,
+                meta,
+                str(item["study_id"]),
+                spacing=nib.affines.voxel_sizes(inp["affine"]),
             )
             extra["stage2_removed"] = sum(c.score < meta["threshold"] for c in candidates)
             # For the review editor's "possible lesions"; segment_study writes them as files.
