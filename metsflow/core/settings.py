@@ -386,7 +386,12 @@ class Stage2Settings(_Section):
     # the validation operating point counts it as always kept, false positives included
     # (metsflow.models.cascade.size_aware_scores). Why: the crop classifier sees few large
     # positives in a heavy-tailed training set and dropped every lesion >= 10 mm stage 1 found
-    # in 6 of 7 benchmark arms. None = off (and what a checkpoint without the key means).
+    # in 6 of 7 benchmark arms. None = off (and what a checkpoint without the key means), the
+    # default, measured: 10 mm kept 1 more of the 2 test lesions >= 10 mm (171 -> 172/195 with
+    # "all levers", 176 -> 176 with flips) at +0.05 FP/patient, one training seed
+    # (benchmarks/results/bench_detection.txt); and where a weak stage 1 needs the 0.05 proposal
+    # floor its proposals merge into brain-sized regions that the rule always keeps (53.7
+    # FP/patient on the benchmark's 30-iteration smoke run).
     keep_diameter_mm: float | None = setting(None, exclusiveMinimum=0)
     # Lesion-aware shape of a recovered lesion (issue #23): with proposal_sensitivity set, a
     # kept candidate without any argmax lesion voxel (a lesion stage 1 scored below 0.5) is
@@ -396,7 +401,9 @@ class Stage2Settings(_Section):
     # the component's peak, the connected piece that holds the peak
     # (metsflow.models.cascade.peak_connected_region). Inference only (filter_prediction): stage
     # 2's training and operating point do not read it. None is also what a checkpoint without
-    # the key means.
+    # the key means. Default None, measured: 0.5 changed nothing with "all levers" (171/195 at
+    # 1.15 FP/patient either way) and 1 lesion / -0.05 FP/patient with flips and keep-large
+    # (176 -> 177/195, 1.40 -> 1.35), one training seed (benchmarks/results/bench_detection.txt).
     recovered_peak_fraction: float | None = setting(None, exclusiveMinimum=0, maximum=1)
 
     def problems(self, where: str) -> list[str]:
