@@ -190,11 +190,11 @@ def test_model_set_of_the_cohort_config():
     from conftest import REPO
 
     models = ModelSet.from_config(yaml.safe_load((REPO / "config/cohort.yaml").read_text()))
-    assert (models.folds, models.stage2, models.reseg, models.tta) == (5, True, True, False)
+    assert (models.folds, models.stage2, models.reseg, models.tta) == (5, True, True, True)
     assert [models.iterations_of(k, r) for k in ("stage1", "stage2", "reseg") for r in (0, 1)] == [
         20_000, 5000, 2000, 2000, 20_000, 5000
     ]  # fmt: skip
-    assert models.forward_passes(followup_fraction=0.5) == pytest.approx(5.5)
+    assert models.forward_passes(followup_fraction=0.5) == pytest.approx(5.5 * 8)  # 8 flips
 
 
 @pytest.mark.slow
