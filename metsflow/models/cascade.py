@@ -514,10 +514,9 @@ def scored_candidate_hits(
     hit_of = component_hits(components, ref_cc)
     scores = np.array([c.score for c in candidates], dtype=float)
     hits = [[(study_id, r) for r in hit_of.get(c.index, [])] for c in candidates]
-    sizes = np.bincount(ref_cc.ravel(), minlength=n_ref + 1)[1 : n_ref + 1]
     diameters = {
         (study_id, lesion): diameter
-        for lesion, diameter in enumerate(metrics.voxel_diameter_mm(sizes, spacing).tolist(), 1)
+        for lesion, diameter in enumerate(lesion_diameters_mm(ref_cc, n_ref, spacing), 1)
     }
     return scores, hits, diameters
 
@@ -590,6 +589,15 @@ class StudyCandidates:
     spacing: tuple[float, ...] | None = None  # mm, the grid's (None: not given)
 
 
+def lesion_diameters_mm(
+    components: np.ndarray, count: int, spacing: Sequence[float]
+) -> list[float]:
+    """Equivalent-sphere diameter (mm) of components 1..``count`` of ``components`` on a grid of
+    ``spacing`` mm: the reference lesions' sizes of the validation FROC and the test FROC."""
+    sizes = np.bincount(components.ravel(), minlength=count + 1)[1 : count + 1]
+    return metrics.voxel_diameter_mm(sizes, spacing).tolist()
+
+
 def component_hits(components: np.ndarray, ref_components: np.ndarray) -> dict[int, list[int]]:
     """Candidate component -> the reference lesions (components of ``ref_components``) it
     overlaps, sorted; candidates that overlap none are absent (false positives)."""
@@ -639,8 +647,7 @@ def study_candidates(
     labels = np.array([1.0 if h else 0.0 for h in hits], dtype=np.float32)
     diameters = None
     if spacing is not None:
-        sizes = np.bincount(ref_cc.ravel(), minlength=n_ref + 1)[1 : n_ref + 1]
-        diameters = metrics.voxel_diameter_mm(sizes, spacing).tolist()
+        diameters = lesion_diameters_mm(ref_cc, n_ref, spacing)
         spacing = tuple(float(s) for s in spacing)
     return StudyCandidates(
         crops, labels, hits, int(n_ref), sources, study_id, patient_id, diameters, voxels, spacing
