@@ -209,3 +209,29 @@ def test_sheet_paths_escaping_the_sheet_folder_are_refused_by_default(tmp_path, 
     config["data_roots"] = []
     config["allow_paths_outside_roots"] = True
     read(config)  # explicitly allowed
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    """A writer killed inside ``atomic_path`` (SIGKILL: no cleanup) leaves its temporary file;
+    the next write of the same file removes it, and nothing a live writer or another host owns."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "shards" / "s0000.tsv"
+    target.parent.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead_pid = int(dead.stdout)  # that process has exited
+    host = io._HOST
+    stale = target.parent / f".s0000.{host}-{dead_pid}.ab_c12.tsv"
+    live = target.parent / f".s0000.{host}-{os.getpid()}.xyz987.tsv"  # a write in progress here
+    elsewhere = target.parent / f".s0000.0badc0de-{dead_pid}.k3j4l5.tsv"  # another node's writer
+    longer = target.parent / f".s0000.{host}-{dead_pid}.q1w2e3.done.tsv"  # s0000.done.tsv's
+    for path in (stale, live, elsewhere, longer):
+        path.write_text("partial")
+    io.write_table(target, pd.DataFrame({"study_id": ["S1"]}))
+    assert pd.read_csv(target, sep="\t").study_id.tolist() == ["S1"]
+    assert not stale.exists()
+    assert live.exists() and elsewhere.exists() and longer.exists()
+    leftovers = sorted(p.name for p in target.parent.iterdir())
+    assert leftovers == sorted(["s0000.tsv", live.name, elsewhere.name, longer.name])

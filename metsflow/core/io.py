@@ -2,16 +2,19 @@
 
 Every file the pipeline writes goes through ``atomic_path``: the content is written to a
 temporary file in the destination folder and renamed into place, so a job killed at any
-moment leaves either the old file or the complete new one, never a truncated one.
+moment leaves either the old file or the complete new one, never a truncated one; the next
+write of that file removes what a killed writer left (``remove_stale_temporaries``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,6 +132,53 @@ class StudyError(Exception):
             super().__init__(f"study {study_id}{where}: {problem}")
 
 
+# Who writes a temporary file, in its name: a hash of the host name and the process id (asked
+# at each write: a forked worker is a writer of its own).
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _writer() -> str:
+    return f"{_HOST}-{os.getpid()}"
+
+
+def _temporary_prefix(path: Path, writer: str) -> str:
+    return f".{path.name.split('.')[0]}.{writer}."
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike, suffix: str) -> list[Path]:
+    """Remove the temporary files of ``path`` that ``atomic_path`` left when its writer was killed
+    (SIGKILL, a SLURM time limit: no ``finally`` runs). Seen in tests/test_faults.py: a run killed
+    while a shard manifest was being written left ``.s0000.<random>.tsv`` beside it for good. A
+    temporary file names its writer (host hash and pid); only those of this host whose process
+    is gone are removed, so a live writer, here or on another node of a shared file system, is
+    never disturbed. Returns what was removed."""
+    path = Path(path)
+    mine = _HOST
+    removed = []
+    stem = path.name.split(".")[0]
+    for old in path.parent.glob(f".{glob.escape(stem)}.{mine}-*{glob.escape(suffix)}"):
+        # .<stem>.<host>-<pid>.<random><suffix>: mkstemp's random part has no dot, so a
+        # longer suffix of another file with the same stem does not match.
+        middle = old.name[len(f".{stem}.{mine}-") : len(old.name) - len(suffix)]
+        pid, _, random = middle.partition(".")
+        if not pid.isdigit() or not random or "." in random or _process_alive(int(pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            old.unlink()
+            removed.append(old)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(
     path: str | os.PathLike, suffix: str | None = None, label_store_write: bool = False
@@ -149,8 +199,9 @@ def atomic_path(
         suffix = "".join(path.suffixes) or ".tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path, suffix)
         fd, tmp = tempfile.mkstemp(
-            prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent
+            prefix=_temporary_prefix(path, _writer()), suffix=suffix, dir=path.parent
         )
     except OSError as exc:
         raise _naming(exc, path) from None
