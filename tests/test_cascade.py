@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from metsflow.core import labels as lab
 from metsflow.models import cascade
 
 
@@ -266,6 +267,7 @@ def test_keep_diameter_is_checked_and_off_in_older_checkpoints(tmp_path):
     params = {k: v for k, v in cascade.resolve_params(KEEP_PARAMS).as_dict().items()}
     del params["keep_diameter_mm"]
     del params["recovered_peak_fraction"]
+    del params["split_proposals"]
     spec = cascade.network_spec(["t1c"], params)
     path = tmp_path / "old.pt"
     meta = {"network": spec, "channels": ["t1c"], "params": params, "threshold": 0.5}
@@ -273,6 +275,7 @@ def test_keep_diameter_is_checked_and_off_in_older_checkpoints(tmp_path):
     _, loaded = cascade.load_stage2(path, ["t1c"])
     assert loaded["params"]["keep_diameter_mm"] is None
     assert loaded["params"]["recovered_peak_fraction"] is None  # the whole proposal, as before
+    assert loaded["params"]["split_proposals"] is False  # trained on whole proposals
 
 
 # ------------------------------------------------- lesion-aware shape of recovered lesions (#23)
@@ -387,3 +390,65 @@ def test_test_froc_of_scored_candidates_is_the_validation_froc_on_the_same_study
     lost = cascade.lost_lesions(scores, hits, loaded["threshold"], diameters)
     assert lost == meta["lost_lesions"]
     assert len(lost) == (1 if keep is None else 0)
+
+
+# ------------------------------------------------------ one candidate per lesion (issue #23)
+LESION, SPECK = (10, 10, 10), (10, 10, 17)
+
+
+def _merged_study():
+    """A lesion stage 1 found (argmax, peak 0.9) and an argmax speck (0.55) whose proposals at
+    0.3 merge into one component through a 0.35 bridge; the reference is the lesion alone."""
+    fg_prob = np.zeros(SHAPE, np.float32)
+    fg_prob[10, 10, 10:18] = 0.35
+    fg_prob[ball(SHAPE, LESION, 3)] = 0.4
+    fg_prob[ball(SHAPE, LESION, 2)] = 0.9
+    fg_prob[ball(SHAPE, SPECK, 1)] = 0.55
+    pred = np.zeros(SHAPE, np.uint8)
+    pred[ball(SHAPE, LESION, 2) | ball(SHAPE, SPECK, 1)] = 1
+    return np.zeros((1, *SHAPE), np.float32), fg_prob, pred, ball(SHAPE, LESION, 2)
+
+
+def _mask_peak_scores(network, crops, batch_size=32):
+    """Stand-in stage-2 scores: the peak stage-1 probability inside the candidate's own mask."""
+    return (crops[:, -2] * crops[:, -1]).max(axis=(1, 2, 3))
+
+
+def test_split_at_lesions_gives_each_argmax_lesion_its_own_candidate():
+    proposal = np.zeros((12, 12, 12), bool)
+    lesion = np.zeros_like(proposal)
+    proposal[1:9, 1:3, 1:3] = True  # one proposal holding two argmax lesions
+    lesion[1:3, 1:3, 1:3] = lesion[7:9, 1:3, 1:3] = True
+    proposal[6:8, 7:9, 7:9] = True  # a proposal without argmax voxels
+    lesion[11, 11, 11] = True  # an argmax voxel outside every proposal
+    split = cascade.split_at_lesions(proposal, lesion)
+    pieces, n_pieces = lab.lesion_components(lesion)
+    assert n_pieces == 3 and split.max() == 4
+    np.testing.assert_array_equal(split[lesion], pieces[lesion])  # argmax lesions: ids 1..3
+    assert np.array_equal(split == 4, proposal & (np.indices(proposal.shape)[1] >= 7))
+    assert not split[3:7, 1:3, 1:3].any()  # the proposal around the lesions: no candidate
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_split_proposals_drops_an_argmax_speck_a_kept_proposal_carried(
+    tmp_path, monkeypatch, split
+):
+    """split_proposals: in training the speck is a false-positive candidate of its own (merged,
+    the lesion's proposal hides it), and at inference stage 2 drops it while keeping the lesion;
+    merged, the kept proposal carries the speck into the final mask (a false positive)."""
+    monkeypatch.setattr(cascade, "score_crops", _mask_peak_scores)
+    image, fg_prob, pred, reference = _merged_study()
+    params = {**KEEP_PARAMS, "split_proposals": split}
+    study = cascade.study_candidates("S", image, fg_prob, reference, params, False, pred=pred)
+    assert study.labels.tolist() == ([1.0, 0.0] if split else [1.0])
+    meta = {"threshold": 0.7, "params": cascade.resolve_params(params).as_dict()}
+    filtered, candidates = cascade.filter_prediction(pred, image, fg_prob, None, meta, "S")
+    assert len(candidates) == (2 if split else 1)
+    assert filtered[LESION] == 1 and filtered[SPECK] == (0 if split else 1)
+    scores, hits, _ = cascade.scored_candidate_hits(
+        pred, fg_prob, meta, candidates, reference, "S", (1.0, 1.0, 1.0)
+    )
+    assert hits == ([[("S", 1)], []] if split else [[("S", 1)]])
+    if split:
+        with pytest.raises(ValueError, match="split_proposals"):
+            cascade.study_candidates("S", image, fg_prob, reference, params, False)

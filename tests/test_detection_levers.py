@@ -256,9 +256,8 @@ def test_status_and_report_show_the_cascade_ceiling(tmp_path):
 
 def test_suggestions_number_the_high_sensitivity_proposals():
     """With proposal_sensitivity the candidates are components of fg_prob >= threshold: the
-    review suggestion map (postprocess._candidate_map) numbers those, not the argmax's."""
-    from metsflow.models.postprocess import _candidate_map
-
+    review suggestion map (cascade.proposal_components, which postprocess asks) numbers those,
+    not the argmax's."""
     shape = (24, 24, 24)
     pred = np.zeros(shape, np.uint8)
     pred[4:7, 4:7, 4:7] = lab.ENHANCING
@@ -273,8 +272,8 @@ def test_suggestions_number_the_high_sensitivity_proposals():
     }
     argmax_meta = {"params": params, "threshold": 0.5}
     high_meta = {"params": {**params, "proposal_sensitivity": 0.98}, "threshold": 0.5}
-    assert _candidate_map(pred, fg, argmax_meta).max() == 1
-    components = _candidate_map(pred, fg, high_meta)
+    assert cascade.proposal_components(pred, fg, argmax_meta).max() == 1
+    components = cascade.proposal_components(pred, fg, high_meta)
     _, candidates = cascade.filter_prediction(
         pred, np.zeros((1, *shape)), fg, _KeepAll(), high_meta
     )

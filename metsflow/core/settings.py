@@ -405,6 +405,15 @@ class Stage2Settings(_Section):
     # 1.15 FP/patient either way) and 1 lesion / -0.05 FP/patient with flips and keep-large
     # (176 -> 177/195, 1.40 -> 1.35), one training seed (benchmarks/results/bench_detection.txt).
     recovered_peak_fraction: float | None = setting(None, exclusiveMinimum=0, maximum=1)
+    # One candidate per lesion (issue #23): with proposal_sensitivity set, a proposal component
+    # that holds stage-1 argmax lesions is split at them: each argmax lesion is a candidate of
+    # its own (scored, kept or dropped alone), a proposal without any argmax voxel stays one
+    # (metsflow.models.cascade.split_at_lesions). Why: at the 0.05 proposal floor a lesion's
+    # proposal merges with vessel and plexus specks around it; stage 2 kept the whole and every
+    # argmax speck in it stayed, 15 of the 27 test false positives of the best arm (IoU match,
+    # benchmarks/results/bench_detection.txt). False = whole proposals, and what a checkpoint
+    # without the key means. Changes training (the candidates and their labels) and inference.
+    split_proposals: bool = False
 
     def problems(self, where: str) -> list[str]:
         found = super().problems(where)

@@ -32,6 +32,11 @@ around its peak (``peak_connected_region``), so a small lesion stage 1 scored lo
 as a bloated blob that misses the IoU match. Inference only: training and the operating point
 do not read it.
 
+With ``split_proposals`` (and ``proposal_sensitivity``) set, a proposal component is split at
+stage 1's argmax lesions (``split_at_lesions``): each argmax lesion is its own candidate, in
+training, on validation and at inference, so a kept lesion never carries the argmax specks its
+low-threshold proposal merged with, and the validation FROC counts the lesions of the final mask.
+
 Threshold, rule, the validation FROC, the figures before/after filtering and the validation
 lesions the chosen point loses (study, lesion, equivalent diameter) are stored in the stage-2
 checkpoint, which loads with ``torch.load(weights_only=True)`` like every metsflow checkpoint.
@@ -128,9 +133,18 @@ def find_candidates(
     """Components of the boolean ``lesion`` map -> ``(component map, candidates)``.
 
     ``reference`` (boolean whole lesion), when given, marks each candidate ``is_lesion``."""
-    components, count = lab.lesion_components(lesion)
+    components, _ = lab.lesion_components(lesion)
+    return components, candidates_of(components, fg_prob, study_id, reference)
+
+
+def candidates_of(
+    components: np.ndarray, fg_prob: np.ndarray, study_id: str, reference: np.ndarray | None = None
+) -> list[Candidate]:
+    """The candidates of a component map (ids 1..n, 0 background; ``proposal_components``):
+    centroid, size and peak ``fg_prob`` of each; ``reference`` as in ``find_candidates``."""
+    count = int(components.max()) if components.size else 0
     if not count:
-        return components, []
+        return []
     index = np.arange(1, count + 1)
     centroids = ndimage.center_of_mass(np.ones_like(components), components, index)
     sizes = ndimage.sum_labels(np.ones_like(components), components, index)
@@ -140,7 +154,7 @@ def find_candidates(
         if reference is not None
         else [None] * count
     )
-    candidates = [
+    return [
         Candidate(
             study_id=study_id,
             index=int(i),
@@ -151,7 +165,6 @@ def find_candidates(
         )
         for i, centroid, size, peak, hit in zip(index, centroids, sizes, maxima, hits, strict=True)
     ]
-    return components, candidates
 
 
 def crop_at(volume: np.ndarray, centre: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -239,6 +252,8 @@ def load_stage2(
     meta["params"].setdefault("keep_diameter_mm", None)
     # ... and from before recovered_peak_fraction: a recovered lesion is its whole proposal.
     meta["params"].setdefault("recovered_peak_fraction", None)
+    # ... and from before split_proposals: it was trained on whole proposals.
+    meta["params"].setdefault("split_proposals", False)
     if expect_channels is not None and list(meta["channels"]) != list(expect_channels):
         raise ValueError(
             f"stage-2 checkpoint {path} reads channels {meta['channels']}, but the stage-1 "
@@ -411,14 +426,48 @@ def proposal_threshold(peaks: Sequence[float], sensitivity: float) -> dict:
     }
 
 
-def proposal_mask(pred: np.ndarray, fg_prob: np.ndarray, meta: dict) -> np.ndarray:
-    """The mask whose components are the candidates ``filter_prediction`` scores with the
-    stage-2 checkpoint ``meta``: stage 1's whole lesion, or with ``proposal_sensitivity`` set
-    (high-sensitivity stage 1) ``fg_prob >= proposal_threshold``."""
+def split_at_lesions(proposal: np.ndarray, lesion: np.ndarray) -> np.ndarray:
+    """The candidate map of ``split_proposals``: each component of the boolean ``lesion``
+    (stage 1's argmax whole lesion) is a candidate of its own (ids 1..n, cc3d order), then each
+    component of ``proposal | lesion`` that holds no ``lesion`` voxel (ids n+1.., in order); the
+    rest of a proposal around an argmax lesion belongs to no candidate. So every lesion of the
+    final mask is exactly one scored candidate, kept or dropped alone."""
+    lesion = np.asarray(lesion, dtype=bool)
+    pieces, n_pieces = lab.lesion_components(lesion)
+    wide, n_wide = lab.lesion_components(np.asarray(proposal, dtype=bool) | lesion)
+    free = np.setdiff1d(np.arange(1, n_wide + 1), np.unique(wide[lesion]))
+    lookup = np.zeros(n_wide + 1, dtype=np.int64)
+    lookup[free] = np.arange(n_pieces + 1, n_pieces + 1 + len(free))
+    out = pieces.astype(np.int64)
+    rest = lookup[wide]
+    out[rest > 0] = rest[rest > 0]
+    return out
+
+
+def low_threshold_components(
+    fg_prob: np.ndarray, params: Stage2Settings | dict, pred: np.ndarray | None = None
+) -> np.ndarray:
+    """Candidate map of the proposals at ``proposal_threshold`` (``fg_prob`` at or above it):
+    their components, or with ``split_proposals`` ``split_at_lesions`` at stage 1's argmax
+    lesions (``pred``, its internal labels, needed then)."""
+    settings = resolve_params(params)
+    proposal = np.asarray(fg_prob) >= float(settings.proposal_threshold)
+    if not settings.split_proposals:
+        return lab.lesion_components(proposal)[0]
+    if pred is None:
+        raise ValueError("split_proposals needs stage 1's prediction to split the proposals at")
+    return split_at_lesions(proposal, lab.whole_lesion(pred))
+
+
+def proposal_components(pred: np.ndarray, fg_prob: np.ndarray, meta: dict) -> np.ndarray:
+    """The candidate map (ids 1..n) ``filter_prediction`` scores with the stage-2 checkpoint
+    ``meta``: the components of stage 1's whole lesion, or with ``proposal_sensitivity`` set
+    (high-sensitivity stage 1) ``low_threshold_components``. The one owner of the numbering
+    that ``scored_candidate_hits`` and the review suggestions (``postprocess``) read."""
     settings = resolve_params(meta["params"])
     if settings.proposal_sensitivity is None:
-        return lab.whole_lesion(pred)
-    return np.asarray(fg_prob) >= float(settings.proposal_threshold)
+        return lab.lesion_components(lab.whole_lesion(pred))[0]
+    return low_threshold_components(fg_prob, settings, pred)
 
 
 def peak_connected_region(region: np.ndarray, fg_prob: np.ndarray, fraction: float) -> np.ndarray:
@@ -461,9 +510,8 @@ def filter_prediction(
     scores 1.0 (``size_aware_scores``). Returns the filtered internal labels and the scored
     candidates (their scores as the threshold saw them)."""
     settings = resolve_params(meta["params"])
-    high_sensitivity = settings.proposal_sensitivity is not None
-    lesion = lab.whole_lesion(pred)
-    components, candidates = find_candidates(proposal_mask(pred, fg_prob, meta), fg_prob, study_id)
+    components = proposal_components(pred, fg_prob, meta)
+    candidates = candidates_of(components, fg_prob, study_id)
     if not candidates:
         return np.asarray(pred, dtype=np.uint8).copy(), candidates
     crops = candidate_crops(image, fg_prob, components, candidates, settings.crop_size)
@@ -472,22 +520,39 @@ def filter_prediction(
     )
     for cand, score in zip(candidates, scores, strict=True):
         cand.score = float(score)
-    dropped = [c.index for c in candidates if c.score < float(meta["threshold"])]
-    out = remove_components(pred, components, dropped)
-    if high_sensitivity:
-        kept = [c.index for c in candidates if c.score >= float(meta["threshold"])]
-        with_lesion = np.unique(components[lesion])
-        recovered = np.setdiff1d(kept, with_lesion)
-        fraction = settings.recovered_peak_fraction
-        if fraction is None:
-            out[np.isin(components, recovered)] = lab.ENHANCING
-        else:
-            boxes = ndimage.find_objects(components)
-            for index in recovered:
-                box = boxes[int(index) - 1]
-                region = peak_connected_region(components[box] == index, fg_prob[box], fraction)
-                out[box][region] = lab.ENHANCING
+    out = keep_candidates(pred, fg_prob, components, candidates, float(meta["threshold"]), meta)
     return out, candidates
+
+
+def keep_candidates(
+    pred: np.ndarray,
+    fg_prob: np.ndarray,
+    components: np.ndarray,
+    candidates: Sequence[Candidate],
+    threshold: float,
+    meta: dict,
+) -> np.ndarray:
+    """The filtered labels of ``filter_prediction`` once its ``candidates`` (of the candidate
+    map ``components``) are scored: those below ``threshold`` removed, a kept one without any
+    argmax lesion voxel added (high-sensitivity stage 1). Apart so that a sweep of thresholds
+    (the benchmark's FROC on the final masks) scores the candidates once."""
+    settings = resolve_params(meta["params"])
+    dropped = [c.index for c in candidates if c.score < threshold]
+    out = remove_components(pred, components, dropped)
+    if settings.proposal_sensitivity is None:
+        return out
+    kept = [c.index for c in candidates if c.score >= threshold]
+    recovered = np.setdiff1d(kept, np.unique(components[lab.whole_lesion(pred)]))
+    fraction = settings.recovered_peak_fraction
+    if fraction is None:
+        out[np.isin(components, recovered)] = lab.ENHANCING
+        return out
+    boxes = ndimage.find_objects(components)
+    for index in recovered:
+        box = boxes[int(index) - 1]
+        region = peak_connected_region(components[box] == index, fg_prob[box], fraction)
+        out[box][region] = lab.ENHANCING
+    return out
 
 
 def scored_candidate_hits(
@@ -508,8 +573,8 @@ def scored_candidate_hits(
     n_patients)`` is the cascade's FROC as ``train_stage2`` reads it on validation (a lesion is
     detected at threshold t when a candidate scoring >= t touches it), and ``lost_lesions``
     what a threshold gives up."""
-    # Numbered as filter_prediction numbered its candidates: the same mask, the same labelling.
-    components = lab.lesion_components(proposal_mask(pred, fg_prob, meta))[0]
+    # Numbered as filter_prediction numbered its candidates: the same function.
+    components = proposal_components(pred, fg_prob, meta)
     ref_cc, n_ref = lab.lesion_components(np.asarray(reference, dtype=bool))
     hit_of = component_hits(components, ref_cc)
     scores = np.array([c.score for c in candidates], dtype=float)
@@ -618,16 +683,18 @@ def study_candidates(
     add_reference: bool,
     patient_id: str = "",
     spacing: Sequence[float] | None = None,
+    pred: np.ndarray | None = None,
 ) -> StudyCandidates:
-    """Candidates of one study: stage-1 components at ``proposal_threshold`` (+ the reference
-    lesions themselves with ``add_reference``, for training). ``patient_id`` and ``spacing``
-    (mm) feed the validation FROC, the list of lesions the operating point loses and
-    ``keep_diameter_mm`` (``size_aware_scores``)."""
+    """Candidates of one study: stage-1 components at ``proposal_threshold``
+    (``low_threshold_components``; ``pred``, stage 1's internal labels, needed with
+    ``split_proposals``) + the reference lesions themselves with ``add_reference``, for
+    training. ``patient_id`` and ``spacing`` (mm) feed the validation FROC, the list of
+    lesions the operating point loses and ``keep_diameter_mm`` (``size_aware_scores``)."""
     params = resolve_params(params)
     reference = np.asarray(reference, dtype=bool)
     ref_cc, n_ref = lab.lesion_components(reference)
-    proposal = fg_prob >= float(params.proposal_threshold)
-    components, cands = find_candidates(proposal, fg_prob, study_id, reference)
+    components = low_threshold_components(fg_prob, params, pred)
+    cands = candidates_of(components, fg_prob, study_id, reference)
     if len(cands) > int(params.max_candidates):
         # A badly trained stage 1 can propose thousands of specks: keep the most confident.
         cands = sorted(cands, key=lambda c: -c.max_prob)[: int(params.max_candidates)]
@@ -662,14 +729,15 @@ def _stage1_outputs(
     device: torch.device,
 ):
     """Per labelled study item: ``(item, stage-1 input, foreground probability, whole-lesion
-    reference)``, one study at a time (a 1 mm study's input and probabilities are ~100 MB)."""
+    reference, stage-1 labels)``, one study at a time (a 1 mm study's input and probabilities
+    are ~100 MB)."""
     from metsflow.models.infer import foreground_probability, stage1_probabilities
     from metsflow.models.networks import load_study_input
 
     for item in items:
-        inp, probs, _ = stage1_probabilities(networks, meta, item, infer_params, device)
+        inp, probs, pred = stage1_probabilities(networks, meta, item, infer_params, device)
         reference = lab.whole_lesion(load_study_input(item, [REFERENCE], with_label=True)["label"])
-        yield item, inp, foreground_probability(probs, inp["brain"]), reference
+        yield item, inp, foreground_probability(probs, inp["brain"]), reference, pred
 
 
 def mine_candidates(
@@ -698,8 +766,9 @@ def mine_candidates(
             add_reference,
             patient_id=patient_of.get(item["study_id"], ""),
             spacing=nib.affines.voxel_sizes(inp["affine"]),
+            pred=pred,
         )
-        for item, inp, fg_prob, reference in _stage1_outputs(
+        for item, inp, fg_prob, reference, pred in _stage1_outputs(
             networks, meta, items, infer_params, device
         )
     ]
@@ -719,7 +788,9 @@ def mine_proposal_threshold(
     study's input and probabilities for one pass would hold ~100 MB per 1 mm study."""
     peaks = [
         lesion_peak_probabilities(fg_prob, reference)
-        for _, _, fg_prob, reference in _stage1_outputs(networks, meta, items, infer_params, device)
+        for _, _, fg_prob, reference, _ in _stage1_outputs(
+            networks, meta, items, infer_params, device
+        )
     ]
     return proposal_threshold(np.concatenate(peaks or [np.zeros(0)]), float(sensitivity))
 

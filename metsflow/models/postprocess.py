@@ -23,7 +23,7 @@ from torch import nn
 
 from metsflow.core.settings import InferRun
 from metsflow.imaging.priors import merge_followup
-from metsflow.models.cascade import dropped_candidates, filter_prediction, proposal_mask
+from metsflow.models.cascade import dropped_candidates, filter_prediction, proposal_components
 from metsflow.models.infer import (
     SUGGESTIONS_KEY,
     foreground_probability,
@@ -93,9 +93,11 @@ class CascadePostProcess:
                 spacing=nib.affines.voxel_sizes(inp["affine"]),
             )
             extra["stage2_removed"] = sum(c.score < meta["threshold"] for c in candidates)
-            # For the review editor's "possible lesions"; segment_study writes them as files.
+            # For the review editor's "possible lesions"; segment_study writes them as files. The
+            # map is recomputed by the function filter_prediction numbered its candidates with,
+            # rather than threaded out of it (its signature the training code shares).
             extra[SUGGESTIONS_KEY] = dropped_candidates(
-                _candidate_map(pred_before, fg_prob, meta), candidates, meta["threshold"]
+                proposal_components(pred_before, fg_prob, meta), candidates, meta["threshold"]
             )
         extra["stage1_lesions"] = lesions_before
         if self.reseg is not None and item.get("prior"):
@@ -108,15 +110,6 @@ class CascadePostProcess:
             extra["tracked_lesions"] = counts["tracked"]
             extra["new_lesions"] = counts["new"]
         return pred, extra
-
-
-def _candidate_map(pred: np.ndarray, fg_prob: np.ndarray, meta: dict) -> np.ndarray:
-    """The stage-1 candidate components, numbered as ``find_candidates`` numbers them (the same
-    ``labels.lesion_components`` call on the same mask, ``cascade.proposal_mask``); recomputed
-    rather than threaded out of ``filter_prediction``, whose signature the training code shares."""
-    from metsflow.core import labels as lab
-
-    return lab.lesion_components(proposal_mask(pred, fg_prob, meta))[0]
 
 
 def _lesion_count(pred: np.ndarray) -> int:
