@@ -28,6 +28,23 @@ LONGEST_FIRST = (
 )
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, each worker's in-process torch/ITK/BLAS gets its share of the cores.
+
+    torch otherwise starts one OpenMP thread per core in every worker, beside the other worker
+    and its snakemake jobs: its threads spin at each barrier waiting for a descheduled sibling.
+    Beside a 2-core load: tests/test_infer_levers.py alone 302 -> 64 CPU s, 527 -> 61 s wall
+    with one thread (its fast_norm test 218 -> 3.7 s); the 9 torch/ANTs unit files (train,
+    models, infer, infer_levers, cascade, followup, detection_levers, data_safety, preprocess) on
+    2 workers 472 -> 101 CPU s, 650 -> 278 s wall."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if os.environ.get("PYTEST_XDIST_WORKER") and workers:
+        from metsflow.core.runtime import set_threads
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        set_threads((cores or 1) // workers)
+
+
 def pytest_collection_modifyitems(config, items):
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return  # one process: keep the file order (fast files first for `pytest -x`)

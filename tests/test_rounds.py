@@ -166,8 +166,12 @@ def test_human_round_waits_for_confirmation_then_continues(tmp_path, tiny_config
         separate_grids=False,
         seed=0,
     )
+    # One CPU shard for the 5 studies (the tiny config's 4 made a shard of 4 and one of 1): a
+    # shard job is a Python start plus imports, 4-4.5 CPU s, and a register shard of baselines
+    # does nothing else.
     cheap = {
-        "preprocess": {"spacing": [4.0, 4.0, 4.0], "coregister": "none", "brain_mask": "nonzero"}
+        "preprocess": {"spacing": [4.0, 4.0, 4.0], "coregister": "none", "brain_mask": "nonzero"},
+        "sharding": {"cpu_shard_size": 8},
     }
     config = tiny_config(
         demo, **cheap, active_learning={"annotator": "human", "final_validation_sample": 1}
@@ -265,12 +269,15 @@ def test_human_round_waits_for_confirmation_then_continues(tmp_path, tiny_config
     for part in ROUND0_STATE:
         if (results / part).exists():
             shutil.copytree(results / part, stopped / part)
+    # Without the BIDS and DICOM SEG exports, which the run above made from the same kind of
+    # final labels: 2 jobs, 5.8 CPU s.
     stop_config = tiny_config(
         demo,
         results=str(stopped),
         label_store=str(tmp_path / "labels_stop"),
         **cheap,
         active_learning={"annotator": "human", "dice_threshold": 0.0, "final_validation_sample": 1},
+        export={"bids": False, "dicom_seg": False},
     )
     run_snakemake(["round_1", *PROFILE, "--configfile", str(stop_config)])
     assert len(pd.read_csv(stopped / "rounds/round_1/selection.tsv", sep="\t")) == 0
