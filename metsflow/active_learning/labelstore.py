@@ -257,7 +257,7 @@ class LabelStore:
         self._check_request(study_id, stage, reviewer, override, reason)
         extra = dict(provenance or {})
         reference = _load_reference(reference_image, study_id)
-        data = self._checked_label(study_id, path, reference)
+        label, data = self._checked_label(study_id, path, reference)
         source_sha = io.file_sha256(path)
 
         folder = self.study_dir(study_id)
@@ -265,7 +265,7 @@ class LabelStore:
         # Written once to a private temporary name, then hard-linked under the claimed
         # version name: the final name appears complete or not at all, and is never replaced.
         staging = folder / f".incoming-{uuid.uuid4().hex}.nii.gz"
-        if _is_normalised(path, reference):
+        if _is_normalised(path, label, reference):
             # Re-encoding a label that already is what it would become costs a 1 mm save
             # ~30 ms of CPU (Fortran-order copy + gzip of 8.9 MB), the largest part of a web
             # save once the voxels are checked (benchmarks/bench_review_load.py --clinical).
@@ -366,9 +366,11 @@ class LabelStore:
 
     def _checked_label(
         self, study_id: str, path: Path, reference: nib.spatialimages.SpatialImage
-    ) -> np.ndarray:
-        """The label's voxels as uint8 internal labels, after checking its header, its grid
-        (shape and affine against ``reference``) and its values."""
+    ) -> tuple[nib.spatialimages.SpatialImage, np.ndarray]:
+        """The label image as opened (header) and its voxels as uint8 internal labels, after
+        checking its header, its grid (shape and affine against ``reference``) and its
+        values. The file is opened once: opening it again for the voxels and once more for
+        ``_is_normalised`` took 2 x ~5 ms of a 1 mm web save's CPU (nibabel's header checks)."""
         # Header and grid first, voxels last: a file that inflates to hundreds of MiB is
         # refused on its header or its grid before any of it is decompressed (issue #25).
         try:
@@ -392,14 +394,13 @@ class LabelStore:
                 path,
             )
         try:
-            label = io.load_nifti(path, study_id, "label")
+            data = io.read_voxels(label, path, study_id, "label")
         except io.StudyError as exc:
             raise LabelImportError(study_id, exc.problem, exc.path) from exc
-        data = np.asanyarray(label.dataobj)
         if data.dtype.kind in "ui" and data.min() >= 0 and data.max() <= max(ALLOWED_VALUES):
             # Integers within 0..3: every value allowed. min/max take 1 ms on a 1 mm label where
             # np.unique takes 30 ms (it sorts or hashes every voxel).
-            return data.astype(np.uint8, copy=False)
+            return label, data.astype(np.uint8, copy=False)
         values = np.unique(data)
         bad = [
             v.item() for v in values if v != np.round(v) or int(np.round(v)) not in ALLOWED_VALUES
@@ -413,7 +414,7 @@ class LabelStore:
                 "BraTS-convention files must be converted first",
                 path,
             )
-        return np.round(data).astype(np.uint8)
+        return label, np.round(data).astype(np.uint8)
 
     def _next_version(self, folder: Path) -> int:
         numbers = [0]
@@ -471,16 +472,20 @@ class LabelStore:
             os.close(fd)
 
 
-def _is_normalised(path: Path, reference: nib.spatialimages.SpatialImage) -> bool:
-    """Whether the (checked) label file at ``path`` already is what the store would write:
-    gzip NIfTI-1, 3D uint8 without scaling, the reference affine as its sform (exactly) and as
-    its qform (within ``AFFINE_TOLERANCE_MM``, the quaternion's round-off), both coded. Reads
-    the header only."""
+def _is_normalised(
+    path: Path, label: nib.spatialimages.SpatialImage, reference: nib.spatialimages.SpatialImage
+) -> bool:
+    """Whether the (checked) label file at ``path``, opened as ``label``, already is what the
+    store would write: gzip NIfTI-1, 3D uint8 without scaling, the reference affine as its
+    sform (exactly) and as its qform (within ``AFFINE_TOLERANCE_MM``, the quaternion's
+    round-off), both coded. Reads the header only."""
     with open(path, "rb") as handle:
         if handle.read(2) != b"\x1f\x8b":
             return False
-    label = nib.load(str(path))
-    if type(label) is not nib.Nifti1Image:
+    # Not a proxy: ``open_nifti`` dropped a trailing 4th axis, so the file is 4D (re-encoded).
+    if type(label) is not nib.Nifti1Image or not isinstance(
+        label.dataobj, nib.arrayproxy.ArrayProxy
+    ):
         return False
     header = label.header
     if header.get_data_dtype() != np.uint8 or len(header.get_data_shape()) != 3:

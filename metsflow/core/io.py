@@ -399,6 +399,23 @@ def open_nifti(
     return img
 
 
+def read_voxels(
+    img: nib.spatialimages.SpatialImage, path: str | os.PathLike, study_id: str, what: str
+) -> np.ndarray:
+    """The voxels of ``img`` (from ``open_nifti``, header already checked), checked finite;
+    ``StudyError`` naming the study and file when they cannot be read (a truncated gzip
+    stream fails here, not at ``nib.load``)."""
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise StudyError(study_id, f"{what} data cannot be read (truncated?): {exc}", path) from exc
+    # Integers are finite by type: the check is skipped for them (1 mm label: 1 ms and a
+    # full-size temporary).
+    if data.dtype.kind not in "uib" and not np.all(np.isfinite(data)):
+        raise StudyError(study_id, f"{what} contains NaN or infinite voxels", path)
+    return data
+
+
 def load_nifti(
     path: str | os.PathLike,
     study_id: str = "?",
@@ -417,12 +434,7 @@ def load_nifti(
     """
     path = Path(path)
     img = open_nifti(path, study_id, what, max_image_mb)
-    try:
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # truncated gzip streams fail here, not at nib.load
-        raise StudyError(study_id, f"{what} data cannot be read (truncated?): {exc}", path) from exc
-    if not np.all(np.isfinite(data)):
-        raise StudyError(study_id, f"{what} contains NaN or infinite voxels", path)
+    data = read_voxels(img, path, study_id, what)
     if require_signal and data.min() == data.max():
         raise StudyError(
             study_id, f"{what} has no signal: every voxel is {data.flat[0].item()!r}", path

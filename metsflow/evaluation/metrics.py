@@ -355,8 +355,20 @@ class LesionMatch:
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     cc, n = labels.lesion_components(mask)
-    sizes = np.bincount(cc.ravel(), minlength=n + 1)[: n + 1]
+    # Counted over the mask's voxels only, flattened in memory order: a bincount of the whole
+    # map (C-order copy, cast to intp) took 61 ms of a 1 mm edit summary, this 3.5 ms.
+    flat_cc, flat_mask = _flat_pair(cc, np.asarray(mask, dtype=bool))
+    inside = np.flatnonzero(flat_mask)
+    sizes = np.bincount(flat_cc[inside], minlength=n + 1)[: n + 1]
+    sizes[0] = flat_cc.size - inside.size
     return cc, sizes
+
+
+def _flat_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` and ``b`` (same shape) flattened in one common order, without a copy when both
+    are Fortran-ordered (NIfTI voxels, cc3d's output) or both C-ordered."""
+    order = "F" if a.flags.f_contiguous and b.flags.f_contiguous else "C"
+    return a.ravel(order=order), b.ravel(order=order)
 
 
 def match_lesions(
@@ -369,12 +381,15 @@ def match_lesions(
     """
     ref_cc, ref_sizes = _components(np.asarray(ref, dtype=bool))
     pred_cc, pred_sizes = _components(np.asarray(pred, dtype=bool))
-    both = (ref_cc > 0) & (pred_cc > 0)
     pairs: list[tuple[int, int, float, int]] = []
-    if both.any():
+    # The overlapping voxels by flat index in memory order: boolean indexing of a Fortran-ordered
+    # 3D map walked it in C order (a 1 mm edit summary: 20 -> 6 ms for the two maps).
+    flat_ref, flat_pred = _flat_pair(ref_cc, pred_cc)
+    both = np.flatnonzero((flat_ref > 0) & (flat_pred > 0))
+    if both.size:
         stride = np.int64(len(pred_sizes))
         keys, overlap = np.unique(
-            ref_cc[both].astype(np.int64) * stride + pred_cc[both], return_counts=True
+            flat_ref[both].astype(np.int64) * stride + flat_pred[both], return_counts=True
         )
         ref_ids, pred_ids = keys // stride, keys % stride
         iou = overlap / (ref_sizes[ref_ids] + pred_sizes[pred_ids] - overlap)
