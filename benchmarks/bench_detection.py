@@ -97,6 +97,7 @@ from metsflow.evaluation.metrics import (
     sensitivity_at_fp,
     size_bin_index,
     size_bin_labels,
+    within_fp,
 )
 from metsflow.models.cascade import (
     filter_prediction,
@@ -610,7 +611,7 @@ def mask_froc(test_items, s1_test, candidates, meta, refs) -> tuple[str, str]:
             }
         )
     curve = pd.DataFrame(records)
-    at_one = curve[curve.fp_per_patient <= 1 + 1e-9]
+    at_one = curve[within_fp(curve, 1.0)]
     best = at_one.loc[at_one.sensitivity.idxmax()] if len(at_one) else None
     where = f"t={best.threshold:.3f}" if best is not None else "none <= 1"
     return froc_points(curve), where

@@ -620,7 +620,7 @@ def froc(
     )
 
 
-def _within_fp(curve: pd.DataFrame, fp_per_patient: float) -> pd.Series:
+def within_fp(curve: pd.DataFrame, fp_per_patient: float) -> pd.Series:
     """The points of a ``froc`` curve with at most ``fp_per_patient`` false positives per
     patient (a float tolerance: 0.999... FP/patient counts as 1)."""
     return curve["fp_per_patient"] <= float(fp_per_patient) + 1e-9
@@ -635,7 +635,7 @@ def sensitivity_at_fp(curve: pd.DataFrame, fp_per_patient: Sequence[float]) -> l
         return [math.nan] * len(fp_per_patient)
     out = []
     for rate in fp_per_patient:
-        allowed = curve["sensitivity"][_within_fp(curve, rate)]
+        allowed = curve["sensitivity"][within_fp(curve, rate)]
         out.append(float(allowed.max()) if len(allowed) else 0.0)
     return out
 
@@ -669,7 +669,7 @@ def choose_operating_point(
         }
     curve = curve.sort_values("threshold", ascending=False, ignore_index=True)
     if rule == "max_fp_per_patient":
-        allowed = curve[_within_fp(curve, max_fp_per_patient)]
+        allowed = curve[within_fp(curve, max_fp_per_patient)]
         met = not allowed.empty
         # idxmax returns the first maximum: the highest threshold among equal sensitivities.
         row = curve.loc[allowed["sensitivity"].idxmax()] if met else curve.iloc[0]
