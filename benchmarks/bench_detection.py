@@ -242,7 +242,8 @@ class Variant(NamedTuple):
     evaluation-time levers that leave stage-1 training alone: the stage-2
     ``keep_diameter_mm``, ``tta`` (stage 1 segments with flip test-time augmentation) and the
     stage-2 ``recovered_peak_fraction``, which only ``filter_prediction`` reads (stage 2 trains
-    as without it: ``INFERENCE_ONLY``)."""
+    as without it: ``INFERENCE_ONLY``); ``split_proposals`` and ``stage1_weight`` are stage-2
+    settings (the second changes the operating point, not the network)."""
 
     levers: dict
     proposal_sensitivity: float | None = None
@@ -251,6 +252,7 @@ class Variant(NamedTuple):
     tta: bool = False
     recovered_peak_fraction: float | None = None
     split_proposals: bool = False
+    stage1_weight: float = 0.0
 
 
 ALL_LEVERS = {"sampling": "lesion", "lesion_size_power": 0.5, "instance_loss_weight": 1.0}
@@ -296,6 +298,15 @@ VARIANTS = {
         tta=True,
         recovered_peak_fraction=0.5,
         split_proposals=True,
+    ),
+    "all levers + flips + keep large + tight recovery + split + stage-1 weight": Variant(
+        ALL_LEVERS,
+        0.98,
+        keep_diameter_mm=10.0,
+        tta=True,
+        recovered_peak_fraction=0.5,
+        split_proposals=True,
+        stage1_weight=0.5,
     ),
 }
 # Stage-2 settings only filter_prediction reads: an arm differing from another by these alone
@@ -455,12 +466,13 @@ def cascade_variant(args, name, s1_val, s1_test, val_items, train_items, s1_trai
     sens = variant.proposal_sensitivity
     params = {
         "iterations": args.stage2_iterations,
-        "crop_size": [24, 24, 24],
+        "crop_size": [args.stage2_crop] * 3,
         "max_fp_per_patient": 1.0,
-        "seed": args.seed,
+        "seed": args.seed if args.stage2_seed is None else args.stage2_seed,
         "proposal_sensitivity": sens,
         "keep_diameter_mm": variant.keep_diameter_mm,
         "split_proposals": variant.split_proposals,
+        "stage1_weight": variant.stage1_weight,
     }
     if sens is not None:
         peaks = np.concatenate(
@@ -531,6 +543,21 @@ def scored_test(test_items, s1_test, candidates, meta, refs) -> ScoredTest:
         hits += h
         diameters.update(d)
     return ScoredTest(np.concatenate(scores) if scores else np.zeros(0), hits, diameters)
+
+
+def candidate_table(name: str, candidates: dict, scored: ScoredTest) -> list[dict]:
+    """One row per scored test candidate of variant ``name`` (``scored_test``'s order): its
+    size, stage-1 peak and stage-2 score, and the reference lesions it touches with their
+    diameters; written beside the results so a ranking failure can be read lesion by lesion."""
+    pooled = [c for study in candidates for c in candidates[study]]
+    return [
+        {
+            "variant": name, "study_id": c.study_id, "candidate": c.index, "voxels": c.voxels,
+            "stage1_peak": round(float(c.max_prob), 4), "stage2_score": round(float(c.score), 4),
+            "touches": " ".join(f"{ref[1]}:{scored.diameters[ref]:.1f}mm" for ref in hits),
+        }
+        for c, hits in zip(pooled, scored.hits, strict=True)
+    ]  # fmt: skip
 
 
 def lost_by_size(name, scored: ScoredTest, meta) -> dict:
@@ -628,6 +655,11 @@ def main() -> None:
     ap.add_argument("--max-lesions", type=int, default=15)
     ap.add_argument("--iterations", type=int, default=800)
     ap.add_argument("--stage2-iterations", type=int, default=300)
+    ap.add_argument("--stage2-crop", type=int, default=24, help="stage-2 crop edge (voxels)")
+    ap.add_argument(
+        "--stage2-seed", type=int, default=None,
+        help="stage 2's training seed alone (default --seed, which also draws the cohort)",
+    )  # fmt: skip
     ap.add_argument("--pretrain-seeds", type=int, default=3)
     ap.add_argument("--pretrain-iterations", type=int, default=800)
     ap.add_argument("--finetune-patients", type=int, default=3)
@@ -683,7 +715,7 @@ def main() -> None:
     model_path: dict[str, Path] = {}
     stage1_cache: dict[tuple, list] = {}
     key_of: dict[str, str] = {}
-    rows, froc_rows, lost_rows = [], [], []
+    rows, froc_rows, lost_rows, candidate_rows = [], [], [], []
     test_ids = [i["study_id"] for i in te]
     patient_sets = {"train": tr, "val": va, "test": te}
     # Model names follow the order of VARIANTS whatever --variants picks, so --reuse-models
@@ -740,6 +772,7 @@ def main() -> None:
             row, _, _ = evaluate(f"{name}: cascade", preds, refs)
             row["val proposal sens"] = round(meta["sensitivity_before"], 3)
             scored = scored_test(te, s1_test, candidates, meta, refs)
+            candidate_rows += candidate_table(name, candidates, scored)
             lost_rows.append(lost_by_size(name, scored, meta))
             curve, at_threshold = cascade_froc(scored, len(test_ids), meta["threshold"])
             froc_row["cascade test FROC"] = curve
@@ -771,6 +804,9 @@ def main() -> None:
         )
         say(pd.DataFrame(lost_rows).to_string(index=False))
     table.to_csv(args.out / f"{args.results}.tsv", sep="\t", index=False)
+    if candidate_rows:
+        path = args.out / f"{args.results}_candidates.tsv"
+        pd.DataFrame(candidate_rows).to_csv(path, sep="\t", index=False)
 
     # ---- pretrained vs scratch -----------------------------------------------------------------
     say("\npretrained (other phantom: seed, geometry, contrast) -> fine-tuned vs scratch")
@@ -815,7 +851,8 @@ def main() -> None:
         )
     say(
         f"\nscale: 1 mm slabs {args.shape}, stage 1 {args.iterations} it (filters 8-64, patch 32), "
-        f"stage 2 {args.stage2_iterations} it, device {args.device}; total "
+        f"stage 2 {args.stage2_iterations} it (crop {args.stage2_crop}, seed "
+        f"{args.seed if args.stage2_seed is None else args.stage2_seed}), device {args.device}; total "
         f"{time.perf_counter() - start:.0f} s"
     )
     (args.out / f"{args.results}.txt").write_text("\n".join(lines) + "\n")

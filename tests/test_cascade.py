@@ -268,6 +268,7 @@ def test_keep_diameter_is_checked_and_off_in_older_checkpoints(tmp_path):
     del params["keep_diameter_mm"]
     del params["recovered_peak_fraction"]
     del params["split_proposals"]
+    del params["stage1_weight"]
     spec = cascade.network_spec(["t1c"], params)
     path = tmp_path / "old.pt"
     meta = {"network": spec, "channels": ["t1c"], "params": params, "threshold": 0.5}
@@ -276,6 +277,48 @@ def test_keep_diameter_is_checked_and_off_in_older_checkpoints(tmp_path):
     assert loaded["params"]["keep_diameter_mm"] is None
     assert loaded["params"]["recovered_peak_fraction"] is None  # the whole proposal, as before
     assert loaded["params"]["split_proposals"] is False  # trained on whole proposals
+    assert loaded["params"]["stage1_weight"] == 0.0  # stage 2's score alone
+
+
+def test_stage1_weight_mixes_the_stage1_peak_on_validation_and_at_inference(tmp_path, monkeypatch):
+    """stage1_weight w: a candidate's score is (1 - w) x stage 2's + w x its stage-1 peak, read
+    alike by the validation operating point and filter_prediction (cascade.candidate_scores)."""
+    # A stage 2 that cannot tell the candidates apart: stage 1's peak decides.
+    monkeypatch.setattr(
+        cascade, "score_crops", lambda network, crops, batch_size=32: np.full(len(crops), 0.2)
+    )
+    image, fg_prob, reference = _size_study()
+    params = {**KEEP_PARAMS, "stage1_weight": 0.5}
+
+    def cands(add_reference):
+        return cascade.study_candidates(
+            "S", image, fg_prob, reference, params, add_reference, spacing=(1.0, 1.0, 1.0)
+        )
+
+    out = tmp_path / "stage2.pt"
+    meta = cascade.train_stage2([cands(True)], [cands(False)], ["t1c"], params, out)
+    # Peaks 0.9 (small lesion), 0.6 (small FP), 0.45 (big FP), 0.35 (big lesion) -> scores
+    # 0.55, 0.40, 0.325, 0.275: at <= 1 FP the small lesion alone, at its own score.
+    assert meta["threshold"] == pytest.approx(0.55)
+    assert meta["sensitivity_after"] == 0.5 and meta["fp_per_patient_after"] == 0.0
+    network, loaded = cascade.load_stage2(out, ["t1c"])
+    pred = np.zeros(SHAPE, np.uint8)
+    _, candidates = cascade.filter_prediction(
+        pred, image, fg_prob, network, loaded, "S", spacing=(1.0, 1.0, 1.0)
+    )
+    for c in candidates:
+        assert c.score == pytest.approx(0.5 * 0.2 + 0.5 * c.max_prob)
+    assert {c.centroid for c in candidates if c.score >= loaded["threshold"]} == {SMALL_LESION}
+    # The size rule still has the last word; peaks are needed once the weight is set.
+    both = {**params, "keep_diameter_mm": 10.0}
+    scores = cascade.candidate_scores(np.array([0.2, 0.2]), [0.4, 0.4], [905, 5], (1, 1, 1), both)
+    assert scores.tolist() == pytest.approx([1.0, 0.3])
+    with pytest.raises(ValueError, match="peak"):
+        cascade.candidate_scores(np.array([0.2]), None, [5], (1, 1, 1), params)
+    unweighted = cascade.candidate_scores(np.array([0.2]), None, None, None, {})
+    assert unweighted.tolist() == pytest.approx([0.2])
+    with pytest.raises(ValueError, match="stage1_weight"):
+        cascade.resolve_params({"stage1_weight": 1.5})
 
 
 # ------------------------------------------------- lesion-aware shape of recovered lesions (#23)

@@ -422,6 +422,16 @@ class Stage2Settings(_Section):
     # bench_detection_s2long.txt). Default False (the default 300 iterations); config/cohort.yaml
     # (2000 iterations) turns it on.
     split_proposals: bool = False
+    # Stage 1's voice in the operating point (issue #23): a candidate's score is (1 - w) x stage
+    # 2's probability + w x stage 1's peak foreground probability in it, on the validation
+    # candidates the threshold is chosen on and at inference alike
+    # (metsflow.models.cascade.candidate_scores). Why: stage 2 scored real lesions that stage 1
+    # was sure of (peak >= 0.97) near 0, the 12.6 mm test lesion included, at 0.0000. 0 = stage 2
+    # alone, and what a checkpoint without the key means. Measured on the detection benchmark's
+    # test candidates of three stage-2 models (split proposals, 900-2000 iterations), the test
+    # FROC (touch rule) at 0.5 / 1 FP per patient: w = 0.5 gave 0.815-0.872 -> 0.851-0.887 and
+    # 0.903-0.913 -> 0.908-0.918 (benchmarks/results/bench_detection_s2k.txt).
+    stage1_weight: float = setting(0.0, minimum=0, maximum=1)
 
     def problems(self, where: str) -> list[str]:
         found = super().problems(where)

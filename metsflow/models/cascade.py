@@ -26,6 +26,10 @@ kept whatever its score: ``size_aware_scores`` raises its score to 1.0 right aft
 on the validation candidates the operating point is chosen on and at inference
 (``filter_prediction``), so the chosen threshold and the FROC count such candidates as always kept.
 
+With ``stage1_weight`` w set, a candidate's score is (1 - w) x stage 2's probability + w x stage
+1's peak probability in it (``candidate_scores``, before the size rule), on validation and at
+inference alike: a lesion stage 1 is sure of is not dropped on stage 2's word alone.
+
 With ``proposal_sensitivity`` set, a kept candidate without any argmax lesion voxel is added back
 as enhancing: its whole proposal component, or with ``recovered_peak_fraction`` set only the part
 around its peak (``peak_connected_region``), so a small lesion stage 1 scored low is not added
@@ -118,6 +122,8 @@ def resolve_params(params: Stage2Settings | dict | None) -> Stage2Settings:
     fraction = params.recovered_peak_fraction
     if fraction is not None and not 0 < float(fraction) <= 1:
         raise ValueError(f"recovered_peak_fraction must be in (0, 1] or None, got {fraction}")
+    if not 0 <= float(params.stage1_weight) <= 1:
+        raise ValueError(f"stage1_weight must be in [0, 1], got {params.stage1_weight}")
     problems = params.problems("stage-2")
     if problems:
         raise ValueError("; ".join(problems))
@@ -254,6 +260,8 @@ def load_stage2(
     meta["params"].setdefault("recovered_peak_fraction", None)
     # ... and from before split_proposals: it was trained on whole proposals.
     meta["params"].setdefault("split_proposals", False)
+    # ... and from before stage1_weight: its threshold was chosen on stage 2's scores alone.
+    meta["params"].setdefault("stage1_weight", 0.0)
     if expect_channels is not None and list(meta["channels"]) != list(expect_channels):
         raise ValueError(
             f"stage-2 checkpoint {path} reads channels {meta['channels']}, but the stage-1 "
@@ -279,6 +287,27 @@ def score_crops(network: nn.Module, crops: np.ndarray, batch_size: int = 32) -> 
             batch = torch.from_numpy(crops[start : start + batch_size]).to(device)
             scores.append(torch.sigmoid(network(batch).float()).flatten().cpu().numpy())
     return np.concatenate(scores)
+
+
+def candidate_scores(
+    stage2: np.ndarray,
+    peaks: Sequence[float] | None,
+    voxels: Sequence[int] | None,
+    spacing: Sequence[float] | None,
+    params: Stage2Settings | dict,
+) -> np.ndarray:
+    """The scores the operating point reads, of candidates stage 2 scored ``stage2``: mixed with
+    stage 1's ``peaks`` (each candidate's peak foreground probability) by ``stage1_weight``,
+    then ``size_aware_scores``. The one owner of a candidate's score: ``train_stage2`` reads
+    it on validation and ``filter_prediction`` at inference."""
+    settings = resolve_params(params)
+    weight = float(settings.stage1_weight)
+    scores = np.asarray(stage2, dtype=float)
+    if weight and len(scores):
+        if peaks is None:
+            raise ValueError("stage1_weight needs the candidates' stage-1 peak probabilities")
+        scores = (1.0 - weight) * scores + weight * np.asarray(peaks, dtype=float)
+    return size_aware_scores(scores, voxels, spacing, settings)
 
 
 def size_aware_scores(
@@ -507,16 +536,21 @@ def filter_prediction(
     any argmax lesion voxel (a lesion stage 1 scored below 0.5) is added as enhancing: its whole
     component, or with ``recovered_peak_fraction`` set its ``peak_connected_region``. With
     ``keep_diameter_mm`` set, ``spacing`` (mm, the grid's) is needed and a candidate that wide
-    scores 1.0 (``size_aware_scores``). Returns the filtered internal labels and the scored
-    candidates (their scores as the threshold saw them)."""
+    scores 1.0 (``size_aware_scores``); with ``stage1_weight`` set, stage 1's peak is mixed in
+    (``candidate_scores``). Returns the filtered internal labels and the scored candidates
+    (their scores as the threshold saw them)."""
     settings = resolve_params(meta["params"])
     components = proposal_components(pred, fg_prob, meta)
     candidates = candidates_of(components, fg_prob, study_id)
     if not candidates:
         return np.asarray(pred, dtype=np.uint8).copy(), candidates
     crops = candidate_crops(image, fg_prob, components, candidates, settings.crop_size)
-    scores = size_aware_scores(
-        score_crops(network, crops), [c.voxels for c in candidates], spacing, settings
+    scores = candidate_scores(
+        score_crops(network, crops),
+        [c.max_prob for c in candidates],
+        [c.voxels for c in candidates],
+        spacing,
+        settings,
     )
     for cand, score in zip(candidates, scores, strict=True):
         cand.score = float(score)
@@ -597,7 +631,8 @@ def dropped_candidates(
     """The candidates stage 2 dropped (score < ``threshold``), as review suggestions.
 
     Returns a uint8 map (ids 1..n, highest stage-2 score first) and one row per id:
-    ``{id, stage1_score (max fg prob), stage2_score, voxels}``. What stage 2 discarded is what
+    ``{id, stage1_score (max fg prob), stage2_score (the score the threshold read:
+    ``candidate_scores``), voxels}``. What stage 2 discarded is what
     a reviewer most often has to add back by hand, so it is offered, not thrown away."""
     dropped = sorted(
         (c for c in candidates if c.score < float(threshold)),
@@ -652,6 +687,7 @@ class StudyCandidates:
     ref_diameters_mm: list[float] | None = None  # equivalent diameter of reference lesion i+1
     voxels: list[int] | None = None  # size of each candidate (size_aware_scores)
     spacing: tuple[float, ...] | None = None  # mm, the grid's (None: not given)
+    peaks: list[float] | None = None  # stage-1 peak probability of each candidate (stage1_weight)
 
 
 def lesion_diameters_mm(
@@ -703,6 +739,7 @@ def study_candidates(
     hits = [hit_of.get(c.index, []) for c in cands]
     sources = ["stage1"] * len(cands)
     voxels = [c.voxels for c in cands]
+    peaks = [c.max_prob for c in cands]
     if add_reference and n_ref:
         ref_comp, ref_cands = find_candidates(reference, fg_prob, study_id, reference)
         crops = np.concatenate(
@@ -711,14 +748,16 @@ def study_candidates(
         hits += [[c.index] for c in ref_cands]
         sources += ["reference"] * len(ref_cands)
         voxels += [c.voxels for c in ref_cands]
+        peaks += [c.max_prob for c in ref_cands]
     labels = np.array([1.0 if h else 0.0 for h in hits], dtype=np.float32)
     diameters = None
     if spacing is not None:
         diameters = lesion_diameters_mm(ref_cc, n_ref, spacing)
         spacing = tuple(float(s) for s in spacing)
     return StudyCandidates(
-        crops, labels, hits, int(n_ref), sources, study_id, patient_id, diameters, voxels, spacing
-    )
+        crops, labels, hits, int(n_ref), sources, study_id, patient_id, diameters, voxels, spacing,
+        peaks,
+    )  # fmt: skip
 
 
 def _stage1_outputs(
@@ -862,8 +901,9 @@ def train_stage2(
         stage1 = [i for i, s in enumerate(study.sources) if s == "stage1"]
         # Scored as filter_prediction scores them at inference (keep_diameter_mm included).
         voxels = None if study.voxels is None else [study.voxels[i] for i in stage1]
+        peaks = None if study.peaks is None else [study.peaks[i] for i in stage1]
         scored = score_crops(network, study.crops[stage1])
-        val_scores.append(size_aware_scores(scored, voxels, study.spacing, params))
+        val_scores.append(candidate_scores(scored, peaks, voxels, study.spacing, params))
         # Reference ids are per study: make them unique across studies.
         key = study.study_id or f"study_{number}"
         val_hits += [[(key, r) for r in study.hits[i]] for i in stage1]
