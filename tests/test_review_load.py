@@ -1,7 +1,8 @@
-"""20 concurrent reviewers saving a 150-study batch against a real uvicorn server: every save
-is accounted for in the label store, no 5xx, and each study ends with exactly one confirmed
-version although four neuroradiologists race to confirm every study (tiny 8^3 volumes, so it
-takes seconds; benchmarks/bench_review_load.py reports the figures at 24^3)."""
+"""20 concurrent reviewers saving a 150-study batch against a real uvicorn server, one process
+and two worker processes: every save is accounted for in the label store, no 5xx, and each study
+ends with exactly one confirmed version although four neuroradiologists race to confirm every
+study (tiny 8^3 volumes, so it takes seconds; benchmarks/bench_review_load.py reports the
+figures at 24^3 and 1 mm)."""
 
 import importlib.util
 import sys
@@ -32,3 +33,29 @@ def test_twenty_reviewers_save_150_studies_without_loss_or_server_error(tmp_path
     assert figures["versions_in_store"] == 300 == figures["saves_accounted"]
     assert figures["lost_saves"] == 0
     assert figures["studies_with_one_confirmed"] == 150
+
+
+def test_two_worker_processes_keep_every_save_and_one_confirmation_per_study(tmp_path):
+    """The same races against ``metsflow review serve --workers 2``: the saves and the racing
+    confirmations now meet in two processes, through the label store's per-study lock and the
+    SQLite file, and both workers serve them."""
+    figures = _bench().run(
+        tmp_path,
+        reviewers=20,
+        neuroradiologists=4,
+        studies=150,
+        shape=8,
+        cheap_passwords=True,
+        workers=2,
+    )
+    assert figures["client_errors"] == []
+    assert figures["server_errors_5xx"] == 0
+    assert figures["saves_attempted"] == figures["saves_ok"] == 150
+    assert figures["confirms_ok"] == 150 and figures["confirms_attempted"] == 600
+    assert figures["conflicts_409"] == 450
+    assert figures["versions_in_store"] == 300 == figures["saves_accounted"]
+    assert figures["lost_saves"] == 0
+    assert figures["studies_with_one_confirmed"] == 150
+    # A supervisor that only waits, and two workers that both served saves.
+    busy = [cpu for cpu in figures["server_cpu_s_by_process"] if cpu > 0.05]
+    assert len(busy) >= 2, figures["server_cpu_s_by_process"]
