@@ -447,6 +447,13 @@ def _cmd_review_export_times(args) -> int:
     return 0
 
 
+# uvicorn's supervisor kills (SIGKILL) and replaces a worker that does not answer its ping
+# within this many seconds; its default, 5 s, killed a worker in the middle of the load test's
+# saves on the 2-core machine under a 2-core training job (nice 19). Minutes of silence mean
+# a hung worker; seconds only a busy machine.
+WORKER_HEALTHCHECK_S = 120
+
+
 def _cmd_review_serve(args) -> int:
     import uvicorn
 
@@ -468,7 +475,13 @@ def _cmd_review_serve(args) -> int:
         # uvicorn starts each worker by importing the app by name: the settings go by environment.
         os.environ[CONFIG_ENV] = config.to_json()
         target = "metsflow.review_server.app:app_from_env"
-        uvicorn.run(target, factory=True, workers=args.workers, **options)
+        uvicorn.run(
+            target,
+            factory=True,
+            workers=args.workers,
+            timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
+            **options,
+        )
     return 0
 
 
