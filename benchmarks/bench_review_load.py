@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import gzip
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -56,6 +57,11 @@ CLINICAL_SHAPE = (240, 240, 155)  # a 1 mm brain MRI (BraTS grid)
 # A client that failed before the start line (a refused login) must not leave the others
 # waiting for it forever: they give up and report it.
 BARRIER_TIMEOUT_S = 600
+SELECTION_NAME = "selection.tsv"
+# A server start (imports, app, each worker) took over 60 s at nice 19 on the 2-core machine
+# beside a 2-core training job.
+START_TIMEOUT_S = 600
+STARTED_LINE = b"Application startup complete"  # uvicorn logs it once per worker process
 
 
 # ---------------------------------------------------------------------- synthetic batch
@@ -167,13 +173,99 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (Linux /proc; NaN elsewhere)."""
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux /proc): with ``--workers`` > 1 the server is a
+    supervisor and its worker processes, and the saves' CPU is the workers'."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                pending += [int(child) for child in task.read_text().split()]
+    return found
+
+
+def _own_cpu_seconds(pid: int) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_process(pid: int) -> dict[int, float]:
+    """CPU seconds so far of ``pid`` and of each of its descendants."""
+    return {p: _own_cpu_seconds(p) for p in _process_tree(pid)}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds so far of process ``pid`` and its descendants (Linux /proc;
+    NaN elsewhere)."""
+    if not Path(f"/proc/{pid}").is_dir():
+        return float("nan")
+    return sum(_own_cpu_seconds(p) for p in _process_tree(pid))
+
+
+def machine_busy_seconds() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the whole machine so far, all cores (Linux /proc/stat):
+    whether a burst left cores idle that a one-process server could not use."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except OSError:
+        return float("nan"), float("nan")
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / tick, idle / tick
+
+
+class CpuSampler:
+    """Samples the server's CPU seconds every ``every_s`` in a thread: its busiest window
+    (cores, ``window_s`` long) and the machine's idle cores over the same span."""
+
+    def __init__(self, pid: int, every_s: float = 0.25, window_s: float = 1.0):
+        self.pid, self.every_s, self.window_s = pid, every_s, window_s
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), cpu_seconds(self.pid)))
+            self._stop.wait(self.every_s)
+
+    def start(self) -> None:
+        self._machine = machine_busy_seconds()
+        self._began = time.monotonic()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.machine_idle_cores = self.machine_busy_cores = float("nan")
+        if not self._thread.is_alive():  # never started: a client failed before the start line
+            return
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.monotonic(), cpu_seconds(self.pid)))
+        wall = time.monotonic() - self._began
+        busy, idle = machine_busy_seconds()
+        self.machine_idle_cores = (idle - self._machine[1]) / wall
+        self.machine_busy_cores = (busy - self._machine[0]) / wall
+
+    def mean_cores(self) -> float:
+        if len(self.samples) < 2:
+            return float("nan")
+        (t0, c0), (t1, c1) = self.samples[0], self.samples[-1]
+        return (c1 - c0) / max(t1 - t0, 1e-9)
+
+    def peak_cores(self) -> float:
+        """The most cores used over any ``window_s`` (NaN when the saves took less)."""
+        rates = []
+        for i, (t0, c0) in enumerate(self.samples):
+            for t1, c1 in self.samples[i + 1 :]:
+                if t1 - t0 >= self.window_s:
+                    rates.append((c1 - c0) / (t1 - t0))
+                    break
+        return max(rates, default=float("nan"))
 
 
 def wait_idle(pid: int, quiet_s: float = 1.0, timeout_s: float = 300.0) -> float:
@@ -190,25 +282,32 @@ def wait_idle(pid: int, quiet_s: float = 1.0, timeout_s: float = 300.0) -> float
 
 
 @contextlib.contextmanager
-def running_server(results: Path, labels: Path, port: int) -> Iterator[tuple[str, int]]:
-    """``metsflow review serve`` in a subprocess; yields its base URL and process id, stops it
-    at the end."""
+def running_server(
+    results: Path, labels: Path, port: int, workers: int = 1
+) -> Iterator[tuple[str, int]]:
+    """``metsflow review serve --workers N`` in a subprocess; yields its base URL and process
+    id, stops it at the end."""
     import httpx
 
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "metsflow.cli", "review", "serve", "--results", str(results)]
     cmd += ["--labels", str(labels), "--sheet", "", "--port", str(port)]
+    cmd += ["--workers", str(workers)]
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + START_TIMEOUT_S
             while True:
                 try:
-                    if httpx.get(url + "/login", timeout=2).status_code in (200, 500):
-                        break
+                    answered = httpx.get(url + "/login", timeout=2).status_code in (200, 500)
                 except httpx.HTTPError:
-                    pass
+                    answered = False
+                # Every worker up, not only the first: a burst on one of two workers would
+                # measure one. (pread: the server shares the file's offset.)
+                logged = os.pread(log.fileno(), os.fstat(log.fileno()).st_size, 0)
+                if answered and logged.count(STARTED_LINE) >= workers:
+                    break
                 if proc.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
                     raise RuntimeError(f"server did not start:\n{log.read().decode()[-3000:]}")
@@ -318,13 +417,16 @@ def run(
     shape: int | tuple[int, int, int] = 24,
     cheap_passwords: bool = False,
     sequences: tuple[str, ...] = ("t1c", "flair"),
+    workers: int = 1,
+    batch: Path | None = None,
 ) -> dict:
     """Run the load test in ``workdir``; returns the figures (also what ``main`` prints).
 
     ``cheap_passwords`` (for the fast test): hash the accounts with minimal argon2 parameters
     (logins then take ~1 ms instead of ~0.5 s each; the server verifies with the parameters
     stored in each hash) and write the synthetic inputs without fsync. Neither is part of a
-    save, so the save figures do not change."""
+    save, so the save figures do not change. ``batch``: a folder written by ``prepare_batch``
+    with these settings, copied instead of writing the batch again (alternating arms)."""
     from argon2 import PasswordHasher
 
     from metsflow.review_server import db
@@ -335,14 +437,18 @@ def run(
     results, labels = workdir / "results", workdir / "labels"
     dims = (shape,) * 3 if isinstance(shape, int) else tuple(shape)
     big = int(np.prod(dims)) > 1_000_000
-    selection = write_review_batch(
-        results,
-        studies,
-        dims,
-        sequences=sequences,
-        durable=not cheap_passwords,
-        smooth_images=big,
-    )
+    if batch is None:
+        selection = write_review_batch(
+            results,
+            studies,
+            dims,
+            sequences=sequences,
+            durable=not cheap_passwords,
+            smooth_images=big,
+        )
+    else:
+        shutil.copytree(batch / "results", results)
+        selection = pd.read_csv(batch / SELECTION_NAME, sep="\t", dtype=str)
     config = ReviewConfig(results=results, label_store=labels)
     trainees = [f"trainee{i:02d}" for i in range(reviewers)]
     neurorads = [f"neurorad{i}" for i in range(neuroradiologists)]
@@ -359,16 +465,28 @@ def run(
     auto_assign(ReviewApp(config), "bench")
 
     refine, confirm = Tally(), Tally()
-    with running_server(results, labels, free_port()) as (url, pid):
+    with running_server(results, labels, free_port(), workers) as (url, pid):
         # The server's CPU is read when every trainee has logged in (argon2 is not a save's).
-        at_start = {}
-        start = threading.Barrier(
-            len(trainees),
-            action=lambda: at_start.update(cpu=cpu_seconds(pid)),
-            timeout=BARRIER_TIMEOUT_S,
-        )
+        at_start, sampled = {}, CpuSampler(pid)
+
+        def started() -> None:
+            at_start.update(cpu=cpu_seconds(pid), by_process=cpu_by_process(pid))
+            sampled.start()
+
+        start = threading.Barrier(len(trainees), action=started, timeout=BARRIER_TIMEOUT_S)
         refine_wall = _run_threads((_trainee, (url, n, dims, refine, start)) for n in trainees)
+        sampled.stop()
         cpu_saves = wait_idle(pid) - at_start.get("cpu", float("nan"))
+        # How the saves' CPU fell on the server's processes (the workers take connections as
+        # they come; a reviewer's keep-alive connection stays with its worker).
+        by_process = cpu_by_process(pid)
+        spread = sorted(
+            (
+                round(cpu - at_start.get("by_process", {}).get(p, 0.0), 2)
+                for p, cpu in by_process.items()
+            ),
+            reverse=True,
+        )
         start = threading.Barrier(len(neurorads), timeout=BARRIER_TIMEOUT_S)
         ids = list(selection["study_id"])
         confirm_wall = _run_threads(
@@ -392,6 +510,7 @@ def run(
         for s in selection["study_id"]
     ]
     figures = {
+        "workers": workers,
         "reviewers": len(trainees),
         "neuroradiologists": len(neurorads),
         "studies": studies,
@@ -415,10 +534,72 @@ def run(
         "confirm_p50_ms": round(1000 * _percentile(confirm.latencies, 50), 1),
         "confirm_p95_ms": round(1000 * _percentile(confirm.latencies, 95), 1),
         "server_cpu_ms_per_save": round(1000 * cpu_saves / max(1, sum(refine.status.values())), 1),
+        "server_cpu_s_by_process": spread,
         "refine_wall_s": round(refine_wall, 2),
+        # Cores the server used during the saves (from the start line until the last answer):
+        # its busiest second, and the machine's idle cores meanwhile (one process tops out
+        # near 1 core, the GIL, whatever is idle).
+        "server_cores_mean": round(sampled.mean_cores(), 2),
+        "server_cores_peak_1s": round(sampled.peak_cores(), 2),
+        "machine_idle_cores": round(sampled.machine_idle_cores, 2),
         "confirm_wall_s": round(confirm_wall, 2),
     }
     return figures
+
+
+def prepare_batch(
+    folder: Path, studies: int, shape: tuple[int, int, int], sequences: tuple[str, ...]
+) -> Path:
+    """Write the review batch once into ``folder`` (``results/`` and the selection) for
+    ``run(..., batch=folder)`` to copy: the 1 mm batch takes minutes to write."""
+    selection = write_review_batch(
+        folder / "results",
+        studies,
+        shape,
+        sequences=sequences,
+        smooth_images=int(np.prod(shape)) > 1_000_000,
+    )
+    selection.to_csv(folder / SELECTION_NAME, sep="\t", index=False)
+    return folder
+
+
+def _summary(runs: list[dict]) -> list[str]:
+    """One line per arm (worker count): the runs' save p50/p95, CPU per save, and their sums
+    of lost saves, 5xx and studies without exactly one confirmed version."""
+    lines = [
+        "workers  runs  save p50 ms          save p95 ms          CPU ms/save        "
+        "cores peak  lost  5xx  not-one-confirmed"
+    ]
+    for arm in sorted({r["workers"] for r in runs}):
+        mine = [r for r in runs if r["workers"] == arm]
+        spread = {
+            key: " ".join(f"{r[key]:.{digits}f}" for r in mine)
+            for key, digits in (
+                ("save_p50_ms", 0),
+                ("save_p95_ms", 0),
+                ("server_cpu_ms_per_save", 0),
+                ("server_cores_peak_1s", 2),
+            )
+        }
+        lines.append(
+            f"{arm:>7}  {len(mine):>4}  {spread['save_p50_ms']:<19}  "
+            f"{spread['save_p95_ms']:<19}  {spread['server_cpu_ms_per_save']:<17}  "
+            f"{spread['server_cores_peak_1s']:<10}  "
+            f"{sum(r['lost_saves'] for r in mine):>4}  "
+            f"{sum(r['server_errors_5xx'] for r in mine):>3}  "
+            f"{sum(r['studies'] - r['studies_with_one_confirmed'] for r in mine):>3}"
+        )
+    return lines
+
+
+def _failed(figures: dict) -> bool:
+    return bool(
+        figures["lost_saves"]
+        or figures["server_errors_5xx"]
+        or figures["client_errors"]
+        or figures["studies_with_one_confirmed"] != figures["studies"]
+        or figures["saves_ok"] != figures["studies"]
+    )
 
 
 def main(argv=None) -> int:
@@ -430,31 +611,49 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--clinical", action="store_true", help="1 mm 240x240x155 studies, four sequences"
     )
+    parser.add_argument(
+        "--workers",
+        default="1",
+        help="server worker processes (review serve --workers); a list such as 1,2 runs each "
+        "arm in turn on one written batch, --repeats times, alternating the order",
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="runs per --workers arm")
     parser.add_argument("--workdir", help="default: a temporary folder, removed afterwards")
     args = parser.parse_args(argv)
-    shape, sequences = args.shape, ("t1c", "flair")
+    arms = [int(w) for w in args.workers.split(",")]
+    shape, sequences = (args.shape,) * 3, ("t1c", "flair")
     if args.clinical:
         shape, sequences = CLINICAL_SHAPE, ("t1c", "t1", "t2", "flair")
+    runs = []
     with contextlib.ExitStack() as stack:
-        workdir = args.workdir or stack.enter_context(tempfile.TemporaryDirectory())
-        figures = run(
-            Path(workdir),
-            args.reviewers,
-            args.neuroradiologists,
-            args.studies,
-            shape,
-            sequences=sequences,
-        )
-    for key, value in figures.items():
-        print(f"{key}: {value}")
-    bad = (
-        figures["lost_saves"]
-        or figures["server_errors_5xx"]
-        or figures["client_errors"]
-        or figures["studies_with_one_confirmed"] != figures["studies"]
-        or figures["saves_ok"] != figures["studies"]
-    )
-    return 1 if bad else 0
+        workdir = Path(args.workdir or stack.enter_context(tempfile.TemporaryDirectory()))
+        batch = prepare_batch(workdir / "batch", args.studies, shape, sequences)
+        for repeat in range(args.repeats):
+            # Alternating order (1,2,3 then 3,2,1): a drift in the machine's load over the
+            # runs falls on every arm alike.
+            for workers in arms if repeat % 2 == 0 else arms[::-1]:
+                folder = workdir / f"run{repeat}_workers{workers}"
+                load = os.getloadavg()[0]
+                figures = run(
+                    folder,
+                    args.reviewers,
+                    args.neuroradiologists,
+                    args.studies,
+                    shape,
+                    sequences=sequences,
+                    workers=workers,
+                    batch=batch,
+                )
+                figures["load_before"] = round(load, 2)
+                figures["load_after"] = round(os.getloadavg()[0], 2)
+                shutil.rmtree(folder)
+                runs.append(figures)
+                print(f"# run {len(runs)}, {workers} worker(s)", flush=True)
+                for key, value in figures.items():
+                    print(f"{key}: {value}", flush=True)
+    if len(runs) > 1:
+        print("\n".join(_summary(runs)))
+    return 1 if any(_failed(f) for f in runs) else 0
 
 
 if __name__ == "__main__":

@@ -447,19 +447,41 @@ def _cmd_review_export_times(args) -> int:
     return 0
 
 
+# uvicorn's supervisor kills (SIGKILL) and replaces a worker that does not answer its ping
+# within this many seconds; its default, 5 s, killed a worker in the middle of the load test's
+# saves on the 2-core machine under a 2-core training job (nice 19). Minutes of silence mean
+# a hung worker; seconds only a busy machine.
+WORKER_HEALTHCHECK_S = 120
+
+
 def _cmd_review_serve(args) -> int:
     import uvicorn
 
-    from metsflow.review_server.app import create_app
+    from metsflow.review_server.app import CONFIG_ENV, create_app
 
     config = _review_config(args)
+    # Built here even for N workers: it creates the review database and the label store once,
+    # before the workers open them (N processes creating the store's marker at once race).
     app = create_app(config)
     batches = app.state.review.catalog.batch_names()
     print(
         f"review server on http://{args.host}:{args.port} (batches: {', '.join(batches) or 'none'}"
-        f"; state {config.db_path})"
+        f"; state {config.db_path}; {args.workers} worker process(es))"
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", proxy_headers=False)
+    options = {"host": args.host, "port": args.port, "log_level": "info", "proxy_headers": False}
+    if args.workers == 1:
+        uvicorn.run(app, **options)
+    else:
+        # uvicorn starts each worker by importing the app by name: the settings go by environment.
+        os.environ[CONFIG_ENV] = config.to_json()
+        target = "metsflow.review_server.app:app_from_env"
+        uvicorn.run(
+            target,
+            factory=True,
+            workers=args.workers,
+            timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
+            **options,
+        )
     return 0
 
 
@@ -745,6 +767,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_bounded_int(1, 65535), default=8765)
     serve.add_argument(
         "--secure-cookies", action="store_true", help="mark the session cookie Secure (HTTPS)"
+    )
+    serve.add_argument(
+        "--workers",
+        type=_bounded_int(1, 64),
+        default=1,
+        help="server processes (default %(default)s; docs/reviewing.md#server-processes)",
     )
     serve.set_defaults(func=_cmd_review_serve)
     user = review_sub.add_parser("user", help="reviewer accounts")

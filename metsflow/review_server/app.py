@@ -17,6 +17,8 @@ The modules: ``service`` (shared state, ``HTTPError``), ``policy``, ``auth``, ``
 
 from __future__ import annotations
 
+import os
+
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
 from starlette.middleware import Middleware
@@ -27,6 +29,10 @@ from metsflow.review_server.auth import SameOriginWrites
 from metsflow.review_server.config import ReviewConfig
 from metsflow.review_server.routes import routes
 from metsflow.review_server.service import ReviewApp, json_response
+
+# Where a worker process (``metsflow review serve --workers N``) finds its settings:
+# ``ReviewConfig.to_json``, set by the command before uvicorn starts the workers.
+CONFIG_ENV = "METSFLOW_REVIEW_CONFIG"
 
 # Nothing but this server's own files runs or loads: no inline script or style, no eval, no
 # plugins, no framing, forms post only here. NiiVue's needs are named: WebGL needs no CSP
@@ -97,3 +103,10 @@ def create_app(config: ReviewConfig) -> Starlette:
     )
     application.state.review = ReviewApp(config)
     return application
+
+
+def app_from_env() -> Starlette:
+    """The application of one uvicorn worker process: ``create_app`` over the settings the
+    ``review serve`` command put in ``$METSFLOW_REVIEW_CONFIG`` (uvicorn imports this factory by
+    name in each worker, so nothing else reaches them)."""
+    return create_app(ReviewConfig.from_json(os.environ[CONFIG_ENV]))

@@ -5,7 +5,9 @@
   and drops the one the client sent (no fixation).
 - Every state-changing request must carry the session's CSRF token in ``X-CSRF-Token``.
 - Login throttling: ``db.LOGIN_FAILURES_ALLOWED`` failures per user name and address within
-  ``db.LOGIN_WINDOW_S`` answer 429.
+  ``db.LOGIN_WINDOW_S`` answer 429; each attempt is reserved in the database before the
+  password is checked (``db.begin_login``), so concurrent guesses, in threads or in worker
+  processes, get no more than that.
 - Every POST, the login included, must come from a page of this server and say what it
   sends (``SameOriginWrites``): an ``Origin`` (else ``Referer``) whose host is the request's
   ``Host`` (403), and a ``Content-Type`` that a cross-site HTML form cannot send (415):
@@ -181,16 +183,16 @@ async def login(request: Request) -> Response:
 
     def attempt():
         with db.connect(app.db_path) as con:
-            if db.recent_login_failures(con, username, ip) >= db.LOGIN_FAILURES_ALLOWED:
-                db.log_event(con, "login_throttled", username, ip=ip)
+            reserved = db.begin_login(con, username, ip)
+            if reserved is None:
                 return None, None, 429
             role = db.verify_password(con, username, password)
             if role is None:
-                db.log_event(con, "login_fail", username, ip=ip)
+                db.end_login(con, reserved, succeeded=False)
                 return None, None, 401
             db.delete_session(con, old_token)  # whatever the client held is gone
             token, csrf_token = db.create_session(con, username)
-            db.log_event(con, "login", username, ip=ip)
+            db.end_login(con, reserved, succeeded=True)
             return (token, csrf_token), role, 200
 
     session, role, status = await run_in_threadpool(attempt)

@@ -1,7 +1,14 @@
-"""Settings of one review server: which results folder, label store and sheet it serves."""
+"""Settings of one review server: which results folder, label store and sheet it serves.
+
+With ``metsflow review serve --workers N`` (N > 1) uvicorn starts N worker processes that
+import the app by name, so the settings travel to them as JSON in an environment variable
+(``to_json`` / ``from_json``; ``app.app_from_env`` reads it).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +34,14 @@ class ReviewConfig:
         self.label_store = Path(self.label_store)
         self.sheet = None if self.sheet is None else Path(self.sheet)
         self._cohort = None
+
+    def to_json(self) -> str:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in fields.items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> ReviewConfig:
+        return cls(**json.loads(text))
 
     @property
     def db_path(self) -> Path:

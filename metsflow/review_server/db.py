@@ -274,12 +274,34 @@ def log_event(
 
 
 def recent_login_failures(con: sqlite3.Connection, username: str, ip: str) -> int:
+    """Failed and still undecided logins of ``username`` from ``ip`` within the window."""
     row = con.execute(
-        "SELECT COUNT(*) AS n FROM events WHERE kind='login_fail' AND username=? AND ip=? "
-        "AND at > ?",
+        "SELECT COUNT(*) AS n FROM events WHERE kind IN ('login_fail', 'login_pending') "
+        "AND username=? AND ip=? AND at > ?",
         (username, ip, time.time() - LOGIN_WINDOW_S),
     ).fetchone()
     return int(row["n"])
+
+
+def begin_login(con: sqlite3.Connection, username: str, ip: str) -> int | None:
+    """Reserve one login attempt: its event id, or None when the name and address are
+    throttled (``LOGIN_FAILURES_ALLOWED`` failed or undecided attempts in the window). The
+    count and the reservation are one write transaction, and an undecided attempt counts as a
+    failure: checked then logged after the password (~0.1-0.5 s of argon2), concurrent guesses
+    -- threads of one server, or its worker processes -- all passed the check before the first
+    failure was written. An attempt whose process died stays counted until the window passes."""
+    with transaction(con):
+        if recent_login_failures(con, username, ip) >= LOGIN_FAILURES_ALLOWED:
+            log_event(con, "login_throttled", username, ip=ip)
+            return None
+        log_event(con, "login_pending", username, ip=ip)
+        return int(con.execute("SELECT last_insert_rowid()").fetchone()[0])
+
+
+def end_login(con: sqlite3.Connection, attempt: int, succeeded: bool) -> None:
+    """Decide a reserved attempt: it becomes a ``login`` or a ``login_fail`` event."""
+    kind = "login" if succeeded else "login_fail"
+    con.execute("UPDATE events SET kind=? WHERE id=?", (kind, attempt))
 
 
 def last_open(con: sqlite3.Connection, username: str, study_id: str) -> float | None:

@@ -302,7 +302,10 @@ async def _upload_endpoint(request: Request, prepare, finish) -> Response:
         check_csrf(request, user)
         require_content_type(request, *UPLOAD_TYPES)
         entry, context = await run_in_threadpool(prepare, app, request, user)
-        shape, limit = upload_limit(app.reference(entry))
+        # In the pool, not on the event loop: the first call per study and process opens the
+        # T1c's header (gzip and nibabel's checks, ~5 ms at 1 mm), and py-spy caught the event
+        # loop there, every other request of the process waiting, in a 2-worker load test.
+        shape, limit = await run_in_threadpool(upload_limit, app.reference(entry))
         upload = await receive_upload(request, shape, limit)
         result = await run_in_threadpool(finish, app, request, user, entry, context, upload)
     except HTTPError as exc:
