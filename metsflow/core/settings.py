@@ -427,10 +427,12 @@ class Stage2Settings(_Section):
     # candidates the threshold is chosen on and at inference alike
     # (metsflow.models.cascade.candidate_scores). Why: stage 2 scored real lesions that stage 1
     # was sure of (peak >= 0.97) near 0, the 12.6 mm test lesion included, at 0.0000. 0 = stage 2
-    # alone, and what a checkpoint without the key means. Measured on the detection benchmark's
-    # test candidates of three stage-2 models (split proposals, 900-2000 iterations), the test
-    # FROC (touch rule) at 0.5 / 1 FP per patient: w = 0.5 gave 0.815-0.872 -> 0.851-0.887 and
-    # 0.903-0.913 -> 0.908-0.918 (benchmarks/results/bench_detection_s2k.txt).
+    # alone, and what a checkpoint without the key means; the default, as the benchmark's
+    # default 300-iteration stage 2 was not measured with it. Measured with split proposals and
+    # stage 2 at 2000 iterations, two stage-2 seeds paired (0 -> 0.5): the validation-chosen
+    # point 174 -> 173/195 at 1.0 FP/patient and 171 -> 172/195 at 0.65; the best threshold on
+    # the test masks at <= 1 FP/patient 0.887 -> 0.887 and 0.892 -> 0.903, at <= 0.5 0.785 ->
+    # 0.821 and 0.826 -> 0.851 (benchmarks/results/bench_detection_weight.txt).
     stage1_weight: float = setting(0.0, minimum=0, maximum=1)
 
     def problems(self, where: str) -> list[str]:
