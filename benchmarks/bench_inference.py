@@ -99,7 +99,7 @@ def brain_mask(spacing: float, margin_mm: float) -> np.ndarray:
     from nilearn.datasets import load_mni152_brain_mask
     from scipy import ndimage
 
-    from metsflow.imaging.preprocess import crop_box
+    from metsflow.imaging.grid import crop_box
 
     mask = np.asarray(load_mni152_brain_mask(resolution=1).dataobj) > 0
     mask = ndimage.zoom(mask.astype(np.uint8), 1.0 / spacing, order=0) > 0

@@ -39,6 +39,7 @@ from metsflow.cohort.sheet import read_sheet
 from metsflow.core.io import read_json
 from metsflow.core.runtime import set_threads
 from metsflow.imaging import brainmask, preprocess, register
+from metsflow.imaging.grid import to_native
 
 # Full-resolution SyN-CC: the reference study's metric (CC radius 4) with a last level at the
 # 1 mm grid itself; same affine stage as the default.
@@ -86,7 +87,7 @@ def preprocess_all(cohort: Path, out: Path, threads: int) -> list[dict]:
         )
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         mask = np.asarray(nib.load(str(out / study.study_id / "brain_mask.nii.gz")).dataobj)
-        native = np.asarray(preprocess.to_native(mask, out / study.study_id).dataobj) > 0
+        native = np.asarray(to_native(mask, out / study.study_id).dataobj) > 0
         truth_path = (
             cohort / study.patient_id / study.study_id / f"{study.study_id}_brainmask.nii.gz"
         )

@@ -17,7 +17,7 @@ from scipy import ndimage
 from metsflow.cohort.phantom import make_demo_cohort
 from metsflow.core.io import StudyError, read_json
 from metsflow.core.labels import ENHANCING, NECROSIS, to_internal
-from metsflow.imaging import brainmask, preprocess
+from metsflow.imaging import brainmask, grid, preprocess
 
 # Native T1c: 4 mm, oblique, voxel axes in P-L-S order (so RAS reorientation is exercised).
 AXES_PLS = np.array([[0, -1, 0], [-1, 0, 0], [0, 0, 1]])
@@ -139,7 +139,7 @@ def test_unstripped_atlas_mask_matches_truth(unstripped, truth):
     assert geometry["skull_stripped"] is False
     assert geometry["mask_method"] == "atlas"
     mask = _load(unstripped["dir"], "brain_mask").get_fdata().astype(np.uint8)
-    native_mask = preprocess.to_native(mask, unstripped["dir"]).get_fdata() > 0
+    native_mask = grid.to_native(mask, unstripped["dir"]).get_fdata() > 0
     assert dice(native_mask, truth["brain"]) > 0.85
 
 
@@ -162,7 +162,7 @@ def test_label_converted_from_brats_and_round_trip_is_exact(unstripped, truth):
     """Target spacing == native spacing: the label comes back voxel-for-voxel (oblique, PLS)."""
     label = _load(unstripped["dir"], "label").get_fdata().astype(np.uint8)
     assert set(np.unique(label)) == {0, 1, 2, 3}
-    back = preprocess.to_native(label, unstripped["dir"])
+    back = grid.to_native(label, unstripped["dir"])
     np.testing.assert_allclose(back.affine, AFFINE, atol=1e-6)
     expected = to_internal(truth["label"], "brats")
     assert back.shape == SHAPE
@@ -181,14 +181,14 @@ def test_skull_stripped_detected_and_nonzero_mask_kept(stripped, truth):
     assert geometry["coregistration"] == {}
     assert not (stripped["dir"] / "transforms").exists()
     mask = _load(stripped["dir"], "brain_mask").get_fdata().astype(np.uint8)
-    assert dice(preprocess.to_native(mask, stripped["dir"]).get_fdata() > 0, truth["brain"]) > 0.95
+    assert dice(grid.to_native(mask, stripped["dir"]).get_fdata() > 0, truth["brain"]) > 0.95
     assert stripped["left_in_tmp"] == []
 
 
 def test_round_trip_near_exact_when_resampled(stripped, truth):
     label = _load(stripped["dir"], "label").get_fdata().astype(np.uint8)
     assert _load(stripped["dir"], "label").header.get_zooms() == pytest.approx((3, 3, 3))
-    back = np.asarray(preprocess.to_native(label, stripped["dir"]).dataobj)
+    back = np.asarray(grid.to_native(label, stripped["dir"]).dataobj)
     expected = to_internal(truth["label"], "brats")
     assert dice(back > 0, expected > 0) > 0.9
     assert dice(back == 2, expected == 2) > 0.85
@@ -259,7 +259,7 @@ def test_label_round_trip_exact_at_1mm(tmp_path, monkeypatch):
     assert os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] == "1"
     prepared = _load(tmp_path / "prep", "label")
     assert prepared.header.get_zooms() == pytest.approx((1.0, 1.0, 1.0))
-    back = preprocess.to_native(np.asarray(prepared.dataobj), tmp_path / "prep")
+    back = grid.to_native(np.asarray(prepared.dataobj), tmp_path / "prep")
     expected = to_internal(label.astype(np.uint8), "brats")
     np.testing.assert_allclose(back.affine, affine, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(back.dataobj), expected)
@@ -331,7 +331,7 @@ def test_user_mask_hook(tmp_path, truth):
     geometry = preprocess.preprocess_study(study, tmp_path / "prep", params)
     assert geometry["mask_method"] == "user"
     mask = _load(tmp_path / "prep", "brain_mask").get_fdata().astype(np.uint8)
-    assert dice(preprocess.to_native(mask, tmp_path / "prep").get_fdata() > 0, truth["brain"]) == 1
+    assert dice(grid.to_native(mask, tmp_path / "prep").get_fdata() > 0, truth["brain"]) == 1
     assert geometry["label"] == {"present": False}
 
 

@@ -7,14 +7,31 @@
 - ``burden``: the correction burden, pre-segmentation vs confirmed label, per study and round.
 - ``final``: ``final_label_table`` / ``qa_sample``, the labels the loop ends with.
 - ``status``: ``round_status`` / ``format_status`` for ``metsflow al status``.
+
+The names below are imported on first use (PEP 562), not with the package: every job that
+imports one submodule (``acquisition`` for round_candidates, select_batch, final_labels and
+check_oracle) would otherwise import all of them, scipy.stats and the evaluation metrics
+included: 1.0 CPU-s per job.
 """
 
-from metsflow.active_learning.acquisition import STRATEGIES, register_strategy, select_batch
-from metsflow.active_learning.annotator import AnnotatorNoise, simulate_batch
-from metsflow.active_learning.labelstore import LabelImportError, LabelStore
-from metsflow.active_learning.review import export_batch, import_batch
-from metsflow.active_learning.status import format_status, round_status
-from metsflow.core.io import LabelStoreWriteError, guard_not_in_store
+from __future__ import annotations
+
+import importlib
+
+_SOURCES = {
+    "STRATEGIES": "acquisition",
+    "register_strategy": "acquisition",
+    "select_batch": "acquisition",
+    "AnnotatorNoise": "annotator",
+    "simulate_batch": "annotator",
+    "LabelImportError": "labelstore",
+    "LabelStore": "labelstore",
+    "export_batch": "review",
+    "import_batch": "review",
+    "format_status": "status",
+    "round_status": "status",
+}
+_CORE_IO = ("LabelStoreWriteError", "guard_not_in_store")
 
 __all__ = [
     "STRATEGIES",
@@ -31,3 +48,13 @@ __all__ = [
     "select_batch",
     "simulate_batch",
 ]
+
+
+def __getattr__(name: str):
+    if name in _SOURCES:
+        module = importlib.import_module(f"{__name__}.{_SOURCES[name]}")
+    elif name in _CORE_IO:
+        module = importlib.import_module("metsflow.core.io")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(module, name)

@@ -96,7 +96,7 @@ def _geometry(prep_dir: Path) -> dict:
 
 def _native(values: np.ndarray, prep_dir: Path) -> np.ndarray:
     """Model-grid values -> this study's native grid (nearest; what ``to_native`` does)."""
-    from metsflow.imaging.preprocess import resample_nearest
+    from metsflow.imaging.grid import resample_nearest
 
     geometry = _geometry(prep_dir)
     return resample_nearest(
@@ -160,7 +160,7 @@ def save_cropped(path: Path, values: np.ndarray, affine: np.ndarray) -> bool:
     """Save uint8 ``values`` cropped to the box of their non-zero voxels, on ``affine`` moved to
     the box's corner (nibabel's slicer); nothing when every voxel is 0. Returns whether it
     wrote the file."""
-    from metsflow.imaging.preprocess import crop_box
+    from metsflow.imaging.grid import crop_box
 
     if not values.any():
         return False
@@ -189,7 +189,7 @@ def _probability(folder: Path, inputs: StudyAssistInputs, t1c: nib.Nifti1Image) 
 
 def _previous(folder: Path, inputs: StudyAssistInputs, t1c: nib.Nifti1Image, scratch: Path) -> dict:
     """Warp the previous label and T1c here; returns the description for ``assists.json``."""
-    from metsflow.imaging.preprocess import resample_nearest
+    from metsflow.imaging.grid import resample_nearest
     from metsflow.imaging.register import propagate_label, warp_previous_image
 
     previous = inputs.previous

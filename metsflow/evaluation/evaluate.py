@@ -79,7 +79,7 @@ def evaluate_study(
     result = evaluate_pair(pred, ref, spacing, iou_threshold=iou, size_bins_mm=size_bins)
     score_map = None
     if fg_prob is not None and Path(fg_prob).is_file():
-        from metsflow.imaging.preprocess import resample_nearest  # ANTs: only when there is a map
+        from metsflow.imaging.grid import resample_nearest
 
         prob_img = nib.load(str(fg_prob))
         score_map = resample_nearest(

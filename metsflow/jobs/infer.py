@@ -80,7 +80,7 @@ class InferShard:
 def run_infer_shard(layout: Layout, settings: InferSettings, shard: InferShard) -> list[dict]:
     """Segment ``shard.studies`` with round ``shard.round_index``'s models into
     ``layout.prediction_dir``; one manifest row per study."""
-    from metsflow.imaging.preprocess import to_native
+    from metsflow.imaging.grid import to_native
     from metsflow.models.infer import (
         load_ensemble,
         overlapped,

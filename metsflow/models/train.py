@@ -195,7 +195,7 @@ def confirmed_labels_on_prep_grid(
     import nibabel as nib
 
     from metsflow.core.io import save_nifti
-    from metsflow.imaging.preprocess import label_to_grid
+    from metsflow.imaging.grid import label_to_grid
 
     labels: dict[str, Path] = {}
     for study_id, label in confirmed_label_files(annotation_tables, ok).items():
@@ -231,7 +231,7 @@ def hard_negatives_on_prep_grid(
     import nibabel as nib
 
     from metsflow.core.io import StudyError, load_nifti, save_nifti
-    from metsflow.imaging.preprocess import resample_nearest
+    from metsflow.imaging.grid import resample_nearest
     from metsflow.models.sampling import false_positive_mask
 
     found: dict[str, Path] = {}
