@@ -259,6 +259,15 @@ ALL_LEVERS = {"sampling": "lesion", "lesion_size_power": 0.5, "instance_loss_wei
 # Half the negative patches of a patient with false positives go to them, half stay anywhere
 # in the brain (a model that only sees its old mistakes as background forgets the rest).
 HARD_NEGATIVE_FRACTION = 0.5
+# config/cohort.yaml's stage-2 settings but for stage1_weight (its arm is the next but one).
+COHORT_ARM = Variant(
+    ALL_LEVERS,
+    0.98,
+    keep_diameter_mm=10.0,
+    tta=True,
+    recovered_peak_fraction=0.5,
+    split_proposals=True,
+)
 VARIANTS = {
     "baseline": Variant({}),
     "+ lesion sampling": Variant({"sampling": "lesion", "lesion_size_power": 0.5}),
@@ -291,22 +300,11 @@ VARIANTS = {
     # false positives of the arm above were argmax specks a kept proposal carried). Stage 2
     # trains on the split candidates: a stage-2 file of its own.
     "all levers + split": Variant(ALL_LEVERS, 0.98, split_proposals=True),
-    "all levers + flips + keep large + tight recovery + split": Variant(
-        ALL_LEVERS,
-        0.98,
-        keep_diameter_mm=10.0,
-        tta=True,
-        recovered_peak_fraction=0.5,
-        split_proposals=True,
-    ),
-    "all levers + flips + keep large + tight recovery + split + stage-1 weight": Variant(
-        ALL_LEVERS,
-        0.98,
-        keep_diameter_mm=10.0,
-        tta=True,
-        recovered_peak_fraction=0.5,
-        split_proposals=True,
-        stage1_weight=0.5,
+    "all levers + flips + keep large + tight recovery + split": COHORT_ARM,
+    # Stage 1's peak mixed into the score (stage1_weight): the operating point changes, so a
+    # stage-2 file of its own (trained as the arm above for the same seed).
+    "all levers + flips + keep large + tight recovery + split + stage-1 weight": (
+        COHORT_ARM._replace(stage1_weight=0.5)
     ),
 }
 # Stage-2 settings only filter_prediction reads: an arm differing from another by these alone
