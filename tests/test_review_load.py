@@ -21,18 +21,26 @@ def _bench():
     return module
 
 
-def test_twenty_reviewers_save_150_studies_without_loss_or_server_error(tmp_path):
+def _race(tmp_path, studies: int, workers: int = 1) -> dict:
+    """20 trainees save ``studies`` studies at once, then 4 neuroradiologists race to confirm
+    each; every save is kept, one confirmation per study, the other three refused (409)."""
     figures = _bench().run(
-        tmp_path, reviewers=20, neuroradiologists=4, studies=150, shape=8, cheap_passwords=True
-    )
+        tmp_path, reviewers=20, neuroradiologists=4, studies=studies, shape=8,
+        cheap_passwords=True, workers=workers,
+    )  # fmt: skip
     assert figures["client_errors"] == []
     assert figures["server_errors_5xx"] == 0
-    assert figures["saves_attempted"] == figures["saves_ok"] == 150
-    assert figures["confirms_ok"] == 150 and figures["confirms_attempted"] == 600
-    assert figures["conflicts_409"] == 450
-    assert figures["versions_in_store"] == 300 == figures["saves_accounted"]
+    assert figures["saves_attempted"] == figures["saves_ok"] == studies
+    assert figures["confirms_ok"] == studies and figures["confirms_attempted"] == 4 * studies
+    assert figures["conflicts_409"] == 3 * studies
+    assert figures["versions_in_store"] == 2 * studies == figures["saves_accounted"]
     assert figures["lost_saves"] == 0
-    assert figures["studies_with_one_confirmed"] == 150
+    assert figures["studies_with_one_confirmed"] == studies
+    return figures
+
+
+def test_twenty_reviewers_save_150_studies_without_loss_or_server_error(tmp_path):
+    _race(tmp_path, 150)
 
 
 def test_two_worker_processes_keep_every_save_and_one_confirmation_per_study(tmp_path):
@@ -40,23 +48,7 @@ def test_two_worker_processes_keep_every_save_and_one_confirmation_per_study(tmp
     confirmations now meet in two processes, through the label store's per-study lock and the
     SQLite file, and both workers serve them. 40 studies, not 150: the same races (20 reviewers,
     4 neuroradiologists per study) for a quarter of the 30 s the 150 took in the suite."""
-    figures = _bench().run(
-        tmp_path,
-        reviewers=20,
-        neuroradiologists=4,
-        studies=40,
-        shape=8,
-        cheap_passwords=True,
-        workers=2,
-    )
-    assert figures["client_errors"] == []
-    assert figures["server_errors_5xx"] == 0
-    assert figures["saves_attempted"] == figures["saves_ok"] == 40
-    assert figures["confirms_ok"] == 40 and figures["confirms_attempted"] == 160
-    assert figures["conflicts_409"] == 120
-    assert figures["versions_in_store"] == 80 == figures["saves_accounted"]
-    assert figures["lost_saves"] == 0
-    assert figures["studies_with_one_confirmed"] == 40
+    figures = _race(tmp_path, 40, workers=2)
     # A supervisor that only waits, and two workers that both served saves.
     busy = [cpu for cpu in figures["server_cpu_s_by_process"] if cpu > 0.05]
     assert len(busy) >= 2, figures["server_cpu_s_by_process"]
