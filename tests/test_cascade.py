@@ -265,10 +265,8 @@ def test_keep_diameter_is_checked_and_off_in_older_checkpoints(tmp_path):
             cascade.resolve_params({"keep_diameter_mm": bad})
     # A checkpoint written before the key existed: loads, and keeps no candidate by size.
     params = {k: v for k, v in cascade.resolve_params(KEEP_PARAMS).as_dict().items()}
-    del params["keep_diameter_mm"]
-    del params["recovered_peak_fraction"]
-    del params["split_proposals"]
-    del params["stage1_weight"]
+    for key in cascade.LEGACY_PARAMS:
+        del params[key]
     spec = cascade.network_spec(["t1c"], params)
     path = tmp_path / "old.pt"
     meta = {"network": spec, "channels": ["t1c"], "params": params, "threshold": 0.5}
@@ -278,6 +276,52 @@ def test_keep_diameter_is_checked_and_off_in_older_checkpoints(tmp_path):
     assert loaded["params"]["recovered_peak_fraction"] is None  # the whole proposal, as before
     assert loaded["params"]["split_proposals"] is False  # trained on whole proposals
     assert loaded["params"]["stage1_weight"] == 0.0  # stage 2's score alone
+    assert loaded["params"]["select_every"] is None  # the last iteration's weights
+
+
+def test_select_every_keeps_the_weights_of_the_best_validation_froc(tmp_path, monkeypatch):
+    """select_every: stage 2 is scored on validation every k iterations and at the last; the
+    checkpoint holds the weights of the best validation FROC score, its threshold is chosen on
+    them, and the training itself is the same as without selection (same seed, same weights at
+    the last iteration)."""
+    image, fg_prob, reference = _size_study()
+    params = {**KEEP_PARAMS, "iterations": 12, "batch_size": 2}
+
+    def cands(add_reference):
+        return cascade.study_candidates(
+            "S", image, fg_prob, reference, params, add_reference, spacing=(1.0, 1.0, 1.0)
+        )
+
+    train, val = [cands(True)], [cands(False)]
+    plain_meta = cascade.train_stage2(train, val, ["t1c"], params, tmp_path / "last.pt")
+    assert plain_meta["selected_iteration"] == 12 and plain_meta["selection"] == []
+    last, _ = cascade.load_stage2(tmp_path / "last.pt")
+
+    real, seen = cascade.score_crops, []
+    ranks = {1: False, 2: True, 3: False}  # the second evaluation ranks the lesions first
+
+    def scripted(network, crops, batch_size=32):
+        seen.append({k: v.clone() for k, v in network.state_dict().items()})
+        real(network, crops, batch_size)
+        good = ranks.get(len(seen), True)
+        truth = np.asarray([bool(h) for h in val[0].hits], dtype=float)
+        return np.where(truth == good, 0.9, 0.1)
+
+    monkeypatch.setattr(cascade, "score_crops", scripted)
+    meta = cascade.train_stage2(
+        train, val, ["t1c"], {**params, "select_every": 5}, tmp_path / "best.pt"
+    )
+    assert [s["iteration"] for s in meta["selection"]] == [5, 10, 12]
+    assert meta["selection"][1]["score"] == 1.0 > meta["selection"][0]["score"]
+    assert meta["selected_iteration"] == 10
+    assert meta["sensitivity_after"] == 1.0 and meta["fp_per_patient_after"] == 0.0
+    best, loaded = cascade.load_stage2(tmp_path / "best.pt")
+    assert loaded["params"]["select_every"] == 5
+    for key, value in best.state_dict().items():
+        assert torch.equal(value, seen[1][key])  # iteration 10's weights
+        assert torch.equal(seen[2][key], last.state_dict()[key])  # the same training
+    with pytest.raises(ValueError, match="select_every"):
+        cascade.resolve_params({"select_every": 0})
 
 
 def test_stage1_weight_mixes_the_stage1_peak_on_validation_and_at_inference(tmp_path, monkeypatch):

@@ -79,6 +79,24 @@ def _settings_fields(module: str, name: str) -> dict[str, dict]:
     return {f.name: _field_schema(f) for f in dataclasses.fields(cls)}
 
 
+def section_problems(section: Any, where: str) -> list[str]:
+    """The values of the settings dataclass instance ``section`` that break their own
+    ``setting(...)`` schema (type, range, enum), one line each, keys named ``where.key``: the
+    workflow's schema checks a config's sections at parse time, this checks settings built
+    elsewhere (a checkpoint's, a benchmark's) against the same one owner of the bounds."""
+    from metsflow.core.io import plain  # numpy and nibabel: not on every dry run's path
+
+    errors = _section_validator(type(section)).iter_errors(plain(section))
+    return sorted(f"{where}.{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+
+
+@cache
+def _section_validator(cls: type) -> jsonschema.Draft202012Validator:
+    fields = dataclasses.fields(cls)
+    schema = {"type": "object", "properties": {f.name: _field_schema(f) for f in fields}}
+    return jsonschema.Draft202012Validator(schema)
+
+
 def _derived_keys(spec: str, root: dict) -> dict[str, dict]:
     if spec.startswith("#/"):
         section = root

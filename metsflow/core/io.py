@@ -9,6 +9,7 @@ write of that file removes what a killed writer left (``remove_stale_temporaries
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
@@ -441,3 +442,27 @@ def load_nifti(
         )
     # Return an image whose data is already in memory so the file is read once.
     return nib.Nifti1Image(data, img.affine, header=img.header)
+
+
+def plain(obj: Any) -> Any:
+    """Convert ``obj`` to the plain types ``torch.load(weights_only=True)`` and JSON accept (a settings
+    dataclass becomes its dict form)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return plain(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, os.PathLike):
+        return str(obj)
+    # Subclasses (torch's TorchVersion is a str) are not on the safe loader's allow-list.
+    for kind in (bool, int, float, str):
+        if isinstance(obj, kind):
+            return kind(obj)
+    if obj is None:
+        return None
+    raise TypeError(f"checkpoint metadata must be plain data, got {type(obj).__name__}")

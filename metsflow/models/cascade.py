@@ -65,11 +65,12 @@ from scipy import ndimage
 from torch import nn
 
 from metsflow.core import labels as lab
-from metsflow.core.io import atomic_path
+from metsflow.core.config import section_problems
+from metsflow.core.io import atomic_path, plain
 from metsflow.core.sequences import REFERENCE
 from metsflow.core.settings import Stage2Settings
 from metsflow.evaluation import metrics
-from metsflow.models.networks import check_channels, plain
+from metsflow.models.networks import check_channels
 
 log = logging.getLogger(__name__)
 
@@ -104,27 +105,7 @@ def resolve_params(params: Stage2Settings | dict | None) -> Stage2Settings:
         params = Stage2Settings.from_dict(values, "stage-2 keys")
     crop = [int(v) for v in np.broadcast_to(params.crop_size, 3)]
     params = dataclasses.replace(params, crop_size=crop)
-    if not 0 < float(params.target_sensitivity) <= 1:
-        raise ValueError(f"target_sensitivity must be in (0, 1], got {params.target_sensitivity}")
-    if params.operating_rule not in metrics.OPERATING_RULES:
-        raise ValueError(
-            f"operating_rule must be one of {list(metrics.OPERATING_RULES)}, got "
-            f"{params.operating_rule!r}"
-        )
-    sensitivity = params.proposal_sensitivity
-    if sensitivity is not None and not 0 < float(sensitivity) <= 1:
-        raise ValueError(f"proposal_sensitivity must be in (0, 1], got {sensitivity}")
-    if not float(params.max_fp_per_patient) >= 0:
-        raise ValueError(f"max_fp_per_patient must be >= 0, got {params.max_fp_per_patient}")
-    keep = params.keep_diameter_mm
-    if keep is not None and not float(keep) > 0:
-        raise ValueError(f"keep_diameter_mm must be > 0 or None, got {keep}")
-    fraction = params.recovered_peak_fraction
-    if fraction is not None and not 0 < float(fraction) <= 1:
-        raise ValueError(f"recovered_peak_fraction must be in (0, 1] or None, got {fraction}")
-    if not 0 <= float(params.stage1_weight) <= 1:
-        raise ValueError(f"stage1_weight must be in [0, 1], got {params.stage1_weight}")
-    problems = params.problems("stage-2")
+    problems = section_problems(params, "stage-2") + params.problems("stage-2")
     if problems:
         raise ValueError("; ".join(problems))
     return params
@@ -237,6 +218,16 @@ def save_stage2(path: str | os.PathLike, network: nn.Module, meta: dict) -> None
         torch.save(payload, tmp)
 
 
+# What a checkpoint from before a stage-2 key existed did, pinned whatever the default is now:
+LEGACY_PARAMS: dict[str, Any] = {
+    "keep_diameter_mm": None,  # no candidate was kept by size
+    "recovered_peak_fraction": None,  # a recovered lesion is its whole proposal
+    "split_proposals": False,  # trained on whole proposals
+    "stage1_weight": 0.0,  # threshold chosen on stage 2's scores alone
+    "select_every": None,  # the last iteration's weights
+}
+
+
 def load_stage2(
     path: str | os.PathLike, expect_channels: Sequence[str] | None = None
 ) -> tuple[nn.Module, dict]:
@@ -253,15 +244,8 @@ def load_stage2(
     if payload.get("format_version") != STAGE2_FORMAT_VERSION:
         raise ValueError(f"{path}: stage-2 format version {payload.get('format_version')}")
     meta = payload["meta"]
-    # A checkpoint from before keep_diameter_mm existed kept no candidate by size: pinned off, so
-    # it behaves as it did whatever the default is now.
-    meta["params"].setdefault("keep_diameter_mm", None)
-    # ... and from before recovered_peak_fraction: a recovered lesion is its whole proposal.
-    meta["params"].setdefault("recovered_peak_fraction", None)
-    # ... and from before split_proposals: it was trained on whole proposals.
-    meta["params"].setdefault("split_proposals", False)
-    # ... and from before stage1_weight: its threshold was chosen on stage 2's scores alone.
-    meta["params"].setdefault("stage1_weight", 0.0)
+    for key, value in LEGACY_PARAMS.items():
+        meta["params"].setdefault(key, value)
     if expect_channels is not None and list(meta["channels"]) != list(expect_channels):
         raise ValueError(
             f"stage-2 checkpoint {path} reads channels {meta['channels']}, but the stage-1 "
@@ -834,6 +818,65 @@ def mine_proposal_threshold(
     return proposal_threshold(np.concatenate(peaks or [np.zeros(0)]), float(sensitivity))
 
 
+# Checkpoint selection (``select_every``): the false-positive rates, as fractions of
+# ``max_fp_per_patient``, at which the validation FROC's sensitivities are averaged (as the
+# LUNA16 CPM averages its seven): one rate alone moves by a lesion or two between evaluations
+# on 16 validation patients, the mean is steadier and also rewards the operating points below.
+SELECTION_FP_FRACTIONS = (0.25, 0.5, 1.0)
+
+
+def selection_score(curve, params: Stage2Settings | dict) -> float:
+    """The checkpoint-selection figure of a validation ``metrics.froc`` curve: its mean
+    sensitivity at ``SELECTION_FP_FRACTIONS`` x ``max_fp_per_patient``."""
+    rate = float(resolve_params(params).max_fp_per_patient)
+    return float(
+        np.mean(metrics.sensitivity_at_fp(curve, [f * rate for f in SELECTION_FP_FRACTIONS]))
+    )
+
+
+@dataclass
+class _ValidationCandidates:
+    """The validation studies' stage-1 candidates as the operating point reads them (reference
+    lesions are not candidates at inference time): per study its crops, stage-1 peaks, sizes
+    and spacing; the reference lesions each candidate hits, made unique across studies."""
+
+    studies: list[tuple[np.ndarray, list | None, list | None, Any]]
+    hits: list[list]
+    n_reference: int
+    n_patients: int
+    diameters: dict
+
+    @classmethod
+    def of(cls, val: Sequence[StudyCandidates]) -> _ValidationCandidates:
+        studies, hits, n_ref, patients, diameters = [], [], 0, set(), {}
+        for number, study in enumerate(val):
+            stage1 = [i for i, s in enumerate(study.sources) if s == "stage1"]
+            voxels = None if study.voxels is None else [study.voxels[i] for i in stage1]
+            peaks = None if study.peaks is None else [study.peaks[i] for i in stage1]
+            studies.append((study.crops[stage1], peaks, voxels, study.spacing))
+            key = study.study_id or f"study_{number}"
+            hits += [[(key, r) for r in study.hits[i]] for i in stage1]
+            n_ref += study.n_reference
+            patients.add(study.patient_id or key)
+            for lesion, diameter in enumerate(study.ref_diameters_mm or [], start=1):
+                diameters[(key, lesion)] = diameter
+        return cls(studies, hits, n_ref, max(len(patients), 1), diameters)
+
+    def scores(self, network: nn.Module, params: Stage2Settings | dict) -> np.ndarray:
+        """Each candidate's score as ``filter_prediction`` scores it at inference
+        (``candidate_scores``: stage-1 weight and keep-large included)."""
+        scored = [
+            candidate_scores(score_crops(network, crops), peaks, voxels, spacing, params)
+            for crops, peaks, voxels, spacing in self.studies
+        ]
+        return np.concatenate(scored) if scored else np.zeros(0)
+
+    def froc(self, network: nn.Module, params: Stage2Settings | dict):
+        return metrics.froc(
+            self.scores(network, params), self.hits, self.n_reference, self.n_patients
+        )
+
+
 class NoCandidatesError(ValueError):
     """The training candidates are all lesions or all false positives: nothing to learn."""
 
@@ -872,6 +915,9 @@ def train_stage2(
     rng = np.random.default_rng(int(params.seed))
     positives, negatives = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     half = int(params.batch_size) // 2
+    validation = _ValidationCandidates.of(val)
+    every = params.select_every if validation.n_reference else None
+    best, selection = (-math.inf, 0, None), []
     start, losses = time.perf_counter(), []
     for iteration in range(1, int(params.iterations) + 1):
         index = np.concatenate([rng.choice(positives, half), rng.choice(negatives, half)])
@@ -885,7 +931,8 @@ def train_stage2(
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-        if iteration % 50 == 0 or iteration == int(params.iterations):
+        last = iteration == int(params.iterations)
+        if iteration % 50 == 0 or last:
             log.info(
                 "stage 2 iteration %d/%d loss %.4f (%.0f s)",
                 iteration,
@@ -893,35 +940,36 @@ def train_stage2(
                 float(np.mean(losses[-50:])),
                 time.perf_counter() - start,
             )
+        if every and (iteration % int(every) == 0 or last):
+            value = selection_score(validation.froc(network, params), params)
+            network.train()  # score_crops left it in eval mode
+            selection.append({"iteration": iteration, "score": value})
+            log.info("stage 2 iteration %d: validation FROC score %.4f", iteration, value)
+            if value >= best[0]:  # ties: the later, longer-trained weights
+                state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+                best = (value, iteration, state)
+    if best[2] is not None:
+        network.load_state_dict(best[2])
+        log.info("stage 2: the weights of iteration %d (validation FROC score %.4f)", *best[:2])
 
     # Operating point on validation stage-1 candidates only (reference lesions are not
     # candidates at inference time).
-    val_scores, val_hits, n_ref, patients, diameters = [], [], 0, set(), {}
-    for number, study in enumerate(val):
-        stage1 = [i for i, s in enumerate(study.sources) if s == "stage1"]
-        # Scored as filter_prediction scores them at inference (keep_diameter_mm included).
-        voxels = None if study.voxels is None else [study.voxels[i] for i in stage1]
-        peaks = None if study.peaks is None else [study.peaks[i] for i in stage1]
-        scored = score_crops(network, study.crops[stage1])
-        val_scores.append(candidate_scores(scored, peaks, voxels, study.spacing, params))
-        # Reference ids are per study: make them unique across studies.
-        key = study.study_id or f"study_{number}"
-        val_hits += [[(key, r) for r in study.hits[i]] for i in stage1]
-        n_ref += study.n_reference
-        patients.add(study.patient_id or key)
-        for lesion, diameter in enumerate(study.ref_diameters_mm or [], start=1):
-            diameters[(key, lesion)] = diameter
-    scores = np.concatenate(val_scores) if val_scores else np.zeros(0)
+    scores = validation.scores(network, params)
+    val_hits, n_ref = validation.hits, validation.n_reference
     operating = choose_threshold(
         scores,
         val_hits,
         n_ref,
-        n_patients=len(patients),
+        n_patients=validation.n_patients,
         rule=params.operating_rule,
         max_fp_per_patient=float(params.max_fp_per_patient),
         target_sensitivity=float(params.target_sensitivity),
     )
-    operating["lost_lesions"] = lost_lesions(scores, val_hits, operating["threshold"], diameters)
+    operating["lost_lesions"] = lost_lesions(
+        scores, val_hits, operating["threshold"], validation.diameters
+    )
+    operating["selected_iteration"] = best[1] if best[2] is not None else int(params.iterations)
+    operating["selection"] = selection
     if not n_ref:
         log.warning("stage 2: no validation lesions; threshold 0 keeps every candidate")
     elif not operating["rule_met"]:

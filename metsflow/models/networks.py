@@ -21,7 +21,6 @@ changed since training.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -34,7 +33,7 @@ from torch import nn
 
 from metsflow import __version__ as METSFLOW_VERSION
 from metsflow.core import labels as lab
-from metsflow.core.io import StudyError, atomic_path, load_nifti
+from metsflow.core.io import StudyError, atomic_path, load_nifti, plain
 from metsflow.core.layout import BRAIN_MASK, LABEL, T1C, sequence_image
 from metsflow.core.netplan import SEGRESNET_STRIDE, dynunet_plan
 from metsflow.core.sequences import SEQUENCES
@@ -426,30 +425,6 @@ def _checked_labels(data: np.ndarray, study_id: str, path) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------------
-def plain(obj: Any) -> Any:
-    """Convert ``obj`` to the plain types ``torch.load(weights_only=True)`` accepts (a settings
-    dataclass becomes its dict form)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return plain(dataclasses.asdict(obj))
-    if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, os.PathLike):
-        return str(obj)
-    # Subclasses (torch's TorchVersion is a str) are not on the safe loader's allow-list.
-    for kind in (bool, int, float, str):
-        if isinstance(obj, kind):
-            return kind(obj)
-    if obj is None:
-        return None
-    raise TypeError(f"checkpoint metadata must be plain data, got {type(obj).__name__}")
-
-
 def checkpoint_meta(params: ModelLike, **extra: Any) -> dict:
     """Metadata describing a network trained with ``params`` (plain types only; ``params`` is
     kept in its flat dict form)."""

@@ -41,7 +41,7 @@ from monai.transforms import Transform
 from torch import nn
 
 from metsflow.core import labels as lab
-from metsflow.core.io import atomic_path, remove_path, write_table
+from metsflow.core.io import atomic_path, plain, remove_path, write_table
 from metsflow.core.layout import LABEL, T1C
 from metsflow.core.layout import PRIOR as PRIOR_IMAGE
 from metsflow.core.runtime import seed_everything, select_device
@@ -68,7 +68,6 @@ from metsflow.models.networks import (
     load_study_input,
     network_spec,
     num_classes,
-    plain,
     save_checkpoint,
 )
 
