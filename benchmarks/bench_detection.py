@@ -254,6 +254,7 @@ class Variant(NamedTuple):
     split_proposals: bool = False
     stage1_weight: float = 0.0
     selections: int = 0  # select_every = stage-2 iterations / this (0: the last iteration)
+    members: int = 1  # stage-2 seed ensemble (Stage2Settings.ensemble)
 
 
 ALL_LEVERS = {"sampling": "lesion", "lesion_size_power": 0.5, "instance_loss_weight": 1.0}
@@ -312,6 +313,13 @@ VARIANTS = {
     "all levers + flips + keep large + tight recovery + split + stage-1 weight + selection": (
         COHORT_ARM._replace(stage1_weight=0.5, selections=20)
     ),
+    # Stage 2 as the mean probability of 3 classifiers from seeds s, s + 1, s + 2 (ensemble):
+    # its first member is the stage-1 weight arm's network of seed s.
+    "all levers + flips + keep large + tight recovery + split + stage-1 weight + ensemble 3": (
+        COHORT_ARM._replace(stage1_weight=0.5, members=3)
+    ),
+    "all levers + flips + keep large + tight recovery + split + stage-1 weight + selection"
+    " + ensemble 3": COHORT_ARM._replace(stage1_weight=0.5, selections=20, members=3),
 }
 # Stage-2 settings only filter_prediction reads: an arm differing from another by these alone
 # shares its stage-2 file (stage2_file), trained without them.
@@ -477,6 +485,7 @@ def cascade_variant(args, name, s1_val, s1_test, val_items, train_items, s1_trai
         "keep_diameter_mm": variant.keep_diameter_mm,
         "split_proposals": variant.split_proposals,
         "stage1_weight": variant.stage1_weight,
+        "ensemble": variant.members,
         "select_every": (
             max(1, args.stage2_iterations // variant.selections) if variant.selections else None
         ),
@@ -778,8 +787,10 @@ def main() -> None:
         else:
             row, _, _ = evaluate(f"{name}: cascade", preds, refs)
             row["val proposal sens"] = round(meta["sensitivity_before"], 3)
-            if meta.get("selection"):
-                row["stage-2 iteration"] = meta["selected_iteration"]
+            if any(m["selection"] for m in meta.get("members", [])):
+                row["stage-2 iteration"] = "/".join(
+                    str(m["selected_iteration"]) for m in meta["members"]
+                )
             scored = scored_test(te, s1_test, candidates, meta, refs)
             candidate_rows += candidate_table(name, candidates, scored)
             lost_rows.append(lost_by_size(name, scored, meta))

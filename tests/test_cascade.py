@@ -294,7 +294,8 @@ def test_select_every_keeps_the_weights_of_the_best_validation_froc(tmp_path, mo
 
     train, val = [cands(True)], [cands(False)]
     plain_meta = cascade.train_stage2(train, val, ["t1c"], params, tmp_path / "last.pt")
-    assert plain_meta["selected_iteration"] == 12 and plain_meta["selection"] == []
+    member = plain_meta["members"][0]
+    assert member["selected_iteration"] == 12 and member["selection"] == []
     last, _ = cascade.load_stage2(tmp_path / "last.pt")
 
     real, seen = cascade.score_crops, []
@@ -311,9 +312,10 @@ def test_select_every_keeps_the_weights_of_the_best_validation_froc(tmp_path, mo
     meta = cascade.train_stage2(
         train, val, ["t1c"], {**params, "select_every": 5}, tmp_path / "best.pt"
     )
-    assert [s["iteration"] for s in meta["selection"]] == [5, 10, 12]
-    assert meta["selection"][1]["score"] == 1.0 > meta["selection"][0]["score"]
-    assert meta["selected_iteration"] == 10
+    member = meta["members"][0]
+    assert [s["iteration"] for s in member["selection"]] == [5, 10, 12]
+    assert member["selection"][1]["score"] == 1.0 > member["selection"][0]["score"]
+    assert member["selected_iteration"] == 10
     assert meta["sensitivity_after"] == 1.0 and meta["fp_per_patient_after"] == 0.0
     best, loaded = cascade.load_stage2(tmp_path / "best.pt")
     assert loaded["params"]["select_every"] == 5
@@ -322,6 +324,45 @@ def test_select_every_keeps_the_weights_of_the_best_validation_froc(tmp_path, mo
         assert torch.equal(seen[2][key], last.state_dict()[key])  # the same training
     with pytest.raises(ValueError, match="select_every"):
         cascade.resolve_params({"select_every": 0})
+
+
+def test_ensemble_scores_by_the_mean_probability_of_classifiers_from_consecutive_seeds(tmp_path):
+    """ensemble k: k classifiers from seeds seed .. seed + k - 1, the first the one a single
+    classifier of that seed is; the checkpoint scores a crop by their mean probability, and the
+    operating point is chosen on that score."""
+    image, fg_prob, reference = _size_study()
+    params = {**KEEP_PARAMS, "iterations": 6, "batch_size": 2, "seed": 3}
+
+    def cands(add_reference):
+        return cascade.study_candidates(
+            "S", image, fg_prob, reference, params, add_reference, spacing=(1.0, 1.0, 1.0)
+        )
+
+    train, val = [cands(True)], [cands(False)]
+    cascade.train_stage2(train, val, ["t1c"], params, tmp_path / "one.pt")
+    cascade.train_stage2(train, val, ["t1c"], {**params, "seed": 4}, tmp_path / "next.pt")
+    meta = cascade.train_stage2(train, val, ["t1c"], {**params, "ensemble": 2}, tmp_path / "two.pt")
+    assert [m["seed"] for m in meta["members"]] == [3, 4]
+    ensemble, loaded = cascade.load_stage2(tmp_path / "two.pt", ["t1c"])
+    assert isinstance(ensemble, cascade.SeedEnsemble) and loaded["params"]["ensemble"] == 2
+    singles = [cascade.load_stage2(tmp_path / f)[0] for f in ("one.pt", "next.pt")]
+    for member, single in zip(ensemble.members, singles, strict=True):
+        for key, value in member.state_dict().items():
+            assert torch.equal(value, single.state_dict()[key])
+    crops = val[0].crops
+    mean = np.mean([cascade.score_crops(n, crops) for n in singles], axis=0)
+    np.testing.assert_allclose(cascade.score_crops(ensemble, crops), mean, atol=1e-6)
+    # The validation operating point reads the ensemble's scores.
+    hits = [[("S", r) for r in h] for h in val[0].hits]
+    curve = cascade.choose_threshold(mean, hits, val[0].n_reference)["froc"]
+    assert [round(r["threshold"], 5) for r in loaded["froc"]] == [
+        round(r["threshold"], 5) for r in curve
+    ]
+    assert isinstance(singles[0], torch.nn.Module) and not isinstance(
+        singles[0], cascade.SeedEnsemble
+    )
+    with pytest.raises(ValueError, match="ensemble"):
+        cascade.resolve_params({"ensemble": 0})
 
 
 def test_stage1_weight_mixes_the_stage1_peak_on_validation_and_at_inference(tmp_path, monkeypatch):

@@ -443,6 +443,15 @@ class Stage2Settings(_Section):
     # random streams: a seed trains the same network with or without it. None = the last
     # iteration, and what a checkpoint without the key means.
     select_every: int | None = setting(None, minimum=1)
+    # Seed ensemble (issue #23): this many classifiers, trained alike from seeds seed, seed + 1,
+    # ..., score a candidate by their mean probability (metsflow.models.cascade.SeedEnsemble);
+    # each is trained (and, with select_every, selected) on its own. Why: stage 2's ranking of
+    # the same candidates moved from seed to seed (157-174/195 test lesions at 2000 iterations),
+    # and the mean of two or three seeds' scores ranked them better than any one of them: the
+    # test FROC (touch rule, stage1_weight 0.5) at 1 FP/patient 0.908-0.918 for one seed,
+    # 0.928-0.933 for two or three; at 0.5 FP/patient 0.841-0.882 and 0.867-0.908
+    # (benchmarks/results/bench_detection_ensemble.txt). Costs its training time per member.
+    ensemble: int = setting(1, minimum=1)
 
     def problems(self, where: str) -> list[str]:
         found = super().problems(where)

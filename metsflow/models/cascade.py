@@ -207,6 +207,30 @@ def build_classifier(spec: dict) -> nn.Module:
     return Classifier(**spec)
 
 
+class SeedEnsemble(nn.Module):
+    """Stage 2 as ``ensemble`` crop classifiers trained from consecutive seeds: the logit of
+    their mean probability, so ``score_crops`` and every caller read one classifier."""
+
+    # Mean probabilities of exactly 0 or 1 (saturated members) keep a finite logit.
+    EPS = 1e-7
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probability = torch.stack([torch.sigmoid(m(x).float()) for m in self.members]).mean(0)
+        return torch.logit(probability, eps=self.EPS)
+
+
+def build_stage2(spec: dict, members: int = 1) -> nn.Module:
+    """The stage-2 network of a checkpoint: one classifier of ``spec``, or a ``SeedEnsemble``
+    of ``members`` of them."""
+    if int(members) == 1:
+        return build_classifier(spec)
+    return SeedEnsemble([build_classifier(spec) for _ in range(int(members))])
+
+
 def save_stage2(path: str | os.PathLike, network: nn.Module, meta: dict) -> None:
     payload = {
         "format": STAGE2_FORMAT,
@@ -225,6 +249,7 @@ LEGACY_PARAMS: dict[str, Any] = {
     "split_proposals": False,  # trained on whole proposals
     "stage1_weight": 0.0,  # threshold chosen on stage 2's scores alone
     "select_every": None,  # the last iteration's weights
+    "ensemble": 1,  # one classifier
 }
 
 
@@ -251,7 +276,7 @@ def load_stage2(
             f"stage-2 checkpoint {path} reads channels {meta['channels']}, but the stage-1 "
             f"model reads {list(expect_channels)}"
         )
-    network = build_classifier(meta["network"])
+    network = build_stage2(meta["network"], meta["params"]["ensemble"])
     network.load_state_dict(payload["state_dict"])
     return network.eval(), meta
 
@@ -881,30 +906,20 @@ class NoCandidatesError(ValueError):
     """The training candidates are all lesions or all false positives: nothing to learn."""
 
 
-def train_stage2(
-    train: Sequence[StudyCandidates],
-    val: Sequence[StudyCandidates],
-    channels: Sequence[str],
-    params: Stage2Settings | dict,
-    out_path: str | os.PathLike,
-    stage1_checkpoint: str | None = None,
+def _train_member(
+    crops: np.ndarray,
+    labels: np.ndarray,
+    spec: dict,
+    params: Stage2Settings,
+    seed: int,
+    validation: _ValidationCandidates,
 ) -> dict:
-    """Train the candidate classifier, choose its threshold on ``val``, write the checkpoint.
-
-    Balanced mini-batches (half lesion, half false-positive candidates when both exist), random
-    mirroring, Adam. Deterministic for a seed on CPU. Returns the checkpoint's meta."""
+    """One stage-2 classifier trained from ``seed``; with ``select_every``, the weights of its
+    best validation FROC score. Returns ``{network, seed, final_loss, selected_iteration,
+    selection}``."""
     from metsflow.core.runtime import seed_everything
 
-    params = resolve_params(params)
-    seed_everything(int(params.seed))
-    crops = np.concatenate([s.crops for s in train]) if train else np.zeros((0,))
-    labels = np.concatenate([s.labels for s in train]) if train else np.zeros(0)
-    if not len(labels) or labels.min() == labels.max():
-        raise NoCandidatesError(
-            f"stage 2 needs lesion and false-positive candidates to learn from; got "
-            f"{int(labels.sum())} lesion and {int((1 - labels).sum())} false-positive candidates"
-        )
-    spec = network_spec(channels, params)
+    seed_everything(seed)
     network = build_classifier(spec).train()
     optimizer = torch.optim.Adam(
         network.parameters(),
@@ -912,12 +927,11 @@ def train_stage2(
         weight_decay=float(params.weight_decay),
     )
     loss_fn = nn.BCEWithLogitsLoss()
-    rng = np.random.default_rng(int(params.seed))
+    rng = np.random.default_rng(seed)
     positives, negatives = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     half = int(params.batch_size) // 2
-    validation = _ValidationCandidates.of(val)
     every = params.select_every if validation.n_reference else None
-    best, selection = (-math.inf, 0, None), []
+    best, selection = (-math.inf, int(params.iterations), None), []
     start, losses = time.perf_counter(), []
     for iteration in range(1, int(params.iterations) + 1):
         index = np.concatenate([rng.choice(positives, half), rng.choice(negatives, half)])
@@ -934,7 +948,8 @@ def train_stage2(
         last = iteration == int(params.iterations)
         if iteration % 50 == 0 or last:
             log.info(
-                "stage 2 iteration %d/%d loss %.4f (%.0f s)",
+                "stage 2 (seed %d) iteration %d/%d loss %.4f (%.0f s)",
+                seed,
                 iteration,
                 params.iterations,
                 float(np.mean(losses[-50:])),
@@ -944,13 +959,64 @@ def train_stage2(
             value = selection_score(validation.froc(network, params), params)
             network.train()  # score_crops left it in eval mode
             selection.append({"iteration": iteration, "score": value})
-            log.info("stage 2 iteration %d: validation FROC score %.4f", iteration, value)
+            log.info(
+                "stage 2 (seed %d) iteration %d: validation FROC score %.4f", seed, iteration, value
+            )
             if value >= best[0]:  # ties: the later, longer-trained weights
                 state = {k: v.detach().clone() for k, v in network.state_dict().items()}
                 best = (value, iteration, state)
     if best[2] is not None:
         network.load_state_dict(best[2])
-        log.info("stage 2: the weights of iteration %d (validation FROC score %.4f)", *best[:2])
+        log.info(
+            "stage 2 (seed %d): the weights of iteration %d (validation FROC score %.4f)",
+            seed,
+            best[1],
+            best[0],
+        )
+    return {
+        "network": network.eval(),
+        "seed": seed,
+        "final_loss": float(np.mean(losses[-50:])),
+        "selected_iteration": best[1],
+        "selection": selection,
+    }
+
+
+def train_stage2(
+    train: Sequence[StudyCandidates],
+    val: Sequence[StudyCandidates],
+    channels: Sequence[str],
+    params: Stage2Settings | dict,
+    out_path: str | os.PathLike,
+    stage1_checkpoint: str | None = None,
+) -> dict:
+    """Train the candidate classifier, choose its threshold on ``val``, write the checkpoint.
+
+    Balanced mini-batches (half lesion, half false-positive candidates when both exist), random
+    mirroring, Adam; ``ensemble`` classifiers from seeds ``seed``, ``seed`` + 1, ... (the first
+    is the one a single classifier of ``seed`` would be), their mean probability the score.
+    Deterministic for a seed on CPU. Returns the checkpoint's meta (``members``: each
+    classifier's seed, final loss, chosen iteration and its ``select_every`` record)."""
+
+    params = resolve_params(params)
+    crops = np.concatenate([s.crops for s in train]) if train else np.zeros((0,))
+    labels = np.concatenate([s.labels for s in train]) if train else np.zeros(0)
+    if not len(labels) or labels.min() == labels.max():
+        raise NoCandidatesError(
+            f"stage 2 needs lesion and false-positive candidates to learn from; got "
+            f"{int(labels.sum())} lesion and {int((1 - labels).sum())} false-positive candidates"
+        )
+    spec = network_spec(channels, params)
+    validation = _ValidationCandidates.of(val)
+    members = [
+        _train_member(crops, labels, spec, params, int(params.seed) + k, validation)
+        for k in range(int(params.ensemble))
+    ]
+    network = (
+        members[0].pop("network")
+        if len(members) == 1
+        else SeedEnsemble([m.pop("network") for m in members])
+    )
 
     # Operating point on validation stage-1 candidates only (reference lesions are not
     # candidates at inference time).
@@ -968,8 +1034,7 @@ def train_stage2(
     operating["lost_lesions"] = lost_lesions(
         scores, val_hits, operating["threshold"], validation.diameters
     )
-    operating["selected_iteration"] = best[1] if best[2] is not None else int(params.iterations)
-    operating["selection"] = selection
+    operating["members"] = members
     if not n_ref:
         log.warning("stage 2: no validation lesions; threshold 0 keeps every candidate")
     elif not operating["rule_met"]:
@@ -986,7 +1051,7 @@ def train_stage2(
         "channels": list(channels),
         "params": params.as_dict(),
         "stage1_checkpoint": stage1_checkpoint,
-        "final_loss": float(np.mean(losses[-50:])),
+        "final_loss": float(np.mean([m["final_loss"] for m in members])),
         **operating,
     }
     save_stage2(out_path, network, meta)
