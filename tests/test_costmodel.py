@@ -195,6 +195,9 @@ def test_model_set_of_the_cohort_config():
         20_000, 5000, 2000, 2000, 20_000, 5000
     ]  # fmt: skip
     assert models.forward_passes(followup_fraction=0.5) == pytest.approx(5.5 * 8)  # 8 flips
+    # A stage-2 ensemble trains its members one after another: their iterations are its cost.
+    ensemble = ModelSet.from_config({"train": {"stage2": {"iterations": 100, "ensemble": 3}}})
+    assert ensemble.iterations_of("stage2", 1) == 300
 
 
 @pytest.mark.slow

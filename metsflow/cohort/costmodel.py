@@ -82,7 +82,7 @@ class ModelSet:
     tta: bool = False
     iterations: int | None = None  # stage 1, round 0
     finetune_iterations: int | None = None  # stage 1, rounds > 0
-    stage2_iterations: int | None = None  # every round (stage 2 is retrained from scratch)
+    stage2_iterations: int | None = None  # every round (retrained from scratch), all members
     reseg_iterations: int | None = None
     reseg_finetune_iterations: int | None = None
 
@@ -107,7 +107,9 @@ class ModelSet:
             tta=bool((config.get("infer") or {}).get("tta", InferSettings().tta)),
             iterations=iterations,
             finetune_iterations=finetune,
-            stage2_iterations=int(stage2.get("iterations", Stage2Settings().iterations)),
+            # An ensemble trains its members one after another: its cost is theirs summed.
+            stage2_iterations=int(stage2.get("iterations", Stage2Settings().iterations))
+            * int(stage2.get("ensemble", Stage2Settings().ensemble)),
             reseg_iterations=reseg_iterations,
             reseg_finetune_iterations=reseg_finetune,
         )
