@@ -441,7 +441,13 @@ class Stage2Settings(_Section):
     # at 2000 iterations three stage-2 seeds found 157, 171 and 174 of 195 test lesions
     # (benchmarks/results/bench_detection_weight.txt). Scoring does not draw from the training's
     # random streams: a seed trains the same network with or without it. None = the last
-    # iteration, and what a checkpoint without the key means.
+    # iteration, and what a checkpoint without the key means; the default, as the default
+    # 300-iteration stage 2 was not measured with it. Measured at 2000 iterations with
+    # stage1_weight 0.5, every 100, three stage-2 seeds paired: the validation-chosen point
+    # 173/195 at 1.0 FP/patient -> 172 at 0.45, 172 at 0.65 -> 177 at 0.75, 164 at 0.80 -> 170
+    # at 0.95 (mean 0.870 -> 0.887); the best threshold on the test masks at <= 1 FP/patient
+    # 0.887 -> 0.903, 0.903 -> 0.918, 0.887 -> 0.887; the weights chosen were iteration 900,
+    # 500 and 1000's (benchmarks/results/bench_detection_select.txt).
     select_every: int | None = setting(None, minimum=1)
     # Seed ensemble (issue #23): this many classifiers, trained alike from seeds seed, seed + 1,
     # ..., score a candidate by their mean probability (metsflow.models.cascade.SeedEnsemble);

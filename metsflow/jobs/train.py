@@ -361,6 +361,7 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
             "final_loss",
             "froc",
             "lost_lesions",
+            "members",  # per classifier: seed, final loss, the iteration kept (select_every)
         )
     }
     summary.update(round=job.round_index, n_train=len(train_items), n_val=len(val_items))

@@ -41,6 +41,13 @@ stage 1's argmax lesions (``split_at_lesions``): each argmax lesion is its own c
 training, on validation and at inference, so a kept lesion never carries the argmax specks its
 low-threshold proposal merged with, and the validation FROC counts the lesions of the final mask.
 
+With ``select_every`` k, each classifier is scored on the validation candidates every k
+iterations (and at its last) and keeps its weights of the best ``selection_score`` (the
+validation FROC's mean sensitivity at fractions of ``max_fp_per_patient``) instead of the last
+iteration's. With ``ensemble`` n, n classifiers are trained alike from seeds seed .. seed + n - 1
+and a candidate's stage-2 probability is their mean (``SeedEnsemble``): one checkpoint, one
+network to every caller.
+
 Threshold, rule, the validation FROC, the figures before/after filtering and the validation
 lesions the chosen point loses (study, lesion, equivalent diameter) are stored in the stage-2
 checkpoint, which loads with ``torch.load(weights_only=True)`` like every metsflow checkpoint.
