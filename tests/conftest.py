@@ -179,7 +179,9 @@ def tiny_run(tmp_path_factory) -> TinyRun:
     make_tiny_cohort(demo, n_patients=4, labelled_patients=3)
     models = {
         "folds": 2,
-        "stage2": {"enabled": True, "iterations": 10},
+        # A 2-member seed ensemble, each member's weights chosen on validation every 5
+        # iterations (config/cohort.yaml's selection), as the cohort config would run it.
+        "stage2": {"enabled": True, "iterations": 10, "ensemble": 2, "select_every": 5},
         "reseg": {"enabled": True, "iterations": 12, "finetune_iterations": 6},
     }
     config = write_tiny_config(

@@ -20,6 +20,13 @@ def test_tiny_run_trains_and_uses_the_cascade_and_reseg_in_both_rounds(tiny_run)
         assert (model_dir / "stage2.pt").exists() and (model_dir / "reseg.pt").exists()
         stage2 = json.loads((model_dir / "stage2_summary.json").read_text())
         assert stage2["threshold"] is None or 0.0 <= stage2["threshold"] <= 1.0
+        members = stage2["members"]
+        assert [m["seed"] for m in members] == [r, r + 1]  # config seed 0 + round
+        # Each member's kept weights are from a validation point (every 5 and the last), or
+        # its last iteration when the validation studies hold no lesion to select on.
+        for member in members:
+            assert member["selected_iteration"] in {5, 10}
+            assert [s["iteration"] for s in member["selection"]] in ([], [5, 10])
     predicted = pd.concat(
         pd.read_csv(p, sep="\t")
         for p in (results / "rounds/round_1/predictions/shards").glob("*.tsv")
