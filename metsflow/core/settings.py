@@ -452,11 +452,16 @@ class Stage2Settings(_Section):
     # Seed ensemble (issue #23): this many classifiers, trained alike from seeds seed, seed + 1,
     # ..., score a candidate by their mean probability (metsflow.models.cascade.SeedEnsemble);
     # each is trained (and, with select_every, selected) on its own. Why: stage 2's ranking of
-    # the same candidates moved from seed to seed (157-174/195 test lesions at 2000 iterations),
-    # and the mean of two or three seeds' scores ranked them better than any one of them: the
-    # test FROC (touch rule, stage1_weight 0.5) at 1 FP/patient 0.908-0.918 for one seed,
-    # 0.928-0.933 for two or three; at 0.5 FP/patient 0.841-0.882 and 0.867-0.908
-    # (benchmarks/results/bench_detection_ensemble.txt). Costs its training time per member.
+    # the same candidates moved from seed to seed. Offline, the mean of two or three seeds'
+    # scores (select_every off) ranked the test candidates better than any one of them: test
+    # FROC (touch rule, stage1_weight 0.5) at 1 FP/patient 0.908-0.918 for one seed, 0.928-0.933
+    # for two or three. Measured with stage1_weight 0.5 and select_every 100 of 2000
+    # iterations: the validation-chosen point of 3 members 177/195 (0.91) at 0.85 FP/patient
+    # (seeds 1-3) and 175/195 (0.897) at 0.80 (seeds 4-6), single classifiers 172, 177 and
+    # 170/195 (seeds 1-3); the best threshold on the test masks at <= 1 FP/patient 0.918 and
+    # 0.897, single 0.887-0.918 (benchmarks/results/bench_detection_ensemble.txt,
+    # bench_detection_select.txt). Default 1: it costs one stage-2 training per member;
+    # config/cohort.yaml sets 3.
     ensemble: int = setting(1, minimum=1)
 
     def problems(self, where: str) -> list[str]:
