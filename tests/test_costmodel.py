@@ -192,7 +192,7 @@ def test_model_set_of_the_cohort_config():
     models = ModelSet.from_config(yaml.safe_load((REPO / "config/cohort.yaml").read_text()))
     assert (models.folds, models.stage2, models.reseg, models.tta) == (5, True, True, True)
     assert [models.iterations_of(k, r) for k in ("stage1", "stage2", "reseg") for r in (0, 1)] == [
-        20_000, 5000, 2000, 2000, 20_000, 5000
+        20_000, 5000, 6000, 6000, 20_000, 5000  # stage 2: 3 members x 2000
     ]  # fmt: skip
     assert models.forward_passes(followup_fraction=0.5) == pytest.approx(5.5 * 8)  # 8 flips
     # A stage-2 ensemble trains its members one after another: their iterations are its cost.
