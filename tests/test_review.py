@@ -15,6 +15,7 @@ from metsflow.active_learning.review import (
     itksnap_label_description,
     read_manifest,
     slicer_color_table,
+    write_view_image,
 )
 from metsflow.core import io
 from metsflow.core.io import LabelStoreWriteError
@@ -129,6 +130,20 @@ def test_export_writes_package(tmp_path, inputs):
             "labels.txt",
         ]
         assert words[10:] == ["-o", "image_flair.nii.gz"]
+
+    # The web editor's int16 copies of the float32 images: the same grid, each voxel within
+    # half a grey level of the original, half the bytes per voxel; the originals untouched.
+    for study_id in STUDIES:
+        for sequence in ("t1c", "flair"):
+            original = nib.load(str(inputs[1][study_id][sequence]))
+            view = nib.load(str(review / study_id / f"view_{sequence}.nii.gz"))
+            assert view.get_data_dtype() == np.int16 and view.shape == original.shape
+            np.testing.assert_allclose(view.affine, original.affine)
+            slope = float(view.dataobj.slope)
+            np.testing.assert_allclose(
+                view.get_fdata(), original.get_fdata(), atol=slope / 2 + 1e-7
+            )
+            assert slope < np.ptp(original.get_fdata()) / 60_000  # the whole int16 range used
 
     datastore = io.read_json(review / "monailabel" / "datastore_v2.json")
     assert datastore["labels_dir"] == "labels" and set(datastore["objects"]) == set(STUDIES)
@@ -263,3 +278,11 @@ def test_interrupted_export_is_adopted_and_uncompressed_images_gzipped(tmp_path,
         row["presegmentation_sha256"]
         == manifest.set_index("study_id").loc["S2", "presegmentation_sha256"]
     )
+
+
+def test_integer_images_get_no_view_copy(tmp_path):
+    """An integer image (most clinical T1c from DICOM) is what the editor reads as it is."""
+    source = tmp_path / "t1c.nii.gz"
+    io.save_nifti(source, np.arange(48, dtype=np.int16).reshape(4, 4, 3), AFFINE, dtype=np.int16)
+    assert not write_view_image(source, tmp_path / "view_t1c.nii.gz")
+    assert not (tmp_path / "view_t1c.nii.gz").exists()

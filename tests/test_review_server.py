@@ -237,6 +237,18 @@ def test_trainee_only_sees_and_edits_studies_assigned_to_them(server):
     assert LabelStore(app.state.review.config.label_store).versions("S0001") == []
 
 
+def test_the_editor_downloads_the_int16_view_copy_of_a_float_image(server):
+    app, _, _ = server
+    _assign_all(app, "alice")
+    client = _client(app, "alice")
+    entry = app.state.review.entry("S0001")
+    view = entry.folder / "view_t1c.nii.gz"
+    assert nib.load(str(entry.t1c)).get_data_dtype() == np.float32  # the package's copy
+    assert nib.load(str(view)).get_data_dtype() == np.int16
+    answer = client.get("/api/studies/S0001/image/t1c")
+    assert answer.status_code == 200 and answer.content == view.read_bytes()
+
+
 def test_admin_override_needs_a_reason_and_makes_a_new_version(server):
     app, config, _ = server
     _assign_all(app)

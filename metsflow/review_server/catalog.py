@@ -38,6 +38,7 @@ import numpy as np
 from metsflow.active_learning.review import (
     IMAGE_NAME,
     MANIFEST_NAME,
+    VIEW_IMAGE_NAME,
     read_manifest,
 )
 from metsflow.core.labels import lesion_components
@@ -93,6 +94,13 @@ class StudyEntry:
     @property
     def t1c(self) -> Path:
         return self.images["t1c"]
+
+    def view_image(self, sequence: str) -> Path:
+        """What the editor downloads for ``sequence``: the package's int16 view copy of a
+        floating-point image (``review.write_view_image``), else the image itself (packages
+        exported before view copies existed, integer images)."""
+        view = self.folder / VIEW_IMAGE_NAME.format(sequence=sequence)
+        return view if view.is_file() else self.images[sequence]
 
 
 class Catalog:

@@ -138,7 +138,7 @@ def image(app, request, user, payload):
     name = request.path_params["name"]
     if name not in entry.images:
         raise HTTPError(404, f"study {entry.study_id} has no {name!r} image")
-    return _gzip_file(entry.images[name])
+    return _gzip_file(entry.view_image(name))
 
 
 @api(csrf=False)
