@@ -25,7 +25,11 @@ Prints and saves (``--out``/bench_detection.txt and .tsv) for the test patients:
     ``Stage2Settings.recovered_peak_fraction``: inference only, so the arm reuses the stage-2
     file of the arm it extends, ``stage2_file``), and ``+ split`` on "all levers" and on the
     last (proposals split at stage 1's argmax lesions, ``Stage2Settings.split_proposals``: a
-    stage-2 file of its own, as it trains on the split candidates); per variant stage 1 alone
+    stage-2 file of its own, as it trains on the split candidates), then on that arm ``+ stage-1
+    weight`` (``Stage2Settings.stage1_weight`` 0.5), ``+ selection`` (stage 2's weights of its
+    best validation FROC, ``select_every`` = ``--stage2-iterations`` / 20) and ``+ selection +
+    ensemble 3`` (three classifiers from consecutive seeds, ``Stage2Settings.ensemble``); per
+    variant stage 1 alone
     (argmax) and the cascade at the operating point stage 2 chooses on validation
     (``max_fp_per_patient`` 1.0): size-binned lesion sensitivity (< 3, 3-10, >= 10 mm) with
     Wilson 95% CIs, FP/patient, and the stage-1 proposal sensitivity (the cascade's ceiling);
@@ -313,11 +317,8 @@ VARIANTS = {
     "all levers + flips + keep large + tight recovery + split + stage-1 weight + selection": (
         COHORT_ARM._replace(stage1_weight=0.5, selections=20)
     ),
-    # Stage 2 as the mean probability of 3 classifiers from seeds s, s + 1, s + 2 (ensemble):
-    # its first member is the stage-1 weight arm's network of seed s.
-    "all levers + flips + keep large + tight recovery + split + stage-1 weight + ensemble 3": (
-        COHORT_ARM._replace(stage1_weight=0.5, members=3)
-    ),
+    # Stage 2 as the mean probability of 3 classifiers from seeds s, s + 1, s + 2 (ensemble),
+    # each selected as above: its first member is the selection arm's network of seed s.
     "all levers + flips + keep large + tight recovery + split + stage-1 weight + selection"
     " + ensemble 3": COHORT_ARM._replace(stage1_weight=0.5, selections=20, members=3),
 }

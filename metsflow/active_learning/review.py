@@ -256,8 +256,8 @@ def write_view_image(source: Path, destination: Path) -> bool:
     (NIfTI ``scl_slope``/``scl_inter``, which NiiVue applies; 65,535 grey levels, ample for
     display), half the bytes of float32 to download and inflate in the browser. At 1 mm (240 x
     240 x 155) in Chromium with software WebGL the editor's first render took 3.31-3.54 s with a
-    float32 T1c and 2.54-2.92 s with an int16 one (tests/test_review_assists_browser.py, idle
-    2-core machine). The byte-for-byte ``image_<seq>`` copy stays what ITK-SNAP, Slicer and the
+    float32 T1c and 2.65-3.39 s (median 2.83, 5 runs) with this copy
+    (tests/test_review_assists_browser.py, idle 2-core machine). The byte-for-byte ``image_<seq>`` copy stays what ITK-SNAP, Slicer and the
     label store read. Costs the export ~0.7 CPU-s per 1 mm float image (decode, scale, gzip).
     Returns False (nothing written) for an integer image: the editor reads it as it is."""
     image = nib.load(str(source))

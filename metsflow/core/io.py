@@ -445,8 +445,9 @@ def load_nifti(
 
 
 def plain(obj: Any) -> Any:
-    """Convert ``obj`` to the plain types ``torch.load(weights_only=True)`` and JSON accept (a settings
-    dataclass becomes its dict form)."""
+    """Convert ``obj`` to the plain types that ``torch.load(weights_only=True)`` and JSON
+    accept (a settings dataclass becomes its dict form): checkpoint metadata, settings checked
+    against their schema (``metsflow.core.config.section_problems``)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return plain(dataclasses.asdict(obj))
     if isinstance(obj, dict):
@@ -465,4 +466,4 @@ def plain(obj: Any) -> Any:
             return kind(obj)
     if obj is None:
         return None
-    raise TypeError(f"checkpoint metadata must be plain data, got {type(obj).__name__}")
+    raise TypeError(f"metadata must be plain data, got {type(obj).__name__}")
