@@ -524,7 +524,10 @@ def cascade_variant(args, name, s1_val, s1_test, val_items, train_items, s1_trai
                 "stage 2 not trained: no false-positive candidate on the training patients",
                 None,
             )
-        train_stage2(train_cands, cands(val_items, s1_val, False), CHANNELS, params, path)
+        train_stage2(
+            train_cands, cands(val_items, s1_val, False), CHANNELS, params, path,
+            device=select_device(args.device),
+        )  # fmt: skip
         args.stage2_trained.add(path)
     network, meta = load_stage2(path)
     # Inference-only settings: this arm's, whichever arm's stage 2 the file holds.

@@ -242,8 +242,9 @@ class Models:
         else:
             t0 = time.perf_counter()
             train_stage2(
-                train_candidates(), val_candidates(), channels, params, self.path("stage2")
-            )
+                train_candidates(), val_candidates(), channels, params, self.path("stage2"),
+                device=self.device,
+            )  # fmt: skip
             self.timings["stage2"] = time.perf_counter() - t0
         return load_stage2(self.path("stage2"))
 

@@ -325,6 +325,7 @@ def run_train_stage2(job: TrainingInputs, infer: InferSettings, stage1_models: l
             params,
             out_model,
             stage1_checkpoint=",".join(stage1_models),
+            device=device,  # the job's GPU when it has one (the rule asks for gpu=1)
         )
 
     try:

@@ -920,14 +920,15 @@ def _train_member(
     params: Stage2Settings,
     seed: int,
     validation: _ValidationCandidates,
+    device: torch.device,
 ) -> dict:
-    """One stage-2 classifier trained from ``seed``; with ``select_every``, the weights of its
-    best validation FROC score. Returns ``{network, seed, final_loss, selected_iteration,
-    selection}``."""
+    """One stage-2 classifier trained from ``seed`` on ``device``; with ``select_every``, the
+    weights of its best validation FROC score. Returns ``{network, seed, final_loss,
+    selected_iteration, selection}``."""
     from metsflow.core.runtime import seed_everything
 
     seed_everything(seed)
-    network = build_classifier(spec).train()
+    network = build_classifier(spec).to(device).train()
     optimizer = torch.optim.Adam(
         network.parameters(),
         lr=float(params.learning_rate),
@@ -946,8 +947,8 @@ def _train_member(
         for axis in range(2, 5):
             flip = rng.random(len(batch)) < 0.5
             batch[flip] = np.flip(batch[flip], axis=axis)
-        logits = network(torch.from_numpy(np.ascontiguousarray(batch))).flatten()
-        loss = loss_fn(logits, torch.from_numpy(labels[index]))
+        logits = network(torch.from_numpy(np.ascontiguousarray(batch)).to(device)).flatten()
+        loss = loss_fn(logits, torch.from_numpy(labels[index]).to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -996,8 +997,10 @@ def train_stage2(
     params: Stage2Settings | dict,
     out_path: str | os.PathLike,
     stage1_checkpoint: str | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict:
-    """Train the candidate classifier, choose its threshold on ``val``, write the checkpoint.
+    """Train the candidate classifier on ``device``, choose its threshold on ``val``, write the
+    checkpoint (CPU tensors: it loads anywhere).
 
     Balanced mini-batches (half lesion, half false-positive candidates when both exist), random
     mirroring, Adam; ``ensemble`` classifiers from seeds ``seed``, ``seed`` + 1, ... (the first
@@ -1016,7 +1019,9 @@ def train_stage2(
     spec = network_spec(channels, params)
     validation = _ValidationCandidates.of(val)
     members = [
-        _train_member(crops, labels, spec, params, int(params.seed) + k, validation)
+        _train_member(
+            crops, labels, spec, params, int(params.seed) + k, validation, torch.device(device)
+        )
         for k in range(int(params.ensemble))
     ]
     network = (
