@@ -569,10 +569,11 @@ def test_stage2_job_falls_back_to_argmax_proposals_when_they_leave_nothing_to_le
     )
     mined = []
     monkeypatch.setattr(cascade, "mine_candidates", lambda *a: mined.append(a[5]) or [])
-    trained = []
+    trained, devices = [], []
 
-    def fake_train(train, val, channels, params, out, stage1_checkpoint=None):
+    def fake_train(train, val, channels, params, out, stage1_checkpoint=None, device=None):
         trained.append(params)
+        devices.append(device)
         if params.proposal_sensitivity is not None:
             raise cascade.NoCandidatesError("stage 2 needs lesion and false-positive candidates")
         return collections.defaultdict(float)  # the figures stage 2 would report
@@ -584,6 +585,7 @@ def test_stage2_job_falls_back_to_argmax_proposals_when_they_leave_nothing_to_le
     )  # fmt: skip
     summary = train_job.run_train_stage2(job, InferSettings(), ["m.pt"])
     assert [p.proposal_sensitivity for p in trained] == [0.98, None]
+    assert [str(d) for d in devices] == ["cpu", "cpu"]  # the job's device (no GPU here)
     # The argmax retry mines at the configured threshold, not the floor the proposals needed.
     assert trained[1].proposal_threshold == cascade.DEFAULTS["proposal_threshold"]
     assert mined[-1].proposal_threshold == cascade.DEFAULTS["proposal_threshold"]
