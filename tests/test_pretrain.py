@@ -65,10 +65,18 @@ def test_round0_finetunes_from_the_pretrained_weights(tmp_path):
     assert meta["finetuned_from"]["path"] == str(pre)
 
 
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One cohort for this file's dry runs (they read its sheet; nothing writes into it),
+    skull-free on one grid: the cheapest phantom that makes a valid sheet (5.5 CPU-s each with
+    the skull and separate grids, once per test before)."""
+    demo = tmp_path_factory.mktemp("pretrain") / "demo"
+    make_tiny_cohort(demo, n_patients=3, labelled_patients=2, skull=False, separate_grids=False)
+    return demo
+
+
 @pytest.mark.slow
-def test_workflow_refuses_a_mismatched_init_checkpoint_at_parse_time(tmp_path):
-    demo = tmp_path / "demo"
-    make_tiny_cohort(demo, n_patients=3, labelled_patients=2)
+def test_workflow_refuses_a_mismatched_init_checkpoint_at_parse_time(tmp_path, demo):
     bad = write_model(tmp_path / "bad.pt", channels=["t1c"], patch_size=[16, 16, 16])
     config = write_tiny_config(tmp_path, demo, train={"init_checkpoint": str(bad)})
     proc = run_snakemake(["-n", "--configfile", str(config)], check=False)
@@ -92,11 +100,9 @@ def _pretrain_sheet(demo, out):
 
 
 @pytest.mark.slow
-def test_pretrain_target_feeds_round0_and_its_sheet_is_checked(tmp_path):
+def test_pretrain_target_feeds_round0_and_its_sheet_is_checked(tmp_path, demo):
     from _dry_run import dry_run_job_counts
 
-    demo = tmp_path / "demo"
-    make_tiny_cohort(demo, n_patients=3, labelled_patients=2)
     sheet = _pretrain_sheet(demo, tmp_path / "pretrain.tsv")
     config = write_tiny_config(tmp_path, demo, pretrain={"sheet": str(sheet), "iterations": 4})
     round0 = tmp_path / "results" / "rounds" / "round_0" / "model" / "model.pt"

@@ -7,6 +7,7 @@ import ctypes.util
 import functools
 import os
 import random
+import sys
 
 import numpy as np
 
@@ -15,7 +16,10 @@ def set_threads(threads: int) -> None:
     """Make ITK/ANTs, BLAS and torch use exactly the job's Snakemake ``threads``.
 
     ITK otherwise takes every core of the node, which oversubscribes a shared SLURM node.
-    Must run before ANTs builds its first filter; torch is set if it is importable.
+    Must run before ANTs builds its first filter. torch is set here if it is already imported;
+    imported later, it takes ``OMP_NUM_THREADS``. Why not import it: the preprocessing and
+    registration jobs (ANTs only) paid ~2 CPU-s each for an unused torch import, 8 of the tiny
+    pipeline run's 250 CPU-s (py-spy, tests/test_workflow.py).
     """
     threads = max(1, int(threads))
     for var in (
@@ -25,12 +29,9 @@ def set_threads(threads: int) -> None:
         "MKL_NUM_THREADS",
     ):
         os.environ[var] = str(threads)
-    try:
-        import torch
-
+    torch = sys.modules.get("torch")
+    if torch is not None:
         torch.set_num_threads(threads)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
 
 
 # glibc mallopt parameters (malloc.h) and the value both are set to: freed blocks up to 1 GiB go
@@ -84,4 +85,10 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if "torch._inductor" in sys.modules or not hasattr(torch._C, "_set_deterministic_algorithms"):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        # The public call also sets the flag of inductor (torch.compile), and imports it for
+        # that, with dynamo and sympy: ~2 CPU-s per training job, 16 of the tiny pipeline run's
+        # 250 CPU-s (py-spy). Training compiles nothing; the eager kernels read this flag.
+        torch._C._set_deterministic_algorithms(True, warn_only=True)
