@@ -103,7 +103,8 @@ def _pretrain_sheet(demo, out):
 def test_pretrain_target_feeds_round0_and_its_sheet_is_checked(tmp_path, demo):
     from _dry_run import dry_run_job_counts
 
-    sheet = _pretrain_sheet(demo, tmp_path / "pretrain.tsv")
+    # Beside the cohort folder: a sheet's data root is its own folder (sheets are untrusted).
+    sheet = _pretrain_sheet(demo, demo.parent / "pretrain.tsv")
     config = write_tiny_config(tmp_path, demo, pretrain={"sheet": str(sheet), "iterations": 4})
     round0 = tmp_path / "results" / "rounds" / "round_0" / "model" / "model.pt"
     proc = run_snakemake([str(round0), "-n", "--configfile", str(config)])
