@@ -63,18 +63,16 @@ def test_demo_pipeline_runs_through_the_slurm_profile(tmp_path, tiny_config, slu
     suite's SLURM time (533 s for the pair)."""
 
     demo = tmp_path / "demo"
-    # Three patients (seed, validation, one more) with two time points in two CPU shards (4 + 2
-    # studies) and two GPU shards: two preprocessing and two inference shards, so
+    # Three patients (seed, validation, one more) with two time points, one patient per CPU
+    # shard and per GPU shard: three preprocessing shards and two inference shards, so
     # `preprocess_shard` and `infer_shard` each go in as one `sbatch --array` of several tasks.
-    # (A shard per patient made one more preprocessing and one more registration job, ~10 CPU-s
-    # of the test's 191 on 2 cores.)
     # Skull-stripped phantoms on one grid: nonzero brain mask, no co-registration (ANTs is not
     # under test). With the skull, "nonzero" kept the whole head (36 CPU-s per registration).
     make_tiny_cohort(demo, n_patients=3, labelled_patients=2, skull=False, separate_grids=False)
     # Round 0 only: every rule kind incl. the GPU rules, fewer scheduling waves.
     config = tiny_config(
         demo,
-        sharding={"cpu_shard_size": 4, "gpu_shard_size": 2},
+        sharding={"cpu_shard_size": 2, "gpu_shard_size": 2},
         validation={"fraction": 0.5},
         active_learning={"rounds": 0},
         preprocess={"coregister": "none", "brain_mask": "nonzero"},
@@ -82,10 +80,10 @@ def test_demo_pipeline_runs_through_the_slurm_profile(tmp_path, tiny_config, slu
     results = tmp_path / "results"
     plan = build_plan(
         read_sheet(demo / "studies.tsv"),
-        PlanSettings(shard_size=4, gpu_shard_size=2, validation_fraction=0.5, seed=0),
+        PlanSettings(shard_size=2, gpu_shard_size=2, validation_fraction=0.5, seed=0),
     )
     infer_shards = sorted(round_inference_plan(plan, 0, 0, "all", 0, 2).gpu_shard.unique())
-    assert plan.shard.nunique() == 2 and len(infer_shards) == 2
+    assert plan.shard.nunique() == 3 and len(infer_shards) == 2
     # The profile as shipped, with test-only overrides: polls every 2 s (the profile's 20 s,
     # and the plugin's growing interval, are for real clusters; see snakemake_fast_polls.py).
     cmd = [
@@ -109,8 +107,8 @@ def test_demo_pipeline_runs_through_the_slurm_profile(tmp_path, tiny_config, slu
 
     # Single jobs: Snakemake names the SLURM job id of each, and slurmctld completed each.
     slurm_ids = re.findall(r"has been submitted with SLURM jobid (\d+)", output)
-    # register x2, train (plan, quarantine, evaluate and report are local rules)
-    assert len(slurm_ids) >= 3, output[-4000:]
+    # register x3, train (plan, quarantine, evaluate and report are local rules)
+    assert len(slurm_ids) >= 4, output[-4000:]
     for job_id in slurm_ids:
         assert re.search(rf"JobId={job_id} (done|WEXITSTATUS 0)", ctld_log), job_id
     # Each submission names its SLURM log, which the plugin files under rule_<rule>/.
@@ -126,7 +124,7 @@ def test_demo_pipeline_runs_through_the_slurm_profile(tmp_path, tiny_config, slu
         output,
     )
     assert len(arrays) == 2, output[-4000:]
-    for rule, shards in (("preprocess_shard", 2), ("infer_shard", 2)):
+    for rule, shards in (("preprocess_shard", 3), ("infer_shard", 2)):
         logs = sorted((tmp_path / "slurm_logs" / f"rule_{rule}").rglob("*_*.log"))
         print(rule, [str(p.relative_to(tmp_path)) for p in logs])
         tasks = [p.stem.split("_") for p in logs]
