@@ -23,6 +23,12 @@ assert "torch._inductor" not in sys.modules, "seeding imported torch.compile's i
 a = torch.rand(3)
 seed_everything(0)
 assert torch.equal(a, torch.rand(3))
+# A compile later in the process gets the flag, as torch.use_deterministic_algorithms gave it.
+from metsflow.core.runtime import compiler_follows_determinism
+import torch._inductor.config as inductor_config
+
+compiler_follows_determinism()
+assert inductor_config.deterministic
 print("ok")
 """
 

@@ -90,5 +90,16 @@ def seed_everything(seed: int) -> None:
     else:
         # The public call also sets the flag of inductor (torch.compile), and imports it for
         # that, with dynamo and sympy: ~2 CPU-s per training job, 16 of the tiny pipeline run's
-        # 250 CPU-s (py-spy). Training compiles nothing; the eager kernels read this flag.
+        # 250 CPU-s (py-spy). Training compiles nothing; the eager kernels read this flag, and
+        # a later compile copies it (``compiler_follows_determinism``).
         torch._C._set_deterministic_algorithms(True, warn_only=True)
+
+
+def compiler_follows_determinism() -> None:
+    """Give inductor (torch.compile) the eager determinism flag, as
+    ``torch.use_deterministic_algorithms`` would have: call before compiling. ``seed_everything``
+    sets only the eager flag unless inductor is loaded already."""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    inductor_config.deterministic = torch.are_deterministic_algorithms_enabled()

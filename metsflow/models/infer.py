@@ -37,7 +37,7 @@ from torch import nn
 from metsflow.core import labels as lab
 from metsflow.core.io import StudyError, save_nifti, write_json
 from metsflow.core.layout import BRAIN_MASK, FG_PROB, PRED, SUGGESTIONS, SUGGESTIONS_TABLE
-from metsflow.core.runtime import reuse_freed_memory, select_device
+from metsflow.core.runtime import compiler_follows_determinism, reuse_freed_memory, select_device
 from metsflow.core.settings import InferRun, tta_flips
 from metsflow.models.networks import (
     check_meta,
@@ -258,6 +258,7 @@ def _forward(network: nn.Module, windows: torch.Tensor, compiled: bool) -> torch
     if module is _FAILED:
         return network(windows)
     if module is None:
+        compiler_follows_determinism()
         module = torch.compile(network, dynamic=False)
         object.__setattr__(network, _COMPILED, module)
     try:
